@@ -1,0 +1,420 @@
+#!/usr/bin/python3
+"""Float64 PyTorch reference of the Llama / Mixtral model trained by the C++/CUDA trainer.
+
+This file is the executable spec of DESIGN.md section 3 and METHODS.md section 1 (routing,
+load-balancing and z losses). It is deliberately plain: no nn.Module, no fused kernels,
+attention written out, top-K written out (ties -> lower expert index). Everything is
+computed in float64 from the checkpoint's fp32/bf16 values upcast to float64.
+
+Importable:
+    from model import load_checkpoint, forward, compute_losses, adamw_step
+Command line (cross-check any checkpoint the C++ programs write):
+    /usr/bin/python3 dev/reference/model.py CKPT_DIR --tokens 1,2,3,4
+  prints a logits summary and the next-token loss over the given token sequence
+  (inputs = tokens[:-1], targets = tokens[1:]).
+
+Checkpoint directory: config.json + model.safetensors, or a sharded
+model.safetensors.index.json ("weight_map": name -> shard file). Tensors F32, BF16, F16 or F64.
+"""
+
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------
+# safetensors, by hand (8-byte LE header length, JSON header, raw LE data)
+
+_ST_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BF16": np.dtype("<u2"),  # raw bits, converted below
+}
+_NP_TO_ST = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<i4"): "I32",
+             np.dtype("<i8"): "I64", np.dtype("<f2"): "F16", np.dtype("u1"): "U8"}
+
+
+def read_safetensors(path):
+    """Returns (dict name -> numpy array, metadata dict). BF16 is returned as float32."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n].decode("utf-8"))
+    base = 8 + n
+    meta = header.pop("__metadata__", {}) or {}
+    out = {}
+    for name, info in header.items():
+        dt = info["dtype"]
+        if dt not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name}: unsupported dtype {dt}")
+        a, b = info["data_offsets"]
+        arr = np.frombuffer(raw[base + a:base + b], dtype=_ST_DTYPES[dt]).reshape(info["shape"])
+        if dt == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        out[name] = arr.copy()
+    return out, meta
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """tensors: dict name -> numpy array (F64/F32/I32/...). Written sorted by name, header
+    JSON with sorted keys, padded with spaces to a multiple of 8 bytes. Deterministic."""
+    header = {}
+    blobs = []
+    off = 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        key = arr.dtype.newbyteorder("<")
+        if key not in _NP_TO_ST:
+            raise ValueError(f"{name}: unsupported numpy dtype {arr.dtype}")
+        data = arr.astype(key, copy=False).tobytes()
+        header[name] = {"dtype": _NP_TO_ST[key], "shape": list(arr.shape),
+                        "data_offsets": [off, off + len(data)]}
+        blobs.append(data)
+        off += len(data)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    hj = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    hj += b" " * ((8 - len(hj) % 8) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hj)))
+        f.write(hj)
+        for b in blobs:
+            f.write(b)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------
+# config and checkpoint
+
+class Config:
+    """The HF config.json keys we use, with derived sizes."""
+
+    def __init__(self, d):
+        self.raw = dict(d)
+        self.V = d["vocab_size"]
+        self.d = d["hidden_size"]
+        self.F = d["intermediate_size"]          # dense width, or expert width F_e for MoE
+        self.L = d["num_hidden_layers"]
+        self.H = d["num_attention_heads"]
+        self.Hkv = d.get("num_key_value_heads", self.H)
+        self.hd = d.get("head_dim", self.d // self.H)
+        self.eps = float(d.get("rms_norm_eps", 1e-5))
+        self.theta = float(d.get("rope_theta", 10000.0))
+        self.tied = bool(d.get("tie_word_embeddings", False))
+        self.E = int(d.get("num_local_experts", 0) or 0)
+        self.K = int(d.get("num_experts_per_tok", 0) or 0)
+        self.routing = d.get("moe_routing", "topk_softmax")
+        assert self.H % self.Hkv == 0, "num_key_value_heads must divide num_attention_heads"
+        assert self.routing in ("topk_softmax", "softmax_topk"), self.routing
+        self.moe = self.E > 0
+
+    def param_shapes(self):
+        """name -> shape, in a fixed (init) order."""
+        d, hd, V = self.d, self.hd, self.V
+        s = {"model.embed_tokens.weight": (V, d)}
+        for i in range(self.L):
+            p = f"model.layers.{i}."
+            s[p + "input_layernorm.weight"] = (d,)
+            s[p + "self_attn.q_proj.weight"] = (self.H * hd, d)
+            s[p + "self_attn.k_proj.weight"] = (self.Hkv * hd, d)
+            s[p + "self_attn.v_proj.weight"] = (self.Hkv * hd, d)
+            s[p + "self_attn.o_proj.weight"] = (d, self.H * hd)
+            s[p + "post_attention_layernorm.weight"] = (d,)
+            if self.moe:
+                s[p + "block_sparse_moe.gate.weight"] = (self.E, d)
+                for j in range(self.E):
+                    q = p + f"block_sparse_moe.experts.{j}."
+                    s[q + "w1.weight"] = (self.F, d)
+                    s[q + "w3.weight"] = (self.F, d)
+                    s[q + "w2.weight"] = (d, self.F)
+            else:
+                s[p + "mlp.gate_proj.weight"] = (self.F, d)
+                s[p + "mlp.up_proj.weight"] = (self.F, d)
+                s[p + "mlp.down_proj.weight"] = (d, self.F)
+        s["model.norm.weight"] = (d,)
+        if not self.tied:
+            s["lm_head.weight"] = (V, d)
+        return s
+
+
+def load_checkpoint(ckpt_dir, dtype=torch.float64):
+    """Returns (Config, dict name -> float64 tensor). Checks names and shapes."""
+    with open(os.path.join(ckpt_dir, "config.json")) as f:
+        cfg = Config(json.load(f))
+    idx = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    arrays = {}
+    if os.path.exists(idx):
+        with open(idx) as f:
+            wm = json.load(f)["weight_map"]
+        for shard in sorted(set(wm.values())):
+            t, _ = read_safetensors(os.path.join(ckpt_dir, shard))
+            arrays.update(t)
+    else:
+        arrays, _ = read_safetensors(os.path.join(ckpt_dir, "model.safetensors"))
+    shapes = cfg.param_shapes()
+    if cfg.tied and "lm_head.weight" in arrays:
+        arrays.pop("lm_head.weight")  # some HF exports store the tied copy too
+    missing = [n for n in shapes if n not in arrays]
+    extra = [n for n in arrays if n not in shapes and "rotary_emb" not in n]
+    if missing or extra:
+        raise ValueError(f"checkpoint mismatch: missing {missing[:5]} extra {extra[:5]}")
+    params = {}
+    for n, shp in shapes.items():
+        a = arrays[n]
+        if tuple(a.shape) != tuple(shp):
+            raise ValueError(f"{n}: shape {a.shape} != expected {shp}")
+        params[n] = torch.from_numpy(np.asarray(a, dtype=np.float64)).to(dtype)
+    return cfg, params
+
+
+# ----------------------------------------------------------------------------------------
+# the model
+
+def rmsnorm(u, w, eps):
+    return u / torch.sqrt((u * u).mean(-1, keepdim=True) + eps) * w
+
+
+def rope_cos_sin(T, hd, theta, dtype=torch.float64):
+    """HF rotate-half RoPE tables [T, hd]: inv_freq_i = theta^(-2i/hd), cos/sin = cat(f, f)."""
+    i = torch.arange(hd // 2, dtype=dtype)
+    inv_freq = theta ** (-(2.0 * i) / hd)
+    pos = torch.arange(T, dtype=dtype)
+    f = pos[:, None] * inv_freq[None, :]
+    emb = torch.cat([f, f], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(u):
+    h = u.shape[-1] // 2
+    return torch.cat([-u[..., h:], u[..., :h]], dim=-1)
+
+
+def attention(h, P, p, cfg, cos, sin):
+    B, T, _ = h.shape
+    H, Hkv, hd = cfg.H, cfg.Hkv, cfg.hd
+    q = (h @ P[p + "self_attn.q_proj.weight"].T).view(B, T, H, hd).transpose(1, 2)
+    k = (h @ P[p + "self_attn.k_proj.weight"].T).view(B, T, Hkv, hd).transpose(1, 2)
+    v = (h @ P[p + "self_attn.v_proj.weight"].T).view(B, T, Hkv, hd).transpose(1, 2)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    rep = H // Hkv                       # query head j uses kv head j // rep
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(hd)          # [B, H, T, T]
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+    s = s.masked_fill(mask, float("-inf"))
+    a = torch.softmax(s, dim=-1)
+    o = (a @ v).transpose(1, 2).reshape(B, T, H * hd)
+    return o @ P[p + "self_attn.o_proj.weight"].T
+
+
+def swiglu(h, wg, wu, wd):
+    g = h @ wg.T
+    return (torch.nn.functional.silu(g) * (h @ wu.T)) @ wd.T
+
+
+def topk_stable(z, K):
+    """Indices [N, K] of the K largest entries of each row of z, in descending order of z,
+    ties broken by the lower index (stable sort on (-z, index)). Done in numpy on purpose."""
+    zn = z.detach().cpu().numpy()
+    order = np.argsort(-zn, axis=-1, kind="stable")
+    return torch.from_numpy(order[:, :K].copy()).long()
+
+
+def moe_ffn(h2, P, p, cfg):
+    """h2: [N, d]. Returns y [N, d] and routing info (router logits, probs, topk idx/weights,
+    counts). Dropless: every (token, slot) pair is computed."""
+    N = h2.shape[0]
+    z = h2 @ P[p + "block_sparse_moe.gate.weight"].T            # [N, E]
+    prob = torch.softmax(z, dim=-1)
+    idx = topk_stable(z, cfg.K)                                  # [N, K]
+    psel = prob.gather(1, idx)                                   # [N, K]
+    if cfg.routing == "topk_softmax":
+        w = psel / psel.sum(-1, keepdim=True)
+    else:
+        w = psel
+    y = torch.zeros_like(h2)
+    counts = torch.zeros(cfg.E, dtype=torch.long)
+    for e in range(cfg.E):
+        rows, slots = (idx == e).nonzero(as_tuple=True)
+        counts[e] = rows.numel()
+        if rows.numel() == 0:
+            continue
+        q = p + f"block_sparse_moe.experts.{e}."
+        out = swiglu(h2[rows], P[q + "w1.weight"], P[q + "w3.weight"], P[q + "w2.weight"])
+        y = y.index_add(0, rows, w[rows, slots].unsqueeze(-1) * out)
+    return y, dict(router_logits=z, probs=prob, topk_idx=idx, topk_weight=w, counts=counts)
+
+
+def forward(P, cfg, tokens):
+    """tokens: LongTensor [B, T]. Returns (logits [B, T, V], list of per-layer routing dicts;
+    empty for dense). Token rows of the router tensors are in [B, T] row-major order."""
+    B, T = tokens.shape
+    cos, sin = rope_cos_sin(T, cfg.hd, cfg.theta, dtype=P["model.norm.weight"].dtype)
+    x = P["model.embed_tokens.weight"][tokens]
+    routing = []
+    for i in range(cfg.L):
+        p = f"model.layers.{i}."
+        h = rmsnorm(x, P[p + "input_layernorm.weight"], cfg.eps)
+        x = x + attention(h, P, p, cfg, cos, sin)
+        h = rmsnorm(x, P[p + "post_attention_layernorm.weight"], cfg.eps)
+        if cfg.moe:
+            y, info = moe_ffn(h.reshape(B * T, cfg.d), P, p, cfg)
+            x = x + y.view(B, T, cfg.d)
+            routing.append(info)
+        else:
+            x = x + swiglu(h, P[p + "mlp.gate_proj.weight"], P[p + "mlp.up_proj.weight"],
+                           P[p + "mlp.down_proj.weight"])
+    x = rmsnorm(x, P["model.norm.weight"], cfg.eps)
+    head = P["model.embed_tokens.weight"] if cfg.tied else P["lm_head.weight"]
+    return x @ head.T, routing
+
+
+def aux_loss(routing, cfg, aux_type, B, T):
+    """Unweighted load-balancing loss (METHODS.md 1.2). Counts/masks are constants."""
+    zero = torch.zeros((), dtype=torch.float64)
+    if not routing or aux_type == "none":
+        return zero
+    E, K = cfg.E, cfg.K
+    if aux_type == "switch":
+        tot = zero
+        for r in routing:
+            N = r["probs"].shape[0]
+            f = r["counts"].to(torch.float64) / (N * K)
+            tot = tot + E * (f * r["probs"].mean(0)).sum()
+        return tot
+    if aux_type == "seq":
+        tot = zero
+        for r in routing:
+            prob = r["probs"].view(B, T, E)
+            idx = r["topk_idx"].view(B, T, K)
+            onehot = torch.nn.functional.one_hot(idx, E).to(torch.float64)   # [B,T,K,E]
+            f = onehot.sum((1, 2)) / (T * K)                                   # [B, E]
+            Pm = prob.mean(1)                                                   # [B, E]
+            tot = tot + (E * (f * Pm).sum(-1)).mean()
+        return tot
+    if aux_type == "pooled":
+        # HF transformers MixtralForCausalLM load_balancing_loss_func (no attention mask)
+        z = torch.cat([r["router_logits"] for r in routing], 0)                # [L*N, E]
+        prob = torch.softmax(z, dim=-1)
+        idx = torch.cat([r["topk_idx"] for r in routing], 0)                   # [L*N, K]
+        mask = torch.nn.functional.one_hot(idx, E).to(torch.float64)           # [L*N, K, E]
+        tokens_per_expert = mask.mean(0)                                        # [K, E]
+        Pm = prob.mean(0)                                                       # [E]
+        return E * (tokens_per_expert * Pm.unsqueeze(0)).sum()
+    raise ValueError(f"unknown aux_type {aux_type}")
+
+
+def z_loss(routing):
+    tot = torch.zeros((), dtype=torch.float64)
+    for r in routing:
+        tot = tot + (torch.logsumexp(r["router_logits"], dim=-1) ** 2).mean()
+    return tot
+
+
+def compute_losses(P, cfg, inputs, targets, aux_type="none", aux_coef=0.0, z_coef=0.0):
+    """Returns dict: loss (weighted total), ce, aux, z (unweighted), logits, routing."""
+    B, T = inputs.shape
+    logits, routing = forward(P, cfg, inputs)
+    logp = torch.log_softmax(logits.reshape(B * T, cfg.V), dim=-1)
+    ce = -logp.gather(1, targets.reshape(B * T, 1)).mean()
+    aux = aux_loss(routing, cfg, aux_type, B, T)
+    zl = z_loss(routing)
+    loss = ce + aux_coef * aux + z_coef * zl
+    return dict(loss=loss, ce=ce, aux=aux, z=zl, logits=logits, routing=routing)
+
+
+# ----------------------------------------------------------------------------------------
+# AdamW (as the C++ trainer does it)
+
+class AdamW:
+    """Global-norm clip (multiply by clip/norm when norm > clip, no epsilon), then
+    m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; mhat = m/(1-b1^t); vhat = v/(1-b2^t);
+    p -= lr * (mhat / (sqrt(vhat) + eps) + wd_p * p), wd_p = weight_decay for 2-D tensors,
+    0 for 1-D. t starts at 1. Both terms use p before the update."""
+
+    def __init__(self, params, lr, beta1, beta2, eps, weight_decay, grad_clip):
+        self.lr, self.b1, self.b2, self.eps = lr, beta1, beta2, eps
+        self.wd, self.clip = weight_decay, grad_clip
+        self.m = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.v = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, params, grads):
+        """Updates params in place. Returns the global gradient norm before clipping."""
+        self.t += 1
+        names = sorted(params)
+        norm = math.sqrt(sum(float((grads[n] ** 2).sum()) for n in names))
+        scale = self.clip / norm if (self.clip > 0 and norm > self.clip) else 1.0
+        bc1 = 1.0 - self.b1 ** self.t
+        bc2 = 1.0 - self.b2 ** self.t
+        for n in names:
+            p, g = params[n], grads[n] * scale
+            self.m[n].mul_(self.b1).add_((1 - self.b1) * g)
+            self.v[n].mul_(self.b2).add_((1 - self.b2) * g * g)
+            mhat = self.m[n] / bc1
+            vhat = self.v[n] / bc2
+            wd = self.wd if p.dim() == 2 else 0.0
+            p.sub_(self.lr * (mhat / (vhat.sqrt() + self.eps) + wd * p))
+        return norm
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Float64 reference forward of a Llama/Mixtral "
+                                 "checkpoint directory (config.json + model.safetensors).")
+    ap.add_argument("ckpt", help="checkpoint directory")
+    ap.add_argument("--tokens", required=True,
+                    help="comma-separated token ids; inputs = tokens[:-1], targets = tokens[1:]")
+    ap.add_argument("--aux-type", default=None, choices=["none", "switch", "pooled", "seq"],
+                    help="load-balancing loss kind (MoE; default switch)")
+    ap.add_argument("--aux-coef", type=float, default=0.01)
+    ap.add_argument("--z-coef", type=float, default=0.001)
+    args = ap.parse_args(argv)
+    cfg, P = load_checkpoint(args.ckpt)
+    toks = [int(t) for t in args.tokens.split(",") if t.strip() != ""]
+    if len(toks) < 2:
+        sys.exit("need at least 2 tokens")
+    if max(toks) >= cfg.V or min(toks) < 0:
+        sys.exit(f"token id out of range [0, {cfg.V})")
+    t = torch.tensor(toks, dtype=torch.long)
+    inputs, targets = t[:-1].unsqueeze(0), t[1:].unsqueeze(0)
+    aux_type = args.aux_type or ("switch" if cfg.moe else "none")
+    with torch.no_grad():
+        r = compute_losses(P, cfg, inputs, targets, aux_type, args.aux_coef, args.z_coef)
+    lg = r["logits"][0]
+    kind = f"MoE E={cfg.E} K={cfg.K} {cfg.routing}" if cfg.moe else "dense"
+    print(f"model: {kind}, V={cfg.V} d={cfg.d} L={cfg.L} H={cfg.H} Hkv={cfg.Hkv} "
+          f"F={cfg.F} tied={cfg.tied}, params={sum(p.numel() for p in P.values())}")
+    print(f"logits [{lg.shape[0]}, {lg.shape[1]}]: mean {lg.mean().item():.9g} "
+          f"std {lg.std().item():.9g} min {lg.min().item():.9g} max {lg.max().item():.9g}")
+    for ti in range(lg.shape[0]):
+        top = torch.topk(lg[ti], min(3, cfg.V))
+        s = " ".join(f"{int(i)}:{v:.6f}" for v, i in zip(top.values.tolist(), top.indices))
+        print(f"  pos {ti}: first logits {lg[ti, :4].tolist()} top3 {s}")
+    print(f"ce   {r['ce'].item():.12g}")
+    if cfg.moe:
+        print(f"aux  {r['aux'].item():.12g} ({aux_type}, coef {args.aux_coef})")
+        print(f"z    {r['z'].item():.12g} (coef {args.z_coef})")
+        for i, info in enumerate(r["routing"]):
+            print(f"  layer {i} expert counts {info['counts'].tolist()}")
+    print(f"loss {r['loss'].item():.12g}")
+
+
+if __name__ == "__main__":
+    main()
