@@ -1,0 +1,369 @@
+// model.h: the model's configuration, its parameter layout (one flat buffer with named
+// tensor views), the from-scratch init, and checkpoint directories in Hugging Face format.
+//
+// The model is a Llama (dense) or Mixtral (MoE) decoder; see docs/ARCHITECTURE.md.
+// config.json uses Hugging Face's keys so that HF Llama/Mixtral directories load as they
+// are; settings HF has no key for (routing variant, ...) are extra keys HF ignores.
+#pragma once
+#include <array>
+#include <cmath>
+#include <string>
+#include <vector>
+#include "json.h"
+#include "rng.h"
+#include "safetensors.h"
+#include "util.h"
+
+enum Routing { ROUTING_TOPK_SOFTMAX = 0, ROUTING_SOFTMAX_TOPK = 1 };
+inline const char* routing_name(int r) { return r == ROUTING_SOFTMAX_TOPK ? "softmax_topk" : "topk_softmax"; }
+inline int parse_routing(const std::string& s, const std::string& what) {
+    if (s == "topk_softmax") return ROUTING_TOPK_SOFTMAX;
+    if (s == "softmax_topk") return ROUTING_SOFTMAX_TOPK;
+    FAIL("%s: routing must be topk_softmax or softmax_topk, found \"%s\"", what.c_str(), s.c_str());
+}
+
+struct ModelConfig {
+    int vocab_size = 0;
+    int d_model = 0;       // d
+    int n_layer = 0;       // L
+    int n_head = 0;        // H
+    int n_kv_head = 0;     // H_kv (divides H)
+    int head_dim = 0;      // usually d / H
+    int ffn_dim = 0;       // F: dense FFN width, or each expert's width F_e
+    int n_experts = 0;     // E; 0 = dense model
+    int top_k = 0;         // K
+    int routing = ROUTING_TOPK_SOFTMAX;
+    bool tie_embeddings = false;
+    float rms_eps = 1e-5f;
+    float rope_theta = 10000.0f;
+    int max_seq_len = 2048;
+    // Llama-3 style RoPE frequency scaling (rope_scaling.rope_type == "llama3"); 0 = off
+    float rope_scale_factor = 0, rope_low_freq = 1, rope_high_freq = 4;
+    int rope_orig_max_pos = 8192;
+    Json extra;  // other config.json keys to carry along (upcycling record, ...)
+
+    bool is_moe() const { return n_experts > 0; }
+    int q_dim() const { return n_head * head_dim; }
+    int kv_dim() const { return n_kv_head * head_dim; }
+
+    void validate(const std::string& what) const {
+        auto pos = [&](const char* k, long v) { if (v <= 0) FAIL("%s: %s must be positive, found %ld", what.c_str(), k, v); };
+        pos("vocab_size", vocab_size); pos("hidden_size", d_model); pos("num_hidden_layers", n_layer);
+        pos("num_attention_heads", n_head); pos("num_key_value_heads", n_kv_head); pos("head_dim", head_dim);
+        pos("intermediate_size", ffn_dim);
+        if (n_head % n_kv_head)
+            FAIL("%s: num_key_value_heads (%d) must divide num_attention_heads (%d)", what.c_str(), n_kv_head, n_head);
+        if (head_dim % 2) FAIL("%s: head_dim (%d) must be even for RoPE", what.c_str(), head_dim);
+        if (n_experts < 0) FAIL("%s: num_local_experts must be >= 0", what.c_str());
+        if (n_experts > 0 && (top_k < 1 || top_k > n_experts))
+            FAIL("%s: num_experts_per_tok (%d) must be in [1, num_local_experts = %d]", what.c_str(), top_k, n_experts);
+        if (vocab_size > 65536)
+            FAIL("%s: vocab_size %d does not fit the uint16 token shards", what.c_str(), vocab_size);
+    }
+
+    // RoPE inverse frequencies, HF convention: inv_freq[i] = theta^(-2i/hd), i < hd/2.
+    std::vector<double> rope_inv_freq() const {
+        std::vector<double> f(head_dim / 2);
+        for (int i = 0; i < head_dim / 2; i++) {
+            double inv = 1.0 / pow((double)rope_theta, (2.0 * i) / head_dim);
+            if (rope_scale_factor > 0) {  // Llama 3.1: stretch the low frequencies only
+                double low_wl = rope_orig_max_pos / rope_low_freq, high_wl = rope_orig_max_pos / rope_high_freq;
+                double wl = 2 * M_PI / inv;
+                if (wl > low_wl) inv = inv / rope_scale_factor;
+                else if (wl >= high_wl) {
+                    double s = (rope_orig_max_pos / wl - rope_low_freq) / (rope_high_freq - rope_low_freq);
+                    inv = (1 - s) * inv / rope_scale_factor + s * inv;
+                }
+            }
+            f[i] = inv;
+        }
+        return f;
+    }
+
+    Json to_json() const {
+        Json j = Json::object();
+        Json arch = Json::array();
+        arch.push(is_moe() ? "MixtralForCausalLM" : "LlamaForCausalLM");
+        j["architectures"] = arch;
+        j["model_type"] = is_moe() ? "mixtral" : "llama";
+        j["vocab_size"] = vocab_size;
+        j["hidden_size"] = d_model;
+        j["intermediate_size"] = ffn_dim;
+        j["num_hidden_layers"] = n_layer;
+        j["num_attention_heads"] = n_head;
+        j["num_key_value_heads"] = n_kv_head;
+        j["head_dim"] = head_dim;
+        j["hidden_act"] = "silu";
+        j["max_position_embeddings"] = max_seq_len;
+        j["rms_norm_eps"] = (double)rms_eps;
+        j["rope_theta"] = (double)rope_theta;
+        if (rope_scale_factor > 0) {
+            Json rs = Json::object();
+            rs["rope_type"] = "llama3";
+            rs["factor"] = (double)rope_scale_factor;
+            rs["low_freq_factor"] = (double)rope_low_freq;
+            rs["high_freq_factor"] = (double)rope_high_freq;
+            rs["original_max_position_embeddings"] = rope_orig_max_pos;
+            j["rope_scaling"] = rs;
+        }
+        j["tie_word_embeddings"] = tie_embeddings;
+        j["attention_bias"] = false;
+        j["mlp_bias"] = false;
+        j["torch_dtype"] = "float32";
+        if (is_moe()) {
+            j["num_local_experts"] = n_experts;
+            j["num_experts_per_tok"] = top_k;
+            j["moe_routing"] = routing_name(routing);
+            // HF's MixtralForCausalLM always renormalizes the top-K weights: it computes
+            // our function only for topk_softmax. Say so in the file itself.
+            if (routing == ROUTING_SOFTMAX_TOPK)
+                j["moe_note"] = "softmax_topk routing: Hugging Face MixtralForCausalLM renormalizes top-K weights "
+                                "and so does NOT compute this model's function; use this project's trainers";
+        }
+        for (auto& kv : extra.obj) if (!j.has(kv.first)) j[kv.first] = kv.second;
+        return j;
+    }
+
+    static ModelConfig from_json(const Json& j, const std::string& what) {
+        if (j.type != Json::OBJ) FAIL("%s: not a JSON object", what.c_str());
+        ModelConfig c;
+        std::string mt = j.get_str("model_type", "", what);
+        if (!mt.empty() && mt != "llama" && mt != "mixtral")
+            FAIL("%s: model_type \"%s\" is not supported (expected llama or mixtral)", what.c_str(), mt.c_str());
+        c.vocab_size = (int)j.get_int("vocab_size", what);
+        c.d_model = (int)j.get_int("hidden_size", what);
+        c.ffn_dim = (int)j.get_int("intermediate_size", what);
+        c.n_layer = (int)j.get_int("num_hidden_layers", what);
+        c.n_head = (int)j.get_int("num_attention_heads", what);
+        c.n_kv_head = (int)j.get_int("num_key_value_heads", c.n_head, what);
+        if (c.n_head <= 0) FAIL("%s: num_attention_heads must be positive", what.c_str());
+        c.head_dim = (int)j.get_int("head_dim", c.d_model / c.n_head, what);
+        c.n_experts = (int)j.get_int("num_local_experts", 0, what);
+        c.top_k = (int)j.get_int("num_experts_per_tok", c.n_experts > 0 ? 2 : 0, what);
+        c.routing = parse_routing(j.get_str("moe_routing", "topk_softmax", what), what);
+        c.tie_embeddings = j.get_bool("tie_word_embeddings", false, what);
+        c.rms_eps = (float)j.get_num("rms_norm_eps", 1e-5, what);
+        c.rope_theta = (float)j.get_num("rope_theta", 10000.0, what);
+        c.max_seq_len = (int)j.get_int("max_position_embeddings", 2048, what);
+        std::string act = j.get_str("hidden_act", "silu", what);
+        if (act != "silu") FAIL("%s: hidden_act \"%s\" is not supported (SwiGLU needs silu)", what.c_str(), act.c_str());
+        if (j.get_bool("attention_bias", false, what) || j.get_bool("mlp_bias", false, what))
+            FAIL("%s: attention_bias/mlp_bias are not supported (the model has no biases)", what.c_str());
+        if (const Json* rs = j.find("rope_scaling")) {
+            if (!rs->is_null()) {
+                std::string t = rs->get_str("rope_type", rs->get_str("type", "", what), what);
+                if (t != "llama3")
+                    FAIL("%s: rope_scaling type \"%s\" is not supported (only llama3)", what.c_str(), t.c_str());
+                c.rope_scale_factor = (float)rs->get_num("factor", what);
+                c.rope_low_freq = (float)rs->get_num("low_freq_factor", 1.0, what);
+                c.rope_high_freq = (float)rs->get_num("high_freq_factor", 4.0, what);
+                c.rope_orig_max_pos = (int)rs->get_int("original_max_position_embeddings", 8192, what);
+            }
+        }
+        // keep keys we do not interpret (upcycling records, ...) so they survive a save
+        static const char* known[] = {"architectures", "model_type", "vocab_size", "hidden_size",
+            "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "num_local_experts", "num_experts_per_tok", "moe_routing", "moe_note", "tie_word_embeddings",
+            "rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias",
+            "rope_scaling", "torch_dtype"};
+        c.extra = Json::object();
+        for (auto& kv : j.obj) {
+            bool k = false;
+            for (const char* n : known) if (kv.first == n) k = true;
+            if (!k) c.extra[kv.first] = kv.second;
+        }
+        c.validate(what);
+        return c;
+    }
+    static ModelConfig load(const std::string& path) { return from_json(Json::parse_file(path), path); }
+};
+
+// Built-in presets (dense shapes; --experts/--topk turn them into MoEs).
+inline bool model_preset(const std::string& name, ModelConfig* c) {
+    struct P { const char* name; int d, L, H, Hkv, F; };
+    static const P presets[] = {
+        {"tiny", 64, 2, 4, 4, 256},      // seconds per step on a laptop CPU
+        {"small", 256, 4, 8, 8, 1024},   // minutes on CPU; the tiny reproductions' dense base
+        {"d512", 512, 12, 8, 8, 2048},   // Drop-Upcycling's 152M dense shape (METHODS 3)
+        {"d768", 768, 12, 12, 12, 3072}, // GPT-2 small shape: the benchmark config
+    };
+    for (auto& p : presets) {
+        if (name != p.name) continue;
+        c->d_model = p.d; c->n_layer = p.L; c->n_head = p.H; c->n_kv_head = p.Hkv; c->head_dim = p.d / p.H;
+        c->ffn_dim = p.F;
+        return true;
+    }
+    return false;
+}
+inline const char* model_preset_names() { return "tiny, small, d512, d768"; }
+
+// ----------------------------------------------------------------------------
+// Parameter layout: every parameter lives in one flat buffer, in model order.
+
+enum ParamKind {
+    P_EMBED, P_ATTN_NORM, P_WQ, P_WK, P_WV, P_WO, P_FFN_NORM,
+    P_GATE, P_UP, P_DOWN,            // dense FFN
+    P_ROUTER, P_EGATE, P_EUP, P_EDOWN,  // MoE: router [E,d], expert w1 / w3 / w2
+    P_FINAL_NORM, P_LM_HEAD, P_NUM_KINDS
+};
+inline const char* param_kind_name(int k) {
+    static const char* n[] = {"embed", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "gate", "up", "down",
+                              "router", "expert_gate", "expert_up", "expert_down", "final_norm", "lm_head"};
+    return n[k];
+}
+
+struct ParamTensor {
+    std::string name;             // Hugging Face tensor name
+    std::vector<int64_t> shape;   // [out, in] for matrices
+    size_t offset = 0, numel = 0; // position in the flat buffer
+    int kind = 0, layer = -1, expert = -1;
+    bool decay() const { return shape.size() == 2; }  // AdamW weight decay on matrices only
+};
+
+struct ParamLayout {
+    std::vector<ParamTensor> tensors;
+    size_t total = 0;
+    // index of each layer's tensors: [layer][kind], and experts [layer][expert][0..2]
+    std::vector<std::vector<int>> by_layer;
+    std::vector<std::vector<std::array<int, 3>>> experts;
+    int embed = -1, final_norm = -1, lm_head = -1;  // lm_head == embed when tied
+
+    const ParamTensor& get(int layer, int kind) const { return tensors[by_layer[layer][kind]]; }
+    int find(const std::string& name) const {
+        for (size_t i = 0; i < tensors.size(); i++) if (tensors[i].name == name) return (int)i;
+        return -1;
+    }
+};
+
+inline ParamLayout build_layout(const ModelConfig& c) {
+    ParamLayout lay;
+    auto add = [&](const std::string& name, std::vector<int64_t> shape, int kind, int layer, int expert) {
+        ParamTensor t;
+        t.name = name; t.shape = shape; t.kind = kind; t.layer = layer; t.expert = expert;
+        t.numel = (size_t)shape_numel(shape);
+        t.offset = lay.total;
+        lay.total += t.numel;
+        lay.tensors.push_back(t);
+        return (int)lay.tensors.size() - 1;
+    };
+    const int64_t d = c.d_model, V = c.vocab_size, F = c.ffn_dim;
+    lay.embed = add("model.embed_tokens.weight", {V, d}, P_EMBED, -1, -1);
+    lay.by_layer.assign(c.n_layer, std::vector<int>(P_NUM_KINDS, -1));
+    lay.experts.assign(c.n_layer, {});
+    for (int l = 0; l < c.n_layer; l++) {
+        std::string p = "model.layers." + std::to_string(l) + ".";
+        auto& L = lay.by_layer[l];
+        L[P_ATTN_NORM] = add(p + "input_layernorm.weight", {d}, P_ATTN_NORM, l, -1);
+        L[P_WQ] = add(p + "self_attn.q_proj.weight", {(int64_t)c.q_dim(), d}, P_WQ, l, -1);
+        L[P_WK] = add(p + "self_attn.k_proj.weight", {(int64_t)c.kv_dim(), d}, P_WK, l, -1);
+        L[P_WV] = add(p + "self_attn.v_proj.weight", {(int64_t)c.kv_dim(), d}, P_WV, l, -1);
+        L[P_WO] = add(p + "self_attn.o_proj.weight", {d, (int64_t)c.q_dim()}, P_WO, l, -1);
+        L[P_FFN_NORM] = add(p + "post_attention_layernorm.weight", {d}, P_FFN_NORM, l, -1);
+        if (!c.is_moe()) {
+            L[P_GATE] = add(p + "mlp.gate_proj.weight", {F, d}, P_GATE, l, -1);
+            L[P_UP] = add(p + "mlp.up_proj.weight", {F, d}, P_UP, l, -1);
+            L[P_DOWN] = add(p + "mlp.down_proj.weight", {d, F}, P_DOWN, l, -1);
+        } else {
+            std::string m = p + "block_sparse_moe.";
+            L[P_ROUTER] = add(m + "gate.weight", {(int64_t)c.n_experts, d}, P_ROUTER, l, -1);
+            for (int e = 0; e < c.n_experts; e++) {
+                std::string x = m + "experts." + std::to_string(e) + ".";
+                std::array<int, 3> ids;
+                ids[0] = add(x + "w1.weight", {F, d}, P_EGATE, l, e);
+                ids[1] = add(x + "w3.weight", {F, d}, P_EUP, l, e);
+                ids[2] = add(x + "w2.weight", {d, F}, P_EDOWN, l, e);
+                lay.experts[l].push_back(ids);
+            }
+        }
+    }
+    lay.final_norm = add("model.norm.weight", {d}, P_FINAL_NORM, -1, -1);
+    lay.lm_head = c.tie_embeddings ? lay.embed : add("lm_head.weight", {V, d}, P_LM_HEAD, -1, -1);
+    return lay;
+}
+
+inline size_t count_params(const ModelConfig& c) { return build_layout(c).total; }
+// Parameters touched per token: what MFU counts (experts: only K of E).
+inline size_t count_active_params(const ModelConfig& c) {
+    ParamLayout lay = build_layout(c);
+    size_t n = 0;
+    for (auto& t : lay.tensors) {
+        if (t.kind == P_EMBED && !c.tie_embeddings) continue;  // a lookup, not a matmul
+        if (t.expert >= 0) { if (t.expert < c.top_k) n += t.numel; continue; }
+        n += t.numel;
+    }
+    return n;
+}
+
+// From-scratch init (METHODS 2.1): every matrix ~ N(0, std), norms = 1. Each tensor has
+// its own RNG stream, so the result does not depend on the order or thread count.
+template <typename T>
+void init_from_scratch(const ModelConfig& c, const ParamLayout& lay, T* params, uint64_t seed, float std = 0.02f) {
+    (void)c;
+    for (size_t ti = 0; ti < lay.tensors.size(); ti++) {
+        const ParamTensor& t = lay.tensors[ti];
+        T* p = params + t.offset;
+        if (t.shape.size() == 1) {
+            for (size_t i = 0; i < t.numel; i++) p[i] = (T)1;
+        } else {
+            uint64_t stream = stream_id(PURPOSE_INIT, (uint32_t)ti);
+#pragma omp parallel for
+            for (long i = 0; i < (long)t.numel; i++) p[i] = (T)(std * rng_normal(seed, stream, (uint64_t)i));
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Checkpoint directories: config.json + model.safetensors (Hugging Face layout).
+
+// Reads config.json and every tensor of the layout, checking names, shapes and that the
+// file holds nothing the config does not explain.
+template <typename T>
+void load_model_dir(const std::string& dir, ModelConfig* cfg, ParamLayout* lay, std::vector<T>* params) {
+    std::string cfg_path = path_join(dir, "config.json");
+    if (!is_dir(dir)) FAIL("%s: model directory does not exist", dir.c_str());
+    if (!path_exists(cfg_path)) FAIL("%s: no config.json in this directory", dir.c_str());
+    *cfg = ModelConfig::load(cfg_path);
+    *lay = build_layout(*cfg);
+    CheckpointTensors ck(dir);
+    params->assign(lay->total, (T)0);
+    for (auto& t : lay->tensors) {
+        if (!ck.has(t.name))
+            FAIL("%s: missing tensor \"%s\", which %s/config.json implies", dir.c_str(), t.name.c_str(), dir.c_str());
+        const TensorInfo& ti = ck.info(t.name);
+        if (ti.shape != t.shape)
+            FAIL("%s: tensor \"%s\" has shape %s but config.json implies %s (config.json disagrees with the tensors)",
+                 dir.c_str(), t.name.c_str(), shape_str(ti.shape).c_str(), shape_str(t.shape).c_str());
+        if (ti.dtype != DType::F32 && ti.dtype != DType::BF16 && ti.dtype != DType::F16)
+            FAIL("%s: tensor \"%s\" has dtype %s; expected F32, BF16 or F16", dir.c_str(), t.name.c_str(),
+                 dtype_name(ti.dtype));
+        ck.read(t.name, t.shape, params->data() + t.offset);
+    }
+    for (auto& name : ck.names()) {
+        if (lay->find(name) >= 0) continue;
+        bool harmless = name.find("rotary_emb.inv_freq") != std::string::npos ||
+                        name.find("expert_bias") != std::string::npos ||
+                        (cfg->tie_embeddings && name == "lm_head.weight");
+        if (!harmless)
+            FAIL("%s: tensor \"%s\" is not part of the model that config.json describes (config.json disagrees "
+                 "with the tensors)", dir.c_str(), name.c_str());
+    }
+}
+
+// Writes config.json + model.safetensors into an existing directory (atomically per file).
+// `extra_tensors` (name, shape, data) are appended, e.g. aux-free routing biases.
+struct ExtraTensor { std::string name; std::vector<int64_t> shape; std::vector<float> data; };
+template <typename T>
+void save_model_files(const std::string& dir, const ModelConfig& cfg, const ParamLayout& lay, const T* params,
+                      DType dtype = DType::F32, const std::vector<ExtraTensor>& extra_tensors = {}) {
+    SafeTensorsWriter w;
+    w.metadata["format"] = "pt";
+    for (auto& t : lay.tensors) w.declare(t.name, dtype, t.shape);
+    for (auto& e : extra_tensors) w.declare(e.name, DType::F32, e.shape);
+    w.begin(path_join(dir, "model.safetensors"));
+    for (auto& t : lay.tensors) w.write(t.name, params + t.offset);
+    for (auto& e : extra_tensors) w.write(e.name, e.data.data());
+    w.finish();
+    Json j = cfg.to_json();
+    j["torch_dtype"] = dtype == DType::BF16 ? "bfloat16" : "float32";
+    write_text_atomic(path_join(dir, "config.json"), j.dump(2) + "\n");
+}

@@ -1,0 +1,122 @@
+// train_args.h: the command line shared by train_moe.cpp and train_moe.cu (one table, so
+// the two trainers cannot drift apart), and what a checkpoint records of it.
+#pragma once
+#include <string>
+#include "cli.h"
+#include "json.h"
+#include "model.h"
+#include "util.h"
+
+struct TrainArgs {
+    // data
+    std::string data_dir = "data/tiny", mix, tokenizer;
+    // model
+    std::string model = "tiny", init, resume, routing = "topk_softmax";
+    int experts = 0, topk = 2, expert_width = 0, vocab = 0;
+    bool tie = false;
+    double init_std = 0.02;
+    // optimization
+    int steps = 100, batch = 8, seq = 64, grad_accum = 1, warmup = 0;
+    double lr = 1e-3, lr_min = -1, wsd_decay = 0.2;
+    std::string lr_schedule = "cosine";
+    double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1, grad_clip = 1.0;
+    // MoE losses
+    std::string aux_loss = "switch";
+    double aux_coef = 0.01, z_coef = 0.001, aux_free_bias = 0;
+    // run
+    std::string out = "runs/train";
+    int eval_every = 0, eval_batches = 8, sample_every = 0, sample_tokens = 64, save_every = 0, log_every = 1;
+    long seed = 1337;
+    int threads = 0;
+    bool no_save = false;
+
+    void add_to(Cli& cli) {
+        cli.section("Data");
+        cli.add("--data", &data_dir, "folder of <domain>_train_NNN.bin / <domain>_val_NNN.bin token shards");
+        cli.add("--mix", &mix, "training mixture, e.g. en=1,code=1,de=2 (default: every domain with train shards, equal)");
+        cli.add("--tokenizer", &tokenizer, "tokenizer.bin for printing samples (default: <data>/tokenizer.bin)");
+        cli.section("Model (one of --model, --init, --resume)");
+        cli.add("--model", &model, std::string("from scratch: preset (") + model_preset_names() + ") or a config.json");
+        cli.add("--init", &init, "start from a checkpoint directory (Hugging Face Llama/Mixtral), fresh optimizer");
+        cli.add("--resume", &resume, "continue a run: a checkpoint directory, or a run directory (uses its latest)");
+        cli.add("--experts", &experts, "with --model: number of experts E (0 = dense)");
+        cli.add("--topk", &topk, "with --model: experts per token K");
+        cli.add("--expert-width", &expert_width, "with --model: expert FFN width F_e (default: the preset's F)");
+        cli.add("--routing", &routing, "with --model: topk_softmax (Mixtral) or softmax_topk (no renormalization)");
+        cli.flag("--tie", &tie, "with --model: tie the LM head to the token embedding");
+        cli.add("--vocab", &vocab, "with --model: vocabulary size (default: the tokenizer's)");
+        cli.add("--init-std", &init_std, "with --model: std of the N(0, std) init of every matrix");
+        cli.section("Optimization");
+        cli.add("--steps", &steps, "optimizer steps in total (a resumed run stops at the same total)");
+        cli.add("--batch", &batch, "sequences per micro-batch B");
+        cli.add("--seq", &seq, "tokens per sequence T");
+        cli.add("--grad-accum", &grad_accum, "micro-batches per optimizer step");
+        cli.add("--lr", &lr, "peak learning rate");
+        cli.add("--lr-min", &lr_min, "final learning rate (default: lr / 10)");
+        cli.add("--lr-schedule", &lr_schedule, "cosine, wsd (warmup-stable-decay) or constant");
+        cli.add("--warmup", &warmup, "linear warmup steps");
+        cli.add("--wsd-decay", &wsd_decay, "wsd: fraction of the steps spent decaying");
+        cli.add("--beta1", &beta1, "AdamW beta1");
+        cli.add("--beta2", &beta2, "AdamW beta2");
+        cli.add("--eps", &eps, "AdamW epsilon");
+        cli.add("--weight-decay", &weight_decay, "AdamW weight decay (matrices only)");
+        cli.add("--grad-clip", &grad_clip, "clip the global gradient norm to this (0 = off)");
+        cli.section("MoE losses");
+        cli.add("--aux-loss", &aux_loss, "load balancing: switch (per layer, 1 at balance), pooled (HF Mixtral, K at "
+                                         "balance), seq (per sequence) or none");
+        cli.add("--aux-coef", &aux_coef, "load-balancing loss coefficient");
+        cli.add("--z-coef", &z_coef, "router z-loss coefficient");
+        cli.add("--aux-free-bias", &aux_free_bias, "aux-loss-free balancing bias update rate u (0 = off; DeepSeek-V3 uses 1e-3)");
+        cli.section("Run");
+        cli.add("--out", &out, "run directory: metrics.jsonl and step_NNNNNN checkpoints");
+        cli.add("--eval-every", &eval_every, "evaluate every N steps, at step 0 and at the end (0 = only at the end)");
+        cli.add("--eval-batches", &eval_batches, "validation batches per domain");
+        cli.add("--sample-every", &sample_every, "print a generated sample every N steps (0 = only at the end)");
+        cli.add("--sample-tokens", &sample_tokens, "length of generated samples (0 = no samples)");
+        cli.add("--save-every", &save_every, "write a checkpoint every N steps (0 = only at the end)");
+        cli.flag("--no-save", &no_save, "write no checkpoint at the end");
+        cli.add("--log-every", &log_every, "print a progress line every N steps");
+        cli.add("--seed", &seed, "seed of the init, data order and sampling");
+        cli.add("--threads", &threads, "CPU threads (0 = OpenMP's default)");
+    }
+
+    void validate() const {
+        if (steps < 0) FAIL("--steps must be >= 0");
+        if (batch < 1 || seq < 1 || grad_accum < 1) FAIL("--batch, --seq and --grad-accum must be >= 1");
+        if (!init.empty() && !resume.empty()) FAIL("give --init or --resume, not both");
+        if (eval_batches < 1) FAIL("--eval-batches must be >= 1");
+        if (log_every < 1) FAIL("--log-every must be >= 1");
+    }
+
+    // What must stay the same for a resumed run to continue the same run.
+    Json settings() const {
+        Json j = Json::object();
+        j["data"] = data_dir;
+        j["mix"] = mix;
+        j["batch"] = batch;
+        j["seq"] = seq;
+        j["grad_accum"] = grad_accum;
+        j["seed"] = seed;
+        j["steps"] = steps;
+        j["lr"] = lr;
+        j["lr_min"] = lr_min;
+        j["lr_schedule"] = lr_schedule;
+        j["warmup"] = warmup;
+        j["aux_loss"] = aux_loss;
+        j["aux_coef"] = aux_coef;
+        j["z_coef"] = z_coef;
+        j["aux_free_bias"] = aux_free_bias;
+        return j;
+    }
+    // A resumed run with other data/batch settings would silently train something else.
+    void check_resume_settings(const Json& saved, const std::string& what) const {
+        Json now = settings();
+        for (const char* k : {"data", "mix", "batch", "seq", "grad_accum", "seed"}) {
+            const Json* a = saved.find(k);
+            const Json* b = now.find(k);
+            if (a && b && a->dump() != b->dump())
+                FAIL("%s: the checkpoint was trained with %s = %s but this run says %s; resume needs the same value",
+                     what.c_str(), k, a->dump().c_str(), b->dump().c_str());
+        }
+    }
+};

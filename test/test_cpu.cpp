@@ -1,0 +1,534 @@
+// test_cpu.cpp: the CPU trainer against the PyTorch reference fixtures, the MoE = dense
+// invariant, the common/ readers on bad inputs, and the trainer binary end to end
+// (bad inputs refused, save + resume bit-identical).
+//
+// Run: ./test/bin/test_cpu [path/to/train_moe]   (make test does this)
+#define TRAIN_MOE_NO_MAIN
+#include "../train_moe.cpp"
+#include "testing.h"
+
+static std::string g_bin = "./train_moe";
+static std::string g_tmp;
+
+static std::string fixture_dir(const std::string& name) { return "test/fixtures/" + name; }
+
+// ---------------------------------------------------------------------------
+// 1. Fixtures: logits, loss terms, routing, every gradient, 10 AdamW steps
+
+static void test_fixture(const std::string& name) {
+    std::string dir = fixture_dir(name);
+    Model M;
+    M.load(dir);
+    SafeTensorsReader fx(dir + "/fixture.safetensors");
+    auto meta = fx.metadata;
+    M.ts.aux_type = parse_aux(meta.count("aux_type") ? meta["aux_type"] : "none");
+    M.ts.aux_coef = atof(meta["aux_coef"].c_str());
+    M.ts.z_coef = atof(meta["z_coef"].c_str());
+    const TensorInfo& ii = fx.info("inputs");
+    int B = (int)ii.shape[0], T = (int)ii.shape[1], N = B * T, V = M.cfg.vocab_size;
+    std::vector<int> inputs = fx.read_vec<int>("inputs"), targets = fx.read_vec<int>("targets");
+
+    Losses l = M.forward(inputs.data(), targets.data(), B, T);
+    std::vector<double> ref_logits = fx.read_vec<double>("logits", {B, T, V});
+    double mx = 0;
+    for (double x : ref_logits) mx = std::max(mx, std::fabs(x));
+    double w = worst_ratio(M.logits.data(), ref_logits.data(), (size_t)N * V, 1e-5 * mx, 1e-5);
+    CHECK_MSG(w <= 1, "%s logits: worst |err| / (1e-5 max|ref| + 1e-5 |ref|) = %.3g", name.c_str(), w);
+    auto scalar = [&](const char* k) { return fx.read_vec<double>(k)[0]; };
+    for (auto kv : std::vector<std::pair<const char*, double>>{{"loss", l.loss}, {"ce", l.ce}, {"aux", l.aux}, {"z", l.z}}) {
+        double ref = scalar(kv.first);
+        CHECK_MSG(std::fabs(kv.second - ref) <= 1e-5 * std::fabs(ref) + 1e-7, "%s %s: got %.9g, reference %.9g",
+                  name.c_str(), kv.first, kv.second, ref);
+    }
+    if (M.cfg.is_moe()) {
+        int E = M.cfg.n_experts, K = M.cfg.top_k;
+        for (int layer = 0; layer < M.cfg.n_layer; layer++) {
+            auto rl = fx.read_vec<double>(strfmt("router_logits.%d", layer), {N, E});
+            double rmx = 0;
+            for (double x : rl) rmx = std::max(rmx, std::fabs(x));
+            double wr = worst_ratio(M.la[layer].rlogits.data(), rl.data(), rl.size(), 1e-5 * rmx, 1e-5);
+            CHECK_MSG(wr <= 1, "%s router_logits.%d worst ratio %.3g", name.c_str(), layer, wr);
+            auto idx = fx.read_vec<int>(strfmt("topk_idx.%d", layer), {N, K});
+            bool same = true;
+            for (int i = 0; i < N * K; i++) same &= idx[i] == M.la[layer].topk[i];
+            CHECK_MSG(same, "%s topk_idx.%d differs", name.c_str(), layer);
+            auto tw = fx.read_vec<double>(strfmt("topk_weight.%d", layer), {N, K});
+            double wt = worst_ratio(M.la[layer].topw.data(), tw.data(), tw.size(), 1e-6, 1e-5);
+            CHECK_MSG(wt <= 1, "%s topk_weight.%d worst ratio %.3g", name.c_str(), layer, wt);
+            auto cnt = fx.read_vec<int>(strfmt("expert_counts.%d", layer), {E});
+            bool same_c = true;
+            for (int e = 0; e < E; e++) same_c &= cnt[e] == M.la[layer].counts[e];
+            CHECK_MSG(same_c, "%s expert_counts.%d differ", name.c_str(), layer);
+        }
+    }
+    // every parameter's gradient: per tensor, errors relative to the tensor's largest entry
+    M.zero_grad();
+    M.backward();
+    int bad = 0;
+    for (auto& t : M.lay.tensors) {
+        auto g = fx.read_vec<double>("grad." + t.name, t.shape);
+        double gmx = 0;
+        for (double x : g) gmx = std::max(gmx, std::fabs(x));
+        size_t at = 0;
+        double wg = worst_ratio(M.grads.data() + t.offset, g.data(), t.numel, 1e-5 * gmx + 1e-9, 1e-5, &at);
+        if (!(wg <= 1)) {
+            bad++;
+            printf("    %s grad.%s: worst ratio %.3g at %zu (got %.9g, ref %.9g)\n", name.c_str(), t.name.c_str(), wg,
+                   at, (double)M.grads[t.offset + at], g[at]);
+        }
+    }
+    CHECK_MSG(bad == 0, "%s: %d parameter gradients differ from the reference", name.c_str(), bad);
+    // 10 AdamW steps on the same batch
+    AdamW hp;
+    hp.beta1 = atof(meta["beta1"].c_str());
+    hp.beta2 = atof(meta["beta2"].c_str());
+    hp.eps = atof(meta["eps"].c_str());
+    hp.weight_decay = atof(meta["weight_decay"].c_str());
+    hp.grad_clip = atof(meta["grad_clip"].c_str());
+    double lr = atof(meta["lr"].c_str());
+    auto ref_losses = fx.read_vec<double>("adamw_losses");
+    Model M2;
+    M2.load(dir);
+    M2.ts = M.ts;
+    for (size_t s = 0; s < ref_losses.size(); s++) {
+        Losses ls = M2.forward(inputs.data(), targets.data(), B, T);
+        CHECK_MSG(std::fabs(ls.loss - ref_losses[s]) <= 2e-5 * std::fabs(ref_losses[s]),
+                  "%s AdamW step %zu loss %.9g vs reference %.9g", name.c_str(), s, ls.loss, ref_losses[s]);
+        M2.zero_grad();
+        M2.backward();
+        M2.step(hp, lr);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2. An MoE whose experts are all copies of the dense FFN computes the dense function
+//    (topk_softmax: the gate weights sum to 1), whatever the router.
+
+static void test_moe_copies_equal_dense() {
+    Model D;
+    D.load(fixture_dir("dense"));
+    ModelConfig c = D.cfg;
+    c.n_experts = 4;
+    c.top_k = 2;
+    c.routing = ROUTING_TOPK_SOFTMAX;
+    Model M;
+    M.init_scratch(c, 7);
+    for (auto& t : M.lay.tensors) {
+        real* dst = M.params.data() + t.offset;
+        std::string src_name = t.name;
+        if (t.kind == P_ROUTER) {  // a random router, scaled so routing varies
+            for (size_t i = 0; i < t.numel; i++) dst[i] = (real)rng_normal(99, 1, i);
+            continue;
+        }
+        if (t.expert >= 0) {
+            const char* k = t.kind == P_EGATE ? "gate_proj" : t.kind == P_EUP ? "up_proj" : "down_proj";
+            src_name = strfmt("model.layers.%d.mlp.%s.weight", t.layer, k);
+        }
+        int si = D.lay.find(src_name);
+        CHECK_MSG(si >= 0, "dense tensor for %s", t.name.c_str());
+        if (si < 0) return;
+        std::copy(D.params.begin() + D.lay.tensors[si].offset,
+                  D.params.begin() + D.lay.tensors[si].offset + t.numel, dst);
+    }
+    std::vector<int> in(16);
+    for (int i = 0; i < 16; i++) in[i] = (i * 7 + 3) % c.vocab_size;
+    D.forward(in.data(), nullptr, 2, 8);
+    M.forward(in.data(), nullptr, 2, 8);
+    double mx = 0, err = 0;
+    for (size_t i = 0; i < (size_t)16 * c.vocab_size; i++) {
+        mx = std::max(mx, (double)std::fabs(D.logits[i]));
+        err = std::max(err, (double)std::fabs(D.logits[i] - M.logits[i]));
+    }
+    CHECK_MSG(err <= 1e-6 * mx, "MoE of copies vs dense: max |logit diff| %.3g (max |logit| %.3g)", err, mx);
+    // and the routing really was spread over several experts
+    int used = 0;
+    for (int e = 0; e < 4; e++) used += M.la[0].counts[e] > 0;
+    CHECK_MSG(used >= 3, "routing used only %d experts", used);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Pieces: aux-free bias, schedules, JSON, safetensors round trips, data loader
+
+static void test_aux_free_bias() {
+    Model M;
+    M.load(fixture_dir("moe_topk_softmax"));
+    M.ts.aux_free_rate = 1e-3;
+    std::vector<int> in(16), tg(16);
+    for (int i = 0; i < 16; i++) { in[i] = (i * 5) % 64; tg[i] = (i * 3) % 64; }
+    M.forward(in.data(), tg.data(), 2, 8);
+    std::vector<long> load = M.step_load[0];
+    M.zero_grad();
+    M.backward();
+    AdamW hp;
+    M.step(hp, 0.0);
+    double mean = 0;
+    for (long c : load) mean += c / 4.0;
+    for (int e = 0; e < 4; e++) {
+        float want = load[e] < mean ? 1e-3f : load[e] > mean ? -1e-3f : 0.0f;
+        CHECK_MSG(M.expert_bias[0][e] == want, "bias of expert %d is %g, expected %g (load %ld, mean %g)", e,
+                  M.expert_bias[0][e], want, load[e], mean);
+    }
+    // a large bias on one expert makes it selected by every token, while the gate weights
+    // still come from the unbiased probabilities
+    M.expert_bias[0] = {0, 0, 100, 0};
+    M.forward(in.data(), tg.data(), 2, 8);
+    CHECK(M.la[0].counts[2] == 16);
+}
+
+static void test_schedules() {
+    LRSchedule s;
+    s.lr = 1.0; s.lr_min = 0.1; s.warmup = 10; s.total = 110;
+    CHECK(std::fabs(s.at(0) - 0.1) < 1e-12);
+    CHECK(std::fabs(s.at(9) - 1.0) < 1e-12);
+    CHECK(std::fabs(s.at(10) - 1.0) < 1e-12);
+    CHECK(std::fabs(s.at(109) - 0.1) < 1e-12);
+    CHECK(std::fabs(s.at(60) - 0.55) < 0.01);
+    s.kind = "wsd"; s.decay_frac = 0.1;
+    CHECK(s.at(50) == 1.0 && s.at(98) == 1.0);
+    CHECK(std::fabs(s.at(109) - 0.1) < 1e-12);
+    s.kind = "constant";
+    CHECK(s.at(109) == 1.0 && s.at(0) == 0.1);
+}
+
+static void test_json_and_safetensors() {
+    Json j = Json::parse("{\"a\": [1, 2.5, -3e-7], \"b\": {\"c\": \"x\\ny\\u00e9\"}, \"d\": true, \"e\": null}", "t");
+    CHECK(j.find("a")->arr[1].num == 2.5);
+    CHECK(j.find("b")->find("c")->str == "x\ny\xc3\xa9");
+    Json back = Json::parse(j.dump(), "t2");
+    CHECK(back.dump() == j.dump());
+    CHECK(Json::number_string(0.1) == "0.1");
+    CHECK(Json::parse(Json::number_string(1.0 / 3), "n").num == 1.0 / 3);
+    expect_error([] { Json::parse("{\"a\": [1, 2}", "bad.json"); }, "bad.json: invalid JSON", "bad json");
+    // safetensors: F32 and BF16 round trip; bf16 rounds to nearest even
+    std::string p = g_tmp + "/rt.safetensors";
+    std::vector<float> a = {1.0f, -2.5f, 3.14159f, 1e-3f, 65504.f, 0.0f};
+    SafeTensorsWriter w;
+    w.declare("a", DType::F32, {2, 3});
+    w.declare("b", DType::BF16, {6});
+    w.begin(p);
+    w.write("a", a.data());
+    w.write("b", a.data());
+    w.finish();
+    SafeTensorsReader r(p);
+    auto ra = r.read_vec<float>("a", {2, 3});
+    auto rb = r.read_vec<float>("b", {6});
+    bool same = true, close = true;
+    for (int i = 0; i < 6; i++) {
+        same &= ra[i] == a[i];
+        close &= std::fabs(rb[i] - a[i]) <= std::fabs(a[i]) / 256;
+        close &= rb[i] == bf16_to_f32(f32_to_bf16(a[i]));
+    }
+    CHECK(same);
+    CHECK(close);
+    CHECK(f32_to_bf16(1.0f + 1.0f / 256) == f32_to_bf16(1.0f));  // tie -> even
+}
+
+static void write_synthetic_shards(const std::string& dir, int vocab, const std::vector<std::string>& domains,
+                                   size_t n_train, size_t n_val) {
+    mkdir_p(dir);
+    for (size_t d = 0; d < domains.size(); d++) {
+        for (int split = 0; split < 2; split++) {
+            size_t n = split ? n_val : n_train;
+            std::vector<uint16_t> t(n);
+            // a learnable sequence: mostly "next = (prev * a + b) mod vocab", some noise
+            uint16_t prev = 0;
+            for (size_t i = 0; i < n; i++) {
+                uint64_t r = rng_u64(42 + d, split, i);
+                prev = (r % 8 == 0) ? (uint16_t)(r % vocab) : (uint16_t)((prev * (3 + d) + 1) % vocab);
+                t[i] = prev;
+            }
+            write_shard(path_join(dir, strfmt("%s_%s_000.bin", domains[d].c_str(), split ? "val" : "train")), t);
+        }
+    }
+}
+
+static void test_dataloader() {
+    std::string dir = g_tmp + "/data_dl";
+    write_synthetic_shards(dir, 64, {"aa", "bb"}, 5000, 500);
+    DataLoader a(dir, "aa=1,bb=3", 4, 16, 64, 5);
+    CHECK(a.domains.size() == 2);
+    CHECK(std::fabs(a.domains[1].weight - 0.75) < 1e-12);
+    std::vector<int> in(64), tg(64), dom(4), in2(64), tg2(64);
+    int count_b = 0;
+    for (int i = 0; i < 200; i++) {  // well past one epoch of domain bb
+        a.next_batch(in.data(), tg.data(), dom.data());
+        for (int b = 0; b < 4; b++) count_b += dom[b];
+        bool shifted = true;
+        for (int b = 0; b < 4; b++)
+            for (int t = 0; t + 1 < 16; t++) shifted &= in[b * 16 + t + 1] == tg[b * 16 + t];
+        if (!shifted) { CHECK_MSG(false, "targets are not inputs shifted by one"); break; }
+    }
+    CHECK_MSG(std::fabs(count_b / 800.0 - 0.75) < 0.06, "domain bb got %.3f of the rows, expected 0.75", count_b / 800.0);
+    // a loader restored from a saved state continues identically
+    DataLoader b(dir, "aa=1,bb=3", 4, 16, 64, 5);
+    b.state = DataState::from_json(Json::parse(a.state.to_json().dump(), "s"), 2, "s");
+    a.next_batch(in.data(), tg.data());
+    b.next_batch(in2.data(), tg2.data());
+    CHECK(in == in2 && tg == tg2);
+    CHECK(a.val_batches(0) == 500 / 16 / 4);
+    expect_error([&] { DataLoader(dir, "cc=1", 4, 16, 64, 5); }, "no domain \"cc\"", "unknown domain in --mix");
+}
+
+// ---------------------------------------------------------------------------
+// 4. Bad inputs: each gives one clear error and writes nothing
+
+// copy of a fixture model directory that a test may damage
+static std::string copy_model(const std::string& from, const std::string& to) {
+    remove_tree(to);
+    mkdir_p(to);
+    for (const char* f : {"config.json", "model.safetensors"}) {
+        std::vector<uint8_t> b = read_file(path_join(from, f));
+        AtomicFile o(path_join(to, f));
+        o.write(b.data(), b.size());
+        o.commit();
+    }
+    return to;
+}
+static void overwrite(const std::string& path, const std::vector<uint8_t>& bytes) {
+    AtomicFile o(path);
+    o.write(bytes.data(), bytes.size());
+    o.commit();
+}
+// rewrite the JSON header of a safetensors file through `edit`, keeping the data block
+static void edit_header(const std::string& path, const std::function<void(Json&)>& edit) {
+    std::vector<uint8_t> b = read_file(path);
+    uint64_t n;
+    memcpy(&n, b.data(), 8);
+    Json h = Json::parse(std::string(b.begin() + 8, b.begin() + 8 + n), path);
+    edit(h);
+    std::string hs = h.dump();
+    uint64_t m = hs.size();
+    std::vector<uint8_t> out(8);
+    memcpy(out.data(), &m, 8);
+    out.insert(out.end(), hs.begin(), hs.end());
+    out.insert(out.end(), b.begin() + 8 + n, b.end());
+    overwrite(path, out);
+}
+
+static void test_bad_model_files() {
+    const std::string src = fixture_dir("moe_topk_softmax");
+    auto load = [](const std::string& dir) { Model M; M.load(dir); };
+    std::string d = g_tmp + "/bad_model";
+    // truncated file
+    copy_model(src, d);
+    {
+        std::vector<uint8_t> b = read_file(d + "/model.safetensors");
+        b.resize(b.size() / 2);
+        overwrite(d + "/model.safetensors", b);
+    }
+    expect_error([&] { load(d); }, "run past the end", "truncated safetensors");
+    // a file too short for its header
+    overwrite(d + "/model.safetensors", {1, 2, 3});
+    expect_error([&] { load(d); }, "too short", "3-byte safetensors");
+    // header length past the end
+    overwrite(d + "/model.safetensors", {0xff, 0xff, 0, 0, 0, 0, 0, 0, '{', '}'});
+    expect_error([&] { load(d); }, "runs past the end of the file", "header length past end");
+    // corrupt header JSON
+    copy_model(src, d);
+    {
+        std::vector<uint8_t> b = read_file(d + "/model.safetensors");
+        b[8] = 'X';
+        overwrite(d + "/model.safetensors", b);
+    }
+    expect_error([&] { load(d); }, "invalid JSON", "corrupt header");
+    // overlapping offsets
+    copy_model(src, d);
+    edit_header(d + "/model.safetensors", [](Json& h) {
+        Json& t = h["model.norm.weight"];
+        const Json& other = h["model.embed_tokens.weight"];
+        double b0 = other.find("data_offsets")->arr[0].num;
+        t["data_offsets"].arr[0].num = b0;
+        t["data_offsets"].arr[1].num = b0 + 32 * 4;
+    });
+    expect_error([&] { load(d); }, "overlapping", "overlapping offsets");
+    // offsets past the end of the data
+    copy_model(src, d);
+    edit_header(d + "/model.safetensors", [](Json& h) {
+        Json& t = h["model.norm.weight"];
+        t["data_offsets"].arr[0].num = 1e9;
+        t["data_offsets"].arr[1].num = 1e9 + 128;
+    });
+    expect_error([&] { load(d); }, "run past the end of the data", "offsets past end");
+    // wrong dtype
+    copy_model(src, d);
+    edit_header(d + "/model.safetensors", [](Json& h) { h["model.norm.weight"]["dtype"] = "I32"; });
+    expect_error([&] { load(d); }, "dtype I32", "wrong dtype");
+    // wrong shape (same byte count, other shape)
+    copy_model(src, d);
+    edit_header(d + "/model.safetensors", [](Json& h) {
+        Json sh = Json::array();
+        sh.push(4);
+        sh.push(8);
+        h["model.norm.weight"]["shape"] = sh;
+    });
+    expect_error([&] { load(d); }, "has shape [4, 8] but config.json implies [32]", "wrong shape");
+    // missing tensor
+    copy_model(src, d);
+    edit_header(d + "/model.safetensors", [](Json& h) { h.erase("model.layers.1.self_attn.k_proj.weight"); });
+    expect_error([&] { load(d); }, "missing tensor \"model.layers.1.self_attn.k_proj.weight\"", "missing tensor");
+    // config.json disagreeing with the tensors: fewer layers, other hidden size
+    copy_model(src, d);
+    {
+        Json c = Json::parse_file(d + "/config.json");
+        c["num_hidden_layers"] = 1;
+        write_text_atomic(d + "/config.json", c.dump(2));
+    }
+    expect_error([&] { load(d); }, "not part of the model that config.json describes", "config fewer layers");
+    copy_model(src, d);
+    {
+        Json c = Json::parse_file(d + "/config.json");
+        c["intermediate_size"] = 48;
+        write_text_atomic(d + "/config.json", c.dump(2));
+    }
+    expect_error([&] { load(d); }, "config.json disagrees with the tensors", "config other width");
+    copy_model(src, d);
+    write_text_atomic(d + "/config.json", "{\"hidden_size\": 32,");
+    expect_error([&] { load(d); }, "invalid JSON", "broken config.json");
+    expect_error([&] { load(g_tmp + "/no_such_dir"); }, "does not exist", "missing model dir");
+}
+
+static void test_bad_shards() {
+    std::string d = g_tmp + "/bad_shards";
+    remove_tree(d);
+    write_synthetic_shards(d, 64, {"aa"}, 3000, 300);
+    std::string shard = d + "/aa_train_000.bin";
+    std::vector<uint8_t> good = read_file(shard);
+    std::vector<uint8_t> b = good;
+    b[0] ^= 0x55;
+    overwrite(shard, b);
+    expect_error([&] { load_shard(shard, 64); }, "bad magic", "shard magic");
+    b = good;
+    b.resize(b.size() - 100);
+    overwrite(shard, b);
+    expect_error([&] { load_shard(shard, 64); }, "truncated shard", "short shard");
+    overwrite(shard, good);
+    expect_error([&] { load_shard(shard, 32); }, ">= vocab size 32", "token id >= vocab");
+    expect_error([&] { DataLoader(g_tmp + "/nowhere", "", 2, 8, 64, 1); }, "does not exist", "missing data path");
+}
+
+// ---------------------------------------------------------------------------
+// 5. The trainer binary: bad inputs refused without output; save + resume bit-identical
+
+static int run_cmd(const std::string& cmd, std::string* output) {
+    std::string full = cmd + " 2>&1";
+    FILE* p = popen(full.c_str(), "r");
+    if (!p) return -1;
+    char buf[4096];
+    output->clear();
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), p)) > 0) output->append(buf, n);
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void test_cli_errors() {
+    std::string data = g_tmp + "/cli_data";
+    write_synthetic_shards(data, 64, {"aa", "bb"}, 4000, 400);
+    std::string out;
+    int rc = run_cmd(g_bin + " --help", &out);
+    CHECK_MSG(rc == 0 && out.find("--resume") != std::string::npos && out.find("--aux-loss") != std::string::npos,
+              "--help: rc %d", rc);
+    struct Case { std::string args, needle; };
+    std::string bad_model = copy_model(fixture_dir("moe_topk_softmax"), g_tmp + "/cli_bad_model");
+    {
+        std::vector<uint8_t> b = read_file(bad_model + "/model.safetensors");
+        b.resize(b.size() - 10);
+        overwrite(bad_model + "/model.safetensors", b);
+    }
+    std::string bad_data = g_tmp + "/cli_bad_data";
+    write_synthetic_shards(bad_data, 100, {"aa"}, 4000, 400);  // ids up to 99 with a 64-token model
+    std::vector<Case> cases = {
+        {"--data " + g_tmp + "/missing --model tiny --vocab 64", "data directory does not exist"},
+        {"--data " + data + " --init " + bad_model, "run past the end"},
+        {"--data " + data + " --init " + g_tmp + "/no_model", "does not exist"},
+        {"--data " + bad_data + " --model tiny --vocab 64", ">= vocab size 64"},
+        {"--data " + data + " --model huge --vocab 64", "neither a preset"},
+        {"--data " + data + " --model tiny --vocab 64 --aux-loss foo", "--aux-loss must be"},
+        {"--data " + data + " --model tiny --vocab 64 --experts 4 --topk 5", "num_experts_per_tok"},
+        {"--data " + data + " --model tiny --vocab 64 --batch x", "expects an integer"},
+        {"--data " + data + " --model tiny --vocab 64 --bogus 1", "unknown option --bogus"},
+        {"--data " + data + " --model tiny --vocab 64 --mix zz=1", "no domain \"zz\""},
+        {"--data " + data + " --resume " + g_tmp + "/no_run", "does not exist"},
+    };
+    for (auto& c : cases) {
+        std::string outdir = g_tmp + "/cli_out_should_not_exist";
+        remove_tree(outdir);
+        rc = run_cmd(g_bin + " " + c.args + " --steps 2 --out " + outdir, &out);
+        bool one_line = std::count(out.begin(), out.end(), '\n') == 1 && out.rfind("error: ", 0) == 0;
+        CHECK_MSG(rc != 0 && out.find(c.needle) != std::string::npos && one_line,
+                  "args '%s': rc %d, expected one 'error:' line containing '%s', got: %s", c.args.c_str(), rc,
+                  c.needle.c_str(), out.c_str());
+        CHECK_MSG(!path_exists(outdir), "args '%s' left an output directory behind", c.args.c_str());
+    }
+    // an output directory that cannot be written: below a regular file
+    std::string blocker = g_tmp + "/a_file";
+    write_text_atomic(blocker, "x");
+    rc = run_cmd(g_bin + " --data " + data + " --model tiny --vocab 64 --steps 1 --out " + blocker + "/run", &out);
+    CHECK_MSG(rc != 0 && out.find("cannot be created") != std::string::npos, "unwritable --out: rc %d, %s", rc,
+              out.c_str());
+}
+
+static std::vector<std::string> train_records(const std::string& metrics_path) {
+    std::vector<std::string> lines;
+    std::string text = read_text(metrics_path);
+    size_t s = 0;
+    while (s < text.size()) {
+        size_t nl = text.find('\n', s);
+        Json j = Json::parse(text.substr(s, nl - s), metrics_path);
+        j.erase("tok_per_s");  // wall-clock, differs between runs
+        lines.push_back(j.dump());
+        s = nl + 1;
+    }
+    return lines;
+}
+
+static void test_save_resume() {
+    std::string data = g_tmp + "/resume_data";
+    write_synthetic_shards(data, 64, {"aa", "bb"}, 6000, 600);
+    std::string a = g_tmp + "/run_a", b = g_tmp + "/run_b", out;
+    remove_tree(a);
+    remove_tree(b);
+    std::string common = " --data " + data + " --model tiny --vocab 64 --experts 4 --topk 2 --aux-free-bias 1e-3" +
+                         " --batch 2 --seq 16 --grad-accum 2 --steps 6 --eval-every 3 --eval-batches 2 " +
+                         " --sample-tokens 8 --sample-every 3 --lr 3e-3 --warmup 2";
+    int rc = run_cmd(g_bin + common + " --save-every 3 --out " + a, &out);
+    CHECK_MSG(rc == 0, "run A failed: %s", out.c_str());
+    if (rc) return;
+    CHECK(path_exists(a + "/step_000003/optimizer.safetensors") && path_exists(a + "/step_000006/model.safetensors"));
+    // run B: a copy of A's first half, resumed from its step-3 checkpoint
+    mkdir_p(b);
+    std::string cmd = "cp -r " + a + "/step_000003 " + b + "/ && head -n 4 " + a + "/metrics.jsonl > " + b + "/metrics.jsonl";
+    CHECK(system(cmd.c_str()) == 0);
+    rc = run_cmd(g_bin + common + " --resume " + b + "/step_000003", &out);
+    CHECK_MSG(rc == 0, "resumed run failed: %s", out.c_str());
+    if (rc) return;
+    CHECK_MSG(train_records(a + "/metrics.jsonl") == train_records(b + "/metrics.jsonl"),
+              "metrics of the resumed run differ from the uninterrupted run");
+    CHECK_MSG(read_file(a + "/step_000006/model.safetensors") == read_file(b + "/step_000006/model.safetensors"),
+              "final weights differ after resume");
+    CHECK_MSG(read_file(a + "/step_000006/optimizer.safetensors") == read_file(b + "/step_000006/optimizer.safetensors"),
+              "final optimizer state differs after resume");
+    // the loss went down on this learnable data
+    auto recs = train_records(a + "/metrics.jsonl");
+    CHECK(recs.size() >= 8);
+}
+
+int main(int argc, char** argv) {
+    if (argc > 1) g_bin = argv[1];
+    g_tmp = strfmt("/tmp/moe_test_cpu.%d", (int)getpid());
+    mkdir_p(g_tmp);
+    for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
+                          "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1"})
+        run_test(std::string("fixture ") + f, [&] { test_fixture(f); });
+    run_test("MoE of copies = dense", test_moe_copies_equal_dense);
+    run_test("aux-free bias", test_aux_free_bias);
+    run_test("LR schedules", test_schedules);
+    run_test("JSON and safetensors round trips", test_json_and_safetensors);
+    run_test("data loader", test_dataloader);
+    run_test("bad model files", test_bad_model_files);
+    run_test("bad token shards", test_bad_shards);
+    run_test("trainer CLI errors", test_cli_errors);
+    run_test("save + resume bit-identical", test_save_resume);
+    remove_tree(g_tmp);
+    return report();
+}
