@@ -35,6 +35,7 @@ does), and -DTRAIN_MOE_NO_MAIN to include this file as a library (the tests do).
 #include "common/safetensors.h"
 #include "common/schedule.h"
 #include "common/tokenizer.h"
+#include "common/run.h"
 #include "common/train_args.h"
 #include "common/util.h"
 
@@ -462,13 +463,7 @@ struct Model {
         ParamLayout l2;
         load_model_dir(dir, &cfg, &l2, &params);
         init_layout();
-        if (cfg.is_moe()) {  // aux-free routing biases, when the checkpoint has them
-            CheckpointTensors ck(dir);
-            for (int l = 0; l < cfg.n_layer; l++) {
-                std::string name = strfmt("model.layers.%d.block_sparse_moe.expert_bias", l);
-                if (ck.has(name)) ck.read(name, {(int64_t)cfg.n_experts}, expert_bias[l].data());
-            }
-        }
+        read_bias_tensors(dir, cfg, &expert_bias);  // aux-free routing biases, if saved
     }
     real* P(int layer, int kind) { return params.data() + lay.get(layer, kind).offset; }
     real* G(int layer, int kind) { return grads.data() + lay.get(layer, kind).offset; }
@@ -820,82 +815,7 @@ struct Model {
 };
 
 // ----------------------------------------------------------------------------
-// Training state on disk: beside model.safetensors + config.json, a checkpoint directory
-// holds optimizer.safetensors (AdamW moments: "<name>.exp_avg", "<name>.exp_avg_sq") and
-// trainer_state.json (step, tokens, data position, RNG counters, the run's settings).
-
-struct RunState {
-    long step = 0;          // optimizer steps done
-    double tokens = 0;      // training tokens seen
-    DataState data;
-    uint64_t sample_counter = 0;
-    double elapsed = 0;     // training seconds before this process
-};
-
-static std::vector<ExtraTensor> bias_tensors(const Model& M) {
-    std::vector<ExtraTensor> out;
-    if (!M.cfg.is_moe() || M.ts.aux_free_rate <= 0) return out;
-    for (int l = 0; l < M.cfg.n_layer; l++)
-        out.push_back({strfmt("model.layers.%d.block_sparse_moe.expert_bias", l), {(int64_t)M.cfg.n_experts},
-                       M.expert_bias[l]});
-    return out;
-}
-
-void save_checkpoint(const std::string& dir, const Model& M, const RunState& rs, const Json& settings) {
-    AtomicDir out(dir);
-    save_model_files(out.tmp, M.cfg, M.lay, M.params.data(), DType::F32, bias_tensors(M));
-    SafeTensorsWriter w;
-    w.metadata["adam_t"] = std::to_string(M.adam_t);
-    for (auto& t : M.lay.tensors) {
-        w.declare(t.name + ".exp_avg", DType::F32, t.shape);
-        w.declare(t.name + ".exp_avg_sq", DType::F32, t.shape);
-    }
-    w.begin(out.file("optimizer.safetensors"));
-    for (auto& t : M.lay.tensors) {
-        w.write(t.name + ".exp_avg", M.m.data() + t.offset);
-        w.write(t.name + ".exp_avg_sq", M.v.data() + t.offset);
-    }
-    w.finish();
-    Json st = Json::object();
-    st["step"] = rs.step;
-    st["tokens"] = rs.tokens;
-    st["adam_t"] = M.adam_t;
-    st["data"] = rs.data.to_json();
-    st["sample_rng_counter"] = std::to_string(rs.sample_counter);
-    st["elapsed_seconds"] = rs.elapsed;
-    st["settings"] = settings;
-    write_text_atomic(out.file("trainer_state.json"), st.dump(2) + "\n");
-    out.commit();
-}
-
-// Loads a checkpoint's optimizer state and trainer state (the model is loaded separately).
-void load_training_state(const std::string& dir, Model& M, RunState& rs, size_t n_domains, Json* settings) {
-    std::string sp = path_join(dir, "trainer_state.json");
-    if (!path_exists(sp)) FAIL("%s: no trainer_state.json: not a training checkpoint (use --init to start from it)", dir.c_str());
-    Json st = Json::parse_file(sp);
-    rs.step = (long)st.get_int("step", sp);
-    rs.tokens = st.get_num("tokens", sp);
-    M.adam_t = (long)st.get_int("adam_t", sp);
-    rs.elapsed = st.get_num("elapsed_seconds", 0.0, sp);
-    rs.sample_counter = std::stoull(st.get_str("sample_rng_counter", "0", sp));
-    const Json* d = st.find("data");
-    if (!d) FAIL("%s: missing \"data\" (data loader position)", sp.c_str());
-    rs.data = DataState::from_json(*d, n_domains, sp);
-    if (const Json* s = st.find("settings")) *settings = *s;
-    SafeTensorsReader opt(path_join(dir, "optimizer.safetensors"));
-    for (auto& t : M.lay.tensors) {
-        opt.read(t.name + ".exp_avg", t.shape, M.m.data() + t.offset);
-        opt.read(t.name + ".exp_avg_sq", t.shape, M.v.data() + t.offset);
-    }
-}
-
-// ----------------------------------------------------------------------------
 // Evaluation and sampling
-
-struct EvalResult {
-    std::vector<double> loss;                            // per domain (NaN: no val data)
-    std::vector<std::vector<std::vector<double>>> load;  // [domain][layer][expert] fraction of assignments
-};
 
 EvalResult evaluate(Model& M, const DataLoader& data, int max_batches) {
     EvalResult r;
@@ -952,83 +872,7 @@ std::string sample_text(Model& M, const Tokenizer& tok, int n, int T_max, RngStr
     return out;
 }
 
-// ----------------------------------------------------------------------------
-// Setting up a run: the model from scratch / a checkpoint / a resumed run.
-
-// "runs/x" -> "runs/x/step_000100" via the run's "latest" file; a checkpoint dir as is.
-std::string resolve_resume_dir(const std::string& p) {
-    if (path_exists(path_join(p, "trainer_state.json"))) return p;
-    std::string latest = path_join(p, "latest");
-    if (path_exists(latest)) {
-        std::string name = read_text(latest);
-        while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
-        return path_join(p, name);
-    }
-    if (!path_exists(p)) FAIL("%s: --resume directory does not exist", p.c_str());
-    FAIL("%s: neither a checkpoint (no trainer_state.json) nor a run directory (no latest)", p.c_str());
-}
-
-ModelConfig config_from_args(const TrainArgs& a, int tokenizer_vocab) {
-    ModelConfig c;
-    if (model_preset(a.model, &c)) {
-        c.vocab_size = a.vocab > 0 ? a.vocab : tokenizer_vocab;
-        if (c.vocab_size <= 0)
-            FAIL("--model %s: vocabulary size unknown: give --vocab or a data folder with tokenizer.bin", a.model.c_str());
-    } else if (path_exists(a.model)) {
-        c = ModelConfig::load(a.model);
-        if (a.vocab > 0) c.vocab_size = a.vocab;
-    } else {
-        FAIL("--model %s: neither a preset (%s) nor a config.json file", a.model.c_str(), model_preset_names());
-    }
-    if (a.experts > 0) {
-        c.n_experts = a.experts;
-        c.top_k = a.topk;
-        if (a.expert_width > 0) c.ffn_dim = a.expert_width;
-    }
-    c.routing = parse_routing(a.routing, "--routing");
-    if (a.tie) c.tie_embeddings = true;
-    c.max_seq_len = std::max(c.max_seq_len, a.seq);
-    c.validate("--model " + a.model);
-    return c;
-}
-
 #ifndef TRAIN_MOE_NO_MAIN
-static void log_eval(MetricsLog& metrics, const Model& M, const DataLoader& data, const EvalResult& ev, long step,
-                     double tokens) {
-    Json rec = Json::object();
-    rec["step"] = step;
-    rec["tokens"] = tokens;
-    Json val = Json::object();
-    double sum = 0;
-    int n = 0;
-    std::string line = strfmt("eval step %ld |", step);
-    for (size_t d = 0; d < data.domains.size(); d++) {
-        if (std::isnan(ev.loss[d])) continue;
-        val[data.domains[d].name] = ev.loss[d];
-        sum += ev.loss[d];
-        n++;
-        line += strfmt(" %s %.4f", data.domains[d].name.c_str(), ev.loss[d]);
-    }
-    rec["val"] = val;
-    if (n) rec["val_loss"] = sum / n;
-    if (M.cfg.is_moe()) {
-        Json load = Json::object();
-        for (size_t d = 0; d < data.domains.size(); d++) {
-            if (std::isnan(ev.loss[d])) continue;
-            Json layers = Json::array();
-            for (auto& row : ev.load[d]) {
-                Json r = Json::array();
-                for (double x : row) r.push(Json(std::round(x * 1e5) / 1e5));
-                layers.push(r);
-            }
-            load[data.domains[d].name] = layers;
-        }
-        rec["expert_load"] = load;
-    }
-    metrics.write(rec);
-    printf("%s | mean %.4f\n", line.c_str(), n ? sum / n : NAN);
-}
-
 int main(int argc, char** argv) {
     TrainArgs args;
     Cli cli("train_moe", "CPU reference trainer for dense and Mixture-of-Experts language models (fp32).\n"
@@ -1067,6 +911,11 @@ int main(int argc, char** argv) {
             if (cli.was_set("--experts"))
                 FAIL("--init with --experts: a checkpoint's shape is fixed; make an MoE from a dense model with ./upcycle");
             M.load(args.init);
+            if (args.init_optimizer) {  // e.g. expert upcycling: the copies carry their AdamW moments
+                std::string op = path_join(args.init, "optimizer.safetensors");
+                if (!path_exists(op)) FAIL("%s: --init-optimizer needs this file", op.c_str());
+                M.adam_t = read_optimizer_file(op, M.lay, M.m.data(), M.v.data());
+            }
         } else {
             ModelConfig c = config_from_args(args, tok.ok() ? (int)tok.tokens.size() : 0);
             M.init_scratch(c, (uint64_t)args.seed);
@@ -1099,7 +948,7 @@ int main(int argc, char** argv) {
         RunState rs;
         if (!resume_dir.empty()) {
             Json saved;
-            load_training_state(resume_dir, M, rs, data.domains.size(), &saved);
+            load_training_state(resume_dir, M.lay, M.m.data(), M.v.data(), &M.adam_t, rs, data.domains.size(), &saved);
             args.check_resume_settings(saved, resume_dir);
             data.state = rs.data;
         }
@@ -1134,7 +983,8 @@ int main(int argc, char** argv) {
             rs.data = data.state;
             rs.sample_counter = sample_rng.counter;
             std::string name = strfmt("step_%06ld", rs.step);
-            save_checkpoint(path_join(args.out, name), M, rs, settings);
+            save_checkpoint(path_join(args.out, name), M.cfg, M.lay, M.params.data(), M.m.data(), M.v.data(), M.adam_t,
+                            M.expert_bias, M.ts.aux_free_rate > 0, rs, settings);
             write_text_atomic(path_join(args.out, "latest"), name + "\n");
             last_saved = rs.step;
             printf("saved %s\n", path_join(args.out, name).c_str());
@@ -1146,7 +996,7 @@ int main(int argc, char** argv) {
         };
         while (rs.step < args.steps) {
             if (args.eval_every > 0 && rs.step % args.eval_every == 0)
-                log_eval(metrics, M, data, evaluate(M, data, args.eval_batches), rs.step, rs.tokens);
+                log_eval(metrics, M.cfg, data, evaluate(M, data, args.eval_batches), rs.step, rs.tokens);
             if (args.sample_every > 0 && rs.step > 0 && rs.step % args.sample_every == 0) print_sample();
             double t0 = now_seconds();
             M.zero_grad();
@@ -1191,7 +1041,7 @@ int main(int argc, char** argv) {
                 save_now();
             }
         }
-        log_eval(metrics, M, data, evaluate(M, data, args.eval_batches), rs.step, rs.tokens);
+        log_eval(metrics, M.cfg, data, evaluate(M, data, args.eval_batches), rs.step, rs.tokens);
         print_sample();
         if (!args.no_save && last_saved != rs.step) save_now();
         return 0;

@@ -13,7 +13,7 @@ struct TrainArgs {
     // model
     std::string model = "tiny", init, resume, routing = "topk_softmax";
     int experts = 0, topk = 2, expert_width = 0, vocab = 0;
-    bool tie = false;
+    bool tie = false, init_optimizer = false;
     double init_std = 0.02;
     // optimization
     int steps = 100, batch = 8, seq = 64, grad_accum = 1, warmup = 0;
@@ -38,6 +38,7 @@ struct TrainArgs {
         cli.section("Model (one of --model, --init, --resume)");
         cli.add("--model", &model, std::string("from scratch: preset (") + model_preset_names() + ") or a config.json");
         cli.add("--init", &init, "start from a checkpoint directory (Hugging Face Llama/Mixtral), fresh optimizer");
+        cli.flag("--init-optimizer", &init_optimizer, "with --init: also load its optimizer.safetensors (AdamW moments)");
         cli.add("--resume", &resume, "continue a run: a checkpoint directory, or a run directory (uses its latest)");
         cli.add("--experts", &experts, "with --model: number of experts E (0 = dense)");
         cli.add("--topk", &topk, "with --model: experts per token K");
@@ -84,6 +85,7 @@ struct TrainArgs {
         if (steps < 0) FAIL("--steps must be >= 0");
         if (batch < 1 || seq < 1 || grad_accum < 1) FAIL("--batch, --seq and --grad-accum must be >= 1");
         if (!init.empty() && !resume.empty()) FAIL("give --init or --resume, not both");
+        if (init_optimizer && init.empty()) FAIL("--init-optimizer needs --init");
         if (eval_batches < 1) FAIL("--eval-batches must be >= 1");
         if (log_every < 1) FAIL("--log-every must be >= 1");
     }

@@ -1,0 +1,75 @@
+# Makefile: every build, test, bench and reproduction target.
+#   make              build everything this machine can build (CPU trainer, upcycle; GPU trainer if nvcc)
+#   make test         CPU tests + data tests + compile check of every CUDA file (no GPU needed)
+#   make test-gpu     GPU tests (needs an NVIDIA GPU; see docs/gpu-log.md)
+#   make bench        GPU throughput table
+#   make quickstart   the README's first command
+CXX ?= g++
+NVCC ?= nvcc
+PYTHON ?= python3
+CXXFLAGS ?= -std=c++17 -O2 -march=native -fopenmp -Wall -Wextra -Wno-unused-parameter
+# Hopper by default; pass GPU_ARCH explicitly for other GPUs (no auto-detection to go wrong)
+GPU_ARCH ?= -gencode arch=compute_90,code=sm_90
+NVCCFLAGS ?= -std=c++17 -O3 $(GPU_ARCH) --expt-relaxed-constexpr -Xcompiler -fopenmp -Xcompiler -Wall
+CUDA_LIBS ?= -lcublas -lcublasLt -lcudnn -lnccl -lgomp
+HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
+
+COMMON := $(wildcard common/*.h)
+KERNELS := $(wildcard kernels/*.cuh)
+DEV_CUDA := $(wildcard dev/cuda/*.cu)
+
+.PHONY: all test test-cpu test-gpu cuda-check bench quickstart clean fixtures
+all: train_moe upcycle $(if $(HAVE_NVCC),$(if $(wildcard train_moe.cu),train_moe_gpu))
+
+include dev/data/data.mk
+
+train_moe: train_moe.cpp $(COMMON)
+	$(CXX) $(CXXFLAGS) -o $@ $<
+
+# upcycle is host code: g++ builds it on machines without CUDA
+upcycle: upcycle.cu train_moe.cpp $(COMMON)
+	$(CXX) $(CXXFLAGS) -x c++ -o $@ $<
+
+train_moe_gpu: train_moe.cu $(COMMON) $(KERNELS)
+	$(NVCC) $(NVCCFLAGS) -o $@ $< $(CUDA_LIBS)
+
+test/bin/test_cpu: test/test_cpu.cpp test/testing.h train_moe.cpp $(COMMON)
+	@mkdir -p test/bin
+	$(CXX) $(CXXFLAGS) -o $@ $<
+
+# the finite-difference check runs the same trainer code in double precision
+test/bin/test_gradcheck: test/test_gradcheck.cpp test/testing.h train_moe.cpp $(COMMON)
+	@mkdir -p test/bin
+	$(CXX) $(CXXFLAGS) -DTRAIN_MOE_DOUBLE -o $@ $<
+
+test/bin/test_upcycle: test/test_upcycle.cpp test/testing.h upcycle.cu train_moe.cpp $(COMMON)
+	@mkdir -p test/bin
+	$(CXX) $(CXXFLAGS) -o $@ $<
+
+# compile (and link) every CUDA file: the check CI can do without a GPU
+cuda-check:
+ifeq ($(HAVE_NVCC),)
+	@echo "cuda-check: nvcc not found, skipping"
+else
+	@mkdir -p build/cuda-check
+	@set -e; for f in $(wildcard train_moe.cu) $(DEV_CUDA); do \
+	  echo "nvcc $$f"; \
+	  $(NVCC) $(NVCCFLAGS) -o build/cuda-check/$$(basename $$f .cu) $$f $(CUDA_LIBS); \
+	done
+	@echo "cuda-check: all CUDA files compiled"
+endif
+
+TEST_BINS := test/bin/test_cpu test/bin/test_gradcheck $(if $(wildcard test/test_upcycle.cpp),test/bin/test_upcycle)
+
+test: train_moe $(if $(wildcard upcycle.cu),upcycle) $(TEST_BINS)
+	@test -f data/tiny/tokenizer.bin || $(MAKE) --no-print-directory data-tiny
+	bash test/run_tests.sh
+
+fixtures:
+	/usr/bin/python3 dev/reference/make_fixtures.py --out test/fixtures
+
+clean:
+	rm -rf train_moe train_moe_gpu upcycle test/bin build
+
+quickstart: train_moe
+	bash scripts/quickstart.sh

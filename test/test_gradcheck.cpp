@@ -1,0 +1,146 @@
+// test_gradcheck.cpp: the CPU trainer's analytic gradients against central finite
+// differences, in double precision (this file is built with -DTRAIN_MOE_DOUBLE, so
+// `real` is double throughout the trainer's code).
+//
+// For each test model and each parameter tensor, a few entries chosen at random are moved
+// by +-h and the loss difference is compared with the backward pass. The router is checked
+// three ways: through the whole loss, through the load-balancing loss alone and through
+// the z-loss alone (a gradient that never reaches the router would pass a loss-only test).
+#define TRAIN_MOE_NO_MAIN
+#include "../train_moe.cpp"
+#include "testing.h"
+
+static_assert(sizeof(real) == 8, "build test_gradcheck with -DTRAIN_MOE_DOUBLE");
+
+struct Batch {
+    std::vector<int> in, tg;
+    int B, T;
+};
+static Batch fixture_batch(const std::string& dir) {
+    SafeTensorsReader fx(dir + "/fixture.safetensors");
+    Batch b;
+    b.in = fx.read_vec<int>("inputs");
+    b.tg = fx.read_vec<int>("targets");
+    b.B = (int)fx.info("inputs").shape[0];
+    b.T = (int)fx.info("inputs").shape[1];
+    return b;
+}
+
+// Loss value selected by `which`: 0 = total, 1 = aux (unweighted), 2 = z (unweighted)
+static double loss_of(Model& M, const Batch& b, int which) {
+    Losses l = M.forward(b.in.data(), b.tg.data(), b.B, b.T);
+    return which == 0 ? l.loss : which == 1 ? l.aux : l.z;
+}
+
+// Compares d(loss)/d(theta) for `per_tensor` random entries of every tensor accepted by
+// `pick`. Returns the number of entries compared.
+static int fd_check(Model& M, const Batch& b, const std::string& label, int per_tensor,
+                    const std::function<bool(const ParamTensor&)>& pick, int which = 0,
+                    const std::vector<real>* analytic = nullptr) {
+    if (!analytic) {
+        M.zero_grad();
+        M.forward(b.in.data(), b.tg.data(), b.B, b.T);
+        M.backward();
+    }
+    const std::vector<real>& g = analytic ? *analytic : M.grads;
+    int compared = 0, bad = 0;
+    double worst = 0;
+    for (size_t ti = 0; ti < M.lay.tensors.size(); ti++) {
+        const ParamTensor& t = M.lay.tensors[ti];
+        if (!pick(t)) continue;
+        for (int s = 0; s < per_tensor; s++) {
+            size_t i = t.offset + rng_u64(2024, ti, s) % t.numel;
+            real keep = M.params[i];
+            double h = 1e-5 * std::max(1.0, std::fabs((double)keep));
+            M.params[i] = keep + h;
+            double lp = loss_of(M, b, which);
+            M.params[i] = keep - h;
+            double lm = loss_of(M, b, which);
+            M.params[i] = keep;
+            double fd = (lp - lm) / (2 * h), an = g[i];
+            double err = std::fabs(fd - an) / (1e-8 + 1e-5 * std::fabs(an) + 1e-5 * std::fabs(fd));
+            worst = std::max(worst, err);
+            compared++;
+            if (!(err <= 1)) {
+                bad++;
+                if (bad <= 5)
+                    printf("    %s: %s[%zu] finite difference %.10g vs analytic %.10g\n", label.c_str(),
+                           t.name.c_str(), i - t.offset, fd, an);
+            }
+        }
+    }
+    CHECK_MSG(bad == 0, "%s: %d of %d entries disagree (worst ratio %.3g)", label.c_str(), bad, compared, worst);
+    return compared;
+}
+
+static void setup_losses(Model& M, const std::string& dir) {
+    SafeTensorsReader fx(dir + "/fixture.safetensors");
+    auto meta = fx.metadata;
+    M.ts.aux_type = parse_aux(meta.count("aux_type") ? meta["aux_type"] : "none");
+    M.ts.aux_coef = atof(meta["aux_coef"].c_str());
+    M.ts.z_coef = atof(meta["z_coef"].c_str());
+}
+
+// Every parameter kind through the total loss
+static void test_all_params(const std::string& name) {
+    std::string dir = "test/fixtures/" + name;
+    Model M;
+    M.load(dir);
+    setup_losses(M, dir);
+    // large coefficients: the router-loss paths must matter at the precision of the check
+    if (M.cfg.is_moe()) { M.ts.aux_coef = 0.5; M.ts.z_coef = 0.05; }
+    Batch b = fixture_batch(dir);
+    std::vector<int> kinds_seen(P_NUM_KINDS, 0);
+    int n = fd_check(M, b, name, 5, [&](const ParamTensor& t) { kinds_seen[t.kind] = 1; return true; });
+    CHECK(n > 0);
+    int want = M.cfg.is_moe() ? 12 : 11;  // kinds in this model, plus lm_head when untied
+    if (!M.cfg.tie_embeddings) want++;
+    int seen = 0;
+    for (int k : kinds_seen) seen += k;
+    CHECK_MSG(seen == want, "%s: %d parameter kinds checked, expected %d", name.c_str(), seen, want);
+}
+
+// The router through the load-balancing loss alone and the z-loss alone: the analytic
+// gradient of each term is the difference of two backward passes (coefficient 1 and 0).
+static void test_router_loss_paths(const std::string& name, int aux_type) {
+    std::string dir = "test/fixtures/" + name;
+    Model M;
+    M.load(dir);
+    Batch b = fixture_batch(dir);
+    M.ts.aux_type = aux_type;
+    auto grads_with = [&](double aux_coef, double z_coef) {
+        M.ts.aux_coef = aux_coef;
+        M.ts.z_coef = z_coef;
+        M.zero_grad();
+        M.forward(b.in.data(), b.tg.data(), b.B, b.T);
+        M.backward();
+        return M.grads;
+    };
+    std::vector<real> g0 = grads_with(0, 0), ga = grads_with(1, 0), gz = grads_with(0, 1);
+    std::vector<real> d_aux(g0.size()), d_z(g0.size());
+    for (size_t i = 0; i < g0.size(); i++) { d_aux[i] = ga[i] - g0[i]; d_z[i] = gz[i] - g0[i]; }
+    auto router = [](const ParamTensor& t) { return t.kind == P_ROUTER; };
+    double norm_aux = 0, norm_z = 0;
+    for (auto& t : M.lay.tensors)
+        if (t.kind == P_ROUTER)
+            for (size_t i = t.offset; i < t.offset + t.numel; i++) { norm_aux += d_aux[i] * d_aux[i]; norm_z += d_z[i] * d_z[i]; }
+    CHECK_MSG(norm_aux > 1e-12, "%s: load-balancing loss (%s) gives the router no gradient", name.c_str(), aux_name(aux_type));
+    CHECK_MSG(norm_z > 1e-12, "%s: z-loss gives the router no gradient", name.c_str());
+    fd_check(M, b, name + " aux " + aux_name(aux_type) + " -> router", 8, router, 1, &d_aux);
+    fd_check(M, b, name + " z -> router", 8, router, 2, &d_z);
+    // the aux loss also reaches the layers below the router (through the normalized input)
+    fd_check(M, b, name + " aux -> attention", 2, [](const ParamTensor& t) { return t.kind == P_WQ; }, 1, &d_aux);
+}
+
+int main() {
+    for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
+                          "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1"})
+        run_test(std::string("finite differences, every parameter: ") + f, [&] { test_all_params(f); });
+    for (int aux : {AUX_SWITCH, AUX_POOLED, AUX_SEQ}) {
+        run_test(strfmt("router via aux %s only (topk_softmax)", aux_name(aux)),
+                 [&] { test_router_loss_paths("moe_topk_softmax", aux); });
+        run_test(strfmt("router via aux %s only (softmax_topk)", aux_name(aux)),
+                 [&] { test_router_loss_paths("moe_softmax_topk", aux); });
+    }
+    return report();
+}
