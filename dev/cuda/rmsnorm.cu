@@ -1,0 +1,186 @@
+/*
+RMSNorm forward and backward, fp32.
+  forward:  out[n,i] = x[n,i] * rstd[n] * w[i],  rstd[n] = 1 / sqrt(mean_i x[n,i]^2 + eps)
+  backward: dx[n,i] += rstd (w_i dy_i - x_i rstd^2 mean_j(w_j dy_j x_j))      (accumulates)
+            dw[i]   += sum_n dy[n,i] x[n,i] rstd[n]                           (accumulates)
+CPU reference: rmsnorm_forward / rmsnorm_backward of train_moe.cpp.
+dw is a column sum over all N rows: every version here reduces it in a fixed order (no
+atomics), so the result is bit-identical from run to run.
+
+Build and run (from the repository root):
+  nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
+       dev/cuda/rmsnorm.cu -o build/rmsnorm -lcublas -lcublasLt -lgomp && ./build/rmsnorm [version]
+
+TODO: kernels/rmsnorm.cuh did not exist when this file was written; when it does, add its
+kernels as the last version (same checks).
+*/
+#define TRAIN_MOE_NO_MAIN
+#include "../../train_moe.cpp"
+#include "common.h"
+
+// ----------------------------------------------------------------------------
+// version 1: one thread per row (forward, dx) and one thread per column (dw). Obviously
+// right; slow because a warp's 32 threads read 32 different rows (uncoalesced).
+
+__global__ void rmsnorm_forward_v1(float* out, float* rstd, const float* x, const float* w, int N, int d, float eps) {
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const float* xr = x + (size_t)n * d;
+    float ss = 0;
+    for (int i = 0; i < d; i++) ss += xr[i] * xr[i];
+    float r = rsqrtf(ss / d + eps);
+    rstd[n] = r;
+    for (int i = 0; i < d; i++) out[(size_t)n * d + i] = xr[i] * r * w[i];
+}
+__global__ void rmsnorm_backward_dx_v1(float* dx, const float* dout, const float* x, const float* w,
+                                       const float* rstd, int N, int d) {
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const float* xr = x + (size_t)n * d;
+    const float* dy = dout + (size_t)n * d;
+    float r = rstd[n], s = 0;
+    for (int i = 0; i < d; i++) s += w[i] * dy[i] * xr[i];
+    s = s * r * r / d;
+    for (int i = 0; i < d; i++) dx[(size_t)n * d + i] += r * (w[i] * dy[i] - xr[i] * s);
+}
+__global__ void rmsnorm_backward_dw_v1(float* dw, const float* dout, const float* x, const float* rstd, int N, int d) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= d) return;
+    float s = 0;
+    for (int n = 0; n < N; n++) s += dout[(size_t)n * d + i] * x[(size_t)n * d + i] * rstd[n];
+    dw[i] += s;
+}
+
+// ----------------------------------------------------------------------------
+// version 2: one warp per row, lanes striding the row (coalesced 128-byte loads), shuffle
+// reductions. dw in two deterministic stages: each block sums a fixed slice of rows for
+// every column into scratch[block, d] (coalesced across the row), then one thread per
+// column adds the slices in block order. Traffic: x and dy read once more for dw instead
+// of d strided passes.
+
+__device__ inline float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+__global__ void rmsnorm_forward_v2(float* out, float* rstd, const float* x, const float* w, int N, int d, float eps) {
+    int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (n >= N) return;
+    const float* xr = x + (size_t)n * d;
+    float ss = 0;
+    for (int i = lane; i < d; i += 32) ss += xr[i] * xr[i];
+    ss = warp_sum(ss);
+    float r = rsqrtf(ss / d + eps);
+    if (lane == 0) rstd[n] = r;
+    for (int i = lane; i < d; i += 32) out[(size_t)n * d + i] = xr[i] * r * w[i];
+}
+__global__ void rmsnorm_backward_dx_v2(float* dx, const float* dout, const float* x, const float* w,
+                                       const float* rstd, int N, int d) {
+    int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (n >= N) return;
+    const float* xr = x + (size_t)n * d;
+    const float* dy = dout + (size_t)n * d;
+    float r = rstd[n], s = 0;
+    for (int i = lane; i < d; i += 32) s += w[i] * dy[i] * xr[i];
+    s = warp_sum(s) * r * r / d;
+    for (int i = lane; i < d; i += 32) dx[(size_t)n * d + i] += r * (w[i] * dy[i] - xr[i] * s);
+}
+// stage 1: block b sums rows [b*rows_per, (b+1)*rows_per) for columns strided by the block
+__global__ void rmsnorm_backward_dw_partial_v2(float* scratch, const float* dout, const float* x, const float* rstd,
+                                               int N, int d, int rows_per) {
+    int n0 = blockIdx.x * rows_per, n1 = min(N, n0 + rows_per);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float s = 0;
+        for (int n = n0; n < n1; n++) s += dout[(size_t)n * d + i] * x[(size_t)n * d + i] * rstd[n];
+        scratch[(size_t)blockIdx.x * d + i] = s;
+    }
+}
+__global__ void rmsnorm_backward_dw_final_v2(float* dw, const float* scratch, int nblocks, int d) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= d) return;
+    float s = 0;
+    for (int b = 0; b < nblocks; b++) s += scratch[(size_t)b * d + i];
+    dw[i] += s;
+}
+
+// ----------------------------------------------------------------------------
+// launchers
+
+struct Bufs {
+    float *out, *rstd, *dx, *dw, *scratch;
+    const float *x, *w, *dout;
+    int N, d;
+    float eps;
+};
+constexpr int DW_ROWS_PER_BLOCK = 32;
+
+void forward(int v, const Bufs& b) {
+    if (v == 1) rmsnorm_forward_v1<<<ceil_div(b.N, 128), 128>>>(b.out, b.rstd, b.x, b.w, b.N, b.d, b.eps);
+    else rmsnorm_forward_v2<<<ceil_div(b.N, 8), 256>>>(b.out, b.rstd, b.x, b.w, b.N, b.d, b.eps);
+    launchCheck();
+}
+void backward(int v, const Bufs& b) {
+    if (v == 1) {
+        rmsnorm_backward_dx_v1<<<ceil_div(b.N, 128), 128>>>(b.dx, b.dout, b.x, b.w, b.rstd, b.N, b.d);
+        launchCheck();
+        rmsnorm_backward_dw_v1<<<ceil_div(b.d, 128), 128>>>(b.dw, b.dout, b.x, b.rstd, b.N, b.d);
+    } else {
+        rmsnorm_backward_dx_v2<<<ceil_div(b.N, 8), 256>>>(b.dx, b.dout, b.x, b.w, b.rstd, b.N, b.d);
+        launchCheck();
+        int nb = ceil_div(b.N, DW_ROWS_PER_BLOCK);
+        rmsnorm_backward_dw_partial_v2<<<nb, 256>>>(b.scratch, b.dout, b.x, b.rstd, b.N, b.d, DW_ROWS_PER_BLOCK);
+        launchCheck();
+        rmsnorm_backward_dw_final_v2<<<ceil_div(b.d, 128), 128>>>(b.dw, b.scratch, nb, b.d);
+    }
+    launchCheck();
+}
+
+const char* NAMES[] = {"", "thread per row", "warp per row, 2-stage dw"};
+const int NV = 2;
+
+int main(int argc, char** argv) {
+    Suite S("rmsnorm", argc, argv);
+    struct Size { int N, d; };
+    const Size sizes[] = {{7, 33}, {64, 256}, {1024, 768}, {4096, 768}};
+    const float eps = 1e-5f;
+    for (int v = 1; v <= NV; v++) {
+        if (!S.want(v)) continue;
+        S.begin(v, NAMES[v]);
+        uint64_t seed = 1000 * v;
+        for (auto sz : sizes) {
+            int N = sz.N, d = sz.d;
+            printf("  N %d d %d\n", N, d);
+            auto x = rand_floats((size_t)N * d, seed++, -2, 2), w = rand_floats(d, seed++, 0.5f, 1.5f);
+            auto dout = rand_floats((size_t)N * d, seed++);
+            auto dx0 = rand_floats((size_t)N * d, seed++), dw0 = rand_floats(d, seed++);  // accumulate into these
+            std::vector<float> out((size_t)N * d), rstd(N), dx = dx0, dw = dw0;
+            rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, d, eps);
+            rmsnorm_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), N, d);
+
+            Dev<float> dX(x), dW(w), dDout(dout), dOut((size_t)N * d), dRstd(N), dDx(dx0), dDw(dw0);
+            Dev<float> scratch((size_t)ceil_div(N, DW_ROWS_PER_BLOCK) * d);
+            Bufs b{dOut.p, dRstd.p, dDx.p, dDw.p, scratch.p, dX.p, dW.p, dDout.p, N, d, eps};
+            dOut.poison();
+            dRstd.poison();
+            forward(v, b);
+            S.check_close("forward out", dOut.host(), out, TOL_FP32);
+            S.check_close("forward rstd", dRstd.host(), rstd, TOL_FP32);
+            // backward from the CPU's rstd, so that the two checks are independent
+            dRstd.upload(rstd);
+            backward(v, b);
+            S.check_close("backward dx (+=)", dDx.host(), dx, TOL_FP32);
+            auto dw1 = dDw.host();
+            S.check_close("backward dw (+=)", dw1, dw, TOL_FP32);
+            // determinism: a second run from the same start gives the same bits
+            dDw.upload(dw0);
+            backward(v, b);
+            S.check_equal("dw bit-identical on rerun", dDw.host(), dw1);
+            if (N == 4096) {
+                double fb = 2.0 * N * d * 4 + N * 4, bb = 3.0 * N * d * 4 + N * d * 4;  // x,out | x,dy,dx r+w
+                S.bench("forward", [&] { forward(v, b); }, fb);
+                S.bench("backward", [&] { backward(v, b); }, bb);
+            }
+        }
+    }
+    return S.finish();
+}
