@@ -1,0 +1,127 @@
+/*
+Token embedding (encoder) forward and backward, fp32.
+  forward:  out[n, :] = wte[token[n], :]
+  backward: dwte[token[n], :] += dout[n, :]   for n = 0..N-1 in order   (accumulates)
+CPU reference: encoder_forward / encoder_backward of train_moe.cpp.
+The backward is a scatter-add with collisions (a token repeats in a batch). Atomics would
+make the result depend on timing; every version here adds the rows of one token in
+increasing n, the CPU's order, so it is deterministic and in fact bit-identical to the CPU.
+
+Build and run (from the repository root):
+  nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
+       dev/cuda/encoder.cu -o build/encoder -lcublas -lcublasLt -lgomp && ./build/encoder [version]
+
+TODO: kernels/encoder.cuh did not exist when this file was written; when it does, add its
+kernels as the last version (same checks).
+*/
+#define TRAIN_MOE_NO_MAIN
+#include "../../train_moe.cpp"
+#include "common.h"
+
+// ----------------------------------------------------------------------------
+// version 1: forward one thread per element; backward one thread per column i walking all
+// N tokens in order. Obviously right and deterministic, but only d threads do the backward.
+
+__global__ void encoder_forward_v1(float* out, const int* tokens, const float* wte, int N, int d) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)N * d) return;
+    int n = idx / d, i = idx % d;
+    out[idx] = wte[(size_t)tokens[n] * d + i];
+}
+__global__ void encoder_backward_v1(float* dwte, const float* dout, const int* tokens, int N, int d) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= d) return;
+    for (int n = 0; n < N; n++) dwte[(size_t)tokens[n] * d + i] += dout[(size_t)n * d + i];
+}
+
+// ----------------------------------------------------------------------------
+// version 2: forward with 16-byte loads and stores (d % 4 == 0, else falls back to v1).
+// Backward: the host (which holds the tokens anyway) buckets positions by token, stably
+// (CSR: bucket b has token bucket_tok[b] and positions pos[off[b]..off[b+1]) in increasing
+// n); one block per distinct token, threads over columns. Every (token, column) is owned by
+// one thread: no collisions, N*d independent adds spread over all SMs.
+
+__global__ void encoder_forward_v2(float4* out, const int* tokens, const float4* wte, int N, int d4) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)N * d4) return;
+    int n = idx / d4, i = idx % d4;
+    out[idx] = wte[(size_t)tokens[n] * d4 + i];
+}
+__global__ void encoder_backward_v2(float* dwte, const float* dout, const int* bucket_tok, const int* off,
+                                    const int* pos, int d) {
+    int b = blockIdx.x;
+    float* row = dwte + (size_t)bucket_tok[b] * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = row[i];  // same association as the CPU's repeated +=: bit-identical
+        for (int j = off[b]; j < off[b + 1]; j++) acc += dout[(size_t)pos[j] * d + i];
+        row[i] = acc;
+    }
+}
+// host side of v2: stable bucketing of positions by token
+struct Buckets {
+    std::vector<int> tok, off, pos;
+};
+Buckets bucket_tokens(const std::vector<int>& tokens, int V) {
+    std::vector<int> count(V, 0);
+    for (int t : tokens) count[t]++;
+    Buckets b;
+    std::vector<int> start(V, 0);
+    int acc = 0;
+    for (int v = 0; v < V; v++)
+        if (count[v]) { b.tok.push_back(v); b.off.push_back(acc); start[v] = acc; acc += count[v]; }
+    b.off.push_back(acc);
+    b.pos.resize(tokens.size());
+    for (size_t n = 0; n < tokens.size(); n++) b.pos[start[tokens[n]]++] = (int)n;
+    return b;
+}
+
+const char* NAMES[] = {"", "thread/element fwd, thread/column bwd", "float4 fwd, bucketed bwd"};
+const int NV = 2;
+
+int main(int argc, char** argv) {
+    Suite S("encoder", argc, argv);
+    struct Size { int N, d, V; };
+    // {.., V = 3}: every token repeats many times; d 6: not a multiple of 4 (v2 fallback)
+    const Size sizes[] = {{5, 6, 3}, {300, 64, 3}, {1024, 256, 1000}, {4096, 768, 16384}};
+    for (int v = 1; v <= NV; v++) {
+        if (!S.want(v)) continue;
+        S.begin(v, NAMES[v]);
+        uint64_t seed = 100 * v;
+        for (auto sz : sizes) {
+            int N = sz.N, d = sz.d, V = sz.V;
+            printf("  N %d d %d V %d\n", N, d, V);
+            auto tokens = rand_ints(N, V, seed++);
+            auto wte = rand_floats((size_t)V * d, seed++), dout = rand_floats((size_t)N * d, seed++);
+            auto dwte0 = rand_floats((size_t)V * d, seed++);
+            std::vector<float> out((size_t)N * d), dwte = dwte0;
+            encoder_forward(out.data(), tokens.data(), wte.data(), N, d);
+            encoder_backward(dwte.data(), dout.data(), tokens.data(), N, d);
+
+            Dev<int> dTok(tokens);
+            Dev<float> dWte(wte), dDout(dout), dOut((size_t)N * d), dDwte(dwte0);
+            Buckets bk = bucket_tokens(tokens, V);
+            Dev<int> dBt(bk.tok), dBo(bk.off), dBp(bk.pos);
+            auto fwd = [&] {
+                if (v == 1 || d % 4) encoder_forward_v1<<<ceil_div((long)N * d, 256), 256>>>(dOut.p, dTok.p, dWte.p, N, d);
+                else encoder_forward_v2<<<ceil_div((long)N * d / 4, 256), 256>>>((float4*)dOut.p, dTok.p,
+                                                                                  (const float4*)dWte.p, N, d / 4);
+                launchCheck();
+            };
+            auto bwd = [&] {
+                if (v == 1) encoder_backward_v1<<<ceil_div(d, 128), 128>>>(dDwte.p, dDout.p, dTok.p, N, d);
+                else encoder_backward_v2<<<(int)bk.tok.size(), 256>>>(dDwte.p, dDout.p, dBt.p, dBo.p, dBp.p, d);
+                launchCheck();
+            };
+            dOut.poison();
+            fwd();
+            S.check_equal("forward out (a copy: exact)", dOut.host(), out);
+            bwd();
+            S.check_equal("backward dwte (+=, exact)", dDwte.host(), dwte);
+            if (N == 4096) {
+                S.bench("forward", fwd, 2.0 * N * d * 4);
+                S.bench("backward (excl. host bucketing)", bwd, 3.0 * N * d * 4);
+            }
+        }
+    }
+    return S.finish();
+}
