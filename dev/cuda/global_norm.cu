@@ -1,0 +1,115 @@
+/*
+Global gradient norm: sqrt(sum_i g_i^2) over the whole flat gradient buffer (for clipping).
+CPU reference: the first lines of Model::step in train_moe.cpp (a double-precision sum),
+copied below as global_norm_cpu.
+Every version reduces in a fixed order (per-thread strided sums, fixed tree within a block,
+block partials added in block order): no atomics, so the same gradients give the same bits
+every run, and the clip factor (and so the whole update) is reproducible.
+
+Build and run (from the repository root):
+  nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
+       dev/cuda/global_norm.cu -o build/global_norm -lcublas -lcublasLt -lgomp && ./build/global_norm [version]
+
+TODO: kernels/global_norm.cuh did not exist when this file was written; when it does, add
+its kernels as the last version (same checks).
+*/
+#define TRAIN_MOE_NO_MAIN
+#include "../../train_moe.cpp"
+#include "common.h"
+
+double global_norm_cpu(const std::vector<float>& g) {  // Model::step
+    double sq = 0;
+    for (size_t i = 0; i < g.size(); i++) sq += (double)g[i] * g[i];
+    return std::sqrt(sq);
+}
+
+// fixed-shape block reduction: same order every run
+template <int THREADS, class Tacc>
+__device__ Tacc block_sum(Tacc v) {
+    __shared__ Tacc sh[THREADS];
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    return sh[0];
+}
+
+// ----------------------------------------------------------------------------
+// version 1: a single block of 1024 threads, double accumulation per thread (a float sum of
+// 3e5 squares per thread would already lose ~1e-5), written as the squared norm (out[0]);
+// the sqrt is taken by the caller. One block uses one SM of 132, so it is slow on large
+// buffers, but it has no second stage to get wrong.
+__global__ void norm_squared_v1(float* out, const float* g, long n) {
+    double s = 0;
+    for (long i = threadIdx.x; i < n; i += 1024) s += (double)g[i] * g[i];
+    double t = block_sum<1024>(s);
+    if (threadIdx.x == 0) out[0] = (float)t;
+}
+
+// ----------------------------------------------------------------------------
+// version 2: a grid of (SMs x 4) blocks, float4 loads, per-block partial sums to scratch,
+// then one block adds the partials in block order. Accumulates in double inside each
+// thread's chunk, as v1; on Hopper FP64 adds are cheap next to the memory stream.
+__global__ void norm_squared_partial_v2(double* partial, const float* g, long n) {
+    long n4 = n / 4;
+    double s = 0;
+    for (long j = (long)blockIdx.x * blockDim.x + threadIdx.x; j < n4; j += (long)gridDim.x * blockDim.x) {
+        float4 x = ((const float4*)g)[j];
+        s += (double)(x.x * x.x + x.y * x.y) + (double)(x.z * x.z + x.w * x.w);
+    }
+    if (blockIdx.x == 0 && threadIdx.x < n % 4) {
+        float x = g[n4 * 4 + threadIdx.x];
+        s += (double)x * x;
+    }
+    double t = block_sum<256>(s);
+    if (threadIdx.x == 0) partial[blockIdx.x] = t;
+}
+__global__ void norm_squared_final_v2(float* out, const double* partial, int nblocks) {
+    double s = 0;
+    for (int b = threadIdx.x; b < nblocks; b += 256) s += partial[b];
+    double t = block_sum<256>(s);
+    if (threadIdx.x == 0) out[0] = (float)t;
+}
+
+const char* NAMES[] = {"", "one block", "grid + ordered partials (double)"};
+const int NV = 2;
+
+int main(int argc, char** argv) {
+    Suite S("global_norm", argc, argv);
+    int sms = 0;
+    cudaCheck(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    const int nb2 = sms * 4;
+    // 1: a single element; 300M: about the MoE d768 benchmark model's parameter count
+    const long sizes[] = {1, 3, 1027, 1L << 22, 300L * 1000 * 1000};
+    for (int v = 1; v <= NV; v++) {
+        if (!S.want(v)) continue;
+        S.begin(v, NAMES[v]);
+        uint64_t seed = 3 * v;
+        for (long n : sizes) {
+            printf("  n %ld\n", n);
+            auto g = rand_floats(n, seed++, -0.01f, 0.01f);
+            double ref = global_norm_cpu(g);
+            Dev<float> dG(g), dOut(1);
+            Dev<double> partial(nb2);
+            auto run = [&] {
+                if (v == 1) norm_squared_v1<<<1, 1024>>>(dOut.p, dG.p, n);
+                else {
+                    norm_squared_partial_v2<<<nb2, 256>>>(partial.p, dG.p, n);
+                    launchCheck();
+                    norm_squared_final_v2<<<1, 256>>>(dOut.p, partial.p, nb2);
+                }
+                launchCheck();
+            };
+            dOut.poison();
+            run();
+            float sq = dOut.host()[0];
+            S.check_close("norm", {std::sqrt(sq)}, {(float)ref}, TOL_FP32);
+            run();
+            S.check_equal("bit-identical on rerun", dOut.host(), std::vector<float>{sq});
+            if (n == 300L * 1000 * 1000) S.bench("300M gradients", run, 4.0 * n);
+        }
+    }
+    return S.finish();
+}
