@@ -670,6 +670,9 @@ struct Model {
         T = T_;
         const int N = B * T, d = cfg.d_model, F = cfg.ffn_dim, V = cfg.vocab_size;
         const int H = cfg.n_head, Hkv = cfg.n_kv_head, hd = cfg.head_dim, qd = cfg.q_dim(), kvd = cfg.kv_dim();
+        if (cfg.sliding_window > 0 && T > cfg.sliding_window)
+            FAIL("sequence length %d exceeds the model's sliding_window %d, which this trainer does not implement", T,
+                 cfg.sliding_window);
         for (int n = 0; n < N; n++) {
             if (in[n] < 0 || in[n] >= V) FAIL("input token %d at position %d outside [0, %d)", in[n], n, V);
             inputs[n] = in[n];
@@ -984,7 +987,8 @@ int main(int argc, char** argv) {
             rs.sample_counter = sample_rng.counter;
             std::string name = strfmt("step_%06ld", rs.step);
             save_checkpoint(path_join(args.out, name), M.cfg, M.lay, M.params.data(), M.m.data(), M.v.data(), M.adam_t,
-                            M.expert_bias, M.ts.aux_free_rate > 0, rs, settings);
+                            M.expert_bias, M.ts.aux_free_rate > 0, rs, settings,
+                            path_join(args.data_dir, "tokenizer.json"));
             write_text_atomic(path_join(args.out, "latest"), name + "\n");
             last_saved = rs.step;
             printf("saved %s\n", path_join(args.out, name).c_str());

@@ -40,6 +40,8 @@ struct ModelConfig {
     // Llama-3 style RoPE frequency scaling (rope_scaling.rope_type == "llama3"); 0 = off
     float rope_scale_factor = 0, rope_low_freq = 1, rope_high_freq = 4;
     int rope_orig_max_pos = 8192;
+    int sliding_window = 0;  // HF Mistral/Mixtral key; 0 = none. We attend to the whole context,
+                             // which is the same function only while T <= sliding_window.
     Json extra;  // other config.json keys to carry along (upcycling record, ...)
 
     bool is_moe() const { return n_experts > 0; }
@@ -106,6 +108,7 @@ struct ModelConfig {
             rs["original_max_position_embeddings"] = rope_orig_max_pos;
             j["rope_scaling"] = rs;
         }
+        if (sliding_window > 0) j["sliding_window"] = sliding_window;
         j["tie_word_embeddings"] = tie_embeddings;
         j["attention_bias"] = false;
         j["mlp_bias"] = false;
@@ -149,6 +152,7 @@ struct ModelConfig {
         if (act != "silu") FAIL("%s: hidden_act \"%s\" is not supported (SwiGLU needs silu)", what.c_str(), act.c_str());
         if (j.get_bool("attention_bias", false, what) || j.get_bool("mlp_bias", false, what))
             FAIL("%s: attention_bias/mlp_bias are not supported (the model has no biases)", what.c_str());
+        c.sliding_window = (int)j.get_int("sliding_window", 0, what);
         if (const Json* rs = j.find("rope_scaling")) {
             if (!rs->is_null()) {
                 std::string t = rs->get_str("rope_type", rs->get_str("type", "", what), what);
@@ -165,7 +169,7 @@ struct ModelConfig {
             "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
             "num_local_experts", "num_experts_per_tok", "moe_routing", "moe_note", "tie_word_embeddings",
             "rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias",
-            "rope_scaling", "torch_dtype"};
+            "rope_scaling", "torch_dtype", "sliding_window"};
         c.extra = Json::object();
         for (auto& kv : j.obj) {
             bool k = false;

@@ -73,8 +73,10 @@ long read_optimizer_file(const std::string& path, const ParamLayout& lay, T* m, 
 template <typename T>
 void save_checkpoint(const std::string& dir, const ModelConfig& cfg, const ParamLayout& lay, const T* params,
                      const T* m, const T* v, long adam_t, const std::vector<std::vector<float>>& bias, bool save_bias,
-                     const RunState& rs, const Json& settings) {
+                     const RunState& rs, const Json& settings, const std::string& tokenizer_json = "") {
     AtomicDir out(dir);
+    if (!tokenizer_json.empty() && path_exists(tokenizer_json))  // so HF tools can use the model as is
+        write_text_atomic(out.file("tokenizer.json"), read_text(tokenizer_json));
     save_model_files(out.tmp, cfg, lay, params, DType::F32,
                      save_bias ? bias_tensors(cfg, bias) : std::vector<ExtraTensor>());
     write_optimizer_file(out.file("optimizer.safetensors"), lay, m, v, adam_t);

@@ -146,6 +146,27 @@ static void test_moe_copies_equal_dense() {
     CHECK_MSG(used >= 3, "routing used only %d experts", used);
 }
 
+// 2b. Directories written by Hugging Face transformers itself (bf16, sharded with an index,
+//     HF's own config.json keys) load as they are and give transformers' logits.
+static void test_hf_directory(const std::string& name) {
+    std::string dir = fixture_dir(name);
+    Model M;
+    M.load(dir);
+    SafeTensorsReader fx(dir + "/hf_logits.safetensors");
+    const TensorInfo& ti = fx.info("tokens");
+    int B = (int)ti.shape[0], T = (int)ti.shape[1], V = M.cfg.vocab_size;
+    std::vector<int> tokens = fx.read_vec<int>("tokens");
+    std::vector<float> ref = fx.read_vec<float>("logits", {B, T, V});
+    M.forward(tokens.data(), nullptr, B, T);
+    double mx = 0, err = 0;
+    for (size_t i = 0; i < ref.size(); i++) {
+        mx = std::max(mx, (double)std::fabs(ref[i]));
+        err = std::max(err, (double)std::fabs(M.logits[i] - ref[i]));
+    }
+    CHECK_MSG(err <= 1e-5 * mx, "%s: max |logit - transformers' logit| %.3g (max |logit| %.3g)", name.c_str(), err, mx);
+    CHECK(M.cfg.rms_eps == 1e-6f && M.cfg.rope_theta == 500000.0f);
+}
+
 // ---------------------------------------------------------------------------
 // 3. Pieces: aux-free bias, schedules, JSON, safetensors round trips, data loader
 
@@ -521,6 +542,8 @@ int main(int argc, char** argv) {
                           "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1"})
         run_test(std::string("fixture ") + f, [&] { test_fixture(f); });
     run_test("MoE of copies = dense", test_moe_copies_equal_dense);
+    run_test("HF transformers Llama directory", [] { test_hf_directory("hf_llama"); });
+    run_test("HF transformers Mixtral directory", [] { test_hf_directory("hf_mixtral"); });
     run_test("aux-free bias", test_aux_free_bias);
     run_test("LR schedules", test_schedules);
     run_test("JSON and safetensors round trips", test_json_and_safetensors);
