@@ -1,0 +1,145 @@
+/*
+Fused classifier: softmax + cross-entropy + its gradient, over logits [N, V], fp32.
+  lse[n]     = log sum_i exp(z[n,i])
+  loss[n]    = lse[n] - z[n, target[n]]          (the mean over n is the CE loss)
+  dlogits    = scale * (softmax(z) - onehot(target)),  scale = 1/N for the mean
+dlogits may alias the logits (the trainer overwrites the logits in place, as llm.c does):
+each version reads an element before it writes the same element, so both are tested.
+CPU reference: crossentropy_forward / crossentropy_backward of train_moe.cpp.
+
+Build and run (from the repository root):
+  nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
+       dev/cuda/classifier.cu -o build/classifier -lcublas -lcublasLt -lgomp && ./build/classifier [version]
+
+TODO: kernels/classifier.cuh did not exist when this file was written; when it does, add
+its kernels as the last version (same checks).
+*/
+#define TRAIN_MOE_NO_MAIN
+#include "../../train_moe.cpp"
+#include "common.h"
+
+// ----------------------------------------------------------------------------
+// version 1: one thread per row, three passes over the row (max, sum, write). Rows are
+// V*4 = 64 KB apart, so a warp's loads are 32 separate lines: slow, obviously right.
+__global__ void classifier_v1(float* dlogits, float* lse, float* loss, const float* logits, const int* targets, int N,
+                              int V, float scale) {
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const float* z = logits + (size_t)n * V;
+    float mx = z[0];
+    for (int i = 1; i < V; i++) mx = fmaxf(mx, z[i]);
+    float s = 0;
+    for (int i = 0; i < V; i++) s += expf(z[i] - mx);
+    float l = mx + logf(s);
+    float zt = z[targets[n]];  // read before the in-place writes below
+    lse[n] = l;
+    loss[n] = l - zt;
+    float* dz = dlogits + (size_t)n * V;
+    for (int i = 0; i < V; i++) dz[i] = scale * (expf(z[i] - l) - (i == targets[n] ? 1.0f : 0.0f));
+}
+
+// ----------------------------------------------------------------------------
+// version 2: one block per row. Pass 1 computes max and sum together (online softmax: when
+// the running max grows, the running sum is rescaled), float4 loads, each thread over a
+// strided slice, then a block reduction of (max, sum) pairs. Pass 2 writes the gradient.
+// Two reads and one write of the row instead of three reads; every load is coalesced.
+struct MaxSum { float m, s; };
+__device__ inline MaxSum ms_merge(MaxSum a, MaxSum b) {
+    float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY) return {m, 0.0f};
+    return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+__global__ void classifier_v2(float* dlogits, float* lse, float* loss, const float* logits, const int* targets, int N,
+                              int V, float scale) {
+    int n = blockIdx.x;
+    const float* z = logits + (size_t)n * V;
+    float* dz = dlogits + (size_t)n * V;
+    int tgt = targets[n];
+    float zt = z[tgt];
+    MaxSum a = {-INFINITY, 0.0f};
+    bool vec = V % 4 == 0;
+    if (vec)
+        for (int i = threadIdx.x; i < V / 4; i += blockDim.x) {
+            float4 x = ((const float4*)z)[i];
+            float m = fmaxf(fmaxf(x.x, x.y), fmaxf(x.z, x.w));
+            a = ms_merge(a, {m, expf(x.x - m) + expf(x.y - m) + expf(x.z - m) + expf(x.w - m)});
+        }
+    else
+        for (int i = threadIdx.x; i < V; i += blockDim.x) a = ms_merge(a, {z[i], 1.0f});
+    // warp, then block reduction of (max, sum) in a fixed order
+    for (int o = 16; o > 0; o >>= 1) {
+        MaxSum b = {__shfl_xor_sync(0xffffffff, a.m, o), __shfl_xor_sync(0xffffffff, a.s, o)};
+        a = ms_merge(a, b);
+    }
+    __shared__ MaxSum sh[32];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    if (lane == 0) sh[warp] = a;
+    __syncthreads();  // also: every thread has read zt before anyone overwrites the row
+    MaxSum t = sh[0];
+    for (int w = 1; w < nw; w++) t = ms_merge(t, sh[w]);
+    float l = t.m + logf(t.s);
+    if (threadIdx.x == 0) { lse[n] = l; loss[n] = l - zt; }
+    if (vec)
+        for (int i = threadIdx.x; i < V / 4; i += blockDim.x) {
+            float4 x = ((const float4*)z)[i], d;
+            d.x = scale * expf(x.x - l); d.y = scale * expf(x.y - l);
+            d.z = scale * expf(x.z - l); d.w = scale * expf(x.w - l);
+            int b = 4 * i;  // the target's own element gets -scale
+            if (tgt >= b && tgt < b + 4) (&d.x)[tgt - b] -= scale;
+            ((float4*)dz)[i] = d;
+        }
+    else
+        for (int i = threadIdx.x; i < V; i += blockDim.x) dz[i] = scale * expf(z[i] - l) - (i == tgt ? scale : 0.0f);
+}
+
+const char* NAMES[] = {"", "thread per row, 3 passes", "block per row, online max/sum, float4"};
+const int NV = 2;
+
+int main(int argc, char** argv) {
+    Suite S("classifier", argc, argv);
+    struct Size { int N, V; };
+    const Size sizes[] = {{1, 5}, {3, 1001}, {64, 16384}, {4096, 16384}};
+    for (int v = 1; v <= NV; v++) {
+        if (!S.want(v)) continue;
+        S.begin(v, NAMES[v]);
+        uint64_t seed = 11 * v;
+        for (auto sz : sizes) {
+            int N = sz.N, V = sz.V;
+            printf("  N %d V %d\n", N, V);
+            auto logits = rand_floats((size_t)N * V, seed++, -8, 8);
+            auto targets = rand_ints(N, V, seed++);
+            float scale = 1.0f / N;
+            std::vector<float> lse(N), dl((size_t)N * V);
+            float ref_loss = crossentropy_forward(lse.data(), logits.data(), targets.data(), N, V);
+            crossentropy_backward(dl.data(), logits.data(), lse.data(), targets.data(), N, V, scale);
+            std::vector<float> row_loss(N);
+            for (int n = 0; n < N; n++) row_loss[n] = lse[n] - logits[(size_t)n * V + targets[n]];
+
+            Dev<float> dZ(logits), dDl((size_t)N * V), dLse(N), dLoss(N);
+            Dev<int> dT(targets);
+            auto run = [&](float* out) {
+                if (v == 1) classifier_v1<<<ceil_div(N, 64), 64>>>(out, dLse.p, dLoss.p, dZ.p, dT.p, N, V, scale);
+                else classifier_v2<<<N, 512>>>(out, dLse.p, dLoss.p, dZ.p, dT.p, N, V, scale);
+                launchCheck();
+            };
+            dDl.poison(); dLse.poison(); dLoss.poison();
+            run(dDl.p);
+            S.check_close("dlogits", dDl.host(), dl, TOL_FP32);
+            S.check_close("lse", dLse.host(), lse, TOL_FP32);
+            auto gl = dLoss.host();
+            S.check_close("per-row loss", gl, row_loss, TOL_FP32);
+            double mean = 0;
+            for (float x : gl) mean += x;
+            S.check_close("mean loss", {(float)(mean / N)}, {ref_loss}, TOL_FP32);
+            dLse.poison();
+            run(dZ.p);  // in place, as the trainer runs it
+            S.check_close("dlogits (in place)", dZ.host(), dl, TOL_FP32);
+            if (N == 4096) {
+                dZ.upload(logits);
+                // out of place for timing: in place would feed the gradient back in as logits
+                S.bench("fused fwd+bwd", [&] { run(dDl.p); }, 2.0 * N * V * 4);
+            }
+        }
+    }
+    return S.finish();
+}
