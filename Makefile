@@ -19,7 +19,7 @@ KERNELS := $(wildcard kernels/*.cuh)
 DEV_CUDA := $(wildcard dev/cuda/*.cu)
 
 .PHONY: all test test-cpu test-gpu cuda-check bench quickstart clean fixtures
-all: train_moe upcycle $(if $(HAVE_NVCC),$(if $(wildcard train_moe.cu),train_moe_gpu))
+all: train_moe $(if $(wildcard upcycle.cu),upcycle) $(if $(HAVE_NVCC),$(if $(wildcard train_moe.cu),train_moe_gpu))
 
 include dev/data/data.mk
 
