@@ -1,0 +1,261 @@
+/*
+Dropless MoE permutation, fp32: group the N*K (token, slot) assignments by expert, gather
+the tokens' rows in that order, and combine the experts' outputs back; and the backward.
+  sort:      counts[E], seq_counts[B,E], offsets[E+1], row_token[NK], row_of[NK]: a STABLE
+             counting sort of the pairs p = n*K + k by expert topk[p] (pairs of one expert keep
+             increasing p), so the layout, and every sum that follows it, is deterministic
+  gather:    xe[r, :] = x[row_token[r], :]
+  combine:   out[n, :] = sum_k topw[n,k] ey[row_of[n,k], :]   (slots summed in order)
+  backward:  dtopw[n,k] = dout[n] . ey[row_of[n,k]];  dey[row_of[n,k]] = topw[n,k] dout[n]
+             dx[n, :] += sum_k dxe[row_of[n,k], :]           (slots in order)
+CPU reference: the permutation code inside Model::moe_forward / moe_backward of train_moe.cpp
+(methods, so transcribed below as plain functions, line for line). Every case includes an
+expert that receives no token (its block of rows is empty: offsets[e] == offsets[e+1]).
+
+Build and run (from the repository root):
+  nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
+       dev/cuda/permute.cu -o build/permute -lcublas -lcublasLt -lgomp && ./build/permute [version]
+
+TODO: kernels/permute.cuh appeared while this file was being written and is not included
+yet: add its kernels as the last version (same checks).
+*/
+#define TRAIN_MOE_NO_MAIN
+#include "../../train_moe.cpp"
+#include "common.h"
+
+// ----------------------------------------------------------------------------
+// CPU reference (Model::moe_forward / moe_backward)
+struct Perm {
+    std::vector<int> counts, seq_counts, offsets, row_token, row_of;
+};
+Perm sort_cpu(const std::vector<int>& topk, int B, int T, int E, int K) {
+    int N = B * T;
+    Perm a;
+    a.counts.assign(E, 0);
+    a.seq_counts.assign((size_t)B * E, 0);
+    a.offsets.assign(E + 1, 0);
+    a.row_token.assign((size_t)N * K, 0);
+    a.row_of.assign((size_t)N * K, 0);
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            int e = topk[n * K + k];
+            a.counts[e]++;
+            a.seq_counts[(n / T) * E + e]++;
+        }
+    a.offsets[0] = 0;
+    for (int e = 0; e < E; e++) a.offsets[e + 1] = a.offsets[e] + a.counts[e];
+    std::vector<int> fill(a.offsets.begin(), a.offsets.end() - 1);
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            int r = fill[topk[n * K + k]]++;
+            a.row_token[r] = n;
+            a.row_of[n * K + k] = r;
+        }
+    return a;
+}
+
+// ----------------------------------------------------------------------------
+// version 1: the sort in ONE thread (the CPU code on the device: obviously the same
+// permutation), then one thread per element for gather / combine / their backward.
+__global__ void sort_v1(int* counts, int* seq_counts, int* offsets, int* row_token, int* row_of, int* fill,
+                        const int* topk, int B, int T, int E, int K) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    int N = B * T;
+    for (int e = 0; e < E; e++) counts[e] = 0;
+    for (int i = 0; i < B * E; i++) seq_counts[i] = 0;
+    for (int p = 0; p < N * K; p++) {
+        counts[topk[p]]++;
+        seq_counts[(p / K / T) * E + topk[p]]++;
+    }
+    offsets[0] = 0;
+    for (int e = 0; e < E; e++) { offsets[e + 1] = offsets[e] + counts[e]; fill[e] = offsets[e]; }
+    for (int p = 0; p < N * K; p++) {
+        int r = fill[topk[p]]++;
+        row_token[r] = p / K;
+        row_of[p] = r;
+    }
+}
+__global__ void gather_v1(float* xe, const float* x, const int* row_token, int NK, int d) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)NK * d) return;
+    int r = idx / d, i = idx % d;
+    xe[idx] = x[(size_t)row_token[r] * d + i];
+}
+__global__ void combine_v1(float* out, const float* ey, const float* topw, const int* row_of, int N, int K, int d) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)N * d) return;
+    int n = idx / d, i = idx % d;
+    float o = 0;
+    for (int k = 0; k < K; k++) o += topw[n * K + k] * ey[(size_t)row_of[n * K + k] * d + i];
+    out[idx] = o;
+}
+// dtopw: one thread per (n, k) pair (a d-long dot product)
+__global__ void uncombine_dtopw_v1(float* dtopw, const float* dout, const float* ey, const int* row_of, int NK, int K,
+                                   int d) {
+    int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= NK) return;
+    const float* a = dout + (size_t)(p / K) * d;
+    const float* b = ey + (size_t)row_of[p] * d;
+    float s = 0;
+    for (int i = 0; i < d; i++) s += a[i] * b[i];
+    dtopw[p] = s;
+}
+__global__ void uncombine_dey_v1(float* dey, const float* dout, const float* topw, const int* row_of, int NK, int K,
+                                 int d) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)NK * d) return;
+    int p = idx / d, i = idx % d;
+    dey[(size_t)row_of[p] * d + i] = topw[p] * dout[(size_t)(p / K) * d + i];
+}
+__global__ void unpermute_v1(float* dx, const float* dxe, const int* row_of, int N, int K, int d) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)N * d) return;
+    int n = idx / d, i = idx % d;
+    float acc = dx[idx];
+    for (int k = 0; k < K; k++) acc += dxe[(size_t)row_of[n * K + k] * d + i];
+    dx[idx] = acc;
+}
+
+// ----------------------------------------------------------------------------
+// version 2: the sort in one block of SORT_THREADS threads instead of one thread. Thread t
+// owns a contiguous chunk of pairs; it counts its chunk per expert (shared hist[e][t]), a
+// scan over t per expert gives each thread its first row inside each expert's block, and
+// a second walk over the chunk writes the rows. Chunks are in pair order and each walk is
+// in order, so the result equals v1's stable sort exactly. dtopw: one warp per pair
+// (coalesced dot products). Gather / combine / unpermute stay as in v1.
+constexpr int SORT_THREADS = 128;
+__global__ void sort_v2(int* counts, int* seq_counts, int* offsets, int* row_token, int* row_of, const int* topk,
+                        int B, int T, int E, int K) {
+    extern __shared__ int hist[];  // [E][SORT_THREADS], then offsets [E + 1]
+    int* off = hist + E * SORT_THREADS;
+    int t = threadIdx.x, NK = B * T * K;
+    int chunk = (NK + SORT_THREADS - 1) / SORT_THREADS, p0 = min(NK, t * chunk), p1 = min(NK, p0 + chunk);
+    for (int e = 0; e < E; e++) hist[e * SORT_THREADS + t] = 0;
+    for (int p = p0; p < p1; p++) hist[topk[p] * SORT_THREADS + t]++;
+    __syncthreads();
+    for (int e = t; e < E; e += SORT_THREADS) {  // exclusive scan over threads, per expert
+        int acc = 0;
+        for (int j = 0; j < SORT_THREADS; j++) { int c = hist[e * SORT_THREADS + j]; hist[e * SORT_THREADS + j] = acc; acc += c; }
+        counts[e] = acc;
+        off[e] = acc;  // the count, for now
+    }
+    __syncthreads();
+    if (t == 0) {
+        int acc = 0;
+        for (int e = 0; e < E; e++) { int c = off[e]; off[e] = acc; offsets[e] = acc; acc += c; }
+        off[E] = acc;
+        offsets[E] = acc;
+    }
+    __syncthreads();
+    for (int p = p0; p < p1; p++) {
+        int e = topk[p];
+        int r = off[e] + hist[e * SORT_THREADS + t]++;
+        row_token[r] = p / K;
+        row_of[p] = r;
+    }
+    for (int i = t; i < B * E; i += SORT_THREADS) {  // per-sequence counts: one thread per (b, e)
+        int b = i / E, e = i % E, c = 0;
+        for (int p = b * T * K; p < (b + 1) * T * K; p++) c += topk[p] == e;
+        seq_counts[i] = c;
+    }
+}
+__global__ void uncombine_dtopw_v2(float* dtopw, const float* dout, const float* ey, const int* row_of, int NK, int K,
+                                   int d) {
+    int p = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (p >= NK) return;
+    const float* a = dout + (size_t)(p / K) * d;
+    const float* b = ey + (size_t)row_of[p] * d;
+    float s = 0;
+    for (int i = lane; i < d; i += 32) s += a[i] * b[i];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+    if (lane == 0) dtopw[p] = s;
+}
+
+const char* NAMES[] = {"", "single-thread sort, thread/element", "one-block parallel stable sort, warp dots"};
+const int NV = 2;
+
+int main(int argc, char** argv) {
+    Suite S("permute", argc, argv);
+    struct Case { int B, T, E, K, d; };
+    const Case cases[] = {{1, 7, 4, 2, 8}, {2, 50, 8, 1, 36}, {3, 100, 64, 6, 64}, {4, 1024, 8, 2, 768}};
+    for (int v = 1; v <= NV; v++) {
+        if (!S.want(v)) continue;
+        S.begin(v, NAMES[v]);
+        uint64_t seed = 41 * v;
+        for (auto c : cases) {
+            int B = c.B, T = c.T, N = B * T, E = c.E, K = c.K, d = c.d, NK = N * K;
+            printf("  B %d T %d E %d K %d d %d (expert 1 gets no token)\n", B, T, E, K, d);
+            // routing from the CPU router on random logits, expert 1 starved
+            auto logits = rand_floats((size_t)N * E, seed++, -2, 2);
+            for (int n = 0; n < N; n++) logits[(size_t)n * E + 1] = -30;
+            std::vector<float> probs((size_t)N * E), topw((size_t)NK);
+            std::vector<int> topk(NK);
+            router_forward(probs.data(), topk.data(), topw.data(), logits.data(), nullptr, N, E, K, ROUTING_TOPK_SOFTMAX);
+            Perm ref = sort_cpu(topk, B, T, E, K);
+            auto x = rand_floats((size_t)N * d, seed++), ey = rand_floats((size_t)NK * d, seed++);
+            auto dout = rand_floats((size_t)N * d, seed++), dxe = rand_floats((size_t)NK * d, seed++);
+            auto dx0 = rand_floats((size_t)N * d, seed++);
+            // CPU: gather, combine, un-combine, un-permute as in Model::moe_forward/backward
+            std::vector<float> xe((size_t)NK * d), out((size_t)N * d, 0), dtopw(NK), dey((size_t)NK * d), dx = dx0;
+            for (int r = 0; r < NK; r++)
+                for (int i = 0; i < d; i++) xe[(size_t)r * d + i] = x[(size_t)ref.row_token[r] * d + i];
+            for (int n = 0; n < N; n++)
+                for (int k = 0; k < K; k++) axpy(&out[(size_t)n * d], topw[n * K + k], &ey[(size_t)ref.row_of[n * K + k] * d], d);
+            for (int n = 0; n < N; n++)
+                for (int k = 0; k < K; k++) {
+                    int r = ref.row_of[n * K + k];
+                    dtopw[n * K + k] = dot(&dout[(size_t)n * d], &ey[(size_t)r * d], d);
+                    for (int i = 0; i < d; i++) dey[(size_t)r * d + i] = topw[n * K + k] * dout[(size_t)n * d + i];
+                }
+            for (int n = 0; n < N; n++)
+                for (int k = 0; k < K; k++) axpy(&dx[(size_t)n * d], 1, &dxe[(size_t)ref.row_of[n * K + k] * d], d);
+
+            Dev<int> dTopk(topk), dCounts(E), dSeq((size_t)B * E), dOff(E + 1), dRt(NK), dRo(NK), dFill(E);
+            Dev<float> dX(x), dXe((size_t)NK * d), dEy(ey), dW(topw), dOut((size_t)N * d), dDout(dout), dDtw(NK),
+                dDey((size_t)NK * d), dDxe(dxe), dDx(dx0);
+            size_t smem = ((size_t)E * SORT_THREADS + E + 1) * sizeof(int);
+            auto sort = [&] {
+                if (v == 1) sort_v1<<<1, 1>>>(dCounts.p, dSeq.p, dOff.p, dRt.p, dRo.p, dFill.p, dTopk.p, B, T, E, K);
+                else sort_v2<<<1, SORT_THREADS, smem>>>(dCounts.p, dSeq.p, dOff.p, dRt.p, dRo.p, dTopk.p, B, T, E, K);
+                launchCheck();
+            };
+            dCounts.poison(); dSeq.poison(); dOff.poison(); dRt.poison(); dRo.poison();
+            sort();
+            S.check_equal("counts", dCounts.host(), ref.counts);
+            S.check_equal("seq_counts", dSeq.host(), ref.seq_counts);
+            S.check_equal("offsets", dOff.host(), ref.offsets);
+            S.check_equal("row_token (stable order)", dRt.host(), ref.row_token);
+            S.check_equal("row_of", dRo.host(), ref.row_of);
+            dRt.upload(ref.row_token);  // the rest from the reference layout
+            dRo.upload(ref.row_of);
+            auto gather = [&] { gather_v1<<<ceil_div((long)NK * d, 256), 256>>>(dXe.p, dX.p, dRt.p, NK, d); launchCheck(); };
+            auto combine = [&] { combine_v1<<<ceil_div((long)N * d, 256), 256>>>(dOut.p, dEy.p, dW.p, dRo.p, N, K, d); launchCheck(); };
+            auto uncombine = [&] {
+                if (v == 1) uncombine_dtopw_v1<<<ceil_div(NK, 128), 128>>>(dDtw.p, dDout.p, dEy.p, dRo.p, NK, K, d);
+                else uncombine_dtopw_v2<<<ceil_div(NK, 8), 256>>>(dDtw.p, dDout.p, dEy.p, dRo.p, NK, K, d);
+                launchCheck();
+                uncombine_dey_v1<<<ceil_div((long)NK * d, 256), 256>>>(dDey.p, dDout.p, dW.p, dRo.p, NK, K, d);
+                launchCheck();
+            };
+            auto unpermute = [&] { unpermute_v1<<<ceil_div((long)N * d, 256), 256>>>(dDx.p, dDxe.p, dRo.p, N, K, d); launchCheck(); };
+            dXe.poison(); dOut.poison(); dDtw.poison(); dDey.poison();
+            gather();
+            S.check_equal("gather xe (exact)", dXe.host(), xe);
+            combine();
+            S.check_close("combine out", dOut.host(), out, TOL_FP32);
+            uncombine();
+            S.check_close("dtopw", dDtw.host(), dtopw, TOL_FP32);
+            S.check_close("dey", dDey.host(), dey, TOL_FP32);
+            unpermute();
+            S.check_close("un-permute dx (+=)", dDx.host(), dx, TOL_FP32);
+            if (N == 4096) {
+                S.bench("sort", sort, 4.0 * NK * 3);
+                S.bench("gather", gather, 8.0 * NK * d);
+                S.bench("combine", combine, 4.0 * (NK + N) * d);
+                S.bench("un-combine (dtopw, dey)", uncombine, 4.0 * (2 * NK + N) * d);
+                S.bench("un-permute", unpermute, 4.0 * (NK + 2 * N) * d);
+            }
+        }
+    }
+    return S.finish();
+}
