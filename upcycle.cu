@@ -1,0 +1,749 @@
+/*
+upcycle.cu: builds a Mixture-of-Experts model from trained dense model(s), or a larger MoE
+from a trained MoE: every initialization of docs/METHODS.md section 2.
+
+  scratch    FS   every matrix N(0, 0.02) (router too), norms 1                      (2.1)
+  naive      NU   every expert = the dense FFN                                        (2.3)
+  noise      RNU  NU + N(0, 0.02^2) on floor(F r) random neurons per matrix           (2.4)
+  drop       DU   floor(F r) random neurons per matrix redrawn from their own stats   (2.5)
+  btx        BTX  expert e = FFN of source e div (E/S); the rest = mean of sources    (2.6)
+  granular   virtual groups: experts = F/G-wide shards, scaled, tied router rows      (2.7)
+  partition  LLaMA-MoE: E disjoint random neuron sets, output x E/K (folded into w2)  (2.9)
+  expand     E -> mE experts of a trained MoE, copies with their AdamW moments        (2.8)
+
+Host code only: it builds with g++ (-x c++) on any machine and with nvcc. The math lives in
+common/upcycle_ops.h; this file reads the sources, streams the output and records what it did.
+
+Streaming: the output is declared in full (safetensors header first), then each tensor is
+produced and written in order; a source tensor is read when it is needed and the dense
+FFN of the current layer is the only thing kept. Peak memory is about one layer's worth.
+The exception is expand with a gradient-based score: it loads the whole source model
+into the CPU trainer to compute real gradients.
+*/
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+#define TRAIN_MOE_NO_MAIN
+#include "train_moe.cpp"  // the CPU trainer's Model: gradients for utility scores
+#include "common/sha256.h"
+#include "common/upcycle_ops.h"
+
+#define UPCYCLE_VERSION "1"
+
+struct UpcycleArgs {
+    std::string method, from, model, out, data = "data/tiny";
+    std::string routing = "topk_softmax", router = "uniform", du_index_mode = "independent", dtype = "same";
+    std::string select = "uniform", score = "weight_norm";
+    int experts = 8, topk = 2, vocab = 0, granularity = 1, max_dup = 3, utility_batches = 4, batch = 4, seq = 64;
+    int threads = 0;
+    long seed = 1337;
+    double ratio = 0.5;
+
+    void add_to(Cli& cli) {
+        cli.section("Input and output");
+        cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition or expand (required)");
+        cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx: a,b,c,...");
+        cli.add("--model", &model, std::string("scratch without --from: preset shape (") + model_preset_names() + ")");
+        cli.add("--vocab", &vocab, "scratch with --model: vocabulary size");
+        cli.add("--out", &out, "output directory, written atomically (required)");
+        cli.add("--dtype", &dtype, "output weights: same (as the input), f32 or bf16");
+        cli.section("MoE shape and routing");
+        cli.add("--experts", &experts, "number of experts E (expand: the new total, a multiple of the source's; "
+                                       "default there: twice the source's)");
+        cli.add("--topk", &topk, "experts per token K (expand keeps the source's)");
+        cli.add("--routing", &routing, "topk_softmax (Mixtral) or softmax_topk (Megatron pre-softmax, no renormalization)");
+        cli.add("--router", &router, "router init of upcycled models: uniform (zero-mean, std 0.02) or normal (N(0, 0.02))");
+        cli.add("--seed", &seed, "seed of every random choice (output is a pure function of it)");
+        cli.section("Method settings");
+        cli.add("--ratio", &ratio, "noise/drop: fraction r of neurons per matrix, in [0, 1]");
+        cli.add("--du-index-mode", &du_index_mode, "drop: independent (a set per gate/up/down, as the released code) "
+                                                   "or shared (one set per expert, as the paper's text)");
+        cli.add("--granularity", &granularity, "granular: G; experts are F/G wide; E and K must be multiples of G");
+        cli.section("Expert upcycling (--method expand)");
+        cli.add("--select", &select, "uniform (each expert duplicated m-1 times) or utility (greedy by --score)");
+        cli.add("--score", &score, "weight_norm, grad_norm, saliency or fisher; the gradient-based ones load the "
+                                   "WHOLE source model and run --utility-batches batches of --data");
+        cli.add("--max-dup", &max_dup, "utility: at most this many new copies of one expert");
+        cli.add("--utility-batches", &utility_batches, "gradient scores: training batches averaged");
+        cli.add("--data", &data, "gradient scores: token shard folder (as train_moe --data)");
+        cli.add("--batch", &batch, "gradient scores: sequences per batch");
+        cli.add("--seq", &seq, "gradient scores: tokens per sequence");
+        cli.section("Run");
+        cli.add("--threads", &threads, "OpenMP threads (0 = default); the output does not depend on it");
+    }
+};
+
+static const char* method_paper(const std::string& m) {
+    if (m == "scratch") return "from scratch (Drop-Upcycling baseline FS, arXiv 2502.19261)";
+    if (m == "naive") return "Sparse Upcycling, arXiv 2212.05055";
+    if (m == "noise") return "random-noise upcycling (Drop-Upcycling baseline RNU, arXiv 2502.19261)";
+    if (m == "drop") return "Drop-Upcycling, arXiv 2502.19261";
+    if (m == "btx") return "Branch-Train-MiX, arXiv 2403.07816";
+    if (m == "granular") return "Upcycling LLMs into MoE (virtual-group granular upcycling), arXiv 2410.07524";
+    if (m == "partition") return "LLaMA-MoE (neuron partition), arXiv 2406.16554";
+    if (m == "expand") return "expert upcycling E -> mE, arXiv 2604.19835";
+    return "?";
+}
+
+// ----------------------------------------------------------------------------
+// Sources: a model directory whose tensors are read one at a time.
+
+struct Source {
+    std::string dir;
+    ModelConfig cfg;
+    ParamLayout lay;
+    std::unique_ptr<CheckpointTensors> ck;
+
+    // Checks up front that every tensor the config implies is there with the right shape
+    // and a float dtype, so a bad source fails before any output is written.
+    void open(const std::string& d) {
+        dir = d;
+        if (!is_dir(d)) FAIL("%s: model directory does not exist", d.c_str());
+        std::string cp = path_join(d, "config.json");
+        if (!path_exists(cp)) FAIL("%s: no config.json in this directory", d.c_str());
+        cfg = ModelConfig::load(cp);
+        lay = build_layout(cfg);
+        ck.reset(new CheckpointTensors(d));
+        for (auto& t : lay.tensors) {
+            if (!ck->has(t.name))
+                FAIL("%s: missing tensor \"%s\", which %s/config.json implies", d.c_str(), t.name.c_str(), d.c_str());
+            const TensorInfo& ti = ck->info(t.name);
+            if (ti.shape != t.shape)
+                FAIL("%s: tensor \"%s\" has shape %s but config.json implies %s", d.c_str(), t.name.c_str(),
+                     shape_str(ti.shape).c_str(), shape_str(t.shape).c_str());
+            if (ti.dtype != DType::F32 && ti.dtype != DType::BF16 && ti.dtype != DType::F16)
+                FAIL("%s: tensor \"%s\" has dtype %s; expected F32, BF16 or F16", d.c_str(), t.name.c_str(),
+                     dtype_name(ti.dtype));
+        }
+    }
+    std::vector<float> read(const std::string& name) const {
+        const TensorInfo& ti = ck->info(name);
+        std::vector<float> v((size_t)ti.numel());
+        ck->read(name, ti.shape, v.data());
+        return v;
+    }
+    std::vector<float> read(int tensor_index) const { return read(lay.tensors[tensor_index].name); }
+    // The weight files (one, or the shards of model.safetensors.index.json), for digests.
+    std::vector<std::string> weight_files() const {
+        std::string index = path_join(dir, "model.safetensors.index.json");
+        if (!path_exists(index)) return {"model.safetensors"};
+        std::vector<std::string> files;
+        Json j = Json::parse_file(index);
+        for (auto& kv : j.find("weight_map")->obj)
+            if (std::find(files.begin(), files.end(), kv.second.str) == files.end()) files.push_back(kv.second.str);
+        std::sort(files.begin(), files.end());
+        return files;
+    }
+    Json record() const {
+        Json s = Json::object();
+        s["dir"] = dir;
+        Json files = Json::array();
+        for (auto& f : weight_files()) {
+            Json e = Json::object();
+            e["file"] = f;
+            e["sha256"] = sha256_file(path_join(dir, f));
+            files.push(e);
+        }
+        s["files"] = files;
+        return s;
+    }
+};
+
+static std::vector<std::string> split_commas(const std::string& s) {
+    std::vector<std::string> v;
+    size_t start = 0;
+    while (true) {
+        size_t c = s.find(',', start);
+        v.push_back(s.substr(start, c == std::string::npos ? std::string::npos : c - start));
+        if (c == std::string::npos) break;
+        start = c + 1;
+    }
+    return v;
+}
+
+static DType output_dtype(const std::string& opt, DType input) {
+    if (opt == "f32") return DType::F32;
+    if (opt == "bf16") return DType::BF16;
+    if (opt != "same") FAIL("--dtype must be same, f32 or bf16, found \"%s\"", opt.c_str());
+    return input == DType::BF16 ? DType::BF16 : DType::F32;  // F16 inputs are widened (no F16 output)
+}
+
+// ----------------------------------------------------------------------------
+// Streaming output: declare every tensor, then produce and write them in order.
+
+struct OutTensor {
+    std::string name;
+    std::vector<int64_t> shape;
+    int layer;  // -1 outside the layers
+};
+
+struct Progress {
+    double t0 = now_seconds();
+    double bytes = 0;
+    int n_layer = 0;
+    std::string what;
+    void layer_done(int l) {
+        printf("%s: layer %d/%d | %.1f MB written | %.1fs\n", what.c_str(), l + 1, n_layer, bytes / 1e6,
+               now_seconds() - t0);
+        fflush(stdout);
+    }
+};
+
+static void stream_write(const std::string& path, const std::vector<OutTensor>& list, DType dt,
+                         const std::map<std::string, std::string>& metadata,
+                         const std::function<void(size_t, std::vector<float>&)>& produce, Progress& prog) {
+    SafeTensorsWriter w;
+    w.metadata = metadata;
+    for (auto& t : list) w.declare(t.name, dt, t.shape);
+    w.begin(path);
+    std::vector<float> buf;
+    for (size_t i = 0; i < list.size(); i++) {
+        buf.assign((size_t)shape_numel(list[i].shape), 0.0f);
+        produce(i, buf);
+        w.write(list[i].name, buf.data());
+        prog.bytes += (double)buf.size() * dtype_size(dt);
+        bool layer_ends = list[i].layer >= 0 && (i + 1 == list.size() || list[i + 1].layer != list[i].layer);
+        if (layer_ends) prog.layer_done(list[i].layer);
+    }
+    w.finish();
+}
+
+static std::vector<OutTensor> layout_tensors(const ParamLayout& lay) {
+    std::vector<OutTensor> v;
+    for (auto& t : lay.tensors) v.push_back({t.name, t.shape, t.layer});
+    return v;
+}
+
+static void write_config(const std::string& path, const ModelConfig& cfg, DType dt) {
+    Json j = cfg.to_json();
+    j["torch_dtype"] = dt == DType::BF16 ? "bfloat16" : "float32";
+    write_text_atomic(path, j.dump(2) + "\n");
+}
+
+// Tokenizer files travel with the model so the output is a complete HF directory.
+static void copy_tokenizer_files(const std::string& src_dir, const AtomicDir& out) {
+    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                          "tokenizer.bin"}) {
+        std::string p = path_join(src_dir, f);
+        if (!path_exists(p)) continue;
+        std::vector<uint8_t> b = read_file(p);
+        AtomicFile af(out.file(f));
+        af.write(b.data(), b.size());
+        af.commit();
+    }
+}
+
+static std::string same_path_key(const std::string& p) {
+    char buf[4096];
+    if (realpath(p.c_str(), buf)) return buf;
+    std::string s = p;
+    while (s.size() > 1 && s.back() == '/') s.pop_back();
+    return s;
+}
+
+// ----------------------------------------------------------------------------
+// Dense -> MoE: scratch, naive, noise, drop, btx, granular, partition
+
+struct DenseUpcycler {
+    const UpcycleArgs& a;
+    std::vector<std::unique_ptr<Source>> src;  // btx: S sources; others: at most one
+    ModelConfig out_cfg;
+    ParamLayout out_lay;
+    int method_F = 0;         // dense FFN width F
+    int router_kind = ROUTER_UNIFORM;
+    bool shared_index = false;
+    int n_reinit = 0;         // noise/drop: floor(F r)
+    float granular_mult = 1;  // granular: c = s^(1/3)
+    float partition_mult = 1; // partition: E / K
+    // the current layer's dense FFN per source: [s][matrix]
+    int cached_layer = -1;
+    std::vector<std::array<std::vector<float>, 3>> ffn;
+    std::vector<std::vector<int>> partition_sets;
+
+    explicit DenseUpcycler(const UpcycleArgs& args) : a(args) {}
+
+    void load_layer(int l) {
+        if (cached_layer == l) return;
+        ffn.assign(src.size(), {});
+        for (size_t s = 0; s < src.size(); s++) {
+            const Source& S = *src[s];
+            ffn[s][MAT_GATE] = S.read(S.lay.by_layer[l][P_GATE]);
+            ffn[s][MAT_UP] = S.read(S.lay.by_layer[l][P_UP]);
+            ffn[s][MAT_DOWN] = S.read(S.lay.by_layer[l][P_DOWN]);
+        }
+        if (a.method == "partition") partition_sets = partition_neurons(method_F, out_cfg.n_experts, a.seed, l);
+        cached_layer = l;
+    }
+
+    // From-scratch init of output tensor `ti`, exactly init_from_scratch of common/model.h
+    // (same streams, same formula) one tensor at a time; a test holds the two equal.
+    void scratch_tensor(size_t ti, std::vector<float>& out) const {
+        const ParamTensor& t = out_lay.tensors[ti];
+        if (t.shape.size() == 1) { std::fill(out.begin(), out.end(), 1.0f); return; }
+        uint64_t stream = stream_id(PURPOSE_INIT, (uint32_t)ti);
+        uint64_t seed = (uint64_t)a.seed;
+#pragma omp parallel for
+        for (long i = 0; i < (long)t.numel; i++) out[i] = (float)(0.02f * rng_normal(seed, stream, (uint64_t)i));
+    }
+
+    void produce(size_t ti, std::vector<float>& out) {
+        const ParamTensor& t = out_lay.tensors[ti];
+        const uint64_t seed = (uint64_t)a.seed;
+        if (a.method == "scratch") return scratch_tensor(ti, out);
+        if (t.kind == P_ROUTER) {
+            if (a.method == "granular")
+                granular_router(out.data(), out_cfg.n_experts, a.granularity, out_cfg.d_model, router_kind, seed, t.layer);
+            else
+                router_init(out.data(), out_cfg.n_experts, out_cfg.d_model, router_kind, seed, t.layer);
+            return;
+        }
+        if (t.expert < 0) {  // embeddings, attention, norms, LM head: copied (btx: averaged)
+            if (src.size() == 1) { out = src[0]->read(t.name); return; }
+            std::vector<std::vector<float>> all;
+            for (auto& s : src) all.push_back(s->read(t.name));
+            mean_of_sources(out.data(), all, out.size());
+            return;
+        }
+        load_layer(t.layer);
+        const int l = t.layer, e = t.expert, mat = t.kind - P_EGATE, F = method_F, d = out_cfg.d_model;
+        if (a.method == "granular") {
+            gather_neurons(out.data(), ffn[0][mat].data(), mat, F, d, granular_shard(F, a.granularity, e), granular_mult);
+            return;
+        }
+        if (a.method == "partition") {
+            gather_neurons(out.data(), ffn[0][mat].data(), mat, F, d, partition_sets[e],
+                           mat == MAT_DOWN ? partition_mult : 1.0f);
+            return;
+        }
+        int s = a.method == "btx" ? btx_source(e, out_cfg.n_experts, (int)src.size()) : 0;
+        out = ffn[s][mat];
+        if (a.method == "noise") {
+            std::vector<int> S = sample_neurons(F, n_reinit, seed, stream_id(PURPOSE_NOISE_INDEX, l, e, mat));
+            add_noise_to_neurons(out.data(), mat, F, d, S, 0.02f, seed, stream_id(PURPOSE_NOISE_VALUES, l, e, mat));
+        } else if (a.method == "drop") {
+            // shared mode: one set per expert (index stream 3), used for all three matrices
+            std::vector<int> S = sample_neurons(F, n_reinit, seed, stream_id(PURPOSE_DROP_INDEX, l, e, shared_index ? 3 : mat));
+            drop_neurons(out.data(), mat, F, d, S, seed, stream_id(PURPOSE_DROP_VALUES, l, e, mat));
+        }
+    }
+
+    void run(const Cli& cli) {
+        const std::string& m = a.method;
+        std::vector<std::string> dirs;
+        if (!a.from.empty()) dirs = split_commas(a.from);
+        if (m != "btx" && dirs.size() > 1) FAIL("--method %s takes one --from directory, found %zu", m.c_str(), dirs.size());
+        if (m != "scratch" && dirs.empty()) FAIL("--method %s needs --from (a dense model directory)", m.c_str());
+        for (auto& d : dirs) {
+            if (same_path_key(d) == same_path_key(a.out)) FAIL("--out %s is the source directory itself", a.out.c_str());
+            src.emplace_back(new Source());
+            src.back()->open(d);
+            if (src.back()->cfg.is_moe())
+                FAIL("%s: is an MoE (num_local_experts = %d); --method %s needs a dense (Llama) model "
+                     "(use --method expand to grow an MoE)", d.c_str(), src.back()->cfg.n_experts, m.c_str());
+        }
+        // the output shape
+        if (!src.empty()) {
+            out_cfg = src[0]->cfg;
+            if (m == "scratch" && cli.was_set("--model")) FAIL("--method scratch: give --from or --model, not both");
+        } else {
+            if (a.model.empty()) FAIL("--method scratch needs --from (a dense model for the shape) or --model PRESET --vocab V");
+            if (!model_preset(a.model, &out_cfg))
+                FAIL("--model %s: not a preset (%s)", a.model.c_str(), model_preset_names());
+            if (a.vocab <= 0) FAIL("--method scratch --model %s needs --vocab V", a.model.c_str());
+            out_cfg.vocab_size = a.vocab;
+        }
+        if (m == "btx") {
+            int S = (int)src.size();
+            if (a.experts % S)
+                FAIL("--method btx: the number of sources S = %d must divide --experts E = %d", S, a.experts);
+            for (int s = 1; s < S; s++) {
+                const ModelConfig &c0 = src[0]->cfg, &c = src[s]->cfg;
+                const char* what = nullptr;
+                long v0 = 0, v = 0;
+                auto cmp = [&](const char* k, long x0, long x) { if (!what && x0 != x) { what = k; v0 = x0; v = x; } };
+                cmp("vocab_size", c0.vocab_size, c.vocab_size); cmp("hidden_size", c0.d_model, c.d_model);
+                cmp("num_hidden_layers", c0.n_layer, c.n_layer); cmp("num_attention_heads", c0.n_head, c.n_head);
+                cmp("num_key_value_heads", c0.n_kv_head, c.n_kv_head); cmp("head_dim", c0.head_dim, c.head_dim);
+                cmp("intermediate_size", c0.ffn_dim, c.ffn_dim);
+                cmp("tie_word_embeddings", c0.tie_embeddings, c.tie_embeddings);
+                if (what)
+                    FAIL("--method btx: sources must have identical shapes, but %s is %ld in %s and %ld in %s", what, v0,
+                         src[0]->dir.c_str(), v, src[s]->dir.c_str());
+            }
+        }
+        method_F = out_cfg.ffn_dim;
+        const int F = method_F, E = a.experts, K = a.topk, G = a.granularity;
+        out_cfg.n_experts = E;
+        out_cfg.top_k = K;
+        out_cfg.routing = parse_routing(a.routing, "--routing");
+        if (a.router == "uniform") router_kind = ROUTER_UNIFORM;
+        else if (a.router == "normal") router_kind = ROUTER_NORMAL;
+        else FAIL("--router must be uniform or normal, found \"%s\"", a.router.c_str());
+        if (m == "noise" || m == "drop") {
+            if (!(a.ratio >= 0 && a.ratio <= 1)) FAIL("--ratio %g is outside [0, 1]", a.ratio);
+            n_reinit = neurons_of_ratio(F, a.ratio);
+        }
+        if (m == "drop") {
+            if (a.du_index_mode == "shared") shared_index = true;
+            else if (a.du_index_mode != "independent")
+                FAIL("--du-index-mode must be independent or shared, found \"%s\"", a.du_index_mode.c_str());
+        }
+        if (m == "granular") {
+            if (G < 1) FAIL("--granularity must be >= 1, found %d", G);
+            if (F % G) FAIL("--granularity %d does not divide the dense FFN width F = %d", G, F);
+            if (E % G) FAIL("--granularity %d does not divide --experts %d (E = R G with R copies)", G, E);
+            if (K % G) FAIL("--topk %d is not a multiple of --granularity %d (top-K must pick whole groups)", K, G);
+            out_cfg.ffn_dim = F / G;
+            granular_mult = granular_weight_mult(E, G, K, out_cfg.routing);
+        }
+        if (m == "partition") {
+            if (F % E) FAIL("--experts %d does not divide the dense FFN width F = %d (partition needs F/E neurons each)", E, F);
+            out_cfg.ffn_dim = F / E;
+            partition_mult = (float)E / (float)K;
+        }
+        out_cfg.validate("output model");
+        out_lay = build_layout(out_cfg);
+        DType dt = output_dtype(a.dtype, src.empty() ? DType::F32 : src[0]->ck->dtype());
+
+        // what we do, recorded in config.json
+        Json rec = Json::object();
+        rec["method"] = m;
+        rec["paper"] = method_paper(m);
+        rec["tool"] = "upcycle " UPCYCLE_VERSION;
+        rec["seed"] = a.seed;
+        rec["experts"] = E;
+        rec["top_k"] = K;
+        rec["routing"] = routing_name(out_cfg.routing);
+        if (m != "scratch") rec["router_init"] = a.router == "uniform" ? "uniform: (U - mean U) * 0.02 sqrt(12), std 0.02"
+                                                                      : "normal: N(0, 0.02^2)";
+        if (m == "noise") { rec["ratio"] = a.ratio; rec["neurons_per_matrix"] = n_reinit; rec["noise_std"] = 0.02; }
+        if (m == "drop") { rec["ratio"] = a.ratio; rec["neurons_per_matrix"] = n_reinit; rec["index_mode"] = a.du_index_mode; }
+        if (m == "granular") {
+            rec["granularity"] = G;
+            rec["expert_width"] = F / G;
+            rec["weight_scale_s"] = granular_scale(E, G, K, out_cfg.routing);
+            rec["weight_multiplier_per_matrix"] = (double)granular_mult;
+        }
+        if (m == "partition") {
+            rec["expert_width"] = F / E;
+            rec["output_multiplier"] = (double)E / K;
+            rec["note"] = strfmt("the LLaMA-MoE output multiplier E/K = %g is folded into every expert's down "
+                                 "projection (w2); the model itself has no output multiplier", (double)E / K);
+        }
+        if (m == "scratch") rec["init"] = "every matrix N(0, 0.02^2) (router included), norms 1";
+        rec["dtype"] = dtype_name(dt);
+        Json sources = Json::array();
+        for (auto& s : src) sources.push(s->record());
+        rec["sources"] = sources;
+        if (m == "btx") rec["expert_source"] = strfmt("expert e = FFN of source e div %d; other tensors = mean of sources",
+                                                      E / (int)src.size());
+        out_cfg.extra.erase("upcycling");
+        out_cfg.extra["upcycling"] = rec;
+
+        printf("upcycle %s (%s): %s -> %d experts top-%d, F_e %d, %s, seed %ld, %s\n", m.c_str(), method_paper(m),
+               src.empty() ? a.model.c_str() : a.from.c_str(), E, K, out_cfg.ffn_dim, routing_name(out_cfg.routing),
+               a.seed, dtype_name(dt));
+        AtomicDir out(a.out);
+        Progress prog;
+        prog.n_layer = out_cfg.n_layer;
+        prog.what = "model.safetensors";
+        stream_write(out.file("model.safetensors"), layout_tensors(out_lay), dt, {{"format", "pt"}},
+                     [&](size_t i, std::vector<float>& buf) { produce(i, buf); }, prog);
+        write_config(out.file("config.json"), out_cfg, dt);
+        if (!src.empty()) copy_tokenizer_files(src[0]->dir, out);
+        out.commit();
+        printf("wrote %s (%.1f MB, %.1fs)\n", a.out.c_str(), prog.bytes / 1e6, now_seconds() - prog.t0);
+    }
+};
+
+// ----------------------------------------------------------------------------
+// MoE -> larger MoE (expert upcycling, METHODS 2.8)
+
+struct Expander {
+    const UpcycleArgs& a;
+    Source src;
+    std::unique_ptr<SafeTensorsReader> opt;  // the source's optimizer.safetensors, if any
+    long adam_t = 0;
+    ModelConfig out_cfg;
+    ParamLayout out_lay;
+    int m = 2;
+    std::vector<std::vector<int>> sel;        // [layer][new slot] -> source expert
+    std::vector<std::vector<double>> scores;  // [layer][source expert]
+    bool has_bias = false;
+
+    explicit Expander(const UpcycleArgs& args) : a(args) {}
+
+    std::string src_name(const ParamTensor& t) const {
+        if (t.expert < 0) return t.name;
+        return src.lay.tensors[src.lay.experts[t.layer][sel[t.layer][t.expert]][t.kind - P_EGATE]].name;
+    }
+    // One output tensor read from `read` (the weights, or one of the moments), its
+    // expert or router rows mapped through the selection.
+    void produce(const ParamTensor& t, std::vector<float>& out, const std::function<std::vector<float>(const std::string&)>& read) {
+        if (t.kind == P_ROUTER) {
+            std::vector<float> r = read(t.name);
+            int d = out_cfg.d_model;
+            for (size_t j = 0; j < sel[t.layer].size(); j++)
+                std::copy(r.begin() + (size_t)sel[t.layer][j] * d, r.begin() + (size_t)(sel[t.layer][j] + 1) * d,
+                          out.begin() + j * d);
+            return;
+        }
+        out = read(src_name(t));
+    }
+
+    void compute_scores(int kind) {
+        const int L = src.cfg.n_layer, E = src.cfg.n_experts;
+        if (kind == SCORE_FISHER && !opt)
+            FAIL("--score fisher needs Adam's second moment: %s/optimizer.safetensors does not exist", src.dir.c_str());
+        std::vector<std::vector<double>> wsq(L, std::vector<double>(E, 0)), gsq = wsq, vsq = wsq;
+        auto sumsq = [](const float* p, size_t n) { double s = 0; for (size_t i = 0; i < n; i++) s += (double)p[i] * p[i]; return s; };
+        if (score_needs_grads(kind)) {
+            if (a.utility_batches < 1) FAIL("--utility-batches must be >= 1, found %d", a.utility_batches);
+            // the whole source model in the CPU trainer: mean gradient of the cross-entropy
+            // (aux and z losses off: the score is about language modeling) over N batches
+            DataLoader data(a.data, "", a.batch, a.seq, src.cfg.vocab_size, (uint64_t)a.seed);  // bad data fails first
+            printf("utility scores: loading the whole source model for gradients (%d batches of %d x %d from %s)\n",
+                   a.utility_batches, a.batch, a.seq, a.data.c_str());
+            Model M;
+            M.load(src.dir);
+            M.ts.aux_type = AUX_NONE;
+            M.ts.aux_coef = 0;
+            M.ts.z_coef = 0;
+            if (has_bias) M.ts.aux_free_rate = 1e-3;  // route with the saved biases, as training did
+            std::vector<int> in((size_t)a.batch * a.seq), tg(in.size());
+            M.zero_grad();
+            double loss = 0;
+            for (int b = 0; b < a.utility_batches; b++) {
+                data.next_batch(in.data(), tg.data());
+                loss += M.forward(in.data(), tg.data(), a.batch, a.seq).ce / a.utility_batches;
+                M.backward((real)1 / a.utility_batches);
+            }
+            printf("utility scores: source loss %.4f over the utility batches\n", loss);
+            for (int l = 0; l < L; l++)
+                for (int e = 0; e < E; e++)
+                    for (int k = 0; k < 3; k++) {
+                        const ParamTensor& t = M.lay.tensors[M.lay.experts[l][e][k]];
+                        wsq[l][e] += sumsq(M.params.data() + t.offset, t.numel);
+                        gsq[l][e] += sumsq(M.grads.data() + t.offset, t.numel);
+                    }
+        } else {
+            for (int l = 0; l < L; l++)
+                for (int e = 0; e < E; e++)
+                    for (int k = 0; k < 3; k++) {
+                        std::vector<float> w = src.read(src.lay.experts[l][e][k]);
+                        wsq[l][e] += sumsq(w.data(), w.size());
+                    }
+        }
+        if (kind == SCORE_FISHER) {
+            for (int l = 0; l < L; l++)
+                for (int e = 0; e < E; e++)
+                    for (int k = 0; k < 3; k++) {
+                        std::vector<float> v = opt->read_vec<float>(src.lay.tensors[src.lay.experts[l][e][k]].name + ".exp_avg_sq");
+                        vsq[l][e] += sumsq(v.data(), v.size());
+                    }
+        }
+        scores.assign(L, std::vector<double>(E));
+        for (int l = 0; l < L; l++)
+            for (int e = 0; e < E; e++) scores[l][e] = utility_score(kind, wsq[l][e], gsq[l][e], vsq[l][e]);
+    }
+
+    void run(const Cli& cli) {
+        if (a.from.empty()) FAIL("--method expand needs --from (a trained MoE checkpoint directory)");
+        if (a.from.find(',') != std::string::npos) FAIL("--method expand takes one --from directory");
+        if (same_path_key(a.from) == same_path_key(a.out)) FAIL("--out %s is the source directory itself", a.out.c_str());
+        src.open(a.from);
+        if (!src.cfg.is_moe())
+            FAIL("%s: is a dense model (no num_local_experts in config.json); --method expand needs an MoE checkpoint "
+                 "(make one with --method naive/drop/...)", a.from.c_str());
+        const int E = src.cfg.n_experts, L = src.cfg.n_layer;
+        int E_new = cli.was_set("--experts") ? a.experts : 2 * E;
+        if (E_new < E || E_new % E)
+            FAIL("--experts %d: expand needs a multiple of the source's %d experts", E_new, E);
+        if (cli.was_set("--topk") && a.topk != src.cfg.top_k)
+            FAIL("--topk %d: expand keeps the source's top-K (%d)", a.topk, src.cfg.top_k);
+        if (cli.was_set("--routing") && parse_routing(a.routing, "--routing") != src.cfg.routing)
+            FAIL("--routing %s: expand keeps the source's routing (%s)", a.routing.c_str(), routing_name(src.cfg.routing));
+        m = E_new / E;
+        int kind = parse_score(a.score);
+        if (a.select != "uniform" && a.select != "utility")
+            FAIL("--select must be uniform or utility, found \"%s\"", a.select.c_str());
+        if (a.select == "utility" && a.max_dup < 1) FAIL("--max-dup must be >= 1, found %d", a.max_dup);
+        for (int l = 0; l < L; l++)
+            has_bias |= src.ck->has(strfmt("model.layers.%d.block_sparse_moe.expert_bias", l));
+        std::string op = path_join(a.from, "optimizer.safetensors");
+        if (path_exists(op)) {
+            opt.reset(new SafeTensorsReader(op));
+            for (auto& t : src.lay.tensors)
+                for (const char* sfx : {".exp_avg", ".exp_avg_sq"}) {
+                    if (!opt->has(t.name + sfx)) FAIL("%s: missing tensor \"%s%s\"", op.c_str(), t.name.c_str(), sfx);
+                    if (opt->info(t.name + sfx).shape != t.shape)
+                        FAIL("%s: tensor \"%s%s\" has shape %s, the model's is %s", op.c_str(), t.name.c_str(), sfx,
+                             shape_str(opt->info(t.name + sfx).shape).c_str(), shape_str(t.shape).c_str());
+                }
+            auto it = opt->metadata.find("adam_t");
+            adam_t = it == opt->metadata.end() ? 0 : std::stol(it->second);
+        }
+
+        // selection, per layer
+        sel.assign(L, {});
+        if (a.select == "utility") compute_scores(kind);
+        if (!opt)
+            printf("note: %s has no optimizer.safetensors: the AdamW moments are written as zeros (adam_t 0)\n",
+                   a.from.c_str());
+        for (int l = 0; l < L; l++) {
+            sel[l] = a.select == "uniform" ? select_uniform(E, m) : select_utility(scores[l], m, a.max_dup);
+            printf("layer %d: new slot <- source expert:", l);
+            for (int j = E; j < E * m; j++) printf(" %d<-%d", j, sel[l][j]);
+            printf("\n");
+        }
+
+        out_cfg = src.cfg;
+        out_cfg.n_experts = E_new;
+        out_cfg.validate("output model");
+        out_lay = build_layout(out_cfg);
+        DType dt = output_dtype(a.dtype, src.ck->dtype());
+
+        Json rec = Json::object();
+        rec["method"] = "expand";
+        rec["paper"] = method_paper("expand");
+        rec["tool"] = "upcycle " UPCYCLE_VERSION;
+        rec["seed"] = a.seed;
+        rec["experts_from"] = E;
+        rec["experts"] = E_new;
+        rec["top_k"] = out_cfg.top_k;
+        rec["select"] = a.select;
+        if (a.select == "utility") {
+            rec["score"] = a.score;
+            rec["max_dup"] = a.max_dup;
+            if (score_needs_grads(kind)) {
+                rec["utility_data"] = a.data;
+                rec["utility_batches"] = a.utility_batches;
+                rec["utility_batch"] = a.batch;
+                rec["utility_seq"] = a.seq;
+                rec["utility_loss"] = "mean cross-entropy (aux and z losses off)";
+            }
+            Json sc = Json::array();
+            for (auto& row : scores) {
+                Json r = Json::array();
+                for (double x : row) r.push(Json(x));
+                sc.push(r);
+            }
+            rec["scores"] = sc;
+        }
+        Json sj = Json::array();
+        for (auto& row : sel) {
+            Json r = Json::array();
+            for (int x : row) r.push(Json(x));
+            sj.push(r);
+        }
+        rec["selection"] = sj;
+        rec["selection_note"] = "selection[layer][slot] = the source expert copied into that slot (weights, router row, "
+                                "AdamW moments); slots < experts_from keep the originals";
+        rec["optimizer"] = opt ? strfmt("AdamW moments copied with their experts, adam_t %ld", adam_t)
+                               : std::string("source had no optimizer.safetensors: moments are zeros, adam_t 0");
+        rec["dtype"] = dtype_name(dt);
+        Json sources = Json::array();
+        sources.push(src.record());
+        rec["sources"] = sources;
+        if (const Json* prev = src.cfg.extra.find("upcycling")) rec["source_upcycling"] = *prev;
+        out_cfg.extra.erase("upcycling");
+        out_cfg.extra["upcycling"] = rec;
+
+        printf("upcycle expand (%s): %s, %d -> %d experts top-%d, select %s%s\n", method_paper("expand"), a.from.c_str(),
+               E, E_new, out_cfg.top_k, a.select.c_str(), a.select == "utility" ? (" by " + a.score).c_str() : "");
+        AtomicDir out(a.out);
+        Progress prog;
+        prog.n_layer = L;
+        // the model (+ aux-loss-free biases, mapped like the router rows)
+        std::vector<OutTensor> list = layout_tensors(out_lay);
+        if (has_bias)
+            for (int l = 0; l < L; l++) list.push_back({strfmt("model.layers.%d.block_sparse_moe.expert_bias", l), {E_new}, -1});
+        auto read_w = [&](const std::string& n) { return src.read(n); };
+        prog.what = "model.safetensors";
+        stream_write(out.file("model.safetensors"), list, dt, {{"format", "pt"}},
+                     [&](size_t i, std::vector<float>& buf) {
+                         if (i < out_lay.tensors.size()) return produce(out_lay.tensors[i], buf, read_w);
+                         int l = (int)(i - out_lay.tensors.size());
+                         std::string n = strfmt("model.layers.%d.block_sparse_moe.expert_bias", l);
+                         std::vector<float> b(E, 0.0f);
+                         if (src.ck->has(n)) b = src.read(n);
+                         for (int j = 0; j < E_new; j++) buf[j] = b[sel[l][j]];
+                     },
+                     prog);
+        // the optimizer, in write_optimizer_file's format (common/run.h): per tensor
+        // "<name>.exp_avg" then "<name>.exp_avg_sq", F32, metadata adam_t
+        std::vector<OutTensor> olist;
+        for (auto& t : out_lay.tensors) {
+            olist.push_back({t.name + ".exp_avg", t.shape, t.layer});
+            olist.push_back({t.name + ".exp_avg_sq", t.shape, t.layer});
+        }
+        prog.what = "optimizer.safetensors";
+        stream_write(out.file("optimizer.safetensors"), olist, DType::F32, {{"adam_t", std::to_string(adam_t)}},
+                     [&](size_t i, std::vector<float>& buf) {
+                         if (!opt) return;  // zeros
+                         const char* sfx = i % 2 ? ".exp_avg_sq" : ".exp_avg";
+                         produce(out_lay.tensors[i / 2], buf,
+                                 [&](const std::string& n) { return opt->read_vec<float>(n + sfx); });
+                     },
+                     prog);
+        write_config(out.file("config.json"), out_cfg, dt);
+        copy_tokenizer_files(src.dir, out);
+        out.commit();
+        printf("wrote %s (%.1f MB, %.1fs); continue training with: ./train_moe --init %s --init-optimizer ...\n",
+               a.out.c_str(), prog.bytes / 1e6, now_seconds() - prog.t0, a.out.c_str());
+    }
+};
+
+// ----------------------------------------------------------------------------
+
+int main(int argc, char** argv) {
+    UpcycleArgs a;
+    Cli cli("upcycle", "Builds a Mixture-of-Experts model (Hugging Face Mixtral format) from dense Llama model(s), or a\n"
+                       "larger MoE from a trained MoE: every initialization of docs/METHODS.md section 2. Streams\n"
+                       "tensor by tensor (memory ~ one layer), except expand with a gradient score, which loads the\n"
+                       "whole source model. The same --seed gives byte-identical output on any thread count.");
+    a.add_to(cli);
+    cli.epilog(
+        "Examples (one per method):\n"
+        "  ./upcycle --method scratch   --from dense/ --experts 8 --topk 2 --out moe_fs\n"
+        "  ./upcycle --method scratch   --model small --vocab 4096 --experts 8 --topk 2 --out moe_fs\n"
+        "  ./upcycle --method naive     --from dense/ --experts 8 --topk 2 --out moe_nu\n"
+        "  ./upcycle --method noise     --from dense/ --experts 8 --topk 2 --ratio 0.5 --out moe_rnu\n"
+        "  ./upcycle --method drop      --from dense/ --experts 8 --topk 2 --ratio 0.5 --out moe_du\n"
+        "  ./upcycle --method btx       --from seed/,ja/,en/,code/ --experts 8 --topk 2 --out moe_btx\n"
+        "  ./upcycle --method granular  --from dense/ --experts 16 --topk 4 --granularity 2 --out moe_gran\n"
+        "  ./upcycle --method partition --from dense/ --experts 8 --topk 2 --out moe_part\n"
+        "  ./upcycle --method expand    --from runs/moe/step_001000 --experts 16 --select utility --score grad_norm\n"
+        "            --data data/tiny --utility-batches 8 --out moe_x2\n"
+        "  then: ./train_moe --init moe_x2 --init-optimizer --data data/tiny ...\n"
+        "See docs/UPCYCLING.md for what each method preserves.");
+    try {
+        cli.parse(argc, argv);
+#ifdef _OPENMP
+        if (a.threads > 0) omp_set_num_threads(a.threads);
+#endif
+        if (a.method.empty()) FAIL("--method is required (scratch, naive, noise, drop, btx, granular, partition, expand)");
+        if (a.out.empty()) FAIL("--out is required (the output directory)");
+        static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "expand"};
+        bool known = false;
+        for (const char* k : methods) known |= a.method == k;
+        if (!known) FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, expand",
+                         a.method.c_str());
+        if (a.method == "expand") {
+            Expander x(a);
+            x.run(cli);
+        } else {
+            if (a.experts < 1) FAIL("--experts must be >= 1, found %d", a.experts);
+            if (a.topk < 1 || a.topk > a.experts) FAIL("--topk %d must be in [1, --experts %d]", a.topk, a.experts);
+            DenseUpcycler u(a);
+            u.run(cli);
+        }
+        return 0;
+    } catch (const Error& e) {
+        fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}
