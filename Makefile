@@ -7,7 +7,7 @@
 CXX ?= g++
 NVCC ?= nvcc
 PYTHON ?= python3
-CXXFLAGS ?= -std=c++17 -O2 -march=native -fopenmp -Wall -Wextra -Wno-unused-parameter
+CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -Wall -Wextra -Wno-unused-parameter
 # Hopper by default; pass GPU_ARCH explicitly for other GPUs (no auto-detection to go wrong)
 GPU_ARCH ?= -gencode arch=compute_90,code=sm_90
 NVCCFLAGS ?= -std=c++17 -O3 $(GPU_ARCH) --expt-relaxed-constexpr -Xcompiler -fopenmp -Xcompiler -Wall

@@ -110,22 +110,52 @@ void rmsnorm_backward(real* dx, real* dw, const real* dout, const real* x, const
 }
 
 // out[N, OC] = inp[N, C] @ w[OC, C]^T   (Hugging Face [out, in] weight layout)
+// Rows of inp go four at a time so that each weight row, once loaded, serves four dot
+// products; every output is still exactly dot(inp row, w row).
 void matmul_forward(real* out, const real* inp, const real* w, int N, int C, int OC) {
 #pragma omp parallel for
-    for (int n = 0; n < N; n++)
-        for (int o = 0; o < OC; o++) out[(size_t)n * OC + o] = dot(inp + (size_t)n * C, w + (size_t)o * C, C);
+    for (int n0 = 0; n0 < N; n0 += 4) {
+        int rows = std::min(4, N - n0);
+        for (int o = 0; o < OC; o++)
+            for (int j = 0; j < rows; j++)
+                out[(size_t)(n0 + j) * OC + o] = dot(inp + (size_t)(n0 + j) * C, w + (size_t)o * C, C);
+    }
 }
+// y += a0 x0 + a1 x1 + a2 x2 + a3 x3: four rows per pass, so the accumulator row is stored
+// once per four multiply-adds (the plain one-row axpy is limited by stores)
+static inline void axpy4(real* y, const real* a, const real* x0, const real* x1, const real* x2, const real* x3,
+                         int n) {
+    for (int i = 0; i < n; i++) y[i] += a[0] * x0[i] + a[1] * x1[i] + a[2] * x2[i] + a[3] * x3[i];
+}
+
 // dinp += dout @ w;  dw += dout^T @ inp   (either may be null)
 void matmul_backward(real* dinp, real* dw, const real* dout, const real* inp, const real* w, int N, int C, int OC) {
-    if (dinp) {
+    if (dinp) {  // blocks of 4 rows of dinp share each strip of 4 weight rows while it is in cache
 #pragma omp parallel for
-        for (int n = 0; n < N; n++)
-            for (int o = 0; o < OC; o++) axpy(dinp + (size_t)n * C, dout[(size_t)n * OC + o], w + (size_t)o * C, C);
+        for (int n0 = 0; n0 < N; n0 += 4) {
+            int rows = std::min(4, N - n0), o = 0;
+            for (; o + 4 <= OC; o += 4)
+                for (int j = 0; j < rows; j++)
+                    axpy4(dinp + (size_t)(n0 + j) * C, dout + (size_t)(n0 + j) * OC + o, w + (size_t)o * C,
+                          w + (size_t)(o + 1) * C, w + (size_t)(o + 2) * C, w + (size_t)(o + 3) * C, C);
+            for (; o < OC; o++)
+                for (int j = 0; j < rows; j++)
+                    axpy(dinp + (size_t)(n0 + j) * C, dout[(size_t)(n0 + j) * OC + o], w + (size_t)o * C, C);
+        }
     }
     if (dw) {
 #pragma omp parallel for
-        for (int o = 0; o < OC; o++)
-            for (int n = 0; n < N; n++) axpy(dw + (size_t)o * C, dout[(size_t)n * OC + o], inp + (size_t)n * C, C);
+        for (int o = 0; o < OC; o++) {
+            real* dwo = dw + (size_t)o * C;
+            int n = 0;
+            for (; n + 4 <= N; n += 4) {
+                real a[4] = {dout[(size_t)n * OC + o], dout[(size_t)(n + 1) * OC + o], dout[(size_t)(n + 2) * OC + o],
+                             dout[(size_t)(n + 3) * OC + o]};
+                axpy4(dwo, a, inp + (size_t)n * C, inp + (size_t)(n + 1) * C, inp + (size_t)(n + 2) * C,
+                      inp + (size_t)(n + 3) * C, C);
+            }
+            for (; n < N; n++) axpy(dwo, dout[(size_t)n * OC + o], inp + (size_t)n * C, C);
+        }
     }
 }
 
