@@ -192,14 +192,20 @@ struct Suite {
     bool want(int v) const { return only < 0 || only == v; }
 
     // start a version's row; checks and timings go to the last row begun
+    // (a file that loops over cases outside versions calls begin() again: the row is reused)
     void begin(int v, const char* name) {
-        rows.push_back(Row());
-        rows.back().version = std::to_string(v) + " " + name;
+        std::string label = std::to_string(v) + " " + name;
         printf("-- version %d: %s\n", v, name);
+        for (size_t i = 0; i < rows.size(); i++)
+            if (rows[i].version == label) { cur_row = (int)i; return; }
+        rows.push_back(Row());
+        rows.back().version = label;
+        cur_row = (int)rows.size() - 1;
     }
+    int cur_row = -1;
     Row& cur() {
-        if (rows.empty()) begin(0, "(none)");
-        return rows.back();
+        if (cur_row < 0) begin(0, "(none)");
+        return rows[cur_row];
     }
     void record(bool ok) { ok ? cur().passed++ : cur().failed++; }
 
