@@ -17,8 +17,8 @@ Build and run (from the repository root):
   nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
        dev/cuda/router.cu -o build/router -lcublas -lcublasLt -lgomp && ./build/router [version]
 
-TODO: kernels/router.cuh did not exist when this file was written; when it does, add its
-kernels as the last version (same checks).
+TODO: kernels/router.cuh exists (written concurrently) but is not included yet: add its
+kernels as the last version, checked the same way (this file has only its own versions).
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
