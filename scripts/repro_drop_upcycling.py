@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Drop-Upcycling Table 1 at small scale (docs/METHODS.md sections 2-4; docs/REPRODUCTIONS.md).
+
+A dense base is trained first; then, from it, every row trains for the same token budget with
+the same MoE recipe (8 experts, top-2, topk_softmax, aux `pooled` 0.02, no z-loss, fresh
+AdamW, linear warmup + cosine, the same --seed and so the same data order):
+
+  Dense (base)        the dense model itself
+  Dense (continued)   the dense base trained on for the MoE phase's budget
+  FS                  an 8x MoE from scratch (./train_moe --model ... --experts 8 --topk 2)
+  BTX                 three dense branches of the base trained on one domain each (en, code, de);
+                      S = 4 sources = base (the seed model, as in the paper) + 3 branches, 2 experts
+                      each; merged by ./upcycle --method btx, then the MoE phase
+  NU                  ./upcycle --method naive
+  RNU (r=0.5)         ./upcycle --method noise --ratio 0.5
+  DU (r=0.5), (r=1.0) ./upcycle --method drop --ratio 0.5 / 1.0
+
+Run (from the repository root):
+  python3 scripts/repro_drop_upcycling.py                 # tiny preset: CPU, ~5 min on 2 cores
+  python3 scripts/repro_drop_upcycling.py --preset small  # one H100 (./train_moe_gpu), < 1 hour
+  python3 scripts/repro_drop_upcycling.py --smoke --runs /tmp/r --results /tmp/r/out   # the smoke test
+  python3 scripts/repro_drop_upcycling.py --list          # print every command and exit
+Interrupted? Run the same command again: finished stages are skipped, the unfinished one resumes.
+Output: docs/results/drop_upcycling/[tiny/]{table.md,results.json,loss_curves.png,expert_load.png}.
+
+Small-preset budget (d512 = Drop-Upcycling's 152M shape with our vocab 16384: 67M dense
+parameters, 8x: 332M total, 105M active; 32 x 1024 = 32768 tokens per step):
+  dense base 1200 steps = 39.3M tokens; dense continued 600 = 19.7M; BTX branches 3 x 200 =
+  19.7M; 6 MoE rows x 600 = 118M tokens. Training FLOPs ~ 6 x (non-embedding + LM-head params)
+  x tokens + attention: dense ~0.43 GFLOP/token, MoE ~0.65 GFLOP/token, so 78.7M dense tokens
+  = 34 PFLOP and 118M MoE tokens = 77 PFLOP, 111 PFLOP in all: 19 minutes at 100 TFLOP/s
+  sustained (10% of the H100's bf16 peak), 37 minutes at 50 TFLOP/s; the hour holds down to
+  ~31 TFLOP/s (about 70k tok/s dense, 48k tok/s MoE). The GPU trainer's speed is not measured
+  yet: look at the first row's tok/s and the printed ETA, and lower dense_steps / moe_steps in
+  scripts/repro_lib.py (PRESETS["small"]) if the hour does not hold.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import repro_lib as R  # noqa: E402
+
+
+def build(cfg: dict, root: str) -> R.Table:
+    E, K = "8", "2"
+    base_stage, base_row, base = R.dense_base(root, cfg)
+    cont_stage, cont_row = R.dense_continued(root, cfg, base)
+    stages, rows = [base_stage, cont_stage], [base_row, cont_row]
+    moe_phase = dict(steps=cfg["moe_steps"], warmup=cfg["warmup_moe"], moe=True)
+
+    # FS: the same MoE shape from scratch (every matrix N(0, 0.02), METHODS 2.1)
+    fs = R.train_stage(root, "fs", cfg, ["--model", cfg["model"], "--experts", E, "--topk", K,
+                                         "--routing", "topk_softmax"], **moe_phase)
+    stages.append(fs)
+    rows.append(R.Row("fs", "FS (from scratch)", ["fs"], "fs"))
+
+    # BTX: branch, train on one domain each, merge (METHODS 2.6)
+    branches = []
+    for dom in R.DOMAINS:
+        mix = ",".join(f"{d}={1 if d == dom else 0}" for d in R.DOMAINS)
+        b = R.train_stage(root, f"btx_branch_{dom}", cfg, ["--init", base, "--mix", mix], cfg["branch_steps"],
+                          cfg["warmup_moe"], False, ["dense_base"])
+        stages.append(b)
+        branches.append(b)
+    merge = R.upcycle_stage(root, "btx_init", cfg, ["--method", "btx", "--from", ",".join(
+        [base] + [R.final_ckpt(root, b) for b in branches]), "--experts", E, "--topk", K],
+        ["dense_base"] + [b.name for b in branches])
+    btx = R.train_stage(root, "btx", cfg, ["--init", R.run_dir(root, "btx_init")], needs=["btx_init"], **moe_phase)
+    stages += [merge, btx]
+    rows.append(R.Row("btx", "BTX (base + en, code, de branches)", [b.name for b in branches] + ["btx_init", "btx"],
+                      "btx", before=["dense_base"], extra=[b.name for b in branches]))
+
+    # the upcycled rows: one ./upcycle call, then the MoE phase
+    for key, label, margs in [("nu", "NU (naive)", ["--method", "naive"]),
+                              ("rnu05", "RNU (r=0.5)", ["--method", "noise", "--ratio", "0.5"]),
+                              ("du05", "DU (r=0.5)", ["--method", "drop", "--ratio", "0.5"]),
+                              ("du10", "DU (r=1.0)", ["--method", "drop", "--ratio", "1.0"])]:
+        init = R.upcycle_stage(root, f"{key}_init", cfg, margs + ["--from", base, "--experts", E, "--topk", K],
+                               ["dense_base"])
+        run = R.train_stage(root, key, cfg, ["--init", R.run_dir(root, init.name)], needs=[init.name], **moe_phase)
+        stages += [init, run]
+        rows.append(R.Row(key, label, [init.name, key], key, before=["dense_base"]))
+
+    return R.Table(
+        "drop_upcycling", "Drop-Upcycling Table 1 (small-scale reproduction)", stages, rows,
+        notes=[f"MoE phase: {cfg['moe_steps']} steps for every row after the dense base ({cfg['dense_steps']} steps); "
+               "8 experts, top-2, topk_softmax, aux pooled 0.02, no z-loss, fresh AdamW, the same seed and data order. "
+               f"BTX branches: {cfg['branch_steps']} steps each on one domain (en, code, de) from the base; sources = "
+               "base + 3 branches, 2 experts each.",
+               "Paper (METHODS 3-4): step-0 order NU = dense < RNU <~ DU0.5 < DU1.0 < FS; DU r=0.5 lowest at the end "
+               "when the MoE phase is long enough."])
+
+
+if __name__ == "__main__":
+    sys.exit(R.main(__doc__, build, "drop_upcycling"))
