@@ -1,0 +1,186 @@
+// kernels/router.cuh: the MoE router, all in fp32 (METHODS.md 1.1-1.4).
+//   logits z = W_r x            [N, E]   (W_r: the fp32 master weights, x: ln2 in T)
+//   p = softmax(z)              [N, E]   lse(z) [N] kept for the z-loss
+//   top-K by z + bias (bias: aux-loss-free balancing, else 0); ties go to the lower index
+//   gate weights w_k: topk_softmax p_{e_k} / sum_k' p_{e_k'};  softmax_topk p_{e_k}
+// Router losses: the forward sums they need (per-sequence sums of p and of lse^2, plus
+// the counts from permute.cuh) are reduced here in double in a fixed order and copied to
+// the host, which adds them up exactly as the CPU trainer does (train_moe.cpp
+// router_losses). The host also computes the per-(sequence, expert) coefficient g of the
+// balancing loss gradient dL/dp_{t,i} = g[b, i] (train_moe.cpp aux_dp); router_backward
+// applies it through the softmax together with the z-loss and gate-weight gradients.
+// The aux-loss-free bias update (b_i += u sign(mean load - load_i)) runs on the host after
+// each optimizer step, on the counts the host already has; the device reads the bias.
+#pragma once
+#include "common.cuh"
+
+namespace gpu {
+
+constexpr int ROUTER_DW_ROWS = 64;  // rows per partial sum of the router weight gradient
+inline size_t router_scratch_floats(int N, int E, int d) { return (size_t)cdiv(N, ROUTER_DW_ROWS) * E * d; }
+
+// logits [N, E] = x [N, d] @ w [E, d]^T, fp32. One block per token; warp w computes experts
+// w, w + nwarps, ... (lanes stride over d, fixed-order warp reduction).
+template <typename T>
+__global__ void router_logits_kernel(float* logits, const T* x, const float* w, int N, int d, int E) {
+    int n = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    const T* xr = x + (size_t)n * d;
+    for (int e = warp; e < E; e += nwarps) {
+        const float* wr = w + (size_t)e * d;
+        float s = 0.0f;
+        for (int i = lane; i < d; i += 32) s += to_f(xr[i]) * wr[i];
+        s = warp_sum(s);
+        if (lane == 0) logits[(size_t)n * E + e] = s;
+    }
+}
+template <typename T>
+void router_logits_forward(float* logits, const T* x, const float* w, int N, int d, int E, cudaStream_t s) {
+    router_logits_kernel<<<N, 128, 0, s>>>(logits, x, w, N, d, E);
+    KERNEL_CHECK();
+}
+
+// One thread per token: softmax, lse, top-K selection, gate weights.
+// K rounds of "largest score not yet taken"; strict > keeps the lower index on ties.
+__global__ void router_select_kernel(float* probs, float* lse, int* topk, float* topw, const float* logits,
+                                            const float* bias, int N, int E, int K, int routing_softmax_topk) {
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const float* z = logits + (size_t)n * E;
+    float* p = probs + (size_t)n * E;
+    float mx = z[0];
+    for (int i = 1; i < E; i++) mx = fmaxf(mx, z[i]);
+    float sum = 0.0f;
+    for (int i = 0; i < E; i++) { p[i] = expf(z[i] - mx); sum += p[i]; }
+    for (int i = 0; i < E; i++) p[i] /= sum;
+    lse[n] = mx + logf(sum);
+    int* sel = topk + (size_t)n * K;
+    for (int k = 0; k < K; k++) {
+        int best = -1;
+        float best_s = 0.0f;
+        for (int i = 0; i < E; i++) {
+            bool taken = false;
+            for (int j = 0; j < k; j++) taken |= sel[j] == i;
+            if (taken) continue;
+            float sc = z[i] + (bias ? bias[i] : 0.0f);
+            if (best < 0 || sc > best_s) { best = i; best_s = sc; }
+        }
+        sel[k] = best;
+    }
+    float wsum = 0.0f;
+    for (int k = 0; k < K; k++) wsum += p[sel[k]];
+    for (int k = 0; k < K; k++) topw[(size_t)n * K + k] = routing_softmax_topk ? p[sel[k]] : p[sel[k]] / wsum;
+}
+// probs [N, E], lse [N], topk [N, K], topw [N, K] from logits [N, E]; bias [E] or null
+inline void router_forward(float* probs, float* lse, int* topk, float* topw, const float* logits, const float* bias,
+                           int N, int E, int K, bool softmax_topk, cudaStream_t s) {
+    router_select_kernel<<<cdiv(N, 128), 128, 0, s>>>(probs, lse, topk, topw, logits, bias, N, E, K,
+                                                       softmax_topk ? 1 : 0);
+    KERNEL_CHECK();
+}
+
+// Sums for the router losses, per sequence b (rows b*T .. b*T+T-1, in order, in double):
+//   psum [B, E] = sum_t p_{t,e},   zsum [B] = sum_t lse_t^2.   grid B, block E + 1 threads.
+__global__ void router_stats_kernel(double* psum, double* zsum, const float* probs, const float* lse, int T_,
+                                           int E) {
+    int b = blockIdx.x, e = threadIdx.x;
+    double s = 0.0;
+    if (e < E) {
+        for (int t = 0; t < T_; t++) s += probs[((size_t)b * T_ + t) * E + e];
+        psum[(size_t)b * E + e] = s;
+    } else if (e == E) {
+        for (int t = 0; t < T_; t++) {
+            double l = lse[(size_t)b * T_ + t];
+            s += l * l;
+        }
+        zsum[b] = s;
+    }
+}
+inline void router_stats(double* psum, double* zsum, const float* probs, const float* lse, int B, int T_, int E,
+                         cudaStream_t s) {
+    router_stats_kernel<<<B, cdiv(E + 1, 32) * 32, 0, s>>>(psum, zsum, probs, lse, T_, E);
+    KERNEL_CHECK();
+}
+
+// dlogits [N, E] (written) = scale * (aux_coef * dAux/dz + z_coef * dZ/dz) + d(gate weights)/dz . dtopw
+//   aux: dz_j = p_j (g_j - sum_i p_i g_i), g = aux_g[b, :] (null: no aux term)
+//   z:   dz_j = 2 lse p_j / N
+//   gate weights (dtopw [N, K] = dL/dw_k, already scaled):
+//     topk_softmax: dz_{e_k} += w_k (dw_k - sum_k' w_k' dw_k')
+//     softmax_topk: dz_{e_k} += dw_k p_{e_k};  dz_j -= p_j sum_k dw_k p_{e_k}
+__global__ void router_backward_kernel(float* dlogits, const float* dtopw, const float* probs, const float* lse,
+                                              const int* topk, const float* topw, const float* aux_g, float aux_coef,
+                                              float z_coef, float scale, int N, int T_, int E, int K,
+                                              int routing_softmax_topk) {
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    float* dz = dlogits + (size_t)n * E;
+    const float* p = probs + (size_t)n * E;
+    for (int j = 0; j < E; j++) dz[j] = 0.0f;
+    if (aux_g) {
+        const float* g = aux_g + (size_t)(n / T_) * E;
+        float s = 0.0f;
+        for (int i = 0; i < E; i++) s += p[i] * g[i];
+        for (int j = 0; j < E; j++) dz[j] += scale * aux_coef * p[j] * (g[j] - s);
+    }
+    if (z_coef != 0.0f) {
+        float l = lse[n];
+        for (int j = 0; j < E; j++) dz[j] += scale * z_coef * 2.0f * l * p[j] / N;
+    }
+    const int* sel = topk + (size_t)n * K;
+    const float* w = topw + (size_t)n * K;
+    const float* dw = dtopw + (size_t)n * K;
+    if (!routing_softmax_topk) {
+        float s = 0.0f;
+        for (int k = 0; k < K; k++) s += w[k] * dw[k];
+        for (int k = 0; k < K; k++) dz[sel[k]] += w[k] * (dw[k] - s);
+    } else {
+        float s = 0.0f;
+        for (int k = 0; k < K; k++) s += dw[k] * p[sel[k]];
+        for (int k = 0; k < K; k++) dz[sel[k]] += dw[k] * p[sel[k]];
+        for (int j = 0; j < E; j++) dz[j] -= s * p[j];
+    }
+}
+inline void router_backward(float* dlogits, const float* dtopw, const float* probs, const float* lse, const int* topk,
+                            const float* topw, const float* aux_g, float aux_coef, float z_coef, float scale, int N,
+                            int T_, int E, int K, bool softmax_topk, cudaStream_t s) {
+    router_backward_kernel<<<cdiv(N, 128), 128, 0, s>>>(dlogits, dtopw, probs, lse, topk, topw, aux_g, aux_coef, z_coef,
+                                                         scale, N, T_, E, K, softmax_topk ? 1 : 0);
+    KERNEL_CHECK();
+}
+
+// dx [N, d] += dlogits [N, E] @ w [E, d]: one thread per (n, i), experts in order
+template <typename T>
+__global__ void router_backward_input_kernel(T* dx, const float* dlogits, const float* w, int N, int d, int E) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * d) return;
+    size_t n = idx / d;
+    int i = (int)(idx % d);
+    float s = 0.0f;
+    for (int e = 0; e < E; e++) s += dlogits[n * E + e] * w[(size_t)e * d + i];
+    dx[idx] = from_f<T>(to_f(dx[idx]) + s);
+}
+// pass 1 of dw [E, d] += dlogits^T @ x: scratch[chunk, e*d + i] over the chunk's rows in order
+template <typename T>
+__global__ void router_backward_weight_partial_kernel(float* scratch, const float* dlogits, const T* x, int N, int d,
+                                                      int E) {
+    int chunk = blockIdx.x, e = blockIdx.y, i = blockIdx.z * blockDim.x + threadIdx.x;
+    if (i >= d) return;
+    int n0 = chunk * ROUTER_DW_ROWS, n1 = min(N, n0 + ROUTER_DW_ROWS);
+    float s = 0.0f;
+    for (int n = n0; n < n1; n++) s += dlogits[(size_t)n * E + e] * to_f(x[(size_t)n * d + i]);
+    scratch[(size_t)chunk * E * d + (size_t)e * d + i] = s;
+}
+// dx += dlogits @ w;  dw (fp32 grad, [E, d]) += dlogits^T @ x.  scratch: router_scratch_floats(N, E, d)
+template <typename T>
+void router_backward_matmul(T* dx, float* dw, float* scratch, const float* dlogits, const T* x, const float* w, int N,
+                            int d, int E, cudaStream_t s) {
+    router_backward_input_kernel<<<cdiv((long)N * d, 256), 256, 0, s>>>(dx, dlogits, w, N, d, E);
+    KERNEL_CHECK();
+    int nchunks = cdiv(N, ROUTER_DW_ROWS);
+    router_backward_weight_partial_kernel<<<dim3(nchunks, E, cdiv(d, 256)), 256, 0, s>>>(scratch, dlogits, x, N, d, E);
+    KERNEL_CHECK();
+    column_chunks_sum_kernel<<<cdiv((long)E * d, 256), 256, 0, s>>>(dw, scratch, nchunks, E * d);
+    KERNEL_CHECK();
+}
+
+}  // namespace gpu
