@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# test/test_gpu.sh: every GPU check (make test-gpu; needs an NVIDIA GPU).
+#   (a) the reference fixtures (test/fixtures/*) in fp32 (tight) and bf16 (documented
+#       tolerances: docs/perf.md), through ./train_moe_gpu --check-fixture
+#   (b) bit-identical resume: 6 steps with --save-every 3 vs 3 + resume 3; metrics records
+#       (ignoring tok_per_s and mfu) and final model/optimizer bytes must be identical
+#   (c) 20 training steps, GPU vs the CPU trainer, same flags: fp32 within 1e-4 relative
+#       per step, bf16 within 3e-2 (see docs/perf.md for why)
+#   (d) the dev/cuda kernel checks built by `make cuda-check` (build/cuda-check/*)
+# Prints "N passed, M failed" and exits non-zero on any failure.
+set -u
+cd "$(dirname "$0")/.."
+GPU=${GPU:-./train_moe_gpu}
+CPU=${CPU:-./train_moe}
+PY=${PYTHON:-python3}
+pass=0; fail=0
+ok() { pass=$((pass + 1)); echo "PASS $*"; }
+bad() { fail=$((fail + 1)); echo "FAIL $*"; }
+tmp=$(mktemp -d /tmp/test_gpu.XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
+
+for b in "$GPU" "$CPU"; do
+  [ -x "$b" ] || { echo "missing $b (make train_moe train_moe_gpu)"; echo "0 passed, 1 failed"; exit 1; }
+done
+
+# Data: data/tiny when built (make data-tiny), else synthetic llm.c shards (vocab 256).
+if [ -f data/tiny/tokenizer.bin ]; then
+  DATA=data/tiny; VOCAB_FLAG=""
+else
+  DATA=$tmp/synth; VOCAB_FLAG="--vocab 256"
+  "$PY" - "$DATA" <<'PYEOF'
+import os, struct, sys
+d = sys.argv[1]; os.makedirs(d, exist_ok=True)
+def shard(path, n, a, seed):
+    x, toks = seed, []
+    for i in range(n):  # a learnable sequence with some noise: next = (a*prev + 1) mod 256
+        x = (x * 6364136223846793005 + 1442695040888963407) % 2**64
+        toks.append((x >> 33) % 256 if (x >> 60) == 0 else (a * (toks[-1] if toks else 0) + 1) % 256)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<256i", 20240520, 1, n, *([0] * 253)))
+        f.write(struct.pack("<%dH" % n, *toks))
+for dom, a in (("aa", 3), ("bb", 5)):
+    shard(f"{d}/{dom}_train_000.bin", 60000, a, 1)
+    shard(f"{d}/{dom}_val_000.bin", 6000, a, 2)
+PYEOF
+fi
+echo "data: $DATA"
+
+# ---------------------------------------------------------------------------
+# (a) fixtures: each run prints PASS/FAIL lines and "N passed, M failed"
+for dir in test/fixtures/*/; do
+  name=$(basename "$dir")
+  for dtype in fp32 bf16; do
+    log=$tmp/fx_${name}_$dtype.log
+    "$GPU" --check-fixture "$dir" --dtype "$dtype" >"$log" 2>&1
+    rc=$?
+    grep -E '^(FAIL|    )' "$log"
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+    if [ -z "$line" ]; then
+      bad "fixture $name $dtype: no result line (exit code $rc)"; tail -n 5 "$log"; continue
+    fi
+    p=$(echo "$line" | awk '{print $1}'); f=$(echo "$line" | awk '{print $3}')
+    pass=$((pass + p)); fail=$((fail + f))
+    echo "fixture $name $dtype: $line"
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then bad "fixture $name $dtype: exit code $rc"; fi
+  done
+done
+
+# ---------------------------------------------------------------------------
+# (b) bit-identical resume
+compare_metrics() {  # compare_metrics A.jsonl B.jsonl: every record of B equals A's record of that step/kind
+  "$PY" - "$1" "$2" <<'PYEOF'
+import json, sys
+def load(p):
+    out = {}
+    for line in open(p):
+        r = json.loads(line)
+        for k in ("tok_per_s", "mfu"): r.pop(k, None)
+        out[(r["step"], "val" in r)] = r
+    return out
+a, b = load(sys.argv[1]), load(sys.argv[2])
+if not b: print("resumed run logged nothing"); sys.exit(1)
+bad = [k for k in b if k not in a or a[k] != b[k]]
+for k in bad[:5]: print("differs:", k, a.get(k), b[k])
+print(f"{len(b) - len(bad)} of {len(b)} records identical")
+sys.exit(1 if bad else 0)
+PYEOF
+}
+resume_case() {  # resume_case NAME DTYPE EXTRA_FLAGS...
+  local name=$1 dtype=$2; shift 2
+  local flags="--data $DATA $VOCAB_FLAG --model tiny --steps 6 --batch 4 --seq 64 --lr 3e-3 --eval-every 3 --eval-batches 2 --sample-tokens 0 --seed 7 --dtype $dtype $*"
+  local A=$tmp/resume_${name}_A B=$tmp/resume_${name}_B
+  if ! "$GPU" $flags --save-every 3 --out "$A" >"$A.log" 2>&1; then bad "resume $name: first run failed"; tail -n 5 "$A.log"; return; fi
+  if ! "$GPU" $flags --resume "$A/step_000003" --out "$B" >"$B.log" 2>&1; then bad "resume $name: resumed run failed"; tail -n 5 "$B.log"; return; fi
+  if compare_metrics "$A/metrics.jsonl" "$B/metrics.jsonl"; then ok "resume $name: metrics identical"; else bad "resume $name: metrics differ"; fi
+  for f in model.safetensors optimizer.safetensors; do
+    if cmp -s "$A/step_000006/$f" "$B/step_000006/$f"; then ok "resume $name: $f identical"; else bad "resume $name: $f differs"; fi
+  done
+}
+resume_case moe_bf16 bf16 --experts 4 --topk 2 --aux-free-bias 1e-3
+resume_case moe_fp32 fp32 --experts 4 --topk 2 --aux-loss seq
+resume_case dense_bf16 bf16
+
+# ---------------------------------------------------------------------------
+# (c) GPU vs CPU training losses, 20 steps, same flags
+compare_losses() {  # compare_losses CPU.jsonl GPU.jsonl RTOL
+  "$PY" - "$1" "$2" "$3" <<'PYEOF'
+import json, sys
+def losses(p): return {r["step"]: r["loss"] for r in map(json.loads, open(p)) if "loss" in r}
+a, b, tol = losses(sys.argv[1]), losses(sys.argv[2]), float(sys.argv[3])
+worst = max((abs(b[s] - a[s]) / abs(a[s]), s) for s in a) if a and set(a) == set(b) else (float("inf"), -1)
+print(f"{len(a)} steps; worst relative difference {worst[0]:.3g} at step {worst[1]} (tolerance {tol:g})")
+sys.exit(0 if worst[0] <= tol else 1)
+PYEOF
+}
+curve_case() {  # curve_case NAME MODEL_FLAGS...
+  local name=$1; shift
+  local flags="--data $DATA $VOCAB_FLAG --model tiny --steps 20 --batch 4 --seq 64 --lr 3e-3 --warmup 2 --eval-batches 1 --sample-tokens 0 --no-save --seed 11 $*"
+  if ! "$CPU" $flags --out "$tmp/curve_${name}_cpu" >"$tmp/curve_${name}_cpu.log" 2>&1; then bad "curve $name: CPU run failed"; tail -n 5 "$tmp/curve_${name}_cpu.log"; return; fi
+  for spec in fp32:1e-4 bf16:3e-2; do
+    local dtype=${spec%%:*} tol=${spec##*:} out=$tmp/curve_${name}_$dtype
+    if ! "$GPU" $flags --dtype "$dtype" --out "$out" >"$out.log" 2>&1; then bad "curve $name $dtype: GPU run failed"; tail -n 5 "$out.log"; continue; fi
+    if compare_losses "$tmp/curve_${name}_cpu/metrics.jsonl" "$out/metrics.jsonl" "$tol"; then ok "curve $name $dtype"; else bad "curve $name $dtype"; fi
+  done
+}
+curve_case dense
+curve_case moe --experts 4 --topk 2
+curve_case moe_softmax_topk_pooled --experts 4 --topk 2 --routing softmax_topk --aux-loss pooled
+
+# ---------------------------------------------------------------------------
+# (d) dev/cuda kernel checks, if built (make cuda-check puts them in build/cuda-check/)
+for bin in build/cuda-check/*; do
+  [ -x "$bin" ] || continue
+  case $(basename "$bin") in train_moe|train_moe_gpu) continue ;; esac
+  if "$bin" >"$tmp/devcuda.log" 2>&1; then ok "dev/cuda $(basename "$bin")"; else bad "dev/cuda $(basename "$bin")"; tail -n 10 "$tmp/devcuda.log"; fi
+done
+
+echo
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]
