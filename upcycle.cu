@@ -473,6 +473,11 @@ struct Expander {
     std::vector<std::vector<int>> sel;        // [layer][new slot] -> source expert
     std::vector<std::vector<double>> scores;  // [layer][source expert]
     bool has_bias = false;
+    // gradient scores only: the whole source model and the utility batches, kept to report
+    // the step-0 loss of the expanded model on the same batches
+    std::unique_ptr<Model> whole;
+    std::vector<std::vector<int>> batch_in, batch_tg;
+    double loss_src = NAN, loss_new = NAN;
 
     explicit Expander(const UpcycleArgs& args) : a(args) {}
 
@@ -494,6 +499,33 @@ struct Expander {
         out = read(src_name(t));
     }
 
+    // METHODS 2.8: a duplicated pair ties in top-K, so the expanded model does not start
+    // at the source's loss. Measured on the utility batches (the model is in memory anyway).
+    void step0_loss() {
+        Model X;
+        X.cfg = out_cfg;
+        X.init_layout();
+        X.ts = whole->ts;
+        X.params.assign(X.lay.total, 0);
+        const int d = out_cfg.d_model;
+        for (auto& t : X.lay.tensors) {
+            const ParamTensor& s = whole->lay.tensors[whole->lay.find(t.kind == P_ROUTER ? t.name : src_name(t))];
+            const float* from = whole->params.data() + s.offset;
+            float* to = X.params.data() + t.offset;
+            if (t.kind != P_ROUTER) { std::copy(from, from + t.numel, to); continue; }
+            for (size_t j = 0; j < sel[t.layer].size(); j++)
+                std::copy(from + (size_t)sel[t.layer][j] * d, from + (size_t)(sel[t.layer][j] + 1) * d, to + j * d);
+        }
+        for (int l = 0; l < out_cfg.n_layer; l++)
+            for (int j = 0; j < out_cfg.n_experts; j++) X.expert_bias[l][j] = whole->expert_bias[l][sel[l][j]];
+        whole.reset();  // one copy of the weights at a time is enough from here
+        loss_new = 0;
+        for (size_t b = 0; b < batch_in.size(); b++)
+            loss_new += X.forward(batch_in[b].data(), batch_tg[b].data(), a.batch, a.seq).ce / batch_in.size();
+        printf("step-0 loss on the utility batches: source %.5f, expanded %.5f (change %+.5f)\n", loss_src, loss_new,
+               loss_new - loss_src);
+    }
+
     void compute_scores(int kind) {
         const int L = src.cfg.n_layer, E = src.cfg.n_experts;
         if (kind == SCORE_FISHER && !opt)
@@ -507,7 +539,8 @@ struct Expander {
             DataLoader data(a.data, "", a.batch, a.seq, src.cfg.vocab_size, (uint64_t)a.seed);  // bad data fails first
             printf("utility scores: loading the whole source model for gradients (%d batches of %d x %d from %s)\n",
                    a.utility_batches, a.batch, a.seq, a.data.c_str());
-            Model M;
+            whole.reset(new Model());
+            Model& M = *whole;
             M.load(src.dir);
             M.ts.aux_type = AUX_NONE;
             M.ts.aux_coef = 0;
@@ -515,13 +548,14 @@ struct Expander {
             if (has_bias) M.ts.aux_free_rate = 1e-3;  // route with the saved biases, as training did
             std::vector<int> in((size_t)a.batch * a.seq), tg(in.size());
             M.zero_grad();
-            double loss = 0;
+            loss_src = 0;
             for (int b = 0; b < a.utility_batches; b++) {
                 data.next_batch(in.data(), tg.data());
-                loss += M.forward(in.data(), tg.data(), a.batch, a.seq).ce / a.utility_batches;
+                batch_in.push_back(in);
+                batch_tg.push_back(tg);
+                loss_src += M.forward(in.data(), tg.data(), a.batch, a.seq).ce / a.utility_batches;
                 M.backward((real)1 / a.utility_batches);
             }
-            printf("utility scores: source loss %.4f over the utility batches\n", loss);
             for (int l = 0; l < L; l++)
                 for (int e = 0; e < E; e++)
                     for (int k = 0; k < 3; k++) {
@@ -605,6 +639,7 @@ struct Expander {
         out_cfg.validate("output model");
         out_lay = build_layout(out_cfg);
         DType dt = output_dtype(a.dtype, src.ck->dtype());
+        if (whole) step0_loss();
 
         Json rec = Json::object();
         rec["method"] = "expand";
@@ -624,6 +659,8 @@ struct Expander {
                 rec["utility_batch"] = a.batch;
                 rec["utility_seq"] = a.seq;
                 rec["utility_loss"] = "mean cross-entropy (aux and z losses off)";
+                rec["step0_loss_source"] = loss_src;
+                rec["step0_loss_expanded"] = loss_new;
             }
             Json sc = Json::array();
             for (auto& row : scores) {

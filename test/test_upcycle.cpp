@@ -146,6 +146,79 @@ static void test_sha256() {
     }
 }
 
+// The random choices themselves: neuron sets uniform without replacement, partitions
+// uniform, both pure functions of (seed, stream).
+static void test_sampling_ops() {
+    const int F = 16, n = 4, trials = 20000;
+    std::vector<int> hits(F, 0);
+    bool distinct = true;
+    for (int t = 0; t < trials; t++) {
+        std::vector<int> s = sample_neurons(F, n, 5, stream_id(PURPOSE_DROP_INDEX, t & 0xffff, t >> 16, 0));
+        distinct &= (int)s.size() == n && std::adjacent_find(s.begin(), s.end()) == s.end() && s.back() < F;
+        for (int j : s) hits[j]++;
+    }
+    CHECK_MSG(distinct, "sample_neurons: a set with repeats or out of range");
+    double p = (double)n / F, sd = std::sqrt(p * (1 - p) / trials), worst = 0;
+    for (int j = 0; j < F; j++) worst = std::max(worst, std::fabs((double)hits[j] / trials - p) / sd);
+    CHECK_MSG(worst < 5, "sample_neurons: a neuron's inclusion frequency is %.1f standard errors from n/F", worst);
+    CHECK(sample_neurons(F, n, 5, 123) == sample_neurons(F, n, 5, 123));
+    CHECK(sample_neurons(F, F, 5, 123).size() == (size_t)F && sample_neurons(F, 0, 5, 123).empty());
+    CHECK(neurons_of_ratio(10, 0.3) == 3 && neurons_of_ratio(2048, 0.5) == 1024 && neurons_of_ratio(7, 1.0) == 7);
+    // partitions: disjoint, covering, each neuron's expert uniform over layers
+    const int E = 4, L = 4000;
+    std::vector<std::vector<int>> owner(F, std::vector<int>(E, 0));
+    bool cover = true;
+    for (int l = 0; l < L; l++) {
+        auto sets = partition_neurons(F, E, 7, l);
+        std::vector<int> seen(F, 0);
+        for (int e = 0; e < E; e++)
+            for (int j : sets[e]) { seen[j]++; owner[j][e]++; }
+        cover &= std::count(seen.begin(), seen.end(), 1) == F;
+    }
+    CHECK_MSG(cover, "partition_neurons: sets are not disjoint or do not cover F");
+    double pe = 1.0 / E, sde = std::sqrt(pe * (1 - pe) / L);
+    worst = 0;
+    for (int j = 0; j < F; j++)
+        for (int e = 0; e < E; e++) worst = std::max(worst, std::fabs((double)owner[j][e] / L - pe) / sde);
+    CHECK_MSG(worst < 5, "partition_neurons: neuron-to-expert frequency %.1f standard errors from 1/E", worst);
+}
+
+// A sharded Hugging Face directory (model.safetensors.index.json) reads like one file,
+// and every shard's digest is recorded.
+static void test_sharded_input() {
+    ModelConfig c;
+    ParamLayout lay;
+    std::vector<float> p;
+    load_model_dir("test/fixtures/dense", &c, &lay, &p);
+    std::string dir = tmp("sharded");
+    mkdir_p(dir);
+    Json wm = Json::object();
+    for (int s = 0; s < 2; s++) {
+        std::string file = strfmt("model-%05d-of-00002.safetensors", s + 1);
+        SafeTensorsWriter w;
+        std::vector<const ParamTensor*> mine;
+        for (size_t i = 0; i < lay.tensors.size(); i++)
+            if ((int)(i * 2 / lay.tensors.size()) == s) mine.push_back(&lay.tensors[i]);
+        for (auto* t : mine) { w.declare(t->name, DType::F32, t->shape); wm[t->name] = file; }
+        w.begin(path_join(dir, file));
+        for (auto* t : mine) w.write(t->name, p.data() + t->offset);
+        w.finish();
+    }
+    Json idx = Json::object();
+    idx["weight_map"] = wm;
+    write_text_atomic(dir + "/model.safetensors.index.json", idx.dump(2));
+    write_text_atomic(dir + "/config.json", read_text("test/fixtures/dense/config.json"));
+    std::string a = tmp("sharded_out"), b = tmp("single_out");
+    if (!upcycle("--method drop --experts 4 --topk 2 --from " + dir + " --out " + a)) return;
+    if (!upcycle("--method drop --experts 4 --topk 2 --from test/fixtures/dense --out " + b)) return;
+    CHECK_MSG(read_file(a + "/model.safetensors") == read_file(b + "/model.safetensors"),
+              "sharded and single-file sources give different outputs");
+    Json cfg = Json::parse_file(a + "/config.json");
+    const Json& files = *cfg.find("upcycling")->find("sources")->arr[0].find("files");
+    CHECK(files.arr.size() == 2 &&
+          files.arr[1].get_str("sha256", "", "") == sha256_file(dir + "/model-00002-of-00002.safetensors"));
+}
+
 // naive (any E, K, router) = dense; so are drop and noise with r = 0 and granular G = 1.
 static void test_function_preserving() {
     struct Case { std::string dense, args; };
@@ -666,6 +739,11 @@ static void test_expand() {
             dup_ok &= cnt[best] == 3;
         }
         CHECK_MSG(scores_ok, "%s: recorded scores differ from the ones recomputed here", score.c_str());
+        if (score != "weight_norm") {  // the step-0 loss change is reported with gradient scores
+            double l0 = up.get_num("step0_loss_source", NAN, ""), l1 = up.get_num("step0_loss_expanded", NAN, "");
+            CHECK_MSG(std::isfinite(l0) && std::isfinite(l1) && std::fabs(l1 - l0) < 0.5 * l0,
+                      "%s: step-0 losses %g -> %g", score.c_str(), l0, l1);
+        }
         CHECK_MSG(dup_ok, "%s: selection counts break max_dup or skip the best expert", score.c_str());
         Model Xu;
         Xu.load(x);
@@ -748,6 +826,8 @@ int main(int argc, char** argv) {
     g_tmp = strfmt("/tmp/moe_test_upcycle.%d", (int)getpid());
     mkdir_p(g_tmp);
     run_test("sha256", test_sha256);
+    run_test("sampling ops", test_sampling_ops);
+    run_test("sharded input", test_sharded_input);
     run_test("naive / drop r=0 / noise r=0 / granular G=1 = dense", test_function_preserving);
     run_test("drop statistics", test_drop);
     run_test("noise statistics", test_noise);
