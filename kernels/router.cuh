@@ -78,26 +78,30 @@ inline void router_forward(float* probs, float* lse, int* topk, float* topw, con
     KERNEL_CHECK();
 }
 
-// Sums for the router losses, per sequence b (rows b*T .. b*T+T-1, in order, in double):
-//   psum [B, E] = sum_t p_{t,e},   zsum [B] = sum_t lse_t^2.   grid B, block E + 1 threads.
-__global__ void router_stats_kernel(double* psum, double* zsum, const float* probs, const float* lse, int T_,
-                                           int E) {
-    int b = blockIdx.x, e = threadIdx.x;
+// Sums for the router losses, per sequence b (rows b*T .. b*T+T-1), in double:
+//   psum [B, E] = sum_t p_{t,e},   zsum [B] = sum_t lse_t^2.
+// grid (B, E + 1), one warp per block: block (b, e < E) sums column e, block (b, E) the
+// z terms; lanes stride over t, then a fixed-order warp reduction.
+__global__ void router_stats_kernel(double* psum, double* zsum, const float* probs, const float* lse, int T_, int E) {
+    int b = blockIdx.x, e = blockIdx.y, lane = threadIdx.x;
     double s = 0.0;
     if (e < E) {
-        for (int t = 0; t < T_; t++) s += probs[((size_t)b * T_ + t) * E + e];
-        psum[(size_t)b * E + e] = s;
-    } else if (e == E) {
-        for (int t = 0; t < T_; t++) {
+        for (int t = lane; t < T_; t += 32) s += probs[((size_t)b * T_ + t) * E + e];
+    } else {
+        for (int t = lane; t < T_; t += 32) {
             double l = lse[(size_t)b * T_ + t];
             s += l * l;
         }
-        zsum[b] = s;
+    }
+    s = warp_sum(s);
+    if (lane == 0) {
+        if (e < E) psum[(size_t)b * E + e] = s;
+        else zsum[b] = s;
     }
 }
 inline void router_stats(double* psum, double* zsum, const float* probs, const float* lse, int B, int T_, int E,
                          cudaStream_t s) {
-    router_stats_kernel<<<B, cdiv(E + 1, 32) * 32, 0, s>>>(psum, zsum, probs, lse, T_, E);
+    router_stats_kernel<<<dim3(B, E + 1), 32, 0, s>>>(psum, zsum, probs, lse, T_, E);
     KERNEL_CHECK();
 }
 
