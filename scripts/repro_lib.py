@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -71,8 +72,8 @@ PRESETS = {
         eval_every=100, save_every=100, eval_batches=16, log_every=25,
         trainer="gpu", results_sub=""),
 }
-PRESETS["smoke"] = dict(PRESETS["tiny"], dense_steps=30, moe_steps=20, branch_steps=10, p1_steps=10, p2_steps=20,
-                        warmup_dense=5, warmup_moe=5, eval_every=10, save_every=10, eval_batches=2, log_every=10,
+PRESETS["smoke"] = dict(PRESETS["tiny"], dense_steps=20, moe_steps=10, branch_steps=5, p1_steps=5, p2_steps=10,
+                        warmup_dense=2, warmup_moe=2, eval_every=5, save_every=5, eval_batches=1, log_every=5,
                         results_sub="smoke")
 
 MOE_LOSSES = ["--aux-loss", "pooled", "--aux-coef", "0.02", "--z-coef", "0"]   # METHODS 3
@@ -377,7 +378,13 @@ class Runner:
         with open(log_path, "a") as log:
             log.write(f"\n$ {' '.join(run_cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(run_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            # line-buffered stdout in the child (the trainer's stdio buffers fully into a pipe)
+            unbuf = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
+            # OpenMP threads sleep instead of spinning while they wait: on a busy 2-core machine spinning
+            # threads make the CPU trainer ~6x slower (measured); results do not depend on it
+            env = dict(os.environ)
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            proc = subprocess.Popen(unbuf + run_cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     bufsize=1)
             tail = []
             try:
@@ -602,7 +609,8 @@ def plot_load(table: Table, res: list[dict], path: str, subtitle: str) -> bool:
     return True
 
 
-def report(table: Table, root: str, runner: Runner, out_dir: str, preset: str, cfg: dict) -> list[dict]:
+def report(table: Table, root: str, runner: Runner, out_dir: str, preset: str, cfg: dict,
+           plots: bool = True) -> list[dict]:
     res = collect(table, root, runner)
     if not res:
         raise ReproError(f"no finished rows under {root}")
@@ -613,8 +621,9 @@ def report(table: Table, root: str, runner: Runner, out_dir: str, preset: str, c
     write_atomic(os.path.join(out_dir, "results.json"),
                  json.dumps(dict(table=table.key, preset=preset, config=cfg, rows=slim), indent=1) + "\n")
     sub = f"preset {preset}: {cfg['model']} on {cfg['data']}, {res[-1]['device']}, commit {res[-1]['commit']}"
-    plot_curves(table, res, os.path.join(out_dir, "loss_curves.png"), sub)
-    plot_load(table, res, os.path.join(out_dir, "expert_load.png"), sub)
+    if plots:
+        plot_curves(table, res, os.path.join(out_dir, "loss_curves.png"), sub)
+        plot_load(table, res, os.path.join(out_dir, "expert_load.png"), sub)
     return res
 
 
@@ -644,9 +653,13 @@ def main(description: str, build_table, default_key: str) -> int:
     ap.add_argument("--seed", type=int, default=1337, help="seed of inits and data order, the same for every row")
     ap.add_argument("--rows", help="comma-separated row keys to run (default all; their prerequisites run too)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plots from finished runs")
+    ap.add_argument("--no-plots", action="store_true", help="write the table without the PNGs (no matplotlib)")
     ap.add_argument("--no-build", action="store_true", help="do not run make for the programs")
     ap.add_argument("--list", action="store_true", help="print the stages (commands) and rows and exit")
     a = ap.parse_args()
+    # Ctrl-C and kill (SIGTERM) stop cleanly, also when started in the background (SIGINT ignored there)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     preset = "smoke" if a.smoke else a.preset
     if a.smoke and a.preset != "tiny":
         ap.error("--smoke goes with --preset tiny")
@@ -687,13 +700,21 @@ def main(description: str, build_table, default_key: str) -> int:
                     raise ReproError(f"make {' '.join(need)} failed (output above)")
             print(f"{prefix} {table.title}: {len(table.rows)} rows, {len(table.stages)} stages, trainer "
                   f"{runner.binary(Stage('x', 'train', []))}, runs in {root}/, results in {out}/", flush=True)
+            os.makedirs(root, exist_ok=True)
+            lock = open(os.path.join(root, ".lock"), "w")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise ReproError(f"another reproduction is running in {root}/ (it holds {root}/.lock); wait for it "
+                                 "or give another --runs directory")
             t0 = time.time()
             runner.run(set(a.rows.split(",")) if a.rows else None)
             print(f"{prefix} stages run: {len(runner.ran)} ({', '.join(n + ' ' + h for n, h in runner.ran) or 'none'}); "
                   f"skipped as finished: {len(runner.skipped)}; {fmt_duration(time.time() - t0)}", flush=True)
-        report(table, root, runner, out, preset, cfg)
+        report(table, root, runner, out, preset, cfg, plots=not a.no_plots)
         print(open(os.path.join(out, "table.md")).read())
-        print(f"{prefix} wrote {out}/table.md, results.json, loss_curves.png, expert_load.png")
+        print(f"{prefix} wrote {out}/table.md, results.json" +
+              ("" if a.no_plots else ", loss_curves.png, expert_load.png"))
         return 0
     except ReproError as e:
         print(f"error: {e}", file=sys.stderr)
