@@ -11,8 +11,10 @@
 // Design (simple and checkable, not the fastest): one thread per query row (forward, dq)
 // or per key row (dk, dv). A thread's own row lives in shared memory padded by one float
 // (conflict-free); the other operand is a tile in shared memory that every thread reads
-// at the same address (a broadcast). Accumulators are register arrays indexed only by
-// compile-time constants (HD is a template parameter; loops over it are unrolled).
+// at the same address (a broadcast, read 4 floats at a time). Accumulators are register
+// arrays indexed only by
+// compile-time constants (HD is a template parameter, a multiple of 8; loops over it are
+// unrolled).
 // Every sum has a fixed order and each output element has exactly one writer: no atomics,
 // bit-identical results run to run.
 #pragma once
@@ -21,10 +23,16 @@
 
 namespace gpu {
 
+// a 16-byte view of a shared-memory tile row (tiles start at multiples of 4 floats)
+__device__ __forceinline__ float4 ld4(const float* p, int c4) { return reinterpret_cast<const float4*>(p)[c4]; }
+
 constexpr int ATT_FWD_BQ = 64;  // query rows per block (= threads) in the forward and dq kernels
 constexpr int ATT_FWD_BK = 32;  // keys per shared-memory tile there
 constexpr int ATT_BWD_BK = 64;  // key rows per block (= threads) in the dk/dv kernel
 constexpr int ATT_BWD_BQ = 32;  // query rows per shared-memory tile there
+// Every tile starts at a multiple of 4 floats (16 bytes), so ld4 is aligned: the own-row
+// tiles hold (multiple of 4) x (HD + 1) floats and the broadcast tiles rows of HD floats.
+static_assert(ATT_FWD_BQ % 4 == 0 && ATT_BWD_BK % 4 == 0, "tile sizes must keep 16-byte alignment");
 
 // ----------------------------------------------------------------------------
 // Forward: online softmax over key tiles; out = softmax(s) v, lse = log sum exp(s).
@@ -33,8 +41,8 @@ constexpr int ATT_BWD_BQ = 32;  // query rows per shared-memory tile there
 template <typename T, int HD>
 __global__ void __launch_bounds__(ATT_FWD_BQ) attention_forward_kernel(T* out, float* lse, const T* q, const T* k,
                                                                       const T* v, int B, int T_, int H, int Hkv) {
-    extern __shared__ float smem[];
-    float* Qs = smem;                           // [BQ][HD+1]
+    extern __shared__ float4 smem4[];           // float4: 16-byte aligned
+    float* Qs = (float*)smem4;                  // [BQ][HD+1]
     float* Ks = Qs + ATT_FWD_BQ * (HD + 1);     // [BK][HD]
     float* Vs = Ks + ATT_FWD_BK * HD;           // [BK][HD]
     const int bh = blockIdx.y, b = bh / H, h = bh % H, kh = h / (H / Hkv);
@@ -67,10 +75,13 @@ __global__ void __launch_bounds__(ATT_FWD_BQ) attention_forward_kernel(T* out, f
         float s[ATT_FWD_BK];
 #pragma unroll
         for (int jj = 0; jj < ATT_FWD_BK; jj++) s[jj] = 0.0f;
-        for (int c = 0; c < HD; c++) {
-            float qc = qrow[c];
+        for (int c4 = 0; c4 < HD / 4; c4++) {
+            float q0 = qrow[4 * c4], q1 = qrow[4 * c4 + 1], q2 = qrow[4 * c4 + 2], q3 = qrow[4 * c4 + 3];
 #pragma unroll
-            for (int jj = 0; jj < ATT_FWD_BK; jj++) s[jj] += qc * Ks[jj * HD + c];
+            for (int jj = 0; jj < ATT_FWD_BK; jj++) {
+                float4 k4 = ld4(Ks + jj * HD, c4);
+                s[jj] += q0 * k4.x + q1 * k4.y + q2 * k4.z + q3 * k4.w;
+            }
         }
         float mt = -INFINITY;
 #pragma unroll
@@ -88,7 +99,13 @@ __global__ void __launch_bounds__(ATT_FWD_BQ) attention_forward_kernel(T* out, f
             float p = expf(s[jj] - m_new);  // 0 where masked
             l += p;
 #pragma unroll
-            for (int c = 0; c < HD; c++) acc[c] += p * Vs[jj * HD + c];
+            for (int c4 = 0; c4 < HD / 4; c4++) {
+                float4 v4 = ld4(Vs + jj * HD, c4);
+                acc[4 * c4] += p * v4.x;
+                acc[4 * c4 + 1] += p * v4.y;
+                acc[4 * c4 + 2] += p * v4.z;
+                acc[4 * c4 + 3] += p * v4.w;
+            }
         }
         m = m_new;
     }
@@ -128,8 +145,8 @@ __global__ void __launch_bounds__(ATT_FWD_BQ) attention_backward_dq_kernel(T* dq
                                                                           const T* k, const T* v, const float* lse,
                                                                           const float* D, int B, int T_, int H,
                                                                           int Hkv) {
-    extern __shared__ float smem[];
-    float* Qs = smem;
+    extern __shared__ float4 smem4[];
+    float* Qs = (float*)smem4;
     float* dOs = Qs + ATT_FWD_BQ * (HD + 1);
     float* Ks = dOs + ATT_FWD_BQ * (HD + 1);
     float* Vs = Ks + ATT_FWD_BK * HD;
@@ -170,14 +187,23 @@ __global__ void __launch_bounds__(ATT_FWD_BQ) attention_backward_dq_kernel(T* dq
             const float* kr = Ks + jj * HD;
             const float* vr = Vs + jj * HD;
             float s = 0.0f, dp = 0.0f;
-            for (int c = 0; c < HD; c++) {
-                s += qrow[c] * kr[c];
-                dp += dorow[c] * vr[c];
+            for (int c4 = 0; c4 < HD / 4; c4++) {
+                float4 k4 = ld4(kr, c4), v4 = ld4(vr, c4);
+                const float* q = qrow + 4 * c4;
+                const float* o = dorow + 4 * c4;
+                s += q[0] * k4.x + q[1] * k4.y + q[2] * k4.z + q[3] * k4.w;
+                dp += o[0] * v4.x + o[1] * v4.y + o[2] * v4.z + o[3] * v4.w;
             }
             float p = expf(s * scale - lse_t);
             float ds = p * (dp - D_t);
 #pragma unroll
-            for (int c = 0; c < HD; c++) acc[c] += ds * kr[c];
+            for (int c4 = 0; c4 < HD / 4; c4++) {
+                float4 k4 = ld4(kr, c4);
+                acc[4 * c4] += ds * k4.x;
+                acc[4 * c4 + 1] += ds * k4.y;
+                acc[4 * c4 + 2] += ds * k4.z;
+                acc[4 * c4 + 3] += ds * k4.w;
+            }
         }
     }
     if (!valid) return;
@@ -194,8 +220,8 @@ __global__ void __launch_bounds__(ATT_BWD_BK) attention_backward_dkdv_kernel(T* 
                                                                             const T* k, const T* v, const float* lse,
                                                                             const float* D, int B, int T_, int H,
                                                                             int Hkv) {
-    extern __shared__ float smem[];
-    float* Ks = smem;
+    extern __shared__ float4 smem4[];
+    float* Ks = (float*)smem4;
     float* Vs = Ks + ATT_BWD_BK * (HD + 1);
     float* Qs = Vs + ATT_BWD_BK * (HD + 1);
     float* dOs = Qs + ATT_BWD_BQ * HD;
@@ -243,16 +269,26 @@ __global__ void __launch_bounds__(ATT_BWD_BK) attention_backward_dkdv_kernel(T* 
                 const float* qr = Qs + tq * HD;
                 const float* dor = dOs + tq * HD;
                 float s = 0.0f, dp = 0.0f;
-                for (int c = 0; c < HD; c++) {
-                    s += qr[c] * krow[c];
-                    dp += dor[c] * vrow[c];
+                for (int c4 = 0; c4 < HD / 4; c4++) {
+                    float4 q4 = ld4(qr, c4), o4 = ld4(dor, c4);
+                    const float* k = krow + 4 * c4;
+                    const float* vv = vrow + 4 * c4;
+                    s += q4.x * k[0] + q4.y * k[1] + q4.z * k[2] + q4.w * k[3];
+                    dp += o4.x * vv[0] + o4.y * vv[1] + o4.z * vv[2] + o4.w * vv[3];
                 }
                 float p = expf(s * scale - lse_s[tq]);
                 float ds = p * (dp - D_s[tq]);
 #pragma unroll
-                for (int c = 0; c < HD; c++) {
-                    dv_acc[c] += p * dor[c];
-                    dk_acc[c] += ds * qr[c];
+                for (int c4 = 0; c4 < HD / 4; c4++) {
+                    float4 q4 = ld4(qr, c4), o4 = ld4(dor, c4);
+                    dv_acc[4 * c4] += p * o4.x;
+                    dv_acc[4 * c4 + 1] += p * o4.y;
+                    dv_acc[4 * c4 + 2] += p * o4.z;
+                    dv_acc[4 * c4 + 3] += p * o4.w;
+                    dk_acc[4 * c4] += ds * q4.x;
+                    dk_acc[4 * c4 + 1] += ds * q4.y;
+                    dk_acc[4 * c4 + 2] += ds * q4.z;
+                    dk_acc[4 * c4 + 3] += ds * q4.w;
                 }
             }
         }
@@ -309,7 +345,7 @@ void attention_backward_hd(T* dq, T* dk, T* dv, float* D, const T* dout, const T
 }
 
 inline bool attention_supports_head_dim(int hd) {
-    return hd == 8 || hd == 16 || hd == 32 || hd == 64 || hd == 96 || hd == 128;
+    return hd == 8 || hd == 16 || hd == 32 || hd == 64 || hd == 96 || hd == 128;  // multiples of 8: float4 tiles
 }
 
 #define ATT_DISPATCH(hd, CALL)                                                                 \
