@@ -485,10 +485,10 @@ struct GPUModel {
     // Forward on inputs [B, T] (host). With targets, computes the losses; with
     // grad_scale_ != 0 too, leaves dlogits = grad_scale_ * dCE/dlogits in the logits buffer
     // for backward() (grad_scale_ = 1 / grad_accum, as in the CPU trainer).
-    Losses forward(const int* in, const int* tgts, int B_, int T__, float grad_scale_ = 0.0f) {
-        if (B_ > B_max || T__ > T_max) FAIL("internal: batch %dx%d exceeds the allocated %dx%d", B_, T__, B_max, T_max);
+    Losses forward(const int* in, const int* tgts, int B_, int T_in, float grad_scale_ = 0.0f) {
+        if (B_ > B_max || T_in > T_max) FAIL("internal: batch %dx%d exceeds the allocated %dx%d", B_, T_in, B_max, T_max);
         B = B_;
-        T_ = T__;
+        T_ = T_in;
         const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, V = cfg.vocab_size, L = cfg.n_layer;
         const int H = cfg.n_head, Hkv = cfg.n_kv_head, hd = cfg.head_dim, qd = cfg.q_dim(), kvd = cfg.kv_dim();
         const float eps = cfg.rms_eps;
