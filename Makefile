@@ -73,3 +73,10 @@ clean:
 
 quickstart: train_moe
 	bash scripts/quickstart.sh
+
+# GPU targets: need an NVIDIA GPU (the H100/H200 machine); see docs/gpu-log.md
+test-gpu: train_moe train_moe_gpu cuda-check
+	bash test/test_gpu.sh
+
+bench: train_moe_gpu
+	bash dev/bench/bench.sh
