@@ -52,7 +52,8 @@ def build(cfg: dict, root: str) -> R.Table:
     fs = R.train_stage(root, "fs", cfg, ["--model", cfg["model"], "--experts", E, "--topk", K,
                                          "--routing", "topk_softmax"], **moe_phase)
     stages.append(fs)
-    rows.append(R.Row("fs", "FS (from scratch)", ["fs"], "fs"))
+    # plotted over the MoE phase like the other MoE rows, although it does not start from the base
+    rows.append(R.Row("fs", "FS (from scratch)", ["fs"], "fs", before=["dense_base"]))
 
     # BTX: branch, train on one domain each, merge (METHODS 2.6)
     branches = []
@@ -86,7 +87,8 @@ def build(cfg: dict, root: str) -> R.Table:
         notes=[f"MoE phase: {cfg['moe_steps']} steps for every row after the dense base ({cfg['dense_steps']} steps); "
                "8 experts, top-2, topk_softmax, aux pooled 0.02, no z-loss, fresh AdamW, the same seed and data order. "
                f"BTX branches: {cfg['branch_steps']} steps each on one domain (en, code, de) from the base; sources = "
-               "base + 3 branches, 2 experts each.",
+               "base + 3 branches, 2 experts each. In loss_curves.png, FS is drawn over the MoE phase's tokens like "
+               "the other MoE rows (x starts at the dense base's end) although it does not use the base.",
                "Paper (METHODS 3-4): step-0 order NU = dense < RNU <~ DU0.5 < DU1.0 < FS; DU r=0.5 lowest at the end "
                "when the MoE phase is long enough."])
 

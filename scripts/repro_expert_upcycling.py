@@ -32,6 +32,7 @@ arithmetic): dense base 1200 steps (39.3M tokens; shared, free if Table 1 ran fi
 (all rows have 105M active parameters: top-2 of 4 or of 8 experts), + 17 PFLOP for the base:
 ~10 minutes at 100 TFLOP/s, ~21 minutes at 50 TFLOP/s.
 """
+import json
 import os
 import sys
 
@@ -76,22 +77,33 @@ def build(cfg: dict, root: str) -> R.Table:
         stages += [init, run]
         rows.append(R.Row(key, label, [init.name, run.name], run.name, before=["dense_base", src["4"].name]))
 
+    def slots(key):
+        """The experts the expansion duplicated, per layer, from its config.json."""
+        try:
+            sel = json.load(open(os.path.join(R.run_dir(root, f"xu_{key}_init"), "config.json")))["upcycling"]["selection"]
+            return "; ".join(f"L{i}: " + ",".join(map(str, layer[len(layer) // 2:])) for i, layer in enumerate(sel))
+        except (OSError, KeyError, ValueError):
+            return "?"
+
     def gap_closure(res):
         by = {r["key"]: r for r in res}
         cells, notes = {}, []
         if "fixed4" in by and "fixed8" in by:
             ls, ll = by["fixed4"]["val_loss"], by["fixed8"]["val_loss"]
             for k in ("uniform", "util_wn", "util_gn"):
-                if k in by and ll != ls:
+                if k in by:
                     d0 = by[k]["step0"] - by["fixed4"]["step0"]
-                    cells[k] = [f"{(ls - by[k]['val_loss']) / (ls - ll):+.2f}", f"{d0:+.4f}"]
+                    gap = f"{(ls - by[k]['val_loss']) / (ls - ll):+.2f}" if ll < ls else "n/a"
+                    cells[k] = [gap, f"{d0:+.4f}", slots(k)]
             notes.append(f"Gap closure = (L_small - L_row) / (L_small - L_large) with L_small = {ls:.4f} (fixed 4) and "
                          f"L_large = {ll:.4f} (fixed 8); step-0 change: the expanded model's step-0 loss minus the "
                          "4-expert source's (duplicated experts tie in top-K, so it is not exactly 0).")
             if ll >= ls:
                 notes.append("The fixed 8-expert model did not end below the fixed 4-expert one here, so gap closure "
                              "is not meaningful at this budget.")
-        return ["gap closure", "step-0 change"], cells, notes
+        notes.append("New slots: per layer, the source expert copied into each of the 4 new slots (from the "
+                     "upcycle config.json's `upcycling.selection`).")
+        return ["gap closure", "step-0 change", "new slots"], cells, notes
 
     return R.Table(
         "expert_upcycling", "Expert upcycling 4 -> 8 experts (small-scale reproduction)", stages, rows,

@@ -539,6 +539,8 @@ def save_fig(fig, path: str) -> None:
 
 
 def plot_curves(table: Table, res: list[dict], path: str, subtitle: str) -> None:
+    """Validation loss against tokens: every row (left) and the phase after the dense base, zoomed (right).
+    A row's x is its own tokens plus those of the stages before it (Row.before); colours follow the table."""
     plt = _pyplot()
     later = [r for r in res if r["offset_tokens"] > 0]
     panels = 2 if later and len(later) < len(res) else 1
@@ -546,7 +548,8 @@ def plot_curves(table: Table, res: list[dict], path: str, subtitle: str) -> None
     styles = ["-", "--", "-.", ":"]
     for pi, ax in enumerate(axes[0]):
         rows = res if pi == 0 else later
-        for i, r in enumerate(rows):
+        for r in rows:
+            i = res.index(r)
             x = [t for t, _ in r["curve"]]
             y = [v for _, v in r["curve"]]
             ax.plot(x, y, styles[(i // 10) % 4], marker=".", ms=4, lw=1.3, label=r["label"], color=f"C{i % 10}")
@@ -554,12 +557,11 @@ def plot_curves(table: Table, res: list[dict], path: str, subtitle: str) -> None
         ax.set_ylabel("validation loss (mean over domains)")
         ax.grid(alpha=0.3)
         if pi == 1:
-            lo = min(r["offset_tokens"] for r in later)
-            ax.set_xlim(left=lo)
-            ys = [v for r in later for t, v in r["curve"]]
-            ys_late = [v for r in later for t, v in r["curve"][1:]] or ys
-            ax.set_ylim(min(ys) - 0.02, max(ys_late) + 0.05)
-            ax.set_title("continuation phase (zoom)")
+            ax.set_xlim(left=min(r["offset_tokens"] for r in later))
+            finals = sorted(r["val_loss"] for r in later)
+            lo, med = min(v for r in later for _, v in r["curve"]), finals[len(finals) // 2]
+            ax.set_ylim(lo - 0.02, med + 3 * (med - finals[0]) + 0.05)
+            ax.set_title("after the dense base (zoom; higher values clipped)", fontsize=10)
         else:
             ax.set_title(f"{table.title}\n{subtitle}", fontsize=10)
             ax.legend(fontsize=8)
@@ -649,7 +651,8 @@ def main(description: str, build_table, default_key: str) -> int:
                                       "[tiny/ or smoke/]; small writes docs/results/<table>/ itself)")
     ap.add_argument("--trainer", choices=["auto", "cpu", "gpu"], help="cpu: ./train_moe, gpu: ./train_moe_gpu; "
                     "auto: gpu if nvidia-smi works and ./train_moe_gpu builds (default: small gpu, tiny auto)")
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads of the CPU trainer and upcycle (default 2)")
+    ap.add_argument("--threads", type=int, help="CPU threads of the CPU trainer and upcycle (default: 2 for tiny, "
+                                                "every core for small)")
     ap.add_argument("--seed", type=int, default=1337, help="seed of inits and data order, the same for every row")
     ap.add_argument("--rows", help="comma-separated row keys to run (default all; their prerequisites run too)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plots from finished runs")
@@ -664,6 +667,8 @@ def main(description: str, build_table, default_key: str) -> int:
     if a.smoke and a.preset != "tiny":
         ap.error("--smoke goes with --preset tiny")
     cfg = dict(PRESETS[preset], seed=a.seed)
+    if a.threads is None:
+        a.threads = 2 if preset != "small" else (os.cpu_count() or 2)
     root = a.runs or os.path.join("runs", "repro", preset)
     table = build_table(cfg, root)
     sub = cfg["results_sub"]
