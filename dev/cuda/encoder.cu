@@ -11,12 +11,19 @@ Build and run (from the repository root):
   nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
        dev/cuda/encoder.cu -o build/encoder -lcublas -lcublasLt -lgomp && ./build/encoder [version]
 
-TODO: kernels/encoder.cuh exists (written concurrently) but is not included yet: add its
-kernels as the last version, checked the same way (this file has only its own versions).
+Version 3 is the production kernel, kernels/encoder.cuh (gpu::encoder_forward /
+gpu::build_encoder_buckets + gpu::encoder_backward, T = float), called as train_moe.cu
+does. Its backward sums a token's rows from 0 and adds the sum to dwte once
+(dwte += (d1 + d2 + ...)), while the CPU adds them one by one ((dwte + d1) + d2 ...): a
+different association, so its backward is checked with the fp32 tolerance, not exactly.
+Version 4 is the same header with T = bf16 (wte, out and dout bf16, dwte fp32): forward
+exact against the CPU on bf16-rounded wte, backward (fp32 sums of bf16-rounded dout)
+with the fp32 tolerance.
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
 #include "common.h"
+#include "../../kernels/encoder.cuh"
 
 // ----------------------------------------------------------------------------
 // version 1: forward one thread per element; backward one thread per column i walking all
@@ -75,8 +82,56 @@ Buckets bucket_tokens(const std::vector<int>& tokens, int V) {
     return b;
 }
 
-const char* NAMES[] = {"", "thread/element fwd, thread/column bwd", "float4 fwd, bucketed bwd"};
-const int NV = 2;
+const char* NAMES[] = {"", "thread/element fwd, thread/column bwd", "float4 fwd, bucketed bwd",
+                       "kernels/encoder.cuh (fp32)", "kernels/encoder.cuh (bf16)"};
+const int NV = 4;
+
+// versions 3 and 4: kernels/encoder.cuh, called as train_moe.cu calls it (buckets built on
+// the host by gpu::build_encoder_buckets, uploaded, then gpu::encoder_backward with the
+// number of buckets). For bf16 the CPU reference is recomputed on bf16-rounded wte and dout.
+template <typename T>
+void to_dev_vec(std::vector<T>& o, const std::vector<float>& v);
+template <> void to_dev_vec<float>(std::vector<float>& o, const std::vector<float>& v) { o = v; }
+template <> void to_dev_vec<gpu::bf16>(std::vector<gpu::bf16>& o, const std::vector<float>& v) { o = to_bf16(v); }
+template <typename T>
+std::vector<float> to_host_f(const Dev<T>& d);
+template <> std::vector<float> to_host_f<float>(const Dev<float>& d) { return d.host(); }
+template <> std::vector<float> to_host_f<gpu::bf16>(const Dev<gpu::bf16>& d) { return from_bf16(d.host()); }
+
+template <typename T>
+void check_production(Suite& S, const std::vector<int>& tokens, std::vector<float> wte, std::vector<float> dout,
+                      const std::vector<float>& dwte0, std::vector<float> out, std::vector<float> dwte, int N, int d,
+                      int V) {
+    const bool is_bf16 = sizeof(T) == 2;
+    if (is_bf16) {  // the reference on the inputs the kernel sees
+        wte = round_bf16(wte);
+        dout = round_bf16(dout);
+        dwte = dwte0;
+        encoder_forward(out.data(), tokens.data(), wte.data(), N, d);
+        encoder_backward(dwte.data(), dout.data(), tokens.data(), N, d);
+    }
+    std::vector<T> hWte, hDout;
+    to_dev_vec<T>(hWte, wte);
+    to_dev_vec<T>(hDout, dout);
+    Dev<int> dTok(tokens);
+    Dev<T> dWte(hWte), dDout(hDout), dOut((size_t)N * d);
+    Dev<float> dDwte(dwte0);
+    gpu::EncoderBuckets bk;
+    gpu::build_encoder_buckets(&bk, tokens.data(), N, V);
+    Dev<int> dBt(bk.token), dBs(bk.start), dBp(bk.positions);
+    const int nb = (int)bk.token.size();
+    auto fwd = [&] { gpu::encoder_forward(dOut.p, dTok.p, (const T*)dWte.p, N, d, (cudaStream_t)0); };
+    auto bwd = [&] { gpu::encoder_backward(dDwte.p, (const T*)dDout.p, dBt.p, dBs.p, dBp.p, nb, d, (cudaStream_t)0); };
+    dOut.poison();
+    fwd();
+    S.check_equal("forward out (a copy: exact)", to_host_f(dOut), out);
+    bwd();
+    S.check_close("backward dwte (+=)", dDwte.host(), dwte, TOL_FP32);
+    if (N == 4096) {
+        S.bench("forward", fwd, 2.0 * N * d * sizeof(T));
+        S.bench("backward (excl. host bucketing)", bwd, (double)N * d * sizeof(T) + 2.0 * N * d * 4);
+    }
+}
 
 int main(int argc, char** argv) {
     Suite S("encoder", argc, argv);
@@ -97,6 +152,11 @@ int main(int argc, char** argv) {
             encoder_forward(out.data(), tokens.data(), wte.data(), N, d);
             encoder_backward(dwte.data(), dout.data(), tokens.data(), N, d);
 
+            if (v >= 3) {  // production
+                if (v == 3) check_production<float>(S, tokens, wte, dout, dwte0, out, dwte, N, d, V);
+                else check_production<gpu::bf16>(S, tokens, wte, dout, dwte0, out, dwte, N, d, V);
+                continue;
+            }
             Dev<int> dTok(tokens);
             Dev<float> dWte(wte), dDout(dout), dOut((size_t)N * d), dDwte(dwte0);
             Buckets bk = bucket_tokens(tokens, V);

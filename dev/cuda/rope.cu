@@ -13,12 +13,16 @@ Build and run (from the repository root):
   nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
        dev/cuda/rope.cu -o build/rope -lcublas -lcublasLt -lgomp && ./build/rope [version]
 
-TODO: kernels/rope.cuh exists (written concurrently) but is not included yet: add its
-kernels as the last version, checked the same way (this file has only its own versions).
+Version 3 is the production kernel, kernels/rope.cuh (gpu::rope_forward / gpu::rope_backward,
+T = float), version 4 the same with T = bf16 (x bf16, tables fp32; the CPU reference runs on
+the bf16-rounded x, TOL_BF16). The production kernels work in place only (as train_moe.cu
+calls them, on q, k, dq, dk), so they cannot be poisoned: an element they forget to write
+keeps its input value, which the check catches everywhere except at pos 0 (identity).
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
 #include "common.h"
+#include "../../kernels/rope.cuh"
 
 // ----------------------------------------------------------------------------
 // version 1: one thread per rotated pair (n, head, i). dir = +1 forward, -1 backward
@@ -70,8 +74,39 @@ void rope(int v, float* out, const float* in, const float* c, const float* s, in
     launchCheck();
 }
 
-const char* NAMES[] = {"", "thread per pair", "float4, 4 pairs per thread"};
-const int NV = 2;
+const char* NAMES[] = {"", "thread per pair", "float4, 4 pairs per thread", "kernels/rope.cuh (fp32, in place)",
+                       "kernels/rope.cuh (bf16, in place)"};
+const int NV = 4;
+
+// versions 3 and 4: the production kernels, in place, as train_moe.cu calls them
+template <typename T>
+void check_production(Suite& S, std::vector<float> x, const std::vector<float>& cosb, const std::vector<float>& sinb,
+                      int N, int T_, int nh, int hd) {
+    const bool is_bf16 = sizeof(T) == 2;
+    if (is_bf16) x = round_bf16(x);
+    std::vector<float> fwd = x, bwd = x;
+    rope_forward(fwd.data(), cosb.data(), sinb.data(), N, T_, nh, hd);
+    rope_backward(bwd.data(), cosb.data(), sinb.data(), N, T_, nh, hd);
+    const Tol tol = is_bf16 ? TOL_BF16 : TOL_FP32;
+    size_t n = x.size();
+    Dev<T> dX(n);
+    Dev<float> dC(cosb), dS(sinb);
+    auto upload_x = [&] {
+        if constexpr (sizeof(T) == 2) dX.upload(to_bf16(x)); else dX.upload(x);
+    };
+    auto download_x = [&] {
+        if constexpr (sizeof(T) == 2) return from_bf16(dX.host()); else return dX.host();
+    };
+    upload_x();
+    gpu::rope_forward(dX.p, dC.p, dS.p, N, T_, nh, hd, (cudaStream_t)0);
+    S.check_close("forward (in place)", download_x(), fwd, tol);
+    upload_x();
+    gpu::rope_backward(dX.p, dC.p, dS.p, N, T_, nh, hd, (cudaStream_t)0);
+    S.check_close("backward (in place)", download_x(), bwd, tol);
+    if (N == 4096)
+        S.bench("forward, q (in place)", [&] { gpu::rope_forward(dX.p, dC.p, dS.p, N, T_, nh, hd, (cudaStream_t)0); },
+                2.0 * n * sizeof(T) + 2.0 * T_ * (hd / 2) * 4);
+}
 
 int main(int argc, char** argv) {
     Suite S("rope", argc, argv);
@@ -94,6 +129,11 @@ int main(int argc, char** argv) {
                 }
             size_t n = (size_t)N * nh * hd;
             auto x = rand_floats(n, seed++);
+            if (v >= 3) {
+                if (v == 3) check_production<float>(S, x, cosb, sinb, N, T, nh, hd);
+                else check_production<gpu::bf16>(S, x, cosb, sinb, N, T, nh, hd);
+                continue;
+            }
             std::vector<float> fwd = x, bwd = x;
             rope_forward(fwd.data(), cosb.data(), sinb.data(), N, T, nh, hd);
             rope_backward(bwd.data(), cosb.data(), sinb.data(), N, T, nh, hd);

@@ -10,12 +10,19 @@ Build and run (from the repository root):
   nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
        dev/cuda/swiglu.cu -o build/swiglu -lcublas -lcublasLt -lgomp && ./build/swiglu [version]
 
-TODO: kernels/swiglu.cuh exists (written concurrently) but is not included yet: add its
-kernels as the last version, checked the same way (this file has only its own versions).
+Versions 4 (T = float) and 5 (T = bf16) are the production kernels, kernels/swiglu.cuh
+(gpu::swiglu_forward / gpu::swiglu_backward), called as train_moe.cu does. Their layout
+differs from versions 1-3: one fused gate|up buffer gu [rows, 2F] (gate in columns 0..F-1,
+up in F..2F-1 of each row) instead of two [n] arrays, and the backward WRITES dgu [rows, 2F]
+(train_moe.cu gives it a scratch buffer) instead of accumulating. So the CPU reference is
+the same swiglu_forward / swiglu_backward on the de-interleaved g, u (n = rows * F) with dg,
+du starting from 0, and dgu is poisoned before the backward. Sizes: (rows, F) with
+rows * F equal to the n of versions 1-3 (1, 7, 1003 = 17 * 59, then F = 3072).
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
 #include "common.h"
+#include "../../kernels/swiglu.cuh"
 
 // ----------------------------------------------------------------------------
 // version 1: one thread per element, plain expf.
@@ -106,8 +113,58 @@ __global__ void swiglu_backward_v3(bf16* dg, bf16* du, const bf16* dout, const b
     }
 }
 
-const char* NAMES[] = {"", "thread per element", "float4 grid-stride", "bf16 storage, 16-byte loads"};
-const int NV = 3;
+const char* NAMES[] = {"", "thread per element", "float4 grid-stride", "bf16 storage, 16-byte loads",
+                       "kernels/swiglu.cuh (fp32, gu [rows, 2F])", "kernels/swiglu.cuh (bf16, gu [rows, 2F])"};
+const int NV = 5;
+
+// versions 4 and 5: the production kernels on the fused layout gu [rows, 2F]
+template <typename T>
+std::vector<T> to_t(const std::vector<float>& v) {
+    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
+}
+template <typename T>
+std::vector<float> host_f(const Dev<T>& d) {
+    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
+}
+template <typename T>
+void check_production(Suite& S, long rows, int F, uint64_t& seed) {
+    const bool is_bf16 = sizeof(T) == 2;
+    const Tol tol = is_bf16 ? TOL_BF16 : TOL_FP32;
+    const long n = rows * F;
+    printf("  rows %ld F %d (n %ld)\n", rows, F, n);
+    auto g = rand_floats(n, seed++, -6, 6), u = rand_floats(n, seed++, -2, 2), dy = rand_floats(n, seed++);
+    if (is_bf16) { g = round_bf16(g); u = round_bf16(u); dy = round_bf16(dy); }
+    std::vector<float> out(n), dg(n, 0.0f), du(n, 0.0f);  // the kernel writes dgu: start the reference at 0
+    swiglu_forward(out.data(), g.data(), u.data(), n);
+    swiglu_backward(dg.data(), du.data(), dy.data(), g.data(), u.data(), n);
+    std::vector<float> gu((size_t)n * 2), dgu_ref((size_t)n * 2);  // interleave by row: [g | u]
+    for (long r = 0; r < rows; r++)
+        for (int c = 0; c < F; c++) {
+            gu[(size_t)r * 2 * F + c] = g[(size_t)r * F + c];
+            gu[(size_t)r * 2 * F + F + c] = u[(size_t)r * F + c];
+            dgu_ref[(size_t)r * 2 * F + c] = dg[(size_t)r * F + c];
+            dgu_ref[(size_t)r * 2 * F + F + c] = du[(size_t)r * F + c];
+        }
+    Dev<T> dGu(to_t<T>(gu)), dA(n), dDa(to_t<T>(dy)), dDgu((size_t)n * 2);
+    auto fwd = [&] { gpu::swiglu_forward(dA.p, (const T*)dGu.p, (size_t)rows, F, (cudaStream_t)0); };
+    auto bwd = [&] { gpu::swiglu_backward(dDgu.p, (const T*)dDa.p, (const T*)dGu.p, (size_t)rows, F, (cudaStream_t)0); };
+    dA.poison();
+    fwd();
+    S.check_close("forward a", host_f(dA), out, tol);
+    dDgu.poison();
+    bwd();
+    S.check_close("backward dgu (written)", host_f(dDgu), dgu_ref, tol);
+    // rows == 0 (an MoE layer can route no row to a buffer): must return without touching dgu
+    auto before = host_f(dDgu);
+    gpu::swiglu_forward(dA.p, (const T*)dGu.p, (size_t)0, F, (cudaStream_t)0);
+    gpu::swiglu_backward(dDgu.p, (const T*)dDa.p, (const T*)dGu.p, (size_t)0, F, (cudaStream_t)0);
+    S.check_equal("rows 0: no-op", host_f(dDgu), before);
+    if (n == 8192L * 3072) {
+        double es = sizeof(T);
+        S.bench("forward", fwd, 3.0 * n * es);   // read g, u; write a
+        S.bench("backward", bwd, 5.0 * n * es);  // read da, g, u; write dg, du
+    }
+}
 
 int main(int argc, char** argv) {
     Suite S("swiglu", argc, argv);
@@ -119,6 +176,14 @@ int main(int argc, char** argv) {
         if (!S.want(v)) continue;
         S.begin(v, NAMES[v]);
         uint64_t seed = 77 * v;
+        if (v >= 4) {
+            const long rows_F[][2] = {{1, 1}, {7, 1}, {17, 59}, {4096, 3072}, {8192, 3072}};  // same n as above
+            for (auto& rf : rows_F) {
+                if (v == 4) check_production<float>(S, rf[0], (int)rf[1], seed);
+                else check_production<bf16>(S, rf[0], (int)rf[1], seed);
+            }
+            continue;
+        }
         for (long n : sizes) {
             printf("  n %ld\n", n);
             auto g = rand_floats(n, seed++, -6, 6), u = rand_floats(n, seed++, -2, 2), dy = rand_floats(n, seed++);
