@@ -11,12 +11,23 @@ Build and run (from the repository root):
   nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
        dev/cuda/classifier.cu -o build/classifier -lcublas -lcublasLt -lgomp && ./build/classifier [version]
 
-TODO: kernels/classifier.cuh exists (written concurrently) but is not included yet: add its
-kernels as the last version, checked the same way (this file has only its own versions).
+Versions 3 (T = float) and 4 (T = bf16) are the production kernel, kernels/classifier.cuh
+(gpu::crossentropy_forward_backward), called as train_moe.cu does: IN PLACE only (logits
+are replaced by dlogits when dscale != 0, left alone when dscale == 0), per-row losses out,
+no lse out. Checked: losses (poisoned first), mean loss, dlogits in place; with dscale 0,
+losses and the logits bit-unchanged. bf16: the reference runs on the bf16-rounded logits,
+dlogits at TOL_BF16, the losses (fp32 sums) at TOL_FP32.
+
+Note on the dlogits tolerance (all versions): dlogits = scale (p - onehot) with
+scale = 1/N; the -scale at each target dominates ||dl||, and every other element is
+~scale / V, far below TOL.atol. So the standard check barely sees the softmax part. The
+production versions add one check with atol scaled to the largest non-target |dl|, where
+an error in p shows.
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
 #include "common.h"
+#include "../../kernels/classifier.cuh"
 
 // ----------------------------------------------------------------------------
 // version 1: one thread per row, three passes over the row (max, sum, write). Rows are
@@ -92,8 +103,63 @@ __global__ void classifier_v2(float* dlogits, float* lse, float* loss, const flo
         for (int i = threadIdx.x; i < V; i += blockDim.x) dz[i] = scale * expf(z[i] - l) - (i == tgt ? scale : 0.0f);
 }
 
-const char* NAMES[] = {"", "thread per row, 3 passes", "block per row, online max/sum, float4"};
-const int NV = 2;
+const char* NAMES[] = {"", "thread per row, 3 passes", "block per row, online max/sum, float4",
+                       "kernels/classifier.cuh (fp32, in place)", "kernels/classifier.cuh (bf16, in place)"};
+const int NV = 4;
+
+// versions 3 and 4: the production kernel (in place), as train_moe.cu calls it
+template <typename T>
+std::vector<T> to_t(const std::vector<float>& v) {
+    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
+}
+template <typename T>
+std::vector<float> host_f(const Dev<T>& d) {
+    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
+}
+template <typename T>
+void check_production(Suite& S, std::vector<float> logits, const std::vector<int>& targets, int N, int V) {
+    const bool is_bf16 = sizeof(T) == 2;
+    if (is_bf16) logits = round_bf16(logits);
+    const Tol tol = is_bf16 ? TOL_BF16 : TOL_FP32;
+    float scale = 1.0f / N;
+    std::vector<float> lse(N), dl((size_t)N * V), row_loss(N);
+    float ref_loss = crossentropy_forward(lse.data(), logits.data(), targets.data(), N, V);
+    crossentropy_backward(dl.data(), logits.data(), lse.data(), targets.data(), N, V, scale);
+    for (int n = 0; n < N; n++) row_loss[n] = lse[n] - logits[(size_t)n * V + targets[n]];
+    if (is_bf16) dl = round_bf16(dl);  // the kernel stores bf16: compare with the representable value
+    Dev<T> dZ(to_t<T>(logits));
+    Dev<float> dLoss(N);
+    Dev<int> dT(targets);
+    // forward only (dscale 0, evaluation): losses, logits untouched
+    dLoss.poison();
+    gpu::crossentropy_forward_backward(dZ.p, dLoss.p, dT.p, N, V, 0.0f, (cudaStream_t)0);
+    S.check_close("per-row loss (dscale 0)", dLoss.host(), row_loss, TOL_FP32);
+    S.check_equal("logits untouched (dscale 0)", host_f(dZ), logits);
+    // forward + backward in place
+    dLoss.poison();
+    gpu::crossentropy_forward_backward(dZ.p, dLoss.p, dT.p, N, V, scale, (cudaStream_t)0);
+    auto gl = dLoss.host();
+    S.check_close("per-row loss", gl, row_loss, TOL_FP32);
+    double mean = 0;
+    for (float x : gl) mean += x;
+    S.check_close("mean loss", {(float)(mean / N)}, {ref_loss}, TOL_FP32);
+    auto gdl = host_f(dZ);
+    S.check_close("dlogits (in place)", gdl, dl, tol);
+    double pmax = 0;  // largest non-target |dl|
+    for (int n = 0; n < N; n++)
+        for (int i = 0; i < V; i++)
+            if (i != targets[n]) pmax = std::max(pmax, (double)std::fabs(dl[(size_t)n * V + i]));
+    Tol scaled = {tol.rel, tol.atol * pmax, tol.rtol};
+    S.check_close("dlogits (atol x max softmax)", gdl, dl, scaled);
+    if (N == 4096) {
+        // in place: from the 2nd repeat on, the kernel reads the previous gradient as logits
+        // (same work per element: one read, one exp, one write, so the same time)
+        dZ.upload(to_t<T>(logits));
+        S.bench("fused fwd+bwd (in place)",
+                [&] { gpu::crossentropy_forward_backward(dZ.p, dLoss.p, dT.p, N, V, scale, (cudaStream_t)0); },
+                2.0 * N * V * sizeof(T));
+    }
+}
 
 int main(int argc, char** argv) {
     Suite S("classifier", argc, argv);
@@ -108,6 +174,11 @@ int main(int argc, char** argv) {
             printf("  N %d V %d\n", N, V);
             auto logits = rand_floats((size_t)N * V, seed++, -8, 8);
             auto targets = rand_ints(N, V, seed++);
+            if (v >= 3) {
+                if (v == 3) check_production<float>(S, logits, targets, N, V);
+                else check_production<gpu::bf16>(S, logits, targets, N, V);
+                continue;
+            }
             float scale = 1.0f / N;
             std::vector<float> lse(N), dl((size_t)N * V);
             float ref_loss = crossentropy_forward(lse.data(), logits.data(), targets.data(), N, V);

@@ -10,12 +10,14 @@ Build and run (from the repository root):
   nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
        dev/cuda/global_norm.cu -o build/global_norm -lcublas -lcublasLt -lgomp && ./build/global_norm [version]
 
-TODO: kernels/global_norm.cuh exists (written concurrently) but is not included yet: add its
-kernels as the last version, checked the same way (this file has only its own versions).
+Version 3 is the production kernel, kernels/global_norm.cuh (gpu::global_norm_squared:
+the squared norm in double, into a device double, with gpu::NORM_BLOCKS doubles of
+scratch), called as train_moe.cu's GPUModel::step does; the host takes the sqrt in double.
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
 #include "common.h"
+#include "../../kernels/global_norm.cuh"
 
 double global_norm_cpu(const std::vector<float>& g) {  // Model::step
     double sq = 0;
@@ -73,8 +75,8 @@ __global__ void norm_squared_final_v2(float* out, const double* partial, int nbl
     if (threadIdx.x == 0) out[0] = (float)t;
 }
 
-const char* NAMES[] = {"", "one block", "grid + ordered partials (double)"};
-const int NV = 2;
+const char* NAMES[] = {"", "one block", "grid + ordered partials (double)", "kernels/global_norm.cuh"};
+const int NV = 3;
 
 int main(int argc, char** argv) {
     Suite S("global_norm", argc, argv);
@@ -91,6 +93,20 @@ int main(int argc, char** argv) {
             printf("  n %ld\n", n);
             auto g = rand_floats(n, seed++, -0.01f, 0.01f);
             double ref = global_norm_cpu(g);
+            if (v == 3) {  // production: double result, sqrt on the host (GPUModel::step)
+                Dev<float> dG(g);
+                Dev<double> dSq(1), partial(gpu::NORM_BLOCKS);
+                auto run = [&] { gpu::global_norm_squared(dSq.p, partial.p, dG.p, (size_t)n, (cudaStream_t)0); };
+                dSq.poison();
+                partial.poison();
+                run();
+                double sq = dSq.host()[0];
+                S.check_close("norm", {(float)std::sqrt(sq)}, {(float)ref}, TOL_FP32);
+                run();
+                S.check_equal("bit-identical on rerun", dSq.host(), std::vector<double>{sq});
+                if (n == 300L * 1000 * 1000) S.bench("300M gradients", run, 4.0 * n);
+                continue;
+            }
             Dev<float> dG(g), dOut(1);
             Dev<double> partial(nb2);
             auto run = [&] {
