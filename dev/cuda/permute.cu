@@ -16,12 +16,19 @@ Build and run (from the repository root):
   nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
        dev/cuda/permute.cu -o build/permute -lcublas -lcublasLt -lgomp && ./build/permute [version]
 
-TODO: kernels/permute.cuh appeared while this file was being written and is not included
-yet: add its kernels as the last version (same checks).
+Versions 3 (T = float) and 4 (T = bf16) are the production kernels, kernels/permute.cuh
+(gpu::moe_permute, moe_gather, moe_combine_forward, moe_combine_backward,
+moe_unpermute_backward), called as train_moe.cu's moe_forward / moe_backward do. One
+semantic difference from versions 1-2: gpu::moe_unpermute_backward WRITES dx (train_moe.cu
+then lets router_backward_matmul add the router's part into the same buffer), so its
+reference starts from 0 and dx is poisoned. topw, dtopw stay fp32 in both; bf16: x, ey,
+dout, dxe bf16 (the reference on their bf16 roundings), gather exact, combine / dey /
+un-permute at TOL_BF16, dtopw (fp32 sums) at TOL_FP32.
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
 #include "common.h"
+#include "../../kernels/permute.cuh"
 
 // ----------------------------------------------------------------------------
 // CPU reference (Model::moe_forward / moe_backward)
@@ -171,8 +178,82 @@ __global__ void uncombine_dtopw_v2(float* dtopw, const float* dout, const float*
     if (lane == 0) dtopw[p] = s;
 }
 
-const char* NAMES[] = {"", "single-thread sort, thread/element", "one-block parallel stable sort, warp dots"};
-const int NV = 2;
+const char* NAMES[] = {"", "single-thread sort, thread/element", "one-block parallel stable sort, warp dots",
+                       "kernels/permute.cuh (fp32)", "kernels/permute.cuh (bf16)"};
+const int NV = 4;
+
+// versions 3 and 4: the production kernels, as train_moe.cu calls them
+template <typename T>
+std::vector<T> to_t(const std::vector<float>& v) {
+    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
+}
+template <typename T>
+std::vector<float> host_f(const Dev<T>& d) {
+    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
+}
+template <typename T>
+void check_production(Suite& S, const std::vector<int>& topk, const std::vector<float>& topw, const Perm& ref,
+                      std::vector<float> x, std::vector<float> ey, std::vector<float> dout, std::vector<float> dxe,
+                      int B, int T_, int E, int K, int d) {
+    const bool is_bf16 = sizeof(T) == 2;
+    const Tol tol = is_bf16 ? TOL_BF16 : TOL_FP32;
+    const int N = B * T_, NK = N * K;
+    if (is_bf16) { x = round_bf16(x); ey = round_bf16(ey); dout = round_bf16(dout); dxe = round_bf16(dxe); }
+    // CPU, as in versions 1-2 (Model::moe_forward/backward), except dx starts at 0 (written)
+    std::vector<float> xe((size_t)NK * d), out((size_t)N * d, 0), dtopw(NK), dey((size_t)NK * d), dx((size_t)N * d, 0);
+    for (int r = 0; r < NK; r++)
+        for (int i = 0; i < d; i++) xe[(size_t)r * d + i] = x[(size_t)ref.row_token[r] * d + i];
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) axpy(&out[(size_t)n * d], topw[n * K + k], &ey[(size_t)ref.row_of[n * K + k] * d], d);
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            int r = ref.row_of[n * K + k];
+            dtopw[n * K + k] = dot(&dout[(size_t)n * d], &ey[(size_t)r * d], d);
+            for (int i = 0; i < d; i++) dey[(size_t)r * d + i] = topw[n * K + k] * dout[(size_t)n * d + i];
+        }
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) axpy(&dx[(size_t)n * d], 1, &dxe[(size_t)ref.row_of[n * K + k] * d], d);
+
+    Dev<int> dTopk(topk), dCounts(E), dSeq((size_t)B * E), dOff(E + 1), dRt(NK), dRo(NK);
+    Dev<T> dX(to_t<T>(x)), dXe((size_t)NK * d), dEy(to_t<T>(ey)), dOut((size_t)N * d), dDout(to_t<T>(dout)),
+        dDey((size_t)NK * d), dDxe(to_t<T>(dxe)), dDx((size_t)N * d);
+    Dev<float> dW(topw), dDtw(NK);
+    cudaStream_t st = 0;
+    auto sort = [&] { gpu::moe_permute(dSeq.p, dCounts.p, dOff.p, dRt.p, dRo.p, dTopk.p, B, T_, E, K, st); };
+    dCounts.poison(); dSeq.poison(); dOff.poison(); dRt.poison(); dRo.poison();
+    sort();
+    S.check_equal("counts", dCounts.host(), ref.counts);
+    S.check_equal("seq_counts", dSeq.host(), ref.seq_counts);
+    S.check_equal("offsets", dOff.host(), ref.offsets);
+    S.check_equal("row_token (stable order)", dRt.host(), ref.row_token);
+    S.check_equal("row_of", dRo.host(), ref.row_of);
+    dRt.upload(ref.row_token);  // the rest from the reference layout
+    dRo.upload(ref.row_of);
+    auto gather = [&] { gpu::moe_gather(dXe.p, (const T*)dX.p, dRt.p, NK, d, st); };
+    auto combine = [&] { gpu::moe_combine_forward(dOut.p, (const T*)dEy.p, dW.p, dRo.p, N, K, d, st); };
+    auto uncombine = [&] {
+        gpu::moe_combine_backward(dDey.p, dDtw.p, (const T*)dDout.p, (const T*)dEy.p, dW.p, dRo.p, N, K, d, st);
+    };
+    auto unpermute = [&] { gpu::moe_unpermute_backward(dDx.p, (const T*)dDxe.p, dRo.p, N, K, d, st); };
+    dXe.poison(); dOut.poison(); dDtw.poison(); dDey.poison(); dDx.poison();
+    gather();
+    S.check_equal("gather xe (exact)", host_f(dXe), xe);
+    combine();
+    S.check_close("combine out", host_f(dOut), out, tol);
+    uncombine();
+    S.check_close("dtopw", dDtw.host(), dtopw, TOL_FP32);
+    S.check_close("dey", host_f(dDey), dey, tol);
+    unpermute();
+    S.check_close("un-permute dx (written)", host_f(dDx), dx, tol);
+    if (N == 4096) {
+        const double es = sizeof(T);
+        S.bench("sort (moe_permute)", sort, 4.0 * NK * 3);
+        S.bench("gather", gather, 2.0 * es * NK * d);
+        S.bench("combine", combine, es * (NK + N) * d);
+        S.bench("un-combine (dtopw, dey)", uncombine, es * (2 * NK + N) * d);
+        S.bench("un-permute", unpermute, es * (NK + N) * d);
+    }
+}
 
 int main(int argc, char** argv) {
     Suite S("permute", argc, argv);
@@ -210,6 +291,11 @@ int main(int argc, char** argv) {
             for (int n = 0; n < N; n++)
                 for (int k = 0; k < K; k++) axpy(&dx[(size_t)n * d], 1, &dxe[(size_t)ref.row_of[n * K + k] * d], d);
 
+            if (v >= 3) {
+                if (v == 3) check_production<float>(S, topk, topw, ref, x, ey, dout, dxe, B, T, E, K, d);
+                else check_production<gpu::bf16>(S, topk, topw, ref, x, ey, dout, dxe, B, T, E, K, d);
+                continue;
+            }
             Dev<int> dTopk(topk), dCounts(E), dSeq((size_t)B * E), dOff(E + 1), dRt(NK), dRo(NK), dFill(E);
             Dev<float> dX(x), dXe((size_t)NK * d), dEy(ey), dW(topw), dOut((size_t)N * d), dDout(dout), dDtw(NK),
                 dDey((size_t)NK * d), dDxe(dxe), dDx(dx0);
