@@ -492,6 +492,9 @@ struct GPUModel {
         const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, V = cfg.vocab_size, L = cfg.n_layer;
         const int H = cfg.n_head, Hkv = cfg.n_kv_head, hd = cfg.head_dim, qd = cfg.q_dim(), kvd = cfg.kv_dim();
         const float eps = cfg.rms_eps;
+        if (cfg.sliding_window > 0 && T_ > cfg.sliding_window)  // train_moe.cpp refuses this too
+            FAIL("sequence length %d exceeds the model's sliding_window %d, which this trainer does not implement", T_,
+                 cfg.sliding_window);
         h_inputs.assign(in, in + N);
         for (int n = 0; n < N; n++)
             if (in[n] < 0 || in[n] >= V) FAIL("input token %d at position %d outside [0, %d)", in[n], n, V);
