@@ -1111,7 +1111,8 @@ int run_training(TrainArgs& args, Cli& cli, const GpuOptions& go) {
         std::vector<float> p, mm, vv;
         M.download_state(&p, &mm, &vv);
         save_checkpoint(path_join(args.out, name), M.cfg, M.lay, p.data(), mm.data(), vv.data(), M.adam_t,
-                        M.expert_bias, M.ts.aux_free_rate > 0, rs, settings);
+                        M.expert_bias, M.ts.aux_free_rate > 0, rs, settings,
+                        path_join(args.data_dir, "tokenizer.json"));  // as train_moe.cpp: HF tools need it
         write_text_atomic(path_join(args.out, "latest"), name + "\n");
         last_saved = rs.step;
         printf("saved %s\n", path_join(args.out, name).c_str());
