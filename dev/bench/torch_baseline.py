@@ -181,7 +181,9 @@ def main():
     n_active = a.layers * (attn + ffn) + a.d + a.vocab * a.d
     flops = (6 * n_active + 6 * a.layers * a.seq * a.heads * hd) * a.batch * a.seq
     name = torch.cuda.get_device_name()
-    peak = 756e12 if ("H100" in name and "PCIe" in name) else 989e12 if ("H100" in name or "H200" in name) else 0
+    # the same table as train_moe.cu device_peak_flops (H100 NVL is 835, not the SXM 989)
+    peak = (756e12 if ("H100" in name and "PCIe" in name) else 835e12 if ("H100" in name and "NVL" in name)
+            else 989e12 if ("H100" in name or "H200" in name) else 312e12 if "A100" in name else 0)
     mfu = f"{100 * flops / dt / peak:.1f}%" if peak else "n/a (unknown device)"
     print(f"torch{' compile' if a.compile else ' eager'}: {'MoE' if a.experts else 'dense'} | {a.steps} steps of "
           f"{a.batch * a.seq} tokens | {dt * 1e3:.1f} ms/step | {a.batch * a.seq / dt:.0f} tok/s | MFU {mfu} | "
