@@ -15,12 +15,19 @@ Build and run (from the repository root):
   nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
        dev/cuda/expert_matmul.cu -o build/expert_matmul -lcublas -lcublasLt -lgomp && ./build/expert_matmul [version]
 
-TODO: kernels/matmul.cuh appeared while this file was being written and is not included
-yet: add its expert GEMM loop as the last version (same checks).
+Versions 4 (T = float) and 5 (T = bf16) are the production loop, kernels/matmul.cuh
+(gpu::expert_matmul_forward / gpu::expert_matmul_backward with a host gpu::ExpertBlocks and
+one weight pointer per expert), on a cuBLAS handle set up as train_moe.cu's GPUModel::setup
+does (CUBLAS_DEFAULT_MATH, a fixed 32 MiB workspace). Semantic differences from versions
+1-3, as train_moe.cu uses them: Y and dX have the activation type T (bf16 in version 5:
+rounded on store), and dX is OVERWRITTEN (beta 0), not accumulated: its reference starts
+from 0 and dX is poisoned. dW stays fp32 and accumulated (beta 1), and the empty expert's
+dW must stay bit-exact.
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
 #include "common.h"
+#include "../../kernels/matmul.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -105,12 +112,90 @@ void bwd_blas(Gemm& g, float* dX, float* dW, const T* dY, const T* X, const T* W
     }
 }
 
-const char* NAMES[] = {"", "thread per output", "cuBLAS fp32 loop over experts", "cuBLAS bf16 loop (fp32 acc)"};
-const int NV = 3;
+const char* NAMES[] = {"", "thread per output", "cuBLAS fp32 loop over experts", "cuBLAS bf16 loop (fp32 acc)",
+                       "kernels/matmul.cuh expert loop (fp32)", "kernels/matmul.cuh expert loop (bf16)"};
+const int NV = 5;
+bool bf16_version(int v) { return v == 3 || v == 5; }
+
+// versions 4 and 5: the production expert loop, called as train_moe.cu's moe_forward /
+// moe_backward call it (per-expert weight pointers into one [E, OC, C] block here)
+struct ProdBlas {
+    cublasHandle_t h;
+    void* ws = nullptr;
+    ProdBlas() {
+        cublasCheck(cublasCreate(&h));
+        cublasCheck(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));  // no TF32 for fp32 inputs
+        const size_t ws_bytes = 32u << 20;
+        cudaCheck(cudaMalloc(&ws, ws_bytes));
+        cublasCheck(cublasSetWorkspace(h, ws, ws_bytes));
+    }
+    ~ProdBlas() {
+        cublasDestroy(h);
+        cudaFree(ws);
+    }
+};
+template <typename T>
+std::vector<T> to_t(const std::vector<float>& v) {
+    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
+}
+template <typename T>
+std::vector<float> host_f(const Dev<T>& d) {
+    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
+}
+template <typename T>
+void check_production(Suite& S, ProdBlas& pb, const std::vector<int>& off, const std::vector<float>& X,
+                      const std::vector<float>& W, const std::vector<float>& dY, const std::vector<float>& dW0,
+                      int E, int R, int C, int OC, int empty, const char* what) {
+    const bool is_bf16 = sizeof(T) == 2;
+    // reference: Y; dX from 0 (overwritten); dW from dW0 (accumulated)
+    std::vector<float> Y((size_t)R * OC), dX((size_t)R * C, 0.0f), dW = dW0;
+    for (int e = 0; e < E; e++) {
+        int r0 = off[e], ne = off[e + 1] - off[e];
+        matmul_forward(&Y[(size_t)r0 * OC], &X[(size_t)r0 * C], &W[(size_t)e * OC * C], ne, C, OC);
+        matmul_backward(&dX[(size_t)r0 * C], &dW[(size_t)e * OC * C], &dY[(size_t)r0 * OC], &X[(size_t)r0 * C],
+                        &W[(size_t)e * OC * C], ne, C, OC);
+    }
+    gpu::ExpertBlocks eb;
+    eb.offsets = off;
+    eb.counts.resize(E);
+    for (int e = 0; e < E; e++) eb.counts[e] = off[e + 1] - off[e];
+    Dev<T> dXin(to_t<T>(X)), dWt(to_t<T>(W)), dDy(to_t<T>(dY)), dOut((size_t)R * OC), ddX((size_t)R * C);
+    Dev<float> ddW(dW0);
+    std::vector<const T*> w(E);
+    std::vector<float*> g(E);
+    for (int e = 0; e < E; e++) {
+        w[e] = dWt.p + (size_t)e * OC * C;
+        g[e] = ddW.p + (size_t)e * OC * C;
+    }
+    auto fwd = [&] { gpu::expert_matmul_forward(pb.h, dOut.p, (const T*)dXin.p, w, eb, C, OC); };
+    auto bwd = [&] { gpu::expert_matmul_backward(pb.h, ddX.p, g, (const T*)dDy.p, (const T*)dXin.p, w, eb, C, OC); };
+    Tol tol = is_bf16 ? TOL_BF16 : TOL_FP32;
+    if (!is_bf16) tol.atol = 1e-4;  // fp32 sums of up to 3072 products, as versions 1-2
+    dOut.poison();
+    fwd();
+    S.check_close("forward Y", host_f(dOut), Y, tol);
+    ddX.poison();
+    bwd();
+    S.check_close("backward dX (written)", host_f(ddX), dX, tol);
+    auto gW = ddW.host();
+    S.check_close("backward dW (+=), all experts", gW, dW, tol);
+    size_t e0 = (size_t)empty * OC * C;
+    std::vector<float> ge(gW.begin() + e0, gW.begin() + e0 + (size_t)OC * C),
+        re(dW0.begin() + e0, dW0.begin() + e0 + (size_t)OC * C);
+    S.check_equal("dW of the empty expert untouched", ge, re);
+    if (R >= 4096) {
+        double fl = 2.0 * R * C * OC, eb_ = sizeof(T);
+        S.bench((std::string("fwd ") + what).c_str(), fwd, eb_ * (R * C + E * OC * C + R * OC), fl);
+        ddX.poison();
+        S.bench((std::string("bwd ") + what).c_str(), bwd, eb_ * (R * OC + R * C + E * OC * C + R * C) + 8.0 * E * OC * C,
+                2 * fl);
+    }
+}
 
 int main(int argc, char** argv) {
     Suite S("expert_matmul", argc, argv);
     Gemm gemm;
+    ProdBlas pb;
     struct Case { int E, R, C, OC, empty; const char* what; };
     const Case cases[] = {{4, 37, 16, 24, 2, "tiny"},
                           {8, 300, 64, 96, 0, "small, expert 0 empty"},
@@ -134,7 +219,7 @@ int main(int argc, char** argv) {
         for (int rnd = 0; rnd < 2; rnd++) {  // rnd 0: fp32 inputs; rnd 1: bf16-rounded inputs (version 3)
             if (rnd == 1) { X = round_bf16(X); W = round_bf16(W); dY = round_bf16(dY); }
             bool need = false;
-            for (int v = 1; v <= NV; v++) need |= S.want(v) && (v == 3) == (rnd == 1);
+            for (int v = 1; v <= NV; v++) need |= S.want(v) && bf16_version(v) == (rnd == 1);
             if (!need) continue;
             // CPU reference, once per input set, per expert block as Model::moe_forward/backward
             std::vector<float> Y((size_t)R * OC), dX = dX0, dW = dW0;
@@ -145,8 +230,13 @@ int main(int argc, char** argv) {
                                 &W[(size_t)e * OC * C], ne, C, OC);
             }
             for (int v = 1; v <= NV; v++) {
-                if (!S.want(v) || (v == 3) != (rnd == 1)) continue;
+                if (!S.want(v) || bf16_version(v) != (rnd == 1)) continue;
                 S.begin(v, NAMES[v]);
+                if (v >= 4) {
+                    if (v == 4) check_production<float>(S, pb, off, X, W, dY, dW0, E, R, C, OC, c.empty, c.what);
+                    else check_production<bf16>(S, pb, off, X, W, dY, dW0, E, R, C, OC, c.empty, c.what);
+                    continue;
+                }
                 Dev<int> dOff(off);
                 Dev<float> dXf(X), dWf(W), dYg(dY), dOut((size_t)R * OC), ddX(dX0), ddW(dW0);
                 Dev<bf16> bX(to_bf16(X)), bW(to_bf16(W)), bdY(to_bf16(dY));
