@@ -17,7 +17,8 @@ pass=0; fail=0
 ok() { pass=$((pass + 1)); echo "PASS $*"; }
 bad() { fail=$((fail + 1)); echo "FAIL $*"; }
 tmp=$(mktemp -d /tmp/test_gpu.XXXXXX)
-trap 'rm -rf "$tmp"' EXIT
+# KEEP_TMP=1 keeps the logs (fixture runs, resume and curve runs) for the post-mortem
+trap 'if [ -n "${KEEP_TMP:-}" ]; then echo "logs kept in $tmp"; else rm -rf "$tmp"; fi' EXIT
 
 for b in "$GPU" "$CPU"; do
   [ -x "$b" ] || { echo "missing $b (make train_moe train_moe_gpu)"; echo "0 passed, 1 failed"; exit 1; }
