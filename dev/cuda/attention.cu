@@ -15,13 +15,20 @@ Build and run (from the repository root):
   nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
        dev/cuda/attention.cu -o build/attention -lcublas -lcublasLt -lgomp && ./build/attention [version]
 
-TODO: kernels/attention.cuh appeared while this file was being written and is not included
-yet: add its kernels as the last version (same checks; if it does not store att, check only
-out and the gradients).
+Versions 3 (T = float) and 4 (T = bf16) are the production kernels, kernels/attention.cuh
+(gpu::attention_forward / gpu::attention_backward), called as train_moe.cu does. They are
+flash-style: no att is stored, the forward writes lse [B, H, T] instead (checked against
+log sum_{j<=t} exp(s_tj) computed on the host in double), and the backward recomputes the
+probabilities from (q, k, lse) and takes the forward's out for D = rowsum(dout * out) (D:
+a [B, H, T] scratch). dq, dk, dv are WRITTEN, not accumulated: their reference starts from
+0 and they are poisoned. The backward runs from the reference out and lse, so that a
+forward bug is not counted twice. bf16: the reference runs on the bf16-rounded q, k, v,
+dout; outputs at TOL_BF16, lse (fp32) at TOL_FP32.
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
 #include "common.h"
+#include "../../kernels/attention.cuh"
 
 // ----------------------------------------------------------------------------
 // version 1: one thread per (b, h, t) query row: scores into the att row, softmax, then the
@@ -200,8 +207,88 @@ __global__ void attn_bwd_dkdv_v2(float* dk, float* dv, const float* ds, const fl
     }
 }
 
-const char* NAMES[] = {"", "thread per row", "warp per row"};
-const int NV = 2;
+const char* NAMES[] = {"", "thread per row", "warp per row", "kernels/attention.cuh (fp32, flash-style)",
+                       "kernels/attention.cuh (bf16, flash-style)"};
+const int NV = 4;
+
+// versions 3 and 4: the production kernels (their own references: dq, dk, dv from 0, and
+// for bf16 the rounded inputs)
+template <typename T>
+std::vector<T> to_t(const std::vector<float>& v) {
+    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
+}
+template <typename T>
+std::vector<float> host_f(const Dev<T>& d) {
+    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
+}
+template <typename T>
+void check_production(Suite& S, std::vector<float> q, std::vector<float> k, std::vector<float> v,
+                      std::vector<float> dout, int B, int T_, int H, int Hkv, int hd) {
+    const bool is_bf16 = sizeof(T) == 2;
+    const int N = B * T_, qd = H * hd, kvd = Hkv * hd, group = H / Hkv;
+    if (is_bf16) { q = round_bf16(q); k = round_bf16(k); v = round_bf16(v); dout = round_bf16(dout); }
+    size_t na = (size_t)B * H * T_ * T_;
+    std::vector<float> out((size_t)N * qd), att(na, 0.0f), dq((size_t)N * qd, 0.0f), dk((size_t)N * kvd, 0.0f),
+        dv((size_t)N * kvd, 0.0f), lse((size_t)B * H * T_);
+    attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T_, H, Hkv, hd);
+    attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(), B, T_, H,
+                       Hkv, hd);
+    std::vector<float>().swap(att);
+    const double sc = 1.0 / std::sqrt((double)hd);
+#pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            std::vector<double> s(T_);
+            for (int t = 0; t < T_; t++) {
+                const float* qt = &q[(size_t)(b * T_ + t) * qd + h * hd];
+                double mx = -INFINITY, sum = 0;
+                for (int j = 0; j <= t; j++) {
+                    const float* kj = &k[(size_t)(b * T_ + j) * kvd + (h / group) * hd];
+                    double a = 0;
+                    for (int i = 0; i < hd; i++) a += (double)qt[i] * kj[i];
+                    s[j] = a * sc;
+                    mx = std::max(mx, s[j]);
+                }
+                for (int j = 0; j <= t; j++) sum += std::exp(s[j] - mx);
+                lse[((size_t)b * H + h) * T_ + t] = (float)(mx + std::log(sum));
+            }
+        }
+    const Tol tol = is_bf16 ? TOL_BF16 : Tol{1e-5, 1e-4, 1e-4};  // fp32: long sums, as versions 1-2
+    Dev<T> dQ(to_t<T>(q)), dK(to_t<T>(k)), dV(to_t<T>(v)), dDout(to_t<T>(dout)), dOut((size_t)N * qd),
+        dDq((size_t)N * qd), dDk((size_t)N * kvd), dDv((size_t)N * kvd);
+    Dev<float> dLse((size_t)B * H * T_), dD((size_t)B * H * T_);
+    cudaStream_t st = 0;
+    auto fwd = [&] { gpu::attention_forward(dOut.p, dLse.p, (const T*)dQ.p, (const T*)dK.p, (const T*)dV.p, B, T_, H, Hkv, hd, st); };
+    auto bwd = [&] {
+        gpu::attention_backward(dDq.p, dDk.p, dDv.p, dD.p, (const T*)dDout.p, (const T*)dOut.p, dLse.p, (const T*)dQ.p,
+                                (const T*)dK.p, (const T*)dV.p, B, T_, H, Hkv, hd, st);
+    };
+    dOut.poison();
+    dLse.poison();
+    fwd();
+    S.check_close("forward out", host_f(dOut), out, tol);
+    S.check_close("forward lse", dLse.host(), lse, TOL_FP32);
+    dOut.upload(to_t<T>(out));  // backward from the reference forward
+    dLse.upload(lse);
+    dD.poison();
+    dDq.poison();
+    dDk.poison();
+    dDv.poison();
+    bwd();
+    S.check_close("backward dq (written)", host_f(dDq), dq, tol);
+    S.check_close("backward dk (written)", host_f(dDk), dk, tol);
+    S.check_close("backward dv (written)", host_f(dDv), dv, tol);
+    auto dq1 = host_f(dDq), dk1 = host_f(dDk);
+    bwd();
+    S.check_equal("dq bit-identical on rerun", host_f(dDq), dq1);
+    S.check_equal("dk bit-identical on rerun", host_f(dDk), dk1);
+    if (B == 4 && T_ == 1024) {
+        double fl = 4.0 * B * H * ((double)T_ * (T_ + 1) / 2) * hd;
+        double es = sizeof(T);
+        S.bench("forward", fwd, es * (2 * N * qd + 2 * N * kvd) + 4.0 * B * H * T_, fl);
+        S.bench("backward", bwd, es * (3 * N * qd + 4 * N * kvd + N * qd) + 4.0 * B * H * T_, 2.5 * fl);
+    }
+}
 
 int main(int argc, char** argv) {
     Suite S("attention", argc, argv);
@@ -216,6 +303,13 @@ int main(int argc, char** argv) {
         auto v = rand_floats((size_t)N * kvd, seed++), dout = rand_floats((size_t)N * qd, seed++);
         auto dq0 = rand_floats((size_t)N * qd, seed++), dk0 = rand_floats((size_t)N * kvd, seed++);
         auto dv0 = rand_floats((size_t)N * kvd, seed++);
+        for (int ver = 3; ver <= NV; ver++) {  // the production versions compute their own references
+            if (!S.want(ver)) continue;
+            S.begin(ver, NAMES[ver]);
+            if (ver == 3) check_production<float>(S, q, k, v, dout, B, T, H, Hkv, hd);
+            else check_production<gpu::bf16>(S, q, k, v, dout, B, T, H, Hkv, hd);
+        }
+        if (!S.want(1) && !S.want(2)) continue;
         size_t na = (size_t)B * H * T * T;
         std::vector<float> out((size_t)N * qd), att(na, 0.0f), dq = dq0, dk = dk0, dv = dv0;
         attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, Hkv, hd);
@@ -231,7 +325,7 @@ int main(int argc, char** argv) {
             return r;
         };
         auto att_c = causal(att);
-        for (int ver = 1; ver <= NV; ver++) {
+        for (int ver = 1; ver <= 2; ver++) {
             if (!S.want(ver)) continue;
             S.begin(ver, NAMES[ver]);
             Dev<float> dQ(q), dK(k), dV(v), dDout(dout), dOut((size_t)N * qd), dAtt(na), dS(na), dDq(dq0), dDk(dk0),
