@@ -12,8 +12,13 @@ Build and run (from the repository root):
        dev/cuda/rmsnorm.cu -o build/rmsnorm -lcublas -lcublasLt -lgomp && ./build/rmsnorm [version]
 
 Version 3 is the production kernel, kernels/rmsnorm.cuh (gpu::rmsnorm_forward /
-gpu::rmsnorm_backward, instantiated with T = float), checked the same way. Its bf16
-instantiation and the fused residual_rmsnorm_forward are not checked here yet (TODO).
+gpu::rmsnorm_backward, instantiated with T = float), checked the same way. Version 4 is
+the same header with T = bf16 (x, w, out, dout, dx bf16; rstd and dw fp32): the reference
+on the bf16-rounded inputs, out and dx at TOL_BF16, rstd and dw (fp32 sums) at TOL_FP32.
+Versions 5 (fp32) and 6 (bf16) are the fused gpu::residual_rmsnorm_forward, as
+train_moe.cu calls it after each attention and FFN block: x_out = x + delta (poisoned,
+checked; in bf16 rounded, and the norm uses the rounded x_out), out and rstd of
+rmsnorm(x_out); reference residual_forward + rmsnorm_forward.
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
@@ -139,8 +144,80 @@ void backward(int v, const Bufs& b) {
     launchCheck();
 }
 
-const char* NAMES[] = {"", "thread per row", "warp per row, 2-stage dw", "kernels/rmsnorm.cuh (fp32)"};
-const int NV = 3;
+const char* NAMES[] = {"", "thread per row", "warp per row, 2-stage dw", "kernels/rmsnorm.cuh (fp32)",
+                       "kernels/rmsnorm.cuh (bf16)", "kernels/rmsnorm.cuh residual fused (fp32)",
+                       "kernels/rmsnorm.cuh residual fused (bf16)"};
+const int NV = 6;
+
+template <typename T>
+std::vector<T> to_t(const std::vector<float>& v) {
+    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
+}
+template <typename T>
+std::vector<float> host_f(const Dev<T>& d) {
+    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
+}
+// version 4: forward and backward with T = bf16
+void check_bf16(Suite& S, int N, int d, float eps, uint64_t& seed) {
+    typedef gpu::bf16 T;
+    auto x = round_bf16(rand_floats((size_t)N * d, seed++, -2, 2)), w = round_bf16(rand_floats(d, seed++, 0.5f, 1.5f));
+    auto dout = round_bf16(rand_floats((size_t)N * d, seed++));
+    auto dx0 = round_bf16(rand_floats((size_t)N * d, seed++)), dw0 = rand_floats(d, seed++);
+    std::vector<float> out((size_t)N * d), rstd(N), dx = dx0, dw = dw0;
+    rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, d, eps);
+    rmsnorm_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), N, d);
+    Dev<T> dX(to_t<T>(x)), dW(to_t<T>(w)), dDout(to_t<T>(dout)), dOut((size_t)N * d), dDx(to_t<T>(dx0));
+    Dev<float> dRstd(N), dDw(dw0), scratch(gpu::rmsnorm_scratch_floats(N, d));
+    cudaStream_t st = 0;
+    auto fwd = [&] { gpu::rmsnorm_forward(dOut.p, dRstd.p, (const T*)dX.p, (const T*)dW.p, N, d, eps, st); };
+    auto bwd = [&] {
+        gpu::rmsnorm_backward(dDx.p, dDw.p, scratch.p, (const T*)dDout.p, (const T*)dX.p, (const T*)dW.p, dRstd.p, N, d, st);
+    };
+    dOut.poison();
+    dRstd.poison();
+    fwd();
+    S.check_close("forward out (bf16)", host_f(dOut), out, TOL_BF16);
+    S.check_close("forward rstd", dRstd.host(), rstd, TOL_FP32);
+    dRstd.upload(rstd);
+    bwd();
+    S.check_close("backward dx (+=, bf16)", host_f(dDx), dx, TOL_BF16);
+    auto dw1 = dDw.host();
+    S.check_close("backward dw (+=, fp32)", dw1, dw, TOL_FP32);
+    dDw.upload(dw0);
+    bwd();
+    S.check_equal("dw bit-identical on rerun", dDw.host(), dw1);
+    if (N == 4096) {
+        S.bench("forward", fwd, 2.0 * N * d * 2 + N * 4);
+        S.bench("backward", bwd, 3.0 * N * d * 2 + N * d * 2);
+    }
+}
+// versions 5 and 6: x_out = x + delta; out, rstd = rmsnorm(x_out)
+template <typename T>
+void check_residual(Suite& S, int N, int d, float eps, uint64_t& seed) {
+    const bool is_bf16 = sizeof(T) == 2;
+    auto x = rand_floats((size_t)N * d, seed++, -2, 2), delta = rand_floats((size_t)N * d, seed++, -1, 1);
+    auto w = rand_floats(d, seed++, 0.5f, 1.5f);
+    if (is_bf16) { x = round_bf16(x); delta = round_bf16(delta); w = round_bf16(w); }
+    std::vector<float> xo((size_t)N * d), out((size_t)N * d), rstd(N);
+    residual_forward(xo.data(), x.data(), delta.data(), (size_t)N * d);
+    if (is_bf16) xo = round_bf16(xo);  // stored as bf16, normalized as stored
+    rmsnorm_forward(out.data(), rstd.data(), xo.data(), w.data(), N, d, eps);
+    Dev<T> dX(to_t<T>(x)), dDelta(to_t<T>(delta)), dW(to_t<T>(w)), dXo((size_t)N * d), dOut((size_t)N * d);
+    Dev<float> dRstd(N);
+    auto run = [&] {
+        gpu::residual_rmsnorm_forward(dXo.p, dOut.p, dRstd.p, (const T*)dX.p, (const T*)dDelta.p, (const T*)dW.p, N, d,
+                                      eps, (cudaStream_t)0);
+    };
+    dXo.poison();
+    dOut.poison();
+    dRstd.poison();
+    run();
+    // x + delta: one rounding of one add on both sides (bf16: the same rounding): exact
+    S.check_equal("x_out = x + delta (exact)", host_f(dXo), xo);
+    S.check_close("out", host_f(dOut), out, is_bf16 ? TOL_BF16 : TOL_FP32);
+    S.check_close("rstd", dRstd.host(), rstd, TOL_FP32);
+    if (N == 4096) S.bench("residual + forward", run, sizeof(T) * 4.0 * N * d + 4.0 * N);
+}
 
 int main(int argc, char** argv) {
     Suite S("rmsnorm", argc, argv);
@@ -154,6 +231,12 @@ int main(int argc, char** argv) {
         for (auto sz : sizes) {
             int N = sz.N, d = sz.d;
             printf("  N %d d %d\n", N, d);
+            if (v >= 4) {
+                if (v == 4) check_bf16(S, N, d, eps, seed);
+                else if (v == 5) check_residual<float>(S, N, d, eps, seed);
+                else check_residual<gpu::bf16>(S, N, d, eps, seed);
+                continue;
+            }
             auto x = rand_floats((size_t)N * d, seed++, -2, 2), w = rand_floats(d, seed++, 0.5f, 1.5f);
             auto dout = rand_floats((size_t)N * d, seed++);
             auto dx0 = rand_floats((size_t)N * d, seed++), dw0 = rand_floats(d, seed++);  // accumulate into these
