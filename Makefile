@@ -3,7 +3,9 @@
 #   make test         CPU tests + data tests + compile check of every CUDA file (no GPU needed)
 #   make test-gpu     GPU tests (needs an NVIDIA GPU; see docs/gpu-log.md)
 #   make bench        GPU throughput table
-#   make quickstart   the README's first command
+#   make quickstart   the README's first command (tiny Drop-Upcycling Table 1)
+#   make repro-tiny   every reproduction at the tiny preset (CPU, minutes each)
+#   make repro-small  every reproduction at the small preset (one H100/H200, about an hour each)
 CXX ?= g++
 NVCC ?= nvcc
 PYTHON ?= python3
@@ -11,14 +13,15 @@ CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -Wall -Wextra -Wno-unused-para
 # Hopper by default; pass GPU_ARCH explicitly for other GPUs (no auto-detection to go wrong)
 GPU_ARCH ?= -gencode arch=compute_90,code=sm_90
 NVCCFLAGS ?= -std=c++17 -O3 $(GPU_ARCH) --expt-relaxed-constexpr -Xcompiler -fopenmp -Xcompiler -Wall
-CUDA_LIBS ?= -lcublas -lcublasLt -lcudnn -lnccl -lgomp
+# cuDNN and NCCL are not linked: no code uses them yet (attention is hand-written; one GPU only)
+CUDA_LIBS ?= -lcublas -lcublasLt -lgomp
 HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
 
 COMMON := $(wildcard common/*.h)
 KERNELS := $(wildcard kernels/*.cuh)
 DEV_CUDA := $(wildcard dev/cuda/*.cu)
 
-.PHONY: all test test-cpu test-gpu cuda-check bench quickstart clean fixtures
+.PHONY: all test test-cpu test-gpu cuda-check bench quickstart clean fixtures repro-tiny repro-small
 all: train_moe $(if $(wildcard upcycle.cu),upcycle) $(if $(HAVE_NVCC),$(if $(wildcard train_moe.cu),train_moe_gpu))
 
 include dev/data/data.mk
@@ -71,8 +74,18 @@ fixtures:
 clean:
 	rm -rf train_moe train_moe_gpu upcycle test/bin build
 
-quickstart: train_moe
+quickstart: train_moe upcycle
 	bash scripts/quickstart.sh
+
+# the reproductions write docs/results/<table>/[tiny/]; rerunning skips finished rows
+REPRO_SCRIPTS := scripts/repro_drop_upcycling.py scripts/repro_expert_upcycling.py scripts/repro_routing.py
+repro-tiny: train_moe upcycle
+	@test -f data/tiny/tokenizer.bin || $(MAKE) --no-print-directory data-tiny
+	@set -e; for s in $(REPRO_SCRIPTS); do $(PYTHON) $$s --preset tiny --trainer cpu; done
+
+repro-small: train_moe upcycle train_moe_gpu
+	@test -f data/full/tokenizer.bin || { echo "repro-small: data/full is missing: run make data (or make data-unpack on the GPU machine)"; exit 1; }
+	@set -e; for s in $(REPRO_SCRIPTS); do $(PYTHON) $$s --preset small --trainer gpu; done
 
 # GPU targets: need an NVIDIA GPU (the H100/H200 machine); see docs/gpu-log.md
 test-gpu: train_moe train_moe_gpu cuda-check
