@@ -31,6 +31,7 @@ does), and -DTRAIN_MOE_NO_MAIN to include this file as a library (the tests do).
 #include "common/json.h"
 #include "common/metrics.h"
 #include "common/model.h"
+#include "common/router_losses.h"
 #include "common/rng.h"
 #include "common/safetensors.h"
 #include "common/schedule.h"
@@ -350,41 +351,16 @@ void router_backward(real* dlogits, const real* dtopw, const real* probs, const 
 //   z:      per layer mean_t (logsumexp_i z_{t,i})^2, summed over layers
 // f (the counts) carries no gradient; the gradient reaches the router through P and z.
 
-enum AuxType { AUX_NONE, AUX_SWITCH, AUX_POOLED, AUX_SEQ };
-inline int parse_aux(const std::string& s) {
-    if (s == "none") return AUX_NONE;
-    if (s == "switch") return AUX_SWITCH;
-    if (s == "pooled") return AUX_POOLED;
-    if (s == "seq") return AUX_SEQ;
-    FAIL("--aux-loss must be switch, pooled, seq or none, found \"%s\"", s.c_str());
-}
-inline const char* aux_name(int a) {
-    static const char* n[] = {"none", "switch", "pooled", "seq"};
-    return n[a];
-}
-
-// dL/dp coefficient for every (row, expert): returns g [N*E] such that the aux loss
-// gradient is dL/dp_{t,i} = g[t*E + i] (rows of one sequence share their counts).
-// `layer_counts` are this layer's per-sequence counts [B, E]; `pooled_counts` [E] all layers'.
+// dL_aux/dp for every (row, expert): g [N*E], each sequence's coefficients
+// (aux_dp_per_seq in common/router_losses.h) repeated over its T rows.
 static void aux_dp(std::vector<real>& g, int aux, const int* seq_counts, const long* pooled_counts, int B, int T,
                    int E, int K, int L) {
-    int N = B * T;
-    g.assign((size_t)N * E, 0);
+    std::vector<real> per_seq;
+    aux_dp_per_seq(per_seq, aux, seq_counts, pooled_counts, B, T, E, K, L);
+    g.resize((size_t)B * T * E);
     for (int b = 0; b < B; b++)
-        for (int i = 0; i < E; i++) {
-            real c = 0;
-            if (aux == AUX_SWITCH) {  // E f_i / N with f_i over the whole batch
-                long tot = 0;
-                for (int bb = 0; bb < B; bb++) tot += seq_counts[bb * E + i];
-                c = (real)E * tot / ((real)N * K) / N;
-            } else if (aux == AUX_SEQ) {  // (1/B) E f^b_i / T
-                c = (real)E * seq_counts[b * E + i] / ((real)T * K) / T / B;
-            } else if (aux == AUX_POOLED) {  // E C_i / (L N)^2
-                real LN = (real)L * N;
-                c = (real)E * pooled_counts[i] / (LN * LN);
-            }
-            for (int t = 0; t < T; t++) g[(size_t)(b * T + t) * E + i] = c;
-        }
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < E; i++) g[(size_t)(b * T + t) * E + i] = per_seq[(size_t)b * E + i];
 }
 
 // ----------------------------------------------------------------------------
@@ -444,18 +420,10 @@ struct LayerActs {
     std::vector<real> ey;              // [N*K, d] expert outputs
 };
 
-struct Losses {
-    double loss = 0, ce = 0, aux = 0, z = 0;
-};
-
 struct TrainSettings {
     int aux_type = AUX_SWITCH;
     double aux_coef = 0.01, z_coef = 0.001;
     double aux_free_rate = 0;  // DeepSeek-V3 bias update rate u; 0 = off
-};
-
-struct AdamW {
-    double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1, grad_clip = 1.0;
 };
 
 struct Model {
@@ -919,16 +887,10 @@ int main(int argc, char** argv) {
 #ifdef _OPENMP
         if (args.threads > 0) omp_set_num_threads(args.threads);
 #endif
-        if (!args.resume.empty() && !cli.was_set("--out")) {  // continue in the same run directory
-            std::string dir = resolve_resume_dir(args.resume);
-            size_t slash = dir.rfind('/');
-            args.out = slash == std::string::npos ? "." : dir.substr(0, slash);
-        }
+        default_out_to_resume_run(args, cli);
         // tokenizer (optional: only for printing samples and for the vocabulary size)
         Tokenizer tok;
-        std::string tok_path = args.tokenizer.empty() ? path_join(args.data_dir, "tokenizer.bin") : args.tokenizer;
-        if (path_exists(tok_path)) tok.load(tok_path);
-        else if (!args.tokenizer.empty()) FAIL("%s: tokenizer file not found", tok_path.c_str());
+        std::string tok_path = load_run_tokenizer(args, &tok);
 
         // model
         Model M;
@@ -966,17 +928,8 @@ int main(int argc, char** argv) {
         check_writable_dir(args.out);
 
         // schedule and optimizer
-        LRSchedule sched;
-        sched.kind = args.lr_schedule;
-        sched.lr = args.lr;
-        sched.lr_min = args.lr_min >= 0 ? args.lr_min : args.lr / 10;
-        sched.warmup = args.warmup;
-        sched.total = args.steps;
-        sched.decay_frac = args.wsd_decay;
-        sched.validate();
-        AdamW hp;
-        hp.beta1 = args.beta1; hp.beta2 = args.beta2; hp.eps = args.eps;
-        hp.weight_decay = args.weight_decay; hp.grad_clip = args.grad_clip;
+        LRSchedule sched = schedule_from_args(args);
+        AdamW hp = adamw_from_args(args);
 
         RunState rs;
         if (!resume_dir.empty()) {
@@ -991,19 +944,9 @@ int main(int argc, char** argv) {
         sample_rng.counter = rs.sample_counter;
 
         // what we are about to do
-        size_t n_params = M.lay.total, n_active = count_active_params(c);
-        printf("model: %s, d %d, L %d, H %d/%d kv, F%s %d, vocab %d", c.is_moe() ? "MoE" : "dense", c.d_model, c.n_layer,
-               c.n_head, c.n_kv_head, c.is_moe() ? "_e" : "", c.ffn_dim, c.vocab_size);
-        if (c.is_moe()) printf(", %d experts top-%d %s, aux %s %g, z %g", c.n_experts, c.top_k, routing_name(c.routing),
-                               aux_name(M.ts.aux_type), M.ts.aux_coef, M.ts.z_coef);
-        printf("\nparameters: %.3fM total, %.3fM active per token\n", n_params / 1e6, n_active / 1e6);
-        printf("data: %s:", args.data_dir.c_str());
-        for (auto& d : data.domains)
-            printf(" %s (train %.2fM tok, w %.2f; val %.2fM tok)", d.name.c_str(), d.train.size() / 1e6, d.weight,
-                   d.val.size() / 1e6);
-        printf("\nrun: %d steps x %d x %d x %d tokens, lr %g -> %g %s, out %s%s\n", args.steps, args.batch, args.seq,
-               args.grad_accum, sched.lr, sched.lr_min, sched.kind.c_str(), args.out.c_str(),
-               resume_dir.empty() ? "" : (", resumed from " + resume_dir + strfmt(" at step %ld", rs.step)).c_str());
+        print_model_summary(c, M.ts.aux_type, M.ts.aux_coef, M.ts.z_coef);
+        printf("\n");
+        print_data_and_run(args, data, sched, resume_dir, rs.step);
 
         // ---- the training loop ----
         std::vector<int> inp((size_t)args.batch * args.seq), tgt((size_t)args.batch * args.seq);
@@ -1039,10 +982,7 @@ int main(int argc, char** argv) {
                 data.next_batch(inp.data(), tgt.data());
                 Losses l = M.forward(inp.data(), tgt.data(), args.batch, args.seq);
                 M.backward((real)1 / args.grad_accum);
-                acc.loss += l.loss / args.grad_accum;
-                acc.ce += l.ce / args.grad_accum;
-                acc.aux += l.aux / args.grad_accum;
-                acc.z += l.z / args.grad_accum;
+                acc.add_mean(l, args.grad_accum);
             }
             double lr = sched.at((int)rs.step);
             double norm = M.step(hp, lr);
@@ -1050,25 +990,7 @@ int main(int argc, char** argv) {
             rs.tokens += tokens_per_step;
             double dt = now_seconds() - t0;
             if (!std::isfinite(acc.loss)) FAIL("loss is %g at step %ld: training diverged", acc.loss, rs.step);
-            Json rec = Json::object();
-            rec["step"] = rs.step;
-            rec["tokens"] = rs.tokens;
-            rec["loss"] = acc.loss;
-            rec["ce"] = acc.ce;
-            if (c.is_moe()) { rec["aux"] = acc.aux; rec["z"] = acc.z; }
-            rec["lr"] = lr;
-            rec["grad_norm"] = norm;
-            rec["tok_per_s"] = tokens_per_step / dt;
-            metrics.write(rec);
-            if (rs.step % args.log_every == 0 || rs.step == args.steps) {
-                double elapsed = now_seconds() - t_start;
-                double eta = elapsed / (rs.step - start_step) * (args.steps - rs.step);
-                printf("step %5ld/%d | loss %.4f (ce %.4f", rs.step, args.steps, acc.loss, acc.ce);
-                if (c.is_moe()) printf(" aux %.4f z %.3f", acc.aux, acc.z);
-                printf(") | lr %.2e | norm %.3f | %.0f tok/s | ETA %s\n", lr, norm, tokens_per_step / dt,
-                       format_duration(eta).c_str());
-                fflush(stdout);
-            }
+            log_step(metrics, args, c.is_moe(), rs, start_step, acc, lr, norm, dt, now_seconds() - t_start);
             if (args.save_every > 0 && rs.step % args.save_every == 0 && rs.step < args.steps) {
                 rs.elapsed += now_seconds() - t_start;
                 t_start = now_seconds();

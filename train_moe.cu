@@ -34,6 +34,7 @@ Status: compiled, never run on a GPU (see docs/gpu-log.md).
 #include "common/json.h"
 #include "common/metrics.h"
 #include "common/model.h"
+#include "common/router_losses.h"
 #include "common/rng.h"
 #include "common/run.h"
 #include "common/safetensors.h"
@@ -57,58 +58,11 @@ Status: compiled, never run on a GPU (see docs/gpu-log.md).
 
 using gpu::bf16;
 
-// ----------------------------------------------------------------------------
-// Router-loss settings, as in train_moe.cpp (kept in step with it by the tests: both
-// trainers are held to the same fixtures and to each other's loss curves).
-
-enum AuxType { AUX_NONE, AUX_SWITCH, AUX_POOLED, AUX_SEQ };
-static int parse_aux(const std::string& s) {
-    if (s == "none") return AUX_NONE;
-    if (s == "switch") return AUX_SWITCH;
-    if (s == "pooled") return AUX_POOLED;
-    if (s == "seq") return AUX_SEQ;
-    FAIL("--aux-loss must be switch, pooled, seq or none, found \"%s\"", s.c_str());
-}
-static const char* aux_name(int a) {
-    static const char* n[] = {"none", "switch", "pooled", "seq"};
-    return n[a];
-}
-
-// dL_aux/dp_{t,i} = g[b*E + i] for the rows t of sequence b (train_moe.cpp aux_dp, per
-// sequence instead of per row: rows of one sequence share their coefficient).
-static void aux_dp_per_seq(std::vector<float>& g, int aux, const int* seq_counts, const long* pooled_counts, int B,
-                           int T, int E, int K, int L) {
-    int N = B * T;
-    g.assign((size_t)B * E, 0.0f);
-    for (int b = 0; b < B; b++)
-        for (int i = 0; i < E; i++) {
-            float c = 0;
-            if (aux == AUX_SWITCH) {
-                long tot = 0;
-                for (int bb = 0; bb < B; bb++) tot += seq_counts[bb * E + i];
-                c = (float)E * tot / ((float)N * K) / N;
-            } else if (aux == AUX_SEQ) {
-                c = (float)E * seq_counts[b * E + i] / ((float)T * K) / T / B;
-            } else if (aux == AUX_POOLED) {
-                float LN = (float)L * N;
-                c = (float)E * pooled_counts[i] / (LN * LN);
-            }
-            g[(size_t)b * E + i] = c;
-        }
-}
-
-struct Losses {
-    double loss = 0, ce = 0, aux = 0, z = 0;
-};
 struct TrainSettings {
     int aux_type = AUX_SWITCH;
     double aux_coef = 0.01, z_coef = 0.001;
     double aux_free_rate = 0;
 };
-struct AdamW {
-    double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1, grad_clip = 1.0;
-};
-
 // ----------------------------------------------------------------------------
 // Device memory helpers
 
@@ -936,15 +890,9 @@ int run_training(TrainArgs& args, Cli& cli, const GpuOptions& go) {
     cudaCheck(cudaGetDeviceProperties(&prop, go.device));
     const double peak = device_peak_flops(prop);
 
-    if (!args.resume.empty() && !cli.was_set("--out")) {
-        std::string dir = resolve_resume_dir(args.resume);
-        size_t slash = dir.rfind('/');
-        args.out = slash == std::string::npos ? "." : dir.substr(0, slash);
-    }
+    default_out_to_resume_run(args, cli);
     Tokenizer tok;
-    std::string tok_path = args.tokenizer.empty() ? path_join(args.data_dir, "tokenizer.bin") : args.tokenizer;
-    if (path_exists(tok_path)) tok.load(tok_path);
-    else if (!args.tokenizer.empty()) FAIL("%s: tokenizer file not found", tok_path.c_str());
+    std::string tok_path = load_run_tokenizer(args, &tok);
 
     // model (host fp32 weights first, exactly as the CPU trainer makes them)
     TrainSettings ts;
@@ -999,17 +947,8 @@ int run_training(TrainArgs& args, Cli& cli, const GpuOptions& go) {
     }
     if (!go.bench) check_writable_dir(args.out);
 
-    LRSchedule sched;
-    sched.kind = args.lr_schedule;
-    sched.lr = args.lr;
-    sched.lr_min = args.lr_min >= 0 ? args.lr_min : args.lr / 10;
-    sched.warmup = args.warmup;
-    sched.total = args.steps;
-    sched.decay_frac = args.wsd_decay;
-    sched.validate();
-    AdamW hp;
-    hp.beta1 = args.beta1; hp.beta2 = args.beta2; hp.eps = args.eps;
-    hp.weight_decay = args.weight_decay; hp.grad_clip = args.grad_clip;
+    LRSchedule sched = schedule_from_args(args);
+    AdamW hp = adamw_from_args(args);
 
     GPUModel<T> M;
     M.ts = ts;
@@ -1031,15 +970,10 @@ int run_training(TrainArgs& args, Cli& cli, const GpuOptions& go) {
     M.alloc(args.batch, args.seq);
     const ModelConfig& c = M.cfg;
 
-    size_t n_params = M.lay.total, n_active = count_active_params(c);
     printf("device: %s (%s, %s)\n", prop.name, sizeof(T) == 4 ? "fp32" : "bf16 mixed precision",
            peak > 0 ? strfmt("bf16 peak %.0f TFLOP/s", peak / 1e12).c_str() : "unknown device: no MFU");
-    printf("model: %s, d %d, L %d, H %d/%d kv, F%s %d, vocab %d", c.is_moe() ? "MoE" : "dense", c.d_model, c.n_layer,
-           c.n_head, c.n_kv_head, c.is_moe() ? "_e" : "", c.ffn_dim, c.vocab_size);
-    if (c.is_moe()) printf(", %d experts top-%d %s, aux %s %g, z %g", c.n_experts, c.top_k, routing_name(c.routing),
-                           aux_name(ts.aux_type), ts.aux_coef, ts.z_coef);
-    printf("\nparameters: %.3fM total, %.3fM active per token; activations %.2f GiB\n", n_params / 1e6, n_active / 1e6,
-           M.act_bytes / 1073741824.0);
+    print_model_summary(c, ts.aux_type, ts.aux_coef, ts.z_coef);
+    printf("; activations %.2f GiB\n", M.act_bytes / 1073741824.0);
 
     const double tokens_per_step = (double)args.batch * args.seq * args.grad_accum;
     const double flops_step = flops_per_token(c, args.seq) * tokens_per_step;
@@ -1058,10 +992,7 @@ int run_training(TrainArgs& args, Cli& cli, const GpuOptions& go) {
             next_batch();
             Losses l = M.forward(inp.data(), tgt.data(), args.batch, args.seq, 1.0f / args.grad_accum);
             M.backward();
-            acc->loss += l.loss / args.grad_accum;
-            acc->ce += l.ce / args.grad_accum;
-            acc->aux += l.aux / args.grad_accum;
-            acc->z += l.z / args.grad_accum;
+            acc->add_mean(l, args.grad_accum);
         }
         return M.step(hp, lr);
     };
@@ -1092,13 +1023,7 @@ int run_training(TrainArgs& args, Cli& cli, const GpuOptions& go) {
     metrics.open(path_join(args.out, "metrics.jsonl"), resume_dir.empty() ? -1 : rs.step);
     RngStream sample_rng((uint64_t)args.seed, stream_id(PURPOSE_SAMPLE));
     sample_rng.counter = rs.sample_counter;
-    printf("data: %s:", args.data_dir.c_str());
-    for (auto& d : data->domains)
-        printf(" %s (train %.2fM tok, w %.2f; val %.2fM tok)", d.name.c_str(), d.train.size() / 1e6, d.weight,
-               d.val.size() / 1e6);
-    printf("\nrun: %d steps x %d x %d x %d tokens, lr %g -> %g %s, out %s%s\n", args.steps, args.batch, args.seq,
-           args.grad_accum, sched.lr, sched.lr_min, sched.kind.c_str(), args.out.c_str(),
-           resume_dir.empty() ? "" : (", resumed from " + resume_dir + strfmt(" at step %ld", rs.step)).c_str());
+    print_data_and_run(args, *data, sched, resume_dir, rs.step);
 
     const long start_step = rs.step;
     double t_start = now_seconds();
@@ -1134,27 +1059,8 @@ int run_training(TrainArgs& args, Cli& cli, const GpuOptions& go) {
         rs.tokens += tokens_per_step;
         double dt = now_seconds() - t0;
         if (!std::isfinite(acc.loss)) FAIL("loss is %g at step %ld: training diverged", acc.loss, rs.step);
-        Json rec = Json::object();
-        rec["step"] = rs.step;
-        rec["tokens"] = rs.tokens;
-        rec["loss"] = acc.loss;
-        rec["ce"] = acc.ce;
-        if (c.is_moe()) { rec["aux"] = acc.aux; rec["z"] = acc.z; }
-        rec["lr"] = lr;
-        rec["grad_norm"] = norm;
-        rec["tok_per_s"] = tokens_per_step / dt;
-        rec["mfu"] = peak > 0 ? Json(flops_step / dt / peak) : Json();  // null on an unknown device
-        metrics.write(rec);
-        if (rs.step % args.log_every == 0 || rs.step == args.steps) {
-            double elapsed = now_seconds() - t_start;
-            double eta = elapsed / (rs.step - start_step) * (args.steps - rs.step);
-            printf("step %5ld/%d | loss %.4f (ce %.4f", rs.step, args.steps, acc.loss, acc.ce);
-            if (c.is_moe()) printf(" aux %.4f z %.3f", acc.aux, acc.z);
-            printf(") | lr %.2e | norm %.3f | %.0f tok/s", lr, norm, tokens_per_step / dt);
-            if (peak > 0) printf(" | MFU %.1f%%", 100 * flops_step / dt / peak);
-            printf(" | ETA %s\n", format_duration(eta).c_str());
-            fflush(stdout);
-        }
+        log_step(metrics, args, c.is_moe(), rs, start_step, acc, lr, norm, dt, now_seconds() - t_start,
+                 /*has_mfu=*/true, peak > 0 ? flops_step / dt / peak : NAN);  // null on an unknown device
         if (args.save_every > 0 && rs.step % args.save_every == 0 && rs.step < args.steps) {
             rs.elapsed += now_seconds() - t_start;
             t_start = now_seconds();

@@ -1,6 +1,7 @@
 // run.h: what a training run does besides the math, shared by both trainers:
-// checkpoint directories (model + optimizer + trainer state), resume, the model config
-// from the command line, and eval records in metrics.jsonl.
+// checkpoint directories (model + optimizer + trainer state), resume, the model config,
+// schedule and optimizer settings from the command line, the run's summary lines, and the
+// per-step and eval records in metrics.jsonl with the progress line.
 //
 // A checkpoint directory holds config.json + model.safetensors (a Hugging Face model),
 // optimizer.safetensors (AdamW moments "<name>.exp_avg", "<name>.exp_avg_sq"; metadata
@@ -9,13 +10,31 @@
 #include <cmath>
 #include <string>
 #include <vector>
+#include "cli.h"
 #include "dataloader.h"
 #include "json.h"
 #include "metrics.h"
 #include "model.h"
+#include "router_losses.h"
 #include "safetensors.h"
+#include "schedule.h"
+#include "tokenizer.h"
 #include "train_args.h"
 #include "util.h"
+
+struct Losses {  // one optimizer step's losses (means over its micro-batches)
+    double loss = 0, ce = 0, aux = 0, z = 0;
+    void add_mean(const Losses& l, int n) {  // += l / n: one of n micro-batches
+        loss += l.loss / n;
+        ce += l.ce / n;
+        aux += l.aux / n;
+        z += l.z / n;
+    }
+};
+
+struct AdamW {  // hyperparameters; the update itself is in each trainer
+    double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1, grad_clip = 1.0;
+};
 
 struct RunState {
     long step = 0;          // optimizer steps done
@@ -193,3 +212,96 @@ inline void log_eval(MetricsLog& metrics, const ModelConfig& cfg, const DataLoad
     printf("%s | mean %.4f\n", line.c_str(), n ? sum / n : NAN);
 }
 
+
+// ---- settings from the command line ----
+
+inline LRSchedule schedule_from_args(const TrainArgs& a) {
+    LRSchedule s;
+    s.kind = a.lr_schedule;
+    s.lr = a.lr;
+    s.lr_min = a.lr_min >= 0 ? a.lr_min : a.lr / 10;
+    s.warmup = a.warmup;
+    s.total = a.steps;
+    s.decay_frac = a.wsd_decay;
+    s.validate();
+    return s;
+}
+
+inline AdamW adamw_from_args(const TrainArgs& a) {
+    AdamW hp;
+    hp.beta1 = a.beta1; hp.beta2 = a.beta2; hp.eps = a.eps;
+    hp.weight_decay = a.weight_decay; hp.grad_clip = a.grad_clip;
+    return hp;
+}
+
+// --resume without --out continues in the run directory that holds the checkpoint
+inline void default_out_to_resume_run(TrainArgs& a, const Cli& cli) {
+    if (a.resume.empty() || cli.was_set("--out")) return;
+    std::string dir = resolve_resume_dir(a.resume);
+    size_t slash = dir.rfind('/');
+    a.out = slash == std::string::npos ? "." : dir.substr(0, slash);
+}
+
+// The tokenizer is optional (samples and the vocabulary size); an explicit --tokenizer must
+// exist. Returns the path it looked at.
+inline std::string load_run_tokenizer(const TrainArgs& a, Tokenizer* tok) {
+    std::string path = a.tokenizer.empty() ? path_join(a.data_dir, "tokenizer.bin") : a.tokenizer;
+    if (path_exists(path)) tok->load(path);
+    else if (!a.tokenizer.empty()) FAIL("%s: tokenizer file not found", path.c_str());
+    return path;
+}
+
+// ---- what the run is about to do ----
+
+// "model: ..." (ends without a newline: the GPU trainer adds its activation memory)
+inline void print_model_summary(const ModelConfig& c, int aux_type, double aux_coef, double z_coef) {
+    printf("model: %s, d %d, L %d, H %d/%d kv, F%s %d, vocab %d", c.is_moe() ? "MoE" : "dense", c.d_model, c.n_layer,
+           c.n_head, c.n_kv_head, c.is_moe() ? "_e" : "", c.ffn_dim, c.vocab_size);
+    if (c.is_moe()) printf(", %d experts top-%d %s, aux %s %g, z %g", c.n_experts, c.top_k, routing_name(c.routing),
+                           aux_name(aux_type), aux_coef, z_coef);
+    printf("\nparameters: %.3fM total, %.3fM active per token", build_layout(c).total / 1e6,
+           count_active_params(c) / 1e6);
+}
+
+inline void print_data_and_run(const TrainArgs& a, const DataLoader& data, const LRSchedule& sched,
+                               const std::string& resume_dir, long step) {
+    printf("data: %s:", a.data_dir.c_str());
+    for (auto& d : data.domains)
+        printf(" %s (train %.2fM tok, w %.2f; val %.2fM tok)", d.name.c_str(), d.train.size() / 1e6, d.weight,
+               d.val.size() / 1e6);
+    printf("\nrun: %d steps x %d x %d x %d tokens, lr %g -> %g %s, out %s%s\n", a.steps, a.batch, a.seq, a.grad_accum,
+           sched.lr, sched.lr_min, sched.kind.c_str(), a.out.c_str(),
+           resume_dir.empty() ? "" : (", resumed from " + resume_dir + strfmt(" at step %ld", step)).c_str());
+}
+
+// ---- one training step's record ----
+
+// Writes the step's metrics.jsonl record and, every --log-every steps and at the last, the
+// progress line. `elapsed` is this process's training time so far (for the ETA).
+// mfu: the GPU trainer's model-FLOPs utilization; NaN on a device of unknown peak (written
+// as null); the CPU trainer passes has_mfu = false and no field is written.
+inline void log_step(MetricsLog& metrics, const TrainArgs& a, bool moe, const RunState& rs, long start_step,
+                     const Losses& acc, double lr, double norm, double dt, double elapsed, bool has_mfu = false,
+                     double mfu = NAN) {
+    const double tokens_per_step = (double)a.batch * a.seq * a.grad_accum;
+    Json rec = Json::object();
+    rec["step"] = rs.step;
+    rec["tokens"] = rs.tokens;
+    rec["loss"] = acc.loss;
+    rec["ce"] = acc.ce;
+    if (moe) { rec["aux"] = acc.aux; rec["z"] = acc.z; }
+    rec["lr"] = lr;
+    rec["grad_norm"] = norm;
+    rec["tok_per_s"] = tokens_per_step / dt;
+    if (has_mfu) rec["mfu"] = std::isnan(mfu) ? Json() : Json(mfu);
+    metrics.write(rec);
+    if (rs.step % a.log_every == 0 || rs.step == a.steps) {
+        double eta = elapsed / (rs.step - start_step) * (a.steps - rs.step);
+        printf("step %5ld/%d | loss %.4f (ce %.4f", rs.step, a.steps, acc.loss, acc.ce);
+        if (moe) printf(" aux %.4f z %.3f", acc.aux, acc.z);
+        printf(") | lr %.2e | norm %.3f | %.0f tok/s", lr, norm, tokens_per_step / dt);
+        if (has_mfu && !std::isnan(mfu)) printf(" | MFU %.1f%%", 100 * mfu);
+        printf(" | ETA %s\n", format_duration(eta).c_str());
+        fflush(stdout);
+    }
+}

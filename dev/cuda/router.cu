@@ -24,8 +24,8 @@ moe_forward / moe_backward do, on the same cases:
   gpu::router_stats            psum [B,E], zsum [B] in double, vs host double sums
   gpu::router_backward         dlogits WRITTEN (not +=) = gate-weight part + scale*(aux + z)
                                parts, aux through the per-sequence coefficients [B, E] that
-                               train_moe.cu's aux_dp_per_seq builds on the host (transcribed
-                               below). Checked term by term, as version 1: the gate part alone
+                               aux_dp_per_seq (common/router_losses.h) builds on the host,
+                               as train_moe.cu does. Checked term by term, as version 1: the gate part alone
                                (aux_g null, z_coef 0) against router_backward from 0, then each
                                loss alone (dtopw = 0) at the loss tolerance, then all together.
   gpu::router_backward_matmul  dx += dlogits @ Wr, dWr += dlogits^T x (2-pass, deterministic),
@@ -159,35 +159,6 @@ __global__ void router_losses_backward_v1(float* dlogits, const float* probs, co
 const char* NAMES[] = {"", "thread per token", "kernels/router.cuh (fp32)", "kernels/router.cuh matmuls (x bf16)"};
 const int NV = 3;
 
-// train_moe.cu's aux_dp_per_seq (a static function there), transcribed: g[b*E + i]
-void aux_dp_per_seq(std::vector<float>& g, int aux, const int* seq_counts, const long* pooled_counts, int B, int T,
-                    int E, int K, int L) {
-    int N = B * T;
-    g.assign((size_t)B * E, 0.0f);
-    for (int b = 0; b < B; b++)
-        for (int i = 0; i < E; i++) {
-            float c = 0;
-            if (aux == AUX_SWITCH) {
-                long tot = 0;
-                for (int bb = 0; bb < B; bb++) tot += seq_counts[bb * E + i];
-                c = (float)E * tot / ((float)N * K) / N;
-            } else if (aux == AUX_SEQ) {
-                c = (float)E * seq_counts[b * E + i] / ((float)T * K) / T / B;
-            } else if (aux == AUX_POOLED) {
-                float LN = (float)L * N;
-                c = (float)E * pooled_counts[i] / (LN * LN);
-            }
-            g[(size_t)b * E + i] = c;
-        }
-}
-template <typename T>
-std::vector<T> to_t(const std::vector<float>& v) {
-    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
-}
-template <typename T>
-std::vector<float> host_f(const Dev<T>& d) {
-    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
-}
 // the router's two matmuls (versions 2 and 3); d: model width
 template <typename T>
 void check_router_matmuls(Suite& S, int N, int d, int E, uint64_t& seed) {
