@@ -214,14 +214,6 @@ const int NV = 4;
 // versions 3 and 4: the production kernels (their own references: dq, dk, dv from 0, and
 // for bf16 the rounded inputs)
 template <typename T>
-std::vector<T> to_t(const std::vector<float>& v) {
-    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
-}
-template <typename T>
-std::vector<float> host_f(const Dev<T>& d) {
-    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
-}
-template <typename T>
 void check_production(Suite& S, std::vector<float> q, std::vector<float> k, std::vector<float> v,
                       std::vector<float> dout, int B, int T_, int H, int Hkv, int hd) {
     const bool is_bf16 = sizeof(T) == 2;

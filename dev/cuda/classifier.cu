@@ -109,14 +109,6 @@ const int NV = 4;
 
 // versions 3 and 4: the production kernel (in place), as train_moe.cu calls it
 template <typename T>
-std::vector<T> to_t(const std::vector<float>& v) {
-    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
-}
-template <typename T>
-std::vector<float> host_f(const Dev<T>& d) {
-    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
-}
-template <typename T>
 void check_production(Suite& S, std::vector<float> logits, const std::vector<int>& targets, int N, int V) {
     const bool is_bf16 = sizeof(T) == 2;
     if (is_bf16) logits = round_bf16(logits);

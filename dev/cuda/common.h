@@ -137,6 +137,15 @@ inline std::vector<float> from_bf16(const std::vector<__nv_bfloat16>& v) {
 }
 // round a float vector through bf16 (so the CPU reference sees the same inputs the bf16 kernel sees)
 inline std::vector<float> round_bf16(const std::vector<float>& v) { return from_bf16(to_bf16(v)); }
+// a test vector as the element type T of the version under test (float or bf16), and back
+template <typename T>
+std::vector<T> to_t(const std::vector<float>& v) {
+    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
+}
+template <typename T>
+std::vector<float> host_f(const Dev<T>& d) {
+    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
+}
 
 // ----------------------------------------------------------------------------
 // Tolerances. fp32 kernels differ from the fp32 CPU loops only in summation order: their

@@ -135,14 +135,6 @@ struct ProdBlas {
     }
 };
 template <typename T>
-std::vector<T> to_t(const std::vector<float>& v) {
-    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
-}
-template <typename T>
-std::vector<float> host_f(const Dev<T>& d) {
-    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
-}
-template <typename T>
 void check_production(Suite& S, ProdBlas& pb, const std::vector<int>& off, const std::vector<float>& X,
                       const std::vector<float>& W, const std::vector<float>& dY, const std::vector<float>& dW0,
                       int E, int R, int C, int OC, int empty, const char* what) {

@@ -184,14 +184,6 @@ const int NV = 4;
 
 // versions 3 and 4: the production kernels, as train_moe.cu calls them
 template <typename T>
-std::vector<T> to_t(const std::vector<float>& v) {
-    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
-}
-template <typename T>
-std::vector<float> host_f(const Dev<T>& d) {
-    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
-}
-template <typename T>
 void check_production(Suite& S, const std::vector<int>& topk, const std::vector<float>& topw, const Perm& ref,
                       std::vector<float> x, std::vector<float> ey, std::vector<float> dout, std::vector<float> dxe,
                       int B, int T_, int E, int K, int d) {

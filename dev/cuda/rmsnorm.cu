@@ -149,14 +149,6 @@ const char* NAMES[] = {"", "thread per row", "warp per row, 2-stage dw", "kernel
                        "kernels/rmsnorm.cuh residual fused (bf16)"};
 const int NV = 6;
 
-template <typename T>
-std::vector<T> to_t(const std::vector<float>& v) {
-    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
-}
-template <typename T>
-std::vector<float> host_f(const Dev<T>& d) {
-    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
-}
 // version 4: forward and backward with T = bf16
 void check_bf16(Suite& S, int N, int d, float eps, uint64_t& seed) {
     typedef gpu::bf16 T;

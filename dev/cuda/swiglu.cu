@@ -119,14 +119,6 @@ const int NV = 5;
 
 // versions 4 and 5: the production kernels on the fused layout gu [rows, 2F]
 template <typename T>
-std::vector<T> to_t(const std::vector<float>& v) {
-    if constexpr (sizeof(T) == 2) return to_bf16(v); else return v;
-}
-template <typename T>
-std::vector<float> host_f(const Dev<T>& d) {
-    if constexpr (sizeof(T) == 2) return from_bf16(d.host()); else return d.host();
-}
-template <typename T>
 void check_production(Suite& S, long rows, int F, uint64_t& seed) {
     const bool is_bf16 = sizeof(T) == 2;
     const Tol tol = is_bf16 ? TOL_BF16 : TOL_FP32;
