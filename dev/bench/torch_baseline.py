@@ -13,12 +13,18 @@ C++ bench: ms/step, tok/s, MFU (same FLOP count as docs/perf.md) and peak GPU me
 Status: written on a machine without PyTorch or a GPU; never run.
 """
 import argparse
+import sys
 import math
 import time
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except ImportError as e:  # --help works without PyTorch; anything else says what to install
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        sys.exit(print(__doc__))
+    sys.exit(f"torch_baseline.py: {e}: it needs torch: apt-get install python3-torch (it brings numpy), then run it with /usr/bin/python3")
 
 
 class RMSNorm(nn.Module):

@@ -30,8 +30,13 @@ import json
 import os
 import sys
 
-import numpy as np
-import torch
+try:
+    import numpy as np
+    import torch
+except ImportError as e:  # --help works without PyTorch; anything else says what to install
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        sys.exit(print(__doc__))
+    sys.exit(f"make_fixtures.py: {e}: it needs numpy and torch: apt-get install python3-torch (it brings numpy), then run it with /usr/bin/python3")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model import (Config, AdamW, compute_losses, forward, write_safetensors,  # noqa: E402

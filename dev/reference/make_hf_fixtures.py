@@ -15,7 +15,12 @@ import argparse
 import os
 import sys
 
-import torch
+try:
+    import torch
+except ImportError as e:  # --help works without PyTorch; anything else says what to install
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        sys.exit(print(__doc__))
+    sys.exit(f"make_hf_fixtures.py: {e}: it needs torch: apt-get install python3-torch (it brings numpy), then run it with /usr/bin/python3")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model as ref  # noqa: E402
