@@ -10,7 +10,9 @@ C++ bench: ms/step, tok/s, MFU (same FLOP count as docs/perf.md) and peak GPU me
   python3 dev/bench/torch_baseline.py                      # dense, eager
   python3 dev/bench/torch_baseline.py --experts 8 --topk 2 --compile
 
-Status: written on a machine without PyTorch or a GPU; never run.
+Status: never run on a GPU. `--device cpu` smoke-runs it on a small size (done 2026-11-30 with
+Debian's PyTorch 1.13 CPU build, dense and MoE: it runs, and on uniform random tokens the loss
+stays at ln(vocab) as it must).
 """
 import argparse
 import sys
@@ -26,6 +28,17 @@ except ImportError as e:  # --help works without PyTorch; anything else says wha
         sys.exit(print(__doc__))
     sys.exit(f"torch_baseline.py: {e}: it needs torch: apt-get install python3-torch (it brings numpy), then run it with /usr/bin/python3")
 
+
+
+def causal_attention(q, k, v):
+    """Fused attention where PyTorch has it (2.0+); written out otherwise (e.g. Debian's 1.13,
+    for the --device cpu smoke run: slower, so not a baseline)."""
+    if hasattr(F, "scaled_dot_product_attention"):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    T = q.shape[-2]
+    att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return att.softmax(dim=-1) @ v
 
 class RMSNorm(nn.Module):
     def __init__(self, d, eps=1e-5):
@@ -99,7 +112,7 @@ class Block(nn.Module):
         if self.Hkv != self.H:
             k = k.repeat_interleave(self.H // self.Hkv, dim=1)
             v = v.repeat_interleave(self.H // self.Hkv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = causal_attention(q, k, v)
         x = x + self.o(y.transpose(1, 2).reshape(B, T, -1))
         return x + self.ffn(self.n2(x))
 
@@ -147,21 +160,26 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: a smoke run of the script itself at a small size (no meaningful speed)")
     a = ap.parse_args()
 
     torch.manual_seed(0)
-    dev = "cuda"
+    dev = a.device
+    gpu = dev == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("torch_baseline.py: no CUDA device visible to PyTorch (--device cpu for a smoke run)")
     model = Model(a).to(dev)
     decay = [p for p in model.parameters() if p.dim() == 2]
     other = [p for p in model.parameters() if p.dim() != 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+                            lr=3e-4, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if gpu else {}))
     fwd = torch.compile(model) if a.compile else model
 
     def step():
         idx = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
         tgt = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16):
             loss = fwd(idx, tgt)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -171,12 +189,14 @@ def main():
 
     for _ in range(a.warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    sync()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     for _ in range(a.steps):
         loss = step()
-    torch.cuda.synchronize()
+    sync()
     dt = (time.time() - t0) / a.steps
 
     # FLOPs as docs/perf.md: 6 N_active + 6 L T (H hd) per token; N_active without the input embedding
@@ -186,14 +206,16 @@ def main():
     ffn = (a.topk if a.experts else 1) * 3 * a.d * f + (a.experts * a.d if a.experts else 0)
     n_active = a.layers * (attn + ffn) + a.d + a.vocab * a.d
     flops = (6 * n_active + 6 * a.layers * a.seq * a.heads * hd) * a.batch * a.seq
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if gpu else "cpu"
     # the same table as train_moe.cu device_peak_flops (H100 NVL is 835, not the SXM 989)
     peak = (756e12 if ("H100" in name and "PCIe" in name) else 835e12 if ("H100" in name and "NVL" in name)
             else 989e12 if ("H100" in name or "H200" in name) else 312e12 if "A100" in name else 0)
     mfu = f"{100 * flops / dt / peak:.1f}%" if peak else "n/a (unknown device)"
+    if not hasattr(F, "scaled_dot_product_attention"):
+        print(f"note: PyTorch {torch.__version__} has no fused attention: written-out attention, not a fair baseline")
     print(f"torch{' compile' if a.compile else ' eager'}: {'MoE' if a.experts else 'dense'} | {a.steps} steps of "
           f"{a.batch * a.seq} tokens | {dt * 1e3:.1f} ms/step | {a.batch * a.seq / dt:.0f} tok/s | MFU {mfu} | "
-          f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB | last loss {loss.item():.4f}")
+          f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30 if gpu else float('nan'):.2f} GiB | last loss {loss.item():.4f}")
 
 
 if __name__ == "__main__":
