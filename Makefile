@@ -49,17 +49,27 @@ test/bin/test_upcycle: test/test_upcycle.cpp test/testing.h upcycle.cu train_moe
 	@mkdir -p test/bin
 	$(CXX) $(CXXFLAGS) -o $@ $<
 
-# compile (and link) every CUDA file: the check CI can do without a GPU
-cuda-check:
+# compile (and link) every CUDA file: the check CI can do without a GPU. One target per
+# file, so `make -j cuda-check` compiles them in parallel; test/test_gpu.sh runs the
+# dev/cuda binaries from build/cuda-check/.
+CUDA_CHECK_BINS := $(if $(wildcard train_moe.cu),build/cuda-check/train_moe) \
+                   $(patsubst dev/cuda/%.cu,build/cuda-check/%,$(DEV_CUDA))
 ifeq ($(HAVE_NVCC),)
+cuda-check:
 	@echo "cuda-check: nvcc not found, skipping"
 else
-	@mkdir -p build/cuda-check
-	@set -e; for f in $(wildcard train_moe.cu) $(DEV_CUDA); do \
-	  echo "nvcc $$f"; \
-	  $(NVCC) $(NVCCFLAGS) -o build/cuda-check/$$(basename $$f .cu) $$f $(CUDA_LIBS); \
-	done
+cuda-check: $(CUDA_CHECK_BINS)
 	@echo "cuda-check: all CUDA files compiled"
+
+build/cuda-check/train_moe: train_moe.cu $(COMMON) $(KERNELS)
+	@mkdir -p build/cuda-check
+	@echo "nvcc $<"
+	@$(NVCC) $(NVCCFLAGS) -o $@ $< $(CUDA_LIBS)
+
+build/cuda-check/%: dev/cuda/%.cu dev/cuda/common.h train_moe.cpp $(COMMON) $(KERNELS)
+	@mkdir -p build/cuda-check
+	@echo "nvcc $<"
+	@$(NVCC) $(NVCCFLAGS) -o $@ $< $(CUDA_LIBS)
 endif
 
 TEST_BINS := test/bin/test_cpu test/bin/test_gradcheck $(if $(wildcard test/test_upcycle.cpp),test/bin/test_upcycle)

@@ -6,7 +6,7 @@
 #       (ignoring tok_per_s and mfu) and final model/optimizer bytes must be identical
 #   (c) 20 training steps, GPU vs the CPU trainer, same flags: fp32 within 1e-4 relative
 #       per step, bf16 within 3e-2 (see docs/perf.md for why)
-#   (d) the dev/cuda kernel checks built by `make cuda-check` (build/cuda-check/*)
+#   (d) the dev/cuda kernel checks built by `make cuda-check` (build/cuda-check/*; DEVCUDA=0 skips)
 # Prints "N passed, M failed" and exits non-zero on any failure.
 set -u
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ PY=${PYTHON:-python3}
 pass=0; fail=0
 ok() { pass=$((pass + 1)); echo "PASS $*"; }
 bad() { fail=$((fail + 1)); echo "FAIL $*"; }
-tmp=$(mktemp -d /tmp/test_gpu.XXXXXX)
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/test_gpu.XXXXXX")
 # KEEP_TMP=1 keeps the logs (fixture runs, resume and curve runs) for the post-mortem
 trap 'if [ -n "${KEEP_TMP:-}" ]; then echo "logs kept in $tmp"; else rm -rf "$tmp"; fi' EXIT
 
@@ -137,8 +137,10 @@ curve_case moe --experts 4 --topk 2
 curve_case moe_softmax_topk_pooled --experts 4 --topk 2 --routing softmax_topk --aux-loss pooled
 
 # ---------------------------------------------------------------------------
-# (d) dev/cuda kernel checks, if built (make cuda-check puts them in build/cuda-check/)
+# (d) dev/cuda kernel checks, if built (make cuda-check puts them in build/cuda-check/);
+# DEVCUDA=0 skips them (dev/gpu_session.sh runs them through dev/cuda/run_all.sh instead)
 for bin in build/cuda-check/*; do
+  [ "${DEVCUDA:-1}" = 0 ] && break
   [ -x "$bin" ] || continue
   case $(basename "$bin") in train_moe|train_moe_gpu) continue ;; esac
   if "$bin" >"$tmp/devcuda.log" 2>&1; then ok "dev/cuda $(basename "$bin")"; else bad "dev/cuda $(basename "$bin")"; tail -n 10 "$tmp/devcuda.log"; fi

@@ -5,14 +5,15 @@
 #   bash dev/cuda/run_all.sh              all files, all versions
 #   bash dev/cuda/run_all.sh rmsnorm 2    one file, one version
 # Full logs go to $LOGDIR (default build/dev_cuda_logs; on the device machine set
-# LOGDIR=$OUT/dev_cuda so that they come back).
+# LOGDIR=$OUT/dev_cuda so that they come back). Binaries: $BINDIR (default build).
 set -u
 cd "$(dirname "$0")/../.."
 NVCC=${NVCC:-nvcc}
 FLAGS="-std=c++17 -O3 -gencode arch=compute_90,code=sm_90 --expt-relaxed-constexpr -Xcompiler -fopenmp -Xcompiler -Wall"
 LIBS="-lcublas -lcublasLt -lgomp"
 LOGDIR=${LOGDIR:-build/dev_cuda_logs}
-mkdir -p build "$LOGDIR"
+BINDIR=${BINDIR:-build}  # build/cuda-check after `make -j cuda-check` (rebuilt here only if stale)
+mkdir -p "$BINDIR" "$LOGDIR"
 
 files=()
 if [ $# -ge 1 ]; then files=("dev/cuda/$1.cu"); else files=(dev/cuda/*.cu); fi
@@ -22,7 +23,7 @@ total_pass=0; total_fail=0; bad_files=()
 summary=""
 for f in "${files[@]}"; do
     name=$(basename "$f" .cu)
-    bin=build/$name
+    bin=$BINDIR/$name
     # rebuild when the source, common.h, train_moe.cpp or any kernels/ header is newer
     if [ ! -x "$bin" ] || [ -n "$(find "$f" dev/cuda/common.h train_moe.cpp common kernels -newer "$bin" 2>/dev/null | head -1)" ]; then
         echo "== build $name"
@@ -34,7 +35,7 @@ for f in "${files[@]}"; do
     fi
     echo "== run $name $version"
     start=$(date +%s)
-    "./$bin" $version > "$LOGDIR/$name.log" 2>&1
+    "$bin" $version > "$LOGDIR/$name.log" 2>&1  # $bin has a slash: no PATH lookup
     rc=$?
     secs=$(( $(date +%s) - start ))
     # the tables at the end of each run
