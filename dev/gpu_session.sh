@@ -3,7 +3,9 @@
 # Builds everything in parallel, then runs, each part under its own time limit and all of
 # them under one deadline: a first fp32 fixture check (the quickest signal), make test-gpu's
 # checks (test/test_gpu.sh: fixtures fp32 + bf16, bit-identical resume, 20 steps GPU vs CPU),
-# every dev/cuda kernel check + benchmark (dev/cuda/run_all.sh), and make bench.
+# every dev/cuda kernel check + benchmark (dev/cuda/run_all.sh), and make bench; `memcheck`
+# (not in the default PARTS) runs one fp32 fixture check under compute-sanitizer (seen working
+# on the Firecracker machines, refused on gVisor: docs in the device tool's KINDS.md).
 # Logs go under $OUT (they come back with the device tool's reply); the summary is printed last.
 #
 # From the development machine, through the device tool (the GPU machine has no network, so
@@ -58,6 +60,8 @@ for p in $PARTS; do
               find "$OUT/test_gpu" -name '*.safetensors' -delete 2>/dev/null ;;  # logs come back, not weights
     dev_cuda) part dev_cuda 240 env LOGDIR="$OUT/dev_cuda" BINDIR=build/cuda-check bash dev/cuda/run_all.sh ;;
     bench)    part bench 150 bash dev/bench/bench.sh ;;
+    memcheck) part memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 3 \
+                ./train_moe_gpu --check-fixture test/fixtures/moe_empty_expert --dtype fp32 ;;
     *)        echo "unknown part $p"; exit 2 ;;
   esac
 done
