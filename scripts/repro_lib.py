@@ -72,6 +72,12 @@ PRESETS = {
         eval_every=100, save_every=100, eval_batches=16, log_every=25,
         trainer="gpu", results_sub=""),
 }
+# tiny_long: tiny with a 5x longer MoE phase (1000 steps = 512k tokens, 2.5x the dense base;
+# the tiny train split is 350k tokens, so ~1.5 epochs), to see whether the end-of-run order
+# moves towards the paper's ("DU 0.5 lowest if the MoE phase is long enough"). CPU, ~10 minutes
+# for Table 1 on 2 cores.
+PRESETS["tiny_long"] = dict(PRESETS["tiny"], moe_steps=1000, p2_steps=750, eval_every=100, save_every=250,
+                            log_every=250, results_sub="tiny_long")
 PRESETS["smoke"] = dict(PRESETS["tiny"], dense_steps=20, moe_steps=10, branch_steps=5, p1_steps=5, p2_steps=10,
                         warmup_dense=2, warmup_moe=2, eval_every=5, save_every=5, eval_batches=1, log_every=5,
                         results_sub="smoke")
@@ -643,8 +649,9 @@ def check_data(data: str) -> None:
 def main(description: str, build_table, default_key: str) -> int:
     """Parses the shared options, builds the table with build_table(cfg), runs it and reports."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=["tiny", "small"], default="tiny",
-                    help="tiny: CPU, minutes, data/tiny; small: one H100 with ./train_moe_gpu, data/full (default tiny)")
+    ap.add_argument("--preset", choices=["tiny", "tiny_long", "small"], default="tiny",
+                    help="tiny: CPU, minutes, data/tiny; tiny_long: tiny with a 5x longer MoE phase (CPU, ~10 "
+                         "minutes a table); small: one H100 with ./train_moe_gpu, data/full (default tiny)")
     ap.add_argument("--smoke", action="store_true", help="tiny with a few steps per stage (the smoke test)")
     ap.add_argument("--runs", help="runs root (default runs/repro/<preset>); shared by the tables of one preset")
     ap.add_argument("--results", help=f"where the table and plots go (default docs/results/{default_key}/"
