@@ -212,7 +212,6 @@ inline void log_eval(MetricsLog& metrics, const ModelConfig& cfg, const DataLoad
     printf("%s | mean %.4f\n", line.c_str(), n ? sum / n : NAN);
 }
 
-
 // ---- settings from the command line ----
 
 inline LRSchedule schedule_from_args(const TrainArgs& a) {
