@@ -420,12 +420,6 @@ struct LayerActs {
     std::vector<real> ey;              // [N*K, d] expert outputs
 };
 
-struct TrainSettings {
-    int aux_type = AUX_SWITCH;
-    double aux_coef = 0.01, z_coef = 0.001;
-    double aux_free_rate = 0;  // DeepSeek-V3 bias update rate u; 0 = off
-};
-
 struct Model {
     ModelConfig cfg;
     ParamLayout lay;
@@ -894,10 +888,7 @@ int main(int argc, char** argv) {
 
         // model
         Model M;
-        M.ts.aux_type = parse_aux(args.aux_loss);
-        M.ts.aux_coef = args.aux_coef;
-        M.ts.z_coef = args.z_coef;
-        M.ts.aux_free_rate = args.aux_free_bias;
+        M.ts = train_settings_from_args(args);
         std::string resume_dir;
         if (!args.resume.empty()) {
             resume_dir = resolve_resume_dir(args.resume);

@@ -58,11 +58,6 @@ Status: compiled, never run on a GPU (see docs/gpu-log.md).
 
 using gpu::bf16;
 
-struct TrainSettings {
-    int aux_type = AUX_SWITCH;
-    double aux_coef = 0.01, z_coef = 0.001;
-    double aux_free_rate = 0;
-};
 // ----------------------------------------------------------------------------
 // Device memory helpers
 
@@ -895,11 +890,7 @@ int run_training(TrainArgs& args, Cli& cli, const GpuOptions& go) {
     std::string tok_path = load_run_tokenizer(args, &tok);
 
     // model (host fp32 weights first, exactly as the CPU trainer makes them)
-    TrainSettings ts;
-    ts.aux_type = parse_aux(args.aux_loss);
-    ts.aux_coef = args.aux_coef;
-    ts.z_coef = args.z_coef;
-    ts.aux_free_rate = args.aux_free_bias;
+    TrainSettings ts = train_settings_from_args(args);
     ModelConfig cfg;
     ParamLayout lay;
     std::vector<float> host;

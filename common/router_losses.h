@@ -20,6 +20,13 @@ inline const char* aux_name(int a) {
     return n[a];
 }
 
+// The router-loss settings of a run (both trainers)
+struct TrainSettings {
+    int aux_type = AUX_SWITCH;
+    double aux_coef = 0.01, z_coef = 0.001;
+    double aux_free_rate = 0;  // DeepSeek-V3 bias update rate u; 0 = off
+};
+
 // The aux loss's gradient with respect to the router probabilities is the same for every
 // row t of one sequence b: dL/dp_{t,i} = g[b*E + i]. `seq_counts` [B, E] are this layer's
 // assignments per sequence, `pooled_counts` [E] all layers' (pooled only); counts carry no

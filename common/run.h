@@ -226,6 +226,15 @@ inline LRSchedule schedule_from_args(const TrainArgs& a) {
     return s;
 }
 
+inline TrainSettings train_settings_from_args(const TrainArgs& a) {
+    TrainSettings ts;
+    ts.aux_type = parse_aux(a.aux_loss);
+    ts.aux_coef = a.aux_coef;
+    ts.z_coef = a.z_coef;
+    ts.aux_free_rate = a.aux_free_bias;
+    return ts;
+}
+
 inline AdamW adamw_from_args(const TrainArgs& a) {
     AdamW hp;
     hp.beta1 = a.beta1; hp.beta2 = a.beta2; hp.eps = a.eps;
