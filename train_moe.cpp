@@ -343,7 +343,7 @@ void router_backward(real* dlogits, const real* dtopw, const real* probs, const 
 }
 
 // ----------------------------------------------------------------------------
-// Router losses (METHODS.md 1.2, 1.3). Let c_i = (token, slot) assignments to expert i.
+// Router losses (docs/METHODS.md 1.2, 1.3). Let c_i = (token, slot) assignments to expert i.
 //   switch: per layer  E * sum_i f_i P_i,  f_i = c_i / (N K), P_i = mean_t p_{t,i}; summed over layers
 //   seq:    the switch value per sequence, averaged over sequences; summed over layers
 //   pooled: Hugging Face Mixtral's: all layers' rows pooled, E * sum_i (C_i / (L N)) P_i, with

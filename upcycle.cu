@@ -460,7 +460,7 @@ struct DenseUpcycler {
 };
 
 // ----------------------------------------------------------------------------
-// MoE -> larger MoE (expert upcycling, METHODS 2.8)
+// MoE -> larger MoE (expert upcycling, docs/METHODS.md 2.8)
 
 struct Expander {
     const UpcycleArgs& a;
@@ -499,7 +499,7 @@ struct Expander {
         out = read(src_name(t));
     }
 
-    // METHODS 2.8: a duplicated pair ties in top-K, so the expanded model does not start
+    // docs/METHODS.md 2.8: a duplicated pair ties in top-K, so the expanded model does not start
     // at the source's loss. Measured on the utility batches (the model is in memory anyway).
     void step0_loss() {
         Model X;

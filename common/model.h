@@ -188,7 +188,7 @@ inline bool model_preset(const std::string& name, ModelConfig* c) {
     static const P presets[] = {
         {"tiny", 64, 2, 4, 4, 256},      // seconds per step on a laptop CPU
         {"small", 256, 4, 8, 8, 1024},   // minutes on CPU; the tiny reproductions' dense base
-        {"d512", 512, 12, 8, 8, 2048},   // Drop-Upcycling's 152M dense shape (METHODS 3)
+        {"d512", 512, 12, 8, 8, 2048},   // Drop-Upcycling's 152M dense shape (docs/METHODS.md 3)
         {"d768", 768, 12, 12, 12, 3072}, // GPT-2 small shape: the benchmark config
     };
     for (auto& p : presets) {
@@ -298,7 +298,7 @@ inline size_t count_active_params(const ModelConfig& c) {
     return n;
 }
 
-// From-scratch init (METHODS 2.1): every matrix ~ N(0, std), norms = 1. Each tensor has
+// From-scratch init (docs/METHODS.md 2.1): every matrix ~ N(0, std), norms = 1. Each tensor has
 // its own RNG stream, so the result does not depend on the order or thread count.
 template <typename T>
 void init_from_scratch(const ModelConfig& c, const ParamLayout& lay, T* params, uint64_t seed, float std = 0.02f) {

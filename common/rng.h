@@ -35,8 +35,8 @@ RNG_HD inline Philox4 philox4x32(uint64_t key, uint64_t ctr_lo, uint64_t ctr_hi)
 
 // What a stream of random numbers is used for. Never renumber: saved outputs depend on it.
 enum RngPurpose : uint32_t {
-    PURPOSE_INIT = 1,          // from-scratch weights (METHODS 2.1)
-    PURPOSE_ROUTER = 2,        // router rows of upcycled models (METHODS 2.2)
+    PURPOSE_INIT = 1,          // from-scratch weights (docs/METHODS.md 2.1)
+    PURPOSE_ROUTER = 2,        // router rows of upcycled models (docs/METHODS.md 2.2)
     PURPOSE_DROP_INDEX = 3,    // Drop-Upcycling neuron sets
     PURPOSE_DROP_VALUES = 4,   // Drop-Upcycling new values
     PURPOSE_NOISE_INDEX = 5,   // random-noise upcycling neuron sets

@@ -1,6 +1,6 @@
 // router_losses.h: the load-balancing loss settings and the coefficients of its gradient,
 // shared by both trainers (and dev/cuda/router.cu) so that they cannot drift apart.
-// The losses themselves are in METHODS.md 1.2 and in train_moe.cpp's router section.
+// The losses themselves are in docs/METHODS.md 1.2 and in train_moe.cpp's router section.
 #pragma once
 #include <string>
 #include <vector>

@@ -28,7 +28,7 @@ inline size_t neuron_entry(int matrix, int F, int d, int j, int i) {
     return matrix == MAT_DOWN ? (size_t)i * F + j : (size_t)j * d + i;
 }
 
-// n = floor(F r), the number of neurons a ratio r selects (METHODS 2.4, 2.5). The 1e-9
+// n = floor(F r), the number of neurons a ratio r selects (docs/METHODS.md 2.4, 2.5). The 1e-9
 // keeps decimal ratios exact (F = 10, r = 0.3 must give 3 even if 10 * 0.3 rounds down).
 inline int neurons_of_ratio(int F, double r) { return (int)std::floor((double)F * r + 1e-9); }
 
@@ -44,7 +44,7 @@ inline std::vector<int> sample_neurons(int F, int n, uint64_t seed, uint64_t str
     return s;
 }
 
-// ---- router (METHODS 2.2) ----
+// ---- router (docs/METHODS.md 2.2) ----
 
 enum RouterInit { ROUTER_UNIFORM = 0, ROUTER_NORMAL = 1 };
 
@@ -70,7 +70,7 @@ inline void router_init(float* W, int rows, int d, int kind, uint64_t seed, int 
     for (size_t i = 0; i < n; i++) W[i] = (float)((W[i] - mean) * scale);
 }
 
-// ---- random-noise upcycling (METHODS 2.4) ----
+// ---- random-noise upcycling (docs/METHODS.md 2.4) ----
 
 // Adds i.i.d. N(0, std^2) to every entry of the neurons in S (std = 0.02 for RNU, fixed,
 // whatever the weights' scale). The noise of entry k is normal number k of `stream`.
@@ -84,7 +84,7 @@ inline void add_noise_to_neurons(float* W, int matrix, int F, int d, const std::
         }
 }
 
-// ---- Drop-Upcycling (METHODS 2.5) ----
+// ---- Drop-Upcycling (docs/METHODS.md 2.5) ----
 
 // Re-initializes the neurons in S: sub = their entries; mu = mean(sub), sigma = std(sub)
 // (unbiased); each entry of sub is replaced by mu + sigma z, z = normal number k of
@@ -125,7 +125,7 @@ inline void gather_neurons(float* dst, const float* src, int matrix, int F, int 
         for (int i = 0; i < d; i++) dst[neuron_entry(matrix, n, d, s, i)] = src[neuron_entry(matrix, F, d, idx[s], i)] * scale;
 }
 
-// Granular upcycling (METHODS 2.7): expert j = shard (j mod G) of the dense FFN, the
+// Granular upcycling (docs/METHODS.md 2.7): expert j = shard (j mod G) of the dense FFN, the
 // contiguous neurons [g F/G, (g+1) F/G).
 inline std::vector<int> granular_shard(int F, int G, int expert) {
     int Fe = F / G, g = expert % G;
@@ -155,7 +155,7 @@ inline void granular_router(float* W, int E, int G, int d, int kind, uint64_t se
                                           W + (size_t)j * d);
 }
 
-// Neuron partition (LLaMA-MoE, METHODS 2.9): a random permutation of the F neurons
+// Neuron partition (LLaMA-MoE, docs/METHODS.md 2.9): a random permutation of the F neurons
 // (Fisher-Yates on stream (MISC, layer, 0, 0x9a)), cut into E consecutive sets of F/E;
 // expert i = set i, its neurons in ascending order. The sets are disjoint and cover F.
 inline std::vector<std::vector<int>> partition_neurons(int F, int E, uint64_t seed, int layer) {
@@ -172,7 +172,7 @@ inline std::vector<std::vector<int>> partition_neurons(int F, int E, uint64_t se
     return sets;
 }
 
-// ---- Branch-Train-MiX (METHODS 2.6) ----
+// ---- Branch-Train-MiX (docs/METHODS.md 2.6) ----
 
 // Expert e comes from source floor(e / (E/S)): each source fills E/S consecutive experts.
 inline int btx_source(int e, int E, int S) { return e / (E / S); }
@@ -187,7 +187,7 @@ inline void mean_of_sources(float* out, const std::vector<std::vector<float>>& s
     }
 }
 
-// ---- expert upcycling E -> mE (METHODS 2.8) ----
+// ---- expert upcycling E -> mE (docs/METHODS.md 2.8) ----
 
 enum UtilityScore { SCORE_WEIGHT_NORM, SCORE_GRAD_NORM, SCORE_SALIENCY, SCORE_FISHER };
 inline int parse_score(const std::string& s) {

@@ -1,4 +1,4 @@
-// kernels/router.cuh: the MoE router, all in fp32 (METHODS.md 1.1-1.4).
+// kernels/router.cuh: the MoE router, all in fp32 (docs/METHODS.md 1.1-1.4).
 //   logits z = W_r x            [N, E]   (W_r: the fp32 master weights, x: ln2 in T)
 //   p = softmax(z)              [N, E]   lse(z) [N] kept for the z-loss
 //   top-K by z + bias (bias: aux-loss-free balancing, else 0); ties go to the lower index

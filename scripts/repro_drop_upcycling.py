@@ -48,14 +48,14 @@ def build(cfg: dict, root: str) -> R.Table:
     stages, rows = [base_stage, cont_stage], [base_row, cont_row]
     moe_phase = dict(steps=cfg["moe_steps"], warmup=cfg["warmup_moe"], moe=True)
 
-    # FS: the same MoE shape from scratch (every matrix N(0, 0.02), METHODS 2.1)
+    # FS: the same MoE shape from scratch (every matrix N(0, 0.02), docs/METHODS.md 2.1)
     fs = R.train_stage(root, "fs", cfg, ["--model", cfg["model"], "--experts", E, "--topk", K,
                                          "--routing", "topk_softmax"], **moe_phase)
     stages.append(fs)
     # plotted over the MoE phase like the other MoE rows, although it does not start from the base
     rows.append(R.Row("fs", "FS (from scratch)", ["fs"], "fs", before=["dense_base"]))
 
-    # BTX: branch, train on one domain each, merge (METHODS 2.6)
+    # BTX: branch, train on one domain each, merge (docs/METHODS.md 2.6)
     branches = []
     for dom in R.DOMAINS:
         mix = ",".join(f"{d}={1 if d == dom else 0}" for d in R.DOMAINS)
@@ -89,7 +89,7 @@ def build(cfg: dict, root: str) -> R.Table:
                f"BTX branches: {cfg['branch_steps']} steps each on one domain (en, code, de) from the base; sources = "
                "base + 3 branches, 2 experts each. In loss_curves.png, FS is drawn over the MoE phase's tokens like "
                "the other MoE rows (x starts at the dense base's end) although it does not use the base.",
-               "Paper (METHODS 3-4): step-0 order NU = dense < RNU <~ DU0.5 < DU1.0 < FS; DU r=0.5 lowest at the end "
+               "Paper (docs/METHODS.md 3-4): step-0 order NU = dense < RNU <~ DU0.5 < DU1.0 < FS; DU r=0.5 lowest at the end "
                "when the MoE phase is long enough."])
 
 

@@ -110,7 +110,7 @@ def build(cfg: dict, root: str) -> R.Table:
         notes=[f"Phase 1: {cfg['p1_steps']} steps from the dense base ({cfg['dense_steps']} steps), fresh AdamW; "
                f"phase 2: {cfg['p2_steps']} steps with the source's AdamW moments (--init-optimizer), seed "
                f"{cfg['seed'] + 1}. Top-2 throughout, topk_softmax, aux pooled 0.02, no z-loss.",
-               "Paper (METHODS 2.8): the expanded model approaches the fixed-size large baseline; gradient-based "
+               "Paper (docs/METHODS.md 2.8): the expanded model approaches the fixed-size large baseline; gradient-based "
                "utility selection raises gap closure under a short continued-training budget."],
         extra_columns=gap_closure)
 

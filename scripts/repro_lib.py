@@ -82,7 +82,7 @@ PRESETS["smoke"] = dict(PRESETS["tiny"], dense_steps=20, moe_steps=10, branch_st
                         warmup_dense=2, warmup_moe=2, eval_every=5, save_every=5, eval_batches=1, log_every=5,
                         results_sub="smoke")
 
-MOE_LOSSES = ["--aux-loss", "pooled", "--aux-coef", "0.02", "--z-coef", "0"]   # METHODS 3
+MOE_LOSSES = ["--aux-loss", "pooled", "--aux-coef", "0.02", "--z-coef", "0"]   # docs/METHODS.md 3
 # options that only shape a new model; a resumed run takes its shape from the checkpoint
 SHAPE_OPTS = {"--model": 1, "--init": 1, "--init-optimizer": 0, "--experts": 1, "--topk": 1, "--expert-width": 1,
               "--routing": 1, "--tie": 0, "--vocab": 1, "--init-std": 1}

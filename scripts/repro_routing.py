@@ -60,7 +60,7 @@ def build(cfg: dict, root: str) -> R.Table:
         "routing", "Routing variants and granularity (small-scale reproduction)", stages, rows,
         notes=[f"MoE phase: {cfg['moe_steps']} steps for every row after the dense base ({cfg['dense_steps']} steps); "
                "aux pooled 0.02, no z-loss, fresh AdamW, the same seed and data order.",
-               "Expected (METHODS 1.1, 2.7, 5): NVIDIA's upcycling prefers softmax_topk with its scaled init; the "
+               "Expected (docs/METHODS.md 1.1, 2.7, 5): NVIDIA's upcycling prefers softmax_topk with its scaled init; the "
                "fine-grained scaling law finds G = 1 rarely optimal at equal active parameters."],
         extra_columns=shape_col)
 

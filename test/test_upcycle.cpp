@@ -1,4 +1,4 @@
-// test_upcycle.cpp: every upcycling method of upcycle.cu against its invariant (METHODS.md
+// test_upcycle.cpp: every upcycling method of upcycle.cu against its invariant (docs/METHODS.md
 // section 2): exact ones through the CPU trainer's logits (naive = dense, ...), statistical
 // ones on the written tensors (drop/noise fractions, mean/std, router init), expand's
 // copies and selection, determinism across thread counts, and bad inputs refused.
@@ -248,7 +248,7 @@ static void test_function_preserving() {
     printf("    function-preserving inits: max relative logit error vs dense %.2g\n", worst);
 }
 
-// Drop-Upcycling statistics (METHODS 2.5).
+// Drop-Upcycling statistics (docs/METHODS.md 2.5).
 static void test_drop() {
     const int d = 64, F = 256, L = 2, E = 4;
     std::string dense = make_dense("drop_dense", d, F, L, 11);
@@ -362,7 +362,7 @@ static void test_noise() {
     printf("    noise r=0.25: %d/%d neurons per matrix changed; noise mean %.2g std %.5f (expected 0.02)\n", n, F, m, s);
 }
 
-// Router init (METHODS 2.2): zero-mean uniform with std 0.02, or N(0, 0.02).
+// Router init (docs/METHODS.md 2.2): zero-mean uniform with std 0.02, or N(0, 0.02).
 static void test_router_init() {
     std::string dense = make_dense("router_dense", 64, 128, 2, 13);
     for (std::string kind : {"uniform", "normal"}) {
@@ -421,7 +421,7 @@ static void test_btx() {
     CHECK_MSG(mean_ok && n_mean > 5, "btx: a non-FFN tensor is not the mean of the sources (%d checked)", n_mean);
 }
 
-// Granular (METHODS 2.7): shards, scale, tied router; SwiGLU error vs dense measured.
+// Granular (docs/METHODS.md 2.7): shards, scale, tied router; SwiGLU error vs dense measured.
 static void test_granular() {
     std::string dense = "test/fixtures/dense";  // d 32, F 64
     Tensors D(dense);
@@ -488,7 +488,7 @@ static void test_granular() {
     }
 }
 
-// Partition (METHODS 2.9): disjoint neuron sets covering F, w2 carrying E/K. With a zero
+// Partition (docs/METHODS.md 2.9): disjoint neuron sets covering F, w2 carrying E/K. With a zero
 // router and K = E every expert gets weight 1/E, so the MoE FFN = (1/E)(E/K) sum_i expert_i
 // = dense FFN / E exactly (up to rounding): checked on layer 0's FFN output.
 static void test_partition() {

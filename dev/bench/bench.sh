@@ -3,7 +3,7 @@
 # d768 preset (d 768, 12 layers, 12 heads, F 3072), seq 1024, bf16:
 #   dense                           the GPT-2-small-shaped Llama
 #   moe 8x top-2                    8 experts of width 3072 (2x the dense FFN FLOPs per token)
-#   moe 8x top-2, F_e 1536          same active FLOPs as dense (DESIGN.md 7: compare at equal active FLOPs)
+#   moe 8x top-2, F_e 1536          same active FLOPs as dense (docs/ARCHITECTURE.md, "Performance method")
 # Each row is one ./train_moe_gpu --bench run: WARMUP untimed steps, then STEPS timed steps;
 # it prints ms/step, tokens/s, MFU (docs/perf.md: 6 N_active + causal attention FLOPs per
 # token over the device's dense bf16 peak; "n/a" on a device it does not know) and the GPU

@@ -1,10 +1,11 @@
 #!/usr/bin/python3
 """Float64 PyTorch reference of the Llama / Mixtral model trained by the C++/CUDA trainer.
 
-This file is the executable spec of DESIGN.md section 3 and METHODS.md section 1 (routing,
-load-balancing and z losses). It is deliberately plain: no nn.Module, no fused kernels,
-attention written out, top-K written out (ties -> lower expert index). Everything is
-computed in float64 from the checkpoint's fp32/bf16 values upcast to float64.
+This file is the executable spec of the model (docs/ARCHITECTURE.md, "The model") and of
+docs/METHODS.md section 1 (routing, load-balancing and z losses). It is deliberately plain:
+no nn.Module, no fused kernels, attention written out, top-K written out (ties -> lower
+expert index). Everything is computed in float64 from the checkpoint's fp32/bf16 values
+upcast to float64.
 
 Importable:
     from model import load_checkpoint, forward, compute_losses, adamw_step
@@ -283,7 +284,7 @@ def forward(P, cfg, tokens):
 
 
 def aux_loss(routing, cfg, aux_type, B, T):
-    """Unweighted load-balancing loss (METHODS.md 1.2). Counts/masks are constants."""
+    """Unweighted load-balancing loss (docs/METHODS.md 1.2). Counts/masks are constants."""
     zero = torch.zeros((), dtype=torch.float64)
     if not routing or aux_type == "none":
         return zero
