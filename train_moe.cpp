@@ -3,8 +3,9 @@ train_moe.cpp: the CPU reference trainer. Dense (Llama) and Mixture-of-Experts (
 language models, trained in fp32 with plain loops and OpenMP.
 
 This is the readable version of the project: every layer's forward and backward sit side by
-side, in model order, and the training loop at the bottom reads top to bottom. The GPU
-trainer (train_moe.cu) computes the same function, and the tests hold both to the PyTorch
+side, in model order, as free functions in the style of llm.c; the Model below strings them
+together, and common/run.h runs the training loop around it (the GPU trainer, train_moe.cu,
+runs the same loop around its own model). The tests hold both trainers to the PyTorch
 reference in dev/reference/.
 
 The model (N = B*T tokens, d = hidden size):
@@ -13,11 +14,22 @@ The model (N = B*T tokens, d = hidden size):
     x = x + o_proj(attention(rope(q(rmsnorm(x))), rope(k(..)), v(..)))
     x = x + ffn(rmsnorm(x))          ffn = SwiGLU, or a top-K mixture of SwiGLU experts
   logits = lm_head(rmsnorm(x))                       [N, V]
-  loss = CE + aux_coef * load_balancing + z_coef * router_z
+  loss = CE + aux_coef * load_balancing + z_coef * router_z    (common/router_losses.h)
 
-Build with -DTRAIN_MOE_DOUBLE to compute in double precision (the finite-difference test
-does), and -DTRAIN_MOE_NO_MAIN to include this file as a library (the tests do).
+Names other files use (the tests, upcycle.cu and the dev/cuda programs include this file):
+  real                            float, or double when built with -DTRAIN_MOE_DOUBLE
+  layers, forward and backward    encoder_, rmsnorm_, matmul_, rope_, attention_, swiglu_,
+                                  ffn_ (a whole SwiGLU FFN), crossentropy_; residual_forward
+  MoE layer                       router_forward/_backward, moe_permute, moe_gather_forward/
+                                  _backward, moe_combine_forward/_backward, router_stats,
+                                  router_losses_backward
+  optimizer                       global_norm, adamw_update
+  Model                           load, init_scratch, forward, backward, forward_backward,
+                                  zero_grad, step; cfg, layout, params, grads, m, v, acts
+                                  (LayerActs per layer), logits, router_loss, expert_bias
+Define TRAIN_MOE_NO_MAIN before including it to use it as a library (no main()).
 */
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -26,19 +38,12 @@ does), and -DTRAIN_MOE_NO_MAIN to include this file as a library (the tests do).
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#include "common/cli.h"
-#include "common/dataloader.h"
-#include "common/json.h"
-#include "common/metrics.h"
-#include "common/model.h"
-#include "common/router_losses.h"
-#include "common/rng.h"
-#include "common/safetensors.h"
-#include "common/schedule.h"
-#include "common/tokenizer.h"
-#include "common/run.h"
-#include "common/train_args.h"
-#include "common/util.h"
+#include "common/cli.h"            // defines: Cli
+#include "common/model.h"          // defines: ModelConfig, ParamLayout (HF tensor names), init_from_scratch, load_model_dir
+#include "common/router_losses.h"  // defines: the router losses' values and gradients, Losses, RouterLossSettings
+#include "common/run.h"            // defines: run_training (and evaluate, sample_text), AdamWSettings, checkpoints, logging
+#include "common/train_args.h"     // defines: TrainArgs (the shared command line)
+#include "common/util.h"           // defines: Error, FAIL, strfmt
 
 #ifdef TRAIN_MOE_DOUBLE
 typedef double real;
@@ -278,15 +283,47 @@ void residual_forward(real* out, const real* a, const real* b, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
+// The SwiGLU FFN, down(silu(gate x) * up x): the dense model's FFN, and every expert on its
+// own rows. x [N, d]; g, u, h [N, F] are kept for the backward (h = silu(g) * u); out [N, d].
+void ffn_forward(real* out, real* g, real* u, real* h, const real* x, const real* w_gate, const real* w_up,
+                 const real* w_down, int N, int d, int F) {
+    matmul_forward(g, x, w_gate, N, d, F);
+    matmul_forward(u, x, w_up, N, d, F);
+    swiglu_forward(h, g, u, (size_t)N * F);
+    matmul_forward(out, h, w_down, N, F, d);
+}
+// dx and the weight gradients +=; dh, dg, du [N, F] are scratch
+void ffn_backward(real* dx, real* dw_gate, real* dw_up, real* dw_down, const real* dout, const real* x, const real* g,
+                  const real* u, const real* h, const real* w_gate, const real* w_up, const real* w_down, real* dh,
+                  real* dg, real* du, int N, int d, int F) {
+    std::fill(dh, dh + (size_t)N * F, 0);
+    std::fill(dg, dg + (size_t)N * F, 0);
+    std::fill(du, du + (size_t)N * F, 0);
+    matmul_backward(dh, dw_down, dout, h, w_down, N, F, d);
+    swiglu_backward(dg, du, dh, g, u, (size_t)N * F);
+    matmul_backward(dx, dw_gate, dg, x, w_gate, N, d, F);
+    matmul_backward(dx, dw_up, du, x, w_up, N, d, F);
+}
+
 // ----------------------------------------------------------------------------
-// Router: logits z = W_r x [N, E] (computed by matmul_forward), probabilities p = softmax(z),
+// The MoE layer, in the order a token goes through it (docs/METHODS.md 1.1):
+//   router logits z = ln2 W_r^T                 matmul_forward           [N, E]
+//   router_forward      probabilities, top-K experts and their gate weights
+//   moe_permute         the N*K (token, slot) pairs sorted by expert: each expert's rows
+//                       are one contiguous block
+//   moe_gather_forward  xe [N*K, d]: the tokens' rows in that order
+//   ffn_forward         each expert on its block of rows (a block may be empty)
+//   moe_combine_forward out[n] = sum_k w[n,k] y[row of (n, k)]
+// plus router_stats, the sums the router losses read (common/router_losses.h), and every
+// backward beside its forward.
+
+// router_forward: probabilities p = softmax(z) of the router logits z [N, E],
 // top-K selection by z + bias (bias: aux-loss-free balancing, 0 otherwise; ties go to the
 // lower expert index), and the gate weights of the selected experts:
 //   topk_softmax: w_k = p_{e_k} / sum_k' p_{e_k'}   (sum to 1; Mixtral)
 //   softmax_topk: w_k = p_{e_k}                      (no renormalization; Megatron pre-softmax)
-
 void router_forward(real* probs, int* topk, real* topw, const real* logits, const float* bias, int N, int E, int K,
-                    int routing) {
+                    Routing routing) {
 #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const real* z = logits + (size_t)n * E;
@@ -321,7 +358,7 @@ void router_forward(real* probs, int* topk, real* topw, const real* logits, cons
 //   topk_softmax: w = softmax over the selected logits only
 //                                          => dz_{e_k} = w_k (dw_k - sum_k' w_k' dw_k'), others 0
 void router_backward(real* dlogits, const real* dtopw, const real* probs, const int* topk, const real* topw, int N,
-                     int E, int K, int routing) {
+                     int E, int K, Routing routing) {
 #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         real* dz = dlogits + (size_t)n * E;
@@ -342,25 +379,117 @@ void router_backward(real* dlogits, const real* dtopw, const real* probs, const 
     }
 }
 
-// ----------------------------------------------------------------------------
-// Router losses (docs/METHODS.md 1.2, 1.3). Let c_i = (token, slot) assignments to expert i.
-//   switch: per layer  E * sum_i f_i P_i,  f_i = c_i / (N K), P_i = mean_t p_{t,i}; summed over layers
-//   seq:    the switch value per sequence, averaged over sequences; summed over layers
-//   pooled: Hugging Face Mixtral's: all layers' rows pooled, E * sum_i (C_i / (L N)) P_i, with
-//           C_i = assignments over all layers and P the mean over all L*N rows (= K at balance)
-//   z:      per layer mean_t (logsumexp_i z_{t,i})^2, summed over layers
-// f (the counts) carries no gradient; the gradient reaches the router through P and z.
+// Counting sort of the N*K (token, slot) pairs p = n*K + k by expert: deterministic and
+// dropless. It is stable (an expert's pairs keep increasing p), so every sum over rows that
+// follows is in a fixed order. Outputs: counts [E]; seq_counts [B, E], the assignments per
+// sequence (the router losses' counts); offsets [E+1], expert e owns rows
+// offsets[e]..offsets[e+1]; row_token [N*K], the token of each row; row_of [N*K], the row of
+// each pair. No backward: integers carry no gradient.
+void moe_permute(int* counts, int* seq_counts, int* offsets, int* row_token, int* row_of, const int* topk, int B, int T,
+                 int E, int K) {
+    const int N = B * T;
+    std::fill(counts, counts + E, 0);
+    std::fill(seq_counts, seq_counts + (size_t)B * E, 0);
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            int e = topk[n * K + k];
+            counts[e]++;
+            seq_counts[(n / T) * E + e]++;
+        }
+    offsets[0] = 0;
+    for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
+    std::vector<int> fill(offsets, offsets + E);
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            int r = fill[topk[n * K + k]]++;
+            row_token[r] = n;
+            row_of[n * K + k] = r;
+        }
+}
 
-// dL_aux/dp for every (row, expert): g [N*E], each sequence's coefficients
-// (aux_dp_per_seq in common/router_losses.h) repeated over its T rows.
-static void aux_dp(std::vector<real>& g, int aux, const int* seq_counts, const long* pooled_counts, int B, int T,
-                   int E, int K, int L) {
-    std::vector<real> per_seq;
-    aux_dp_per_seq(per_seq, aux, seq_counts, pooled_counts, B, T, E, K, L);
-    g.resize((size_t)B * T * E);
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++)
-            for (int i = 0; i < E; i++) g[(size_t)(b * T + t) * E + i] = per_seq[(size_t)b * E + i];
+// xe[r] = x[row_token[r]]: each token's row once per chosen expert
+void moe_gather_forward(real* xe, const real* x, const int* row_token, int NK, int d) {
+    for (int r = 0; r < NK; r++)
+        for (int i = 0; i < d; i++) xe[(size_t)r * d + i] = x[(size_t)row_token[r] * d + i];
+}
+// each token collects its K rows' gradients, slots in order: dx[n] += sum_k dxe[row_of[n,k]]
+void moe_gather_backward(real* dx, const real* dxe, const int* row_of, int N, int K, int d) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) axpy(dx + (size_t)n * d, 1, dxe + (size_t)row_of[n * K + k] * d, d);
+}
+
+// out[n] = sum_k w[n,k] ey[row_of[n,k]], slots summed in order
+void moe_combine_forward(real* out, const real* ey, const real* topw, const int* row_of, int N, int K, int d) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        real* o = out + (size_t)n * d;
+        for (int i = 0; i < d; i++) o[i] = 0;
+        for (int k = 0; k < K; k++) axpy(o, topw[n * K + k], ey + (size_t)row_of[n * K + k] * d, d);
+    }
+}
+// r = row_of[n,k]:  dtopw[n,k] = dout[n] . ey[r];  dey[r] = w[n,k] dout[n]
+// (both written: every row belongs to exactly one pair)
+void moe_combine_backward(real* dey, real* dtopw, const real* dout, const real* ey, const real* topw, const int* row_of,
+                          int N, int K, int d) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            int r = row_of[n * K + k];
+            dtopw[n * K + k] = dot(dout + (size_t)n * d, ey + (size_t)r * d, d);
+            for (int i = 0; i < d; i++) dey[(size_t)r * d + i] = topw[n * K + k] * dout[(size_t)n * d + i];
+        }
+}
+
+// ----------------------------------------------------------------------------
+// Router losses (docs/METHODS.md 1.2, 1.3): the formulas are in common/router_losses.h,
+// shared with the GPU trainer; here are the two pieces that read this trainer's arrays.
+
+// The statistics the losses read (RoutingStats in common/router_losses.h), one segment of
+// `seg` rows at a time, in double: psum [N/seg, E] = sum of p over the segment's rows,
+// zsum [N/seg] = sum of lse^2 (lse recomputed from the logits in double). The trainer uses
+// seg = 1, so that the sums over rows are taken in router_losses.h, in row order.
+void router_stats(double* psum, double* zsum, const real* probs, const real* logits, int N, int E, int seg) {
+    for (int s = 0; s < N / seg; s++) {
+        for (int i = 0; i < E; i++) psum[(size_t)s * E + i] = 0;
+        zsum[s] = 0;
+        for (int n = s * seg; n < (s + 1) * seg; n++) {
+            for (int i = 0; i < E; i++) psum[(size_t)s * E + i] += probs[(size_t)n * E + i];
+            const real* zz = logits + (size_t)n * E;
+            double mx = zz[0], sum = 0;
+            for (int i = 1; i < E; i++) mx = std::max(mx, (double)zz[i]);
+            for (int i = 0; i < E; i++) sum += std::exp(zz[i] - mx);
+            double lse = mx + std::log(sum);
+            zsum[s] += lse * lse;
+        }
+    }
+}
+
+// dlogits [N, E] += scale * (aux_coef dAux/dz + z_coef dZ/dz).
+// G [B, E]: dAux/dp, one row per sequence (aux_dp_per_seq), or null for no aux term; through
+// the softmax dz_j = p_j (G_j - sum_i p_i G_i). z-loss: z_loss_dlogit with lse in `real`.
+void router_losses_backward(real* dlogits, const real* probs, const real* logits, const real* G, double aux_coef,
+                            double z_coef, real scale, int B, int T, int E) {
+    const int N = B * T;
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const real* p = probs + (size_t)n * E;
+        real* dz = dlogits + (size_t)n * E;
+        if (G) {
+            const real* g = G + (size_t)(n / T) * E;
+            real s = 0;
+            for (int i = 0; i < E; i++) s += p[i] * g[i];
+            for (int j = 0; j < E; j++) dz[j] += scale * (real)aux_coef * p[j] * (g[j] - s);
+        }
+        if (z_coef != 0) {
+            const real* zz = logits + (size_t)n * E;
+            real mx = zz[0], s = 0;
+            for (int i = 1; i < E; i++) mx = std::max(mx, zz[i]);
+            for (int i = 0; i < E; i++) s += std::exp(zz[i] - mx);
+            real lse = mx + std::log(s);
+            for (int j = 0; j < E; j++) dz[j] += z_loss_dlogit(scale * (real)z_coef, lse, p[j], N);
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -394,6 +523,32 @@ void crossentropy_backward(real* dlogits, const real* logits, const real* lse, c
 }
 
 // ----------------------------------------------------------------------------
+// Optimizer: global-norm clipping and AdamW (docs/ARCHITECTURE.md: decay on matrices only)
+
+// sqrt(sum g^2) in double, in index order
+double global_norm(const real* g, size_t n) {
+    double sq = 0;
+    for (size_t i = 0; i < n; i++) sq += (double)g[i] * g[i];
+    return std::sqrt(sq);
+}
+
+// One tensor's AdamW update, n elements; st from adamw_step (clip factor, bias corrections):
+//   g' = g clip;  m = b1 m + (1-b1) g';  v = b2 v + (1-b2) g'^2
+//   p -= lr (m/bc1 / (sqrt(v/bc2) + eps) + wd p)
+void adamw_update(real* p, const real* g, real* m, real* v, long n, const AdamWSettings& hp, const AdamWStep& st,
+                  double lr, double weight_decay) {
+    real wd = (real)weight_decay;
+#pragma omp parallel for
+    for (long i = 0; i < n; i++) {
+        real gi = g[i] * (real)st.clip;
+        m[i] = (real)hp.beta1 * m[i] + (real)(1 - hp.beta1) * gi;
+        v[i] = (real)hp.beta2 * v[i] + (real)(1 - hp.beta2) * gi * gi;
+        real mhat = m[i] / (real)st.bc1, vhat = v[i] / (real)st.bc2;
+        p[i] -= (real)lr * (mhat / (std::sqrt(vhat) + (real)hp.eps) + wd * p[i]);
+    }
+}
+
+// ----------------------------------------------------------------------------
 // The model: parameters (one flat buffer, HF tensor names via ParamLayout), gradients,
 // AdamW moments, and the activations kept for the backward pass.
 
@@ -405,7 +560,7 @@ struct LayerActs {
     std::vector<real> atty;            // [N, H*hd] attention output before o_proj
     std::vector<real> x_mid;           // [N, d] after the attention residual
     std::vector<real> ln2, ln2_rstd;   // [N, d], [N]
-    std::vector<real> g, u, a;         // dense FFN: [N, F] gate, up, silu(gate)*up
+    std::vector<real> g, u, h;         // dense FFN: [N, F] gate, up, h = silu(gate)*up
     // MoE
     std::vector<real> rlogits, rprobs; // [N, E]
     std::vector<int> topk;             // [N, K] selected experts, best first
@@ -416,242 +571,143 @@ struct LayerActs {
     std::vector<int> row_token;        // [N*K] token of each permuted row
     std::vector<int> row_of;           // [N*K] permuted row of (token n, slot k) = row_of[n*K + k]
     std::vector<real> xe;              // [N*K, d] tokens gathered in expert order
-    std::vector<real> eg, eu, ea;      // [N*K, F] expert gate, up, activation
+    std::vector<real> eg, eu, eh;      // [N*K, F] expert gate, up, h
     std::vector<real> ey;              // [N*K, d] expert outputs
+    std::vector<double> psum, zsum;    // [N, E], [N]: the router losses' statistics (router_stats)
 };
 
 struct Model {
     ModelConfig cfg;
-    ParamLayout lay;
+    ParamLayout layout;
     std::vector<real> params, grads, m, v;
     std::vector<std::vector<float>> expert_bias;  // [L][E], aux-loss-free balancing
     std::vector<std::vector<long>> step_load;     // [L][E] assignments since the last optimizer step
-    TrainSettings ts;
+    RouterLossSettings router_loss;
     long adam_t = 0;  // optimizer steps taken
 
     // activations for up to B_max x T_max tokens
     int B_max = 0, T_max = 0, B = 0, T = 0;
-    std::vector<LayerActs> la;
+    std::vector<LayerActs> acts;  // per layer
     std::vector<real> x_final, lnf, lnf_rstd, logits, lse, rope_cos, rope_sin;
     std::vector<int> inputs, targets;  // of the last forward pass
     bool have_targets = false;
     Losses last;
 
+    // ---- making, loading and saving (common/run.h calls these) ----
     void init_layout() {
-        lay = build_layout(cfg);
-        grads.assign(lay.total, 0);
-        m.assign(lay.total, 0);
-        v.assign(lay.total, 0);
+        layout = build_layout(cfg);
+        grads.assign(layout.total, 0);
+        m.assign(layout.total, 0);
+        v.assign(layout.total, 0);
         expert_bias.assign(cfg.n_layer, std::vector<float>(cfg.n_experts, 0.0f));
         step_load.assign(cfg.n_layer, std::vector<long>(cfg.n_experts, 0));
     }
-    void init_scratch(const ModelConfig& c, uint64_t seed) {
+    void init_scratch(const ModelConfig& c, uint64_t seed, float std = 0.02f) {
         cfg = c;
         init_layout();
-        params.assign(lay.total, 0);
-        init_from_scratch(cfg, lay, params.data(), seed);
+        params.assign(layout.total, 0);
+        init_from_scratch(cfg, layout, params.data(), seed, std);
     }
     void load(const std::string& dir) {
-        ParamLayout l2;
-        load_model_dir(dir, &cfg, &l2, &params);
+        ParamLayout loaded;
+        load_model_dir(dir, &cfg, &loaded, &params);
         init_layout();
         read_bias_tensors(dir, cfg, &expert_bias);  // aux-free routing biases, if saved
     }
-    real* P(int layer, int kind) { return params.data() + lay.get(layer, kind).offset; }
-    real* G(int layer, int kind) { return grads.data() + lay.get(layer, kind).offset; }
-    real* P(int idx) { return params.data() + lay.tensors[idx].offset; }
-    real* G(int idx) { return grads.data() + lay.tensors[idx].offset; }
+    void load_optimizer(const std::string& path) { adam_t = read_optimizer_file(path, layout, m.data(), v.data()); }
+    void load_training_state(const std::string& dir, TrainerState& state, size_t n_domains, Json* settings) {
+        ::load_training_state(dir, layout, m.data(), v.data(), &adam_t, state, n_domains, settings);
+    }
+    template <typename F>
+    void with_host_state(F f) { f(params.data(), m.data(), v.data()); }
+    std::string summary_note() const { return ""; }
+
+    // weights and their gradients by (layer, kind) or by tensor index
+    real* param(int layer, ParamKind kind) { return params.data() + layout.get(layer, kind).offset; }
+    real* grad(int layer, ParamKind kind) { return grads.data() + layout.get(layer, kind).offset; }
+    real* param(int idx) { return params.data() + layout.tensors[idx].offset; }
+    real* grad(int idx) { return grads.data() + layout.tensors[idx].offset; }
 
     void alloc(int Bm, int Tm) {
         if (Bm <= B_max && Tm <= T_max) return;
         B_max = std::max(Bm, B_max);
         T_max = std::max(Tm, T_max);
         size_t N = (size_t)B_max * T_max, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k;
-        la.assign(cfg.n_layer, LayerActs());
-        for (auto& a : la) {
+        acts.assign(cfg.n_layer, LayerActs());
+        for (auto& a : acts) {
             a.x.resize(N * d); a.ln1.resize(N * d); a.ln1_rstd.resize(N);
             a.q.resize(N * cfg.q_dim()); a.k.resize(N * cfg.kv_dim()); a.v.resize(N * cfg.kv_dim());
             a.att.resize((size_t)B_max * cfg.n_head * T_max * T_max);
             a.atty.resize(N * cfg.q_dim()); a.x_mid.resize(N * d); a.ln2.resize(N * d); a.ln2_rstd.resize(N);
             if (!cfg.is_moe()) {
-                a.g.resize(N * F); a.u.resize(N * F); a.a.resize(N * F);
+                a.g.resize(N * F); a.u.resize(N * F); a.h.resize(N * F);
             } else {
                 a.rlogits.resize(N * E); a.rprobs.resize(N * E); a.topk.resize(N * K); a.topw.resize(N * K);
                 a.counts.resize(E); a.seq_counts.resize(B_max * E); a.offsets.resize(E + 1);
                 a.row_token.resize(N * K); a.row_of.resize(N * K);
-                a.xe.resize(N * K * d); a.eg.resize(N * K * F); a.eu.resize(N * K * F); a.ea.resize(N * K * F);
+                a.xe.resize(N * K * d); a.eg.resize(N * K * F); a.eu.resize(N * K * F); a.eh.resize(N * K * F);
                 a.ey.resize(N * K * d);
+                a.psum.resize(N * E); a.zsum.resize(N);
             }
         }
         x_final.resize(N * d); lnf.resize(N * d); lnf_rstd.resize(N);
         logits.resize(N * cfg.vocab_size); lse.resize(N); inputs.resize(N); targets.resize(N);
-        // RoPE tables [T_max, hd/2], computed in double once
-        std::vector<double> inv = cfg.rope_inv_freq();
-        int h2 = cfg.head_dim / 2;
-        rope_cos.resize((size_t)T_max * h2);
-        rope_sin.resize((size_t)T_max * h2);
-        for (int t = 0; t < T_max; t++)
-            for (int i = 0; i < h2; i++) {
-                rope_cos[(size_t)t * h2 + i] = (real)std::cos(t * inv[i]);
-                rope_sin[(size_t)t * h2 + i] = (real)std::sin(t * inv[i]);
-            }
+        cfg.rope_tables(T_max, &rope_cos, &rope_sin);  // [T_max, hd/2], computed in double once
     }
 
     // ---- MoE layer: route, permute tokens by expert, run each expert, combine ----
+    // ln2 [N, d] -> out [N, d]
     void moe_forward(real* out, LayerActs& a, int l) {
         const int N = B * T, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k;
-        matmul_forward(a.rlogits.data(), a.ln2.data(), P(l, P_ROUTER), N, d, E);
+        matmul_forward(a.rlogits.data(), a.ln2.data(), param(l, P_ROUTER), N, d, E);
         router_forward(a.rprobs.data(), a.topk.data(), a.topw.data(), a.rlogits.data(),
-                       ts.aux_free_rate > 0 ? expert_bias[l].data() : nullptr, N, E, K, cfg.routing);
-        // counting sort of the N*K (token, slot) pairs by expert: deterministic, dropless
-        std::fill(a.counts.begin(), a.counts.end(), 0);
-        std::fill(a.seq_counts.begin(), a.seq_counts.begin() + B * E, 0);
-        for (int n = 0; n < N; n++)
-            for (int k = 0; k < K; k++) {
-                int e = a.topk[n * K + k];
-                a.counts[e]++;
-                a.seq_counts[(n / T) * E + e]++;
-            }
-        a.offsets[0] = 0;
-        for (int e = 0; e < E; e++) a.offsets[e + 1] = a.offsets[e] + a.counts[e];
-        std::vector<int> fill(a.offsets.begin(), a.offsets.end() - 1);
-        for (int n = 0; n < N; n++)
-            for (int k = 0; k < K; k++) {
-                int r = fill[a.topk[n * K + k]]++;
-                a.row_token[r] = n;
-                a.row_of[n * K + k] = r;
-            }
-        for (int r = 0; r < N * K; r++)
-            for (int i = 0; i < d; i++) a.xe[(size_t)r * d + i] = a.ln2[(size_t)a.row_token[r] * d + i];
-        // each expert is a SwiGLU FFN over its own contiguous block of rows (may be empty)
-        for (int e = 0; e < E; e++) {
-            int r0 = a.offsets[e], ne = a.counts[e];
-            const auto& id = lay.experts[l][e];
-            matmul_forward(&a.eg[(size_t)r0 * F], &a.xe[(size_t)r0 * d], P(id[0]), ne, d, F);
-            matmul_forward(&a.eu[(size_t)r0 * F], &a.xe[(size_t)r0 * d], P(id[1]), ne, d, F);
-            swiglu_forward(&a.ea[(size_t)r0 * F], &a.eg[(size_t)r0 * F], &a.eu[(size_t)r0 * F], (size_t)ne * F);
-            matmul_forward(&a.ey[(size_t)r0 * d], &a.ea[(size_t)r0 * F], P(id[2]), ne, F, d);
+                       router_loss.aux_free_rate > 0 ? expert_bias[l].data() : nullptr, N, E, K, cfg.routing);
+        router_stats(a.psum.data(), a.zsum.data(), a.rprobs.data(), a.rlogits.data(), N, E, 1);
+        moe_permute(a.counts.data(), a.seq_counts.data(), a.offsets.data(), a.row_token.data(), a.row_of.data(),
+                    a.topk.data(), B, T, E, K);
+        moe_gather_forward(a.xe.data(), a.ln2.data(), a.row_token.data(), N * K, d);
+        for (int e = 0; e < E; e++) {  // expert e: a SwiGLU FFN over its block of rows r0 .. r0+ne
+            size_t r0 = a.offsets[e];
+            const auto& w = layout.experts[l][e];  // w1 (gate), w3 (up), w2 (down)
+            ffn_forward(a.ey.data() + r0 * d, a.eg.data() + r0 * F, a.eu.data() + r0 * F, a.eh.data() + r0 * F,
+                        a.xe.data() + r0 * d, param(w[0]), param(w[1]), param(w[2]), a.counts[e], d, F);
         }
-        // combine: out[n] = sum_k w_{n,k} y_{e_k}(x_n), slots summed in order
-#pragma omp parallel for
-        for (int n = 0; n < N; n++) {
-            real* o = out + (size_t)n * d;
-            for (int i = 0; i < d; i++) o[i] = 0;
-            for (int k = 0; k < K; k++) axpy(o, a.topw[n * K + k], &a.ey[(size_t)a.row_of[n * K + k] * d], d);
-        }
+        moe_combine_forward(out, a.ey.data(), a.topw.data(), a.row_of.data(), N, K, d);
         for (int e = 0; e < E; e++) step_load[l][e] += a.counts[e];
     }
-    // dout [N, d] -> dln2 [N, d] (+=), expert and router weight gradients (+=).
-    // dlogits_extra: the router-loss gradient for this layer's logits (may be null).
-    void moe_backward(real* dln2, const real* dout, LayerActs& a, int l, const real* dlogits_extra) {
+    // dout [N, d] -> dln2 [N, d] (+=), expert and router weight gradients (+=), the router
+    // losses' gradient included (scaled by `scale`, as the whole backward)
+    void moe_backward(real* dln2, const real* dout, LayerActs& a, int l, real scale) {
         const int N = B * T, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k;
         std::vector<real> dtopw((size_t)N * K), dey((size_t)N * K * d), dxe((size_t)N * K * d, 0);
-        std::vector<real> dea((size_t)N * K * F, 0), deg((size_t)N * K * F, 0), deu((size_t)N * K * F, 0);
-        // un-combine: dy_r = w dout_n;  dw_{n,k} = dout_n . y_r
-#pragma omp parallel for
-        for (int n = 0; n < N; n++)
-            for (int k = 0; k < K; k++) {
-                int r = a.row_of[n * K + k];
-                dtopw[n * K + k] = dot(dout + (size_t)n * d, &a.ey[(size_t)r * d], d);
-                for (int i = 0; i < d; i++) dey[(size_t)r * d + i] = a.topw[n * K + k] * dout[(size_t)n * d + i];
-            }
+        std::vector<real> deh((size_t)N * K * F), deg((size_t)N * K * F), deu((size_t)N * K * F);
+        moe_combine_backward(dey.data(), dtopw.data(), dout, a.ey.data(), a.topw.data(), a.row_of.data(), N, K, d);
         for (int e = 0; e < E; e++) {
-            int r0 = a.offsets[e], ne = a.counts[e];
-            const auto& id = lay.experts[l][e];
-            matmul_backward(&dea[(size_t)r0 * F], G(id[2]), &dey[(size_t)r0 * d], &a.ea[(size_t)r0 * F], P(id[2]), ne, F,
-                            d);
-            swiglu_backward(&deg[(size_t)r0 * F], &deu[(size_t)r0 * F], &dea[(size_t)r0 * F], &a.eg[(size_t)r0 * F],
-                            &a.eu[(size_t)r0 * F], (size_t)ne * F);
-            matmul_backward(&dxe[(size_t)r0 * d], G(id[0]), &deg[(size_t)r0 * F], &a.xe[(size_t)r0 * d], P(id[0]), ne,
-                            d, F);
-            matmul_backward(&dxe[(size_t)r0 * d], G(id[1]), &deu[(size_t)r0 * F], &a.xe[(size_t)r0 * d], P(id[1]), ne,
-                            d, F);
+            size_t r0 = a.offsets[e];
+            const auto& w = layout.experts[l][e];
+            ffn_backward(dxe.data() + r0 * d, grad(w[0]), grad(w[1]), grad(w[2]), dey.data() + r0 * d,
+                         a.xe.data() + r0 * d, a.eg.data() + r0 * F, a.eu.data() + r0 * F, a.eh.data() + r0 * F,
+                         param(w[0]), param(w[1]), param(w[2]), deh.data() + r0 * F, deg.data() + r0 * F,
+                         deu.data() + r0 * F, a.counts[e], d, F);
         }
-        // un-permute: each token collects its K rows' input gradients, slots in order
-#pragma omp parallel for
-        for (int n = 0; n < N; n++)
-            for (int k = 0; k < K; k++) axpy(dln2 + (size_t)n * d, 1, &dxe[(size_t)a.row_of[n * K + k] * d], d);
-        // router: gate-weight gradient plus the router losses' gradient, then W_r
-        std::vector<real> dlogits((size_t)N * E, 0);
-        if (dlogits_extra) for (size_t i = 0; i < dlogits.size(); i++) dlogits[i] = dlogits_extra[i];
+        moe_gather_backward(dln2, dxe.data(), a.row_of.data(), N, K, d);
+        // router: the losses' gradient, then the gate weights' path, then W_r
+        std::vector<real> dlogits((size_t)N * E, 0), G;
+        if (router_loss.aux_loss != AUX_NONE && router_loss.aux_coef != 0)
+            aux_dp_per_seq(G, router_loss.aux_loss, routing_stats(), l);
+        router_losses_backward(dlogits.data(), a.rprobs.data(), a.rlogits.data(), G.empty() ? nullptr : G.data(),
+                               router_loss.aux_coef, router_loss.z_coef, scale, B, T, E);
         router_backward(dlogits.data(), dtopw.data(), a.rprobs.data(), a.topk.data(), a.topw.data(), N, E, K,
                         cfg.routing);
-        matmul_backward(dln2, G(l, P_ROUTER), dlogits.data(), a.ln2.data(), P(l, P_ROUTER), N, d, E);
+        matmul_backward(dln2, grad(l, P_ROUTER), dlogits.data(), a.ln2.data(), param(l, P_ROUTER), N, d, E);
     }
-
-    // Router losses over all layers (after the forward pass), unweighted.
-    void router_losses(double* aux, double* z) {
-        *aux = 0;
-        *z = 0;
-        if (!cfg.is_moe()) return;
-        const int N = B * T, E = cfg.n_experts, K = cfg.top_k, L = cfg.n_layer;
-        std::vector<double> pooled_P(E, 0);
-        std::vector<long> pooled_C(E, 0);
-        for (int l = 0; l < L; l++) {
-            LayerActs& a = la[l];
-            for (int n = 0; n < N; n++) {  // z-loss: mean_t lse_t^2
-                const real* zz = &a.rlogits[(size_t)n * E];
-                double mx = zz[0], s = 0;
-                for (int i = 1; i < E; i++) mx = std::max(mx, (double)zz[i]);
-                for (int i = 0; i < E; i++) s += std::exp(zz[i] - mx);
-                double lse = mx + std::log(s);
-                *z += lse * lse / N;
-            }
-            if (ts.aux_type == AUX_SWITCH || ts.aux_type == AUX_SEQ) {
-                int nseq = ts.aux_type == AUX_SEQ ? B : 1, rows = N / nseq;
-                for (int b = 0; b < nseq; b++) {
-                    double val = 0;
-                    for (int i = 0; i < E; i++) {
-                        long c = 0;
-                        double Pi = 0;
-                        for (int bb = b * (B / nseq); bb < (b + 1) * (B / nseq); bb++) c += a.seq_counts[bb * E + i];
-                        for (int n = b * rows; n < (b + 1) * rows; n++) Pi += a.rprobs[(size_t)n * E + i];
-                        val += (double)c / ((double)rows * K) * (Pi / rows);
-                    }
-                    *aux += E * val / nseq;
-                }
-            } else if (ts.aux_type == AUX_POOLED) {
-                for (int i = 0; i < E; i++) {
-                    pooled_C[i] += a.counts[i];
-                    for (int n = 0; n < N; n++) pooled_P[i] += a.rprobs[(size_t)n * E + i];
-                }
-            }
-        }
-        if (ts.aux_type == AUX_POOLED) {
-            double LN = (double)L * N;
-            for (int i = 0; i < E; i++) *aux += E * (pooled_C[i] / LN) * (pooled_P[i] / LN);
-        }
-    }
-    // d(aux_coef * aux + z_coef * z)/d(router logits) of layer l, times `scale`
-    void router_losses_backward(std::vector<real>& dlogits, int l, real scale) {
-        const int N = B * T, E = cfg.n_experts, K = cfg.top_k, L = cfg.n_layer;
-        LayerActs& a = la[l];
-        dlogits.assign((size_t)N * E, 0);
-        std::vector<long> pooled_C(E, 0);
-        if (ts.aux_type == AUX_POOLED)
-            for (int ll = 0; ll < L; ll++) for (int i = 0; i < E; i++) pooled_C[i] += la[ll].counts[i];
-        std::vector<real> gp;
-        if (ts.aux_type != AUX_NONE && ts.aux_coef != 0)
-            aux_dp(gp, ts.aux_type, a.seq_counts.data(), pooled_C.data(), B, T, E, K, L);
-#pragma omp parallel for
-        for (int n = 0; n < N; n++) {
-            const real* p = &a.rprobs[(size_t)n * E];
-            real* dz = &dlogits[(size_t)n * E];
-            if (!gp.empty()) {  // through the softmax: dz_j = p_j (g_j - sum_i p_i g_i)
-                const real* g = &gp[(size_t)n * E];
-                real s = 0;
-                for (int i = 0; i < E; i++) s += p[i] * g[i];
-                for (int j = 0; j < E; j++) dz[j] += scale * (real)ts.aux_coef * p[j] * (g[j] - s);
-            }
-            if (ts.z_coef != 0) {  // d lse^2 / dz_j = 2 lse p_j, mean over N
-                const real* zz = &a.rlogits[(size_t)n * E];
-                real mx = zz[0], s = 0;
-                for (int i = 1; i < E; i++) mx = std::max(mx, zz[i]);
-                for (int i = 0; i < E; i++) s += std::exp(zz[i] - mx);
-                real lse = mx + std::log(s);
-                for (int j = 0; j < E; j++) dz[j] += scale * (real)ts.z_coef * 2 * lse * p[j] / N;
-            }
-        }
+    // the last forward pass's routing statistics, as the router losses read them
+    RoutingStats routing_stats() const {
+        RoutingStats s;
+        s.B = B; s.T = T; s.E = cfg.n_experts; s.K = cfg.top_k; s.seg = 1;
+        for (int l = 0; l < cfg.n_layer && cfg.is_moe(); l++)
+            s.layers.push_back({acts[l].seq_counts.data(), acts[l].psum.data(), acts[l].zsum.data()});
+        return s;
     }
 
     // ---- the whole model ----
@@ -670,34 +726,31 @@ struct Model {
             inputs[n] = in[n];
         }
         std::vector<real> tmp((size_t)N * d);
-        encoder_forward(la[0].x.data(), inputs.data(), P(lay.embed), N, d);
+        encoder_forward(acts[0].x.data(), inputs.data(), param(layout.embed), N, d);
         for (int l = 0; l < cfg.n_layer; l++) {
-            LayerActs& a = la[l];
-            real* x_next = l + 1 < cfg.n_layer ? la[l + 1].x.data() : x_final.data();
+            LayerActs& a = acts[l];
+            real* x_next = l + 1 < cfg.n_layer ? acts[l + 1].x.data() : x_final.data();
             // attention block
-            rmsnorm_forward(a.ln1.data(), a.ln1_rstd.data(), a.x.data(), P(l, P_ATTN_NORM), N, d, cfg.rms_eps);
-            matmul_forward(a.q.data(), a.ln1.data(), P(l, P_WQ), N, d, qd);
-            matmul_forward(a.k.data(), a.ln1.data(), P(l, P_WK), N, d, kvd);
-            matmul_forward(a.v.data(), a.ln1.data(), P(l, P_WV), N, d, kvd);
+            rmsnorm_forward(a.ln1.data(), a.ln1_rstd.data(), a.x.data(), param(l, P_ATTN_NORM), N, d, cfg.rms_eps);
+            matmul_forward(a.q.data(), a.ln1.data(), param(l, P_WQ), N, d, qd);
+            matmul_forward(a.k.data(), a.ln1.data(), param(l, P_WK), N, d, kvd);
+            matmul_forward(a.v.data(), a.ln1.data(), param(l, P_WV), N, d, kvd);
             rope_forward(a.q.data(), rope_cos.data(), rope_sin.data(), N, T, H, hd);
             rope_forward(a.k.data(), rope_cos.data(), rope_sin.data(), N, T, Hkv, hd);
             attention_forward(a.atty.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, Hkv, hd);
-            matmul_forward(tmp.data(), a.atty.data(), P(l, P_WO), N, qd, d);
+            matmul_forward(tmp.data(), a.atty.data(), param(l, P_WO), N, qd, d);
             residual_forward(a.x_mid.data(), a.x.data(), tmp.data(), (size_t)N * d);
             // FFN block: dense SwiGLU or mixture of experts
-            rmsnorm_forward(a.ln2.data(), a.ln2_rstd.data(), a.x_mid.data(), P(l, P_FFN_NORM), N, d, cfg.rms_eps);
-            if (!cfg.is_moe()) {
-                matmul_forward(a.g.data(), a.ln2.data(), P(l, P_GATE), N, d, F);
-                matmul_forward(a.u.data(), a.ln2.data(), P(l, P_UP), N, d, F);
-                swiglu_forward(a.a.data(), a.g.data(), a.u.data(), (size_t)N * F);
-                matmul_forward(tmp.data(), a.a.data(), P(l, P_DOWN), N, F, d);
-            } else {
+            rmsnorm_forward(a.ln2.data(), a.ln2_rstd.data(), a.x_mid.data(), param(l, P_FFN_NORM), N, d, cfg.rms_eps);
+            if (!cfg.is_moe())
+                ffn_forward(tmp.data(), a.g.data(), a.u.data(), a.h.data(), a.ln2.data(), param(l, P_GATE),
+                            param(l, P_UP), param(l, P_DOWN), N, d, F);
+            else
                 moe_forward(tmp.data(), a, l);
-            }
             residual_forward(x_next, a.x_mid.data(), tmp.data(), (size_t)N * d);
         }
-        rmsnorm_forward(lnf.data(), lnf_rstd.data(), x_final.data(), P(lay.final_norm), N, d, cfg.rms_eps);
-        matmul_forward(logits.data(), lnf.data(), P(lay.lm_head), N, d, V);
+        rmsnorm_forward(lnf.data(), lnf_rstd.data(), x_final.data(), param(layout.final_norm), N, d, cfg.rms_eps);
+        matmul_forward(logits.data(), lnf.data(), param(layout.lm_head), N, d, V);
         Losses out;
         have_targets = tgts != nullptr;
         if (tgts) {
@@ -706,8 +759,7 @@ struct Model {
                 targets[n] = tgts[n];
             }
             out.ce = crossentropy_forward(lse.data(), logits.data(), targets.data(), N, V);
-            router_losses(&out.aux, &out.z);
-            out.loss = out.ce + (ts.aux_type == AUX_NONE ? 0 : ts.aux_coef * out.aux) + ts.z_coef * out.z;
+            add_router_losses(out, router_loss, routing_stats());
         }
         last = out;
         return out;
@@ -720,35 +772,29 @@ struct Model {
         const int H = cfg.n_head, Hkv = cfg.n_kv_head, hd = cfg.head_dim, qd = cfg.q_dim(), kvd = cfg.kv_dim();
         std::vector<real> dlogits((size_t)N * V), dx((size_t)N * d, 0), dln((size_t)N * d);
         std::vector<real> dq((size_t)N * qd), dk((size_t)N * kvd), dv((size_t)N * kvd), datty((size_t)N * qd);
-        std::vector<real> dg, du, da, drl;
-        if (!cfg.is_moe()) { dg.resize((size_t)N * F); du.resize((size_t)N * F); da.resize((size_t)N * F); }
+        std::vector<real> dg, du, dh;  // dense FFN scratch
+        if (!cfg.is_moe()) { dg.resize((size_t)N * F); du.resize((size_t)N * F); dh.resize((size_t)N * F); }
         crossentropy_backward(dlogits.data(), logits.data(), lse.data(), targets.data(), N, V, scale / N);
         std::fill(dln.begin(), dln.end(), 0);
-        matmul_backward(dln.data(), G(lay.lm_head), dlogits.data(), lnf.data(), P(lay.lm_head), N, d, V);
-        rmsnorm_backward(dx.data(), G(lay.final_norm), dln.data(), x_final.data(), P(lay.final_norm), lnf_rstd.data(),
-                         N, d);
+        matmul_backward(dln.data(), grad(layout.lm_head), dlogits.data(), lnf.data(), param(layout.lm_head), N, d, V);
+        rmsnorm_backward(dx.data(), grad(layout.final_norm), dln.data(), x_final.data(), param(layout.final_norm),
+                         lnf_rstd.data(), N, d);
         // dx now holds d(loss)/d(residual stream) after the last layer; walk the layers back
         for (int l = cfg.n_layer - 1; l >= 0; l--) {
-            LayerActs& a = la[l];
+            LayerActs& a = acts[l];
             // FFN block: x_next = x_mid + ffn(ln2(x_mid))
             std::fill(dln.begin(), dln.end(), 0);
-            if (!cfg.is_moe()) {
-                std::fill(da.begin(), da.end(), 0);
-                std::fill(dg.begin(), dg.end(), 0);
-                std::fill(du.begin(), du.end(), 0);
-                matmul_backward(da.data(), G(l, P_DOWN), dx.data(), a.a.data(), P(l, P_DOWN), N, F, d);
-                swiglu_backward(dg.data(), du.data(), da.data(), a.g.data(), a.u.data(), (size_t)N * F);
-                matmul_backward(dln.data(), G(l, P_GATE), dg.data(), a.ln2.data(), P(l, P_GATE), N, d, F);
-                matmul_backward(dln.data(), G(l, P_UP), du.data(), a.ln2.data(), P(l, P_UP), N, d, F);
-            } else {
-                router_losses_backward(drl, l, scale);
-                moe_backward(dln.data(), dx.data(), a, l, drl.data());
-            }
-            rmsnorm_backward(dx.data(), G(l, P_FFN_NORM), dln.data(), a.x_mid.data(), P(l, P_FFN_NORM),
+            if (!cfg.is_moe())
+                ffn_backward(dln.data(), grad(l, P_GATE), grad(l, P_UP), grad(l, P_DOWN), dx.data(), a.ln2.data(),
+                             a.g.data(), a.u.data(), a.h.data(), param(l, P_GATE), param(l, P_UP), param(l, P_DOWN),
+                             dh.data(), dg.data(), du.data(), N, d, F);
+            else
+                moe_backward(dln.data(), dx.data(), a, l, scale);
+            rmsnorm_backward(dx.data(), grad(l, P_FFN_NORM), dln.data(), a.x_mid.data(), param(l, P_FFN_NORM),
                              a.ln2_rstd.data(), N, d);  // dx += (residual path already in dx)
             // attention block: x_mid = x + o_proj(attn(...))
             std::fill(datty.begin(), datty.end(), 0);
-            matmul_backward(datty.data(), G(l, P_WO), dx.data(), a.atty.data(), P(l, P_WO), N, qd, d);
+            matmul_backward(datty.data(), grad(l, P_WO), dx.data(), a.atty.data(), param(l, P_WO), N, qd, d);
             std::fill(dq.begin(), dq.end(), 0);
             std::fill(dk.begin(), dk.end(), 0);
             std::fill(dv.begin(), dv.end(), 0);
@@ -757,115 +803,43 @@ struct Model {
             rope_backward(dq.data(), rope_cos.data(), rope_sin.data(), N, T, H, hd);
             rope_backward(dk.data(), rope_cos.data(), rope_sin.data(), N, T, Hkv, hd);
             std::fill(dln.begin(), dln.end(), 0);
-            matmul_backward(dln.data(), G(l, P_WQ), dq.data(), a.ln1.data(), P(l, P_WQ), N, d, qd);
-            matmul_backward(dln.data(), G(l, P_WK), dk.data(), a.ln1.data(), P(l, P_WK), N, d, kvd);
-            matmul_backward(dln.data(), G(l, P_WV), dv.data(), a.ln1.data(), P(l, P_WV), N, d, kvd);
-            rmsnorm_backward(dx.data(), G(l, P_ATTN_NORM), dln.data(), a.x.data(), P(l, P_ATTN_NORM),
+            matmul_backward(dln.data(), grad(l, P_WQ), dq.data(), a.ln1.data(), param(l, P_WQ), N, d, qd);
+            matmul_backward(dln.data(), grad(l, P_WK), dk.data(), a.ln1.data(), param(l, P_WK), N, d, kvd);
+            matmul_backward(dln.data(), grad(l, P_WV), dv.data(), a.ln1.data(), param(l, P_WV), N, d, kvd);
+            rmsnorm_backward(dx.data(), grad(l, P_ATTN_NORM), dln.data(), a.x.data(), param(l, P_ATTN_NORM),
                              a.ln1_rstd.data(), N, d);
         }
-        encoder_backward(G(lay.embed), dx.data(), inputs.data(), N, d);
+        encoder_backward(grad(layout.embed), dx.data(), inputs.data(), N, d);
+    }
+
+    // one micro-batch of a step of n_micro: the forward, and 1/n_micro of its gradient
+    Losses forward_backward(const int* in, const int* tgts, int B_, int T_, int n_micro) {
+        Losses l = forward(in, tgts, B_, T_);
+        backward((real)1 / n_micro);
+        return l;
     }
 
     void zero_grad() { std::fill(grads.begin(), grads.end(), 0); }
 
-    // AdamW with global-norm clipping; weight decay on matrices only. Returns the norm
-    // before clipping.
-    double step(const AdamW& hp, double lr) {
-        double sq = 0;
-        for (size_t i = 0; i < grads.size(); i++) sq += (double)grads[i] * grads[i];
-        double norm = std::sqrt(sq);
-        double clip = (hp.grad_clip > 0 && norm > hp.grad_clip) ? hp.grad_clip / norm : 1.0;
-        adam_t++;
-        double bc1 = 1 - std::pow(hp.beta1, (double)adam_t), bc2 = 1 - std::pow(hp.beta2, (double)adam_t);
-        for (auto& t : lay.tensors) {
-            real wd = t.decay() ? (real)hp.weight_decay : 0;
-            real* p = params.data() + t.offset;
-            real* g = grads.data() + t.offset;
-            real* mm = m.data() + t.offset;
-            real* vv = v.data() + t.offset;
-#pragma omp parallel for
-            for (long i = 0; i < (long)t.numel; i++) {
-                real gi = g[i] * (real)clip;
-                mm[i] = (real)hp.beta1 * mm[i] + (real)(1 - hp.beta1) * gi;
-                vv[i] = (real)hp.beta2 * vv[i] + (real)(1 - hp.beta2) * gi * gi;
-                real mhat = mm[i] / (real)bc1, vhat = vv[i] / (real)bc2;
-                p[i] -= (real)lr * (mhat / (std::sqrt(vhat) + (real)hp.eps) + wd * p[i]);
-            }
-        }
-        // aux-loss-free balancing (DeepSeek-V3): b_i += u * sign(mean load - load_i)
-        if (ts.aux_free_rate > 0 && cfg.is_moe()) {
-            for (int l = 0; l < cfg.n_layer; l++) {
-                double mean = 0;
-                for (int e = 0; e < cfg.n_experts; e++) mean += step_load[l][e];
-                mean /= cfg.n_experts;
-                for (int e = 0; e < cfg.n_experts; e++) {
-                    double diff = mean - step_load[l][e];
-                    expert_bias[l][e] += (float)(ts.aux_free_rate * ((diff > 0) - (diff < 0)));
-                }
-            }
-        }
-        for (auto& s : step_load) std::fill(s.begin(), s.end(), 0);
+    // AdamW with global-norm clipping; weight decay on matrices only; then the aux-free
+    // bias update. Returns the norm before clipping.
+    double step(const AdamWSettings& hp, double lr) {
+        double norm = global_norm(grads.data(), grads.size());
+        AdamWStep st = adamw_step(hp, norm, ++adam_t);
+        for (auto& t : layout.tensors)
+            adamw_update(params.data() + t.offset, grads.data() + t.offset, m.data() + t.offset, v.data() + t.offset,
+                         (long)t.numel, hp, st, lr, t.decay() ? hp.weight_decay : 0);
+        aux_free_bias_update(expert_bias, step_load, cfg.is_moe() ? router_loss.aux_free_rate : 0);
         return norm;
     }
+
+    // what evaluate and sample_text (common/run.h) read after a forward
+    const int* expert_counts(int l) const { return acts[l].counts.data(); }
+    const real* logits_row(int n) const { return logits.data() + (size_t)n * cfg.vocab_size; }
 };
 
 // ----------------------------------------------------------------------------
-// Evaluation and sampling
-
-EvalResult evaluate(Model& M, const DataLoader& data, int max_batches) {
-    EvalResult r;
-    std::vector<int> inp((size_t)data.B * data.T), tgt((size_t)data.B * data.T);
-    for (size_t d = 0; d < data.domains.size(); d++) {
-        int nb = std::min(max_batches, data.val_batches((int)d));
-        std::vector<std::vector<double>> load(M.cfg.n_layer, std::vector<double>(M.cfg.n_experts, 0));
-        double sum = 0;
-        for (int i = 0; i < nb; i++) {
-            data.val_batch((int)d, i, inp.data(), tgt.data());
-            sum += M.forward(inp.data(), tgt.data(), data.B, data.T).ce;
-            for (int l = 0; l < M.cfg.n_layer && M.cfg.is_moe(); l++)
-                for (int e = 0; e < M.cfg.n_experts; e++) load[l][e] += M.la[l].counts[e];
-        }
-        for (auto& row : load) {  // counts -> fractions of the layer's assignments
-            double tot = 0;
-            for (double c : row) tot += c;
-            for (double& c : row) c = tot > 0 ? c / tot : 0;
-        }
-        r.loss.push_back(nb > 0 ? sum / nb : NAN);
-        r.load.push_back(load);
-    }
-    // evaluation must not count towards the aux-free balancing statistics
-    for (auto& s : M.step_load) std::fill(s.begin(), s.end(), 0);
-    return r;
-}
-
-// Samples n tokens after an end-of-text token, at temperature 1. Recomputes the whole
-// context each token (no KV cache): simple, and fine for short CPU samples.
-std::string sample_text(Model& M, const Tokenizer& tok, int n, int T_max, RngStream& rng) {
-    std::vector<int> ctx = {tok.eot >= 0 ? tok.eot : 0};
-    std::string out;
-    std::vector<double> p(M.cfg.vocab_size);
-    auto saved = M.step_load;
-    for (int i = 0; i < n; i++) {
-        int start = std::max(0, (int)ctx.size() - T_max);
-        int len = (int)ctx.size() - start;
-        M.forward(ctx.data() + start, nullptr, 1, len);
-        const real* z = M.logits.data() + (size_t)(len - 1) * M.cfg.vocab_size;
-        double mx = z[0], s = 0;
-        for (int j = 1; j < M.cfg.vocab_size; j++) mx = std::max(mx, (double)z[j]);
-        for (int j = 0; j < M.cfg.vocab_size; j++) s += (p[j] = std::exp(z[j] - mx));
-        double u = rng.uniform() * s, acc = 0;
-        int next = M.cfg.vocab_size - 1;
-        for (int j = 0; j < M.cfg.vocab_size; j++) {
-            acc += p[j];
-            if (u < acc) { next = j; break; }
-        }
-        if (next == tok.eot) break;
-        ctx.push_back(next);
-        out += tok.ok() ? tok.decode(next) : strfmt("<%d>", next);
-    }
-    M.step_load = saved;
-    return out;
-}
+// The program: the shared command line and training run (common/run.h) around Model
 
 #ifndef TRAIN_MOE_NO_MAIN
 int main(int argc, char** argv) {
@@ -881,117 +855,8 @@ int main(int argc, char** argv) {
 #ifdef _OPENMP
         if (args.threads > 0) omp_set_num_threads(args.threads);
 #endif
-        default_out_to_resume_run(args, cli);
-        // tokenizer (optional: only for printing samples and for the vocabulary size)
-        Tokenizer tok;
-        std::string tok_path = load_run_tokenizer(args, &tok);
-
-        // model
         Model M;
-        M.ts = train_settings_from_args(args);
-        std::string resume_dir;
-        if (!args.resume.empty()) {
-            resume_dir = resolve_resume_dir(args.resume);
-            M.load(resume_dir);
-        } else if (!args.init.empty()) {
-            if (cli.was_set("--experts"))
-                FAIL("--init with --experts: a checkpoint's shape is fixed; make an MoE from a dense model with ./upcycle");
-            M.load(args.init);
-            if (args.init_optimizer) {  // e.g. expert upcycling: the copies carry their AdamW moments
-                std::string op = path_join(args.init, "optimizer.safetensors");
-                if (!path_exists(op)) FAIL("%s: --init-optimizer needs this file", op.c_str());
-                M.adam_t = read_optimizer_file(op, M.lay, M.m.data(), M.v.data());
-            }
-        } else {
-            ModelConfig c = config_from_args(args, tok.ok() ? (int)tok.tokens.size() : 0);
-            M.init_scratch(c, (uint64_t)args.seed);
-            if (args.init_std != 0.02) init_from_scratch(c, M.lay, M.params.data(), (uint64_t)args.seed, (float)args.init_std);
-        }
-        if (tok.ok() && (int)tok.tokens.size() > M.cfg.vocab_size)
-            FAIL("%s: tokenizer has %zu tokens but the model's vocab_size is %d", tok_path.c_str(), tok.tokens.size(),
-                 M.cfg.vocab_size);
-        const ModelConfig& c = M.cfg;
-        if (args.seq > c.max_seq_len)
-            fprintf(stderr, "warning: --seq %d exceeds max_position_embeddings %d of the checkpoint\n", args.seq, c.max_seq_len);
-
-        // data
-        DataLoader data(args.data_dir, args.mix, args.batch, args.seq, c.vocab_size, (uint64_t)args.seed);
-        check_writable_dir(args.out);
-
-        // schedule and optimizer
-        LRSchedule sched = schedule_from_args(args);
-        AdamW hp = adamw_from_args(args);
-
-        RunState rs;
-        if (!resume_dir.empty()) {
-            Json saved;
-            load_training_state(resume_dir, M.lay, M.m.data(), M.v.data(), &M.adam_t, rs, data.domains.size(), &saved);
-            args.check_resume_settings(saved, resume_dir);
-            data.state = rs.data;
-        }
-        MetricsLog metrics;
-        metrics.open(path_join(args.out, "metrics.jsonl"), resume_dir.empty() ? -1 : rs.step);
-        RngStream sample_rng((uint64_t)args.seed, stream_id(PURPOSE_SAMPLE));
-        sample_rng.counter = rs.sample_counter;
-
-        // what we are about to do
-        print_model_summary(c, M.ts.aux_type, M.ts.aux_coef, M.ts.z_coef);
-        printf("\n");
-        print_data_and_run(args, data, sched, resume_dir, rs.step);
-
-        // ---- the training loop ----
-        std::vector<int> inp((size_t)args.batch * args.seq), tgt((size_t)args.batch * args.seq);
-        const double tokens_per_step = (double)args.batch * args.seq * args.grad_accum;
-        const long start_step = rs.step;
-        double t_start = now_seconds();
-        long last_saved = -1;
-        Json settings = args.settings();
-        auto save_now = [&]() {
-            rs.data = data.state;
-            rs.sample_counter = sample_rng.counter;
-            std::string name = strfmt("step_%06ld", rs.step);
-            save_checkpoint(path_join(args.out, name), M.cfg, M.lay, M.params.data(), M.m.data(), M.v.data(), M.adam_t,
-                            M.expert_bias, M.ts.aux_free_rate > 0, rs, settings,
-                            path_join(args.data_dir, "tokenizer.json"));
-            write_text_atomic(path_join(args.out, "latest"), name + "\n");
-            last_saved = rs.step;
-            printf("saved %s\n", path_join(args.out, name).c_str());
-        };
-        auto print_sample = [&]() {
-            if (args.sample_tokens <= 0) return;
-            std::string s = sample_text(M, tok, args.sample_tokens, args.seq, sample_rng);
-            printf("sample at step %ld: %s\n", rs.step, printable(s).c_str());
-        };
-        while (rs.step < args.steps) {
-            if (args.eval_every > 0 && rs.step % args.eval_every == 0)
-                log_eval(metrics, M.cfg, data, evaluate(M, data, args.eval_batches), rs.step, rs.tokens);
-            if (args.sample_every > 0 && rs.step > 0 && rs.step % args.sample_every == 0) print_sample();
-            double t0 = now_seconds();
-            M.zero_grad();
-            Losses acc;
-            for (int micro = 0; micro < args.grad_accum; micro++) {
-                data.next_batch(inp.data(), tgt.data());
-                Losses l = M.forward(inp.data(), tgt.data(), args.batch, args.seq);
-                M.backward((real)1 / args.grad_accum);
-                acc.add_mean(l, args.grad_accum);
-            }
-            double lr = sched.at((int)rs.step);
-            double norm = M.step(hp, lr);
-            rs.step++;
-            rs.tokens += tokens_per_step;
-            double dt = now_seconds() - t0;
-            if (!std::isfinite(acc.loss)) FAIL("loss is %g at step %ld: training diverged", acc.loss, rs.step);
-            log_step(metrics, args, c.is_moe(), rs, start_step, acc, lr, norm, dt, now_seconds() - t_start);
-            if (args.save_every > 0 && rs.step % args.save_every == 0 && rs.step < args.steps) {
-                rs.elapsed += now_seconds() - t_start;
-                t_start = now_seconds();
-                save_now();
-            }
-        }
-        log_eval(metrics, M.cfg, data, evaluate(M, data, args.eval_batches), rs.step, rs.tokens);
-        print_sample();
-        if (!args.no_save && last_saved != rs.step) save_now();
-        return 0;
+        return run_training(M, args, cli);
     } catch (const Error& e) {
         fprintf(stderr, "error: %s\n", e.what());
         return 1;

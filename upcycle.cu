@@ -94,7 +94,7 @@ static const char* method_paper(const std::string& m) {
 struct Source {
     std::string dir;
     ModelConfig cfg;
-    ParamLayout lay;
+    ParamLayout layout;
     std::unique_ptr<CheckpointTensors> ck;
 
     // Checks up front that every tensor the config implies is there with the right shape
@@ -105,9 +105,9 @@ struct Source {
         std::string cp = path_join(d, "config.json");
         if (!path_exists(cp)) FAIL("%s: no config.json in this directory", d.c_str());
         cfg = ModelConfig::load(cp);
-        lay = build_layout(cfg);
+        layout = build_layout(cfg);
         ck.reset(new CheckpointTensors(d));
-        for (auto& t : lay.tensors) {
+        for (auto& t : layout.tensors) {
             if (!ck->has(t.name))
                 FAIL("%s: missing tensor \"%s\", which %s/config.json implies", d.c_str(), t.name.c_str(), d.c_str());
             const TensorInfo& ti = ck->info(t.name);
@@ -125,7 +125,7 @@ struct Source {
         ck->read(name, ti.shape, v.data());
         return v;
     }
-    std::vector<float> read(int tensor_index) const { return read(lay.tensors[tensor_index].name); }
+    std::vector<float> read(int tensor_index) const { return read(layout.tensors[tensor_index].name); }
     // The weight files (one, or the shards of model.safetensors.index.json), for digests.
     std::vector<std::string> weight_files() const {
         std::string index = path_join(dir, "model.safetensors.index.json");
@@ -253,7 +253,7 @@ struct DenseUpcycler {
     ModelConfig out_cfg;
     ParamLayout out_lay;
     int method_F = 0;         // dense FFN width F
-    int router_kind = ROUTER_UNIFORM;
+    RouterInit router_kind = ROUTER_UNIFORM;
     bool shared_index = false;
     int n_reinit = 0;         // noise/drop: floor(F r)
     float granular_mult = 1;  // granular: c = s^(1/3)
@@ -270,9 +270,9 @@ struct DenseUpcycler {
         ffn.assign(src.size(), {});
         for (size_t s = 0; s < src.size(); s++) {
             const Source& S = *src[s];
-            ffn[s][MAT_GATE] = S.read(S.lay.by_layer[l][P_GATE]);
-            ffn[s][MAT_UP] = S.read(S.lay.by_layer[l][P_UP]);
-            ffn[s][MAT_DOWN] = S.read(S.lay.by_layer[l][P_DOWN]);
+            ffn[s][MAT_GATE] = S.read(S.layout.by_layer[l][P_GATE]);
+            ffn[s][MAT_UP] = S.read(S.layout.by_layer[l][P_UP]);
+            ffn[s][MAT_DOWN] = S.read(S.layout.by_layer[l][P_DOWN]);
         }
         if (a.method == "partition") partition_sets = partition_neurons(method_F, out_cfg.n_experts, a.seed, l);
         cached_layer = l;
@@ -483,7 +483,7 @@ struct Expander {
 
     std::string src_name(const ParamTensor& t) const {
         if (t.expert < 0) return t.name;
-        return src.lay.tensors[src.lay.experts[t.layer][sel[t.layer][t.expert]][t.kind - P_EGATE]].name;
+        return src.layout.tensors[src.layout.experts[t.layer][sel[t.layer][t.expert]][t.kind - P_EGATE]].name;
     }
     // One output tensor read from `read` (the weights, or one of the moments), its
     // expert or router rows mapped through the selection.
@@ -505,11 +505,11 @@ struct Expander {
         Model X;
         X.cfg = out_cfg;
         X.init_layout();
-        X.ts = whole->ts;
-        X.params.assign(X.lay.total, 0);
+        X.router_loss = whole->router_loss;
+        X.params.assign(X.layout.total, 0);
         const int d = out_cfg.d_model;
-        for (auto& t : X.lay.tensors) {
-            const ParamTensor& s = whole->lay.tensors[whole->lay.find(t.kind == P_ROUTER ? t.name : src_name(t))];
+        for (auto& t : X.layout.tensors) {
+            const ParamTensor& s = whole->layout.tensors[whole->layout.find(t.kind == P_ROUTER ? t.name : src_name(t))];
             const float* from = whole->params.data() + s.offset;
             float* to = X.params.data() + t.offset;
             if (t.kind != P_ROUTER) { std::copy(from, from + t.numel, to); continue; }
@@ -526,7 +526,7 @@ struct Expander {
                loss_new - loss_src);
     }
 
-    void compute_scores(int kind) {
+    void compute_scores(UtilityScore kind) {
         const int L = src.cfg.n_layer, E = src.cfg.n_experts;
         if (kind == SCORE_FISHER && !opt)
             FAIL("--score fisher needs Adam's second moment: %s/optimizer.safetensors does not exist", src.dir.c_str());
@@ -542,10 +542,10 @@ struct Expander {
             whole.reset(new Model());
             Model& M = *whole;
             M.load(src.dir);
-            M.ts.aux_type = AUX_NONE;
-            M.ts.aux_coef = 0;
-            M.ts.z_coef = 0;
-            if (has_bias) M.ts.aux_free_rate = 1e-3;  // route with the saved biases, as training did
+            M.router_loss.aux_loss = AUX_NONE;
+            M.router_loss.aux_coef = 0;
+            M.router_loss.z_coef = 0;
+            if (has_bias) M.router_loss.aux_free_rate = 1e-3;  // route with the saved biases, as training did
             std::vector<int> in((size_t)a.batch * a.seq), tg(in.size());
             M.zero_grad();
             loss_src = 0;
@@ -559,7 +559,7 @@ struct Expander {
             for (int l = 0; l < L; l++)
                 for (int e = 0; e < E; e++)
                     for (int k = 0; k < 3; k++) {
-                        const ParamTensor& t = M.lay.tensors[M.lay.experts[l][e][k]];
+                        const ParamTensor& t = M.layout.tensors[M.layout.experts[l][e][k]];
                         wsq[l][e] += sumsq(M.params.data() + t.offset, t.numel);
                         gsq[l][e] += sumsq(M.grads.data() + t.offset, t.numel);
                     }
@@ -567,7 +567,7 @@ struct Expander {
             for (int l = 0; l < L; l++)
                 for (int e = 0; e < E; e++)
                     for (int k = 0; k < 3; k++) {
-                        std::vector<float> w = src.read(src.lay.experts[l][e][k]);
+                        std::vector<float> w = src.read(src.layout.experts[l][e][k]);
                         wsq[l][e] += sumsq(w.data(), w.size());
                     }
         }
@@ -575,7 +575,7 @@ struct Expander {
             for (int l = 0; l < L; l++)
                 for (int e = 0; e < E; e++)
                     for (int k = 0; k < 3; k++) {
-                        std::vector<float> v = opt->read_vec<float>(src.lay.tensors[src.lay.experts[l][e][k]].name + ".exp_avg_sq");
+                        std::vector<float> v = opt->read_vec<float>(src.layout.tensors[src.layout.experts[l][e][k]].name + ".exp_avg_sq");
                         vsq[l][e] += sumsq(v.data(), v.size());
                     }
         }
@@ -601,16 +601,16 @@ struct Expander {
         if (cli.was_set("--routing") && parse_routing(a.routing, "--routing") != src.cfg.routing)
             FAIL("--routing %s: expand keeps the source's routing (%s)", a.routing.c_str(), routing_name(src.cfg.routing));
         m = E_new / E;
-        int kind = parse_score(a.score);
+        UtilityScore kind = parse_score(a.score);
         if (a.select != "uniform" && a.select != "utility")
             FAIL("--select must be uniform or utility, found \"%s\"", a.select.c_str());
         if (a.select == "utility" && a.max_dup < 1) FAIL("--max-dup must be >= 1, found %d", a.max_dup);
         for (int l = 0; l < L; l++)
-            has_bias |= src.ck->has(strfmt("model.layers.%d.block_sparse_moe.expert_bias", l));
+            has_bias |= src.ck->has(bias_tensor_name(l));
         std::string op = path_join(a.from, "optimizer.safetensors");
         if (path_exists(op)) {
             opt.reset(new SafeTensorsReader(op));
-            for (auto& t : src.lay.tensors)
+            for (auto& t : src.layout.tensors)
                 for (const char* sfx : {".exp_avg", ".exp_avg_sq"}) {
                     if (!opt->has(t.name + sfx)) FAIL("%s: missing tensor \"%s%s\"", op.c_str(), t.name.c_str(), sfx);
                     if (opt->info(t.name + sfx).shape != t.shape)
@@ -697,14 +697,14 @@ struct Expander {
         // the model (+ aux-loss-free biases, mapped like the router rows)
         std::vector<OutTensor> list = layout_tensors(out_lay);
         if (has_bias)
-            for (int l = 0; l < L; l++) list.push_back({strfmt("model.layers.%d.block_sparse_moe.expert_bias", l), {E_new}, -1});
+            for (int l = 0; l < L; l++) list.push_back({bias_tensor_name(l), {E_new}, -1});
         auto read_w = [&](const std::string& n) { return src.read(n); };
         prog.what = "model.safetensors";
         stream_write(out.file("model.safetensors"), list, dt, {{"format", "pt"}},
                      [&](size_t i, std::vector<float>& buf) {
                          if (i < out_lay.tensors.size()) return produce(out_lay.tensors[i], buf, read_w);
                          int l = (int)(i - out_lay.tensors.size());
-                         std::string n = strfmt("model.layers.%d.block_sparse_moe.expert_bias", l);
+                         std::string n = bias_tensor_name(l);
                          std::vector<float> b(E, 0.0f);
                          if (src.ck->has(n)) b = src.read(n);
                          for (int j = 0; j < E_new; j++) buf[j] = b[sel[l][j]];

@@ -1,11 +1,13 @@
 // cli.h: GNU-style long options (--name value, --name=value, flags), --help generated from
 // the same table, and clear errors for unknown options or bad values.
+//
+// defines: Cli
 #pragma once
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
-#include "util.h"
+#include "util.h"          // defines: Error, FAIL, strfmt, file helpers
 
 class Cli {
    public:

@@ -13,12 +13,14 @@
 // exactly the batches the uninterrupted run would have seen.
 //
 // Validation: each domain's val shards cut at stride T, read in order, never shuffled.
+//
+// defines: DataLoader, DataState, Domain, DomainFiles, discover_domains, write_shard
 #pragma once
 #include <string>
 #include <vector>
-#include "json.h"
-#include "rng.h"
-#include "util.h"
+#include "json.h"          // defines: Json
+#include "rng.h"           // defines: stream_id, rng_normal, RngStream
+#include "util.h"          // defines: Error, FAIL, strfmt, file helpers
 
 static const int SHARD_MAGIC = 20240520;
 static const int SHARD_VERSION = 1;

@@ -2,6 +2,8 @@
 // safetensors headers and metrics.jsonl. Objects keep their key order so files we write
 // read like the ones Hugging Face writes. Numbers are doubles, except that integers up to
 // 2^53 round-trip exactly (safetensors offsets, token counts, RNG counters as strings).
+//
+// defines: Json
 #pragma once
 #include <cmath>
 #include <map>
@@ -9,7 +11,7 @@
 #include <string>
 #include <utility>
 #include <vector>
-#include "util.h"
+#include "util.h"          // defines: Error, FAIL, strfmt, file helpers
 
 struct Json {
     enum Type { NUL, BOOL, NUM, STR, ARR, OBJ } type = NUL;

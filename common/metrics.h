@@ -1,10 +1,12 @@
 // metrics.h: metrics.jsonl, one JSON object per line (step, tokens, losses, lr, ...).
 // On resume, lines from steps after the checkpoint (a run that crashed later) are dropped,
 // so the file reads as if the run had never been interrupted.
+//
+// defines: MetricsLog
 #pragma once
 #include <string>
-#include "json.h"
-#include "util.h"
+#include "json.h"          // defines: Json
+#include "util.h"          // defines: Error, FAIL, strfmt, file helpers
 
 class MetricsLog {
    public:

@@ -4,19 +4,23 @@
 // The model is a Llama (dense) or Mixtral (MoE) decoder; see docs/ARCHITECTURE.md.
 // config.json uses Hugging Face's keys so that HF Llama/Mixtral directories load as they
 // are; settings HF has no key for (routing variant, ...) are extra keys HF ignores.
+//
+// defines: Routing, ModelConfig, model_preset, ParamKind, ParamTensor, ParamLayout, build_layout,
+//          count_params, count_active_params, init_from_scratch, load_model_dir, save_model_files,
+//          ExtraTensor
 #pragma once
 #include <array>
 #include <cmath>
 #include <string>
 #include <vector>
-#include "json.h"
-#include "rng.h"
-#include "safetensors.h"
-#include "util.h"
+#include "json.h"          // defines: Json
+#include "rng.h"           // defines: stream_id, rng_normal, RngStream
+#include "safetensors.h"   // defines: SafeTensorsReader, SafeTensorsWriter, CheckpointTensors
+#include "util.h"          // defines: Error, FAIL, strfmt, file helpers
 
 enum Routing { ROUTING_TOPK_SOFTMAX = 0, ROUTING_SOFTMAX_TOPK = 1 };
-inline const char* routing_name(int r) { return r == ROUTING_SOFTMAX_TOPK ? "softmax_topk" : "topk_softmax"; }
-inline int parse_routing(const std::string& s, const std::string& what) {
+inline const char* routing_name(Routing r) { return r == ROUTING_SOFTMAX_TOPK ? "softmax_topk" : "topk_softmax"; }
+inline Routing parse_routing(const std::string& s, const std::string& what) {
     if (s == "topk_softmax") return ROUTING_TOPK_SOFTMAX;
     if (s == "softmax_topk") return ROUTING_SOFTMAX_TOPK;
     FAIL("%s: routing must be topk_softmax or softmax_topk, found \"%s\"", what.c_str(), s.c_str());
@@ -32,7 +36,7 @@ struct ModelConfig {
     int ffn_dim = 0;       // F: dense FFN width, or each expert's width F_e
     int n_experts = 0;     // E; 0 = dense model
     int top_k = 0;         // K
-    int routing = ROUTING_TOPK_SOFTMAX;
+    Routing routing = ROUTING_TOPK_SOFTMAX;
     bool tie_embeddings = false;
     float rms_eps = 1e-5f;
     float rope_theta = 10000.0f;
@@ -80,6 +84,20 @@ struct ModelConfig {
             f[i] = inv;
         }
         return f;
+    }
+    // RoPE tables [T, head_dim/2]: cos and sin of t * inv_freq[i], computed in double (both
+    // trainers build theirs here, then the GPU trainer uploads them)
+    template <typename R>
+    void rope_tables(int T, std::vector<R>* cos_t, std::vector<R>* sin_t) const {
+        std::vector<double> inv = rope_inv_freq();
+        const int h2 = head_dim / 2;
+        cos_t->resize((size_t)T * h2);
+        sin_t->resize((size_t)T * h2);
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < h2; i++) {
+                (*cos_t)[(size_t)t * h2 + i] = (R)std::cos(t * inv[i]);
+                (*sin_t)[(size_t)t * h2 + i] = (R)std::sin(t * inv[i]);
+            }
     }
 
     Json to_json() const {
@@ -210,7 +228,7 @@ enum ParamKind {
     P_ROUTER, P_EGATE, P_EUP, P_EDOWN,  // MoE: router [E,d], expert w1 / w3 / w2
     P_FINAL_NORM, P_LM_HEAD, P_NUM_KINDS
 };
-inline const char* param_kind_name(int k) {
+inline const char* param_kind_name(ParamKind k) {
     static const char* n[] = {"embed", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "gate", "up", "down",
                               "router", "expert_gate", "expert_up", "expert_down", "final_norm", "lm_head"};
     return n[k];
@@ -220,7 +238,8 @@ struct ParamTensor {
     std::string name;             // Hugging Face tensor name
     std::vector<int64_t> shape;   // [out, in] for matrices
     size_t offset = 0, numel = 0; // position in the flat buffer
-    int kind = 0, layer = -1, expert = -1;
+    ParamKind kind = P_EMBED;
+    int layer = -1, expert = -1;
     bool decay() const { return shape.size() == 2; }  // AdamW weight decay on matrices only
 };
 
@@ -232,7 +251,7 @@ struct ParamLayout {
     std::vector<std::vector<std::array<int, 3>>> experts;
     int embed = -1, final_norm = -1, lm_head = -1;  // lm_head == embed when tied
 
-    const ParamTensor& get(int layer, int kind) const { return tensors[by_layer[layer][kind]]; }
+    const ParamTensor& get(int layer, ParamKind kind) const { return tensors[by_layer[layer][kind]]; }
     int find(const std::string& name) const {
         for (size_t i = 0; i < tensors.size(); i++) if (tensors[i].name == name) return (int)i;
         return -1;
@@ -241,7 +260,7 @@ struct ParamLayout {
 
 inline ParamLayout build_layout(const ModelConfig& c) {
     ParamLayout lay;
-    auto add = [&](const std::string& name, std::vector<int64_t> shape, int kind, int layer, int expert) {
+    auto add = [&](const std::string& name, std::vector<int64_t> shape, ParamKind kind, int layer, int expert) {
         ParamTensor t;
         t.name = name; t.shape = shape; t.kind = kind; t.layer = layer; t.expert = expert;
         t.numel = (size_t)shape_numel(shape);

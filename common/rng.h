@@ -4,6 +4,8 @@
 // carry between threads, so results never depend on the thread count or on the order in
 // which tensors are visited, and the same values can be produced on the GPU. Streams name
 // what the numbers are for, e.g. stream_id(PURPOSE_DROP_VALUES, layer, expert, matrix).
+//
+// defines: Philox4, philox4x32, RngPurpose, stream_id, rng_uniform, rng_u64, rng_normal, RngStream
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -47,7 +49,7 @@ enum RngPurpose : uint32_t {
 };
 
 // Stream id from a purpose and up to three small coordinates (layer, expert, matrix).
-RNG_HD inline uint64_t stream_id(uint32_t purpose, uint32_t a = 0, uint32_t b = 0, uint32_t c = 0) {
+RNG_HD inline uint64_t stream_id(RngPurpose purpose, uint32_t a = 0, uint32_t b = 0, uint32_t c = 0) {
     return ((uint64_t)purpose << 56) ^ ((uint64_t)(a & 0xffffu) << 40) ^ ((uint64_t)(b & 0xffffu) << 24) ^
            (uint64_t)(c & 0xffffffu);
 }

@@ -1,54 +1,242 @@
-// router_losses.h: the load-balancing loss settings and the coefficients of its gradient,
-// shared by both trainers (and dev/cuda/router.cu) so that they cannot drift apart.
-// The losses themselves are in docs/METHODS.md 1.2 and in train_moe.cpp's router section.
+// router_losses.h: every router loss, value and gradient, in one place, for both trainers,
+// dev/cuda/router.cu and the tests: the load-balancing losses switch, seq and pooled, the
+// router z-loss, and the aux-loss-free bias update. The formulas and their papers are in
+// docs/METHODS.md 1.2 (balancing), 1.3 (z-loss) and 1.4 (aux-loss-free bias).
+//
+// defines: AuxLoss (AUX_NONE, AUX_SWITCH, AUX_POOLED, AUX_SEQ), parse_aux, aux_name,
+//          RouterLossSettings,
+//          RoutingStats (the per-sequence statistics every loss reads),
+//          Losses, router_loss_values, total_loss, add_router_losses (values)
+//          aux_dp_per_seq, z_loss_dlogit                            (gradients)
+//          aux_free_bias_update                                     (bias balancing)
+//
+// Every loss is a function of these statistics of one forward pass, per MoE layer:
+//   counts [B, E]  (token, slot) assignments of sequence b to expert i   (no gradient)
+//   psum   [S, E]  sum of the router probabilities p_{t,i} over the rows of segment s
+//   zsum   [S]     sum of lse_t^2 over the rows of segment s, lse_t = logsumexp_i z_{t,i}
+// A segment is `seg` consecutive rows of one sequence (S = B T / seg segments, in row
+// order). The GPU trainer sums each sequence on the device (seg = T) and downloads [B, E]
+// and [B]; the CPU model passes one row per segment (seg = 1), so that its sums are taken
+// here, row by row. Segments are always added in order, with the arithmetic written below,
+// so each trainer's losses are the same to the last bit whichever way it hands them in.
+//
+// Adding a loss: a value function and a gradient function below (the gradient as
+// dL/dp_{t,i}, constant over each sequence, or, like the z-loss, as a per-row factor), an
+// entry in the AuxLoss enum and its two dispatchers, the same loss in
+// dev/reference/model.py, and one fixture from dev/reference/make_fixtures.py.
 #pragma once
 #include <string>
 #include <vector>
-#include "util.h"
+#include "util.h"          // defines: FAIL
 
-enum AuxType { AUX_NONE, AUX_SWITCH, AUX_POOLED, AUX_SEQ };
+// Device-callable where nvcc compiles this header, so kernels can use the same formula.
+#ifdef __CUDACC__
+#define ROUTER_LOSS_HD __host__ __device__
+#else
+#define ROUTER_LOSS_HD
+#endif
 
-inline int parse_aux(const std::string& s) {
+// ----------------------------------------------------------------------------
+// Settings
+
+enum AuxLoss { AUX_NONE, AUX_SWITCH, AUX_POOLED, AUX_SEQ };
+
+inline AuxLoss parse_aux(const std::string& s) {
     if (s == "none") return AUX_NONE;
     if (s == "switch") return AUX_SWITCH;
     if (s == "pooled") return AUX_POOLED;
     if (s == "seq") return AUX_SEQ;
     FAIL("--aux-loss must be switch, pooled, seq or none, found \"%s\"", s.c_str());
 }
-inline const char* aux_name(int a) {
+inline const char* aux_name(AuxLoss a) {
     static const char* n[] = {"none", "switch", "pooled", "seq"};
     return n[a];
 }
 
-// The router-loss settings of a run (both trainers)
-struct TrainSettings {
-    int aux_type = AUX_SWITCH;
+// The router-loss settings of a run: loss = CE + aux_coef * aux + z_coef * z
+struct RouterLossSettings {
+    AuxLoss aux_loss = AUX_SWITCH;  // which load-balancing loss (docs/METHODS.md 1.2)
     double aux_coef = 0.01, z_coef = 0.001;
-    double aux_free_rate = 0;  // DeepSeek-V3 bias update rate u; 0 = off
+    double aux_free_rate = 0;       // DeepSeek-V3 bias update rate u (1.4); 0 = off
 };
 
-// The aux loss's gradient with respect to the router probabilities is the same for every
-// row t of one sequence b: dL/dp_{t,i} = g[b*E + i]. `seq_counts` [B, E] are this layer's
-// assignments per sequence, `pooled_counts` [E] all layers' (pooled only); counts carry no
-// gradient. R is the trainer's float type (the CPU trainer's `real`, or float on the GPU).
-template <typename R>
-void aux_dp_per_seq(std::vector<R>& g, int aux, const int* seq_counts, const long* pooled_counts, int B, int T,
-                    int E, int K, int L) {
-    int N = B * T;
-    g.assign((size_t)B * E, 0);
-    for (int b = 0; b < B; b++)
-        for (int i = 0; i < E; i++) {
-            R c = 0;
-            if (aux == AUX_SWITCH) {  // E f_i / N with f_i over the whole batch
-                long tot = 0;
-                for (int bb = 0; bb < B; bb++) tot += seq_counts[bb * E + i];
-                c = (R)E * tot / ((R)N * K) / N;
-            } else if (aux == AUX_SEQ) {  // (1/B) E f^b_i / T
-                c = (R)E * seq_counts[b * E + i] / ((R)T * K) / T / B;
-            } else if (aux == AUX_POOLED) {  // E C_i / (L N)^2
-                R LN = (R)L * N;
-                c = (R)E * pooled_counts[i] / (LN * LN);
+// ----------------------------------------------------------------------------
+// The statistics of one forward pass (see the top of this file)
+
+struct RoutingStats {
+    int B = 0, T = 0, E = 0, K = 0;
+    int seg = 1;  // rows per partial sum in psum and zsum; divides T
+    struct Layer {
+        const int* counts;   // [B, E]
+        const double* psum;  // [B T / seg, E]
+        const double* zsum;  // [B T / seg]
+    };
+    std::vector<Layer> layers;  // one per MoE layer, in model order
+
+    int n_layers() const { return (int)layers.size(); }
+    int rows() const { return B * T; }
+    // (token, slot) assignments to expert i over layer l (or every layer: pooled_count)
+    long count(int l, int i) const {
+        long c = 0;
+        for (int b = 0; b < B; b++) c += layers[l].counts[(size_t)b * E + i];
+        return c;
+    }
+    long pooled_count(int i) const {
+        long c = 0;
+        for (int l = 0; l < n_layers(); l++) c += count(l, i);
+        return c;
+    }
+};
+
+// ----------------------------------------------------------------------------
+// Values (unweighted, summed over layers as docs/METHODS.md defines them). Each adds its
+// terms into one running double in a fixed order.
+
+// switch and seq: E sum_i (c_i / (rows K)) P_i computed over groups of `per_group`
+// sequences (switch: one group of all B; seq: every sequence alone), averaged over the
+// groups, summed over layers. rows = the group's rows, P_i their mean probability.
+inline double balance_over_groups(const RoutingStats& s, int per_group) {
+    const int E = s.E, K = s.K, n_groups = s.B / per_group, rows = per_group * s.T, seg_rows = rows / s.seg;
+    double aux = 0;
+    for (int l = 0; l < s.n_layers(); l++) {
+        const RoutingStats::Layer& ly = s.layers[l];
+        for (int g = 0; g < n_groups; g++) {
+            double val = 0;
+            for (int i = 0; i < E; i++) {
+                long c = 0;
+                double Pi = 0;
+                for (int b = g * per_group; b < (g + 1) * per_group; b++) c += ly.counts[(size_t)b * E + i];
+                for (int sg = g * seg_rows; sg < (g + 1) * seg_rows; sg++) Pi += ly.psum[(size_t)sg * E + i];
+                val += (double)c / ((double)rows * K) * (Pi / rows);
             }
-            g[(size_t)b * E + i] = c;
+            aux += E * val / n_groups;
         }
+    }
+    return aux;
+}
+// switch (1.2): per layer E sum_i f_i P_i, f_i = c_i / (N K), P_i = mean_t p_{t,i}
+inline double switch_loss(const RoutingStats& s) { return balance_over_groups(s, s.B); }
+// seq (1.2): the switch value of each sequence, averaged over the B sequences
+inline double seq_loss(const RoutingStats& s) { return balance_over_groups(s, 1); }
+// pooled (1.2, Hugging Face Mixtral): all layers' rows pooled into L N rows,
+// E sum_i (C_i / (L N)) Pbar_i, C_i = assignments over all layers
+inline double pooled_loss(const RoutingStats& s) {
+    const int E = s.E, L = s.n_layers(), S = s.rows() / s.seg;
+    std::vector<double> P(E, 0);
+    std::vector<long> C(E, 0);
+    for (int l = 0; l < L; l++)
+        for (int i = 0; i < E; i++) {
+            C[i] += s.count(l, i);
+            for (int sg = 0; sg < S; sg++) P[i] += s.layers[l].psum[(size_t)sg * E + i];
+        }
+    double LN = (double)L * s.rows(), aux = 0;
+    for (int i = 0; i < E; i++) aux += E * (C[i] / LN) * (P[i] / LN);
+    return aux;
+}
+// z-loss (1.3): per layer (1/N) sum_t lse_t^2, summed over layers
+inline double z_loss(const RoutingStats& s) {
+    const int N = s.rows(), S = N / s.seg;
+    double z = 0;
+    for (int l = 0; l < s.n_layers(); l++)
+        for (int sg = 0; sg < S; sg++) z += s.layers[l].zsum[sg] / N;
+    return z;
+}
+
+// Both router losses of a forward pass, unweighted (0 for a dense model: no layers)
+inline void router_loss_values(AuxLoss kind, const RoutingStats& s, double* aux, double* z) {
+    *aux = 0;
+    *z = 0;
+    if (s.layers.empty()) return;
+    *z = z_loss(s);
+    if (kind == AUX_SWITCH) *aux = switch_loss(s);
+    else if (kind == AUX_SEQ) *aux = seq_loss(s);
+    else if (kind == AUX_POOLED) *aux = pooled_loss(s);
+}
+inline double total_loss(const RouterLossSettings& rl, double ce, double aux, double z) {
+    return ce + (rl.aux_loss == AUX_NONE ? 0 : rl.aux_coef * aux) + rl.z_coef * z;
+}
+
+// The loss terms of one forward pass (or one optimizer step's means over its micro-batches)
+struct Losses {
+    double loss = 0, ce = 0, aux = 0, z = 0;
+    void add_mean(const Losses& l, int n) {  // += l / n: one of n micro-batches
+        loss += l.loss / n;
+        ce += l.ce / n;
+        aux += l.aux / n;
+        z += l.z / n;
+    }
+};
+// A forward pass's router terms and total, once its cross-entropy is in `out`
+inline void add_router_losses(Losses& out, const RouterLossSettings& rl, const RoutingStats& s) {
+    router_loss_values(rl.aux_loss, s, &out.aux, &out.z);
+    out.loss = total_loss(rl, out.ce, out.aux, out.z);
+}
+
+// ----------------------------------------------------------------------------
+// Gradients. Every balancing loss is linear in the probabilities once the counts are fixed,
+// so dL/dp_{t,i} is one number per (sequence b, expert i): G[b, i]. The trainers then pass
+// it through the softmax, dL/dz_{t,j} = p_{t,j} (G[b, j] - sum_i p_{t,i} G[b, i]).
+// R is the trainer's float type; C the integer type of the pooled counts.
+
+// switch: E f_i / N = E c_i / (N K) / N, f over the whole batch of layer l
+template <typename R, typename C>
+ROUTER_LOSS_HD inline R switch_loss_dp(C count_i, int N, int E, int K) {
+    return (R)E * count_i / ((R)N * K) / N;
+}
+// seq: (1/B) E c^b_i / (T K) / T
+template <typename R>
+ROUTER_LOSS_HD inline R seq_loss_dp(int count_bi, int B, int T, int E, int K) {
+    return (R)E * count_bi / ((R)T * K) / T / B;
+}
+// pooled: E C_i / (L N)^2
+template <typename R, typename C>
+ROUTER_LOSS_HD inline R pooled_loss_dp(C pooled_count_i, int L, int N, int E) {
+    R LN = (R)L * N;
+    return (R)E * pooled_count_i / (LN * LN);
+}
+
+// G [B, E] of layer l for the balancing loss `kind` (docs/METHODS.md 1.2)
+template <typename R>
+void aux_dp_per_seq(std::vector<R>& G, AuxLoss kind, const RoutingStats& s, int l) {
+    const int B = s.B, T = s.T, E = s.E, K = s.K, N = s.rows();
+    G.assign((size_t)B * E, 0);
+    for (int i = 0; i < E; i++) {
+        long layer_count = kind == AUX_SWITCH ? s.count(l, i) : 0;
+        long pooled_count = kind == AUX_POOLED ? s.pooled_count(i) : 0;
+        for (int b = 0; b < B; b++) {
+            R c = 0;
+            if (kind == AUX_SWITCH) c = switch_loss_dp<R>(layer_count, N, E, K);
+            else if (kind == AUX_SEQ) c = seq_loss_dp<R>(s.layers[l].counts[(size_t)b * E + i], B, T, E, K);
+            else if (kind == AUX_POOLED) c = pooled_loss_dp<R>(pooled_count, s.n_layers(), N, E);
+            G[(size_t)b * E + i] = c;
+        }
+    }
+}
+
+// z-loss: d(lse_t^2 / N)/dz_{t,j} = 2 lse_t p_{t,j} / N; `coef` = the loss's weight times the
+// backward's scale, multiplied first (the trainers' rounding order)
+template <typename R>
+ROUTER_LOSS_HD inline R z_loss_dlogit(R coef, R lse, R p, int N) {
+    return coef * 2 * lse * p / N;
+}
+
+// ----------------------------------------------------------------------------
+// Aux-loss-free balancing (docs/METHODS.md 1.4), after every optimizer step:
+// b_i += u * sign(mean_j load_j - load_i) per layer; load = assignments of the step's
+// micro-batches. Clears the loads.
+inline void aux_free_bias_update(std::vector<std::vector<float>>& bias, std::vector<std::vector<long>>& load,
+                                 double rate) {
+    if (rate > 0)
+        for (size_t l = 0; l < bias.size(); l++) {
+            const int E = (int)bias[l].size();
+            if (E == 0) continue;  // a dense model
+            double mean = 0;
+            for (int e = 0; e < E; e++) mean += load[l][e];
+            mean /= E;
+            for (int e = 0; e < E; e++) {
+                double diff = mean - load[l][e];
+                bias[l][e] += (float)(rate * ((diff > 0) - (diff < 0)));
+            }
+        }
+    for (auto& row : load) std::fill(row.begin(), row.end(), 0);
 }

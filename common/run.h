@@ -1,148 +1,58 @@
-// run.h: what a training run does besides the math, shared by both trainers:
-// checkpoint directories (model + optimizer + trainer state), resume, the model config,
-// schedule and optimizer settings from the command line, the run's summary lines, and the
-// per-step and eval records in metrics.jsonl with the progress line.
+// run.h: the training run around the model, one copy for both trainers: settings from the
+// command line, a model from scratch / a checkpoint / a resumed run, evaluation, sampling,
+// and the training loop with its checkpoints and metrics. train_moe.cpp (Model) and
+// train_moe.cu (GPUModel<T>) each call run_training with their model.
 //
-// A checkpoint directory holds config.json + model.safetensors (a Hugging Face model),
-// optimizer.safetensors (AdamW moments "<name>.exp_avg", "<name>.exp_avg_sq"; metadata
-// adam_t) and trainer_state.json (step, tokens, data position, RNG counters, settings).
+// defines: AdamWSettings, AdamWStep, adamw_step, config_from_args, schedule_from_args,
+//          router_loss_from_args, adamw_from_args, default_out_to_resume_run,
+//          load_run_tokenizer, evaluate, sample_text, save_run_checkpoint, RunHooks,
+//          run_training
+//
+// What the shared code asks of a model type (both trainers' models provide it):
+//   cfg, layout, router_loss, expert_bias, step_load, adam_t
+//   init_scratch(config, seed, std), load(dir), load_optimizer(path),
+//   load_training_state(dir, state, n_domains, &settings), alloc(B, T), summary_note()
+//   forward(in, tgt, B, T) -> Losses          a pass without gradient (targets may be null)
+//   forward_backward(in, tgt, B, T, n_micro) -> Losses, adding 1/n_micro of the gradient
+//   zero_grad(), step(adamw, lr) -> gradient norm before clipping
+//   expert_counts(l) [E], logits_row(n) [V]: of the last forward, on the host
+//   with_host_state(f): f(params, m, v) with host pointers (for checkpoints)
 #pragma once
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <string>
 #include <vector>
-#include "cli.h"
-#include "dataloader.h"
-#include "json.h"
-#include "metrics.h"
-#include "model.h"
-#include "router_losses.h"
-#include "safetensors.h"
-#include "schedule.h"
-#include "tokenizer.h"
-#include "train_args.h"
-#include "util.h"
+#include "checkpoint.h"    // defines: TrainerState, save_checkpoint, resolve_resume_dir, ...
+#include "cli.h"           // defines: Cli
+#include "dataloader.h"    // defines: DataLoader
+#include "logging.h"       // defines: EvalResult, log_eval, log_step, print_model_summary, ...
+#include "metrics.h"       // defines: MetricsLog
+#include "model.h"         // defines: ModelConfig, model_preset, parse_routing
+#include "rng.h"           // defines: RngStream, stream_id, PURPOSE_SAMPLE
+#include "router_losses.h" // defines: Losses, RouterLossSettings, parse_aux
+#include "schedule.h"      // defines: LRSchedule
+#include "tokenizer.h"     // defines: Tokenizer
+#include "train_args.h"    // defines: TrainArgs
+#include "util.h"          // defines: FAIL, path_join, now_seconds, printable
 
-struct Losses {  // one optimizer step's losses (means over its micro-batches)
-    double loss = 0, ce = 0, aux = 0, z = 0;
-    void add_mean(const Losses& l, int n) {  // += l / n: one of n micro-batches
-        loss += l.loss / n;
-        ce += l.ce / n;
-        aux += l.aux / n;
-        z += l.z / n;
-    }
-};
+// ----------------------------------------------------------------------------
+// Settings
 
-struct AdamW {  // hyperparameters; the update itself is in each trainer
+struct AdamWSettings {  // hyperparameters; each trainer has its own update loop or kernel
     double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1, grad_clip = 1.0;
 };
-
-struct RunState {
-    long step = 0;          // optimizer steps done
-    double tokens = 0;      // training tokens seen
-    DataState data;
-    uint64_t sample_counter = 0;
-    double elapsed = 0;     // training seconds before this process
+// The per-step numbers of AdamW: the clip factor of global-norm clipping and the bias
+// corrections bc1 = 1 - beta1^t, bc2 = 1 - beta2^t of step t (counted from 1).
+struct AdamWStep {
+    double clip, bc1, bc2;
 };
-
-// Aux-loss-free routing biases [L][E] travel in model.safetensors as extra tensors.
-inline std::vector<ExtraTensor> bias_tensors(const ModelConfig& c, const std::vector<std::vector<float>>& bias) {
-    std::vector<ExtraTensor> out;
-    for (int l = 0; l < c.n_layer && c.is_moe(); l++)
-        out.push_back({strfmt("model.layers.%d.block_sparse_moe.expert_bias", l), {(int64_t)c.n_experts}, bias[l]});
-    return out;
-}
-inline void read_bias_tensors(const std::string& dir, const ModelConfig& c, std::vector<std::vector<float>>* bias) {
-    bias->assign(c.n_layer, std::vector<float>(c.n_experts, 0.0f));
-    if (!c.is_moe()) return;
-    CheckpointTensors ck(dir);
-    for (int l = 0; l < c.n_layer; l++) {
-        std::string name = strfmt("model.layers.%d.block_sparse_moe.expert_bias", l);
-        if (ck.has(name)) ck.read(name, {(int64_t)c.n_experts}, (*bias)[l].data());
-    }
-}
-
-template <typename T>
-void write_optimizer_file(const std::string& path, const ParamLayout& lay, const T* m, const T* v, long adam_t) {
-    SafeTensorsWriter w;
-    w.metadata["adam_t"] = std::to_string(adam_t);
-    for (auto& t : lay.tensors) {
-        w.declare(t.name + ".exp_avg", DType::F32, t.shape);
-        w.declare(t.name + ".exp_avg_sq", DType::F32, t.shape);
-    }
-    w.begin(path);
-    for (auto& t : lay.tensors) {
-        w.write(t.name + ".exp_avg", m + t.offset);
-        w.write(t.name + ".exp_avg_sq", v + t.offset);
-    }
-    w.finish();
-}
-// Reads AdamW moments; returns adam_t from the file's metadata (0 if absent).
-template <typename T>
-long read_optimizer_file(const std::string& path, const ParamLayout& lay, T* m, T* v) {
-    SafeTensorsReader opt(path);
-    for (auto& t : lay.tensors) {
-        opt.read(t.name + ".exp_avg", t.shape, m + t.offset);
-        opt.read(t.name + ".exp_avg_sq", t.shape, v + t.offset);
-    }
-    auto it = opt.metadata.find("adam_t");
-    return it == opt.metadata.end() ? 0 : std::stol(it->second);
-}
-
-// Writes a whole checkpoint directory atomically (built aside, then renamed into place).
-template <typename T>
-void save_checkpoint(const std::string& dir, const ModelConfig& cfg, const ParamLayout& lay, const T* params,
-                     const T* m, const T* v, long adam_t, const std::vector<std::vector<float>>& bias, bool save_bias,
-                     const RunState& rs, const Json& settings, const std::string& tokenizer_json = "") {
-    AtomicDir out(dir);
-    if (!tokenizer_json.empty() && path_exists(tokenizer_json))  // so HF tools can use the model as is
-        write_text_atomic(out.file("tokenizer.json"), read_text(tokenizer_json));
-    save_model_files(out.tmp, cfg, lay, params, DType::F32,
-                     save_bias ? bias_tensors(cfg, bias) : std::vector<ExtraTensor>());
-    write_optimizer_file(out.file("optimizer.safetensors"), lay, m, v, adam_t);
-    Json st = Json::object();
-    st["step"] = rs.step;
-    st["tokens"] = rs.tokens;
-    st["adam_t"] = adam_t;
-    st["data"] = rs.data.to_json();
-    st["sample_rng_counter"] = std::to_string(rs.sample_counter);
-    st["elapsed_seconds"] = rs.elapsed;
-    st["settings"] = settings;
-    write_text_atomic(out.file("trainer_state.json"), st.dump(2) + "\n");
-    out.commit();
-}
-
-// Loads a checkpoint's optimizer and trainer state (the model is loaded separately).
-template <typename T>
-void load_training_state(const std::string& dir, const ParamLayout& lay, T* m, T* v, long* adam_t, RunState& rs,
-                         size_t n_domains, Json* settings) {
-    std::string sp = path_join(dir, "trainer_state.json");
-    if (!path_exists(sp)) FAIL("%s: no trainer_state.json: not a training checkpoint (use --init to start from it)", dir.c_str());
-    Json st = Json::parse_file(sp);
-    rs.step = (long)st.get_int("step", sp);
-    rs.tokens = st.get_num("tokens", sp);
-    *adam_t = (long)st.get_int("adam_t", sp);
-    rs.elapsed = st.get_num("elapsed_seconds", 0.0, sp);
-    rs.sample_counter = std::stoull(st.get_str("sample_rng_counter", "0", sp));
-    const Json* d = st.find("data");
-    if (!d) FAIL("%s: missing \"data\" (data loader position)", sp.c_str());
-    rs.data = DataState::from_json(*d, n_domains, sp);
-    if (const Json* s = st.find("settings")) *settings = *s;
-    read_optimizer_file(path_join(dir, "optimizer.safetensors"), lay, m, v);
-}
-
-// ---- setting up a run: the model from scratch / a checkpoint / a resumed run ----
-
-// "runs/x" -> "runs/x/step_000100" via the run's "latest" file; a checkpoint dir as is.
-inline std::string resolve_resume_dir(const std::string& p) {
-    if (path_exists(path_join(p, "trainer_state.json"))) return p;
-    std::string latest = path_join(p, "latest");
-    if (path_exists(latest)) {
-        std::string name = read_text(latest);
-        while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
-        return path_join(p, name);
-    }
-    if (!path_exists(p)) FAIL("%s: --resume directory does not exist", p.c_str());
-    FAIL("%s: neither a checkpoint (no trainer_state.json) nor a run directory (no latest)", p.c_str());
+inline AdamWStep adamw_step(const AdamWSettings& hp, double grad_norm, long t) {
+    AdamWStep s;
+    s.clip = (hp.grad_clip > 0 && grad_norm > hp.grad_clip) ? hp.grad_clip / grad_norm : 1.0;
+    s.bc1 = 1 - std::pow(hp.beta1, (double)t);
+    s.bc2 = 1 - std::pow(hp.beta2, (double)t);
+    return s;
 }
 
 inline ModelConfig config_from_args(const TrainArgs& a, int tokenizer_vocab) {
@@ -169,51 +79,6 @@ inline ModelConfig config_from_args(const TrainArgs& a, int tokenizer_vocab) {
     return c;
 }
 
-// ---- evaluation records ----
-
-struct EvalResult {
-    std::vector<double> loss;                            // per domain (NaN: no val data)
-    std::vector<std::vector<std::vector<double>>> load;  // [domain][layer][expert] fraction of assignments
-};
-
-inline void log_eval(MetricsLog& metrics, const ModelConfig& cfg, const DataLoader& data, const EvalResult& ev, long step,
-                     double tokens) {
-    Json rec = Json::object();
-    rec["step"] = step;
-    rec["tokens"] = tokens;
-    Json val = Json::object();
-    double sum = 0;
-    int n = 0;
-    std::string line = strfmt("eval step %ld |", step);
-    for (size_t d = 0; d < data.domains.size(); d++) {
-        if (std::isnan(ev.loss[d])) continue;
-        val[data.domains[d].name] = ev.loss[d];
-        sum += ev.loss[d];
-        n++;
-        line += strfmt(" %s %.4f", data.domains[d].name.c_str(), ev.loss[d]);
-    }
-    rec["val"] = val;
-    if (n) rec["val_loss"] = sum / n;
-    if (cfg.is_moe()) {
-        Json load = Json::object();
-        for (size_t d = 0; d < data.domains.size(); d++) {
-            if (std::isnan(ev.loss[d])) continue;
-            Json layers = Json::array();
-            for (auto& row : ev.load[d]) {
-                Json r = Json::array();
-                for (double x : row) r.push(Json(std::round(x * 1e5) / 1e5));
-                layers.push(r);
-            }
-            load[data.domains[d].name] = layers;
-        }
-        rec["expert_load"] = load;
-    }
-    metrics.write(rec);
-    printf("%s | mean %.4f\n", line.c_str(), n ? sum / n : NAN);
-}
-
-// ---- settings from the command line ----
-
 inline LRSchedule schedule_from_args(const TrainArgs& a) {
     LRSchedule s;
     s.kind = a.lr_schedule;
@@ -226,17 +91,17 @@ inline LRSchedule schedule_from_args(const TrainArgs& a) {
     return s;
 }
 
-inline TrainSettings train_settings_from_args(const TrainArgs& a) {
-    TrainSettings ts;
-    ts.aux_type = parse_aux(a.aux_loss);
-    ts.aux_coef = a.aux_coef;
-    ts.z_coef = a.z_coef;
-    ts.aux_free_rate = a.aux_free_bias;
-    return ts;
+inline RouterLossSettings router_loss_from_args(const TrainArgs& a) {
+    RouterLossSettings rl;
+    rl.aux_loss = parse_aux(a.aux_loss);
+    rl.aux_coef = a.aux_coef;
+    rl.z_coef = a.z_coef;
+    rl.aux_free_rate = a.aux_free_bias;
+    return rl;
 }
 
-inline AdamW adamw_from_args(const TrainArgs& a) {
-    AdamW hp;
+inline AdamWSettings adamw_from_args(const TrainArgs& a) {
+    AdamWSettings hp;
     hp.beta1 = a.beta1; hp.beta2 = a.beta2; hp.eps = a.eps;
     hp.weight_decay = a.weight_decay; hp.grad_clip = a.grad_clip;
     return hp;
@@ -259,57 +124,193 @@ inline std::string load_run_tokenizer(const TrainArgs& a, Tokenizer* tok) {
     return path;
 }
 
-// ---- what the run is about to do ----
+// ----------------------------------------------------------------------------
+// Evaluation and sampling
 
-// "model: ..." (ends without a newline: the GPU trainer adds its activation memory)
-inline void print_model_summary(const ModelConfig& c, int aux_type, double aux_coef, double z_coef) {
-    printf("model: %s, d %d, L %d, H %d/%d kv, F%s %d, vocab %d", c.is_moe() ? "MoE" : "dense", c.d_model, c.n_layer,
-           c.n_head, c.n_kv_head, c.is_moe() ? "_e" : "", c.ffn_dim, c.vocab_size);
-    if (c.is_moe()) printf(", %d experts top-%d %s, aux %s %g, z %g", c.n_experts, c.top_k, routing_name(c.routing),
-                           aux_name(aux_type), aux_coef, z_coef);
-    printf("\nparameters: %.3fM total, %.3fM active per token", build_layout(c).total / 1e6,
-           count_active_params(c) / 1e6);
-}
-
-inline void print_data_and_run(const TrainArgs& a, const DataLoader& data, const LRSchedule& sched,
-                               const std::string& resume_dir, long step) {
-    printf("data: %s:", a.data_dir.c_str());
-    for (auto& d : data.domains)
-        printf(" %s (train %.2fM tok, w %.2f; val %.2fM tok)", d.name.c_str(), d.train.size() / 1e6, d.weight,
-               d.val.size() / 1e6);
-    printf("\nrun: %d steps x %d x %d x %d tokens, lr %g -> %g %s, out %s%s\n", a.steps, a.batch, a.seq, a.grad_accum,
-           sched.lr, sched.lr_min, sched.kind.c_str(), a.out.c_str(),
-           resume_dir.empty() ? "" : (", resumed from " + resume_dir + strfmt(" at step %ld", step)).c_str());
-}
-
-// ---- one training step's record ----
-
-// Writes the step's metrics.jsonl record and, every --log-every steps and at the last, the
-// progress line. `elapsed` is this process's training time so far (for the ETA).
-// mfu: the GPU trainer's model-FLOPs utilization; NaN on a device of unknown peak (written
-// as null); the CPU trainer passes has_mfu = false and no field is written.
-inline void log_step(MetricsLog& metrics, const TrainArgs& a, bool moe, const RunState& rs, long start_step,
-                     const Losses& acc, double lr, double norm, double dt, double elapsed, bool has_mfu = false,
-                     double mfu = NAN) {
-    const double tokens_per_step = (double)a.batch * a.seq * a.grad_accum;
-    Json rec = Json::object();
-    rec["step"] = rs.step;
-    rec["tokens"] = rs.tokens;
-    rec["loss"] = acc.loss;
-    rec["ce"] = acc.ce;
-    if (moe) { rec["aux"] = acc.aux; rec["z"] = acc.z; }
-    rec["lr"] = lr;
-    rec["grad_norm"] = norm;
-    rec["tok_per_s"] = tokens_per_step / dt;
-    if (has_mfu) rec["mfu"] = std::isnan(mfu) ? Json() : Json(mfu);
-    metrics.write(rec);
-    if (rs.step % a.log_every == 0 || rs.step == a.steps) {
-        double eta = elapsed / (rs.step - start_step) * (a.steps - rs.step);
-        printf("step %5ld/%d | loss %.4f (ce %.4f", rs.step, a.steps, acc.loss, acc.ce);
-        if (moe) printf(" aux %.4f z %.3f", acc.aux, acc.z);
-        printf(") | lr %.2e | norm %.3f | %.0f tok/s", lr, norm, tokens_per_step / dt);
-        if (has_mfu && !std::isnan(mfu)) printf(" | MFU %.1f%%", 100 * mfu);
-        printf(" | ETA %s\n", format_duration(eta).c_str());
-        fflush(stdout);
+// Mean cross-entropy of up to max_batches validation batches per domain, and the share of
+// assignments each expert received, per domain and layer.
+template <typename Model>
+EvalResult evaluate(Model& M, const DataLoader& data, int max_batches) {
+    EvalResult r;
+    std::vector<int> inp((size_t)data.B * data.T), tgt((size_t)data.B * data.T);
+    for (size_t d = 0; d < data.domains.size(); d++) {
+        int nb = std::min(max_batches, data.val_batches((int)d));
+        std::vector<std::vector<double>> load(M.cfg.n_layer, std::vector<double>(M.cfg.n_experts, 0));
+        double sum = 0;
+        for (int i = 0; i < nb; i++) {
+            data.val_batch((int)d, i, inp.data(), tgt.data());
+            sum += M.forward(inp.data(), tgt.data(), data.B, data.T).ce;
+            for (int l = 0; l < M.cfg.n_layer && M.cfg.is_moe(); l++)
+                for (int e = 0; e < M.cfg.n_experts; e++) load[l][e] += M.expert_counts(l)[e];
+        }
+        for (auto& row : load) {  // counts -> fractions of the layer's assignments
+            double tot = 0;
+            for (double c : row) tot += c;
+            for (double& c : row) c = tot > 0 ? c / tot : 0;
+        }
+        r.loss.push_back(nb > 0 ? sum / nb : NAN);
+        r.load.push_back(load);
     }
+    // evaluation must not count towards the aux-free balancing statistics
+    for (auto& s : M.step_load) std::fill(s.begin(), s.end(), 0);
+    return r;
+}
+
+// Samples n tokens after an end-of-text token, at temperature 1. Recomputes the whole
+// context each token (no KV cache): simple, and fine for short samples.
+template <typename Model>
+std::string sample_text(Model& M, const Tokenizer& tok, int n, int T_max, RngStream& rng) {
+    std::vector<int> ctx = {tok.eot >= 0 ? tok.eot : 0};
+    std::string out;
+    const int V = M.cfg.vocab_size;
+    std::vector<double> p(V);
+    auto saved = M.step_load;  // sampling is not training load either
+    for (int i = 0; i < n; i++) {
+        int start = std::max(0, (int)ctx.size() - T_max);
+        int len = (int)ctx.size() - start;
+        M.forward(ctx.data() + start, nullptr, 1, len);
+        const auto* z = M.logits_row(len - 1);
+        double mx = z[0], s = 0;
+        for (int j = 1; j < V; j++) mx = std::max(mx, (double)z[j]);
+        for (int j = 0; j < V; j++) s += (p[j] = std::exp(z[j] - mx));
+        double u = rng.uniform() * s, acc = 0;
+        int next = V - 1;
+        for (int j = 0; j < V; j++) {
+            acc += p[j];
+            if (u < acc) { next = j; break; }
+        }
+        if (next == tok.eot) break;
+        ctx.push_back(next);
+        out += tok.ok() ? tok.decode(next) : strfmt("<%d>", next);
+    }
+    M.step_load = saved;
+    return out;
+}
+
+// ----------------------------------------------------------------------------
+// The training run
+
+template <typename Model>
+void save_run_checkpoint(Model& M, const std::string& dir, const TrainerState& state, const Json& settings,
+                         const std::string& tokenizer_json) {
+    M.with_host_state([&](const auto* params, const auto* m, const auto* v) {
+        save_checkpoint(dir, M.cfg, M.layout, params, m, v, M.adam_t, M.expert_bias, M.router_loss.aux_free_rate > 0,
+                        state, settings, tokenizer_json);
+    });
+}
+
+// What a trainer adds to the shared run: the GPU trainer's model-FLOPs utilization of a step
+// of `dt` seconds (NaN on a device of unknown peak). Empty (the CPU): no "mfu" field.
+struct RunHooks {
+    std::function<double(double dt)> mfu;
+};
+
+// The whole run: model, data, then the loop (eval, sample, step, log, checkpoint) to
+// --steps, a final eval, sample and checkpoint. Returns the exit code.
+template <typename Model>
+int run_training(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& hooks = RunHooks()) {
+    default_out_to_resume_run(args, cli);
+    Tokenizer tok;  // optional: only for printing samples and for the vocabulary size
+    std::string tok_path = load_run_tokenizer(args, &tok);
+
+    // the model: a resumed run, a checkpoint (--init), or from scratch
+    M.router_loss = router_loss_from_args(args);
+    std::string resume_dir;
+    if (!args.resume.empty()) {
+        resume_dir = resolve_resume_dir(args.resume);
+        M.load(resume_dir);
+    } else if (!args.init.empty()) {
+        if (cli.was_set("--experts"))
+            FAIL("--init with --experts: a checkpoint's shape is fixed; make an MoE from a dense model with ./upcycle");
+        M.load(args.init);
+        if (args.init_optimizer) {  // e.g. expert upcycling: the copies carry their AdamW moments
+            std::string op = path_join(args.init, "optimizer.safetensors");
+            if (!path_exists(op)) FAIL("%s: --init-optimizer needs this file", op.c_str());
+            M.load_optimizer(op);
+        }
+    } else {
+        ModelConfig c = config_from_args(args, tok.ok() ? (int)tok.tokens.size() : 0);
+        M.init_scratch(c, (uint64_t)args.seed, (float)args.init_std);
+    }
+    const ModelConfig& c = M.cfg;
+    if (tok.ok() && (int)tok.tokens.size() > c.vocab_size)
+        FAIL("%s: tokenizer has %zu tokens but the model's vocab_size is %d", tok_path.c_str(), tok.tokens.size(),
+             c.vocab_size);
+    if (args.seq > c.max_seq_len)
+        fprintf(stderr, "warning: --seq %d exceeds max_position_embeddings %d of the checkpoint\n", args.seq, c.max_seq_len);
+
+    // data, schedule, optimizer, and where a resumed run stands
+    DataLoader data(args.data_dir, args.mix, args.batch, args.seq, c.vocab_size, (uint64_t)args.seed);
+    check_writable_dir(args.out);
+    LRSchedule sched = schedule_from_args(args);
+    AdamWSettings adamw = adamw_from_args(args);
+    TrainerState state;
+    if (!resume_dir.empty()) {
+        Json saved;
+        M.load_training_state(resume_dir, state, data.domains.size(), &saved);
+        args.check_resume_settings(saved, resume_dir);
+        data.state = state.data;
+    }
+    M.alloc(args.batch, args.seq);
+    MetricsLog metrics;
+    metrics.open(path_join(args.out, "metrics.jsonl"), resume_dir.empty() ? -1 : state.step);
+    RngStream sample_rng((uint64_t)args.seed, stream_id(PURPOSE_SAMPLE));
+    sample_rng.counter = state.sample_counter;
+
+    // what we are about to do
+    print_model_summary(c, M.router_loss);
+    printf("%s\n", M.summary_note().c_str());
+    print_data_and_run(args, data, sched, resume_dir, state.step);
+
+    // ---- the training loop ----
+    std::vector<int> inp((size_t)args.batch * args.seq), tgt((size_t)args.batch * args.seq);
+    const double tokens_per_step = (double)args.batch * args.seq * args.grad_accum;
+    const long start_step = state.step;
+    double t_start = now_seconds();
+    long last_saved = -1;
+    Json settings = args.settings();
+    auto save_now = [&]() {
+        state.data = data.state;
+        state.sample_counter = sample_rng.counter;
+        std::string name = strfmt("step_%06ld", state.step);
+        save_run_checkpoint(M, path_join(args.out, name), state, settings, path_join(args.data_dir, "tokenizer.json"));
+        write_text_atomic(path_join(args.out, "latest"), name + "\n");
+        last_saved = state.step;
+        printf("saved %s\n", path_join(args.out, name).c_str());
+    };
+    auto print_sample = [&]() {
+        if (args.sample_tokens <= 0) return;
+        std::string s = sample_text(M, tok, args.sample_tokens, args.seq, sample_rng);
+        printf("sample at step %ld: %s\n", state.step, printable(s).c_str());
+    };
+    while (state.step < args.steps) {
+        if (args.eval_every > 0 && state.step % args.eval_every == 0)
+            log_eval(metrics, c, data, evaluate(M, data, args.eval_batches), state.step, state.tokens);
+        if (args.sample_every > 0 && state.step > 0 && state.step % args.sample_every == 0) print_sample();
+        double t0 = now_seconds();
+        M.zero_grad();
+        Losses acc;
+        for (int micro = 0; micro < args.grad_accum; micro++) {
+            data.next_batch(inp.data(), tgt.data());
+            acc.add_mean(M.forward_backward(inp.data(), tgt.data(), args.batch, args.seq, args.grad_accum),
+                         args.grad_accum);
+        }
+        double lr = sched.at((int)state.step);
+        double norm = M.step(adamw, lr);  // (the GPU's step ends with a synchronize: dt is real)
+        state.step++;
+        state.tokens += tokens_per_step;
+        double dt = now_seconds() - t0;
+        if (!std::isfinite(acc.loss)) FAIL("loss is %g at step %ld: training diverged", acc.loss, state.step);
+        log_step(metrics, args, c.is_moe(), state, start_step, acc, lr, norm, dt, now_seconds() - t_start,
+                 (bool)hooks.mfu, hooks.mfu ? hooks.mfu(dt) : NAN);
+        if (args.save_every > 0 && state.step % args.save_every == 0 && state.step < args.steps) {
+            state.elapsed += now_seconds() - t_start;
+            t_start = now_seconds();
+            save_now();
+        }
+    }
+    log_eval(metrics, c, data, evaluate(M, data, args.eval_batches), state.step, state.tokens);
+    print_sample();
+    if (!args.no_save && last_saved != state.step) save_now();
+    return 0;
 }

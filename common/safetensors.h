@@ -10,13 +10,15 @@
 // dtype) before any tensor is used, and reads tensors one at a time (pread), so a
 // multi-GB checkpoint can be streamed layer by layer. Tensors convert to float or double
 // on read; the writer takes float data and stores F32 or BF16.
+//
+// defines: DType, TensorInfo, SafeTensorsReader, SafeTensorsWriter, CheckpointTensors
 #pragma once
 #include <algorithm>
 #include <map>
 #include <string>
 #include <vector>
-#include "json.h"
-#include "util.h"
+#include "json.h"          // defines: Json
+#include "util.h"          // defines: Error, FAIL, strfmt, file helpers
 
 enum class DType { F32, BF16, F16, F64, I32, I64, U8 };
 

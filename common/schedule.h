@@ -3,10 +3,12 @@
 //   cosine:   linear warmup to lr, then cosine from lr down to lr_min at the last step
 //   wsd:      warmup, stable at lr, then linear decay to lr_min over the last decay_frac
 //   constant: warmup, then lr
+//
+// defines: LRSchedule
 #pragma once
 #include <cmath>
 #include <string>
-#include "util.h"
+#include "util.h"          // defines: Error, FAIL, strfmt, file helpers
 
 struct LRSchedule {
     std::string kind = "cosine";

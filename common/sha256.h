@@ -1,12 +1,14 @@
 // sha256.h: SHA-256 (FIPS 180-4), written out from the standard. upcycle records the
 // digest of every source weight file in the output's config.json, so a model can be
 // traced back to the exact bytes it was built from.
+//
+// defines: Sha256, sha256_hex, sha256_file
 #pragma once
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <string>
-#include "util.h"
+#include "util.h"          // defines: Error, FAIL, strfmt, file helpers
 
 struct Sha256 {
     uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};

@@ -2,10 +2,12 @@
 // File format (llm.c's tokenizer.bin): 256 x uint32 header (magic 20240328, version 2,
 // vocab size, end-of-text id), then per token: one uint8 length and that many bytes.
 // Encoding is done in Python (dev/data) with the matching tokenizer.json.
+//
+// defines: Tokenizer, printable
 #pragma once
 #include <string>
 #include <vector>
-#include "util.h"
+#include "util.h"          // defines: Error, FAIL, strfmt, file helpers
 
 struct Tokenizer {
     std::vector<std::string> tokens;

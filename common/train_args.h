@@ -1,11 +1,13 @@
 // train_args.h: the command line shared by train_moe.cpp and train_moe.cu (one table, so
 // the two trainers cannot drift apart), and what a checkpoint records of it.
+//
+// defines: TrainArgs
 #pragma once
 #include <string>
-#include "cli.h"
-#include "json.h"
-#include "model.h"
-#include "util.h"
+#include "cli.h"           // defines: Cli
+#include "json.h"          // defines: Json
+#include "model.h"         // defines: ModelConfig, ParamLayout
+#include "util.h"          // defines: Error, FAIL, strfmt, file helpers
 
 struct TrainArgs {
     // data

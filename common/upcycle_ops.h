@@ -10,15 +10,18 @@
 // the stream keyed by (purpose, layer, expert, matrix) and the index the entry's position
 // in its matrix. So the output never depends on the thread count or the order in which
 // tensors are visited; reductions (means, standard deviations) run sequentially in double.
+//
+// defines: the upcycling methods' tensor operations (drop_neurons, add_noise_to_neurons,
+//          partition_neurons, granular_*, router_init, utility_score, select_utility, ...)
 #pragma once
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
-#include "model.h"
-#include "rng.h"
-#include "util.h"
+#include "model.h"         // defines: ModelConfig, ParamLayout
+#include "rng.h"           // defines: stream_id, rng_normal, RngStream
+#include "util.h"          // defines: Error, FAIL, strfmt, file helpers
 
 enum FfnMatrix { MAT_GATE = 0, MAT_UP = 1, MAT_DOWN = 2 };
 inline const char* ffn_matrix_name(int m) { return m == MAT_GATE ? "gate" : m == MAT_UP ? "up" : "down"; }
@@ -52,7 +55,7 @@ enum RouterInit { ROUTER_UNIFORM = 0, ROUTER_NORMAL = 1 };
 //   uniform (Drop-Upcycling's torch_rand_002): U ~ Uniform[0,1); W = (U - mean(U)) * 0.02 sqrt(12),
 //     i.e. zero-mean uniform with std 0.02 (the empirical mean over the whole matrix is removed);
 //   normal: W ~ N(0, 0.02^2).
-inline void router_init(float* W, int rows, int d, int kind, uint64_t seed, int layer) {
+inline void router_init(float* W, int rows, int d, RouterInit kind, uint64_t seed, int layer) {
     size_t n = (size_t)rows * d;
     if (kind == ROUTER_NORMAL) {
         uint64_t st = stream_id(PURPOSE_ROUTER, (uint32_t)layer, 0, 1);
@@ -138,16 +141,16 @@ inline std::vector<int> granular_shard(int F, int G, int expert) {
 // topk_softmax (weights of one group sum to 1, so each shard gets 1/G). gate, up and down
 // are each multiplied by c = s^(1/3): SwiGLU output is degree 3 in (gate, up, down) jointly
 // for homogeneous activations, so the expert output scales by s.
-inline double granular_scale(int E, int G, int K, int routing) {
+inline double granular_scale(int E, int G, int K, Routing routing) {
     return routing == ROUTING_SOFTMAX_TOPK ? (double)E * G / K : (double)G;
 }
-inline float granular_weight_mult(int E, int G, int K, int routing) {
+inline float granular_weight_mult(int E, int G, int K, Routing routing) {
     return (float)std::cbrt(granular_scale(E, G, K, routing));
 }
 // Its router: R = E / G random base rows (router_init of a [R, d] matrix), row j = base
 // row j div G, so the G shards of one copy have bit-identical logits and top-K (ties to
 // the lower index) picks whole groups when K is a multiple of G.
-inline void granular_router(float* W, int E, int G, int d, int kind, uint64_t seed, int layer) {
+inline void granular_router(float* W, int E, int G, int d, RouterInit kind, uint64_t seed, int layer) {
     int R = E / G;
     std::vector<float> base((size_t)R * d);
     router_init(base.data(), R, d, kind, seed, layer);
@@ -190,19 +193,19 @@ inline void mean_of_sources(float* out, const std::vector<std::vector<float>>& s
 // ---- expert upcycling E -> mE (docs/METHODS.md 2.8) ----
 
 enum UtilityScore { SCORE_WEIGHT_NORM, SCORE_GRAD_NORM, SCORE_SALIENCY, SCORE_FISHER };
-inline int parse_score(const std::string& s) {
+inline UtilityScore parse_score(const std::string& s) {
     if (s == "weight_norm") return SCORE_WEIGHT_NORM;
     if (s == "grad_norm") return SCORE_GRAD_NORM;
     if (s == "saliency") return SCORE_SALIENCY;
     if (s == "fisher") return SCORE_FISHER;
     FAIL("--score must be weight_norm, grad_norm, saliency or fisher, found \"%s\"", s.c_str());
 }
-inline bool score_needs_grads(int s) { return s != SCORE_WEIGHT_NORM; }
+inline bool score_needs_grads(UtilityScore s) { return s != SCORE_WEIGHT_NORM; }
 
 // One expert's utility from the squared norms over its gate, up and down together:
 //   weight_norm ||W||;  grad_norm ||g||^2;  saliency ||W|| ||g||;  fisher ||g||^2 / (||v|| + 1e-8)
 // (g = the loss gradient averaged over the utility batches, v = Adam's second moment).
-inline double utility_score(int kind, double w_sq, double g_sq, double v_sq) {
+inline double utility_score(UtilityScore kind, double w_sq, double g_sq, double v_sq) {
     switch (kind) {
         case SCORE_WEIGHT_NORM: return std::sqrt(w_sq);
         case SCORE_GRAD_NORM: return g_sq;

@@ -1,6 +1,9 @@
 // util.h: errors, file IO, atomic writes, directories, timing.
 // Every program shares these so that every failure reads the same way:
 // "error: <file>: <what was expected>, <what was found>" and a non-zero exit.
+//
+// defines: Error, FAIL, strfmt, file and directory helpers (path_join, read_text, AtomicFile,
+//          AtomicDir, write_text_atomic, ...), now_seconds, format_duration, bf16_to_f32
 #pragma once
 #include <algorithm>
 #include <cerrno>

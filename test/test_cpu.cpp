@@ -5,6 +5,7 @@
 // Run: ./test/bin/test_cpu [path/to/train_moe]   (make test does this)
 #define TRAIN_MOE_NO_MAIN
 #include "../train_moe.cpp"
+#include "fixture.h"
 #include "testing.h"
 
 static std::string g_bin = "./train_moe";
@@ -19,11 +20,9 @@ static void test_fixture(const std::string& name) {
     std::string dir = fixture_dir(name);
     Model M;
     M.load(dir);
-    SafeTensorsReader fx(dir + "/fixture.safetensors");
-    auto meta = fx.metadata;
-    M.ts.aux_type = parse_aux(meta.count("aux_type") ? meta["aux_type"] : "none");
-    M.ts.aux_coef = atof(meta["aux_coef"].c_str());
-    M.ts.z_coef = atof(meta["z_coef"].c_str());
+    const Fixture fixture(dir);  // the settings the reference used
+    M.router_loss = fixture.router_settings;
+    const SafeTensorsReader& fx = fixture.file;
     const TensorInfo& ii = fx.info("inputs");
     int B = (int)ii.shape[0], T = (int)ii.shape[1], N = B * T, V = M.cfg.vocab_size;
     std::vector<int> inputs = fx.read_vec<int>("inputs"), targets = fx.read_vec<int>("targets");
@@ -46,18 +45,18 @@ static void test_fixture(const std::string& name) {
             auto rl = fx.read_vec<double>(strfmt("router_logits.%d", layer), {N, E});
             double rmx = 0;
             for (double x : rl) rmx = std::max(rmx, std::fabs(x));
-            double wr = worst_ratio(M.la[layer].rlogits.data(), rl.data(), rl.size(), 1e-5 * rmx, 1e-5);
+            double wr = worst_ratio(M.acts[layer].rlogits.data(), rl.data(), rl.size(), 1e-5 * rmx, 1e-5);
             CHECK_MSG(wr <= 1, "%s router_logits.%d worst ratio %.3g", name.c_str(), layer, wr);
             auto idx = fx.read_vec<int>(strfmt("topk_idx.%d", layer), {N, K});
             bool same = true;
-            for (int i = 0; i < N * K; i++) same &= idx[i] == M.la[layer].topk[i];
+            for (int i = 0; i < N * K; i++) same &= idx[i] == M.acts[layer].topk[i];
             CHECK_MSG(same, "%s topk_idx.%d differs", name.c_str(), layer);
             auto tw = fx.read_vec<double>(strfmt("topk_weight.%d", layer), {N, K});
-            double wt = worst_ratio(M.la[layer].topw.data(), tw.data(), tw.size(), 1e-6, 1e-5);
+            double wt = worst_ratio(M.acts[layer].topw.data(), tw.data(), tw.size(), 1e-6, 1e-5);
             CHECK_MSG(wt <= 1, "%s topk_weight.%d worst ratio %.3g", name.c_str(), layer, wt);
             auto cnt = fx.read_vec<int>(strfmt("expert_counts.%d", layer), {E});
             bool same_c = true;
-            for (int e = 0; e < E; e++) same_c &= cnt[e] == M.la[layer].counts[e];
+            for (int e = 0; e < E; e++) same_c &= cnt[e] == M.acts[layer].counts[e];
             CHECK_MSG(same_c, "%s expert_counts.%d differ", name.c_str(), layer);
         }
     }
@@ -65,7 +64,7 @@ static void test_fixture(const std::string& name) {
     M.zero_grad();
     M.backward();
     int bad = 0;
-    for (auto& t : M.lay.tensors) {
+    for (auto& t : M.layout.tensors) {
         auto g = fx.read_vec<double>("grad." + t.name, t.shape);
         double gmx = 0;
         for (double x : g) gmx = std::max(gmx, std::fabs(x));
@@ -79,17 +78,12 @@ static void test_fixture(const std::string& name) {
     }
     CHECK_MSG(bad == 0, "%s: %d parameter gradients differ from the reference", name.c_str(), bad);
     // 10 AdamW steps on the same batch
-    AdamW hp;
-    hp.beta1 = atof(meta["beta1"].c_str());
-    hp.beta2 = atof(meta["beta2"].c_str());
-    hp.eps = atof(meta["eps"].c_str());
-    hp.weight_decay = atof(meta["weight_decay"].c_str());
-    hp.grad_clip = atof(meta["grad_clip"].c_str());
-    double lr = atof(meta["lr"].c_str());
+    const AdamWSettings& hp = fixture.adamw;
+    const double lr = fixture.lr;
     auto ref_losses = fx.read_vec<double>("adamw_losses");
     Model M2;
     M2.load(dir);
-    M2.ts = M.ts;
+    M2.router_loss = M.router_loss;
     for (size_t s = 0; s < ref_losses.size(); s++) {
         Losses ls = M2.forward(inputs.data(), targets.data(), B, T);
         CHECK_MSG(std::fabs(ls.loss - ref_losses[s]) <= 2e-5 * std::fabs(ref_losses[s]),
@@ -113,7 +107,7 @@ static void test_moe_copies_equal_dense() {
     c.routing = ROUTING_TOPK_SOFTMAX;
     Model M;
     M.init_scratch(c, 7);
-    for (auto& t : M.lay.tensors) {
+    for (auto& t : M.layout.tensors) {
         real* dst = M.params.data() + t.offset;
         std::string src_name = t.name;
         if (t.kind == P_ROUTER) {  // a random router, scaled so routing varies
@@ -124,11 +118,11 @@ static void test_moe_copies_equal_dense() {
             const char* k = t.kind == P_EGATE ? "gate_proj" : t.kind == P_EUP ? "up_proj" : "down_proj";
             src_name = strfmt("model.layers.%d.mlp.%s.weight", t.layer, k);
         }
-        int si = D.lay.find(src_name);
+        int si = D.layout.find(src_name);
         CHECK_MSG(si >= 0, "dense tensor for %s", t.name.c_str());
         if (si < 0) return;
-        std::copy(D.params.begin() + D.lay.tensors[si].offset,
-                  D.params.begin() + D.lay.tensors[si].offset + t.numel, dst);
+        std::copy(D.params.begin() + D.layout.tensors[si].offset,
+                  D.params.begin() + D.layout.tensors[si].offset + t.numel, dst);
     }
     std::vector<int> in(16);
     for (int i = 0; i < 16; i++) in[i] = (i * 7 + 3) % c.vocab_size;
@@ -142,7 +136,7 @@ static void test_moe_copies_equal_dense() {
     CHECK_MSG(err <= 1e-6 * mx, "MoE of copies vs dense: max |logit diff| %.3g (max |logit| %.3g)", err, mx);
     // and the routing really was spread over several experts
     int used = 0;
-    for (int e = 0; e < 4; e++) used += M.la[0].counts[e] > 0;
+    for (int e = 0; e < 4; e++) used += M.acts[0].counts[e] > 0;
     CHECK_MSG(used >= 3, "routing used only %d experts", used);
 }
 
@@ -173,14 +167,14 @@ static void test_hf_directory(const std::string& name) {
 static void test_aux_free_bias() {
     Model M;
     M.load(fixture_dir("moe_topk_softmax"));
-    M.ts.aux_free_rate = 1e-3;
+    M.router_loss.aux_free_rate = 1e-3;
     std::vector<int> in(16), tg(16);
     for (int i = 0; i < 16; i++) { in[i] = (i * 5) % 64; tg[i] = (i * 3) % 64; }
     M.forward(in.data(), tg.data(), 2, 8);
     std::vector<long> load = M.step_load[0];
     M.zero_grad();
     M.backward();
-    AdamW hp;
+    AdamWSettings hp;
     M.step(hp, 0.0);
     double mean = 0;
     for (long c : load) mean += c / 4.0;
@@ -193,7 +187,7 @@ static void test_aux_free_bias() {
     // still come from the unbiased probabilities
     M.expert_bias[0] = {0, 0, 100, 0};
     M.forward(in.data(), tg.data(), 2, 8);
-    CHECK(M.la[0].counts[2] == 16);
+    CHECK(M.acts[0].counts[2] == 16);
 }
 
 static void test_schedules() {

@@ -8,6 +8,7 @@
 // the z-loss alone (a gradient that never reaches the router would pass a loss-only test).
 #define TRAIN_MOE_NO_MAIN
 #include "../train_moe.cpp"
+#include "fixture.h"
 #include "testing.h"
 
 static_assert(sizeof(real) == 8, "build test_gradcheck with -DTRAIN_MOE_DOUBLE");
@@ -45,8 +46,8 @@ static int fd_check(Model& M, const Batch& b, const std::string& label, int per_
     const std::vector<real>& g = analytic ? *analytic : M.grads;
     int compared = 0, bad = 0;
     double worst = 0;
-    for (size_t ti = 0; ti < M.lay.tensors.size(); ti++) {
-        const ParamTensor& t = M.lay.tensors[ti];
+    for (size_t ti = 0; ti < M.layout.tensors.size(); ti++) {
+        const ParamTensor& t = M.layout.tensors[ti];
         if (!pick(t)) continue;
         for (int s = 0; s < per_tensor; s++) {
             size_t i = t.offset + rng_u64(2024, ti, s) % t.numel;
@@ -73,13 +74,7 @@ static int fd_check(Model& M, const Batch& b, const std::string& label, int per_
     return compared;
 }
 
-static void setup_losses(Model& M, const std::string& dir) {
-    SafeTensorsReader fx(dir + "/fixture.safetensors");
-    auto meta = fx.metadata;
-    M.ts.aux_type = parse_aux(meta.count("aux_type") ? meta["aux_type"] : "none");
-    M.ts.aux_coef = atof(meta["aux_coef"].c_str());
-    M.ts.z_coef = atof(meta["z_coef"].c_str());
-}
+static void setup_losses(Model& M, const std::string& dir) { M.router_loss = Fixture(dir).router_settings; }
 
 // Every parameter kind through the total loss
 static void test_all_params(const std::string& name) {
@@ -88,7 +83,7 @@ static void test_all_params(const std::string& name) {
     M.load(dir);
     setup_losses(M, dir);
     // large coefficients: the router-loss paths must matter at the precision of the check
-    if (M.cfg.is_moe()) { M.ts.aux_coef = 0.5; M.ts.z_coef = 0.05; }
+    if (M.cfg.is_moe()) { M.router_loss.aux_coef = 0.5; M.router_loss.z_coef = 0.05; }
     Batch b = fixture_batch(dir);
     std::vector<int> kinds_seen(P_NUM_KINDS, 0);
     int n = fd_check(M, b, name, 5, [&](const ParamTensor& t) { kinds_seen[t.kind] = 1; return true; });
@@ -102,15 +97,15 @@ static void test_all_params(const std::string& name) {
 
 // The router through the load-balancing loss alone and the z-loss alone: the analytic
 // gradient of each term is the difference of two backward passes (coefficient 1 and 0).
-static void test_router_loss_paths(const std::string& name, int aux_type) {
+static void test_router_loss_paths(const std::string& name, AuxLoss aux_type) {
     std::string dir = "test/fixtures/" + name;
     Model M;
     M.load(dir);
     Batch b = fixture_batch(dir);
-    M.ts.aux_type = aux_type;
+    M.router_loss.aux_loss = aux_type;
     auto grads_with = [&](double aux_coef, double z_coef) {
-        M.ts.aux_coef = aux_coef;
-        M.ts.z_coef = z_coef;
+        M.router_loss.aux_coef = aux_coef;
+        M.router_loss.z_coef = z_coef;
         M.zero_grad();
         M.forward(b.in.data(), b.tg.data(), b.B, b.T);
         M.backward();
@@ -121,7 +116,7 @@ static void test_router_loss_paths(const std::string& name, int aux_type) {
     for (size_t i = 0; i < g0.size(); i++) { d_aux[i] = ga[i] - g0[i]; d_z[i] = gz[i] - g0[i]; }
     auto router = [](const ParamTensor& t) { return t.kind == P_ROUTER; };
     double norm_aux = 0, norm_z = 0;
-    for (auto& t : M.lay.tensors)
+    for (auto& t : M.layout.tensors)
         if (t.kind == P_ROUTER)
             for (size_t i = t.offset; i < t.offset + t.numel; i++) { norm_aux += d_aux[i] * d_aux[i]; norm_z += d_z[i] * d_z[i]; }
     CHECK_MSG(norm_aux > 1e-12, "%s: load-balancing loss (%s) gives the router no gradient", name.c_str(), aux_name(aux_type));
@@ -136,7 +131,7 @@ int main() {
     for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
                           "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1"})
         run_test(std::string("finite differences, every parameter: ") + f, [&] { test_all_params(f); });
-    for (int aux : {AUX_SWITCH, AUX_POOLED, AUX_SEQ}) {
+    for (AuxLoss aux : {AUX_SWITCH, AUX_POOLED, AUX_SEQ}) {
         run_test(strfmt("router via aux %s only (topk_softmax)", aux_name(aux)),
                  [&] { test_router_loss_paths("moe_topk_softmax", aux); });
         run_test(strfmt("router via aux %s only (softmax_topk)", aux_name(aux)),

@@ -473,7 +473,7 @@ static void test_granular() {
             for (int l = 0; l < 2; l++)
                 for (int e2 = 0; e2 < c.E; e2++)
                     for (int mat = 0; mat < 3; mat++) {
-                        const ParamTensor& t = Mm.lay.tensors[Mm.lay.experts[l][e2][mat]];
+                        const ParamTensor& t = Mm.layout.tensors[Mm.layout.experts[l][e2][mat]];
                         float f = mat == MAT_DOWN ? mult * mult : 1.0f / mult;
                         for (size_t i = 0; i < t.numel; i++) Mm.params[t.offset + i] *= f;
                     }
@@ -523,7 +523,7 @@ static void test_partition() {
         Model Dm, Mm;
         Dm.load(dense);
         Mm.load(out);
-        for (int l = 0; l < 2; l++) std::fill(Mm.P(l, P_ROUTER), Mm.P(l, P_ROUTER) + E * d, 0.0f);
+        for (int l = 0; l < 2; l++) std::fill(Mm.param(l, P_ROUTER), Mm.param(l, P_ROUTER) + E * d, 0.0f);
         std::vector<int> in(16);
         for (int i = 0; i < 16; i++) in[i] = (i * 5 + 1) % 64;
         Dm.forward(in.data(), nullptr, 2, 8);
@@ -531,8 +531,8 @@ static void test_partition() {
         // layer 0's FFN output = x_in(layer 1) - x_mid(layer 0); attention is identical
         std::vector<float> fd(16 * d), fm(16 * d);
         for (int i = 0; i < 16 * d; i++) {
-            fd[i] = (Dm.la[1].x[i] - Dm.la[0].x_mid[i]) / E;
-            fm[i] = Mm.la[1].x[i] - Mm.la[0].x_mid[i];
+            fd[i] = (Dm.acts[1].x[i] - Dm.acts[0].x_mid[i]) / E;
+            fm[i] = Mm.acts[1].x[i] - Mm.acts[0].x_mid[i];
         }
         double e = rel_err(fm, fd);
         CHECK_MSG(e < 1e-5, "partition K=E, zero router: MoE FFN != dense FFN / E (rel err %.3g)", e);
@@ -656,8 +656,8 @@ static void test_expand() {
     Model S, X;
     S.load(srcdir);
     X.load(u);
-    long st = read_optimizer_file(srcdir + "/optimizer.safetensors", S.lay, S.m.data(), S.v.data());
-    long xt = read_optimizer_file(u + "/optimizer.safetensors", X.lay, X.m.data(), X.v.data());
+    long st = read_optimizer_file(srcdir + "/optimizer.safetensors", S.layout, S.m.data(), S.v.data());
+    long xt = read_optimizer_file(u + "/optimizer.safetensors", X.layout, X.m.data(), X.v.data());
     CHECK(st == 3 && xt == 3 && X.cfg.n_experts == 8 && X.cfg.top_k == 2);
     auto check_copies = [&](Model& Xm, const std::vector<std::vector<int>>& sel, const char* what) {
         bool ok = true;
@@ -666,13 +666,13 @@ static void test_expand() {
             for (int j = 0; j < Xm.cfg.n_experts; j++) {
                 int e = sel[l][j];
                 for (int k = 0; k < 3; k++) {
-                    const ParamTensor &ts = S.lay.tensors[S.lay.experts[l][e][k]], &tx = Xm.lay.tensors[Xm.lay.experts[l][j][k]];
+                    const ParamTensor &ts = S.layout.tensors[S.layout.experts[l][e][k]], &tx = Xm.layout.tensors[Xm.layout.experts[l][j][k]];
                     for (auto* pair : {&S.params, &S.m, &S.v}) {
                         auto& xv = pair == &S.params ? Xm.params : pair == &S.m ? Xm.m : Xm.v;
                         ok &= std::equal(pair->begin() + ts.offset, pair->begin() + ts.offset + ts.numel, xv.begin() + tx.offset);
                     }
                 }
-                size_t rs = S.lay.get(l, P_ROUTER).offset + (size_t)e * d, rx = Xm.lay.get(l, P_ROUTER).offset + (size_t)j * d;
+                size_t rs = S.layout.get(l, P_ROUTER).offset + (size_t)e * d, rx = Xm.layout.get(l, P_ROUTER).offset + (size_t)j * d;
                 ok &= std::equal(S.params.begin() + rs, S.params.begin() + rs + d, Xm.params.begin() + rx);
                 ok &= std::equal(S.m.begin() + rs, S.m.begin() + rs + d, Xm.m.begin() + rx);
                 ok &= std::equal(S.v.begin() + rs, S.v.begin() + rs + d, Xm.v.begin() + rx);
@@ -703,8 +703,8 @@ static void test_expand() {
         // on the same batches (same data, seed, B, T)
         Model G;
         G.load(srcdir);
-        G.ts.aux_type = AUX_NONE;
-        G.ts.z_coef = 0;
+        G.router_loss.aux_loss = AUX_NONE;
+        G.router_loss.z_coef = 0;
         DataLoader dl(data, "", 2, 16, 64, 1337);
         std::vector<int> in(32), tg(32);
         G.zero_grad();
@@ -719,7 +719,7 @@ static void test_expand() {
             for (int e = 0; e < 4; e++) {
                 double w = 0, g = 0, v = 0;
                 for (int k = 0; k < 3; k++) {
-                    const ParamTensor& t = G.lay.tensors[G.lay.experts[l][e][k]];
+                    const ParamTensor& t = G.layout.tensors[G.layout.experts[l][e][k]];
                     for (size_t i = 0; i < t.numel; i++) {
                         w += (double)G.params[t.offset + i] * G.params[t.offset + i];
                         g += (double)G.grads[t.offset + i] * G.grads[t.offset + i];
@@ -748,7 +748,7 @@ static void test_expand() {
         CHECK_MSG(dup_ok, "%s: selection counts break max_dup or skip the best expert", score.c_str());
         Model Xu;
         Xu.load(x);
-        read_optimizer_file(x + "/optimizer.safetensors", Xu.lay, Xu.m.data(), Xu.v.data());
+        read_optimizer_file(x + "/optimizer.safetensors", Xu.layout, Xu.m.data(), Xu.v.data());
         check_copies(Xu, sel, score.c_str());
     }
     // a source without optimizer state: moments zero, said so
@@ -760,7 +760,7 @@ static void test_expand() {
     CHECK(text.find("moments are written as zeros") != std::string::npos);
     Model Z;
     Z.load(x);
-    long zt = read_optimizer_file(x + "/optimizer.safetensors", Z.lay, Z.m.data(), Z.v.data());
+    long zt = read_optimizer_file(x + "/optimizer.safetensors", Z.layout, Z.m.data(), Z.v.data());
     CHECK(zt == 0 && *std::max_element(Z.v.begin(), Z.v.end()) == 0);
 }
 
