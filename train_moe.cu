@@ -1,7 +1,11 @@
 /*
 train_moe.cu: the GPU trainer. Same model, command line, file formats, losses, routing,
 schedules, evaluation, sampling, metrics and resume as the CPU reference trainer
-(train_moe.cpp); read that file first: this one follows it layer by layer.
+(train_moe.cpp); read that file first: this one follows it layer by layer. Everything
+around the model is shared with it: the training run (evaluation, sampling, checkpoints,
+metrics) is common/run.h's run_training, and the router losses' values and gradient
+coefficients are common/router_losses.h's, computed on the host from per-sequence sums that
+the router kernels produce.
 
 Precision: --dtype bf16 (default) keeps fp32 master weights, fp32 gradients and fp32 AdamW
 moments, and a bf16 working copy of the weights (stochastically rounded after each step)
@@ -21,7 +25,8 @@ for bit on the same GPU.
 One GPU. Data-parallel training would all-reduce the gradient buffer right before the
 global norm in GPUModel::step (marked there).
 
-Status: compiled, never run on a GPU (see docs/gpu-log.md).
+Status: never run on a GPU (docs/gpu-log.md). It runs, and is tested on every `make test`, in
+the CUDA emulation on the CPU (docs/emulation.md): test/test_gpu_fixtures.cu and test/test_gpu.sh.
 */
 #include <algorithm>
 #include <cmath>
@@ -29,19 +34,12 @@ Status: compiled, never run on a GPU (see docs/gpu-log.md).
 #include <cstdlib>
 #include <string>
 #include <vector>
-#include "common/cli.h"
-#include "common/dataloader.h"
-#include "common/json.h"
-#include "common/metrics.h"
-#include "common/model.h"
-#include "common/router_losses.h"
-#include "common/rng.h"
-#include "common/run.h"
-#include "common/safetensors.h"
-#include "common/schedule.h"
-#include "common/tokenizer.h"
-#include "common/train_args.h"
-#include "common/util.h"
+#include "common/cli.h"            // defines: Cli
+#include "common/model.h"          // defines: ModelConfig, ParamLayout, init_from_scratch, load_model_dir
+#include "common/router_losses.h"  // defines: the router losses' values and gradients, Losses, RouterLossSettings
+#include "common/run.h"            // defines: run_training (and evaluate, sample_text), AdamWSettings, checkpoints, logging
+#include "common/train_args.h"     // defines: TrainArgs (the shared command line)
+#include "common/util.h"           // defines: Error, FAIL, strfmt, bf16_to_f32
 
 #include "kernels/common.cuh"
 #include "kernels/adamw.cuh"
@@ -109,12 +107,12 @@ template <typename T>
 struct LayerActs {
     T *x, *ln1, *q, *k, *v, *atty, *x_mid, *ln2;  // [N, d] / [N, H*hd] / [N, Hkv*hd]
     float *rstd1, *rstd2, *att_lse;              // [N], [N], [B, H, T]
-    T *gu, *a;                                   // dense FFN: [N, 2F] gate|up, [N, F] silu(gate)*up
+    T *gu, *h;                                   // dense FFN: [N, 2F] gate|up, [N, F] h = silu(gate)*up
     // MoE
     float *rlogits, *probs, *rlse, *topw;        // [N, E], [N, E], [N], [N, K]
     int *topk, *seq_counts, *counts, *offsets;   // [N, K], [B, E], [E], [E+1]
     int *row_token, *row_of;                     // [N*K], [N*K]
-    T *xe, *egu, *ea, *ey;                       // [N*K, d], [N*K, 2F], [N*K, F], [N*K, d]
+    T *xe, *egu, *eh, *ey;                       // [N*K, d], [N*K, 2F], [N*K, F], [N*K, d]
     double *psum, *zsum;                         // [B, E], [B]: sums for the router losses
     // host copies, read after each forward
     gpu::ExpertBlocks eb;
@@ -125,8 +123,8 @@ struct LayerActs {
 template <typename T>
 struct GPUModel {
     ModelConfig cfg;
-    ParamLayout lay;
-    TrainSettings ts;
+    ParamLayout layout;
+    RouterLossSettings router_loss;
     std::vector<std::vector<float>> expert_bias;  // [L][E] aux-loss-free balancing (host master)
     std::vector<std::vector<long>> step_load;     // [L][E] assignments since the last optimizer step
     long adam_t = 0;
@@ -146,12 +144,12 @@ struct GPUModel {
     int B_max = 0, T_max = 0, B = 0, T_ = 0;
     char* act_block = nullptr;
     size_t act_bytes = 0;
-    std::vector<LayerActs<T>> la;
+    std::vector<LayerActs<T>> acts;
     T *x_final, *lnf, *logits, *tmp;
     float *rstdf, *losses, *rope_cos, *rope_sin;
     int *inputs, *targets, *bk_token, *bk_start, *bk_pos;
     // backward scratch, shared by all layers
-    T *dres, *dln, *dq, *dk, *dv, *datty, *dgu, *da, *dey, *dxe;
+    T *dres, *dln, *dq, *dk, *dv, *datty, *dgu, *dh, *dey, *dxe;
     float *dtopw, *drl, *att_D, *aux_g, *red_scratch;
     double *norm_partial, *norm_out;
     size_t max_rows_ffn = 0;  // N (dense) or N*K (MoE)
@@ -162,6 +160,7 @@ struct GPUModel {
     std::vector<int> h_inputs, h_targets;
     gpu::EncoderBuckets buckets;
     Losses last;
+    std::vector<float> logits_host;  // logits_row's copy
 
     ~GPUModel() {
         if (act_block) cudaFree(act_block);
@@ -183,7 +182,7 @@ struct GPUModel {
     // device buffers. Called once per model.
     void setup(const ModelConfig& c, const std::vector<float>& host_params, const std::vector<std::vector<float>>& bias) {
         cfg = c;
-        lay = build_layout(cfg);
+        layout = build_layout(cfg);
         check_fused_layouts();
         cudaCheck(cudaStreamCreate(&stream));
         cublasCheck(cublasCreate(&blas));
@@ -192,7 +191,7 @@ struct GPUModel {
         const size_t ws_bytes = 32u << 20;
         cudaCheck(cudaMalloc(&blas_workspace, ws_bytes));
         cublasCheck(cublasSetWorkspace(blas, blas_workspace, ws_bytes));
-        size_t P = lay.total;
+        size_t P = layout.total;
         cudaCheck(cudaMalloc(&params, P * sizeof(float)));
         cudaCheck(cudaMalloc(&grads, P * sizeof(float)));
         cudaCheck(cudaMalloc(&m, P * sizeof(float)));
@@ -213,21 +212,21 @@ struct GPUModel {
     // gate|up of each FFN must be one [2F, d] block (see kernels/swiglu.cuh)
     void check_fused_layouts() const {
         auto adjacent = [&](int a, int b) {
-            const ParamTensor &ta = lay.tensors[a], &tb = lay.tensors[b];
+            const ParamTensor &ta = layout.tensors[a], &tb = layout.tensors[b];
             if (tb.offset != ta.offset + ta.numel) FAIL("internal: %s and %s are not adjacent", ta.name.c_str(), tb.name.c_str());
         };
         for (int l = 0; l < cfg.n_layer; l++) {
-            if (!cfg.is_moe()) adjacent(lay.by_layer[l][P_GATE], lay.by_layer[l][P_UP]);
-            else for (auto& id : lay.experts[l]) adjacent(id[0], id[1]);
+            if (!cfg.is_moe()) adjacent(layout.by_layer[l][P_GATE], layout.by_layer[l][P_UP]);
+            else for (auto& id : layout.experts[l]) adjacent(id[0], id[1]);
         }
     }
     void upload_params(const std::vector<float>& host_params) {
-        upload(params, host_params.data(), lay.total, stream);
+        upload(params, host_params.data(), layout.total, stream);
         refresh_copy();
     }
     // the working copy from the master weights, keyed by the optimizer step (kernels/adamw.cuh)
     void refresh_copy() {
-        if (!is_fp32()) gpu::weights_to_copy(wcopy, params, lay.total, seed, gpu::sr_stream((uint64_t)adam_t),
+        if (!is_fp32()) gpu::weights_to_copy(wcopy, params, layout.total, seed, gpu::sr_stream((uint64_t)adam_t),
                                              stochastic_round, stream);
     }
     void upload_bias() {
@@ -237,17 +236,17 @@ struct GPUModel {
         upload(d_bias, flat.data(), flat.size(), stream);
     }
     std::vector<float> download_params() const {
-        std::vector<float> h(lay.total);
-        download(h.data(), params, lay.total, stream);
+        std::vector<float> h(layout.total);
+        download(h.data(), params, layout.total, stream);
         return h;
     }
 
     // weights: working copy (T), master (fp32), gradient (fp32)
-    T* W(int layer, int kind) { return wcopy + lay.get(layer, kind).offset; }
-    T* W(int idx) { return wcopy + lay.tensors[idx].offset; }
-    float* Pm(int layer, int kind) { return params + lay.get(layer, kind).offset; }
-    float* G(int layer, int kind) { return grads + lay.get(layer, kind).offset; }
-    float* G(int idx) { return grads + lay.tensors[idx].offset; }
+    T* weight(int layer, ParamKind kind) { return wcopy + layout.get(layer, kind).offset; }
+    T* weight(int idx) { return wcopy + layout.tensors[idx].offset; }
+    float* master(int layer, ParamKind kind) { return params + layout.get(layer, kind).offset; }
+    float* grad(int layer, ParamKind kind) { return grads + layout.get(layer, kind).offset; }
+    float* grad(int idx) { return grads + layout.tensors[idx].offset; }
 
     // ---- activations: one block, carved twice (measure, then assign) ----
     void carve(Arena& A) {
@@ -255,20 +254,20 @@ struct GPUModel {
                      K = cfg.top_k, qd = cfg.q_dim(), kvd = cfg.kv_dim(), V = cfg.vocab_size;
         const size_t NK = cfg.is_moe() ? N * K : N;
         max_rows_ffn = NK;
-        for (auto& a : la) {
+        for (auto& a : acts) {
             a.x = A.take<T>(N * d); a.ln1 = A.take<T>(N * d);
             a.q = A.take<T>(N * qd); a.k = A.take<T>(N * kvd); a.v = A.take<T>(N * kvd);
             a.atty = A.take<T>(N * qd); a.x_mid = A.take<T>(N * d); a.ln2 = A.take<T>(N * d);
             a.rstd1 = A.take<float>(N); a.rstd2 = A.take<float>(N);
             a.att_lse = A.take<float>((size_t)B_max * cfg.n_head * T_max);
             if (!cfg.is_moe()) {
-                a.gu = A.take<T>(N * 2 * F); a.a = A.take<T>(N * F);
+                a.gu = A.take<T>(N * 2 * F); a.h = A.take<T>(N * F);
             } else {
                 a.rlogits = A.take<float>(N * E); a.probs = A.take<float>(N * E); a.rlse = A.take<float>(N);
                 a.topw = A.take<float>(N * K); a.topk = A.take<int>(N * K);
                 a.seq_counts = A.take<int>((size_t)B_max * E); a.counts = A.take<int>(E); a.offsets = A.take<int>(E + 1);
                 a.row_token = A.take<int>(NK); a.row_of = A.take<int>(NK);
-                a.xe = A.take<T>(NK * d); a.egu = A.take<T>(NK * 2 * F); a.ea = A.take<T>(NK * F); a.ey = A.take<T>(NK * d);
+                a.xe = A.take<T>(NK * d); a.egu = A.take<T>(NK * 2 * F); a.eh = A.take<T>(NK * F); a.ey = A.take<T>(NK * d);
                 a.psum = A.take<double>((size_t)B_max * E); a.zsum = A.take<double>(B_max);
             }
         }
@@ -279,7 +278,7 @@ struct GPUModel {
         bk_token = A.take<int>(N); bk_start = A.take<int>(N + 1); bk_pos = A.take<int>(N);
         dres = A.take<T>(N * d); dln = A.take<T>(N * d);
         dq = A.take<T>(N * qd); dk = A.take<T>(N * kvd); dv = A.take<T>(N * kvd); datty = A.take<T>(N * qd);
-        dgu = A.take<T>(NK * 2 * F); da = A.take<T>(NK * F); dey = A.take<T>(NK * d); dxe = A.take<T>(NK * d);
+        dgu = A.take<T>(NK * 2 * F); dh = A.take<T>(NK * F); dey = A.take<T>(NK * d); dxe = A.take<T>(NK * d);
         dtopw = A.take<float>(N * std::max<size_t>(K, 1)); drl = A.take<float>(N * std::max<size_t>(E, 1));
         att_D = A.take<float>((size_t)B_max * cfg.n_head * T_max);
         aux_g = A.take<float>((size_t)B_max * std::max<size_t>(E, 1));
@@ -294,7 +293,7 @@ struct GPUModel {
             FAIL("head_dim %d: the GPU attention kernels support 8, 16, 32, 64, 96 and 128", cfg.head_dim);
         B_max = Bm;
         T_max = Tm;
-        la.assign(cfg.n_layer, LayerActs<T>());
+        acts.assign(cfg.n_layer, LayerActs<T>());
         Arena measure;
         carve(measure);
         act_bytes = measure.used;
@@ -302,7 +301,7 @@ struct GPUModel {
         Arena real;
         real.base = act_block;
         carve(real);
-        for (auto& a : la) {
+        for (auto& a : acts) {
             a.h_seq_counts.assign((size_t)B_max * std::max(cfg.n_experts, 1), 0);
             a.h_psum.assign((size_t)B_max * std::max(cfg.n_experts, 1), 0);
             a.h_zsum.assign(B_max, 0);
@@ -310,14 +309,8 @@ struct GPUModel {
             a.eb.offsets.assign(cfg.n_experts + 1, 0);
         }
         // RoPE tables [T_max, hd/2], in double on the host like the CPU trainer, then float
-        std::vector<double> inv = cfg.rope_inv_freq();
-        int h2 = cfg.head_dim / 2;
-        std::vector<float> c((size_t)T_max * h2), s((size_t)T_max * h2);
-        for (int t = 0; t < T_max; t++)
-            for (int i = 0; i < h2; i++) {
-                c[(size_t)t * h2 + i] = (float)std::cos(t * inv[i]);
-                s[(size_t)t * h2 + i] = (float)std::sin(t * inv[i]);
-            }
+        std::vector<float> c, s;
+        cfg.rope_tables(T_max, &c, &s);
         upload(rope_cos, c.data(), c.size(), stream);
         upload(rope_sin, s.data(), s.size(), stream);
     }
@@ -325,8 +318,8 @@ struct GPUModel {
     // ---- MoE layer: route, permute by expert, run each expert, combine ----
     void moe_forward(T* out, LayerActs<T>& a, int l) {
         const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k, NK = N * K;
-        gpu::router_logits_forward(a.rlogits, a.ln2, Pm(l, P_ROUTER), N, d, E, stream);
-        gpu::router_forward(a.probs, a.rlse, a.topk, a.topw, a.rlogits, ts.aux_free_rate > 0 ? d_bias + (size_t)l * E : nullptr,
+        gpu::router_logits_forward(a.rlogits, a.ln2, master(l, P_ROUTER), N, d, E, stream);
+        gpu::router_forward(a.probs, a.rlse, a.topk, a.topw, a.rlogits, router_loss.aux_free_rate > 0 ? d_bias + (size_t)l * E : nullptr,
                             N, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
         gpu::moe_permute(a.seq_counts, a.counts, a.offsets, a.row_token, a.row_of, a.topk, B, T_, E, K, stream);
         gpu::router_stats(a.psum, a.zsum, a.probs, a.rlse, B, T_, E, stream);
@@ -347,87 +340,54 @@ struct GPUModel {
         gpu::moe_gather(a.xe, a.ln2, a.row_token, NK, d, stream);
         std::vector<const T*> w13(E), w2(E);
         for (int e = 0; e < E; e++) {
-            w13[e] = W(lay.experts[l][e][0]);  // w1 (gate) then w3 (up): one [2F, d] block
-            w2[e] = W(lay.experts[l][e][2]);
+            w13[e] = weight(layout.experts[l][e][0]);  // w1 (gate) then w3 (up): one [2F, d] block
+            w2[e] = weight(layout.experts[l][e][2]);
         }
         gpu::expert_matmul_forward(blas, a.egu, a.xe, w13, a.eb, d, 2 * F);
-        gpu::swiglu_forward(a.ea, a.egu, (size_t)NK, F, stream);
-        gpu::expert_matmul_forward(blas, a.ey, a.ea, w2, a.eb, F, d);
+        gpu::swiglu_forward(a.eh, a.egu, (size_t)NK, F, stream);
+        gpu::expert_matmul_forward(blas, a.ey, a.eh, w2, a.eb, F, d);
         gpu::moe_combine_forward(out, a.ey, a.topw, a.row_of, N, K, d, stream);
         for (int e = 0; e < E; e++) step_load[l][e] += a.eb.counts[e];
     }
     // dout [N, d] -> dln2 [N, d] (written), expert and router weight gradients (+=)
     void moe_backward(T* dln2, const T* dout, LayerActs<T>& a, int l) {
-        const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k, L = cfg.n_layer;
+        const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k;
         const int NK = N * K;
         gpu::moe_combine_backward(dey, dtopw, dout, a.ey, a.topw, a.row_of, N, K, d, stream);
         std::vector<const T*> w13(E), w2(E);
         std::vector<float*> g13(E), g2(E);
         for (int e = 0; e < E; e++) {
-            w13[e] = W(lay.experts[l][e][0]);
-            w2[e] = W(lay.experts[l][e][2]);
-            g13[e] = G(lay.experts[l][e][0]);
-            g2[e] = G(lay.experts[l][e][2]);
+            w13[e] = weight(layout.experts[l][e][0]);
+            w2[e] = weight(layout.experts[l][e][2]);
+            g13[e] = grad(layout.experts[l][e][0]);
+            g2[e] = grad(layout.experts[l][e][2]);
         }
-        gpu::expert_matmul_backward(blas, da, g2, dey, a.ea, w2, a.eb, F, d);
-        gpu::swiglu_backward(dgu, da, a.egu, (size_t)NK, F, stream);
+        gpu::expert_matmul_backward(blas, dh, g2, dey, a.eh, w2, a.eb, F, d);
+        gpu::swiglu_backward(dgu, dh, a.egu, (size_t)NK, F, stream);
         gpu::expert_matmul_backward(blas, dxe, g13, dgu, a.xe, w13, a.eb, d, 2 * F);
         gpu::moe_unpermute_backward(dln2, dxe, a.row_of, N, K, d, stream);
-        // router: balancing-loss coefficients from the host (counts are already there)
+        // router: the balancing loss's dL/dp per sequence, computed on the host (the counts are
+        // already there), then the kernel adds the z-loss and the gate weights' path
         const float* g_dev = nullptr;
-        if (ts.aux_type != AUX_NONE && ts.aux_coef != 0) {
-            std::vector<long> pooled_C(E, 0);
-            if (ts.aux_type == AUX_POOLED)
-                for (int ll = 0; ll < L; ll++)
-                    for (int e = 0; e < E; e++) pooled_C[e] += la[ll].eb.counts[e];
+        if (router_loss.aux_loss != AUX_NONE && router_loss.aux_coef != 0) {
             std::vector<float> g;
-            aux_dp_per_seq(g, ts.aux_type, a.h_seq_counts.data(), pooled_C.data(), B, T_, E, K, L);
+            aux_dp_per_seq(g, router_loss.aux_loss, routing_stats(), l);
             upload(aux_g, g.data(), g.size(), stream);
             g_dev = aux_g;
         }
-        gpu::router_backward(drl, dtopw, a.probs, a.rlse, a.topk, a.topw, g_dev, (float)ts.aux_coef, (float)ts.z_coef,
+        gpu::router_backward(drl, dtopw, a.probs, a.rlse, a.topk, a.topw, g_dev, (float)router_loss.aux_coef, (float)router_loss.z_coef,
                              grad_scale, N, T_, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
-        gpu::router_backward_matmul(dln2, G(l, P_ROUTER), red_scratch, drl, a.ln2, Pm(l, P_ROUTER), N, d, E, stream);
+        gpu::router_backward_matmul(dln2, grad(l, P_ROUTER), red_scratch, drl, a.ln2, master(l, P_ROUTER), N, d, E, stream);
     }
 
-    // Router losses over all layers from the host copies of the sums (train_moe.cpp
-    // router_losses, same formulas and the same double arithmetic on the host).
-    void router_losses(double* aux, double* z) {
-        *aux = 0;
-        *z = 0;
-        if (!cfg.is_moe()) return;
-        const int N = B * T_, E = cfg.n_experts, K = cfg.top_k, L = cfg.n_layer;
-        std::vector<double> pooled_P(E, 0);
-        std::vector<long> pooled_C(E, 0);
-        for (int l = 0; l < L; l++) {
-            LayerActs<T>& a = la[l];
-            for (int b = 0; b < B; b++) *z += a.h_zsum[b] / N;
-            if (ts.aux_type == AUX_SWITCH || ts.aux_type == AUX_SEQ) {
-                int nseq = ts.aux_type == AUX_SEQ ? B : 1, rows = N / nseq;
-                for (int s = 0; s < nseq; s++) {
-                    double val = 0;
-                    for (int i = 0; i < E; i++) {
-                        long c = 0;
-                        double Pi = 0;
-                        for (int bb = s * (B / nseq); bb < (s + 1) * (B / nseq); bb++) {
-                            c += a.h_seq_counts[(size_t)bb * E + i];
-                            Pi += a.h_psum[(size_t)bb * E + i];
-                        }
-                        val += (double)c / ((double)rows * K) * (Pi / rows);
-                    }
-                    *aux += E * val / nseq;
-                }
-            } else if (ts.aux_type == AUX_POOLED) {
-                for (int i = 0; i < E; i++) {
-                    pooled_C[i] += a.eb.counts[i];
-                    for (int b = 0; b < B; b++) pooled_P[i] += a.h_psum[(size_t)b * E + i];
-                }
-            }
-        }
-        if (ts.aux_type == AUX_POOLED) {
-            double LN = (double)L * N;
-            for (int i = 0; i < E; i++) *aux += E * (pooled_C[i] / LN) * (pooled_P[i] / LN);
-        }
+    // the last forward's routing statistics, from the host copies of the per-sequence sums
+    // (seg = T: the kernels summed each sequence); the router losses read these
+    RoutingStats routing_stats() const {
+        RoutingStats st;
+        st.B = B; st.T = T_; st.E = cfg.n_experts; st.K = cfg.top_k; st.seg = T_;
+        for (int l = 0; l < cfg.n_layer && cfg.is_moe(); l++)
+            st.layers.push_back({acts[l].h_seq_counts.data(), acts[l].h_psum.data(), acts[l].h_zsum.data()});
+        return st;
     }
 
     // ---- the whole model ----
@@ -463,37 +423,37 @@ struct GPUModel {
             upload(bk_pos, buckets.positions.data(), buckets.positions.size(), stream);
         }
 
-        gpu::encoder_forward(la[0].x, inputs, W(lay.embed), N, d, stream);
-        gpu::rmsnorm_forward(la[0].ln1, la[0].rstd1, la[0].x, W(0, P_ATTN_NORM), N, d, eps, stream);
+        gpu::encoder_forward(acts[0].x, inputs, weight(layout.embed), N, d, stream);
+        gpu::rmsnorm_forward(acts[0].ln1, acts[0].rstd1, acts[0].x, weight(0, P_ATTN_NORM), N, d, eps, stream);
         for (int l = 0; l < L; l++) {
-            LayerActs<T>& a = la[l];
+            LayerActs<T>& a = acts[l];
             // attention block (a.ln1 = rmsnorm(a.x) was computed by the previous step)
-            gpu::matmul_forward(blas, a.q, a.ln1, W(l, P_WQ), N, d, qd);
-            gpu::matmul_forward(blas, a.k, a.ln1, W(l, P_WK), N, d, kvd);
-            gpu::matmul_forward(blas, a.v, a.ln1, W(l, P_WV), N, d, kvd);
+            gpu::matmul_forward(blas, a.q, a.ln1, weight(l, P_WQ), N, d, qd);
+            gpu::matmul_forward(blas, a.k, a.ln1, weight(l, P_WK), N, d, kvd);
+            gpu::matmul_forward(blas, a.v, a.ln1, weight(l, P_WV), N, d, kvd);
             gpu::rope_forward(a.q, rope_cos, rope_sin, N, T_, H, hd, stream);
             gpu::rope_forward(a.k, rope_cos, rope_sin, N, T_, Hkv, hd, stream);
             gpu::attention_forward(a.atty, a.att_lse, a.q, a.k, a.v, B, T_, H, Hkv, hd, stream);
-            gpu::matmul_forward(blas, tmp, a.atty, W(l, P_WO), N, qd, d);
+            gpu::matmul_forward(blas, tmp, a.atty, weight(l, P_WO), N, qd, d);
             // x_mid = x + attention; ln2 = rmsnorm(x_mid)
-            gpu::residual_rmsnorm_forward(a.x_mid, a.ln2, a.rstd2, a.x, tmp, W(l, P_FFN_NORM), N, d, eps, stream);
+            gpu::residual_rmsnorm_forward(a.x_mid, a.ln2, a.rstd2, a.x, tmp, weight(l, P_FFN_NORM), N, d, eps, stream);
             // FFN block: dense SwiGLU or mixture of experts, into tmp
             if (!cfg.is_moe()) {
-                gpu::matmul_forward(blas, a.gu, a.ln2, W(l, P_GATE), N, d, 2 * F);  // gate|up in one GEMM
-                gpu::swiglu_forward(a.a, a.gu, (size_t)N, F, stream);
-                gpu::matmul_forward(blas, tmp, a.a, W(l, P_DOWN), N, F, d);
+                gpu::matmul_forward(blas, a.gu, a.ln2, weight(l, P_GATE), N, d, 2 * F);  // gate|up in one GEMM
+                gpu::swiglu_forward(a.h, a.gu, (size_t)N, F, stream);
+                gpu::matmul_forward(blas, tmp, a.h, weight(l, P_DOWN), N, F, d);
             } else {
                 moe_forward(tmp, a, l);
             }
             // x_next = x_mid + ffn; and the next norm (next layer's input norm, or the final norm)
             bool last_layer = l + 1 == L;
-            T* x_next = last_layer ? x_final : la[l + 1].x;
-            T* ln_next = last_layer ? lnf : la[l + 1].ln1;
-            float* rstd_next = last_layer ? rstdf : la[l + 1].rstd1;
-            const T* w_next = last_layer ? W(lay.final_norm) : W(l + 1, P_ATTN_NORM);
+            T* x_next = last_layer ? x_final : acts[l + 1].x;
+            T* ln_next = last_layer ? lnf : acts[l + 1].ln1;
+            float* rstd_next = last_layer ? rstdf : acts[l + 1].rstd1;
+            const T* w_next = last_layer ? weight(layout.final_norm) : weight(l + 1, P_ATTN_NORM);
             gpu::residual_rmsnorm_forward(x_next, ln_next, rstd_next, a.x_mid, tmp, w_next, N, d, eps, stream);
         }
-        gpu::matmul_forward(blas, logits, lnf, W(lay.lm_head), N, d, V);
+        gpu::matmul_forward(blas, logits, lnf, weight(layout.lm_head), N, d, V);
         Losses out;
         if (tgts) {
             gpu::crossentropy_forward_backward(logits, losses, targets, N, V, grad_scale / N, stream);
@@ -501,8 +461,7 @@ struct GPUModel {
             double ce = 0;
             for (int n = 0; n < N; n++) ce += row_loss[n];
             out.ce = ce / N;
-            router_losses(&out.aux, &out.z);
-            out.loss = out.ce + (ts.aux_type == AUX_NONE ? 0 : ts.aux_coef * out.aux) + ts.z_coef * out.z;
+            add_router_losses(out, router_loss, routing_stats());
         }
         last = out;
         return out;
@@ -515,165 +474,141 @@ struct GPUModel {
         const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, V = cfg.vocab_size;
         const int H = cfg.n_head, Hkv = cfg.n_kv_head, hd = cfg.head_dim, qd = cfg.q_dim(), kvd = cfg.kv_dim();
         // logits now hold dlogits (crossentropy_forward_backward wrote them in place)
-        gpu::matmul_backward_input(blas, dln, logits, W(lay.lm_head), N, d, V);
-        gpu::matmul_backward_weight(blas, G(lay.lm_head), logits, lnf, N, d, V);
+        gpu::matmul_backward_input(blas, dln, logits, weight(layout.lm_head), N, d, V);
+        gpu::matmul_backward_weight(blas, grad(layout.lm_head), logits, lnf, N, d, V);
         cudaCheck(cudaMemsetAsync(dres, 0, (size_t)N * d * sizeof(T), stream));
-        gpu::rmsnorm_backward(dres, G(lay.final_norm), red_scratch, dln, x_final, W(lay.final_norm), rstdf, N, d, stream);
+        gpu::rmsnorm_backward(dres, grad(layout.final_norm), red_scratch, dln, x_final, weight(layout.final_norm), rstdf, N, d, stream);
         // dres = d(loss)/d(residual stream) after the last layer; walk the layers back
         for (int l = cfg.n_layer - 1; l >= 0; l--) {
-            LayerActs<T>& a = la[l];
+            LayerActs<T>& a = acts[l];
             // FFN block: x_next = x_mid + ffn(ln2(x_mid))
             if (!cfg.is_moe()) {
-                gpu::matmul_backward_input(blas, da, dres, W(l, P_DOWN), N, F, d);
-                gpu::matmul_backward_weight(blas, G(l, P_DOWN), dres, a.a, N, F, d);
-                gpu::swiglu_backward(dgu, da, a.gu, (size_t)N, F, stream);
-                gpu::matmul_backward_input(blas, dln, dgu, W(l, P_GATE), N, d, 2 * F);
-                gpu::matmul_backward_weight(blas, G(l, P_GATE), dgu, a.ln2, N, d, 2 * F);  // gate and up grads
+                gpu::matmul_backward_input(blas, dh, dres, weight(l, P_DOWN), N, F, d);
+                gpu::matmul_backward_weight(blas, grad(l, P_DOWN), dres, a.h, N, F, d);
+                gpu::swiglu_backward(dgu, dh, a.gu, (size_t)N, F, stream);
+                gpu::matmul_backward_input(blas, dln, dgu, weight(l, P_GATE), N, d, 2 * F);
+                gpu::matmul_backward_weight(blas, grad(l, P_GATE), dgu, a.ln2, N, d, 2 * F);  // gate and up grads
             } else {
                 moe_backward(dln, dres, a, l);
             }
-            gpu::rmsnorm_backward(dres, G(l, P_FFN_NORM), red_scratch, dln, a.x_mid, W(l, P_FFN_NORM), a.rstd2, N, d,
+            gpu::rmsnorm_backward(dres, grad(l, P_FFN_NORM), red_scratch, dln, a.x_mid, weight(l, P_FFN_NORM), a.rstd2, N, d,
                                   stream);  // dres += (the residual path is already in dres)
             // attention block: x_mid = x + o_proj(attn(...))
-            gpu::matmul_backward_input(blas, datty, dres, W(l, P_WO), N, qd, d);
-            gpu::matmul_backward_weight(blas, G(l, P_WO), dres, a.atty, N, qd, d);
+            gpu::matmul_backward_input(blas, datty, dres, weight(l, P_WO), N, qd, d);
+            gpu::matmul_backward_weight(blas, grad(l, P_WO), dres, a.atty, N, qd, d);
             gpu::attention_backward(dq, dk, dv, att_D, datty, a.atty, a.att_lse, a.q, a.k, a.v, B, T_, H, Hkv, hd, stream);
             gpu::rope_backward(dq, rope_cos, rope_sin, N, T_, H, hd, stream);
             gpu::rope_backward(dk, rope_cos, rope_sin, N, T_, Hkv, hd, stream);
-            gpu::matmul_backward_input(blas, dln, dq, W(l, P_WQ), N, d, qd, 0.0f);
-            gpu::matmul_backward_input(blas, dln, dk, W(l, P_WK), N, d, kvd, 1.0f);
-            gpu::matmul_backward_input(blas, dln, dv, W(l, P_WV), N, d, kvd, 1.0f);
-            gpu::matmul_backward_weight(blas, G(l, P_WQ), dq, a.ln1, N, d, qd);
-            gpu::matmul_backward_weight(blas, G(l, P_WK), dk, a.ln1, N, d, kvd);
-            gpu::matmul_backward_weight(blas, G(l, P_WV), dv, a.ln1, N, d, kvd);
-            gpu::rmsnorm_backward(dres, G(l, P_ATTN_NORM), red_scratch, dln, a.x, W(l, P_ATTN_NORM), a.rstd1, N, d,
+            gpu::matmul_backward_input(blas, dln, dq, weight(l, P_WQ), N, d, qd, 0.0f);
+            gpu::matmul_backward_input(blas, dln, dk, weight(l, P_WK), N, d, kvd, 1.0f);
+            gpu::matmul_backward_input(blas, dln, dv, weight(l, P_WV), N, d, kvd, 1.0f);
+            gpu::matmul_backward_weight(blas, grad(l, P_WQ), dq, a.ln1, N, d, qd);
+            gpu::matmul_backward_weight(blas, grad(l, P_WK), dk, a.ln1, N, d, kvd);
+            gpu::matmul_backward_weight(blas, grad(l, P_WV), dv, a.ln1, N, d, kvd);
+            gpu::rmsnorm_backward(dres, grad(l, P_ATTN_NORM), red_scratch, dln, a.x, weight(l, P_ATTN_NORM), a.rstd1, N, d,
                                   stream);
         }
-        gpu::encoder_backward(G(lay.embed), dres, bk_token, bk_start, bk_pos, (int)buckets.token.size(), d, stream);
+        gpu::encoder_backward(grad(layout.embed), dres, bk_token, bk_start, bk_pos, (int)buckets.token.size(), d, stream);
     }
 
-    void zero_grad() { cudaCheck(cudaMemsetAsync(grads, 0, lay.total * sizeof(float), stream)); }
+    void zero_grad() { cudaCheck(cudaMemsetAsync(grads, 0, layout.total * sizeof(float), stream)); }
 
-    // AdamW with global-norm clipping; weight decay on matrices only. Returns the norm
-    // before clipping (train_moe.cpp Model::step).
-    double step(const AdamW& hp, double lr) {
+    // AdamW with global-norm clipping; weight decay on matrices only; then the aux-free
+    // bias update. Returns the norm before clipping (train_moe.cpp Model::step).
+    double step(const AdamWSettings& hp, double lr) {
         // (data parallel: all-reduce `grads` across GPUs here, before the norm)
-        gpu::global_norm_squared(norm_out, norm_partial, grads, lay.total, stream);
+        gpu::global_norm_squared(norm_out, norm_partial, grads, layout.total, stream);
         double sq = 0;
         download(&sq, norm_out, 1, stream);
         double norm = std::sqrt(sq);
-        double clip = (hp.grad_clip > 0 && norm > hp.grad_clip) ? hp.grad_clip / norm : 1.0;
-        adam_t++;
-        double bc1 = 1 - std::pow(hp.beta1, (double)adam_t), bc2 = 1 - std::pow(hp.beta2, (double)adam_t);
+        AdamWStep st = adamw_step(hp, norm, ++adam_t);
         gpu::AdamWArgs a;
         a.lr = (float)lr; a.b1 = (float)hp.beta1; a.one_minus_b1 = (float)(1 - hp.beta1);
         a.b2 = (float)hp.beta2; a.one_minus_b2 = (float)(1 - hp.beta2);
-        a.bc1 = (float)bc1; a.bc2 = (float)bc2; a.eps = (float)hp.eps; a.clip = (float)clip;
+        a.bc1 = (float)st.bc1; a.bc2 = (float)st.bc2; a.eps = (float)hp.eps; a.clip = (float)st.clip;
         a.seed = seed; a.stream = gpu::sr_stream((uint64_t)adam_t); a.stochastic = stochastic_round;
         T* copy = is_fp32() ? nullptr : wcopy;
         // one launch per run of neighbouring tensors with the same decay setting
         size_t i = 0;
-        while (i < lay.tensors.size()) {
-            bool dec = lay.tensors[i].decay();
-            size_t base = lay.tensors[i].offset, end = base + lay.tensors[i].numel;
+        while (i < layout.tensors.size()) {
+            bool dec = layout.tensors[i].decay();
+            size_t base = layout.tensors[i].offset, end = base + layout.tensors[i].numel;
             size_t j = i + 1;
-            while (j < lay.tensors.size() && lay.tensors[j].decay() == dec && lay.tensors[j].offset == end) {
-                end += lay.tensors[j].numel;
+            while (j < layout.tensors.size() && layout.tensors[j].decay() == dec && layout.tensors[j].offset == end) {
+                end += layout.tensors[j].numel;
                 j++;
             }
             gpu::adamw_update(params, copy, grads, m, v, base, end - base, dec ? (float)hp.weight_decay : 0.0f, a,
                               stream);
             i = j;
         }
-        // aux-loss-free balancing (DeepSeek-V3): b_i += u * sign(mean load - load_i), on the host
-        if (ts.aux_free_rate > 0 && cfg.is_moe()) {
-            for (int l = 0; l < cfg.n_layer; l++) {
-                double mean = 0;
-                for (int e = 0; e < cfg.n_experts; e++) mean += step_load[l][e];
-                mean /= cfg.n_experts;
-                for (int e = 0; e < cfg.n_experts; e++) {
-                    double diff = mean - step_load[l][e];
-                    expert_bias[l][e] += (float)(ts.aux_free_rate * ((diff > 0) - (diff < 0)));
-                }
-            }
-            upload_bias();
-        }
-        for (auto& s : step_load) std::fill(s.begin(), s.end(), 0);
+        // aux-loss-free balancing (DeepSeek-V3), on the host; the device copy follows
+        const double bias_rate = cfg.is_moe() ? router_loss.aux_free_rate : 0;
+        aux_free_bias_update(expert_bias, step_load, bias_rate);
+        if (bias_rate > 0) upload_bias();
         cudaCheck(cudaStreamSynchronize(stream));
         return norm;
     }
 
     // host copies of the optimizer state, for checkpoints
     void download_state(std::vector<float>* p, std::vector<float>* mm, std::vector<float>* vv) const {
-        p->resize(lay.total); mm->resize(lay.total); vv->resize(lay.total);
-        download(p->data(), params, lay.total, stream);
-        download(mm->data(), m, lay.total, stream);
-        download(vv->data(), v, lay.total, stream);
+        p->resize(layout.total); mm->resize(layout.total); vv->resize(layout.total);
+        download(p->data(), params, layout.total, stream);
+        download(mm->data(), m, layout.total, stream);
+        download(vv->data(), v, layout.total, stream);
     }
     void upload_moments(const std::vector<float>& mm, const std::vector<float>& vv) {
-        upload(m, mm.data(), lay.total, stream);
-        upload(v, vv.data(), lay.total, stream);
+        upload(m, mm.data(), layout.total, stream);
+        upload(v, vv.data(), layout.total, stream);
+    }
+
+    // ---- what common/run.h's run_training asks of a model (set seed and
+    // stochastic_round first: the working copy depends on them) ----
+    void init_scratch(const ModelConfig& c, uint64_t init_seed, float std = 0.02f) {
+        ParamLayout l = build_layout(c);
+        std::vector<float> host(l.total, 0.0f);
+        init_from_scratch(c, l, host.data(), init_seed, std);  // on the host, as the CPU trainer
+        setup(c, host, {});
+    }
+    void load(const std::string& dir) {
+        ModelConfig c;
+        ParamLayout l;
+        std::vector<float> host;
+        std::vector<std::vector<float>> bias;
+        load_model_dir(dir, &c, &l, &host);
+        read_bias_tensors(dir, c, &bias);
+        setup(c, host, bias);
+    }
+    void load_optimizer(const std::string& path) {
+        std::vector<float> mm(layout.total, 0), vv(layout.total, 0);
+        adam_t = read_optimizer_file(path, layout, mm.data(), vv.data());
+        upload_moments(mm, vv);
+        refresh_copy();  // the working copy is keyed by the optimizer step
+    }
+    void load_training_state(const std::string& dir, TrainerState& state, size_t n_domains, Json* settings) {
+        std::vector<float> mm(layout.total, 0), vv(layout.total, 0);
+        ::load_training_state(dir, layout, mm.data(), vv.data(), &adam_t, state, n_domains, settings);
+        upload_moments(mm, vv);
+        refresh_copy();
+    }
+    template <typename F>
+    void with_host_state(F f) {
+        std::vector<float> p, mm, vv;
+        download_state(&p, &mm, &vv);
+        f(p.data(), mm.data(), vv.data());
+    }
+    std::string summary_note() const { return strfmt("; activations %.2f GiB", act_bytes / 1073741824.0); }
+    Losses forward_backward(const int* in, const int* tgts, int B_, int T_in, int n_micro) {
+        Losses l = forward(in, tgts, B_, T_in, 1.0f / n_micro);
+        backward();
+        return l;
+    }
+    const int* expert_counts(int l) const { return acts[l].eb.counts.data(); }
+    const float* logits_row(int n) {
+        logits_host = download_floats(logits + (size_t)n * cfg.vocab_size, cfg.vocab_size, stream);
+        return logits_host.data();
     }
 };
-
-// ----------------------------------------------------------------------------
-// Evaluation and sampling (train_moe.cpp evaluate / sample_text)
-
-template <typename T>
-EvalResult evaluate(GPUModel<T>& M, const DataLoader& data, int max_batches) {
-    EvalResult r;
-    std::vector<int> inp((size_t)data.B * data.T), tgt((size_t)data.B * data.T);
-    for (size_t d = 0; d < data.domains.size(); d++) {
-        int nb = std::min(max_batches, data.val_batches((int)d));
-        std::vector<std::vector<double>> load(M.cfg.n_layer, std::vector<double>(M.cfg.n_experts, 0));
-        double sum = 0;
-        for (int i = 0; i < nb; i++) {
-            data.val_batch((int)d, i, inp.data(), tgt.data());
-            sum += M.forward(inp.data(), tgt.data(), data.B, data.T).ce;
-            for (int l = 0; l < M.cfg.n_layer && M.cfg.is_moe(); l++)
-                for (int e = 0; e < M.cfg.n_experts; e++) load[l][e] += M.la[l].eb.counts[e];
-        }
-        for (auto& row : load) {
-            double tot = 0;
-            for (double c : row) tot += c;
-            for (double& c : row) c = tot > 0 ? c / tot : 0;
-        }
-        r.loss.push_back(nb > 0 ? sum / nb : NAN);
-        r.load.push_back(load);
-    }
-    for (auto& s : M.step_load) std::fill(s.begin(), s.end(), 0);  // eval is not training load
-    return r;
-}
-
-// n tokens after an end-of-text token, temperature 1, whole context recomputed per token
-template <typename T>
-std::string sample_text(GPUModel<T>& M, const Tokenizer& tok, int n, int T_max, RngStream& rng) {
-    std::vector<int> ctx = {tok.eot >= 0 ? tok.eot : 0};
-    std::string out;
-    const int V = M.cfg.vocab_size;
-    std::vector<double> p(V);
-    auto saved = M.step_load;
-    for (int i = 0; i < n; i++) {
-        int start = std::max(0, (int)ctx.size() - T_max);
-        int len = (int)ctx.size() - start;
-        M.forward(ctx.data() + start, nullptr, 1, len);
-        std::vector<float> z = download_floats(M.logits + (size_t)(len - 1) * V, V, M.stream);
-        double mx = z[0], s = 0;
-        for (int j = 1; j < V; j++) mx = std::max(mx, (double)z[j]);
-        for (int j = 0; j < V; j++) s += (p[j] = std::exp(z[j] - mx));
-        double u = rng.uniform() * s, acc = 0;
-        int next = V - 1;
-        for (int j = 0; j < V; j++) {
-            acc += p[j];
-            if (u < acc) { next = j; break; }
-        }
-        if (next == tok.eot) break;
-        ctx.push_back(next);
-        out += tok.ok() ? tok.decode(next) : strfmt("<%d>", next);
-    }
-    M.step_load = saved;
-    return out;
-}
 
 // ----------------------------------------------------------------------------
 // Throughput accounting (docs/perf.md): model FLOPs per token = 6 N_active (forward +
@@ -695,375 +630,35 @@ static double device_peak_flops(const cudaDeviceProp& p) {
 }
 
 // ----------------------------------------------------------------------------
-// Fixture check (--check-fixture DIR): the GPU trainer against the PyTorch reference
-// fixtures (test/fixtures/*), as test/test_cpu.cpp checks the CPU trainer. Prints one
-// PASS/FAIL line per check and "N passed, M failed"; returns the number of failures.
-//
-// Tolerances: |got - ref| <= atol + rtol |ref| per element, atol relative to the tensor's
-// largest |ref|. fp32 mode: tight (1e-5, as the CPU trainer). bf16 mode: loose, and for
-// gradients a relative L2 error per tensor, because bf16 activations (8 bits of mantissa)
-// and a routing decision flipped by rounding move single elements a lot while the tensor
-// as a whole stays close; the table is in docs/perf.md.
-
-struct FixtureTol {
-    double logits, router_logits, topw, loss_rel, grad, adam_loss_rel, grad_norm_rel;
-    bool exact_routing;   // require identical top-K indices and counts
-    bool grad_l2;         // gradients: relative L2 error instead of max-normalized error
-};
-static FixtureTol fixture_tol(bool fp32) {
-    if (fp32) return {1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 2e-5, 1e-4, true, false};
-    return {3e-2, 3e-2, 3e-2, 1e-2, 5e-2, 2e-2, 5e-2, false, true};
-}
-
-struct CheckCounter {
-    int pass = 0, fail = 0;
-    void check(bool ok, const std::string& what) {
-        if (ok) pass++;
-        else fail++;
-        printf("%s %s\n", ok ? "PASS" : "FAIL", what.c_str());
-        fflush(stdout);
-    }
-};
-
-// max_i |a - b| / (atol_rel * max|b| + rtol |b|)
-static double worst_ratio(const float* a, const double* b, size_t n, double tol) {
-    double mx = 0;
-    for (size_t i = 0; i < n; i++) mx = std::max(mx, std::fabs(b[i]));
-    double worst = 0;
-    for (size_t i = 0; i < n; i++) {
-        double r = std::fabs((double)a[i] - b[i]) / (tol * mx + tol * std::fabs(b[i]) + 1e-12);
-        if (!(r <= worst)) worst = r;  // NaN counts as worst
-    }
-    return worst;
-}
-static double rel_l2(const float* a, const double* b, size_t n) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double e = (double)a[i] - b[i];
-        num += e * e;
-        den += b[i] * b[i];
-    }
-    if (den == 0) return num == 0 ? 0 : INFINITY;
-    return std::sqrt(num / den);
-}
-
-template <typename T>
-int check_fixture(const std::string& dir, bool sr, CheckCounter& cc) {
-    const bool fp32 = sizeof(T) == sizeof(float);
-    const FixtureTol tol = fixture_tol(fp32);
-    std::string base = dir.substr(dir.find_last_of('/') == std::string::npos ? 0 : dir.find_last_of('/') + 1);
-    std::string tag = base + (fp32 ? " [fp32]" : " [bf16]");
-    ModelConfig cfg;
-    ParamLayout lay0;
-    std::vector<float> host;
-    load_model_dir(dir, &cfg, &lay0, &host);
-    SafeTensorsReader fx(path_join(dir, "fixture.safetensors"));
-    auto meta = fx.metadata;
-    TrainSettings ts;
-    ts.aux_type = parse_aux(meta.count("aux_type") ? meta["aux_type"] : "none");
-    ts.aux_coef = atof(meta["aux_coef"].c_str());
-    ts.z_coef = atof(meta["z_coef"].c_str());
-    const TensorInfo& ii = fx.info("inputs");
-    int B = (int)ii.shape[0], Tq = (int)ii.shape[1], N = B * Tq, V = cfg.vocab_size;
-    std::vector<int> inputs = fx.read_vec<int>("inputs"), targets = fx.read_vec<int>("targets");
-
-    GPUModel<T> M;
-    M.ts = ts;
-    M.stochastic_round = sr;
-    M.setup(cfg, host, {});
-    M.alloc(B, Tq);
-    // 1. forward: logits, loss terms, routing
-    Losses l = M.forward(inputs.data(), targets.data(), B, Tq, 0.0f);
-    std::vector<float> logits = download_floats(M.logits, (size_t)N * V, M.stream);
-    std::vector<double> ref_logits = fx.read_vec<double>("logits", {B, Tq, V});
-    double w = worst_ratio(logits.data(), ref_logits.data(), logits.size(), tol.logits);
-    cc.check(w <= 1, strfmt("%s logits: worst error ratio %.3g (tol %g)", tag.c_str(), w, tol.logits));
-    auto scalar = [&](const char* k) { return fx.read_vec<double>(k)[0]; };
-    for (auto kv : std::vector<std::pair<const char*, double>>{{"loss", l.loss}, {"ce", l.ce}, {"aux", l.aux}, {"z", l.z}}) {
-        double ref = scalar(kv.first);
-        cc.check(std::fabs(kv.second - ref) <= tol.loss_rel * std::fabs(ref) + 1e-7,
-                 strfmt("%s %s: got %.9g, reference %.9g", tag.c_str(), kv.first, kv.second, ref));
-    }
-    if (cfg.is_moe()) {
-        int E = cfg.n_experts, K = cfg.top_k;
-        for (int layer = 0; layer < cfg.n_layer; layer++) {
-            auto& a = M.la[layer];
-            auto rl = fx.read_vec<double>(strfmt("router_logits.%d", layer), {N, E});
-            auto got_rl = download_floats(a.rlogits, (size_t)N * E, M.stream);
-            double wr = worst_ratio(got_rl.data(), rl.data(), rl.size(), tol.router_logits);
-            cc.check(wr <= 1, strfmt("%s router_logits.%d: worst error ratio %.3g", tag.c_str(), layer, wr));
-            auto idx = fx.read_vec<int>(strfmt("topk_idx.%d", layer), {N, K});
-            std::vector<int> got_idx((size_t)N * K);
-            download(got_idx.data(), a.topk, got_idx.size(), M.stream);
-            int diff = 0;
-            for (int i = 0; i < N * K; i++) diff += idx[i] != got_idx[i];
-            auto cnt = fx.read_vec<int>(strfmt("expert_counts.%d", layer), {E});
-            int cdiff = 0;
-            for (int e = 0; e < E; e++) cdiff += cnt[e] != a.eb.counts[e];
-            if (tol.exact_routing) {
-                cc.check(diff == 0, strfmt("%s topk_idx.%d: %d of %d differ", tag.c_str(), layer, diff, N * K));
-                cc.check(cdiff == 0, strfmt("%s expert_counts.%d: %d experts differ", tag.c_str(), layer, cdiff));
-                auto tw = fx.read_vec<double>(strfmt("topk_weight.%d", layer), {N, K});
-                auto got_tw = download_floats(a.topw, (size_t)N * K, M.stream);
-                double wt = worst_ratio(got_tw.data(), tw.data(), tw.size(), tol.topw);
-                cc.check(wt <= 1, strfmt("%s topk_weight.%d: worst error ratio %.3g", tag.c_str(), layer, wt));
-            } else {  // bf16: a near-tie may flip; allow 1 in 8 selections to differ
-                cc.check(diff * 8 <= N * K, strfmt("%s topk_idx.%d: %d of %d differ (bf16 allows 1/8)", tag.c_str(), layer, diff, N * K));
-            }
-        }
-    }
-    // 2. every parameter's gradient
-    M.forward(inputs.data(), targets.data(), B, Tq, 1.0f);
-    M.zero_grad();
-    M.backward();
-    std::vector<float> grads(M.lay.total);
-    download(grads.data(), M.grads, M.lay.total, M.stream);
-    int bad = 0;
-    double worst_all = 0;
-    std::string worst_name;
-    for (auto& t : M.lay.tensors) {
-        auto g = fx.read_vec<double>("grad." + t.name, t.shape);
-        double e = tol.grad_l2 ? rel_l2(grads.data() + t.offset, g.data(), t.numel) / tol.grad
-                               : worst_ratio(grads.data() + t.offset, g.data(), t.numel, tol.grad);
-        if (!(e <= 1)) {
-            bad++;
-            printf("    %s grad.%s: error ratio %.3g\n", tag.c_str(), t.name.c_str(), e);
-        }
-        if (!(e <= worst_all)) { worst_all = e; worst_name = t.name; }
-    }
-    cc.check(bad == 0, strfmt("%s gradients: %d of %zu tensors out of tolerance (worst %.3g: %s)", tag.c_str(), bad,
-                              M.lay.tensors.size(), worst_all, worst_name.c_str()));
-    // 3. ten AdamW steps on the same batch, from a fresh copy of the model
-    AdamW hp;
-    hp.beta1 = atof(meta["beta1"].c_str());
-    hp.beta2 = atof(meta["beta2"].c_str());
-    hp.eps = atof(meta["eps"].c_str());
-    hp.weight_decay = atof(meta["weight_decay"].c_str());
-    hp.grad_clip = atof(meta["grad_clip"].c_str());
-    double lr = atof(meta["lr"].c_str());
-    auto ref_losses = fx.read_vec<double>("adamw_losses");
-    std::vector<double> ref_norms;
-    if (fx.has("adamw_grad_norms")) ref_norms = fx.read_vec<double>("adamw_grad_norms");
-    GPUModel<T> M2;
-    M2.ts = ts;
-    M2.stochastic_round = sr;
-    M2.setup(cfg, host, {});
-    M2.alloc(B, Tq);
-    int bad_steps = 0, bad_norms = 0;
-    for (size_t s = 0; s < ref_losses.size(); s++) {
-        Losses ls = M2.forward(inputs.data(), targets.data(), B, Tq, 1.0f);
-        if (!(std::fabs(ls.loss - ref_losses[s]) <= tol.adam_loss_rel * std::fabs(ref_losses[s]))) {
-            bad_steps++;
-            printf("    %s AdamW step %zu loss %.9g vs reference %.9g\n", tag.c_str(), s, ls.loss, ref_losses[s]);
-        }
-        M2.zero_grad();
-        M2.backward();
-        double norm = M2.step(hp, lr);
-        if (s < ref_norms.size() && !(std::fabs(norm - ref_norms[s]) <= tol.grad_norm_rel * std::fabs(ref_norms[s]))) {
-            bad_norms++;
-            printf("    %s AdamW step %zu grad norm %.9g vs reference %.9g\n", tag.c_str(), s, norm, ref_norms[s]);
-        }
-    }
-    cc.check(bad_steps == 0, strfmt("%s AdamW: %d of %zu step losses out of tolerance", tag.c_str(), bad_steps, ref_losses.size()));
-    if (!ref_norms.empty())
-        cc.check(bad_norms == 0, strfmt("%s AdamW: %d of %zu grad norms out of tolerance", tag.c_str(), bad_norms, ref_norms.size()));
-    return cc.fail;
-}
-
-// ----------------------------------------------------------------------------
 // Training (train_moe.cpp main, the same loop; + mfu in every step record)
 
 struct GpuOptions {
-    std::string dtype = "bf16", check_fixture;
-    int device = 0, bench_warmup = 3;
-    bool bench = false, no_sr = false;
+    std::string dtype = "bf16";
+    int device = 0;
+    bool no_sr = false;
 };
 
+// The shared run (common/run.h) around GPUModel<T>, with the device's MFU in every step record
 template <typename T>
-int run_training(TrainArgs& args, Cli& cli, const GpuOptions& go) {
+int run_gpu_training(TrainArgs& args, Cli& cli, const GpuOptions& go) {
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, go.device));
     const double peak = device_peak_flops(prop);
-
-    default_out_to_resume_run(args, cli);
-    Tokenizer tok;
-    std::string tok_path = load_run_tokenizer(args, &tok);
-
-    // model (host fp32 weights first, exactly as the CPU trainer makes them)
-    TrainSettings ts = train_settings_from_args(args);
-    ModelConfig cfg;
-    ParamLayout lay;
-    std::vector<float> host;
-    std::vector<std::vector<float>> bias;
-    std::vector<float> h_m, h_v;
-    long adam_t = 0;
-    std::string resume_dir;
-    if (!args.resume.empty()) {
-        resume_dir = resolve_resume_dir(args.resume);
-        load_model_dir(resume_dir, &cfg, &lay, &host);
-        read_bias_tensors(resume_dir, cfg, &bias);
-    } else if (!args.init.empty()) {
-        if (cli.was_set("--experts"))
-            FAIL("--init with --experts: a checkpoint's shape is fixed; make an MoE from a dense model with ./upcycle");
-        load_model_dir(args.init, &cfg, &lay, &host);
-        read_bias_tensors(args.init, cfg, &bias);
-        if (args.init_optimizer) {
-            std::string op = path_join(args.init, "optimizer.safetensors");
-            if (!path_exists(op)) FAIL("%s: --init-optimizer needs this file", op.c_str());
-            h_m.assign(lay.total, 0);
-            h_v.assign(lay.total, 0);
-            adam_t = read_optimizer_file(op, lay, h_m.data(), h_v.data());
-        }
-    } else {
-        cfg = config_from_args(args, tok.ok() ? (int)tok.tokens.size() : 0);
-        lay = build_layout(cfg);
-        host.assign(lay.total, 0.0f);
-        init_from_scratch(cfg, lay, host.data(), (uint64_t)args.seed, (float)args.init_std);
-    }
-    if (tok.ok() && (int)tok.tokens.size() > cfg.vocab_size)
-        FAIL("%s: tokenizer has %zu tokens but the model's vocab_size is %d", tok_path.c_str(), tok.tokens.size(),
-             cfg.vocab_size);
-    if (args.seq > cfg.max_seq_len)
-        fprintf(stderr, "warning: --seq %d exceeds max_position_embeddings %d of the checkpoint\n", args.seq, cfg.max_seq_len);
-
-    // data: real shards; --bench falls back to synthetic tokens when the folder has none
-    DataLoader* data = nullptr;
-    std::unique_ptr<DataLoader> data_owner;
-    try {
-        data_owner.reset(new DataLoader(args.data_dir, args.mix, args.batch, args.seq, cfg.vocab_size, (uint64_t)args.seed));
-        data = data_owner.get();
-    } catch (const Error& e) {
-        if (!go.bench) throw;
-        printf("bench: no usable data in %s (%s): synthetic tokens\n", args.data_dir.c_str(), e.what());
-    }
-    if (!go.bench) check_writable_dir(args.out);
-
-    LRSchedule sched = schedule_from_args(args);
-    AdamW hp = adamw_from_args(args);
-
-    GPUModel<T> M;
-    M.ts = ts;
-    M.seed = (uint64_t)args.seed;
-    M.stochastic_round = !go.no_sr;
-    RunState rs;
-    if (!resume_dir.empty()) {
-        Json saved;
-        h_m.assign(build_layout(cfg).total, 0);
-        h_v.assign(h_m.size(), 0);
-        load_training_state(resume_dir, build_layout(cfg), h_m.data(), h_v.data(), &adam_t, rs,
-                            data ? data->domains.size() : 0, &saved);
-        args.check_resume_settings(saved, resume_dir);
-        if (data) data->state = rs.data;
-    }
-    M.adam_t = adam_t;  // before setup: the working copy is keyed by it
-    M.setup(cfg, host, bias);
-    if (!h_m.empty()) M.upload_moments(h_m, h_v);
-    M.alloc(args.batch, args.seq);
-    const ModelConfig& c = M.cfg;
-
     printf("device: %s (%s, %s)\n", prop.name, sizeof(T) == 4 ? "fp32" : "bf16 mixed precision",
            peak > 0 ? strfmt("bf16 peak %.0f TFLOP/s", peak / 1e12).c_str() : "unknown device: no MFU");
-    print_model_summary(c, ts.aux_type, ts.aux_coef, ts.z_coef);
-    printf("; activations %.2f GiB\n", M.act_bytes / 1073741824.0);
-
-    const double tokens_per_step = (double)args.batch * args.seq * args.grad_accum;
-    const double flops_step = flops_per_token(c, args.seq) * tokens_per_step;
-    std::vector<int> inp((size_t)args.batch * args.seq), tgt((size_t)args.batch * args.seq);
-    uint64_t synth_counter = 0;
-    auto next_batch = [&]() {
-        if (data) { data->next_batch(inp.data(), tgt.data()); return; }
-        for (size_t i = 0; i < inp.size(); i++) {  // synthetic: uniform random tokens
-            inp[i] = (int)(rng_u64((uint64_t)args.seed, stream_id(PURPOSE_MISC, 0xbe), synth_counter++) % c.vocab_size);
-            tgt[i] = (int)(rng_u64((uint64_t)args.seed, stream_id(PURPOSE_MISC, 0xbe), synth_counter++) % c.vocab_size);
-        }
+    GPUModel<T> M;
+    M.seed = (uint64_t)args.seed;
+    M.stochastic_round = !go.no_sr;
+    RunHooks hooks;
+    hooks.mfu = [&](double dt) {  // null in metrics.jsonl on an unknown device
+        const double tokens_per_step = (double)args.batch * args.seq * args.grad_accum;
+        return peak > 0 ? flops_per_token(M.cfg, args.seq) * tokens_per_step / dt / peak : NAN;
     };
-    auto train_step = [&](double lr, Losses* acc) {
-        M.zero_grad();
-        for (int micro = 0; micro < args.grad_accum; micro++) {
-            next_batch();
-            Losses l = M.forward(inp.data(), tgt.data(), args.batch, args.seq, 1.0f / args.grad_accum);
-            M.backward();
-            acc->add_mean(l, args.grad_accum);
-        }
-        return M.step(hp, lr);
-    };
-
-    if (go.bench) {  // throughput only: no eval, no checkpoints, no metrics file
-        for (int i = 0; i < go.bench_warmup; i++) {
-            Losses acc;
-            train_step(sched.at(0), &acc);
-        }
-        cudaCheck(cudaDeviceSynchronize());
-        double t0 = now_seconds();
-        Losses acc;
-        for (int s = 0; s < args.steps; s++) { acc = Losses(); train_step(sched.at(s), &acc); }
-        cudaCheck(cudaDeviceSynchronize());
-        double dt = (now_seconds() - t0) / std::max(1, args.steps);
-        size_t free_b = 0, total_b = 0;
-        cudaCheck(cudaMemGetInfo(&free_b, &total_b));
-        double tps = tokens_per_step / dt;
-        printf("bench: %s | %d steps of %.0f tokens | %.1f ms/step | %.0f tok/s | MFU %s | GPU memory in use %.2f GiB | "
-               "last loss %.4f\n",
-               c.is_moe() ? "MoE" : "dense", args.steps, tokens_per_step, dt * 1e3, tps,
-               peak > 0 ? strfmt("%.1f%%", 100 * flops_step / dt / peak).c_str() : "n/a (unknown device)",
-               (total_b - free_b) / 1073741824.0, acc.loss);
-        return 0;
-    }
-
-    MetricsLog metrics;
-    metrics.open(path_join(args.out, "metrics.jsonl"), resume_dir.empty() ? -1 : rs.step);
-    RngStream sample_rng((uint64_t)args.seed, stream_id(PURPOSE_SAMPLE));
-    sample_rng.counter = rs.sample_counter;
-    print_data_and_run(args, *data, sched, resume_dir, rs.step);
-
-    const long start_step = rs.step;
-    double t_start = now_seconds();
-    long last_saved = -1;
-    Json settings = args.settings();
-    auto save_now = [&]() {
-        rs.data = data->state;
-        rs.sample_counter = sample_rng.counter;
-        std::string name = strfmt("step_%06ld", rs.step);
-        std::vector<float> p, mm, vv;
-        M.download_state(&p, &mm, &vv);
-        save_checkpoint(path_join(args.out, name), M.cfg, M.lay, p.data(), mm.data(), vv.data(), M.adam_t,
-                        M.expert_bias, M.ts.aux_free_rate > 0, rs, settings,
-                        path_join(args.data_dir, "tokenizer.json"));  // as train_moe.cpp: HF tools need it
-        write_text_atomic(path_join(args.out, "latest"), name + "\n");
-        last_saved = rs.step;
-        printf("saved %s\n", path_join(args.out, name).c_str());
-    };
-    auto print_sample = [&]() {
-        if (args.sample_tokens <= 0) return;
-        std::string s = sample_text(M, tok, args.sample_tokens, args.seq, sample_rng);
-        printf("sample at step %ld: %s\n", rs.step, printable(s).c_str());
-    };
-    while (rs.step < args.steps) {
-        if (args.eval_every > 0 && rs.step % args.eval_every == 0)
-            log_eval(metrics, M.cfg, *data, evaluate(M, *data, args.eval_batches), rs.step, rs.tokens);
-        if (args.sample_every > 0 && rs.step > 0 && rs.step % args.sample_every == 0) print_sample();
-        double t0 = now_seconds();
-        Losses acc;
-        double lr = sched.at((int)rs.step);
-        double norm = train_step(lr, &acc);  // step() ends with a stream synchronize: dt is real
-        rs.step++;
-        rs.tokens += tokens_per_step;
-        double dt = now_seconds() - t0;
-        if (!std::isfinite(acc.loss)) FAIL("loss is %g at step %ld: training diverged", acc.loss, rs.step);
-        log_step(metrics, args, c.is_moe(), rs, start_step, acc, lr, norm, dt, now_seconds() - t_start,
-                 /*has_mfu=*/true, peak > 0 ? flops_step / dt / peak : NAN);  // null on an unknown device
-        if (args.save_every > 0 && rs.step % args.save_every == 0 && rs.step < args.steps) {
-            rs.elapsed += now_seconds() - t_start;
-            t_start = now_seconds();
-            save_now();
-        }
-    }
-    log_eval(metrics, M.cfg, *data, evaluate(M, *data, args.eval_batches), rs.step, rs.tokens);
-    print_sample();
-    if (!args.no_save && last_saved != rs.step) save_now();
-    return 0;
+    return run_training(M, args, cli, hooks);
 }
 
+// test/test_gpu_fixtures.cu and dev/bench/bench_gpu.cu include this file as a library
+#ifndef TRAIN_MOE_NO_MAIN
 int main(int argc, char** argv) {
     TrainArgs args;
     GpuOptions go;
@@ -1075,10 +670,6 @@ int main(int argc, char** argv) {
     cli.add("--dtype", &go.dtype, "bf16 (fp32 master weights, bf16 compute) or fp32 (everything fp32; for tests)");
     cli.add("--device", &go.device, "CUDA device index");
     cli.flag("--no-stochastic-rounding", &go.no_sr, "bf16: round the weight copy to nearest instead of stochastically");
-    cli.section("Testing and benchmarking");
-    cli.add("--check-fixture", &go.check_fixture, "compare with a reference fixture dir (test/fixtures/*) and exit");
-    cli.flag("--bench", &go.bench, "time --steps steps after --bench-warmup, print tok/s, MFU, memory (no files)");
-    cli.add("--bench-warmup", &go.bench_warmup, "untimed steps before a --bench measurement");
     cli.epilog("Checkpoints are Hugging Face model directories (config.json + model.safetensors) plus\n"
                "optimizer.safetensors and trainer_state.json; --resume continues bit-identically on the same GPU.");
     try {
@@ -1090,16 +681,10 @@ int main(int argc, char** argv) {
         if (go.device < 0 || go.device >= ndev) FAIL("--device %d: this machine has %d CUDA device(s)", go.device, ndev);
         cudaCheck(cudaSetDevice(go.device));
         const bool fp32 = go.dtype == "fp32";
-        if (!go.check_fixture.empty()) {
-            CheckCounter cc;
-            if (fp32) check_fixture<float>(go.check_fixture, !go.no_sr, cc);
-            else check_fixture<bf16>(go.check_fixture, !go.no_sr, cc);
-            printf("%d passed, %d failed\n", cc.pass, cc.fail);
-            return cc.fail ? 1 : 0;
-        }
-        return fp32 ? run_training<float>(args, cli, go) : run_training<bf16>(args, cli, go);
+        return fp32 ? run_gpu_training<float>(args, cli, go) : run_gpu_training<bf16>(args, cli, go);
     } catch (const Error& e) {
         fprintf(stderr, "error: %s\n", e.what());
         return 1;
     }
 }
+#endif  // TRAIN_MOE_NO_MAIN
