@@ -156,7 +156,8 @@ void check_production(Suite& S, std::vector<float> logits, const std::vector<int
 int main(int argc, char** argv) {
     Suite S("classifier", argc, argv);
     struct Size { int N, V; };
-    const Size sizes[] = {{1, 5}, {3, 1001}, {64, 16384}, {4096, 16384}};
+    // emulated: 512 rows of the full vocabulary instead of 4096 (those are there to be timed)
+    const Size sizes[] = {{1, 5}, {3, 1001}, {64, 16384}, {EMULATED ? 512 : 4096, 16384}};
     for (int v = 1; v <= NV; v++) {
         if (!S.want(v)) continue;
         S.begin(v, NAMES[v]);

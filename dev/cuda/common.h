@@ -13,11 +13,29 @@ What it gives a kernel file:
         rel  = ||out - ref|| / ||ref||               (must be <= tol.rel)
         worst = max_i |out_i - ref_i| / (atol + rtol |ref_i|)   (must be <= 1)
     plus "no NaN, no Inf anywhere", each counted as one check.
+  - check_scaled: for outputs made of cancelling terms (router-loss gradients), against a
+    double reference, with the error measured relative to the magnitude of the terms that
+    make up each element (mag) instead of |ref|; see compare_scaled.
+  - check_catches: the self-test of a redesigned check: its comparison applied to a
+    deliberately corrupted copy of the kernel output (a planted bug) must fail.
   - bench_ms: device-event timing; warm-up, many repeats, median, and the L2 cache flushed
     before every repeat by writing a buffer twice the L2 size (otherwise repeated runs over
     the same inputs measure the cache, not memory).
   - Suite: counts checks per version, collects timings and prints the table, ending with
     "N passed, M failed"; finish() returns the process exit code (non-zero on any failure).
+
+Under emulation (CUDA_EMU, defined by dev/emu/cuda_emu.h when `make build/emu/dev_cuda/NAME`
+builds a file with g++ to run on the CPU):
+  - EMULATED is true (a constexpr bool, false under nvcc). It is the one switch a kernel file
+    uses to cap its problem sizes, e.g.
+        const Size sizes[] = {{7, 33}, {64, 256}, {EMULATED ? 256 : 1024, 768}, ...};
+        if (EMULATED && c.bench_only) continue;
+    so that a whole file runs in seconds on the CPU, while on a GPU the sizes are unchanged.
+    Edge cases (odd sizes, empty experts, the largest head dims) stay in: only the number of
+    rows and cases that exist only to be timed shrink.
+  - bench / bench_ms time nothing (the emulator's clock measures the CPU, not a GPU): each
+    prints "time <what>  skipped under emulation", runs nothing, records no timing, and the
+    timing table is not printed.
 
 The CPU references are the free functions of train_moe.cpp, included as a library by each
 kernel file (#define TRAIN_MOE_NO_MAIN), so the GPU is held to the same code the CPU trainer
@@ -57,6 +75,13 @@ inline void cublas_check_impl(cublasStatus_t s, const char* what, const char* fi
     }
 }
 #define cublasCheck(call) cublas_check_impl((call), #call, __FILE__, __LINE__)
+
+// true when this file runs on the CPU through dev/emu/cuda_emu.h: cap the sizes with it
+#ifdef CUDA_EMU
+constexpr bool EMULATED = true;
+#else
+constexpr bool EMULATED = false;
+#endif
 
 inline int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
 
@@ -158,6 +183,18 @@ struct Tol {
 };
 constexpr Tol TOL_FP32 = {1e-5, 1e-5, 1e-4};
 constexpr Tol TOL_BF16 = {1e-2, 1e-2, 2e-2};
+// For long sums of terms of both signs (column sums over thousands of rows, d-long dot
+// products): their rounding grows with the partial sums, which are of the size of a
+// TYPICAL element (a random walk) even in an element that happens to end near 0, so a flat
+// atol fails a correct sum on such elements whenever the two sides add in different orders.
+// Here atol is relative to the tensor's scale: t.atol x rms(ref) (never below t.atol). Use
+// it with a reference accumulated in double, so that the bound measures the kernel alone.
+inline Tol sum_tol(const std::vector<float>& ref, Tol t = TOL_FP32) {
+    double ss = 0;
+    for (float v : ref) ss += (double)v * v;
+    t.atol *= std::max(1.0, std::sqrt(ss / std::max<size_t>(ref.size(), 1)));
+    return t;
+}
 
 // ----------------------------------------------------------------------------
 // The suite: checks, timings, the summary
@@ -193,6 +230,10 @@ struct Suite {
         printf("== dev/cuda/%s on %s (sm_%d%d, %d SMs, L2 %d MB)%s\n", fam, prop.name, prop.major, prop.minor,
                prop.multiProcessorCount, prop.l2CacheSize >> 20,
                only >= 0 ? (" [version " + std::to_string(only) + " only]").c_str() : "");
+        if (EMULATED) {
+            printf("   (emulated on the CPU: sizes capped, benchmarks skipped)\n");
+            return;  // no timing: no flush buffer, no events
+        }
         flush_bytes = 2.0 * prop.l2CacheSize;
         cudaCheck(cudaMalloc(&flush_buf, (size_t)flush_bytes));
         cudaCheck(cudaEventCreate(&ev0));
@@ -218,36 +259,100 @@ struct Suite {
     }
     void record(bool ok) { ok ? cur().passed++ : cur().failed++; }
 
-    // ||out-ref||/||ref|| and the elementwise bound; NaN (unwritten, poisoned) never passes
-    bool check_close(const char* what, const std::vector<float>& out, const std::vector<float>& ref, Tol tol) {
-        if (out.size() != ref.size()) {
-            printf("   FAIL %-28s size %zu != reference %zu\n", what, out.size(), ref.size());
-            record(false);
-            return false;
-        }
-        double num = 0, den = 0, worst = 0;
+    // One comparison's numbers, not yet recorded (check_* print and record them)
+    struct Cmp {
+        double rel = 0;     // normwise error, as a fraction of what the check divides by
+        double worst = 0;   // largest elementwise error, as a fraction of its bound (<= 1 passes)
         size_t worst_i = 0, nonfinite = 0;
+        bool size_ok = true, ok = false;
+        double tol_rel = 0;
+        // the error as a multiple of what the check allows: <= 1 passes
+        double ratio() const { return nonfinite || !size_ok ? INFINITY : std::max(rel / tol_rel, worst); }
+    };
+    // ||out-ref||/||ref|| and the elementwise bound; NaN (unwritten, poisoned) never passes
+    static Cmp compare_close(const std::vector<float>& out, const std::vector<float>& ref, Tol tol) {
+        Cmp c;
+        c.tol_rel = tol.rel;
+        if (out.size() != ref.size()) { c.size_ok = false; return c; }
+        double num = 0, den = 0;
         for (size_t i = 0; i < out.size(); i++) {
             double o = out[i], r = ref[i];
-            if (!std::isfinite(o)) { if (nonfinite++ == 0) worst_i = i; continue; }
+            if (!std::isfinite(o)) { if (c.nonfinite++ == 0) c.worst_i = i; continue; }
             num += (o - r) * (o - r);
             den += r * r;
             double q = std::fabs(o - r) / (tol.atol + tol.rtol * std::fabs(r));
-            if (q > worst && !nonfinite) { worst = q; worst_i = i; }
+            if (q > c.worst && !c.nonfinite) { c.worst = q; c.worst_i = i; }
         }
-        double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-        bool ok = nonfinite == 0 && rel <= tol.rel && worst <= 1.0;
-        if (verbose || !ok) {
-            if (nonfinite)
-                printf("   FAIL %-28s %zu of %zu elements NaN/Inf (unwritten?), first at %zu\n", what, nonfinite,
-                       out.size(), worst_i);
-            else
-                printf("   %s %-28s n=%-10zu rel %.2e (tol %.0e)  worst %.3f of bound at %zu (out %.6g ref %.6g)\n",
-                       ok ? "ok  " : "FAIL", what, out.size(), rel, tol.rel, worst, worst_i,
-                       out.empty() ? 0.0 : out[worst_i], ref.empty() ? 0.0 : ref[worst_i]);
+        c.rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+        c.ok = c.nonfinite == 0 && c.rel <= tol.rel && c.worst <= 1.0;
+        return c;
+    }
+    // For outputs whose elements are differences of much larger terms (cancellation), where
+    // a bound relative to |ref| (or to max |ref|) fails at random on a correct kernel. `mag`:
+    // per element, the sum of the magnitudes of the terms it is made of (so |ref_j| <= mag_j);
+    // `ref` computed in double. A correct fp32 kernel is off by a few ulps of the TERMS:
+    //     rel   = ||out - ref|| / ||mag||                        <= tol.rel
+    //     worst = max_j |out_j - ref_j| / (tol.atol mag_j + tol.rtol |ref_j|) <= 1
+    static Cmp compare_scaled(const std::vector<float>& out, const std::vector<double>& ref,
+                              const std::vector<double>& mag, Tol tol) {
+        Cmp c;
+        c.tol_rel = tol.rel;
+        if (out.size() != ref.size() || mag.size() != ref.size()) { c.size_ok = false; return c; }
+        double num = 0, den = 0;
+        for (size_t i = 0; i < out.size(); i++) {
+            double o = out[i], r = ref[i];
+            if (!std::isfinite(o)) { if (c.nonfinite++ == 0) c.worst_i = i; continue; }
+            num += (o - r) * (o - r);
+            den += mag[i] * mag[i];
+            double q = std::fabs(o - r) / (tol.atol * mag[i] + tol.rtol * std::fabs(r) + 1e-300);
+            if (q > c.worst && !c.nonfinite) { c.worst = q; c.worst_i = i; }
         }
-        record(ok);
-        return ok;
+        c.rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+        c.ok = c.nonfinite == 0 && c.rel <= tol.rel && c.worst <= 1.0;
+        return c;
+    }
+    void print_cmp(const char* what, const Cmp& c, size_t n, double out_w, double ref_w, const char* rel_name) {
+        if (!c.size_ok)
+            printf("   FAIL %-28s size %zu != reference\n", what, n);
+        else if (c.nonfinite)
+            printf("   FAIL %-28s %zu of %zu elements NaN/Inf (unwritten?), first at %zu\n", what, c.nonfinite, n,
+                   c.worst_i);
+        else
+            printf("   %s %-28s n=%-10zu %s %.2e (tol %.0e)  worst %.3f of bound at %zu (out %.6g ref %.6g)\n",
+                   c.ok ? "ok  " : "FAIL", what, n, rel_name, c.rel, c.tol_rel, c.worst, c.worst_i, out_w, ref_w);
+    }
+    template <class R>
+    static double at(const std::vector<R>& v, size_t i) { return i < v.size() ? (double)v[i] : 0.0; }
+
+    bool check_close(const char* what, const std::vector<float>& out, const std::vector<float>& ref, Tol tol) {
+        Cmp c = compare_close(out, ref, tol);
+        if (verbose || !c.ok) print_cmp(what, c, out.size(), at(out, c.worst_i), at(ref, c.worst_i), "rel");
+        record(c.ok);
+        return c.ok;
+    }
+    // compare_scaled, printed and recorded; the line adds kappa = ||mag|| / ||ref||: the
+    // check catches any error larger than tol.rel * kappa of ||ref||
+    bool check_scaled(const char* what, const std::vector<float>& out, const std::vector<double>& ref,
+                      const std::vector<double>& mag, Tol tol) {
+        Cmp c = compare_scaled(out, ref, mag, tol);
+        print_cmp(what, c, out.size(), at(out, c.worst_i), at(ref, c.worst_i), "err/|mag|");
+        double nr = 0, nm = 0;
+        for (size_t i = 0; i < ref.size() && i < mag.size(); i++) { nr += ref[i] * ref[i]; nm += mag[i] * mag[i]; }
+        printf("        (kappa ||mag||/||ref|| = %.3g: errors above %.1e of ||ref|| are caught)\n",
+               nr > 0 ? std::sqrt(nm / nr) : INFINITY, nr > 0 ? tol.rel * std::sqrt(nm / nr) : INFINITY);
+        record(c.ok);
+        return c.ok;
+    }
+    // The test of a check: the same comparison, applied to a deliberately corrupted copy of
+    // the kernel's output (a planted bug), must FAIL. Counted as one check, passed when the
+    // comparison fails; the line gives the corrupted copy's error as a multiple of the bound
+    // next to the real output's (`real`), so the margin on both sides is visible.
+    bool check_catches(const char* bug, const Cmp& real, const Cmp& corrupted) {
+        bool caught = !corrupted.ok;
+        printf("   %s planted bug caught: %-40s error %.3g x bound (the real output: %.3g x bound)\n",
+               caught ? "ok  " : "FAIL", bug, corrupted.ratio(), real.ratio());
+        record(caught);
+        return caught;
     }
     template <class T>
     bool check_equal(const char* what, const std::vector<T>& out, const std::vector<T>& ref) {
@@ -271,9 +376,14 @@ struct Suite {
         return ok;
     }
 
-    // median device time of f() in ms; the L2 flush runs between the events' windows
+    // median device time of f() in ms; the L2 flush runs between the events' windows.
+    // Under emulation: runs nothing and returns NaN (a CPU time is no GPU time)
     template <class F>
     double bench_ms(F&& f, int warmup = 5, int reps = 50) {
+        if (EMULATED) {
+            printf("   time skipped under emulation\n");
+            return NAN;
+        }
         for (int i = 0; i < warmup; i++) f();
         cudaCheck(cudaDeviceSynchronize());
         launchCheck();
@@ -294,6 +404,10 @@ struct Suite {
     // achieved GB/s and TFLOP/s (compare with the measured copy / GEMM ceilings)
     template <class F>
     double bench(const char* what, F&& f, double bytes, double flops = 0) {
+        if (EMULATED) {  // nothing timed, nothing recorded
+            printf("   time %-28s skipped under emulation\n", what);
+            return NAN;
+        }
         double ms = bench_ms(f);
         timings.push_back(Timing{cur().version, what, ms, bytes, flops});
         printf("   time %-28s %.4f ms", what, ms);

@@ -189,10 +189,14 @@ int main(int argc, char** argv) {
     Gemm gemm;
     ProdBlas pb;
     struct Case { int E, R, C, OC, empty; const char* what; };
+    // emulated: the two model-size cases keep their shapes (C > OC, then OC > C; which
+    // expert is empty) at an eighth of the width and a quarter of the rows
     const Case cases[] = {{4, 37, 16, 24, 2, "tiny"},
                           {8, 300, 64, 96, 0, "small, expert 0 empty"},
-                          {8, 4096, 3072, 768, 7, "down proj F->d, last expert empty"},
-                          {8, 8192, 768, 3072, 5, "gate/up proj d->F (N 4096 x K 2)"}};
+                          EMULATED ? Case{8, 1024, 384, 96, 7, "down proj shape F->d (emulated: F 384 d 96)"}
+                                   : Case{8, 4096, 3072, 768, 7, "down proj F->d, last expert empty"},
+                          EMULATED ? Case{8, 2048, 96, 384, 5, "gate/up proj shape d->F (emulated: d 96 F 384)"}
+                                   : Case{8, 8192, 768, 3072, 5, "gate/up proj d->F (N 4096 x K 2)"}};
     uint64_t seed = 9;
     for (auto c : cases) {
         int E = c.E, R = c.R, C = c.C, OC = c.OC;

@@ -1,7 +1,7 @@
 /*
 Global gradient norm: sqrt(sum_i g_i^2) over the whole flat gradient buffer (for clipping).
-CPU reference: the first lines of Model::step in train_moe.cpp (a double-precision sum),
-copied below as global_norm_cpu.
+CPU reference: global_norm of train_moe.cpp (a double-precision sum in index order), as
+Model::step calls it.
 Every version reduces in a fixed order (per-thread strided sums, fixed tree within a block,
 block partials added in block order): no atomics, so the same gradients give the same bits
 every run, and the clip factor (and so the whole update) is reproducible.
@@ -19,11 +19,7 @@ scratch), called as train_moe.cu's GPUModel::step does; the host takes the sqrt 
 #include "common.h"
 #include "../../kernels/global_norm.cuh"
 
-double global_norm_cpu(const std::vector<float>& g) {  // Model::step
-    double sq = 0;
-    for (size_t i = 0; i < g.size(); i++) sq += (double)g[i] * g[i];
-    return std::sqrt(sq);
-}
+double global_norm_cpu(const std::vector<float>& g) { return global_norm(g.data(), g.size()); }
 
 // fixed-shape block reduction: same order every run
 template <int THREADS, class Tacc>
@@ -90,6 +86,7 @@ int main(int argc, char** argv) {
         S.begin(v, NAMES[v]);
         uint64_t seed = 3 * v;
         for (long n : sizes) {
+            if (EMULATED && n == 300L * 1000 * 1000) continue;  // there to be timed
             printf("  n %ld\n", n);
             auto g = rand_floats(n, seed++, -0.01f, 0.01f);
             double ref = global_norm_cpu(g);

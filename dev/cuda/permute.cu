@@ -8,8 +8,8 @@ the tokens' rows in that order, and combine the experts' outputs back; and the b
   combine:   out[n, :] = sum_k topw[n,k] ey[row_of[n,k], :]   (slots summed in order)
   backward:  dtopw[n,k] = dout[n] . ey[row_of[n,k]];  dey[row_of[n,k]] = topw[n,k] dout[n]
              dx[n, :] += sum_k dxe[row_of[n,k], :]           (slots in order)
-CPU reference: the permutation code inside Model::moe_forward / moe_backward of train_moe.cpp
-(methods, so transcribed below as plain functions, line for line). Every case includes an
+CPU reference: moe_permute, moe_gather_forward / _backward and moe_combine_forward /
+_backward of train_moe.cpp (permute_reference below calls them). Every case includes an
 expert that receives no token (its block of rows is empty: offsets[e] == offsets[e+1]).
 
 Build and run (from the repository root):
@@ -24,6 +24,13 @@ then lets router_backward_matmul add the router's part into the same buffer), so
 reference starts from 0 and dx is poisoned. topw, dtopw stay fp32 in both; bf16: x, ey,
 dout, dxe bf16 (the reference on their bf16 roundings), gather exact, combine / dey /
 un-permute at TOL_BF16, dtopw (fp32 sums) at TOL_FP32.
+
+dtopw is a d-long dot product (768 terms of both signs): its reference is accumulated in
+double (dtopw_reference), and its elementwise atol is 1e-5 x rms(dtopw) (sum_tol in
+common.h): against train_moe.cpp's fp32 dot and a flat atol 1e-5, v1's correct sequential
+dot reached 0.8 of the bound at d 768 (an element near 0 after partial sums of ~10), too
+close for a GPU, which rounds differently again. The check is tested on every run: the
+kernel's dtopw without the last term of the dot (a loop bound off by one) must fail it.
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
@@ -31,34 +38,83 @@ un-permute at TOL_BF16, dtopw (fp32 sums) at TOL_FP32.
 #include "../../kernels/permute.cuh"
 
 // ----------------------------------------------------------------------------
-// CPU reference (Model::moe_forward / moe_backward)
+// dtopw[n,k] = dout[n] . ey[row_of[n,k]] in double (the dot of train_moe.cpp, more exactly)
+std::vector<float> dtopw_reference(const std::vector<float>& dout, const std::vector<float>& ey,
+                                   const std::vector<int>& row_of, int N, int K, int d) {
+    std::vector<float> r((size_t)N * K);
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            double s = 0;
+            for (int i = 0; i < d; i++)
+                s += (double)dout[(size_t)n * d + i] * ey[(size_t)row_of[n * K + k] * d + i];
+            r[(size_t)n * K + k] = (float)s;
+        }
+    return r;
+}
+// dtopw's check, and its test: the kernel's dtopw without the dot's last term must fail it
+void check_dtopw(Suite& S, const std::vector<float>& got, const std::vector<float>& ref, const std::vector<float>& dout,
+                 const std::vector<float>& ey, const std::vector<int>& row_of, int N, int K, int d) {
+    const Tol tol = sum_tol(ref);
+    S.check_close("dtopw", got, ref, tol);
+    std::vector<float> bad = got;
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++)
+            bad[(size_t)n * K + k] -= dout[(size_t)n * d + d - 1] * ey[(size_t)row_of[n * K + k] * d + d - 1];
+    S.check_catches("dtopw without the dot's last term", Suite::compare_close(got, ref, tol),
+                    Suite::compare_close(bad, ref, tol));
+}
+
+// ----------------------------------------------------------------------------
+// CPU reference: train_moe.cpp's MoE permutation functions
 struct Perm {
     std::vector<int> counts, seq_counts, offsets, row_token, row_of;
 };
 Perm sort_cpu(const std::vector<int>& topk, int B, int T, int E, int K) {
-    int N = B * T;
+    const size_t NK = (size_t)B * T * K;
     Perm a;
-    a.counts.assign(E, 0);
-    a.seq_counts.assign((size_t)B * E, 0);
-    a.offsets.assign(E + 1, 0);
-    a.row_token.assign((size_t)N * K, 0);
-    a.row_of.assign((size_t)N * K, 0);
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) {
-            int e = topk[n * K + k];
-            a.counts[e]++;
-            a.seq_counts[(n / T) * E + e]++;
-        }
-    a.offsets[0] = 0;
-    for (int e = 0; e < E; e++) a.offsets[e + 1] = a.offsets[e] + a.counts[e];
-    std::vector<int> fill(a.offsets.begin(), a.offsets.end() - 1);
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) {
-            int r = fill[topk[n * K + k]]++;
-            a.row_token[r] = n;
-            a.row_of[n * K + k] = r;
-        }
+    a.counts.resize(E);
+    a.seq_counts.resize((size_t)B * E);
+    a.offsets.resize(E + 1);
+    a.row_token.resize(NK);
+    a.row_of.resize(NK);
+    moe_permute(a.counts.data(), a.seq_counts.data(), a.offsets.data(), a.row_token.data(), a.row_of.data(), topk.data(),
+                B, T, E, K);
     return a;
+}
+// gather, combine and their backward on the layout `ref`; dx starts from dx0 (+=), dtopw
+// in double (see the top)
+struct PermOut {
+    std::vector<float> xe, out, dtopw, dey, dx;
+};
+PermOut permute_reference(const Perm& ref, const std::vector<float>& x, const std::vector<float>& ey,
+                          const std::vector<float>& topw, const std::vector<float>& dout, const std::vector<float>& dxe,
+                          const std::vector<float>& dx0, int N, int K, int d) {
+    const int NK = N * K;
+    PermOut r;
+    r.xe.resize((size_t)NK * d);
+    r.out.resize((size_t)N * d);
+    r.dtopw.resize(NK);
+    r.dey.resize((size_t)NK * d);
+    r.dx = dx0;
+    moe_gather_forward(r.xe.data(), x.data(), ref.row_token.data(), NK, d);
+    moe_combine_forward(r.out.data(), ey.data(), topw.data(), ref.row_of.data(), N, K, d);
+    moe_combine_backward(r.dey.data(), r.dtopw.data(), dout.data(), ey.data(), topw.data(), ref.row_of.data(), N, K, d);
+    moe_gather_backward(r.dx.data(), dxe.data(), ref.row_of.data(), N, K, d);
+    r.dtopw = dtopw_reference(dout, ey, ref.row_of, N, K, d);
+    return r;
+}
+
+// The sort's five outputs against the reference; then the reference layout goes to the
+// device, so that what follows the sort is checked on its own
+void check_sort(Suite& S, Dev<int>& counts, Dev<int>& seq_counts, Dev<int>& offsets, Dev<int>& row_token,
+                Dev<int>& row_of, const Perm& ref) {
+    S.check_equal("counts", counts.host(), ref.counts);
+    S.check_equal("seq_counts", seq_counts.host(), ref.seq_counts);
+    S.check_equal("offsets", offsets.host(), ref.offsets);
+    S.check_equal("row_token (stable order)", row_token.host(), ref.row_token);
+    S.check_equal("row_of", row_of.host(), ref.row_of);
+    row_token.upload(ref.row_token);
+    row_of.upload(ref.row_of);
 }
 
 // ----------------------------------------------------------------------------
@@ -191,20 +247,9 @@ void check_production(Suite& S, const std::vector<int>& topk, const std::vector<
     const Tol tol = is_bf16 ? TOL_BF16 : TOL_FP32;
     const int N = B * T_, NK = N * K;
     if (is_bf16) { x = round_bf16(x); ey = round_bf16(ey); dout = round_bf16(dout); dxe = round_bf16(dxe); }
-    // CPU, as in versions 1-2 (Model::moe_forward/backward), except dx starts at 0 (written)
-    std::vector<float> xe((size_t)NK * d), out((size_t)N * d, 0), dtopw(NK), dey((size_t)NK * d), dx((size_t)N * d, 0);
-    for (int r = 0; r < NK; r++)
-        for (int i = 0; i < d; i++) xe[(size_t)r * d + i] = x[(size_t)ref.row_token[r] * d + i];
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) axpy(&out[(size_t)n * d], topw[n * K + k], &ey[(size_t)ref.row_of[n * K + k] * d], d);
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) {
-            int r = ref.row_of[n * K + k];
-            dtopw[n * K + k] = dot(&dout[(size_t)n * d], &ey[(size_t)r * d], d);
-            for (int i = 0; i < d; i++) dey[(size_t)r * d + i] = topw[n * K + k] * dout[(size_t)n * d + i];
-        }
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) axpy(&dx[(size_t)n * d], 1, &dxe[(size_t)ref.row_of[n * K + k] * d], d);
+    // CPU, as in versions 1-2, except dx starts at 0 (written)
+    PermOut cpu = permute_reference(ref, x, ey, topw, dout, dxe, std::vector<float>((size_t)N * d, 0.0f), N, K, d);
+    const std::vector<float>&xe = cpu.xe, &out = cpu.out, &dtopw = cpu.dtopw, &dey = cpu.dey, &dx = cpu.dx;
 
     Dev<int> dTopk(topk), dCounts(E), dSeq((size_t)B * E), dOff(E + 1), dRt(NK), dRo(NK);
     Dev<T> dX(to_t<T>(x)), dXe((size_t)NK * d), dEy(to_t<T>(ey)), dOut((size_t)N * d), dDout(to_t<T>(dout)),
@@ -214,13 +259,7 @@ void check_production(Suite& S, const std::vector<int>& topk, const std::vector<
     auto sort = [&] { gpu::moe_permute(dSeq.p, dCounts.p, dOff.p, dRt.p, dRo.p, dTopk.p, B, T_, E, K, st); };
     dCounts.poison(); dSeq.poison(); dOff.poison(); dRt.poison(); dRo.poison();
     sort();
-    S.check_equal("counts", dCounts.host(), ref.counts);
-    S.check_equal("seq_counts", dSeq.host(), ref.seq_counts);
-    S.check_equal("offsets", dOff.host(), ref.offsets);
-    S.check_equal("row_token (stable order)", dRt.host(), ref.row_token);
-    S.check_equal("row_of", dRo.host(), ref.row_of);
-    dRt.upload(ref.row_token);  // the rest from the reference layout
-    dRo.upload(ref.row_of);
+    check_sort(S, dCounts, dSeq, dOff, dRt, dRo, ref);
     auto gather = [&] { gpu::moe_gather(dXe.p, (const T*)dX.p, dRt.p, NK, d, st); };
     auto combine = [&] { gpu::moe_combine_forward(dOut.p, (const T*)dEy.p, dW.p, dRo.p, N, K, d, st); };
     auto uncombine = [&] {
@@ -233,7 +272,7 @@ void check_production(Suite& S, const std::vector<int>& topk, const std::vector<
     combine();
     S.check_close("combine out", host_f(dOut), out, tol);
     uncombine();
-    S.check_close("dtopw", dDtw.host(), dtopw, TOL_FP32);
+    check_dtopw(S, dDtw.host(), dtopw, dout, ey, ref.row_of, N, K, d);
     S.check_close("dey", host_f(dDey), dey, tol);
     unpermute();
     S.check_close("un-permute dx (written)", host_f(dDx), dx, tol);
@@ -268,20 +307,9 @@ int main(int argc, char** argv) {
             auto x = rand_floats((size_t)N * d, seed++), ey = rand_floats((size_t)NK * d, seed++);
             auto dout = rand_floats((size_t)N * d, seed++), dxe = rand_floats((size_t)NK * d, seed++);
             auto dx0 = rand_floats((size_t)N * d, seed++);
-            // CPU: gather, combine, un-combine, un-permute as in Model::moe_forward/backward
-            std::vector<float> xe((size_t)NK * d), out((size_t)N * d, 0), dtopw(NK), dey((size_t)NK * d), dx = dx0;
-            for (int r = 0; r < NK; r++)
-                for (int i = 0; i < d; i++) xe[(size_t)r * d + i] = x[(size_t)ref.row_token[r] * d + i];
-            for (int n = 0; n < N; n++)
-                for (int k = 0; k < K; k++) axpy(&out[(size_t)n * d], topw[n * K + k], &ey[(size_t)ref.row_of[n * K + k] * d], d);
-            for (int n = 0; n < N; n++)
-                for (int k = 0; k < K; k++) {
-                    int r = ref.row_of[n * K + k];
-                    dtopw[n * K + k] = dot(&dout[(size_t)n * d], &ey[(size_t)r * d], d);
-                    for (int i = 0; i < d; i++) dey[(size_t)r * d + i] = topw[n * K + k] * dout[(size_t)n * d + i];
-                }
-            for (int n = 0; n < N; n++)
-                for (int k = 0; k < K; k++) axpy(&dx[(size_t)n * d], 1, &dxe[(size_t)ref.row_of[n * K + k] * d], d);
+            // CPU: gather, combine, un-combine, un-permute (train_moe.cpp)
+            PermOut cpu = permute_reference(ref, x, ey, topw, dout, dxe, dx0, N, K, d);
+            const std::vector<float>&xe = cpu.xe, &out = cpu.out, &dtopw = cpu.dtopw, &dey = cpu.dey, &dx = cpu.dx;
 
             if (v >= 3) {
                 if (v == 3) check_production<float>(S, topk, topw, ref, x, ey, dout, dxe, B, T, E, K, d);
@@ -299,13 +327,7 @@ int main(int argc, char** argv) {
             };
             dCounts.poison(); dSeq.poison(); dOff.poison(); dRt.poison(); dRo.poison();
             sort();
-            S.check_equal("counts", dCounts.host(), ref.counts);
-            S.check_equal("seq_counts", dSeq.host(), ref.seq_counts);
-            S.check_equal("offsets", dOff.host(), ref.offsets);
-            S.check_equal("row_token (stable order)", dRt.host(), ref.row_token);
-            S.check_equal("row_of", dRo.host(), ref.row_of);
-            dRt.upload(ref.row_token);  // the rest from the reference layout
-            dRo.upload(ref.row_of);
+            check_sort(S, dCounts, dSeq, dOff, dRt, dRo, ref);
             auto gather = [&] { gather_v1<<<ceil_div((long)NK * d, 256), 256>>>(dXe.p, dX.p, dRt.p, NK, d); launchCheck(); };
             auto combine = [&] { combine_v1<<<ceil_div((long)N * d, 256), 256>>>(dOut.p, dEy.p, dW.p, dRo.p, N, K, d); launchCheck(); };
             auto uncombine = [&] {
@@ -322,7 +344,7 @@ int main(int argc, char** argv) {
             combine();
             S.check_close("combine out", dOut.host(), out, TOL_FP32);
             uncombine();
-            S.check_close("dtopw", dDtw.host(), dtopw, TOL_FP32);
+            check_dtopw(S, dDtw.host(), dtopw, dout, ey, ref.row_of, N, K, d);
             S.check_close("dey", dDey.host(), dey, TOL_FP32);
             unpermute();
             S.check_close("un-permute dx (+=)", dDx.host(), dx, TOL_FP32);

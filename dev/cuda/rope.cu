@@ -119,14 +119,12 @@ int main(int argc, char** argv) {
         for (auto sz : sizes) {
             int N = sz.N, T = sz.T, nh = sz.nh, hd = sz.hd, h2 = hd / 2;
             printf("  N %d T %d nh %d hd %d\n", N, T, nh, hd);
-            // tables as Model::alloc builds them (theta 10000), in double then rounded
-            std::vector<float> cosb((size_t)T * h2), sinb((size_t)T * h2);
-            for (int t = 0; t < T; t++)
-                for (int i = 0; i < h2; i++) {
-                    double inv = std::pow(10000.0, -2.0 * i / hd);
-                    cosb[(size_t)t * h2 + i] = (float)std::cos(t * inv);
-                    sinb[(size_t)t * h2 + i] = (float)std::sin(t * inv);
-                }
+            // tables as both trainers build them (ModelConfig::rope_tables, theta 10000)
+            ModelConfig rc;
+            rc.head_dim = hd;
+            rc.rope_theta = 10000.0f;
+            std::vector<float> cosb, sinb;
+            rc.rope_tables(T, &cosb, &sinb);
             size_t n = (size_t)N * nh * hd;
             auto x = rand_floats(n, seed++);
             if (v >= 3) {

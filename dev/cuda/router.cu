@@ -7,11 +7,13 @@ their backward, and the gradients of the router losses (aux switch / seq / poole
   backward: dlogits[N,E] += d(topw)/dz . dtopw
   losses:   dlogits += scale * (aux_coef d(aux)/dz + z_coef d(z)/dz), with the per-sequence or
             pooled expert counts as inputs (they carry no gradient)
-CPU reference: router_forward / router_backward of train_moe.cpp, and for the losses the
-loop of Model::router_losses_backward (a method; copied below as router_losses_backward_cpu,
-using the file's own aux_dp).
+CPU reference: router_forward / router_backward / router_losses_backward of train_moe.cpp,
+with dAux/dp from aux_dp_per_seq (common/router_losses.h, the RoutingStats form). The loss
+gradients alone are checked against that loop transcribed in double (loss_reference), with
+a tolerance designed for them: see "The router-loss gradients' check" below.
 Inputs include logits quantized to multiples of 0.25 (ties in the top-K selection), and an
-expert whose logit is always -30 (it receives no token).
+expert whose logit is always -30 (it receives no token). Every case runs at full size under
+emulation too (the largest, B 4 T 1024, takes about a second there).
 
 Build and run (from the repository root):
   nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
@@ -27,7 +29,8 @@ moe_forward / moe_backward do, on the same cases:
                                aux_dp_per_seq (common/router_losses.h) builds on the host,
                                as train_moe.cu does. Checked term by term, as version 1: the gate part alone
                                (aux_g null, z_coef 0) against router_backward from 0, then each
-                               loss alone (dtopw = 0) at the loss tolerance, then all together.
+                               loss alone (dtopw = 0) by the loss gradients' check, then all
+                               together against router_losses_backward + router_backward.
   gpu::router_backward_matmul  dx += dlogits @ Wr, dWr += dlogits^T x (2-pass, deterministic),
                                vs matmul_backward; dWr checked bit-identical on rerun.
 Version 3: router_logits_forward and router_backward_matmul with T = bf16 (x and dx bf16;
@@ -38,38 +41,153 @@ logits, dWr fp32 sums): the reference on the bf16-rounded x.
 #include "common.h"
 #include "../../kernels/router.cuh"
 
-// Model::router_losses_backward's loop over rows, with the counts passed in
-void router_losses_backward_cpu(std::vector<float>& dlogits, const std::vector<float>& probs,
-                                const std::vector<float>& logits, const int* seq_counts, const long* pooled_C, int B,
-                                int T, int E, int K, int L, int aux_type, double aux_coef, double z_coef, float scale) {
-    int N = B * T;
-    std::vector<real> gp;
-    if (aux_type != AUX_NONE && aux_coef != 0) aux_dp(gp, aux_type, seq_counts, pooled_C, B, T, E, K, L);
+// ----------------------------------------------------------------------------
+// The router-loss gradients' check (versions 1 and 2)
+//
+// Each element is dz_j = start_j + c p_j (G_j - sum_i p_i G_i) (aux, c = scale aux_coef), or
+// start_j + c_z 2 lse p_j / N (z-loss, c_z = scale z_coef). The aux terms CANCEL: G_j and
+// the mean sum_i p_i G_i are ~1/N (2.4e-4 at N 4096) and nearly equal where the load is
+// nearly balanced, so an element can be 1e-11 while its terms are 1e-7. A correct fp32
+// kernel is off by a few ulps of the TERMS (1e-14), 1e-3 of such an element: the former
+// check (fp32 reference, elementwise rtol 1e-4, atol 1e-6 x max|dz|) failed on those
+// elements whenever the two sides round differently (nvcc fuses a*b+c, the CPU loop does
+// not): d(switch)/dz and d(seq)/dz at B 4 T 1024. Now:
+//   - the reference is train_moe.cpp's router_losses_backward loop in DOUBLE
+//     (loss_reference; G from aux_dp_per_seq<double>), so that it measures the kernel only;
+//   - each element's error is measured against mag_j, the size of the terms it is made of:
+//     |start_j| + |c| p_j (|G_j| + sum_i p_i |G_i|), z-loss |start_j| + |c_z| 2 (|max z| +
+//     log sum exp + 1) p_j / N (lse = max + log sum, the log's error is absolute, ~E eps);
+//     and the whole tensor's against ||mag||, by Suite::check_scaled with TOL_LOSS:
+//         max_j |out_j - ref_j| / mag_j <= 1e-5   and   ||out - ref|| / ||mag|| <= 1e-5.
+//     fp32 rounding of these few-term sums stays below ~5 eps = 3e-7 of mag (30x margin);
+//     the line also prints kappa = ||mag|| / ||ref||: errors above 1e-5 kappa of ||ref||
+//     are caught (kappa <= ~130 in these cases);
+//   - the check is tested every time it runs (check_loss_grad): it must ACCEPT the same
+//     gradient computed with fused multiply-adds (loss_grad_fma: another correct fp32
+//     rounding, the one a GPU makes; under emulation the kernel's bits equal the CPU
+//     loop's, so nothing else here meets a rounding difference), and it must REJECT two
+//     planted bugs made from the kernel's own output: the gradient doubled (the backward's
+//     scale 0.5 not applied) and the last row's gradient missing (a row loop that stops at
+//     N-1); each printed with its error as a multiple of the bound, next to the real one's.
+constexpr Tol TOL_LOSS = {1e-5, 1e-5, 0.0};
+
+struct LossRef {
+    std::vector<double> ref, mag;
+};
+// start + scale (aux_coef dAux/dz + z_coef dZ/dz) in double, as router_losses_backward of
+// train_moe.cpp computes it; G [B, E] (empty: no aux term); and each element's term size
+LossRef loss_reference(const std::vector<float>& start, const std::vector<float>& probs,
+                       const std::vector<float>& logits, const std::vector<double>& G, double aux_coef, double z_coef,
+                       double scale, int B, int T, int E) {
+    const int N = B * T;
+    LossRef r;
+    r.ref.assign(start.begin(), start.end());
+    r.mag.resize(start.size());
+    for (size_t i = 0; i < start.size(); i++) r.mag[i] = std::fabs((double)start[i]);
     for (int n = 0; n < N; n++) {
-        const real* p = &probs[(size_t)n * E];
-        real* dz = &dlogits[(size_t)n * E];
-        if (!gp.empty()) {
-            const real* g = &gp[(size_t)n * E];
-            real s = 0;
-            for (int i = 0; i < E; i++) s += p[i] * g[i];
-            for (int j = 0; j < E; j++) dz[j] += scale * (real)aux_coef * p[j] * (g[j] - s);
+        const float* p = &probs[(size_t)n * E];
+        double* dz = &r.ref[(size_t)n * E];
+        double* mg = &r.mag[(size_t)n * E];
+        if (!G.empty()) {
+            const double* g = &G[(size_t)(n / T) * E];
+            double s = 0, sa = 0, c = scale * aux_coef;
+            for (int i = 0; i < E; i++) { s += p[i] * g[i]; sa += p[i] * std::fabs(g[i]); }
+            for (int j = 0; j < E; j++) {
+                dz[j] += c * p[j] * (g[j] - s);
+                mg[j] += std::fabs(c) * p[j] * (std::fabs(g[j]) + sa);
+            }
         }
         if (z_coef != 0) {
-            const real* zz = &logits[(size_t)n * E];
-            real mx = zz[0], s = 0;
-            for (int i = 1; i < E; i++) mx = std::max(mx, zz[i]);
+            const float* zz = &logits[(size_t)n * E];
+            double mx = zz[0], s = 0;
+            for (int i = 1; i < E; i++) mx = std::max(mx, (double)zz[i]);
             for (int i = 0; i < E; i++) s += std::exp(zz[i] - mx);
-            real lse = mx + std::log(s);
-            for (int j = 0; j < E; j++) dz[j] += scale * (real)z_coef * 2 * lse * p[j] / N;
+            double lse = mx + std::log(s), lse_mag = std::fabs(mx) + std::log(s) + 1;
+            for (int j = 0; j < E; j++) {
+                dz[j] += z_loss_dlogit<double>(scale * z_coef, lse, p[j], N);
+                mg[j] += std::fabs(z_loss_dlogit<double>(scale * z_coef, lse_mag, p[j], N));
+            }
         }
     }
+    return r;
 }
+// the same gradient in fp32 with every a*b+c fused, as nvcc contracts the kernel's loops
+// (std::fma rounds once): a correct result with other rounding than the CPU loop's
+std::vector<float> loss_grad_fma(const std::vector<float>& start, const std::vector<float>& probs,
+                                 const std::vector<float>& logits, const std::vector<float>& G, float aux_coef,
+                                 float z_coef, float scale, int B, int T, int E) {
+    const int N = B * T;
+    std::vector<float> out = start;
+    for (int n = 0; n < N; n++) {
+        const float* p = &probs[(size_t)n * E];
+        float* dz = &out[(size_t)n * E];
+        if (!G.empty()) {
+            const float* g = &G[(size_t)(n / T) * E];
+            float s = 0, c = scale * aux_coef;
+            for (int i = 0; i < E; i++) s = std::fma(p[i], g[i], s);
+            for (int j = 0; j < E; j++) dz[j] = std::fma(c * p[j], g[j] - s, dz[j]);
+        }
+        if (z_coef != 0) {
+            const float* zz = &logits[(size_t)n * E];
+            float mx = zz[0], s = 0;
+            for (int i = 1; i < E; i++) mx = std::max(mx, zz[i]);
+            for (int i = 0; i < E; i++) s += std::exp(zz[i] - mx);
+            float lse = mx + std::log(s), c = scale * z_coef * 2;
+            for (int j = 0; j < E; j++) dz[j] = std::fma(c * lse, p[j] / N, dz[j]);
+        }
+    }
+    return out;
+}
+// the check (Suite::check_scaled) and its tests, see above
+void check_loss_grad(Suite& S, const std::string& what, const std::vector<float>& out, const std::vector<float>& start,
+                     const LossRef& r, const std::vector<float>& fma_version, int N, int E) {
+    S.check_scaled(what.c_str(), out, r.ref, r.mag, TOL_LOSS);
+    Suite::Cmp real = Suite::compare_scaled(out, r.ref, r.mag, TOL_LOSS);
+    Suite::Cmp alt = Suite::compare_scaled(fma_version, r.ref, r.mag, TOL_LOSS);
+    char detail[96];
+    snprintf(detail, sizeof detail, "error %.3g x bound (the real output: %.3g x bound)", alt.ratio(), real.ratio());
+    S.check_true("accepts fused multiply-add rounding", alt.ok, detail);
+    std::vector<float> bad = out;
+    for (size_t i = 0; i < bad.size(); i++) bad[i] = start[i] + 2 * (out[i] - start[i]);
+    S.check_catches("gradient x2 (scale not applied)", real, Suite::compare_scaled(bad, r.ref, r.mag, TOL_LOSS));
+    bad = out;
+    for (int j = 0; j < E; j++) bad[(size_t)(N - 1) * E + j] = start[(size_t)(N - 1) * E + j];
+    S.check_catches("last row's gradient missing", real, Suite::compare_scaled(bad, r.ref, r.mag, TOL_LOSS));
+}
+
+// The routing statistics the losses read (common/router_losses.h), as the trainers build
+// them: layer 0 is this layer (the counts from topk), layers 1 and 2 two other layers with
+// random counts (they enter the pooled loss only). psum/zsum are not read by the gradients.
+struct Stats {
+    std::vector<int> counts[3];
+    RoutingStats rs;
+    Stats(const std::vector<int>& topk, int B, int T, int E, int K, uint64_t seed) {
+        const int N = B * T;
+        counts[0].assign((size_t)B * E, 0);
+        for (int n = 0; n < N; n++)
+            for (int k = 0; k < K; k++) counts[0][(size_t)(n / T) * E + topk[(size_t)n * K + k]]++;
+        for (int l = 1; l < 3; l++) counts[l] = rand_ints((size_t)B * E, 2 * T * K / E + 1, seed + l);
+        rs.B = B; rs.T = T; rs.E = E; rs.K = K; rs.seg = T;
+        for (int l = 0; l < 3; l++) rs.layers.push_back({counts[l].data(), nullptr, nullptr});
+    }
+    // G [B, E] of layer 0 in R (empty for AUX_NONE)
+    template <typename R>
+    std::vector<R> G(AuxLoss aux) const {
+        std::vector<R> g;
+        if (aux != AUX_NONE) aux_dp_per_seq(g, aux, rs, 0);
+        return g;
+    }
+    bool balanced() const {  // equal pooled counts: the aux gradient is then exactly 0
+        for (int e = 1; e < rs.E; e++) if (rs.pooled_count(e) != rs.pooled_count(0)) return false;
+        return true;
+    }
+};
 
 // ----------------------------------------------------------------------------
 // version 1: one thread per token for everything, the CPU loops transcribed. E is small (8
 // to 64) and a row is E*4 bytes, so a thread per row is a reasonable shape anyway.
 __global__ void router_forward_v1(float* probs, int* topk, float* topw, const float* logits, const float* bias, int N,
-                                  int E, int K, int routing) {
+                                  int E, int K, Routing routing) {
     int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     const float* z = logits + (size_t)n * E;
@@ -98,7 +216,7 @@ __global__ void router_forward_v1(float* probs, int* topk, float* topw, const fl
         topw[(size_t)n * K + k] = routing == ROUTING_TOPK_SOFTMAX ? p[sel[k]] / wsum : p[sel[k]];
 }
 __global__ void router_backward_v1(float* dlogits, const float* dtopw, const float* probs, const int* topk,
-                                   const float* topw, int N, int E, int K, int routing) {
+                                   const float* topw, int N, int E, int K, Routing routing) {
     int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     float* dz = dlogits + (size_t)n * E;
@@ -116,25 +234,23 @@ __global__ void router_backward_v1(float* dlogits, const float* dtopw, const flo
         for (int j = 0; j < E; j++) dz[j] -= s * p[j];
     }
 }
-// dL/dp_{t,i} = c(b, i) (aux_dp), then through the softmax; plus the z-loss term
-__device__ float aux_coeff(int aux, const int* seq_counts, const long long* pooled_C, int b, int i, int B, int T, int E,
-                           int K, int L) {
+// dL/dp_{t,i} = G(b, i), the formulas of common/router_losses.h (aux_dp_per_seq) evaluated
+// on the device, then through the softmax; plus the z-loss term (z_loss_dlogit)
+__device__ float aux_coeff(AuxLoss aux, const int* seq_counts, const long long* pooled_C, int b, int i, int B, int T,
+                           int E, int K, int L) {
     int N = B * T;
     if (aux == AUX_SWITCH) {
         long long tot = 0;
         for (int bb = 0; bb < B; bb++) tot += seq_counts[bb * E + i];
-        return (float)E * tot / ((float)N * K) / N;
+        return switch_loss_dp<float>(tot, N, E, K);
     }
-    if (aux == AUX_SEQ) return (float)E * seq_counts[b * E + i] / ((float)T * K) / T / B;
-    if (aux == AUX_POOLED) {
-        float LN = (float)L * N;
-        return (float)E * pooled_C[i] / (LN * LN);
-    }
+    if (aux == AUX_SEQ) return seq_loss_dp<float>(seq_counts[b * E + i], B, T, E, K);
+    if (aux == AUX_POOLED) return pooled_loss_dp<float>(pooled_C[i], L, N, E);
     return 0.0f;
 }
 __global__ void router_losses_backward_v1(float* dlogits, const float* probs, const float* logits,
                                           const int* seq_counts, const long long* pooled_C, int B, int T, int E, int K,
-                                          int L, int aux, float aux_coef, float z_coef, float scale) {
+                                          int L, AuxLoss aux, float aux_coef, float z_coef, float scale) {
     int N = B * T;
     int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
@@ -152,7 +268,7 @@ __global__ void router_losses_backward_v1(float* dlogits, const float* probs, co
         for (int i = 1; i < E; i++) mx = fmaxf(mx, z[i]);
         for (int i = 0; i < E; i++) s += expf(z[i] - mx);
         float lse = mx + logf(s);
-        for (int j = 0; j < E; j++) dz[j] += scale * z_coef * 2 * lse * p[j] / N;
+        for (int j = 0; j < E; j++) dz[j] += z_loss_dlogit(scale * z_coef, lse, p[j], N);
     }
 }
 
@@ -193,9 +309,9 @@ void check_router_matmuls(Suite& S, int N, int d, int E, uint64_t& seed) {
 }
 
 // version 2: forward, stats and backward of kernels/router.cuh (fp32), as train_moe.cu calls them
-void check_production(Suite& S, int B, int T, int E, int K, int routing, bool use_bias, const std::vector<float>& logits,
+void check_production(Suite& S, int B, int T, int E, int K, Routing routing, bool use_bias, const std::vector<float>& logits,
                       const std::vector<float>& bias, const std::vector<float>& probs, const std::vector<int>& topk,
-                      const std::vector<float>& topw, const std::vector<float>& dtopw, int L, uint64_t& seed) {
+                      const std::vector<float>& topw, const std::vector<float>& dtopw, uint64_t& seed) {
     const int N = B * T;
     const bool softmax_topk = routing == ROUTING_SOFTMAX_TOPK;
     std::vector<float> lse(N);
@@ -219,13 +335,11 @@ void check_production(Suite& S, int B, int T, int E, int K, int routing, bool us
     S.check_close("lse", dLse.host(), lse, TOL_FP32);
     S.check_equal("topk (incl. ties)", dK.host(), topk);
     S.check_close("topw", dW.host(), topw, TOL_FP32);
-    // stats from the CPU's probs and lse (independent of the forward check)
+    // stats from the CPU's probs and lse (independent of the forward check); the reference
+    // is train_moe.cpp's router_stats with one segment per sequence (seg = T), as the kernel
     dP.upload(probs); dLse.upload(lse); dK.upload(topk); dW.upload(topw);
-    std::vector<double> psum((size_t)B * E, 0.0), zsum(B, 0.0);
-    for (int n = 0; n < N; n++) {
-        for (int i = 0; i < E; i++) psum[(size_t)(n / T) * E + i] += probs[(size_t)n * E + i];
-        zsum[n / T] += (double)lse[n] * lse[n];
-    }
+    std::vector<double> psum((size_t)B * E), zsum(B);
+    router_stats(psum.data(), zsum.data(), probs.data(), logits.data(), N, E, T);
     dPsum.poison(); dZsum.poison();
     gpu::router_stats(dPsum.p, dZsum.p, dP.p, dLse.p, B, T, E, st);
     auto to_f32 = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
@@ -245,47 +359,37 @@ void check_production(Suite& S, int B, int T, int E, int K, int routing, bool us
                                  softmax_topk, st);
         }, 4.0 * (3.0 * N * E + 3.0 * N * K));
     }
-    // the loss terms one at a time (dtopw = 0 so that the gate part is exactly 0), with the
-    // counts as moe_forward gets them and two more random layers in the pooled counts
-    std::vector<int> seq_counts((size_t)B * E, 0);
-    std::vector<long> pooled((size_t)E, 0);
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++) { seq_counts[(n / T) * E + topk[n * K + k]]++; pooled[topk[n * K + k]]++; }
-    auto other = rand_ints(E, 2 * N * K / E + 1, seed++);
-    for (int e = 0; e < E; e++) pooled[e] += other[e];
+    // the loss terms one at a time (dtopw = 0 so that the gate part is exactly 0), G from
+    // the routing statistics on the host, as moe_backward does
+    Stats stats(topk, B, T, E, K, seed++);
     Dev<float> dZero(std::vector<float>((size_t)N * K, 0.0f)), dAuxG((size_t)B * E);
     const double aux_coef = 0.01, z_coef = 0.001;
-    std::vector<float> all_ref = dl;  // everything at once, at the end
-    for (int aux : {AUX_SWITCH, AUX_SEQ, AUX_POOLED, AUX_NONE}) {
+    const std::vector<float> zero((size_t)N * E, 0.0f);
+    for (AuxLoss aux : {AUX_SWITCH, AUX_SEQ, AUX_POOLED, AUX_NONE}) {
         double zc = aux == AUX_NONE ? z_coef : 0.0;
-        std::vector<float> inc((size_t)N * E, 0.0f);
-        router_losses_backward_cpu(inc, probs, logits, seq_counts.data(), pooled.data(), B, T, E, K, L, aux, aux_coef, zc,
-                                   scale);
+        auto Gf = stats.G<float>(aux);
+        LossRef r = loss_reference(zero, probs, logits, stats.G<double>(aux), aux_coef, zc, scale, B, T, E);
         double mx = 0;
-        for (float x : inc) mx = std::max(mx, (double)std::fabs(x));
+        for (double x : r.ref) mx = std::max(mx, std::fabs(x));
         const float* g_dev = nullptr;
-        if (aux != AUX_NONE && aux_coef != 0) {  // as moe_backward: coefficients from the host
-            std::vector<float> g;
-            aux_dp_per_seq(g, aux, seq_counts.data(), pooled.data(), B, T, E, K, L);
-            dAuxG.upload(g);
+        if (!Gf.empty()) {
+            dAuxG.upload(Gf);
             g_dev = dAuxG.p;
         }
         dDl.poison();
         gpu::router_backward(dDl.p, dZero.p, dP.p, dLse.p, dK.p, dW.p, g_dev, (float)aux_coef, (float)zc, scale, N, T, E,
                              K, softmax_topk, st);
         std::string what = std::string("d(") + (aux == AUX_NONE ? "z-loss" : aux_name(aux)) + ")/dz (written)";
-        Tol tol = {1e-5, 1e-6 * mx + 1e-30, 1e-4};
-        S.check_close(what.c_str(), dDl.host(), inc, tol);
-        bool balanced = true;
-        for (int e = 1; e < E; e++) balanced &= pooled[e] == pooled[0];
-        if (!balanced || aux == AUX_NONE) S.check_true((what + " non-zero").c_str(), mx > 0);
+        check_loss_grad(S, what, dDl.host(), zero, r,
+                        loss_grad_fma(zero, probs, logits, Gf, (float)aux_coef, (float)zc, scale, B, T, E), N, E);
+        if (!stats.balanced() || aux == AUX_NONE) S.check_true((what + " non-zero").c_str(), mx > 0);
     }
-    // all three together (seq aux + z + gates), as one training step runs it
+    // all three together (seq aux + z + gates), as one training step runs it; the gate part
+    // dominates: train_moe.cpp's fp32 loops are the reference, at the fp32 tolerance
     {
-        router_losses_backward_cpu(all_ref, probs, logits, seq_counts.data(), pooled.data(), B, T, E, K, L, AUX_SEQ,
-                                   aux_coef, z_coef, scale);
-        std::vector<float> g;
-        aux_dp_per_seq(g, AUX_SEQ, seq_counts.data(), pooled.data(), B, T, E, K, L);
+        std::vector<float> all_ref((size_t)N * E, 0.0f), g = stats.G<float>(AUX_SEQ);
+        router_losses_backward(all_ref.data(), probs.data(), logits.data(), g.data(), aux_coef, z_coef, scale, B, T, E);
+        router_backward(all_ref.data(), dtopw.data(), probs.data(), topk.data(), topw.data(), N, E, K, routing);
         dAuxG.upload(g);
         dDl.poison();
         gpu::router_backward(dDl.p, dDw.p, dP.p, dLse.p, dK.p, dW.p, dAuxG.p, (float)aux_coef, (float)z_coef, scale, N,
@@ -296,7 +400,7 @@ void check_production(Suite& S, int B, int T, int E, int K, int routing, bool us
 
 int main(int argc, char** argv) {
     Suite S("router", argc, argv);
-    struct Case { int B, T, E, K, routing; bool bias, ties, starve; };
+    struct Case { int B, T, E, K; Routing routing; bool bias, ties, starve; };
     const Case cases[] = {
         {1, 5, 4, 1, ROUTING_TOPK_SOFTMAX, false, false, false},
         {2, 33, 8, 2, ROUTING_TOPK_SOFTMAX, false, true, true},
@@ -305,7 +409,6 @@ int main(int argc, char** argv) {
         {4, 1024, 8, 2, ROUTING_TOPK_SOFTMAX, false, false, true},
         {4, 1024, 8, 2, ROUTING_SOFTMAX_TOPK, true, true, false},
     };
-    const int L = 3;  // layers, for the pooled aux loss
     for (int v = 1; v <= NV; v++) {
         if (!S.want(v)) continue;
         S.begin(v, NAMES[v]);
@@ -334,7 +437,7 @@ int main(int argc, char** argv) {
             router_backward(dl.data(), dtopw.data(), probs.data(), topk.data(), topw.data(), N, E, K, c.routing);
 
             if (v == 2) {
-                check_production(S, c.B, c.T, E, K, c.routing, c.bias, logits, bias, probs, topk, topw, dtopw, L, seed);
+                check_production(S, c.B, c.T, E, K, c.routing, c.bias, logits, bias, probs, topk, topw, dtopw, seed);
                 continue;
             }
             Dev<float> dZ(logits), dBias(bias), dP((size_t)N * E), dW((size_t)N * K), dDw(dtopw), dDl(dl0);
@@ -357,44 +460,40 @@ int main(int argc, char** argv) {
                                                                  E, K, c.routing);
                 }, (2.0 * N * E + 2.0 * N * K) * 4);
 
-            // router-loss gradients: counts as Model::moe_forward computes them; the pooled
-            // counts add two other (random) layers
-            std::vector<int> seq_counts((size_t)B * E, 0);
-            std::vector<long> pooled((size_t)E, 0);
-            for (int n = 0; n < N; n++)
-                for (int k = 0; k < K; k++) { seq_counts[(n / T) * E + topk[n * K + k]]++; pooled[topk[n * K + k]]++; }
-            auto other = rand_ints(E, 2 * N * K / E + 1, seed++);
-            for (int e = 0; e < E; e++) pooled[e] += other[e];
-            std::vector<long long> pooled_ll(pooled.begin(), pooled.end());
-            Dev<int> dSc(seq_counts);
+            // router-loss gradients: counts as Model::moe_forward computes them, two other
+            // (random) layers for the pooled loss
+            Stats stats(topk, B, T, E, K, seed++);
+            const int L = stats.rs.n_layers();
+            std::vector<long long> pooled_ll(E);
+            for (int e = 0; e < E; e++) pooled_ll[e] = stats.rs.pooled_count(e);
+            Dev<int> dSc(stats.counts[0]);
             Dev<long long> dPool(pooled_ll);
             const double aux_coef = 0.01, z_coef = 0.001;
             const float scale = 0.5f;
-            for (int aux : {AUX_SWITCH, AUX_SEQ, AUX_POOLED, AUX_NONE}) {
+            const std::vector<float> zero((size_t)N * E, 0.0f);
+            for (AuxLoss aux : {AUX_SWITCH, AUX_SEQ, AUX_POOLED, AUX_NONE}) {
                 double zc = aux == AUX_NONE ? z_coef : 0.0;  // each term on its own
-                // these gradients are ~1e-6: accumulate onto a random start of the same size,
-                // so that the comparison is not swamped by the start's rounding
-                std::vector<float> inc((size_t)N * E, 0.0f);
-                router_losses_backward_cpu(inc, probs, logits, seq_counts.data(), pooled.data(), B, T, E, K, L, aux,
-                                           aux_coef, zc, scale);
+                // these gradients are ~1e-6 and less: accumulate onto a random start of the
+                // same size, so that they are not lost in the start's rounding
+                auto Gd = stats.G<double>(aux);
                 double mx = 0;
-                for (float x : inc) mx = std::max(mx, (double)std::fabs(x));
-                std::vector<float> start = rand_floats((size_t)N * E, seed++, -(float)mx, (float)mx), ref = start;
-                if (mx == 0) start = rand_floats((size_t)N * E, seed++), ref = start;
-                router_losses_backward_cpu(ref, probs, logits, seq_counts.data(), pooled.data(), B, T, E, K, L, aux,
-                                           aux_coef, zc, scale);
+                for (double x : loss_reference(zero, probs, logits, Gd, aux_coef, zc, scale, B, T, E).ref)
+                    mx = std::max(mx, std::fabs(x));
+                std::vector<float> start = rand_floats((size_t)N * E, seed++, -(float)mx, (float)mx);
+                if (mx == 0) start = rand_floats((size_t)N * E, seed++);
+                LossRef r = loss_reference(start, probs, logits, Gd, aux_coef, zc, scale, B, T, E);
                 dDl.upload(start);
                 router_losses_backward_v1<<<ceil_div(N, 128), 128>>>(dDl.p, dP.p, dZ.p, dSc.p, dPool.p, B, T, E, K, L, aux,
                                                                      (float)aux_coef, (float)zc, scale);
                 launchCheck();
                 std::string what = std::string("d(") + (aux == AUX_NONE ? "z-loss" : aux_name(aux)) + ")/dz (+=)";
-                Tol tol = {1e-5, 1e-6 * mx + 1e-30, 1e-4};
-                S.check_close(what.c_str(), dDl.host(), ref, tol);
+                check_loss_grad(S, what, dDl.host(), start, r,
+                                loss_grad_fma(start, probs, logits, stats.G<float>(aux), (float)aux_coef, (float)zc,
+                                              scale, B, T, E),
+                                N, E);
                 // the gradient must reach the router (a known silent bug elsewhere); the aux
                 // gradient vanishes when all counts are equal, so only where they differ
-                bool balanced = true;
-                for (int e = 1; e < E; e++) balanced &= pooled[e] == pooled[0];
-                if (!balanced || aux == AUX_NONE) S.check_true((what + " non-zero").c_str(), mx > 0);
+                if (!stats.balanced() || aux == AUX_NONE) S.check_true((what + " non-zero").c_str(), mx > 0);
             }
         }
     }

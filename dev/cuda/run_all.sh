@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# dev/cuda/run_all.sh: build (if needed) and run every dev/cuda kernel check on this GPU,
+# dev/cuda/run_all.sh: build (if needed) and run every dev/cuda kernel check on this GPU (or the
+# emulated binaries on the CPU, see below),
 # then print one line per file and the total. Exits non-zero if any file failed to build,
 # crashed, or reported a failed check.
 #   bash dev/cuda/run_all.sh              all files, all versions
 #   bash dev/cuda/run_all.sh rmsnorm 2    one file, one version
 # Full logs go to $LOGDIR (default build/dev_cuda_logs; on the device machine set
 # LOGDIR=$OUT/dev_cuda so that they come back). Binaries: $BINDIR (default build).
+# Emulated binaries (CUDA on the CPU, `make emu`; sizes capped, benchmarks skipped):
+#   BINDIR=build/emu/dev_cuda bash dev/cuda/run_all.sh
+#   EMU_SCHED=reverse BINDIR=build/emu/dev_cuda bash dev/cuda/run_all.sh
+# NOBUILD=1: never build, run the binaries that are in $BINDIR (a file without one is listed
+# as not built, not run). It is the default when $BINDIR is an emulation build directory
+# (its path has an "emu" component), which nvcc must not overwrite; NOBUILD=0 forces builds.
 set -u
 cd "$(dirname "$0")/../.."
 NVCC=${NVCC:-nvcc}
@@ -13,6 +20,10 @@ FLAGS="-std=c++17 -O3 -gencode arch=compute_90,code=sm_90 --expt-relaxed-constex
 LIBS="-lcublas -lcublasLt -lgomp"
 LOGDIR=${LOGDIR:-build/dev_cuda_logs}
 BINDIR=${BINDIR:-build}  # build/cuda-check after `make -j cuda-check` (rebuilt here only if stale)
+case "/$BINDIR/" in
+    */emu/* | */emu-*/*) NOBUILD=${NOBUILD:-1} ;;
+    *) NOBUILD=${NOBUILD:-0} ;;
+esac
 mkdir -p "$BINDIR" "$LOGDIR"
 
 files=()
@@ -24,8 +35,18 @@ summary=""
 for f in "${files[@]}"; do
     name=$(basename "$f" .cu)
     bin=$BINDIR/$name
+    if [ "$NOBUILD" = 1 ]; then
+        if [ ! -x "$bin" ]; then
+            if [ $# -ge 1 ]; then  # asked for by name: its absence is a failure
+                summary+=$(printf "%-16s NO BINARY in %s\n" "$name" "$BINDIR")$'\n'
+                bad_files+=("$name"); total_fail=$((total_fail + 1))
+            else
+                summary+=$(printf "%-16s not built in %s, not run\n" "$name" "$BINDIR")$'\n'
+            fi
+            continue
+        fi
     # rebuild when the source, common.h, train_moe.cpp or any kernels/ header is newer
-    if [ ! -x "$bin" ] || [ -n "$(find "$f" dev/cuda/common.h train_moe.cpp common kernels -newer "$bin" 2>/dev/null | head -1)" ]; then
+    elif [ ! -x "$bin" ] || [ -n "$(find "$f" dev/cuda/common.h train_moe.cpp common kernels -newer "$bin" 2>/dev/null | head -1)" ]; then
         echo "== build $name"
         if ! $NVCC $FLAGS -o "$bin" "$f" $LIBS > "$LOGDIR/$name.build.log" 2>&1; then
             cat "$LOGDIR/$name.build.log"
@@ -33,7 +54,7 @@ for f in "${files[@]}"; do
             bad_files+=("$name"); total_fail=$((total_fail + 1)); continue
         fi
     fi
-    echo "== run $name $version"
+    echo "== run $name $version${EMU_SCHED:+ (EMU_SCHED=$EMU_SCHED)}"
     start=$(date +%s)
     "$bin" $version > "$LOGDIR/$name.log" 2>&1  # $bin has a slash: no PATH lookup
     rc=$?
@@ -53,7 +74,7 @@ for f in "${files[@]}"; do
 done
 
 echo
-echo "== dev/cuda summary (logs in $LOGDIR)"
+echo "== dev/cuda summary ($BINDIR${EMU_SCHED:+, EMU_SCHED=$EMU_SCHED}; logs in $LOGDIR)"
 printf "%s" "$summary"
 echo "TOTAL: $total_pass passed, $total_fail failed"
 if [ ${#bad_files[@]} -gt 0 ]; then echo "FAILED: ${bad_files[*]}"; exit 1; fi
