@@ -1,6 +1,7 @@
 # Makefile: every build, test, bench and reproduction target.
 #   make              build everything this machine can build (CPU trainer, upcycle; GPU trainer if nvcc)
-#   make test         CPU tests + data tests + compile check of every CUDA file (no GPU needed)
+#   make test         every test: CPU, data, CUDA compile check, and the GPU code run in the CUDA
+#                     emulation (docs/emulation.md; no GPU needed). `make test-emu`: the emulated part only
 #   make test-gpu     GPU tests (needs an NVIDIA GPU; see docs/gpu-log.md)
 #   make bench        GPU throughput table
 #   make quickstart   the README's first command (tiny Drop-Upcycling Table 1)
@@ -21,7 +22,7 @@ COMMON := $(wildcard common/*.h)
 KERNELS := $(wildcard kernels/*.cuh)
 DEV_CUDA := $(wildcard dev/cuda/*.cu)
 
-.PHONY: all test test-cpu test-gpu cuda-check bench quickstart clean fixtures repro-tiny repro-small
+.PHONY: all test test-cpu test-gpu cuda-check emu test-emu bench quickstart clean fixtures repro-tiny repro-small
 all: train_moe $(if $(wildcard upcycle.cu),upcycle) $(if $(HAVE_NVCC),$(if $(wildcard train_moe.cu),train_moe_gpu))
 
 include dev/data/data.mk
@@ -36,12 +37,12 @@ upcycle: upcycle.cu train_moe.cpp $(COMMON)
 train_moe_gpu: train_moe.cu $(COMMON) $(KERNELS)
 	$(NVCC) $(NVCCFLAGS) -o $@ $< $(CUDA_LIBS)
 
-test/bin/test_cpu: test/test_cpu.cpp test/testing.h train_moe.cpp $(COMMON)
+test/bin/test_cpu: test/test_cpu.cpp test/testing.h test/fixture.h train_moe.cpp $(COMMON)
 	@mkdir -p test/bin
 	$(CXX) $(CXXFLAGS) -o $@ $<
 
 # the finite-difference check runs the same trainer code in double precision
-test/bin/test_gradcheck: test/test_gradcheck.cpp test/testing.h train_moe.cpp $(COMMON)
+test/bin/test_gradcheck: test/test_gradcheck.cpp test/testing.h test/fixture.h train_moe.cpp $(COMMON)
 	@mkdir -p test/bin
 	$(CXX) $(CXXFLAGS) -DTRAIN_MOE_DOUBLE -o $@ $<
 
@@ -50,9 +51,9 @@ test/bin/test_upcycle: test/test_upcycle.cpp test/testing.h upcycle.cu train_moe
 	$(CXX) $(CXXFLAGS) -o $@ $<
 
 # compile (and link) every CUDA file: the check CI can do without a GPU. One target per
-# file, so `make -j cuda-check` compiles them in parallel; test/test_gpu.sh runs the
-# dev/cuda binaries from build/cuda-check/.
-CUDA_CHECK_BINS := $(if $(wildcard train_moe.cu),build/cuda-check/train_moe) \
+# file, so `make -j cuda-check` compiles them in parallel; on a GPU, test/test_gpu.sh runs
+# test_gpu_fixtures and the dev/cuda binaries from build/cuda-check/, dev/bench/bench.sh bench_gpu.
+CUDA_CHECK_BINS := build/cuda-check/train_moe build/cuda-check/test_gpu_fixtures build/cuda-check/bench_gpu \
                    $(patsubst dev/cuda/%.cu,build/cuda-check/%,$(DEV_CUDA))
 ifeq ($(HAVE_NVCC),)
 cuda-check:
@@ -66,17 +67,73 @@ build/cuda-check/train_moe: train_moe.cu $(COMMON) $(KERNELS)
 	@echo "nvcc $<"
 	@$(NVCC) $(NVCCFLAGS) -o $@ $< $(CUDA_LIBS)
 
+build/cuda-check/test_gpu_fixtures: test/test_gpu_fixtures.cu test/fixture.h test/testing.h train_moe.cu $(COMMON) $(KERNELS)
+	@mkdir -p build/cuda-check
+	@echo "nvcc $<"
+	@$(NVCC) $(NVCCFLAGS) -o $@ $< $(CUDA_LIBS)
+
+build/cuda-check/bench_gpu: dev/bench/bench_gpu.cu train_moe.cu $(COMMON) $(KERNELS)
+	@mkdir -p build/cuda-check
+	@echo "nvcc $<"
+	@$(NVCC) $(NVCCFLAGS) -o $@ $< $(CUDA_LIBS)
+
 build/cuda-check/%: dev/cuda/%.cu dev/cuda/common.h train_moe.cpp $(COMMON) $(KERNELS)
 	@mkdir -p build/cuda-check
 	@echo "nvcc $<"
 	@$(NVCC) $(NVCCFLAGS) -o $@ $< $(CUDA_LIBS)
 endif
 
+# ----------------------------------------------------------------------------
+# CUDA emulation (docs/emulation.md): the GPU code compiled with g++ against dev/emu/cuda_emu.h
+# and run on the CPU, so that `make test` executes every kernel and the GPU trainer without a
+# GPU. dev/emu/cu2cpp.py mirrors the sources into build/emu/src with the launch syntax
+# rewritten. EMU_SAN=1 builds the same binaries with AddressSanitizer + UBSan (build/emu-san).
+CUDA_HOME ?= $(if $(HAVE_NVCC),$(abspath $(dir $(HAVE_NVCC))..),/usr/local/cuda)
+EMU_DIR := build/emu$(if $(EMU_SAN),-san)
+EMU_SRC := build/emu/src
+EMU_CXXFLAGS ?= -std=c++17 $(if $(EMU_SAN),-O1 -g -fno-omit-frame-pointer -fsanitize=address$(,)undefined,-O2) \
+                -fopenmp -Wall -Wno-unused-parameter -Wno-unused-variable -Wno-unused-function -Wno-unknown-pragmas -Wno-sign-compare
+, := ,
+EMU_HEADERS := $(wildcard dev/emu/*.h)
+EMU_CC = $(CXX) $(EMU_CXXFLAGS) -x c++ -include dev/emu/cuda_emu.h -I$(CUDA_HOME)/include
+DEV_CUDA_NAMES := $(patsubst dev/cuda/%.cu,%,$(DEV_CUDA))
+EMU_BINS := $(EMU_DIR)/train_moe_gpu $(EMU_DIR)/test_emu $(EMU_DIR)/test_gpu_fixtures $(EMU_DIR)/bench_gpu \
+            $(addprefix $(EMU_DIR)/dev_cuda/,$(DEV_CUDA_NAMES))
+HAVE_CUDA_HEADERS := $(wildcard $(CUDA_HOME)/include/cuda_runtime.h)
+
+$(EMU_SRC)/.stamp: dev/emu/cu2cpp.py train_moe.cu train_moe.cpp $(COMMON) $(KERNELS) $(DEV_CUDA) dev/cuda/common.h \
+                   $(wildcard test/*.cu test/*.h) dev/bench/bench_gpu.cu
+	@mkdir -p $(EMU_SRC)
+	$(PYTHON) dev/emu/cu2cpp.py . $(EMU_SRC) train_moe.cu train_moe.cpp common kernels dev/cuda dev/bench test
+	@touch $@
+$(EMU_DIR)/train_moe_gpu: $(EMU_SRC)/.stamp $(EMU_HEADERS)
+	@mkdir -p $(@D)
+	$(EMU_CC) -o $@ $(EMU_SRC)/train_moe.cu
+$(EMU_DIR)/test_gpu_fixtures: $(EMU_SRC)/.stamp $(EMU_HEADERS)
+	@mkdir -p $(@D)
+	$(EMU_CC) -o $@ $(EMU_SRC)/test/test_gpu_fixtures.cu
+$(EMU_DIR)/test_emu: $(EMU_SRC)/.stamp $(EMU_HEADERS)
+	@mkdir -p $(@D)
+	$(EMU_CC) -o $@ $(EMU_SRC)/test/test_emu.cu
+$(EMU_DIR)/bench_gpu: $(EMU_SRC)/.stamp $(EMU_HEADERS)
+	@mkdir -p $(@D)
+	$(EMU_CC) -o $@ $(EMU_SRC)/dev/bench/bench_gpu.cu
+$(EMU_DIR)/dev_cuda/%: $(EMU_SRC)/.stamp $(EMU_HEADERS)
+	@mkdir -p $(@D)
+	$(EMU_CC) -o $@ $(EMU_SRC)/dev/cuda/$*.cu
+emu: $(EMU_BINS)
+# the emulated GPU suites alone (make test runs them too)
+test-emu: emu train_moe
+	EMU_DIR=$(EMU_DIR) SUITES=emu bash test/run_tests.sh
+
 TEST_BINS := test/bin/test_cpu test/bin/test_gradcheck $(if $(wildcard test/test_upcycle.cpp),test/bin/test_upcycle)
 
+# the emulated GPU binaries are built when the CUDA headers exist (no GPU needed)
+NPROC := $(shell nproc 2>/dev/null || echo 2)
 test: train_moe $(if $(wildcard upcycle.cu),upcycle) $(TEST_BINS)
 	@test -f data/tiny/tokenizer.bin || $(MAKE) --no-print-directory data-tiny
-	bash test/run_tests.sh
+	$(if $(HAVE_CUDA_HEADERS),$(MAKE) --no-print-directory -j$(NPROC) emu)
+	EMU_DIR=$(EMU_DIR) bash test/run_tests.sh
 
 fixtures:
 	/usr/bin/python3 dev/reference/make_fixtures.py --out test/fixtures
@@ -99,7 +156,7 @@ repro-small: train_moe upcycle train_moe_gpu
 
 # GPU targets: need an NVIDIA GPU (the H100/H200 machine); see docs/gpu-log.md
 test-gpu: train_moe train_moe_gpu cuda-check
-	bash test/test_gpu.sh
+	GPU=./train_moe_gpu FIXTURES=build/cuda-check/test_gpu_fixtures bash test/test_gpu.sh
 
-bench: train_moe_gpu
-	bash dev/bench/bench.sh
+bench: build/cuda-check/bench_gpu
+	BENCH=build/cuda-check/bench_gpu bash dev/bench/bench.sh

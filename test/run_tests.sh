@@ -1,37 +1,62 @@
 #!/usr/bin/env bash
 # Runs every test suite, each of which ends with "N passed, M failed", and prints the total.
-# Exits non-zero if any suite fails or crashes. Called by `make test`.
+# Exits non-zero if any suite fails or crashes. Called by `make test` (SUITES=emu: only the
+# GPU code in the CUDA emulation, `make test-emu`).
 set -u
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+EMU_DIR=${EMU_DIR:-build/emu}
+SUITES=${SUITES:-all}
 total_pass=0; total_fail=0; broken=()
+t_all=$(date +%s)
 
 suite() {  # suite NAME COMMAND...
   local name=$1; shift
   echo "=== $name: $*"
   local log; log=$(mktemp)
+  local t0; t0=$(date +%s)
   "$@" 2>&1 | tee "$log"
   local rc=${PIPESTATUS[0]}
-  local line; line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+  local line; line=$(grep -E '^([A-Za-z]+: )?[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
   rm -f "$log"
+  line=${line#*: }
   if [ -z "$line" ]; then
     echo "=== $name: no result line (exit code $rc)"; broken+=("$name"); total_fail=$((total_fail + 1)); return
   fi
   local p f; p=$(echo "$line" | awk '{print $1}'); f=$(echo "$line" | awk '{print $3}')
   total_pass=$((total_pass + p)); total_fail=$((total_fail + f))
+  echo "=== $name: $line ($(( $(date +%s) - t0 )) s)"
   if [ "$rc" -ne 0 ] || [ "$f" -ne 0 ]; then broken+=("$name"); fi
 }
 
-suite "CPU trainer" ./test/bin/test_cpu ./train_moe
-suite "finite differences" ./test/bin/test_gradcheck
-[ -x test/bin/test_upcycle ] && suite "upcycle" ./test/bin/test_upcycle ./upcycle ./train_moe
-suite "data" "$PYTHON" dev/data/test_data.py data/tiny
-if command -v "${NVCC:-nvcc}" >/dev/null 2>&1; then
-  suite "CUDA compile" bash -c 'make --no-print-directory cuda-check && echo "1 passed, 0 failed" || { echo "0 passed, 1 failed"; exit 1; }'
+if [ "$SUITES" = all ]; then
+  suite "CPU trainer" ./test/bin/test_cpu ./train_moe
+  suite "finite differences" ./test/bin/test_gradcheck
+  [ -x test/bin/test_upcycle ] && suite "upcycle" ./test/bin/test_upcycle ./upcycle ./train_moe
+  suite "data" "$PYTHON" dev/data/test_data.py data/tiny
+  if command -v "${NVCC:-nvcc}" >/dev/null 2>&1; then
+    suite "CUDA compile" bash -c 'make --no-print-directory -j"$(nproc)" cuda-check && echo "1 passed, 0 failed" || { echo "0 passed, 1 failed"; exit 1; }'
+  fi
 fi
-[ -f scripts/test_scripts.sh ] && suite "reproduction scripts (tiny)" bash scripts/test_scripts.sh
+
+# The GPU code, run on the CPU through the CUDA emulation (docs/emulation.md)
+if [ -x "$EMU_DIR/train_moe_gpu" ]; then
+  fixture_dirs=()
+  for d in test/fixtures/*/; do [ -f "$d/fixture.safetensors" ] && fixture_dirs+=("${d%/}"); done
+  suite "CUDA emulator (emulated)" "$EMU_DIR/test_emu"
+  suite "dev/cuda kernels (emulated)" env NOBUILD=1 BINDIR="$EMU_DIR/dev_cuda" LOGDIR="$EMU_DIR/dev_cuda_logs" bash dev/cuda/run_all.sh
+  suite "GPU trainer (emulated)" env GPU="$EMU_DIR/train_moe_gpu" FIXTURES="$EMU_DIR/test_gpu_fixtures" DEVCUDA=0 bash test/test_gpu.sh
+  suite "GPU fixtures, reverse schedule (emulated)" env EMU_SCHED=reverse "$EMU_DIR/test_gpu_fixtures" --dtype both "${fixture_dirs[@]}"
+  suite "GPU benchmark smoke run (emulated)" bash -c "'$EMU_DIR/bench_gpu' --data data/tiny --model tiny --experts 4 --topk 2 --batch 2 --seq 32 --steps 2 --warmup-steps 1 | tee /dev/stderr | grep -q '^bench: MoE' && echo '1 passed, 0 failed' || { echo '0 passed, 1 failed'; exit 1; }"
+  suite "dev/gpu_session.sh (emulated)" env EMU=1 EMU_DIR="$EMU_DIR" PARTS="fixture" OUT="$EMU_DIR/gpu_session" bash dev/gpu_session.sh
+elif [ "$SUITES" = emu ] || command -v "${NVCC:-nvcc}" >/dev/null 2>&1; then
+  echo "=== emulated GPU suites: $EMU_DIR/train_moe_gpu is missing (make emu)"; broken+=("emulation"); total_fail=$((total_fail + 1))
+fi
+
+[ "$SUITES" = all ] && [ -f scripts/test_scripts.sh ] && suite "reproduction scripts (tiny)" bash scripts/test_scripts.sh
 
 echo
 if [ ${#broken[@]} -gt 0 ]; then echo "failing suites: ${broken[*]}"; fi
+echo "(all suites: $(( $(date +%s) - t_all )) s)"
 echo "$total_pass passed, $total_fail failed"
 [ ${#broken[@]} -eq 0 ] && [ "$total_fail" -eq 0 ]

@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# test/test_gpu.sh: every GPU check (make test-gpu; needs an NVIDIA GPU).
-#   (a) the reference fixtures (test/fixtures/*) in fp32 (tight) and bf16 (documented
-#       tolerances: docs/perf.md), through ./train_moe_gpu --check-fixture
+# test/test_gpu.sh: the GPU trainer's checks (make test-gpu on a GPU; make test runs them in
+# the CUDA emulation with GPU=build/emu/train_moe_gpu FIXTURES=build/emu/test_gpu_fixtures).
+#   (a) the reference fixtures (test/fixtures/*), fp32 and bf16, through test_gpu_fixtures
+#       (what is checked and why: the top of test/test_gpu_fixtures.cu, docs/perf.md); then
+#       each planted bug of test_gpu_fixtures --plant must be caught by the check named
 #   (b) bit-identical resume: 6 steps with --save-every 3 vs 3 + resume 3; metrics records
 #       (ignoring tok_per_s and mfu) and final model/optimizer bytes must be identical
 #   (c) 20 training steps, GPU vs the CPU trainer, same flags: fp32 within 1e-4 relative
 #       per step, bf16 within 3e-2 (see docs/perf.md for why)
-#   (d) the dev/cuda kernel checks built by `make cuda-check` (build/cuda-check/*; DEVCUDA=0 skips)
-# Prints "N passed, M failed" and exits non-zero on any failure.
+#   (d) the dev/cuda kernel checks built by `make cuda-check` (build/cuda-check/*; DEVCUDA=0
+#       skips them: under emulation and in dev/gpu_session.sh they run through dev/cuda/run_all.sh)
+# Prints "N passed, M failed" and exits non-zero on any failure. PARTS (default "a b c d")
+# selects parts.
 set -u
 cd "$(dirname "$0")/.."
 GPU=${GPU:-./train_moe_gpu}
+FIXTURES=${FIXTURES:-build/test_gpu_fixtures}
 CPU=${CPU:-./train_moe}
 PY=${PYTHON:-python3}
+PARTS=${PARTS:-a b c d}
 pass=0; fail=0
 ok() { pass=$((pass + 1)); echo "PASS $*"; }
 bad() { fail=$((fail + 1)); echo "FAIL $*"; }
+want() { case " $PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/test_gpu.XXXXXX")
 # KEEP_TMP=1 keeps the logs (fixture runs, resume and curve runs) for the post-mortem
 trap 'if [ -n "${KEEP_TMP:-}" ]; then echo "logs kept in $tmp"; else rm -rf "$tmp"; fi' EXIT
 
-for b in "$GPU" "$CPU"; do
-  [ -x "$b" ] || { echo "missing $b (make train_moe train_moe_gpu)"; echo "0 passed, 1 failed"; exit 1; }
+for b in "$GPU" "$CPU" "$FIXTURES"; do
+  [ -x "$b" ] || { echo "missing $b (make train_moe train_moe_gpu build/test_gpu_fixtures)"; echo "0 passed, 1 failed"; exit 1; }
 done
 
 # Data: data/tiny when built (make data-tiny), else synthetic llm.c shards (vocab 256).
@@ -48,32 +55,54 @@ fi
 echo "data: $DATA"
 
 # ---------------------------------------------------------------------------
-# (a) fixtures: each run prints PASS/FAIL lines and "N passed, M failed"
-n_fixtures=0
+# (a) fixtures: one run over every fixture directory, both precisions; its PASS/FAIL lines
+# carry each check's error ratio (error / tolerance)
+fixture_dirs=()
 for dir in test/fixtures/*/; do
-  dir=${dir%/}  # no trailing slash: train_moe_gpu names the fixture by its last path component
-  name=$(basename "$dir")
+  dir=${dir%/}
   # hf_llama / hf_mixtral hold transformers' logits (hf_logits.safetensors), not a training
-  # fixture: --check-fixture cannot read them (test_cpu checks those directories)
-  [ -f "$dir/fixture.safetensors" ] || { echo "fixture $name: no fixture.safetensors, skipped"; continue; }
-  n_fixtures=$((n_fixtures + 1))
-  for dtype in fp32 bf16; do
-    log=$tmp/fx_${name}_$dtype.log
-    "$GPU" --check-fixture "$dir" --dtype "$dtype" >"$log" 2>&1
-    rc=$?
-    grep -E '^(FAIL|    )' "$log"
-    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
-    if [ -z "$line" ]; then
-      bad "fixture $name $dtype: no result line (exit code $rc)"; tail -n 5 "$log"; continue
-    fi
-    p=$(echo "$line" | awk '{print $1}'); f=$(echo "$line" | awk '{print $3}')
-    pass=$((pass + p)); fail=$((fail + f))
-    echo "fixture $name $dtype: $line"
-    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then bad "fixture $name $dtype: exit code $rc"; fi
-  done
+  # fixture (test_cpu checks those directories)
+  [ -f "$dir/fixture.safetensors" ] && fixture_dirs+=("$dir")
 done
-# skipping must never turn into testing nothing
-[ "$n_fixtures" -gt 0 ] || bad "fixtures: no test/fixtures/*/fixture.safetensors found"
+if want a; then
+  # skipping must never turn into testing nothing
+  [ ${#fixture_dirs[@]} -gt 0 ] || bad "fixtures: no test/fixtures/*/fixture.safetensors found"
+  # one process per fixture, JOBS at a time (the emulation is faster single-threaded on
+  # these tiny grids: OMP_NUM_THREADS=1 for each)
+  log=$tmp/fixtures.log; rc=0
+  printf '%s\n' "${fixture_dirs[@]}" | xargs -P "${JOBS:-$(nproc)}" -I{} sh -c \
+    'OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$0" --dtype both "$1" > "$2/fx_$(basename "$1").log" 2>&1 || echo "$1" >> "$2/fx_failed"' \
+    "$FIXTURES" {} "$tmp"
+  [ -f "$tmp/fx_failed" ] && rc=1
+  p=0; f=0
+  for dir in "${fixture_dirs[@]}"; do
+    flog=$tmp/fx_$(basename "$dir").log
+    cat "$flog" >> "$log"
+    fl=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$flog" | tail -n 1)
+    if [ -z "$fl" ]; then f=$((f + 1)); echo "FAIL fixture $(basename "$dir"): no result line"; tail -n 5 "$flog"; continue; fi
+    p=$((p + $(echo "$fl" | awk '{print $1}'))); f=$((f + $(echo "$fl" | awk '{print $3}')))
+  done
+  grep -E '^(FAIL|    )' "$log"
+  pass=$((pass + p)); fail=$((fail + f))
+  echo "fixtures (${#fixture_dirs[@]} directories, fp32 + bf16): $p passed, $f failed"
+  worst=$(grep -E '^PASS' "$log" | awk '{print $NF "\t" $0}' | sort -g | tail -n 1 | cut -f2-)
+  echo "  largest error ratio among the passing checks: $worst"
+  if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then bad "fixtures: a run exited non-zero with no failed check"; fi
+  # planted bugs: each must fail the check named (the checks can fail); PLANTS=0 skips them
+  [ "${PLANTS:-1}" = 0 ] || for spec in "router_swap|bf16|topk_set" "router_swap|fp32|topk_set" "no_router_loss_grad|bf16|gradients" \
+              "no_router_loss_grad|fp32|gradients" "lr|bf16|AdamW update vs host" "lr|fp32|AdamW step losses" \
+              "stale_copy|bf16|AdamW bf16 working copy"; do
+    IFS='|' read -r plant dtype needle <<<"$spec"
+    plog=$tmp/plant_${plant}_$dtype.log
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$FIXTURES" --dtype "$dtype" --plant "$plant" test/fixtures/moe_topk_softmax >"$plog" 2>&1
+    rc=$?
+    if [ "$rc" -ne 0 ] && grep -q "^FAIL .*\] $needle" "$plog"; then
+      ok "planted bug $plant ($dtype) caught: $(grep -m1 "^FAIL .*\] $needle" "$plog" | cut -c1-150)"
+    else
+      bad "planted bug $plant ($dtype) NOT caught by \"$needle\" (exit code $rc)"; grep -E '^FAIL' "$plog" | head -n 3
+    fi
+  done
+fi
 
 # ---------------------------------------------------------------------------
 # (b) bit-identical resume
@@ -106,9 +135,11 @@ resume_case() {  # resume_case NAME DTYPE EXTRA_FLAGS...
     if cmp -s "$A/step_000006/$f" "$B/step_000006/$f"; then ok "resume $name: $f identical"; else bad "resume $name: $f differs"; fi
   done
 }
-resume_case moe_bf16 bf16 --experts 4 --topk 2 --aux-free-bias 1e-3
-resume_case moe_fp32 fp32 --experts 4 --topk 2 --aux-loss seq
-resume_case dense_bf16 bf16
+if want b; then
+  resume_case moe_bf16 bf16 --experts 4 --topk 2 --aux-free-bias 1e-3
+  resume_case moe_fp32 fp32 --experts 4 --topk 2 --aux-loss seq
+  resume_case dense_bf16 bf16
+fi
 
 # ---------------------------------------------------------------------------
 # (c) GPU vs CPU training losses, 20 steps, same flags
@@ -127,22 +158,25 @@ curve_case() {  # curve_case NAME MODEL_FLAGS...
   local flags="--data $DATA $VOCAB_FLAG --model tiny --steps 20 --batch 4 --seq 64 --lr 3e-3 --warmup 2 --eval-batches 1 --sample-tokens 0 --no-save --seed 11 $*"
   if ! "$CPU" $flags --out "$tmp/curve_${name}_cpu" >"$tmp/curve_${name}_cpu.log" 2>&1; then bad "curve $name: CPU run failed"; tail -n 5 "$tmp/curve_${name}_cpu.log"; return; fi
   for spec in fp32:1e-4 bf16:3e-2; do
-    local dtype=${spec%%:*} tol=${spec##*:} out=$tmp/curve_${name}_$dtype
+    local dtype=${spec%%:*} tol=${spec##*:}
+    local out=$tmp/curve_${name}_$dtype
     if ! "$GPU" $flags --dtype "$dtype" --out "$out" >"$out.log" 2>&1; then bad "curve $name $dtype: GPU run failed"; tail -n 5 "$out.log"; continue; fi
     if compare_losses "$tmp/curve_${name}_cpu/metrics.jsonl" "$out/metrics.jsonl" "$tol"; then ok "curve $name $dtype"; else bad "curve $name $dtype"; fi
   done
 }
-curve_case dense
-curve_case moe --experts 4 --topk 2
-curve_case moe_softmax_topk_pooled --experts 4 --topk 2 --routing softmax_topk --aux-loss pooled
+if want c; then
+  curve_case dense
+  curve_case moe --experts 4 --topk 2
+  curve_case moe_softmax_topk_pooled --experts 4 --topk 2 --routing softmax_topk --aux-loss pooled
+fi
 
 # ---------------------------------------------------------------------------
 # (d) dev/cuda kernel checks, if built (make cuda-check puts them in build/cuda-check/);
 # DEVCUDA=0 skips them (dev/gpu_session.sh runs them through dev/cuda/run_all.sh instead)
 for bin in build/cuda-check/*; do
-  [ "${DEVCUDA:-1}" = 0 ] && break
+  { [ "${DEVCUDA:-1}" = 0 ] || ! want d; } && break
   [ -x "$bin" ] || continue
-  case $(basename "$bin") in train_moe|train_moe_gpu) continue ;; esac
+  case $(basename "$bin") in train_moe|train_moe_gpu|test_gpu_fixtures|bench_gpu) continue ;; esac
   if "$bin" >"$tmp/devcuda.log" 2>&1; then ok "dev/cuda $(basename "$bin")"; else bad "dev/cuda $(basename "$bin")"; tail -n 10 "$tmp/devcuda.log"; fi
 done
 
