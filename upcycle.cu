@@ -40,6 +40,7 @@ struct UpcycleArgs {
     int experts = 8, topk = 2, vocab = 0, granularity = 1, max_dup = 3, utility_batches = 4, batch = 4, seq = 64;
     int threads = 0;
     long seed = 1337;
+    bool overwrite = false;
     double ratio = 0.5;
 
     void add_to(Cli& cli) {
@@ -48,7 +49,9 @@ struct UpcycleArgs {
         cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx: a,b,c,...");
         cli.add("--model", &model, std::string("scratch without --from: preset shape (") + model_preset_names() + ")");
         cli.add("--vocab", &vocab, "scratch with --model: vocabulary size");
-        cli.add("--out", &out, "output directory, written atomically (required)");
+        cli.add("--out", &out, "output directory, written atomically (required; must not exist or be empty)");
+        cli.flag("--overwrite", &overwrite, "replace an existing non-empty --out directory (never one that is, "
+                                             "contains or lies inside an input)");
         cli.add("--dtype", &dtype, "output weights: same (as the input), f32 or bf16");
         cli.section("MoE shape and routing");
         cli.add("--experts", &experts, "number of experts E (expand: the new total, a multiple of the source's; "
@@ -764,6 +767,11 @@ int main(int argc, char** argv) {
 #endif
         if (a.method.empty()) FAIL("--method is required (scratch, naive, noise, drop, btx, granular, partition, expand)");
         if (a.out.empty()) FAIL("--out is required (the output directory)");
+        {  // nothing the user did not ask to lose: inputs, an existing file, a non-empty directory
+            std::vector<std::string> inputs = a.from.empty() ? std::vector<std::string>() : split_commas(a.from);
+            if (a.method == "expand") inputs.push_back(a.data);  // read for gradient utility scores
+            check_output_location(a.out, inputs, a.overwrite);
+        }
         static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "expand"};
         bool known = false;
         for (const char* k : methods) known |= a.method == k;

@@ -3,7 +3,8 @@
 // "error: <file>: <what was expected>, <what was found>" and a non-zero exit.
 //
 // defines: Error, FAIL, strfmt, file and directory helpers (path_join, read_text, AtomicFile,
-//          AtomicDir, write_text_atomic, ...), now_seconds, format_duration, bf16_to_f32
+//          AtomicDir, write_text_atomic, check_output_location, ...), now_seconds, format_duration,
+//          bf16_to_f32
 #pragma once
 #include <algorithm>
 #include <cerrno>
@@ -194,6 +195,53 @@ struct AtomicDir {
         if (!done) remove_tree(tmp);
     }
 };
+
+// The absolute, link-free form of a path that may not exist yet: realpath of its longest
+// existing prefix, then the rest as written.
+inline std::string absolute_path(const std::string& p) {
+    char buf[4096];
+    if (realpath(p.c_str(), buf)) return buf;
+    std::string s = p;
+    while (s.size() > 1 && s.back() == '/') s.pop_back();
+    size_t slash = s.rfind('/');
+    std::string parent = slash == std::string::npos ? "." : (slash == 0 ? "/" : s.substr(0, slash));
+    std::string leaf = slash == std::string::npos ? s : s.substr(slash + 1);
+    std::string base = absolute_path(parent);
+    return base == "/" ? "/" + leaf : base + "/" + leaf;
+}
+inline int count_dir_entries(const std::string& dir) {
+    int n = 0;
+    if (DIR* d = opendir(dir.c_str())) {
+        while (dirent* e = readdir(d)) n += strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+        closedir(d);
+    }
+    return n;
+}
+
+// Refuses an output directory that would destroy something the user did not ask to lose:
+// an output that is, contains or lies inside one of the inputs (never allowed), an existing
+// file, or an existing non-empty directory (allowed only with overwrite = --overwrite).
+inline void check_output_location(const std::string& out, const std::vector<std::string>& inputs, bool overwrite,
+                                  const char* option = "--out") {
+    const std::string o = absolute_path(out);
+    for (const std::string& in : inputs) {
+        if (in.empty()) continue;
+        const std::string i = absolute_path(in);
+        if (o == i) FAIL("%s %s is the input %s itself: refusing to replace an input", option, out.c_str(), in.c_str());
+        if (i.compare(0, o.size() + 1, o + "/") == 0)
+            FAIL("%s %s contains the input %s: writing it would delete that input", option, out.c_str(), in.c_str());
+        if (o.compare(0, i.size() + 1, i + "/") == 0)
+            FAIL("%s %s lies inside the input %s: choose an output outside it", option, out.c_str(), in.c_str());
+    }
+    if (!path_exists(out)) return;
+    if (!is_dir(out))
+        FAIL("%s %s exists and is not a directory: refusing to replace a file (remove it or choose another %s)",
+             option, out.c_str(), option);
+    int n = count_dir_entries(out);
+    if (n > 0 && !overwrite)
+        FAIL("%s %s already exists and is not empty (%d entries): choose a new directory, or pass --overwrite to "
+             "replace it", option, out.c_str(), n);
+}
 
 // Fail early (before hours of work) when an output location cannot be written.
 inline void check_writable_dir(const std::string& dir) {

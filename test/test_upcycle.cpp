@@ -24,9 +24,10 @@ static int run_cmd(const std::string& cmd, std::string* output) {
 }
 
 // Runs upcycle; a failure is a failed check with the tool's output.
+// (--overwrite: these tests reuse their output directories; test_output_safety checks the refusals)
 static bool upcycle(const std::string& args, std::string* out_text = nullptr) {
     std::string out;
-    int rc = run_cmd(g_bin + " " + args, &out);
+    int rc = run_cmd(g_bin + " " + args + " --overwrite", &out);
     CHECK_MSG(rc == 0, "upcycle %s: rc %d: %s", args.c_str(), rc, out.c_str());
     if (out_text) *out_text = out;
     return rc == 0;
@@ -571,7 +572,7 @@ static void test_determinism() {
     CHECK_MSG(read_file(a + "/config.json") == read_file(b + "/config.json"), "config.json differs between runs");
     CHECK_MSG(read_file(a + "/model.safetensors") != read_file(c + "/model.safetensors"), "seeds 3 and 4 give the same output");
     for (std::string m : {"noise", "scratch", "granular --granularity 2 --router normal"}) {
-        std::string x = "--method " + m + " --from " + dense + " --experts 4 --topk 2 --out ";
+        std::string x = "--method " + m + " --from " + dense + " --experts 4 --topk 2 --overwrite --out ";
         CHECK(run_cmd("OMP_NUM_THREADS=1 " + g_bin + " " + x + a, &out) == 0);
         CHECK(run_cmd("OMP_NUM_THREADS=2 " + g_bin + " " + x + b, &out) == 0);
         CHECK_MSG(read_file(a + "/model.safetensors") == read_file(b + "/model.safetensors"),
@@ -586,6 +587,41 @@ static void test_determinism() {
     const Json* s = u ? u->find("sources") : nullptr;
     CHECK(s && s->arr.size() == 1 &&
           s->arr[0].find("files")->arr[0].get_str("sha256", "", "") == sha256_file(dense + "/model.safetensors"));
+}
+
+// Nothing the user did not ask to lose: an existing non-empty --out is refused (kept intact)
+// unless --overwrite; an --out that is, contains or lies inside an input is always refused;
+// an --out that is an existing file is refused and the file kept.
+static void test_output_safety() {
+    const std::string dense = "test/fixtures/dense", args = " --method naive --experts 4 --topk 2";
+    std::string out;
+    auto refused = [&](const std::string& a, const std::string& needle, const std::string& what) {
+        int rc = run_cmd(g_bin + a, &out);
+        CHECK_MSG(rc == 1 && out.find(needle) != std::string::npos, "%s: rc %d, output: %s", what.c_str(), rc, out.c_str());
+    };
+    // 1. an existing, non-empty directory
+    std::string keep = tmp("safety_keep");
+    mkdir_p(keep);
+    write_text_atomic(keep + "/precious.txt", "precious\n");
+    refused(args + " --from " + dense + " --out " + keep, "already exists and is not empty", "non-empty --out");
+    CHECK_MSG(read_text(keep + "/precious.txt") == "precious\n", "non-empty --out: its file was touched");
+    CHECK(run_cmd(g_bin + args + " --from " + dense + " --out " + keep + " --overwrite", &out) == 0);
+    CHECK_MSG(path_exists(keep + "/config.json") && !path_exists(keep + "/precious.txt"), "--overwrite did not replace");
+    // 2. --out the parent of --from (it would delete the source), the source itself, inside it
+    std::string parent = tmp("safety_parent"), src = parent + "/src";
+    mkdir_p(src);
+    run_cmd("cp " + dense + "/config.json " + dense + "/model.safetensors " + src + "/", &out);
+    const std::vector<uint8_t> before = read_file(src + "/model.safetensors");
+    refused(args + " --from " + src + " --out " + parent + " --overwrite", "contains the input", "--out parent of --from");
+    refused(args + " --from " + src + " --out " + src + " --overwrite", "is the input", "--out = --from");
+    refused(args + " --from " + src + " --out " + src + "/sub", "lies inside the input", "--out inside --from");
+    CHECK_MSG(read_file(src + "/model.safetensors") == before, "the source model changed");
+    // 3. an existing regular file
+    std::string file = tmp("safety_file");
+    write_text_atomic(file, "not a directory\n");
+    refused(args + " --from " + dense + " --out " + file, "is not a directory", "--out an existing file");
+    refused(args + " --from " + dense + " --out " + file + " --overwrite", "is not a directory", "--out a file, --overwrite");
+    CHECK_MSG(read_text(file) == "not a directory\n", "the file given as --out changed");
 }
 
 // bf16 in -> bf16 out (same); kept values bit-identical through the round trip
@@ -836,6 +872,7 @@ int main(int argc, char** argv) {
     run_test("btx", test_btx);
     run_test("granular", test_granular);
     run_test("partition", test_partition);
+    run_test("output safety (--out refused, --overwrite)", test_output_safety);
     run_test("scratch", test_scratch);
     run_test("determinism and record", test_determinism);
     run_test("dtypes", test_dtypes);
