@@ -5,11 +5,12 @@
 //   gate weights w_k: topk_softmax p_{e_k} / sum_k' p_{e_k'};  softmax_topk p_{e_k}
 // Router losses: the forward sums they need (per-sequence sums of p and of lse^2, plus
 // the counts from permute.cuh) are reduced here in double in a fixed order and copied to
-// the host, which adds them up exactly as the CPU trainer does (train_moe.cpp
-// router_losses). The host also computes the per-(sequence, expert) coefficient g of the
-// balancing loss gradient dL/dp_{t,i} = g[b, i] (train_moe.cpp aux_dp); router_backward
+// the host, which computes the loss values with the CPU trainer's functions
+// (common/router_losses.h router_loss_values). The host also computes the per-(sequence,
+// expert) coefficient g of the balancing loss gradient dL/dp_{t,i} = g[b, i]
+// (common/router_losses.h aux_dp_per_seq); router_backward
 // applies it through the softmax together with the z-loss and gate-weight gradients.
-// The aux-loss-free bias update (b_i += u sign(mean load - load_i)) runs on the host after
+// The aux-loss-free bias update (common/router_losses.h aux_free_bias_update) runs on the host after
 // each optimizer step, on the counts the host already has; the device reads the bias.
 #pragma once
 #include "common.cuh"
