@@ -92,10 +92,6 @@ static void report_check(const std::string& tag, const std::string& what, double
     fflush(stdout);
 }
 
-template <typename X>
-static std::vector<float> floats_of(const X* p, size_t n, cudaStream_t s) {
-    return download_floats(p, n, s);
-}
 
 // Routing of one layer against a reference (logits z_ref [N, E], choices idx_ref [N, K],
 // weights w_ref [N, K]); returns the number of tokens whose choice differs where the
@@ -162,11 +158,11 @@ static double grad_ratio(const std::string& tag, const ParamLayout& lay, const s
 }
 
 template <typename T>
-static void setup_model(GPUModel<T>& M, const Fixture& fx, bool stochastic_round) {
+static void setup_model(GPUModel<T>& M, const Fixture& fx, bool stochastic_round, const std::vector<float>& params) {
     M.router_loss = fx.router_settings;
     M.stochastic_round = stochastic_round;
     M.seed = 1234;
-    M.setup(fx.cfg, fx.params, {});
+    M.setup(fx.cfg, params, {});
     M.alloc(fx.B, fx.T);
 }
 
@@ -183,13 +179,10 @@ static void check_step0(const Fixture& fx, Plant plant) {
         for (int i = 0; i < fx.cfg.d_model; i++) std::swap(params[r.offset + i], params[r.offset + fx.cfg.d_model + i]);
     }
     GPUModel<T> M;
-    M.router_loss = fx.router_settings;
-    M.stochastic_round = false;  // round to nearest: the smallest honest bf16 error
-    M.setup(fx.cfg, params, {});
-    M.alloc(B, T_);
+    setup_model(M, fx, false, params);  // round to nearest: the smallest honest bf16 error
 
     Losses l = M.forward(fx.inputs.data(), fx.targets.data(), B, T_, 0.0f);
-    std::vector<float> logits = floats_of(M.logits, (size_t)N * V, M.stream);
+    std::vector<float> logits = download_floats(M.logits, (size_t)N * V, M.stream);
     std::vector<double> ref_logits = fx.tensor("logits", {B, T_, V});
     double w = fp32 ? worst_ratio(logits.data(), ref_logits.data(), logits.size(), tol.logits * max_abs(ref_logits), tol.logits)
                     : rel_l2(logits.data(), ref_logits.data(), logits.size()) / tol.logits;
@@ -206,9 +199,9 @@ static void check_step0(const Fixture& fx, Plant plant) {
             auto& a = M.acts[layer];
             std::vector<int> idx((size_t)N * K);
             download(idx.data(), a.topk, idx.size(), M.stream);
-            check_routing(tag, layer, N, E, K, floats_of(a.rlogits, (size_t)N * E, M.stream),
+            check_routing(tag, layer, N, E, K, download_floats(a.rlogits, (size_t)N * E, M.stream),
                           fx.tensor(strfmt("router_logits.%d", layer), {N, E}), idx,
-                          fx.ints(strfmt("topk_idx.%d", layer), {N, K}), floats_of(a.topw, (size_t)N * K, M.stream),
+                          fx.ints(strfmt("topk_idx.%d", layer), {N, K}), download_floats(a.topw, (size_t)N * K, M.stream),
                           fx.tensor(strfmt("topk_weight.%d", layer), {N, K}), tol, /*require_margin=*/true);
             auto cnt = fx.ints(strfmt("expert_counts.%d", layer), {E});
             int cdiff = 0;
@@ -261,11 +254,11 @@ static void check_adamw(const Fixture& fx, Plant plant) {
     if (fx.has("adamw_grad_norms")) ref_norms = fx.tensor("adamw_grad_norms");
     const int steps = (int)ref_losses.size();
     GPUModel<T> M;  // the trainer as it runs (bf16: stochastic rounding of the working copy)
-    setup_model(M, fx, !fp32);
+    setup_model(M, fx, !fp32, fx.params);
     std::unique_ptr<GPUModel<float>> S;  // bf16 only: the fp32 shadow, given the weights M computes with
     if (!fp32) {
         S.reset(new GPUModel<float>());
-        setup_model(*S, fx, false);
+        setup_model(*S, fx, false, fx.params);
     }
     const size_t P = M.layout.total;
     const AdamWSettings& hp = fx.adamw;
@@ -298,13 +291,13 @@ static void check_adamw(const Fixture& fx, Plant plant) {
                     std::vector<int> im((size_t)N * K), is((size_t)N * K);
                     download(im.data(), M.acts[layer].topk, im.size(), M.stream);
                     download(is.data(), S->acts[layer].topk, is.size(), S->stream);
-                    std::vector<float> zs = floats_of(S->acts[layer].rlogits, (size_t)N * E, S->stream);
-                    std::vector<float> ws = floats_of(S->acts[layer].topw, (size_t)N * K, S->stream);
+                    std::vector<float> zs = download_floats(S->acts[layer].rlogits, (size_t)N * E, S->stream);
+                    std::vector<float> ws = download_floats(S->acts[layer].topw, (size_t)N * K, S->stream);
                     std::vector<double> zs64(zs.begin(), zs.end()), ws64(ws.begin(), ws.end());
                     // a flipped near-tie changes every later layer's input: stop at the first
                     near_ties += check_routing(tag + strfmt(" step %d", s), layer, N, E, K,
-                                               floats_of(M.acts[layer].rlogits, (size_t)N * E, M.stream), zs64, im, is,
-                                               floats_of(M.acts[layer].topw, (size_t)N * K, M.stream), ws64, tol, false);
+                                               download_floats(M.acts[layer].rlogits, (size_t)N * E, M.stream), zs64, im, is,
+                                               download_floats(M.acts[layer].topw, (size_t)N * K, M.stream), ws64, tol, false);
                 }
             }
             S->zero_grad();
