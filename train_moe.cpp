@@ -825,6 +825,7 @@ struct Model {
     // bias update. Returns the norm before clipping.
     double step(const AdamWSettings& hp, double lr) {
         double norm = global_norm(grads.data(), grads.size());
+        if (!std::isfinite(norm)) return norm;  // no update: the run stops at the last good weights
         AdamWStep st = adamw_step(hp, norm, ++adam_t);
         for (auto& t : layout.tensors)
             adamw_update(params.data() + t.offset, grads.data() + t.offset, m.data() + t.offset, v.data() + t.offset,
@@ -859,6 +860,9 @@ int main(int argc, char** argv) {
         return run_training(M, args, cli);
     } catch (const Error& e) {
         fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    } catch (const std::bad_alloc&) {  // the memory check before the run missed it: still one clear line
+        fprintf(stderr, "error: out of memory (a host allocation failed); use a smaller --batch / --seq or model\n");
         return 1;
     }
 }

@@ -521,6 +521,7 @@ struct GPUModel {
         double sq = 0;
         download(&sq, norm_out, 1, stream);
         double norm = std::sqrt(sq);
+        if (!std::isfinite(norm)) return norm;  // no update: the run stops at the last good weights
         AdamWStep st = adamw_step(hp, norm, ++adam_t);
         gpu::AdamWArgs a;
         a.lr = (float)lr; a.b1 = (float)hp.beta1; a.one_minus_b1 = (float)(1 - hp.beta1);
@@ -654,6 +655,16 @@ int run_gpu_training(TrainArgs& args, Cli& cli, const GpuOptions& go) {
         const double tokens_per_step = (double)args.batch * args.seq * args.grad_accum;
         return peak > 0 ? flops_per_token(M.cfg, args.seq) * tokens_per_step / dt / peak : NAN;
     };
+    // memory per parameter: fp32 master + fp32 gradient (+ the bf16 weight copy); activations in T
+    hooks.state_bytes = sizeof(T) == 4 ? 8 : 4 + 4 + 2;
+    hooks.act_bytes = sizeof(T);
+    hooks.stores_attention_matrix = false;  // the attention kernels keep only the softmax statistics
+    hooks.free_memory = []() {
+        size_t free_b = 0, total_b = 0;
+        cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+        return (double)free_b;
+    };
+    hooks.memory_name = strfmt("GPU %d", go.device);
     return run_training(M, args, cli, hooks);
 }
 
@@ -684,6 +695,9 @@ int main(int argc, char** argv) {
         return fp32 ? run_gpu_training<float>(args, cli, go) : run_gpu_training<bf16>(args, cli, go);
     } catch (const Error& e) {
         fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    } catch (const std::bad_alloc&) {
+        fprintf(stderr, "error: out of memory (a host allocation failed); use a smaller --batch / --seq or model\n");
         return 1;
     }
 }

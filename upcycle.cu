@@ -33,6 +33,24 @@ into the CPU trainer to compute real gradients.
 
 #define UPCYCLE_VERSION "1"
 
+// The output must fit on its disk and a tensor in memory: refused before any work (a full
+// disk or an allocation failure after minutes of work would leave nothing but an error).
+static void check_output_size(const ParamLayout& lay, DType dt, const std::string& out) {
+    const double bytes = (double)lay.total * dtype_size(dt);
+    const double disk = disk_free_bytes(out);
+    if (disk >= 0 && bytes > disk)
+        FAIL("--out %s: the output model takes %s but its disk has %s free", out.c_str(), format_bytes(bytes).c_str(),
+             format_bytes(disk).c_str());
+    size_t largest = 0;  // tensors are streamed one at a time: a few float copies of the largest
+    for (auto& t : lay.tensors) largest = std::max(largest, t.numel);
+    const double need = 4.0 * sizeof(float) * largest, mem = host_memory_available();
+    if (mem > 0 && need > mem)
+        FAIL("the output's largest tensor needs %s of working memory but %s is free", format_bytes(need).c_str(),
+             format_bytes(mem).c_str());
+    printf("output: %.3fM parameters, %s on disk (%s free)\n", lay.total / 1e6, format_bytes(bytes).c_str(),
+           disk >= 0 ? format_bytes(disk).c_str() : "?");
+}
+
 struct UpcycleArgs {
     std::string method, from, model, out, data = "data/tiny";
     std::string routing = "topk_softmax", router = "uniform", du_index_mode = "independent", dtype = "same";
@@ -48,34 +66,37 @@ struct UpcycleArgs {
         cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition or expand (required)");
         cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx: a,b,c,...");
         cli.add("--model", &model, std::string("scratch without --from: preset shape (") + model_preset_names() + ")");
-        cli.add("--vocab", &vocab, "scratch with --model: vocabulary size");
+        cli.add("--vocab", &vocab, "scratch with --model: vocabulary size", Range::between(0, 65536));
         cli.add("--out", &out, "output directory, written atomically (required; must not exist or be empty)");
         cli.flag("--overwrite", &overwrite, "replace an existing non-empty --out directory (never one that is, "
                                              "contains or lies inside an input)");
         cli.add("--dtype", &dtype, "output weights: same (as the input), f32 or bf16");
         cli.section("MoE shape and routing");
         cli.add("--experts", &experts, "number of experts E (expand: the new total, a multiple of the source's; "
-                                       "default there: twice the source's)");
-        cli.add("--topk", &topk, "experts per token K (expand keeps the source's)");
+                                       "default there: twice the source's)", Range::between(1, 65536));
+        cli.add("--topk", &topk, "experts per token K (expand keeps the source's)", Range::between(1, 65536));
         cli.add("--routing", &routing, "topk_softmax (Mixtral) or softmax_topk (Megatron pre-softmax, no renormalization)");
         cli.add("--router", &router, "router init of upcycled models: uniform (zero-mean, std 0.02) or normal (N(0, 0.02))");
-        cli.add("--seed", &seed, "seed of every random choice (output is a pure function of it)");
+        cli.add("--seed", &seed, "seed of every random choice (output is a pure function of it)",
+                Range::at_least(0));
         cli.section("Method settings");
-        cli.add("--ratio", &ratio, "noise/drop: fraction r of neurons per matrix, in [0, 1]");
+        cli.add("--ratio", &ratio, "noise/drop: fraction r of neurons per matrix", Range::between(0, 1));
         cli.add("--du-index-mode", &du_index_mode, "drop: independent (a set per gate/up/down, as the released code) "
                                                    "or shared (one set per expert, as the paper's text)");
-        cli.add("--granularity", &granularity, "granular: G; experts are F/G wide; E and K must be multiples of G");
+        cli.add("--granularity", &granularity, "granular: G; experts are F/G wide; E and K must be multiples of G",
+                Range::between(1, 65536));
         cli.section("Expert upcycling (--method expand)");
         cli.add("--select", &select, "uniform (each expert duplicated m-1 times) or utility (greedy by --score)");
         cli.add("--score", &score, "weight_norm, grad_norm, saliency or fisher; the gradient-based ones load the "
                                    "WHOLE source model and run --utility-batches batches of --data");
-        cli.add("--max-dup", &max_dup, "utility: at most this many new copies of one expert");
-        cli.add("--utility-batches", &utility_batches, "gradient scores: training batches averaged");
+        cli.add("--max-dup", &max_dup, "utility: at most this many new copies of one expert", Range::at_least(1));
+        cli.add("--utility-batches", &utility_batches, "gradient scores: training batches averaged", Range::between(1, 1 << 20));
         cli.add("--data", &data, "gradient scores: token shard folder (as train_moe --data)");
-        cli.add("--batch", &batch, "gradient scores: sequences per batch");
-        cli.add("--seq", &seq, "gradient scores: tokens per sequence");
+        cli.add("--batch", &batch, "gradient scores: sequences per batch", Range::between(1, 1 << 20));
+        cli.add("--seq", &seq, "gradient scores: tokens per sequence", Range::between(1, 1 << 20));
         cli.section("Run");
-        cli.add("--threads", &threads, "OpenMP threads (0 = default); the output does not depend on it");
+        cli.add("--threads", &threads, "OpenMP threads (0 = default); the output does not depend on it",
+                Range::between(0, 4096));
     }
 };
 
@@ -410,6 +431,7 @@ struct DenseUpcycler {
         out_cfg.validate("output model");
         out_lay = build_layout(out_cfg);
         DType dt = output_dtype(a.dtype, src.empty() ? DType::F32 : src[0]->ck->dtype());
+        check_output_size(out_lay, dt, a.out);
 
         // what we do, recorded in config.json
         Json rec = Json::object();
@@ -642,6 +664,7 @@ struct Expander {
         out_cfg.validate("output model");
         out_lay = build_layout(out_cfg);
         DType dt = output_dtype(a.dtype, src.ck->dtype());
+        check_output_size(out_lay, dt, a.out);
         if (whole) step0_loss();
 
         Json rec = Json::object();
@@ -789,6 +812,9 @@ int main(int argc, char** argv) {
         return 0;
     } catch (const Error& e) {
         fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    } catch (const std::bad_alloc&) {
+        fprintf(stderr, "error: out of memory (a host allocation failed); nothing was written to --out\n");
         return 1;
     }
 }

@@ -158,7 +158,7 @@ class DataLoader {
                 std::string item = mix.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
                 size_t eq = item.find('=');
                 std::string name = item.substr(0, eq);
-                double w = eq == std::string::npos ? 1.0 : atof(item.c_str() + eq + 1);
+                double w = eq == std::string::npos ? 1.0 : parse_double_strict(item.substr(eq + 1), 1e300, "--mix: weight of domain \"" + name + "\"");
                 if (w < 0) FAIL("--mix: weight of domain \"%s\" is negative", name.c_str());
                 bool found = false;
                 for (auto& f : files) if (f.name == name) found = true;

@@ -128,22 +128,41 @@ struct Json {
         const Json* v = find(k);
         if (!v) FAIL("%s: missing key \"%s\"", what.c_str(), k.c_str());
         if (v->type != NUM) FAIL("%s: key \"%s\" should be a number", what.c_str(), k.c_str());
+        if (!std::isfinite(v->num)) FAIL("%s: key \"%s\" should be a finite number", what.c_str(), k.c_str());
         return v->num;
     }
     double get_num(const std::string& k, double dflt, const std::string& what) const {
         const Json* v = find(k);
         if (!v || v->type == NUL) return dflt;
         if (v->type != NUM) FAIL("%s: key \"%s\" should be a number", what.c_str(), k.c_str());
+        if (!std::isfinite(v->num)) FAIL("%s: key \"%s\" should be a finite number", what.c_str(), k.c_str());
         return v->num;
     }
     long long get_int(const std::string& k, const std::string& what) const {
         double d = get_num(k, what);
-        if (d != std::floor(d)) FAIL("%s: key \"%s\" should be an integer, found %g", what.c_str(), k.c_str(), d);
-        return (long long)d;
+        return checked_int(d, k, what);
     }
     long long get_int(const std::string& k, long long dflt, const std::string& what) const {
         double d = get_num(k, (double)dflt, what);
+        return checked_int(d, k, what);
+    }
+    // an integer in [lo, hi]: a size too large for its type is an error, not a wrapped number
+    long long get_int(const std::string& k, long long dflt, long long lo, long long hi, const std::string& what) const {
+        long long v = get_int(k, dflt, what);
+        if (v < lo || v > hi)
+            FAIL("%s: key \"%s\" is %lld, outside the allowed range [%lld, %lld]", what.c_str(), k.c_str(), v, lo, hi);
+        return v;
+    }
+    long long get_int(const std::string& k, long long lo, long long hi, const std::string& what) const {
+        long long v = get_int(k, what);
+        if (v < lo || v > hi)
+            FAIL("%s: key \"%s\" is %lld, outside the allowed range [%lld, %lld]", what.c_str(), k.c_str(), v, lo, hi);
+        return v;
+    }
+    static long long checked_int(double d, const std::string& k, const std::string& what) {
         if (d != std::floor(d)) FAIL("%s: key \"%s\" should be an integer, found %g", what.c_str(), k.c_str(), d);
+        if (std::fabs(d) > 9007199254740992.0)  // 2^53: beyond it a JSON number is not an exact integer
+            FAIL("%s: key \"%s\" = %g is too large for an integer", what.c_str(), k.c_str(), d);
         return (long long)d;
     }
     bool get_bool(const std::string& k, bool dflt, const std::string& what) const {

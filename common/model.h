@@ -10,6 +10,7 @@
 //          ExtraTensor
 #pragma once
 #include <array>
+#include <climits>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -57,6 +58,13 @@ struct ModelConfig {
         pos("vocab_size", vocab_size); pos("hidden_size", d_model); pos("num_hidden_layers", n_layer);
         pos("num_attention_heads", n_head); pos("num_key_value_heads", n_kv_head); pos("head_dim", head_dim);
         pos("intermediate_size", ffn_dim);
+        // positive finite floats: a NaN epsilon or RoPE base would train a model of NaNs
+        if (!(rms_eps > 0 && rms_eps < 1)) FAIL("%s: rms_norm_eps must be in (0, 1), found %g", what.c_str(), rms_eps);
+        if (!(rope_theta > 1 && std::isfinite(rope_theta)))
+            FAIL("%s: rope_theta must be a finite number > 1, found %g", what.c_str(), rope_theta);
+        if (rope_scale_factor != 0 && !(rope_scale_factor >= 1 && std::isfinite(rope_scale_factor) &&
+                                         rope_low_freq > 0 && rope_high_freq > rope_low_freq))
+            FAIL("%s: rope_scaling needs factor >= 1 and 0 < low_freq_factor < high_freq_factor", what.c_str());
         if (n_head % n_kv_head)
             FAIL("%s: num_key_value_heads (%d) must divide num_attention_heads (%d)", what.c_str(), n_kv_head, n_head);
         if (head_dim % 2) FAIL("%s: head_dim (%d) must be even for RoPE", what.c_str(), head_dim);
@@ -151,26 +159,26 @@ struct ModelConfig {
         std::string mt = j.get_str("model_type", "", what);
         if (!mt.empty() && mt != "llama" && mt != "mixtral")
             FAIL("%s: model_type \"%s\" is not supported (expected llama or mixtral)", what.c_str(), mt.c_str());
-        c.vocab_size = (int)j.get_int("vocab_size", what);
-        c.d_model = (int)j.get_int("hidden_size", what);
-        c.ffn_dim = (int)j.get_int("intermediate_size", what);
-        c.n_layer = (int)j.get_int("num_hidden_layers", what);
-        c.n_head = (int)j.get_int("num_attention_heads", what);
-        c.n_kv_head = (int)j.get_int("num_key_value_heads", c.n_head, what);
+        c.vocab_size = (int)j.get_int("vocab_size", 1, 65536, what);
+        c.d_model = (int)j.get_int("hidden_size", 1, 1 << 16, what);
+        c.ffn_dim = (int)j.get_int("intermediate_size", 1, 1 << 20, what);
+        c.n_layer = (int)j.get_int("num_hidden_layers", 1, 4096, what);
+        c.n_head = (int)j.get_int("num_attention_heads", 1, 4096, what);
+        c.n_kv_head = (int)j.get_int("num_key_value_heads", c.n_head, 1, 4096, what);
         if (c.n_head <= 0) FAIL("%s: num_attention_heads must be positive", what.c_str());
-        c.head_dim = (int)j.get_int("head_dim", c.d_model / c.n_head, what);
-        c.n_experts = (int)j.get_int("num_local_experts", 0, what);
-        c.top_k = (int)j.get_int("num_experts_per_tok", c.n_experts > 0 ? 2 : 0, what);
+        c.head_dim = (int)j.get_int("head_dim", c.d_model / c.n_head, 1, 4096, what);
+        c.n_experts = (int)j.get_int("num_local_experts", 0, 0, 65536, what);
+        c.top_k = (int)j.get_int("num_experts_per_tok", c.n_experts > 0 ? 2 : 0, 0, 65536, what);
         c.routing = parse_routing(j.get_str("moe_routing", "topk_softmax", what), what);
         c.tie_embeddings = j.get_bool("tie_word_embeddings", false, what);
         c.rms_eps = (float)j.get_num("rms_norm_eps", 1e-5, what);
         c.rope_theta = (float)j.get_num("rope_theta", 10000.0, what);
-        c.max_seq_len = (int)j.get_int("max_position_embeddings", 2048, what);
+        c.max_seq_len = (int)j.get_int("max_position_embeddings", 2048, 1, 1 << 24, what);
         std::string act = j.get_str("hidden_act", "silu", what);
         if (act != "silu") FAIL("%s: hidden_act \"%s\" is not supported (SwiGLU needs silu)", what.c_str(), act.c_str());
         if (j.get_bool("attention_bias", false, what) || j.get_bool("mlp_bias", false, what))
             FAIL("%s: attention_bias/mlp_bias are not supported (the model has no biases)", what.c_str());
-        c.sliding_window = (int)j.get_int("sliding_window", 0, what);
+        c.sliding_window = (int)j.get_int("sliding_window", 0, 0, INT_MAX, what);
         if (const Json* rs = j.find("rope_scaling")) {
             if (!rs->is_null()) {
                 std::string t = rs->get_str("rope_type", rs->get_str("type", "", what), what);
@@ -179,7 +187,7 @@ struct ModelConfig {
                 c.rope_scale_factor = (float)rs->get_num("factor", what);
                 c.rope_low_freq = (float)rs->get_num("low_freq_factor", 1.0, what);
                 c.rope_high_freq = (float)rs->get_num("high_freq_factor", 4.0, what);
-                c.rope_orig_max_pos = (int)rs->get_int("original_max_position_embeddings", 8192, what);
+                c.rope_orig_max_pos = (int)rs->get_int("original_max_position_embeddings", 8192, 1, INT_MAX, what);
             }
         }
         // keep keys we do not interpret (upcycling records, ...) so they survive a save

@@ -29,6 +29,7 @@
 #include "logging.h"       // defines: EvalResult, log_eval, log_step, print_model_summary, ...
 #include "metrics.h"       // defines: MetricsLog
 #include "model.h"         // defines: ModelConfig, model_preset, parse_routing
+#include "resources.h"     // defines: MemoryPlan, train_memory_plan, check_memory_plan, disk_free_bytes, ...
 #include "rng.h"           // defines: RngStream, stream_id, PURPOSE_SAMPLE
 #include "router_losses.h" // defines: Losses, RouterLossSettings, parse_aux
 #include "schedule.h"      // defines: LRSchedule
@@ -199,11 +200,52 @@ void save_run_checkpoint(Model& M, const std::string& dir, const TrainerState& s
     });
 }
 
+// The run directory: a new run never writes into a non-empty directory (it would mix its
+// checkpoints and metrics.jsonl with another run's) unless --overwrite says so; a resumed run
+// continues in its own. No output may be, contain or lie inside an input.
+inline void check_run_output(const TrainArgs& a, const std::string& resume_dir) {
+    std::vector<std::string> inputs = {a.data_dir, a.init};
+    if (path_exists(a.model)) inputs.push_back(a.model);
+    if (resume_dir.empty()) {
+        if (path_exists(a.out) && is_dir(a.out) && path_exists(path_join(a.out, "latest")) && !a.overwrite)
+            FAIL("--out %s holds an earlier run: continue it with --resume %s, choose a new --out, or pass --overwrite "
+                 "to write this run into it", a.out.c_str(), a.out.c_str());
+        check_output_location(a.out, inputs, a.overwrite);
+        return;
+    }
+    // resuming: the checkpoint's own run directory (its parent) continues that run; any other
+    // --out must be new or empty, as for a new run
+    size_t slash = resume_dir.rfind('/');
+    const std::string run_dir = slash == std::string::npos ? "." : resume_dir.substr(0, slash);
+    check_output_location(a.out, inputs, a.overwrite || absolute_path(a.out) == absolute_path(run_dir));
+}
+
 // What a trainer adds to the shared run: the GPU trainer's model-FLOPs utilization of a step
 // of `dt` seconds (NaN on a device of unknown peak). Empty (the CPU): no "mfu" field.
+// And what its memory looks like, for the check before anything is allocated: bytes per
+// parameter of weights + gradients, per activation value, whether it keeps the attention
+// matrix, and the free memory of its device (null: host RAM).
 struct RunHooks {
     std::function<double(double dt)> mfu;
+    double state_bytes = 8, act_bytes = 4;
+    bool stores_attention_matrix = true;
+    std::function<double()> free_memory;
+    std::string memory_name = "this machine's RAM";
 };
+
+// A non-finite loss or gradient norm stops the run before the update, so the weights, and
+// every checkpoint, stay those of the last good step. Says which term went bad and where
+// the last good checkpoint is.
+[[noreturn]] inline void stop_non_finite(long step, const Losses& l, double norm, const std::string& last_good) {
+    std::string bad;
+    auto term = [&](const char* name, double v) { if (!std::isfinite(v)) bad += strfmt("%s%s = %g", bad.empty() ? "" : ", ", name, v); };
+    term("cross-entropy", l.ce); term("load-balancing loss", l.aux); term("z-loss", l.z);
+    if (bad.empty()) term("loss", l.loss);
+    if (bad.empty()) bad = strfmt("gradient norm = %g (the losses are finite: ce %g)", norm, l.ce);
+    FAIL("step %ld: non-finite %s; training stopped before this step's update, no checkpoint written with it. "
+         "Last good checkpoint: %s. Try a lower --lr, a --grad-clip, or check the data and the initial weights",
+         step, bad.c_str(), last_good.c_str());
+}
 
 // The whole run: model, data, then the loop (eval, sample, step, log, checkpoint) to
 // --steps, a final eval, sample and checkpoint. Returns the exit code.
@@ -213,15 +255,39 @@ int run_training(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& hook
     Tokenizer tok;  // optional: only for printing samples and for the vocabulary size
     std::string tok_path = load_run_tokenizer(args, &tok);
 
-    // the model: a resumed run, a checkpoint (--init), or from scratch
+    // the model: a resumed run, a checkpoint (--init), or from scratch. Its config first, so
+    // that the output location, memory and disk are checked before anything is allocated.
     M.router_loss = router_loss_from_args(args);
     std::string resume_dir;
+    ModelConfig plan_cfg;
     if (!args.resume.empty()) {
         resume_dir = resolve_resume_dir(args.resume);
-        M.load(resume_dir);
+        plan_cfg = ModelConfig::load(path_join(resume_dir, "config.json"));
     } else if (!args.init.empty()) {
         if (cli.was_set("--experts"))
             FAIL("--init with --experts: a checkpoint's shape is fixed; make an MoE from a dense model with ./upcycle");
+        if (!is_dir(args.init)) FAIL("%s: --init model directory does not exist", args.init.c_str());
+        plan_cfg = ModelConfig::load(path_join(args.init, "config.json"));
+    } else {
+        plan_cfg = config_from_args(args, tok.ok() ? (int)tok.tokens.size() : 0);
+    }
+    check_run_output(args, resume_dir);
+    std::string memory_line;  // printed with the summary, once everything is checked
+    {
+        MemoryPlan mem = train_memory_plan(plan_cfg, args.batch, args.seq, hooks.state_bytes, hooks.act_bytes,
+                                           hooks.stores_attention_matrix);
+        check_memory_plan(mem, hooks.free_memory ? hooks.free_memory() : host_memory_available(), hooks.memory_name,
+                          strfmt("this run (B=%d, T=%d)", args.batch, args.seq));
+        double disk = disk_free_bytes(args.out);
+        if (!args.no_save && disk >= 0 && mem.checkpoint > disk)
+            FAIL("%s: a checkpoint of this model takes %s but the disk has %s free", args.out.c_str(),
+                 format_bytes(mem.checkpoint).c_str(), format_bytes(disk).c_str());
+        memory_line = strfmt("memory: %s; a checkpoint %s (%s free on disk)", mem.str().c_str(),
+                             format_bytes(mem.checkpoint).c_str(), disk >= 0 ? format_bytes(disk).c_str() : "?");
+    }
+    if (!resume_dir.empty()) {
+        M.load(resume_dir);
+    } else if (!args.init.empty()) {
         M.load(args.init);
         if (args.init_optimizer) {  // e.g. expert upcycling: the copies carry their AdamW moments
             std::string op = path_join(args.init, "optimizer.safetensors");
@@ -229,8 +295,7 @@ int run_training(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& hook
             M.load_optimizer(op);
         }
     } else {
-        ModelConfig c = config_from_args(args, tok.ok() ? (int)tok.tokens.size() : 0);
-        M.init_scratch(c, (uint64_t)args.seed, (float)args.init_std);
+        M.init_scratch(plan_cfg, (uint64_t)args.seed, (float)args.init_std);
     }
     const ModelConfig& c = M.cfg;
     if (tok.ok() && (int)tok.tokens.size() > c.vocab_size)
@@ -242,6 +307,8 @@ int run_training(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& hook
     // data, schedule, optimizer, and where a resumed run stands
     DataLoader data(args.data_dir, args.mix, args.batch, args.seq, c.vocab_size, (uint64_t)args.seed);
     check_writable_dir(args.out);
+    if (int n = remove_stale_temporaries(args.out))
+        memory_line += strfmt("\ncleaned up: %d unfinished file(s) of a killed earlier run in %s", n, args.out.c_str());
     LRSchedule sched = schedule_from_args(args);
     AdamWSettings adamw = adamw_from_args(args);
     TrainerState state;
@@ -259,7 +326,7 @@ int run_training(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& hook
 
     // what we are about to do
     print_model_summary(c, M.router_loss);
-    printf("%s\n", M.summary_note().c_str());
+    printf("%s\n%s\n", M.summary_note().c_str(), memory_line.c_str());
     print_data_and_run(args, data, sched, resume_dir, state.step);
 
     // ---- the training loop ----
@@ -295,12 +362,20 @@ int run_training(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& hook
             acc.add_mean(M.forward_backward(inp.data(), tgt.data(), args.batch, args.seq, args.grad_accum),
                          args.grad_accum);
         }
+        auto last_good = [&]() {
+            if (last_saved >= 0) return strfmt("%s (resume with --resume %s)", path_join(args.out, strfmt("step_%06ld", last_saved)).c_str(), args.out.c_str());
+            if (!resume_dir.empty()) return strfmt("%s, the one this run resumed from", resume_dir.c_str());
+            if (!args.init.empty()) return strfmt("none from this run; it started from %s", args.init.c_str());
+            return std::string("none (this run had not saved one; see --save-every)");
+        };
+        if (!std::isfinite(acc.loss) || !std::isfinite(acc.ce) || !std::isfinite(acc.aux) || !std::isfinite(acc.z))
+            stop_non_finite(state.step + 1, acc, NAN, last_good());
         double lr = sched.at((int)state.step);
-        double norm = M.step(adamw, lr);  // (the GPU's step ends with a synchronize: dt is real)
+        double norm = M.step(adamw, lr);  // skips the update when norm is not finite
+        if (!std::isfinite(norm)) stop_non_finite(state.step + 1, acc, norm, last_good());
         state.step++;
         state.tokens += tokens_per_step;
         double dt = now_seconds() - t0;
-        if (!std::isfinite(acc.loss)) FAIL("loss is %g at step %ld: training diverged", acc.loss, state.step);
         log_step(metrics, args, c.is_moe(), state, start_step, acc, lr, norm, dt, now_seconds() - t_start,
                  (bool)hooks.mfu, hooks.mfu ? hooks.mfu(dt) : NAN);
         if (args.save_every > 0 && state.step % args.save_every == 0 && state.step < args.steps) {

@@ -14,6 +14,7 @@
 // defines: DType, TensorInfo, SafeTensorsReader, SafeTensorsWriter, CheckpointTensors
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <string>
 #include <vector>
@@ -175,6 +176,14 @@ class SafeTensorsReader {
             case DType::I32: for (int64_t i = 0; i < n; i++) { int32_t v; memcpy(&v, r + 4 * i, 4); out[i] = (T)v; } break;
             case DType::I64: for (int64_t i = 0; i < n; i++) { int64_t v; memcpy(&v, r + 8 * i, 8); out[i] = (T)v; } break;
             case DType::U8: for (int64_t i = 0; i < n; i++) out[i] = (T)r[i]; break;
+        }
+        // One NaN or Inf in a checkpoint would silently train a model of NaNs (or, upcycled,
+        // NaN experts): a float tensor must be finite, also after conversion to T.
+        if (ti.dtype == DType::F32 || ti.dtype == DType::F64 || ti.dtype == DType::BF16 || ti.dtype == DType::F16) {
+            for (int64_t i = 0; i < n; i++)
+                if (!std::isfinite((double)out[i]))
+                    fail("tensor \"%s\" holds a non-finite value (%g at flat index %lld of %lld): the file is damaged "
+                         "or the run that wrote it diverged", name.c_str(), (double)out[i], (long long)i, (long long)n);
         }
     }
     template <typename T>

@@ -30,7 +30,7 @@ struct TrainArgs {
     int eval_every = 0, eval_batches = 8, sample_every = 0, sample_tokens = 64, save_every = 0, log_every = 1;
     long seed = 1337;
     int threads = 0;
-    bool no_save = false;
+    bool no_save = false, overwrite = false;
 
     void add_to(Cli& cli) {
         cli.section("Data");
@@ -42,45 +42,55 @@ struct TrainArgs {
         cli.add("--init", &init, "start from a checkpoint directory (Hugging Face Llama/Mixtral), fresh optimizer");
         cli.flag("--init-optimizer", &init_optimizer, "with --init: also load its optimizer.safetensors (AdamW moments)");
         cli.add("--resume", &resume, "continue a run: a checkpoint directory, or a run directory (uses its latest)");
-        cli.add("--experts", &experts, "with --model: number of experts E (0 = dense)");
-        cli.add("--topk", &topk, "with --model: experts per token K");
-        cli.add("--expert-width", &expert_width, "with --model: expert FFN width F_e (default: the preset's F)");
+        cli.add("--experts", &experts, "with --model: number of experts E (0 = dense)", Range::between(0, 65536));
+        cli.add("--topk", &topk, "with --model: experts per token K", Range::between(1, 65536));
+        cli.add("--expert-width", &expert_width, "with --model: expert FFN width F_e (default: the preset's F)",
+                Range::between(0, 1 << 24));
         cli.add("--routing", &routing, "with --model: topk_softmax (Mixtral) or softmax_topk (no renormalization)");
         cli.flag("--tie", &tie, "with --model: tie the LM head to the token embedding");
-        cli.add("--vocab", &vocab, "with --model: vocabulary size (default: the tokenizer's)");
-        cli.add("--init-std", &init_std, "with --model: std of the N(0, std) init of every matrix");
+        cli.add("--vocab", &vocab, "with --model: vocabulary size (default: the tokenizer's)",
+                Range::between(0, 65536));
+        cli.add("--init-std", &init_std, "with --model: std of the N(0, std) init of every matrix",
+                Range::between(0, 10));
         cli.section("Optimization");
-        cli.add("--steps", &steps, "optimizer steps in total (a resumed run stops at the same total)");
-        cli.add("--batch", &batch, "sequences per micro-batch B");
-        cli.add("--seq", &seq, "tokens per sequence T");
-        cli.add("--grad-accum", &grad_accum, "micro-batches per optimizer step");
-        cli.add("--lr", &lr, "peak learning rate");
-        cli.add("--lr-min", &lr_min, "final learning rate (default: lr / 10)");
+        cli.add("--steps", &steps, "optimizer steps in total (a resumed run stops at the same total)",
+                Range::at_least(0));
+        cli.add("--batch", &batch, "sequences per micro-batch B", Range::between(1, 1 << 20));
+        cli.add("--seq", &seq, "tokens per sequence T", Range::between(1, 1 << 20));
+        cli.add("--grad-accum", &grad_accum, "micro-batches per optimizer step", Range::between(1, 1 << 20));
+        cli.add("--lr", &lr, "peak learning rate", Range::at_least(0));
+        cli.add("--lr-min", &lr_min, "final learning rate (default: lr / 10)", Range::at_least(0));
         cli.add("--lr-schedule", &lr_schedule, "cosine, wsd (warmup-stable-decay) or constant");
-        cli.add("--warmup", &warmup, "linear warmup steps");
-        cli.add("--wsd-decay", &wsd_decay, "wsd: fraction of the steps spent decaying");
-        cli.add("--beta1", &beta1, "AdamW beta1");
-        cli.add("--beta2", &beta2, "AdamW beta2");
-        cli.add("--eps", &eps, "AdamW epsilon");
-        cli.add("--weight-decay", &weight_decay, "AdamW weight decay (matrices only)");
-        cli.add("--grad-clip", &grad_clip, "clip the global gradient norm to this (0 = off)");
+        cli.add("--warmup", &warmup, "linear warmup steps", Range::at_least(0));
+        cli.add("--wsd-decay", &wsd_decay, "wsd: fraction of the steps spent decaying", Range::between(0, 1));
+        cli.add("--beta1", &beta1, "AdamW beta1", Range::unit_open());
+        cli.add("--beta2", &beta2, "AdamW beta2", Range::unit_open());
+        cli.add("--eps", &eps, "AdamW epsilon", Range::positive());
+        cli.add("--weight-decay", &weight_decay, "AdamW weight decay (matrices only)", Range::at_least(0));
+        cli.add("--grad-clip", &grad_clip, "clip the global gradient norm to this (0 = off)", Range::at_least(0));
         cli.section("MoE losses");
         cli.add("--aux-loss", &aux_loss, "load balancing: switch (per layer, 1 at balance), pooled (HF Mixtral, K at "
                                          "balance), seq (per sequence) or none");
-        cli.add("--aux-coef", &aux_coef, "load-balancing loss coefficient");
-        cli.add("--z-coef", &z_coef, "router z-loss coefficient");
-        cli.add("--aux-free-bias", &aux_free_bias, "aux-loss-free balancing bias update rate u (0 = off; DeepSeek-V3 uses 1e-3)");
+        cli.add("--aux-coef", &aux_coef, "load-balancing loss coefficient", Range::at_least(0));
+        cli.add("--z-coef", &z_coef, "router z-loss coefficient", Range::at_least(0));
+        cli.add("--aux-free-bias", &aux_free_bias, "aux-loss-free balancing bias update rate u (0 = off; DeepSeek-V3 uses 1e-3)",
+                Range::at_least(0));
         cli.section("Run");
-        cli.add("--out", &out, "run directory: metrics.jsonl and step_NNNNNN checkpoints");
-        cli.add("--eval-every", &eval_every, "evaluate every N steps, at step 0 and at the end (0 = only at the end)");
-        cli.add("--eval-batches", &eval_batches, "validation batches per domain");
-        cli.add("--sample-every", &sample_every, "print a generated sample every N steps (0 = only at the end)");
-        cli.add("--sample-tokens", &sample_tokens, "length of generated samples (0 = no samples)");
-        cli.add("--save-every", &save_every, "write a checkpoint every N steps (0 = only at the end)");
+        cli.add("--out", &out, "run directory: metrics.jsonl and step_NNNNNN checkpoints (new or empty, unless --overwrite)");
+        cli.flag("--overwrite", &overwrite, "let a new run write into a non-empty --out (files of the same name are replaced)");
+        cli.add("--eval-every", &eval_every, "evaluate every N steps, at step 0 and at the end (0 = only at the end)",
+                Range::at_least(0));
+        cli.add("--eval-batches", &eval_batches, "validation batches per domain", Range::at_least(1));
+        cli.add("--sample-every", &sample_every, "print a generated sample every N steps (0 = only at the end)",
+                Range::at_least(0));
+        cli.add("--sample-tokens", &sample_tokens, "length of generated samples (0 = no samples)",
+                Range::between(0, 1 << 20));
+        cli.add("--save-every", &save_every, "write a checkpoint every N steps (0 = only at the end)",
+                Range::at_least(0));
         cli.flag("--no-save", &no_save, "write no checkpoint at the end");
-        cli.add("--log-every", &log_every, "print a progress line every N steps");
-        cli.add("--seed", &seed, "seed of the init, data order and sampling");
-        cli.add("--threads", &threads, "CPU threads (0 = OpenMP's default)");
+        cli.add("--log-every", &log_every, "print a progress line every N steps", Range::at_least(1));
+        cli.add("--seed", &seed, "seed of the init, data order and sampling", Range::at_least(0));
+        cli.add("--threads", &threads, "CPU threads (0 = OpenMP's default)", Range::between(0, 4096));
     }
 
     void validate() const {

@@ -2,12 +2,14 @@
 // Every program shares these so that every failure reads the same way:
 // "error: <file>: <what was expected>, <what was found>" and a non-zero exit.
 //
-// defines: Error, FAIL, strfmt, file and directory helpers (path_join, read_text, AtomicFile,
+// defines: Error, FAIL, strfmt, parse_int_strict, parse_double_strict, file and directory helpers (path_join, read_text, AtomicFile,
 //          AtomicDir, write_text_atomic, check_output_location, ...), now_seconds, format_duration,
 //          bf16_to_f32
 #pragma once
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
+#include <cmath>
 #include <chrono>
 #include <cstdarg>
 #include <cstdint>
@@ -45,6 +47,29 @@ inline std::string strfmt(const char* fmt, ...) {
 }
 
 #define FAIL(...) throw Error(strfmt(__VA_ARGS__))
+
+// Whole-string integer in [lo, hi]; `what` names the option or field for the message.
+inline long long parse_int_strict(const std::string& s, long long lo, long long hi, const std::string& what) {
+    if (s.empty() || isspace((unsigned char)s[0])) FAIL("%s expects an integer, found \"%s\"", what.c_str(), s.c_str());
+    errno = 0;
+    char* end = nullptr;
+    long long v = strtoll(s.c_str(), &end, 10);
+    if (*end) FAIL("%s expects an integer, found \"%s\"", what.c_str(), s.c_str());
+    if (errno == ERANGE || v < lo || v > hi)
+        FAIL("%s %s is out of range: expected an integer in [%lld, %lld]", what.c_str(), s.c_str(), lo, hi);
+    return v;
+}
+// Whole-string finite number with |x| <= max_abs (FLT_MAX for float options).
+inline double parse_double_strict(const std::string& s, double max_abs, const std::string& what) {
+    if (s.empty() || isspace((unsigned char)s[0])) FAIL("%s expects a number, found \"%s\"", what.c_str(), s.c_str());
+    errno = 0;
+    char* end = nullptr;
+    double v = strtod(s.c_str(), &end);
+    if (*end) FAIL("%s expects a number, found \"%s\"", what.c_str(), s.c_str());
+    if (!std::isfinite(v) || std::fabs(v) > max_abs)
+        FAIL("%s %s is not a finite number%s", what.c_str(), s.c_str(), std::isfinite(v) ? " in this option's type" : "");
+    return v;
+}
 
 inline bool path_exists(const std::string& p) {
     struct stat st;

@@ -77,7 +77,12 @@ static void test_fixture(const std::string& name) {
         }
     }
     CHECK_MSG(bad == 0, "%s: %d parameter gradients differ from the reference", name.c_str(), bad);
-    // 10 AdamW steps on the same batch
+    // 10 AdamW steps on the same batch. Adam divides each gradient by its own running RMS, so
+    // an entry whose gradient is near zero (e.g. the router row of an expert no token chose)
+    // moves by about +-lr whatever its size, and fp32 rounding can flip its sign: the fp32
+    // trajectory leaves the float64 one faster than in SGD. Measured worst: 2.5e-5 relative
+    // (moe_empty_expert, step 7, AMD EPYC with -march=native); a wrong lr, beta or decay moves
+    // the loss by 1e-3 or more.
     const AdamWSettings& hp = fixture.adamw;
     const double lr = fixture.lr;
     auto ref_losses = fx.read_vec<double>("adamw_losses");
@@ -86,7 +91,7 @@ static void test_fixture(const std::string& name) {
     M2.router_loss = M.router_loss;
     for (size_t s = 0; s < ref_losses.size(); s++) {
         Losses ls = M2.forward(inputs.data(), targets.data(), B, T);
-        CHECK_MSG(std::fabs(ls.loss - ref_losses[s]) <= 2e-5 * std::fabs(ref_losses[s]),
+        CHECK_MSG(std::fabs(ls.loss - ref_losses[s]) <= 1e-4 * std::fabs(ref_losses[s]),
                   "%s AdamW step %zu loss %.9g vs reference %.9g", name.c_str(), s, ls.loss, ref_losses[s]);
         M2.zero_grad();
         M2.backward();
@@ -464,6 +469,17 @@ static void test_cli_errors() {
         {"--data " + data + " --model tiny --vocab 64 --bogus 1", "unknown option --bogus"},
         {"--data " + data + " --model tiny --vocab 64 --mix zz=1", "no domain \"zz\""},
         {"--data " + data + " --resume " + g_tmp + "/no_run", "does not exist"},
+        // strict numbers: NaN/Inf, overflow of the option's type, out of the allowed range
+        {"--data " + data + " --model tiny --vocab 64 --lr nan", "--lr nan is not a finite number"},
+        {"--data " + data + " --model tiny --vocab 64 --lr 1e999", "not a finite number"},
+        {"--data " + data + " --model tiny --vocab 64 --batch 4294967297", "--batch 4294967297 is out of range"},
+        {"--data " + data + " --model tiny --vocab 64 --beta1 1.5", "allowed 0 <= x < 1"},
+        {"--data " + data + " --model tiny --vocab 64 --grad-clip -1", "allowed x >= 0"},
+        {"--data " + data + " --model tiny --vocab 64 --threads -3", "out of range"},
+        {"--data " + data + " --model tiny --vocab 64 --mix aa=nan", "not a finite number"},
+        {"--data " + data + " --model tiny --vocab 64 --lr 5x", "expects a number"},
+        // memory: refused before anything is allocated, with the numbers
+        {"--data " + data + " --model tiny --vocab 64 --batch 1048576 --seq 1048576", "needs more memory than"},
     };
     for (auto& c : cases) {
         std::string outdir = g_tmp + "/cli_out_should_not_exist";
@@ -481,6 +497,79 @@ static void test_cli_errors() {
     rc = run_cmd(g_bin + " --data " + data + " --model tiny --vocab 64 --steps 1 --out " + blocker + "/run", &out);
     CHECK_MSG(rc != 0 && out.find("cannot be created") != std::string::npos, "unwritable --out: rc %d, %s", rc,
               out.c_str());
+}
+
+// Inputs a user can get wrong that must neither destroy data nor train garbage: non-empty or
+// overlapping --out, NaN weights and absurd sizes in a checkpoint, a run that diverges.
+static void test_refusals() {
+    std::string data = g_tmp + "/ref_data", out;
+    write_synthetic_shards(data, 64, {"aa", "bb"}, 4000, 400);
+    const std::string base = g_bin + " --data " + data + " --model tiny --vocab 64 --steps 1 --batch 2 --seq 16 "
+                             "--eval-batches 1 --sample-tokens 0";
+    auto one_error = [&](const std::string& args, const std::string& needle) {
+        int rc = run_cmd(base + " " + args, &out);
+        bool one_line = std::count(out.begin(), out.end(), '\n') == 1 && out.rfind("error: ", 0) == 0;
+        CHECK_MSG(rc != 0 && one_line && out.find(needle) != std::string::npos,
+                  "args '%s': rc %d, expected one 'error:' line containing '%s', got: %s", args.c_str(), rc,
+                  needle.c_str(), out.c_str());
+    };
+    // a non-empty --out is kept as it is, unless --overwrite
+    std::string keep = g_tmp + "/ref_keep";
+    mkdir_p(keep);
+    write_text_atomic(keep + "/notes.txt", "mine");
+    one_error("--out " + keep, "already exists and is not empty");
+    CHECK_MSG(read_text(keep + "/notes.txt") == "mine" && !path_exists(keep + "/metrics.jsonl"),
+              "a refused --out was changed");
+    int rc = run_cmd(base + " --out " + keep + " --overwrite", &out);
+    CHECK_MSG(rc == 0 && read_text(keep + "/notes.txt") == "mine" && path_exists(keep + "/latest"),
+              "--overwrite run: rc %d, %s", rc, out.c_str());
+    // a finished run is continued with --resume, not started again over it
+    one_error("--out " + keep, "holds an earlier run");
+    // an existing file, the data folder, a folder inside it, a folder containing it
+    write_text_atomic(g_tmp + "/ref_file", "x");
+    one_error("--out " + g_tmp + "/ref_file", "exists and is not a directory");
+    one_error("--out " + data, "is the input");
+    one_error("--out " + data + "/run", "lies inside the input");
+    one_error("--out " + g_tmp + " --overwrite", "contains the input");
+    CHECK_MSG(read_text(g_tmp + "/ref_file") == "x" && path_exists(data + "/aa_train_000.bin"), "an input was changed");
+
+    // a checkpoint with one NaN weight (the last float of the file) is refused by name
+    std::string nan_model = copy_model(fixture_dir("moe_topk_softmax"), g_tmp + "/ref_nan_model");
+    {
+        std::vector<uint8_t> b = read_file(nan_model + "/model.safetensors");
+        const float nan = NAN;
+        memcpy(b.data() + b.size() - 4, &nan, 4);
+        overwrite(nan_model + "/model.safetensors", b);
+    }
+    one_error("--init " + nan_model + " --out " + g_tmp + "/ref_o1", "non-finite value");
+    // config.json sizes that do not fit their type are errors, not wrapped numbers
+    std::string big_model = copy_model(fixture_dir("moe_topk_softmax"), g_tmp + "/ref_big_model");
+    {
+        std::string cfg = read_text(big_model + "/config.json");
+        size_t at = cfg.find("\"hidden_size\": 32");
+        CHECK(at != std::string::npos);
+        if (at != std::string::npos) cfg.replace(at, strlen("\"hidden_size\": 32"), "\"hidden_size\": 4294967328");
+        write_text_atomic(big_model + "/config.json", cfg);
+    }
+    one_error("--init " + big_model + " --out " + g_tmp + "/ref_o2", "hidden_size\" is 4294967328, outside");
+    CHECK_MSG(!path_exists(g_tmp + "/ref_o1") && !path_exists(g_tmp + "/ref_o2"), "a refused run left an output behind");
+
+    // divergence: stopped before the bad update, the last good checkpoint named and intact
+    std::string div = g_tmp + "/ref_div";
+    rc = run_cmd(base + " --steps 6 --save-every 1 --lr 1e30 --warmup 0 --lr-schedule constant --out " + div, &out);
+    size_t e = out.find("error: ");
+    CHECK_MSG(rc != 0 && e != std::string::npos && out.find("non-finite", e) != std::string::npos &&
+                  out.find("Last good checkpoint: " + div + "/step_", e) != std::string::npos,
+              "divergence: rc %d, %s", rc, out.c_str());
+    if (rc != 0 && path_exists(div + "/latest")) {
+        std::string last = read_text(div + "/latest");
+        last.erase(last.find_last_not_of("\n") + 1);
+        CHECK_MSG(out.find(div + "/" + last, e) != std::string::npos, "the error does not name %s", last.c_str());
+        Model M;  // every tensor of the last checkpoint loads, and so is finite
+        bool ok = true;
+        try { M.load(div + "/" + last); } catch (const Error& err) { ok = false; printf("    %s\n", err.what()); }
+        CHECK_MSG(ok, "the last checkpoint before the divergence does not load");
+    }
 }
 
 static std::vector<std::string> train_records(const std::string& metrics_path) {
@@ -545,6 +634,7 @@ int main(int argc, char** argv) {
     run_test("bad model files", test_bad_model_files);
     run_test("bad token shards", test_bad_shards);
     run_test("trainer CLI errors", test_cli_errors);
+    run_test("refusals: outputs, NaN weights, sizes, divergence", test_refusals);
     run_test("save + resume bit-identical", test_save_resume);
     remove_tree(g_tmp);
     return report();

@@ -811,6 +811,14 @@ static void test_errors() {
     std::vector<uint8_t> b = read_file(dense + "/model.safetensors");
     b.resize(b.size() - 100);
     { AtomicFile f(trunc + "/model.safetensors"); f.write(b.data(), b.size()); f.commit(); }
+    // one Inf weight (the last float of the file) would be upcycled into Inf experts
+    std::string infw = tmp("err_inf");
+    mkdir_p(infw);
+    write_text_atomic(infw + "/config.json", read_text(dense + "/config.json"));
+    b = read_file(dense + "/model.safetensors");
+    const float inf = INFINITY;
+    memcpy(b.data() + b.size() - 4, &inf, 4);
+    { AtomicFile f(infw + "/model.safetensors"); f.write(b.data(), b.size()); f.commit(); }
     struct Case { std::string args, needle; };
     std::vector<Case> cases = {
         {"--method btx --from " + dense + "," + other + " --experts 4", "identical shapes"},
@@ -818,19 +826,21 @@ static void test_errors() {
         {"--method granular --granularity 3 --from " + dense + " --experts 6 --topk 3", "does not divide the dense FFN width"},
         {"--method granular --granularity 2 --from " + dense + " --experts 8 --topk 3", "not a multiple of --granularity"},
         {"--method granular --granularity 2 --from " + dense + " --experts 7 --topk 2", "does not divide --experts"},
-        {"--method drop --ratio 1.5 --from " + dense, "outside [0, 1]"},
-        {"--method noise --ratio -0.1 --from " + dense, "outside [0, 1]"},
+        {"--method drop --ratio 1.5 --from " + dense, "--ratio 1.5 is out of range: allowed 0 <= x <= 1"},
+        {"--method noise --ratio -0.1 --from " + dense, "--ratio -0.1 is out of range"},
         {"--method partition --experts 3 --topk 1 --from " + dense, "does not divide the dense FFN width"},
         {"--method expand --from " + dense, "is a dense model"},
         {"--method naive --from " + tmp("nowhere"), "does not exist"},
         {"--method naive --from " + trunc, "truncated"},
+        {"--method naive --from " + dense + " --experts 1e3", "expects an integer"},
+        {"--method naive --from " + dense + " --experts 100000", "--experts 100000 is out of range"},
         {"--method naive --from test/fixtures/moe_topk_softmax", "needs a dense"},
         {"--method naive --from " + dense + " --topk 9", "--topk 9 must be in"},
         {"--method naive --from " + dense + " --router zero", "--router must be"},
         {"--method drop --from " + dense + " --du-index-mode both", "--du-index-mode must be"},
         {"--method magic --from " + dense, "is not one of"},
         {"--method expand --from test/fixtures/moe_topk_softmax --experts 6", "multiple of the source's 4"},
-        {"--method expand --from test/fixtures/moe_topk_softmax --select utility --max-dup 0", "--max-dup must be"},
+        {"--method expand --from test/fixtures/moe_topk_softmax --select utility --max-dup 0", "--max-dup 0 is out of range: expected an integer in [1, "},
         {"--method expand --from test/fixtures/moe_topk_softmax --select utility --score fisher", "second moment"},
         {"--method naive --from " + dense + " --dtype f16", "--dtype must be"},
         {"--method scratch --model tiny", "needs --vocab"},
@@ -846,6 +856,15 @@ static void test_errors() {
         CHECK_MSG(!path_exists(outdir), "args '%s' left an output directory behind", c.args.c_str());
     }
     std::string out;
+    {  // found while streaming (after the plan was printed): an error naming the tensor, no output
+        std::string outdir = tmp("err_out_inf");
+        int rc = run_cmd(g_bin + " --method naive --from " + infw + " --out " + outdir, &out);
+        CHECK_MSG(rc == 1 && out.find("error: ") != std::string::npos && out.find("non-finite value (inf") != std::string::npos,
+                  "Inf weight: rc %d, %s", rc, out.c_str());
+        std::string left;  // no output, and no temporary of it either
+        for (auto& n : list_dir(tmp(""))) if (n.find("err_out_inf") != std::string::npos) left += n + " ";
+        CHECK_MSG(left.empty(), "Inf weight: left behind: %s", left.c_str());
+    }
     int rc = run_cmd(g_bin + " --help", &out);
     bool all = rc == 0;
     for (const char* o : {"--method", "--from", "--out", "--experts", "--topk", "--routing", "--router", "--seed",
