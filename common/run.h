@@ -340,7 +340,14 @@ int run_training(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& hook
         state.data = data.state;
         state.sample_counter = sample_rng.counter;
         std::string name = strfmt("step_%06ld", state.step);
-        save_run_checkpoint(M, path_join(args.out, name), state, settings, path_join(args.data_dir, "tokenizer.json"));
+        try {
+            save_run_checkpoint(M, path_join(args.out, name), state, settings, path_join(args.data_dir, "tokenizer.json"));
+        } catch (const Error& e) {
+            FAIL("checkpoint %s could not be written (%s); %s", name.c_str(), e.what(),
+                 last_saved >= 0 ? strfmt("the previous checkpoint step_%06ld is intact and still the latest", last_saved).c_str()
+                 : !resume_dir.empty() ? strfmt("%s is intact and still the latest", resume_dir.c_str()).c_str()
+                 : "no checkpoint of this run exists yet");
+        }
         write_text_atomic(path_join(args.out, "latest"), name + "\n");
         last_saved = state.step;
         printf("saved %s\n", path_join(args.out, name).c_str());

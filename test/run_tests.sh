@@ -34,6 +34,7 @@ if [ "$SUITES" = all ]; then
   suite "finite differences" ./test/bin/test_gradcheck
   [ -x test/bin/test_upcycle ] && suite "upcycle" ./test/bin/test_upcycle ./upcycle ./train_moe
   suite "data" "$PYTHON" dev/data/test_data.py data/tiny
+  suite "crash safety (SIGKILL loop, full disk)" bash test/test_crash.sh ./train_moe
   if command -v "${NVCC:-nvcc}" >/dev/null 2>&1; then
     suite "CUDA compile" bash -c 'make --no-print-directory -j"$(nproc)" cuda-check && echo "1 passed, 0 failed" || { echo "0 passed, 1 failed"; exit 1; }'
   fi
