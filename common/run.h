@@ -6,7 +6,7 @@
 // defines: AdamWSettings, AdamWStep, adamw_step, config_from_args, schedule_from_args,
 //          router_loss_from_args, adamw_from_args, default_out_to_resume_run,
 //          load_run_tokenizer, evaluate, sample_text, save_run_checkpoint, RunHooks,
-//          run_training
+//          check_run_output, stop_non_finite, run_training
 //
 // What the shared code asks of a model type (both trainers' models provide it):
 //   cfg, layout, router_loss, expert_bias, step_load, adam_t
@@ -250,8 +250,7 @@ struct RunHooks {
 // The whole run: model, data, then the loop (eval, sample, step, log, checkpoint) to
 // --steps, a final eval, sample and checkpoint. Returns the exit code.
 template <typename Model>
-int run_training(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& hooks = RunHooks()) {
-    default_out_to_resume_run(args, cli);
+int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& hooks) {
     Tokenizer tok;  // optional: only for printing samples and for the vocabulary size
     std::string tok_path = load_run_tokenizer(args, &tok);
 
@@ -395,4 +394,24 @@ int run_training(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& hook
     print_sample();
     if (!args.no_save && last_saved != state.step) save_now();
     return 0;
+}
+
+// A run that fails before its first record (bad data, a model that does not fit, a
+// divergence at step 1) leaves nothing behind: not the run directory it created, not an
+// empty metrics.jsonl.
+template <typename Model>
+int run_training(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& hooks = RunHooks()) {
+    default_out_to_resume_run(args, cli);
+    const bool out_existed = path_exists(args.out);
+    try {
+        return run_training_in(M, args, cli, hooks);
+    } catch (...) {
+        if (!out_existed && is_dir(args.out)) {
+            bool empty = true;
+            for (const std::string& n : list_dir(args.out))
+                empty &= n == "metrics.jsonl" && read_file(path_join(args.out, n)).empty();
+            if (empty) remove_tree(args.out);
+        }
+        throw;
+    }
 }
