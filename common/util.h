@@ -264,8 +264,8 @@ inline void check_output_location(const std::string& out, const std::vector<std:
              option, out.c_str(), option);
     int n = count_dir_entries(out);
     if (n > 0 && !overwrite)
-        FAIL("%s %s already exists and is not empty (%d entries): choose a new directory, or pass --overwrite to "
-             "replace it", option, out.c_str(), n);
+        FAIL("%s %s already exists and is not empty (%d %s): choose a new directory, or pass --overwrite to "
+             "replace it", option, out.c_str(), n, n == 1 ? "entry" : "entries");
 }
 
 // Fail early (before hours of work) when an output location cannot be written.

@@ -19,14 +19,19 @@ namespace gpu {
 // leaves the context unusable, so there is nothing sensible to continue with).
 
 inline void cuda_check(cudaError_t e, const char* what, const char* file, int line) {
+    if (e == cudaErrorMemoryAllocation) {  // the memory plan before the run (common/resources.h) missed it
+        fprintf(stderr, "error: out of GPU memory at %s:%d (%s); use a smaller --batch / --seq or model\n", file,
+                line, what);
+        exit(1);
+    }
     if (e != cudaSuccess) {
-        fprintf(stderr, "CUDA error at %s:%d: %s\n  in %s\n", file, line, cudaGetErrorString(e), what);
+        fprintf(stderr, "error: CUDA error at %s:%d: %s\n  in %s\n", file, line, cudaGetErrorString(e), what);
         exit(1);
     }
 }
 inline void cublas_check(cublasStatus_t s, const char* what, const char* file, int line) {
     if (s != CUBLAS_STATUS_SUCCESS) {
-        fprintf(stderr, "cuBLAS error %d at %s:%d\n  in %s\n", (int)s, file, line, what);
+        fprintf(stderr, "error: cuBLAS error %d at %s:%d\n  in %s\n", (int)s, file, line, what);
         exit(1);
     }
 }
