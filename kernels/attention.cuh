@@ -8,7 +8,12 @@
 //   lse, D            [B, H, T] fp32 (index (b*H + h)*T + t)
 // Query head h reads kv head h / (H / Hkv). Scores s = (q . k) / sqrt(hd), keys j <= t.
 //
-// Design (simple and checkable, not the fastest): one thread per query row (forward, dq)
+// Two implementations behind one launcher:
+// - bf16 with head_dim a multiple of 16 (16, 32, 64, 96, 128): tensor cores, FlashAttention-2
+//   style (attention_*_tc_kernel below; mma.sync m16n8k16 through kernels/mma.cuh).
+// - fp32, and head_dim 8: the CUDA-core kernels described next, kept as the readable
+//   reference and for --dtype fp32 runs.
+// CUDA-core design (simple and checkable, not the fastest): one thread per query row (forward, dq)
 // or per key row (dk, dv). A thread's own row lives in shared memory padded by one float
 // (conflict-free); the other operand is a tile in shared memory that every thread reads
 // at the same address (a broadcast, read 4 floats at a time). Accumulators are register
@@ -19,7 +24,9 @@
 // bit-identical results run to run.
 #pragma once
 #include <cmath>
+#include <type_traits>
 #include "common.cuh"
+#include "mma.cuh"         // mma_m16n8k16_bf16, ldmatrix_x2(_trans), ldmatrix_x4, pack_bf16x2
 
 namespace gpu {
 
@@ -115,6 +122,150 @@ __global__ void __launch_bounds__(ATT_FWD_BQ) attention_forward_kernel(T* out, f
 #pragma unroll
     for (int c = 0; c < HD; c++) o[c] = from_f<T>(acc[c] * inv);
     lse[(size_t)bh * T_ + t] = m + logf(l);
+}
+
+// ----------------------------------------------------------------------------
+// Forward on tensor cores (bf16, HD a multiple of 16): the FlashAttention-2 schedule with
+// mma.sync m16n8k16 (kernels/mma.cuh; fragment layouts there). A block of 4 warps takes 64
+// query rows, each warp 16 of them; key/value tiles of 64 rows are staged in shared memory,
+// and per tile each warp computes its 16 x 64 scores S = Q K^T in registers, updates the
+// online softmax (row max and sum), and adds P V to its 16 x HD output accumulator. P goes
+// from the score accumulator straight into the A operand of the P V product: the C/D
+// fragment of two neighbouring 8-key tiles is exactly the A fragment of one 16-key chunk.
+// P is rounded to bf16 for that product (as FlashAttention does); the row sums l use the
+// fp32 p, so out = (P_bf16 V) / l differs from the fp32 kernel by about 2^-9 relative.
+// Shared memory, bf16 rows padded by 8 elements (16 bytes: ldmatrix rows stay 16-byte
+// aligned and successive rows fall in different banks): Qs, Ks, Vs [64][HD+8].
+constexpr int ATT_TC_BQ = 64;  // query rows per block: 4 warps x 16
+constexpr int ATT_TC_BK = 64;  // keys per shared-memory tile
+
+template <int HD>
+__global__ void __launch_bounds__(128) attention_forward_tc_kernel(bf16* out, float* lse, const bf16* q, const bf16* k,
+                                                                  const bf16* v, int B, int T_, int H, int Hkv) {
+    static_assert(HD % 16 == 0, "HD must be a multiple of 16 (the mma k step)");
+    constexpr int LD = HD + 8;       // padded row length in shared memory
+    constexpr int KC = HD / 16;      // 16-wide chunks of the head dimension (S = Q K^T's k steps)
+    constexpr int NT = ATT_TC_BK / 8;  // 8-key column tiles of S
+    constexpr int OT = HD / 8;       // 8-wide column tiles of the output
+    extern __shared__ float4 smem4[];
+    bf16* Qs = (bf16*)smem4;         // [BQ][LD]
+    bf16* Ks = Qs + ATT_TC_BQ * LD;  // [BK][LD]
+    bf16* Vs = Ks + ATT_TC_BK * LD;  // [BK][LD]
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, kh = h / (H / Hkv);
+    const int qd = H * HD, kvd = Hkv * HD;
+    const int q0 = blockIdx.x * ATT_TC_BQ;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tq = lane & 3;
+    const float scale = 1.0f / sqrtf((float)HD);
+
+    // stage a [64][HD] tile of rows r0.. of a [N, ld_g] matrix at column c0; rows >= T are 0
+    auto stage = [&](bf16* dst, const bf16* src, int r0, int ld_g, int c0) {
+        for (int i = threadIdx.x; i < 64 * (HD / 8); i += blockDim.x) {
+            int r = i / (HD / 8), c8 = i % (HD / 8);
+            uint4 val = make_uint4(0, 0, 0, 0);
+            if (r0 + r < T_) val = *reinterpret_cast<const uint4*>(src + (size_t)(b * T_ + r0 + r) * ld_g + c0 + 8 * c8);
+            *reinterpret_cast<uint4*>(dst + r * LD + 8 * c8) = val;
+        }
+    };
+    stage(Qs, q, q0, qd, h * HD);
+    __syncthreads();
+    // this warp's Q rows as A fragments, one per 16-wide chunk of HD
+    uint32_t qa[KC][4];
+    const int wr = warp * 16;  // the warp's first row within the block
+#pragma unroll
+    for (int kc = 0; kc < KC; kc++)
+        ldmatrix_x4(qa[kc], &Qs[(wr + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kc * 16 + (lane >> 4) * 8]);
+
+    float o[OT][4];  // rows g and g+8 of the warp's 16, columns 8 ot + 2 tq, +1
+#pragma unroll
+    for (int ot = 0; ot < OT; ot++) o[ot][0] = o[ot][1] = o[ot][2] = o[ot][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g, g+8 (l: this lane's part)
+    const int row[2] = {q0 + wr + g, q0 + wr + g + 8};
+
+    const int j_end = min(q0 + ATT_TC_BQ, T_);  // keys the block's queries can see: [0, j_end)
+    for (int j0 = 0; j0 < j_end; j0 += ATT_TC_BK) {
+        __syncthreads();  // the previous tile is no longer read
+        stage(Ks, k, j0, kvd, kh * HD);
+        stage(Vs, v, j0, kvd, kh * HD);
+        __syncthreads();
+        // S = Q K^T: B[k][n] = K[n][k], i.e. K's rows in ldmatrix's non-transposed layout
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+            for (int kc = 0; kc < KC; kc++) {
+                uint32_t kb[2];  // keys 8 nt .. +7, dims 16 kc .. +7 (lanes 0-7) and +8 .. +15 (lanes 8-15)
+                ldmatrix_x2(kb, &Ks[(nt * 8 + (lane & 7)) * LD + kc * 16 + ((lane >> 3) & 1) * 8]);
+                mma_m16n8k16_bf16(s[nt], qa[kc], kb, s[nt]);
+            }
+        }
+        // scale, causal mask (key j visible to row t iff j <= t; also hides keys >= T), tile max
+        float mt[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + nt * 8 + 2 * tq + (e & 1), r = e >> 1;
+                s[nt][e] = (j <= row[r] && j < T_) ? s[nt][e] * scale : -INFINITY;
+                mt[r] = fmaxf(mt[r], s[nt][e]);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {  // the 4 lanes of a quad hold one row: max over them
+            mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffff, mt[r], 1));
+            mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffff, mt[r], 2));
+            const float m_new = fmaxf(m[r], mt[r]);  // finite: key j0 <= row is visible
+            alpha[r] = expf(m[r] - m_new);           // 0 on the first tile
+            m[r] = m_new;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int ot = 0; ot < OT; ot++) {
+            o[ot][0] *= alpha[0]; o[ot][1] *= alpha[0];
+            o[ot][2] *= alpha[1]; o[ot][3] *= alpha[1];
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[nt][e] = expf(s[nt][e] - m[e >> 1]);  // p; 0 where masked
+                l[e >> 1] += s[nt][e];
+            }
+        // O += P V, 16 keys at a time: A = P (from s), B[k][n] = V[key k][dim n] (transposed load)
+#pragma unroll
+        for (int kc = 0; kc < ATT_TC_BK / 16; kc++) {
+            uint32_t pa[4] = {pack_bf16x2(__float2bfloat16(s[2 * kc][0]), __float2bfloat16(s[2 * kc][1])),
+                              pack_bf16x2(__float2bfloat16(s[2 * kc][2]), __float2bfloat16(s[2 * kc][3])),
+                              pack_bf16x2(__float2bfloat16(s[2 * kc + 1][0]), __float2bfloat16(s[2 * kc + 1][1])),
+                              pack_bf16x2(__float2bfloat16(s[2 * kc + 1][2]), __float2bfloat16(s[2 * kc + 1][3]))};
+#pragma unroll
+            for (int ot = 0; ot < OT; ot++) {
+                uint32_t vb[2];  // keys 16 kc .. +7 (lanes 0-7) and +8 .. +15 (lanes 8-15), dims 8 ot .. +7
+                ldmatrix_x2_trans(vb, &Vs[(kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ot * 8]);
+                mma_m16n8k16_bf16(o[ot], pa, vb, o[ot]);
+            }
+        }
+    }
+    // the row sums over the quad, then out = o / l and lse = m + log l
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (row[r] >= T_) continue;
+        const float inv = 1.0f / l[r];
+        bf16* orow = out + (size_t)(b * T_ + row[r]) * qd + h * HD;
+#pragma unroll
+        for (int ot = 0; ot < OT; ot++) {
+            __nv_bfloat162 pair;
+            pair.x = __float2bfloat16(o[ot][2 * r] * inv);
+            pair.y = __float2bfloat16(o[ot][2 * r + 1] * inv);
+            *reinterpret_cast<__nv_bfloat162*>(orow + ot * 8 + 2 * tq) = pair;
+        }
+        if (tq == 0) lse[(size_t)bh * T_ + row[r]] = m[r] + logf(l[r]);
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -304,6 +455,251 @@ __global__ void __launch_bounds__(ATT_BWD_BK) attention_backward_dkdv_kernel(T* 
 }
 
 // ----------------------------------------------------------------------------
+// Backward on tensor cores (bf16, HD a multiple of 16). Two kernels, so that every output
+// element has one writer (no atomics; bit-identical reruns), at the price of recomputing
+// S and dP in both (7 matrix products instead of FlashAttention-2's 5):
+//   dk/dv: a block owns 64 keys (a warp 16), walks the group's heads and the query tiles
+//          t >= its first key; per tile S^T = K Q^T and dP^T = V dO^T (16 keys x 32 queries
+//          per warp), P^T, dS^T = P^T (dP^T - D), then dV += P^T dO and dK += dS^T Q;
+//   dq:    a block owns 64 queries (a warp 16), walks the key tiles up to the diagonal;
+//          S = Q K^T, dP = dO V^T, dS, then dQ += dS K.
+// The probabilities come from the forward's lse; P and dS are rounded to bf16 as the A
+// operand of the next product (as FlashAttention does), accumulation is fp32.
+constexpr int ATT_TC_BWD_QT = 32;  // query rows per tile in the dk/dv kernel
+
+// stage rows r0 .. r0+rows-1 (zero past T) of columns c0 .. c0+HD-1 of a [B*T, ld_g] bf16
+// matrix into a [rows][LD] shared tile, 16 bytes per thread and step
+template <int HD>
+__device__ __forceinline__ void att_stage_rows(bf16* dst, const bf16* src, int b, int T_, int r0, int rows, int ld_g,
+                                               int c0) {
+    constexpr int LD = HD + 8;
+    for (int i = threadIdx.x; i < rows * (HD / 8); i += blockDim.x) {
+        int r = i / (HD / 8), c8 = i % (HD / 8);
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (r0 + r < T_) val = *reinterpret_cast<const uint4*>(src + (size_t)(b * T_ + r0 + r) * ld_g + c0 + 8 * c8);
+        *reinterpret_cast<uint4*>(dst + r * LD + 8 * c8) = val;
+    }
+}
+// A fragment (16 rows from r0, 16 columns from c0) of a [rows][HD+8] bf16 shared tile
+template <int HD>
+__device__ __forceinline__ void att_frag_a(uint32_t a[4], const bf16* tile, int r0, int c0, int lane) {
+    ldmatrix_x4(a, &tile[(r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * (HD + 8) + c0 + (lane >> 4) * 8]);
+}
+// B fragment with B[k][n] = tile[n0 + n][c0 + k] (rows of the tile are the n index)
+template <int HD>
+__device__ __forceinline__ void att_frag_b_rows(uint32_t b[2], const bf16* tile, int n0, int c0, int lane) {
+    ldmatrix_x2(b, &tile[(n0 + (lane & 7)) * (HD + 8) + c0 + ((lane >> 3) & 1) * 8]);
+}
+// B fragment with B[k][n] = tile[k0 + k][n0 + n] (rows of the tile are the k index)
+template <int HD>
+__device__ __forceinline__ void att_frag_b_cols(uint32_t b[2], const bf16* tile, int k0, int n0, int lane) {
+    ldmatrix_x2_trans(b, &tile[(k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * (HD + 8) + n0]);
+}
+// the C fragments of two neighbouring 8-column tiles as one 16-wide A fragment, in bf16
+__device__ __forceinline__ void att_c_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
+    a[0] = pack_bf16x2(__float2bfloat16(c0[0]), __float2bfloat16(c0[1]));
+    a[1] = pack_bf16x2(__float2bfloat16(c0[2]), __float2bfloat16(c0[3]));
+    a[2] = pack_bf16x2(__float2bfloat16(c1[0]), __float2bfloat16(c1[1]));
+    a[3] = pack_bf16x2(__float2bfloat16(c1[2]), __float2bfloat16(c1[3]));
+}
+
+// grid (cdiv(T, 64), B*Hkv), 128 threads; shared: Ks, Vs [64][HD+8], Qs, dOs [32][HD+8] bf16,
+// lse_s, D_s [32] fp32
+template <int HD>
+__global__ void __launch_bounds__(128) attention_backward_dkdv_tc_kernel(bf16* dk, bf16* dv, const bf16* dout,
+                                                                        const bf16* q, const bf16* k, const bf16* v,
+                                                                        const float* lse, const float* D, int B,
+                                                                        int T_, int H, int Hkv) {
+    constexpr int LD = HD + 8, KC = HD / 16, OT = HD / 8, QT = ATT_TC_BWD_QT, NQ = QT / 8;
+    extern __shared__ float4 smem4[];
+    bf16* Ks = (bf16*)smem4;
+    bf16* Vs = Ks + 64 * LD;
+    bf16* Qs = Vs + 64 * LD;
+    bf16* dOs = Qs + QT * LD;
+    float* lse_s = (float*)(dOs + QT * LD);
+    float* D_s = lse_s + QT;
+    const int bkh = blockIdx.y, b = bkh / Hkv, kh = bkh % Hkv, group = H / Hkv;
+    const int qd = H * HD, kvd = Hkv * HD;
+    const int k0 = blockIdx.x * 64;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tq = lane & 3;
+    const float scale = 1.0f / sqrtf((float)HD);
+    const int key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};  // this lane's key rows
+
+    att_stage_rows<HD>(Ks, k, b, T_, k0, 64, kvd, kh * HD);
+    att_stage_rows<HD>(Vs, v, b, T_, k0, 64, kvd, kh * HD);
+    float dka[OT][4], dva[OT][4];
+#pragma unroll
+    for (int ot = 0; ot < OT; ot++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[ot][e] = dva[ot][e] = 0.0f;
+
+    for (int h = kh * group; h < (kh + 1) * group; h++) {
+        const size_t bh = (size_t)b * H + h;
+        for (int t0 = k0; t0 < T_; t0 += QT) {  // queries before k0 see none of these keys
+            __syncthreads();  // the previous query tile is no longer read
+            att_stage_rows<HD>(Qs, q, b, T_, t0, QT, qd, h * HD);
+            att_stage_rows<HD>(dOs, dout, b, T_, t0, QT, qd, h * HD);
+            for (int r = threadIdx.x; r < QT; r += blockDim.x) {
+                lse_s[r] = t0 + r < T_ ? lse[bh * T_ + t0 + r] : 0.0f;
+                D_s[r] = t0 + r < T_ ? D[bh * T_ + t0 + r] : 0.0f;
+            }
+            __syncthreads();
+            // S^T = K Q^T and dP^T = V dO^T: 16 keys x QT queries per warp
+            float st[NQ][4], dpt[NQ][4];
+#pragma unroll
+            for (int nt = 0; nt < NQ; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) st[nt][e] = dpt[nt][e] = 0.0f;
+#pragma unroll
+            for (int kc = 0; kc < KC; kc++) {
+                uint32_t ka[4], va[4];
+                att_frag_a<HD>(ka, Ks, warp * 16, kc * 16, lane);
+                att_frag_a<HD>(va, Vs, warp * 16, kc * 16, lane);
+#pragma unroll
+                for (int nt = 0; nt < NQ; nt++) {
+                    uint32_t qb[2], ob[2];
+                    att_frag_b_rows<HD>(qb, Qs, nt * 8, kc * 16, lane);
+                    att_frag_b_rows<HD>(ob, dOs, nt * 8, kc * 16, lane);
+                    mma_m16n8k16_bf16(st[nt], ka, qb, st[nt]);
+                    mma_m16n8k16_bf16(dpt[nt], va, ob, dpt[nt]);
+                }
+            }
+            // P^T and dS^T (kept in st and dpt); query t sees key j iff j <= t (and t < T)
+#pragma unroll
+            for (int nt = 0; nt < NQ; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int tl = nt * 8 + 2 * tq + (e & 1), t = t0 + tl, j = key[e >> 1];
+                    const float p = (j <= t && t < T_) ? expf(st[nt][e] * scale - lse_s[tl]) : 0.0f;
+                    st[nt][e] = p;
+                    dpt[nt][e] = p * (dpt[nt][e] - D_s[tl]);
+                }
+            // dV += P^T dO and dK += dS^T Q, 16 queries at a time
+#pragma unroll
+            for (int kc = 0; kc < QT / 16; kc++) {
+                uint32_t pa[4], da[4];
+                att_c_to_a(pa, st[2 * kc], st[2 * kc + 1]);
+                att_c_to_a(da, dpt[2 * kc], dpt[2 * kc + 1]);
+#pragma unroll
+                for (int ot = 0; ot < OT; ot++) {
+                    uint32_t ob[2], qb[2];
+                    att_frag_b_cols<HD>(ob, dOs, kc * 16, ot * 8, lane);
+                    att_frag_b_cols<HD>(qb, Qs, kc * 16, ot * 8, lane);
+                    mma_m16n8k16_bf16(dva[ot], pa, ob, dva[ot]);
+                    mma_m16n8k16_bf16(dka[ot], da, qb, dka[ot]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (key[r] >= T_) continue;
+        bf16* dkr = dk + (size_t)(b * T_ + key[r]) * kvd + kh * HD;
+        bf16* dvr = dv + (size_t)(b * T_ + key[r]) * kvd + kh * HD;
+#pragma unroll
+        for (int ot = 0; ot < OT; ot++) {
+            __nv_bfloat162 pk, pv;
+            pk.x = __float2bfloat16(dka[ot][2 * r] * scale);
+            pk.y = __float2bfloat16(dka[ot][2 * r + 1] * scale);
+            pv.x = __float2bfloat16(dva[ot][2 * r]);
+            pv.y = __float2bfloat16(dva[ot][2 * r + 1]);
+            *reinterpret_cast<__nv_bfloat162*>(dkr + ot * 8 + 2 * tq) = pk;
+            *reinterpret_cast<__nv_bfloat162*>(dvr + ot * 8 + 2 * tq) = pv;
+        }
+    }
+}
+
+// grid (cdiv(T, 64), B*H), 128 threads; shared: Qs, dOs, Ks, Vs [64][HD+8] bf16
+template <int HD>
+__global__ void __launch_bounds__(128) attention_backward_dq_tc_kernel(bf16* dq, const bf16* dout, const bf16* q,
+                                                                      const bf16* k, const bf16* v, const float* lse,
+                                                                      const float* D, int B, int T_, int H,
+                                                                      int Hkv) {
+    constexpr int LD = HD + 8, KC = HD / 16, OT = HD / 8, NT = 8;  // 64 keys per tile: 8 column tiles
+    extern __shared__ float4 smem4[];
+    bf16* Qs = (bf16*)smem4;
+    bf16* dOs = Qs + 64 * LD;
+    bf16* Ks = dOs + 64 * LD;
+    bf16* Vs = Ks + 64 * LD;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, kh = h / (H / Hkv);
+    const int qd = H * HD, kvd = Hkv * HD;
+    const int q0 = blockIdx.x * 64;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tq = lane & 3;
+    const float scale = 1.0f / sqrtf((float)HD);
+    const int row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+    float lse_r[2], D_r[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        lse_r[r] = row[r] < T_ ? lse[(size_t)bh * T_ + row[r]] : 0.0f;
+        D_r[r] = row[r] < T_ ? D[(size_t)bh * T_ + row[r]] : 0.0f;
+    }
+    att_stage_rows<HD>(Qs, q, b, T_, q0, 64, qd, h * HD);
+    att_stage_rows<HD>(dOs, dout, b, T_, q0, 64, qd, h * HD);
+    float dqa[OT][4];
+#pragma unroll
+    for (int ot = 0; ot < OT; ot++) dqa[ot][0] = dqa[ot][1] = dqa[ot][2] = dqa[ot][3] = 0.0f;
+
+    const int j_end = min(q0 + 64, T_);
+    for (int j0 = 0; j0 < j_end; j0 += 64) {
+        __syncthreads();
+        att_stage_rows<HD>(Ks, k, b, T_, j0, 64, kvd, kh * HD);
+        att_stage_rows<HD>(Vs, v, b, T_, j0, 64, kvd, kh * HD);
+        __syncthreads();
+        float s[NT][4], dp[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[nt][e] = dp[nt][e] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < KC; kc++) {
+            uint32_t qa[4], oa[4];
+            att_frag_a<HD>(qa, Qs, warp * 16, kc * 16, lane);
+            att_frag_a<HD>(oa, dOs, warp * 16, kc * 16, lane);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                uint32_t kb[2], vb[2];
+                att_frag_b_rows<HD>(kb, Ks, nt * 8, kc * 16, lane);
+                att_frag_b_rows<HD>(vb, Vs, nt * 8, kc * 16, lane);
+                mma_m16n8k16_bf16(s[nt], qa, kb, s[nt]);
+                mma_m16n8k16_bf16(dp[nt], oa, vb, dp[nt]);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + nt * 8 + 2 * tq + (e & 1), r = e >> 1;
+                const float p = (j <= row[r] && j < T_ && row[r] < T_) ? expf(s[nt][e] * scale - lse_r[r]) : 0.0f;
+                dp[nt][e] = p * (dp[nt][e] - D_r[r]);  // dS
+            }
+        // dQ += dS K, 16 keys at a time: B[k][n] = K[key k][dim n]
+#pragma unroll
+        for (int kc = 0; kc < NT / 2; kc++) {
+            uint32_t da[4];
+            att_c_to_a(da, dp[2 * kc], dp[2 * kc + 1]);
+#pragma unroll
+            for (int ot = 0; ot < OT; ot++) {
+                uint32_t kb[2];
+                att_frag_b_cols<HD>(kb, Ks, kc * 16, ot * 8, lane);
+                mma_m16n8k16_bf16(dqa[ot], da, kb, dqa[ot]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (row[r] >= T_) continue;
+        bf16* dqr = dq + (size_t)(b * T_ + row[r]) * qd + h * HD;
+#pragma unroll
+        for (int ot = 0; ot < OT; ot++) {
+            __nv_bfloat162 pair;
+            pair.x = __float2bfloat16(dqa[ot][2 * r] * scale);
+            pair.y = __float2bfloat16(dqa[ot][2 * r + 1] * scale);
+            *reinterpret_cast<__nv_bfloat162*>(dqr + ot * 8 + 2 * tq) = pair;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
 // Launchers. Dynamic shared memory can exceed the 48 KB default for HD = 128, so each
 // kernel instance raises its limit once.
 
@@ -315,6 +711,15 @@ inline void att_set_smem(K kernel, size_t bytes) {
 template <typename T, int HD>
 void attention_forward_hd(T* out, float* lse, const T* q, const T* k, const T* v, int B, int T_, int H, int Hkv,
                           cudaStream_t s) {
+    if constexpr (std::is_same<T, bf16>::value && HD % 16 == 0) {  // tensor cores
+        size_t bytes = sizeof(bf16) * 3 * ATT_TC_BQ * (HD + 8);
+        static bool ready_tc = false;
+        if (!ready_tc) { att_set_smem(attention_forward_tc_kernel<HD>, bytes); ready_tc = true; }
+        dim3 grid(cdiv(T_, ATT_TC_BQ), B * H);
+        attention_forward_tc_kernel<HD><<<grid, 128, bytes, s>>>(out, lse, q, k, v, B, T_, H, Hkv);
+        KERNEL_CHECK();
+        return;
+    }
     size_t bytes = sizeof(float) * (ATT_FWD_BQ * (HD + 1) + 2 * ATT_FWD_BK * HD);
     static bool ready = false;
     if (!ready) { att_set_smem(attention_forward_kernel<T, HD>, bytes); ready = true; }
@@ -328,6 +733,24 @@ void attention_backward_hd(T* dq, T* dk, T* dv, float* D, const T* dout, const T
                            const T* k, const T* v, int B, int T_, int H, int Hkv, cudaStream_t s) {
     attention_backward_D_kernel<<<cdiv((long)B * T_ * H, 256), 256, 0, s>>>(D, dout, out, B, T_, H, HD);
     KERNEL_CHECK();
+    if constexpr (std::is_same<T, bf16>::value && HD % 16 == 0) {  // tensor cores
+        constexpr int LD = HD + 8;
+        size_t bytes_kv = sizeof(bf16) * (2 * 64 + 2 * ATT_TC_BWD_QT) * LD + sizeof(float) * 2 * ATT_TC_BWD_QT;
+        size_t bytes_q = sizeof(bf16) * 4 * 64 * LD;
+        static bool ready_tc = false;
+        if (!ready_tc) {
+            att_set_smem(attention_backward_dkdv_tc_kernel<HD>, bytes_kv);
+            att_set_smem(attention_backward_dq_tc_kernel<HD>, bytes_q);
+            ready_tc = true;
+        }
+        attention_backward_dkdv_tc_kernel<HD><<<dim3(cdiv(T_, 64), B * Hkv), 128, bytes_kv, s>>>(
+            dk, dv, dout, q, k, v, lse, D, B, T_, H, Hkv);
+        KERNEL_CHECK();
+        attention_backward_dq_tc_kernel<HD><<<dim3(cdiv(T_, 64), B * H), 128, bytes_q, s>>>(dq, dout, q, k, v, lse, D,
+                                                                                          B, T_, H, Hkv);
+        KERNEL_CHECK();
+        return;
+    }
     size_t bytes_q = sizeof(float) * (2 * ATT_FWD_BQ * (HD + 1) + 2 * ATT_FWD_BK * HD);
     size_t bytes_kv = sizeof(float) * (2 * ATT_BWD_BK * (HD + 1) + 2 * ATT_BWD_BQ * HD + 2 * ATT_BWD_BQ);
     static bool ready = false;

@@ -16,7 +16,9 @@ Build and run (from the repository root):
        dev/cuda/attention.cu -o build/attention -lcublas -lcublasLt -lgomp && ./build/attention [version]
 
 Versions 3 (T = float) and 4 (T = bf16) are the production kernels, kernels/attention.cuh
-(gpu::attention_forward / gpu::attention_backward), called as train_moe.cu does. They are
+(gpu::attention_forward / gpu::attention_backward), called as train_moe.cu does. Version 4
+runs the tensor-core kernels (mma.sync, FlashAttention-2 style) for every case with hd a
+multiple of 16 and the CUDA-core kernels for hd 8. They are
 flash-style: no att is stored, the forward writes lse [B, H, T] instead (checked against
 log sum_{j<=t} exp(s_tj) computed on the host in double), and the backward recomputes the
 probabilities from (q, k, lse) and takes the forward's out for D = rowsum(dout * out) (D:
