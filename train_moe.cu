@@ -48,6 +48,7 @@ the CUDA emulation on the CPU (docs/emulation.md): test/test_gpu_fixtures.cu and
 #include "kernels/encoder.cuh"
 #include "kernels/global_norm.cuh"
 #include "kernels/matmul.cuh"
+#include "kernels/grouped_matmul.cuh"
 #include "kernels/permute.cuh"
 #include "kernels/rmsnorm.cuh"
 #include "kernels/rope.cuh"
@@ -315,6 +316,18 @@ struct GPUModel {
         upload(rope_sin, s.data(), s.size(), stream);
     }
 
+    // bf16 expert GEMMs run as one grouped tensor-core launch per product
+    // (kernels/grouped_matmul.cuh), driven by the device offsets; fp32 keeps the cuBLAS loop
+    bool grouped_experts() const {
+        return !is_fp32() && gpu::grouped_matmul_supports(cfg.d_model, 2 * cfg.ffn_dim) &&
+               gpu::grouped_matmul_supports(cfg.ffn_dim, cfg.d_model);
+    }
+    // elements between expert e's and expert e+1's matrices of one kind in the flat buffer
+    size_t expert_stride(int l) const {
+        if (cfg.n_experts < 2) return 0;
+        return layout.tensors[layout.experts[l][1][0]].offset - layout.tensors[layout.experts[l][0][0]].offset;
+    }
+
     // ---- MoE layer: route, permute by expert, run each expert, combine ----
     void moe_forward(T* out, LayerActs<T>& a, int l) {
         const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k, NK = N * K;
@@ -323,9 +336,10 @@ struct GPUModel {
                             N, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
         gpu::moe_permute(a.seq_counts, a.counts, a.offsets, a.row_token, a.row_of, a.topk, B, T_, E, K, stream);
         gpu::router_stats(a.psum, a.zsum, a.probs, a.rlse, B, T_, E, stream);
-        // The per-expert GEMMs need the row counts on the host: one small synchronizing
-        // copy per MoE layer per forward (first version; a device-side grouped GEMM would
-        // remove it). The router-loss sums come along in the same wait.
+        // The routing statistics (loss values, expert load, the fp32 path's per-expert cuBLAS
+        // loop) are read on the host: one small synchronizing copy per MoE layer per forward.
+        // The bf16 expert GEMMs no longer need it (grouped, device offsets); moving the router
+        // losses to the device would remove it (issue: no host round trip in a step).
         cudaCheck(cudaMemcpyAsync(a.h_seq_counts.data(), a.seq_counts, (size_t)B * E * sizeof(int), cudaMemcpyDeviceToHost, stream));
         cudaCheck(cudaMemcpyAsync(a.h_psum.data(), a.psum, (size_t)B * E * sizeof(double), cudaMemcpyDeviceToHost, stream));
         cudaCheck(cudaMemcpyAsync(a.h_zsum.data(), a.zsum, (size_t)B * sizeof(double), cudaMemcpyDeviceToHost, stream));
@@ -338,14 +352,23 @@ struct GPUModel {
             a.eb.offsets[e + 1] = a.eb.offsets[e] + c;
         }
         gpu::moe_gather(a.xe, a.ln2, a.row_token, NK, d, stream);
-        std::vector<const T*> w13(E), w2(E);
-        for (int e = 0; e < E; e++) {
-            w13[e] = weight(layout.experts[l][e][0]);  // w1 (gate) then w3 (up): one [2F, d] block
-            w2[e] = weight(layout.experts[l][e][2]);
+        if (grouped_experts()) {  // bf16: one tensor-core launch for all experts, device offsets
+            const size_t stride = expert_stride(l);
+            gpu::grouped_matmul_forward((bf16*)a.egu, (const bf16*)a.xe, (const bf16*)weight(layout.experts[l][0][0]),
+                                        stride, a.offsets, E, NK, d, 2 * F, stream);
+            gpu::swiglu_forward(a.eh, a.egu, (size_t)NK, F, stream);
+            gpu::grouped_matmul_forward((bf16*)a.ey, (const bf16*)a.eh, (const bf16*)weight(layout.experts[l][0][2]),
+                                        stride, a.offsets, E, NK, F, d, stream);
+        } else {  // fp32: cuBLAS per expert, from the host counts
+            std::vector<const T*> w13(E), w2(E);
+            for (int e = 0; e < E; e++) {
+                w13[e] = weight(layout.experts[l][e][0]);  // w1 (gate) then w3 (up): one [2F, d] block
+                w2[e] = weight(layout.experts[l][e][2]);
+            }
+            gpu::expert_matmul_forward(blas, a.egu, a.xe, w13, a.eb, d, 2 * F);
+            gpu::swiglu_forward(a.eh, a.egu, (size_t)NK, F, stream);
+            gpu::expert_matmul_forward(blas, a.ey, a.eh, w2, a.eb, F, d);
         }
-        gpu::expert_matmul_forward(blas, a.egu, a.xe, w13, a.eb, d, 2 * F);
-        gpu::swiglu_forward(a.eh, a.egu, (size_t)NK, F, stream);
-        gpu::expert_matmul_forward(blas, a.ey, a.eh, w2, a.eb, F, d);
         gpu::moe_combine_forward(out, a.ey, a.topw, a.row_of, N, K, d, stream);
         for (int e = 0; e < E; e++) step_load[l][e] += a.eb.counts[e];
     }
@@ -354,17 +377,27 @@ struct GPUModel {
         const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k;
         const int NK = N * K;
         gpu::moe_combine_backward(dey, dtopw, dout, a.ey, a.topw, a.row_of, N, K, d, stream);
-        std::vector<const T*> w13(E), w2(E);
-        std::vector<float*> g13(E), g2(E);
-        for (int e = 0; e < E; e++) {
-            w13[e] = weight(layout.experts[l][e][0]);
-            w2[e] = weight(layout.experts[l][e][2]);
-            g13[e] = grad(layout.experts[l][e][0]);
-            g2[e] = grad(layout.experts[l][e][2]);
+        if (grouped_experts()) {
+            const size_t stride = expert_stride(l);
+            const int w2i = layout.experts[l][0][2], w13i = layout.experts[l][0][0];
+            gpu::grouped_matmul_backward((bf16*)dh, grad(w2i), (const bf16*)dey, (const bf16*)a.eh,
+                                         (const bf16*)weight(w2i), stride, a.offsets, E, NK, F, d, stream);
+            gpu::swiglu_backward(dgu, dh, a.egu, (size_t)NK, F, stream);
+            gpu::grouped_matmul_backward((bf16*)dxe, grad(w13i), (const bf16*)dgu, (const bf16*)a.xe,
+                                         (const bf16*)weight(w13i), stride, a.offsets, E, NK, d, 2 * F, stream);
+        } else {
+            std::vector<const T*> w13(E), w2(E);
+            std::vector<float*> g13(E), g2(E);
+            for (int e = 0; e < E; e++) {
+                w13[e] = weight(layout.experts[l][e][0]);
+                w2[e] = weight(layout.experts[l][e][2]);
+                g13[e] = grad(layout.experts[l][e][0]);
+                g2[e] = grad(layout.experts[l][e][2]);
+            }
+            gpu::expert_matmul_backward(blas, dh, g2, dey, a.eh, w2, a.eb, F, d);
+            gpu::swiglu_backward(dgu, dh, a.egu, (size_t)NK, F, stream);
+            gpu::expert_matmul_backward(blas, dxe, g13, dgu, a.xe, w13, a.eb, d, 2 * F);
         }
-        gpu::expert_matmul_backward(blas, dh, g2, dey, a.eh, w2, a.eb, F, d);
-        gpu::swiglu_backward(dgu, dh, a.egu, (size_t)NK, F, stream);
-        gpu::expert_matmul_backward(blas, dxe, g13, dgu, a.xe, w13, a.eb, d, 2 * F);
         gpu::moe_unpermute_backward(dln2, dxe, a.row_of, N, K, d, stream);
         // router: the balancing loss's dL/dp per sequence, computed on the host (the counts are
         // already there), then the kernel adds the z-loss and the gate weights' path

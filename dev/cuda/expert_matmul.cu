@@ -15,6 +15,8 @@ Build and run (from the repository root):
   nvcc -O3 -gencode arch=compute_90,code=sm_90 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fopenmp \
        dev/cuda/expert_matmul.cu -o build/expert_matmul -lcublas -lcublasLt -lgomp && ./build/expert_matmul [version]
 
+Version 6 is kernels/grouped_matmul.cuh: one tensor-core launch per product for all experts,
+driven by the offsets on the device (what lets a step run without host round trips).
 Versions 4 (T = float) and 5 (T = bf16) are the production loop, kernels/matmul.cuh
 (gpu::expert_matmul_forward / gpu::expert_matmul_backward with a host gpu::ExpertBlocks and
 one weight pointer per expert), on a cuBLAS handle set up as train_moe.cu's GPUModel::setup
@@ -28,6 +30,7 @@ dW must stay bit-exact.
 #include "../../train_moe.cpp"
 #include "common.h"
 #include "../../kernels/matmul.cuh"
+#include "../../kernels/grouped_matmul.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -113,9 +116,10 @@ void bwd_blas(Gemm& g, float* dX, float* dW, const T* dY, const T* X, const T* W
 }
 
 const char* NAMES[] = {"", "thread per output", "cuBLAS fp32 loop over experts", "cuBLAS bf16 loop (fp32 acc)",
-                       "kernels/matmul.cuh expert loop (fp32)", "kernels/matmul.cuh expert loop (bf16)"};
-const int NV = 5;
-bool bf16_version(int v) { return v == 3 || v == 5; }
+                       "kernels/matmul.cuh expert loop (fp32)", "kernels/matmul.cuh expert loop (bf16)",
+                       "kernels/grouped_matmul.cuh (bf16, tensor cores, device offsets)"};
+const int NV = 6;
+bool bf16_version(int v) { return v == 3 || v == 5 || v == 6; }
 
 // versions 4 and 5: the production expert loop, called as train_moe.cu's moe_forward /
 // moe_backward call it (per-expert weight pointers into one [E, OC, C] block here)
@@ -184,6 +188,55 @@ void check_production(Suite& S, ProdBlas& pb, const std::vector<int>& off, const
     }
 }
 
+// version 6: one launch per product for all experts, on tensor cores, from the DEVICE
+// offsets only (no host counts): kernels/grouped_matmul.cuh, with train_moe.cu's semantics
+// (Y and dX bf16 and written, dW fp32 accumulated), reruns bit-identical
+void check_grouped(Suite& S, const std::vector<int>& off, const std::vector<float>& X, const std::vector<float>& W,
+                   const std::vector<float>& dY, const std::vector<float>& dW0, int E, int R, int C, int OC, int empty,
+                   const char* what) {
+    std::vector<float> Y((size_t)R * OC), dX((size_t)R * C, 0.0f), dW = dW0;
+    for (int e = 0; e < E; e++) {
+        int r0 = off[e], ne = off[e + 1] - off[e];
+        matmul_forward(&Y[(size_t)r0 * OC], &X[(size_t)r0 * C], &W[(size_t)e * OC * C], ne, C, OC);
+        matmul_backward(&dX[(size_t)r0 * C], &dW[(size_t)e * OC * C], &dY[(size_t)r0 * OC], &X[(size_t)r0 * C],
+                        &W[(size_t)e * OC * C], ne, C, OC);
+    }
+    Dev<int> dOff(off);
+    Dev<bf16> dXin(to_bf16(X)), dWt(to_bf16(W)), dDy(to_bf16(dY)), dOut((size_t)R * OC), ddX((size_t)R * C);
+    Dev<float> ddW(dW0);
+    const size_t stride = (size_t)OC * C;
+    auto fwd = [&] { gpu::grouped_matmul_forward(dOut.p, dXin.p, dWt.p, stride, dOff.p, E, R, C, OC, 0); };
+    auto bwd = [&] { gpu::grouped_matmul_backward(ddX.p, ddW.p, dDy.p, dXin.p, dWt.p, stride, dOff.p, E, R, C, OC, 0); };
+    dOut.poison();
+    fwd();
+    auto y1 = host_f(dOut);
+    S.check_close("forward Y", y1, Y, TOL_BF16);
+    ddX.poison();
+    bwd();
+    auto dx1 = host_f(ddX);
+    S.check_close("backward dX (written)", dx1, dX, TOL_BF16);
+    auto gW = ddW.host();
+    S.check_close("backward dW (+=), all experts", gW, dW, TOL_BF16);
+    size_t e0 = (size_t)empty * OC * C;
+    std::vector<float> ge(gW.begin() + e0, gW.begin() + e0 + (size_t)OC * C),
+        re(dW0.begin() + e0, dW0.begin() + e0 + (size_t)OC * C);
+    S.check_equal("dW of the empty expert untouched", ge, re);
+    dOut.poison();
+    fwd();
+    S.check_equal("forward Y bit-identical on rerun", host_f(dOut), y1);
+    ddX.poison();
+    ddW.upload(dW0);
+    bwd();
+    S.check_equal("dX bit-identical on rerun", host_f(ddX), dx1);
+    S.check_equal("dW bit-identical on rerun", ddW.host(), gW);
+    if (R >= 4096) {
+        double fl = 2.0 * R * C * OC;
+        S.bench((std::string("fwd ") + what).c_str(), fwd, 2.0 * (R * C + E * OC * C + R * OC), fl);
+        S.bench((std::string("bwd ") + what).c_str(), bwd, 2.0 * (R * OC + R * C + E * OC * C + R * C) + 8.0 * E * OC * C,
+                2 * fl);
+    }
+}
+
 int main(int argc, char** argv) {
     Suite S("expert_matmul", argc, argv);
     Gemm gemm;
@@ -228,6 +281,10 @@ int main(int argc, char** argv) {
             for (int v = 1; v <= NV; v++) {
                 if (!S.want(v) || bf16_version(v) != (rnd == 1)) continue;
                 S.begin(v, NAMES[v]);
+                if (v == 6) {
+                    check_grouped(S, off, X, W, dY, dW0, E, R, C, OC, c.empty, c.what);
+                    continue;
+                }
                 if (v >= 4) {
                     if (v == 4) check_production<float>(S, pb, off, X, W, dY, dW0, E, R, C, OC, c.empty, c.what);
                     else check_production<bf16>(S, pb, off, X, W, dY, dW0, E, R, C, OC, c.empty, c.what);
