@@ -115,10 +115,12 @@ struct LayerActs {
     int *row_token, *row_of;                     // [N*K], [N*K]
     T *xe, *egu, *eh, *ey;                       // [N*K, d], [N*K, 2F], [N*K, F], [N*K, d]
     double *psum, *zsum;                         // [B, E], [B]: sums for the router losses
-    // host copies, read after each forward
+    // host copies in pinned memory (so the copies are asynchronous), valid after the
+    // forward's one synchronize at its end; h_aux_g: this layer's balancing-loss dL/dp [B, E]
     gpu::ExpertBlocks eb;
-    std::vector<int> h_seq_counts;
-    std::vector<double> h_psum, h_zsum;
+    int* h_seq_counts = nullptr;     // [B, E]
+    double *h_psum = nullptr, *h_zsum = nullptr;  // [B, E], [B]
+    float* h_aux_g = nullptr;        // [B, E]
 };
 
 template <typename T>
@@ -152,6 +154,7 @@ struct GPUModel {
     // backward scratch, shared by all layers
     T *dres, *dln, *dq, *dk, *dv, *datty, *dgu, *dh, *dey, *dxe;
     float *dtopw, *drl, *att_D, *aux_g, *red_scratch;
+    void* pinned = nullptr;  // the host copies of the routing statistics (LayerActs::h_*)
     double *norm_partial, *norm_out;
     size_t max_rows_ffn = 0;  // N (dense) or N*K (MoE)
 
@@ -174,6 +177,7 @@ struct GPUModel {
         if (blas_workspace) cudaFree(blas_workspace);
         if (blas) cublasDestroy(blas);
         if (stream) cudaStreamDestroy(stream);
+        if (pinned) cudaFreeHost(pinned);
     }
 
     static constexpr bool is_fp32() { return sizeof(T) == sizeof(float); }
@@ -302,10 +306,18 @@ struct GPUModel {
         Arena real;
         real.base = act_block;
         carve(real);
-        for (auto& a : acts) {
-            a.h_seq_counts.assign((size_t)B_max * std::max(cfg.n_experts, 1), 0);
-            a.h_psum.assign((size_t)B_max * std::max(cfg.n_experts, 1), 0);
-            a.h_zsum.assign(B_max, 0);
+        // the routing statistics' host copies, pinned: [B, E] ints, [B, E] + [B] doubles,
+        // [B, E] floats per layer
+        const size_t BE = (size_t)B_max * std::max(cfg.n_experts, 1);
+        const size_t per_layer = BE * (sizeof(double) + sizeof(int) + sizeof(float)) + B_max * sizeof(double);
+        cudaCheck(cudaMallocHost(&pinned, std::max<size_t>(per_layer * cfg.n_layer, 1)));
+        memset(pinned, 0, per_layer * cfg.n_layer);
+        char* hp = (char*)pinned;
+        for (auto& a : acts) {  // doubles first: every array stays aligned
+            a.h_psum = (double*)hp; hp += BE * sizeof(double);
+            a.h_zsum = (double*)hp; hp += B_max * sizeof(double);
+            a.h_seq_counts = (int*)hp; hp += BE * sizeof(int);
+            a.h_aux_g = (float*)hp; hp += BE * sizeof(float);
             a.eb.counts.assign(cfg.n_experts, 0);
             a.eb.offsets.assign(cfg.n_experts + 1, 0);
         }
@@ -336,20 +348,16 @@ struct GPUModel {
                             N, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
         gpu::moe_permute(a.seq_counts, a.counts, a.offsets, a.row_token, a.row_of, a.topk, B, T_, E, K, stream);
         gpu::router_stats(a.psum, a.zsum, a.probs, a.rlse, B, T_, E, stream);
-        // The routing statistics (loss values, expert load, the fp32 path's per-expert cuBLAS
-        // loop) are read on the host: one small synchronizing copy per MoE layer per forward.
-        // The bf16 expert GEMMs no longer need it (grouped, device offsets); moving the router
-        // losses to the device would remove it (issue: no host round trip in a step).
-        cudaCheck(cudaMemcpyAsync(a.h_seq_counts.data(), a.seq_counts, (size_t)B * E * sizeof(int), cudaMemcpyDeviceToHost, stream));
-        cudaCheck(cudaMemcpyAsync(a.h_psum.data(), a.psum, (size_t)B * E * sizeof(double), cudaMemcpyDeviceToHost, stream));
-        cudaCheck(cudaMemcpyAsync(a.h_zsum.data(), a.zsum, (size_t)B * sizeof(double), cudaMemcpyDeviceToHost, stream));
-        cudaCheck(cudaStreamSynchronize(stream));
-        a.eb.offsets[0] = 0;
-        for (int e = 0; e < E; e++) {
-            int c = 0;
-            for (int b = 0; b < B; b++) c += a.h_seq_counts[(size_t)b * E + e];
-            a.eb.counts[e] = c;
-            a.eb.offsets[e + 1] = a.eb.offsets[e] + c;
+        // The routing statistics go to pinned host memory asynchronously; the host reads
+        // them after the one synchronize at the end of the forward (router-loss values, expert
+        // load, the backward's balancing-loss dL/dp). Only the fp32 path waits here: its
+        // per-expert cuBLAS loop needs the counts on the host to launch.
+        cudaCheck(cudaMemcpyAsync(a.h_seq_counts, a.seq_counts, (size_t)B * E * sizeof(int), cudaMemcpyDeviceToHost, stream));
+        cudaCheck(cudaMemcpyAsync(a.h_psum, a.psum, (size_t)B * E * sizeof(double), cudaMemcpyDeviceToHost, stream));
+        cudaCheck(cudaMemcpyAsync(a.h_zsum, a.zsum, (size_t)B * sizeof(double), cudaMemcpyDeviceToHost, stream));
+        if (!grouped_experts()) {
+            cudaCheck(cudaStreamSynchronize(stream));
+            count_expert_blocks(a);
         }
         gpu::moe_gather(a.xe, a.ln2, a.row_token, NK, d, stream);
         if (grouped_experts()) {  // bf16: one tensor-core launch for all experts, device offsets
@@ -370,7 +378,17 @@ struct GPUModel {
             gpu::expert_matmul_forward(blas, a.ey, a.eh, w2, a.eb, F, d);
         }
         gpu::moe_combine_forward(out, a.ey, a.topw, a.row_of, N, K, d, stream);
-        for (int e = 0; e < E; e++) step_load[l][e] += a.eb.counts[e];
+    }
+    // a layer's expert blocks (host counts and offsets) from its host seq_counts
+    void count_expert_blocks(LayerActs<T>& a) {
+        const int E = cfg.n_experts;
+        a.eb.offsets[0] = 0;
+        for (int e = 0; e < E; e++) {
+            int c = 0;
+            for (int b = 0; b < B; b++) c += a.h_seq_counts[(size_t)b * E + e];
+            a.eb.counts[e] = c;
+            a.eb.offsets[e + 1] = a.eb.offsets[e] + c;
+        }
     }
     // dout [N, d] -> dln2 [N, d] (written), expert and router weight gradients (+=)
     void moe_backward(T* dln2, const T* dout, LayerActs<T>& a, int l) {
@@ -405,7 +423,10 @@ struct GPUModel {
         if (router_loss.aux_loss != AUX_NONE && router_loss.aux_coef != 0) {
             std::vector<float> g;
             aux_dp_per_seq(g, router_loss.aux_loss, routing_stats(), l);
-            upload(aux_g, g.data(), g.size(), stream);
+            // through this layer's pinned buffer: an asynchronous copy, no wait (the buffer is
+            // written again only after the next forward's synchronize)
+            memcpy(a.h_aux_g, g.data(), g.size() * sizeof(float));
+            cudaCheck(cudaMemcpyAsync(aux_g, a.h_aux_g, g.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
             g_dev = aux_g;
         }
         gpu::router_backward(drl, dtopw, a.probs, a.rlse, a.topk, a.topw, g_dev, (float)router_loss.aux_coef, (float)router_loss.z_coef,
@@ -419,7 +440,7 @@ struct GPUModel {
         RoutingStats st;
         st.B = B; st.T = T_; st.E = cfg.n_experts; st.K = cfg.top_k; st.seg = T_;
         for (int l = 0; l < cfg.n_layer && cfg.is_moe(); l++)
-            st.layers.push_back({acts[l].h_seq_counts.data(), acts[l].h_psum.data(), acts[l].h_zsum.data()});
+            st.layers.push_back({acts[l].h_seq_counts, acts[l].h_psum, acts[l].h_zsum});
         return st;
     }
 
@@ -495,6 +516,13 @@ struct GPUModel {
             for (int n = 0; n < N; n++) ce += row_loss[n];
             out.ce = ce / N;
             add_router_losses(out, router_loss, routing_stats());
+        }
+        if (cfg.is_moe()) {  // the one wait of an MoE forward: every layer's statistics are on the host
+            cudaCheck(cudaStreamSynchronize(stream));
+            for (int l = 0; l < L; l++) {
+                count_expert_blocks(acts[l]);
+                for (int e = 0; e < cfg.n_experts; e++) step_load[l][e] += acts[l].eb.counts[e];
+            }
         }
         last = out;
         return out;
