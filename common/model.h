@@ -65,6 +65,25 @@ struct ModelConfig {
             FAIL("%s: num_experts_per_tok (%d) must be in [1, num_local_experts = %d]", what.c_str(), top_k, n_experts);
         if (vocab_size > 65536)
             FAIL("%s: vocab_size %d does not fit the uint16 token shards", what.c_str(), vocab_size);
+        if ((long long)n_head * head_dim > INT32_MAX || (long long)n_kv_head * head_dim > INT32_MAX)
+            FAIL("%s: num_attention_heads x head_dim (%d x %d) is too large", what.c_str(), n_head, head_dim);
+        // counted in double so that no shape can overflow the count; 2^40 parameters is far
+        // beyond what this trainer can hold, and keeps every later size_t product exact
+        double per_ffn = 3.0 * ffn_dim * d_model, attn = 2.0 * d_model * ((double)q_dim() + kv_dim());
+        double params = 2.0 * vocab_size * d_model +
+                        (double)n_layer * (attn + 2.0 * d_model + (is_moe() ? n_experts * (per_ffn + d_model) : per_ffn));
+        if (params > 1099511627776.0)
+            FAIL("%s: these sizes make a model of %.3g parameters: implausibly large (corrupt config?)", what.c_str(),
+                 params);
+        if (!(rms_eps > 0) || !std::isfinite(rms_eps)) FAIL("%s: rms_norm_eps must be positive and finite", what.c_str());
+        if (!(rope_theta > 0) || !std::isfinite(rope_theta)) FAIL("%s: rope_theta must be positive and finite", what.c_str());
+        if (max_seq_len <= 0) FAIL("%s: max_position_embeddings must be positive, found %d", what.c_str(), max_seq_len);
+        if (sliding_window < 0) FAIL("%s: sliding_window must be >= 0, found %d", what.c_str(), sliding_window);
+        if (rope_scale_factor != 0 &&
+            (!(rope_scale_factor > 0) || !std::isfinite(rope_scale_factor) || !(rope_low_freq > 0) ||
+             !(rope_high_freq > rope_low_freq) || !std::isfinite(rope_high_freq) || rope_orig_max_pos <= 0))
+            FAIL("%s: rope_scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                 "original_max_position_embeddings > 0", what.c_str());
     }
 
     // RoPE inverse frequencies, HF convention: inv_freq[i] = theta^(-2i/hd), i < hd/2.
@@ -151,26 +170,38 @@ struct ModelConfig {
         std::string mt = j.get_str("model_type", "", what);
         if (!mt.empty() && mt != "llama" && mt != "mixtral")
             FAIL("%s: model_type \"%s\" is not supported (expected llama or mixtral)", what.c_str(), mt.c_str());
-        c.vocab_size = (int)j.get_int("vocab_size", what);
-        c.d_model = (int)j.get_int("hidden_size", what);
-        c.ffn_dim = (int)j.get_int("intermediate_size", what);
-        c.n_layer = (int)j.get_int("num_hidden_layers", what);
-        c.n_head = (int)j.get_int("num_attention_heads", what);
-        c.n_kv_head = (int)j.get_int("num_key_value_heads", c.n_head, what);
+        // every integer key lands in an int: refuse what does not fit instead of wrapping
+        auto to_int = [&](const char* key, long long v) {
+            if (v < INT32_MIN || v > INT32_MAX) FAIL("%s: key \"%s\" = %lld does not fit an int", what.c_str(), key, v);
+            return (int)v;
+        };
+        auto req = [&](const char* key) { return to_int(key, j.get_int(key, what)); };
+        auto opt = [&](const char* key, long long dflt) { return to_int(key, j.get_int(key, dflt, what)); };
+        c.vocab_size = req("vocab_size");
+        c.d_model = req("hidden_size");
+        c.ffn_dim = req("intermediate_size");
+        c.n_layer = req("num_hidden_layers");
+        c.n_head = req("num_attention_heads");
+        c.n_kv_head = opt("num_key_value_heads", c.n_head);
         if (c.n_head <= 0) FAIL("%s: num_attention_heads must be positive", what.c_str());
-        c.head_dim = (int)j.get_int("head_dim", c.d_model / c.n_head, what);
-        c.n_experts = (int)j.get_int("num_local_experts", 0, what);
-        c.top_k = (int)j.get_int("num_experts_per_tok", c.n_experts > 0 ? 2 : 0, what);
+        c.head_dim = opt("head_dim", c.d_model / c.n_head);
+        c.n_experts = opt("num_local_experts", 0);
+        c.top_k = opt("num_experts_per_tok", c.n_experts > 0 ? 2 : 0);
         c.routing = parse_routing(j.get_str("moe_routing", "topk_softmax", what), what);
+        // found by fuzzing: a dense config with MoE settings kept them, a save dropped them,
+        // and the model read back differed from the one written
+        if (c.n_experts == 0 && (c.top_k != 0 || c.routing != ROUTING_TOPK_SOFTMAX))
+            FAIL("%s: num_experts_per_tok or moe_routing given, but num_local_experts is missing or 0 (a dense model)",
+                 what.c_str());
         c.tie_embeddings = j.get_bool("tie_word_embeddings", false, what);
         c.rms_eps = (float)j.get_num("rms_norm_eps", 1e-5, what);
         c.rope_theta = (float)j.get_num("rope_theta", 10000.0, what);
-        c.max_seq_len = (int)j.get_int("max_position_embeddings", 2048, what);
+        c.max_seq_len = opt("max_position_embeddings", 2048);
         std::string act = j.get_str("hidden_act", "silu", what);
         if (act != "silu") FAIL("%s: hidden_act \"%s\" is not supported (SwiGLU needs silu)", what.c_str(), act.c_str());
         if (j.get_bool("attention_bias", false, what) || j.get_bool("mlp_bias", false, what))
             FAIL("%s: attention_bias/mlp_bias are not supported (the model has no biases)", what.c_str());
-        c.sliding_window = (int)j.get_int("sliding_window", 0, what);
+        c.sliding_window = opt("sliding_window", 0);
         if (const Json* rs = j.find("rope_scaling")) {
             if (!rs->is_null()) {
                 std::string t = rs->get_str("rope_type", rs->get_str("type", "", what), what);
@@ -179,7 +210,8 @@ struct ModelConfig {
                 c.rope_scale_factor = (float)rs->get_num("factor", what);
                 c.rope_low_freq = (float)rs->get_num("low_freq_factor", 1.0, what);
                 c.rope_high_freq = (float)rs->get_num("high_freq_factor", 4.0, what);
-                c.rope_orig_max_pos = (int)rs->get_int("original_max_position_embeddings", 8192, what);
+                c.rope_orig_max_pos = to_int("original_max_position_embeddings",
+                                             rs->get_int("original_max_position_embeddings", 8192, what));
             }
         }
         // keep keys we do not interpret (upcycling records, ...) so they survive a save
