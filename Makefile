@@ -138,7 +138,7 @@ test-emu: emu train_moe
 FUZZ_CXX ?= clang++
 FUZZ_SECONDS ?= 60
 FUZZ_FLAGS ?= -std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
-FUZZ_HARNESSES := json safetensors config shard tokenizer
+FUZZ_HARNESSES := json safetensors config shard tokenizer trainer_state
 build/fuzz/%: dev/fuzz/%.cpp dev/fuzz/fuzz.h $(COMMON)
 	@mkdir -p build/fuzz
 	$(FUZZ_CXX) $(FUZZ_FLAGS) -o $@ $<

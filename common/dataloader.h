@@ -137,16 +137,25 @@ struct DataState {
         return j;
     }
     static DataState from_json(const Json& j, size_t n_domains, const std::string& what) {
+        // counters are integers in [0, 2^53]; a cast of anything else to uint64_t is undefined
+        auto counter = [&](const Json& v, const char* key) {
+            if (v.type != Json::NUM || !(v.num >= 0))
+                FAIL("%s: data loader state \"%s\" should hold non-negative integers", what.c_str(), key);
+            return (uint64_t)Json::checked_int(v.num, key, what);
+        };
         DataState s;
-        s.rows_drawn = (uint64_t)j.get_int("rows_drawn", what);
+        const Json* r = j.find("rows_drawn");
+        if (!r) FAIL("%s: data loader state lacks \"rows_drawn\"", what.c_str());
+        s.rows_drawn = counter(*r, "rows_drawn");
         const Json* e = j.find("epoch");
         const Json* p = j.find("pos");
-        if (!e || !p || e->arr.size() != n_domains || p->arr.size() != n_domains)
+        if (!e || !p || e->type != Json::ARR || p->type != Json::ARR || e->arr.size() != n_domains ||
+            p->arr.size() != n_domains)
             FAIL("%s: data loader state has %zu domains' positions but the data has %zu domains", what.c_str(),
                  e ? e->arr.size() : 0, n_domains);
         for (size_t i = 0; i < n_domains; i++) {
-            s.epoch.push_back((uint64_t)e->arr[i].num);
-            s.pos.push_back((uint64_t)p->arr[i].num);
+            s.epoch.push_back(counter(e->arr[i], "epoch"));
+            s.pos.push_back(counter(p->arr[i], "pos"));
         }
         return s;
     }

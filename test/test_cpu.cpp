@@ -481,6 +481,17 @@ static void test_untrusted_sizes() {
     bad = c;
     bad["num_hidden_layers"] = 100000000; bad["hidden_size"] = 65536; bad["intermediate_size"] = 65536;
     expect_error([&] { ModelConfig::from_json(bad, "config.json"); }, "implausibly large", "config huge");
+    // trainer_state.json: a malformed counter is an Error (std::stoull threw something no main catches)
+    TrainerState ts;
+    long adam_t = 0;
+    Json settings;
+    auto state = [&](const char* text) { parse_trainer_state(Json::parse(text, "s"), 1, "trainer_state.json", ts, &adam_t, &settings); };
+    state(R"({"step": 3, "tokens": 96, "adam_t": 3, "sample_rng_counter": "7", "data": {"rows_drawn": 6, "epoch": [0], "pos": [6]}})");
+    CHECK(ts.step == 3 && ts.sample_counter == 7 && ts.data.pos[0] == 6);
+    expect_error([&] { state(R"({"step": 3, "tokens": 96, "adam_t": 3, "sample_rng_counter": "7x", "data": {"rows_drawn": 6, "epoch": [0], "pos": [6]}})"); },
+                 "sample_rng_counter: expected an unsigned decimal integer", "trainer_state counter");
+    expect_error([&] { state(R"({"step": 3, "tokens": 96, "adam_t": 3, "data": {"rows_drawn": 6, "epoch": [-1], "pos": [6]}})"); },
+                 "should hold non-negative integers", "trainer_state negative epoch");
 }
 
 // ---------------------------------------------------------------------------

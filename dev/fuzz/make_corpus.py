@@ -106,6 +106,15 @@ def main():
     put("tokenizer", "bad_count.bin", tokenizer(vocab[:40], eot=3, count=4000000000))
     put("tokenizer", "bad_truncated.bin", tokenizer(vocab[:40], eot=3)[:-2])
     put("tokenizer", "bad_magic.bin", tokenizer(vocab[:4], eot=3, magic=1234))
+    # trainer_state.json (the harness expects 2 domains)
+    state = {"step": 100, "tokens": 409600, "adam_t": 100, "sample_rng_counter": "18446744073709551615",
+             "elapsed_seconds": 12.5, "data": {"rows_drawn": 800, "epoch": [1, 0], "pos": [17, 399]},
+             "settings": {"lr": 0.0006, "batch": 8}}
+    put("trainer_state", "ok.json", json.dumps(state, indent=2))
+    put("trainer_state", "bad_domains.json", json.dumps(dict(state, data={"rows_drawn": 1, "epoch": [0], "pos": [0]})))
+    put("trainer_state", "bad_counter.json", json.dumps(dict(state, sample_rng_counter="12x")))
+    put("trainer_state", "bad_negative.json", json.dumps(dict(state, data={"rows_drawn": 1, "epoch": [-1, 0], "pos": [0, 1e300]})))
+    put("trainer_state", "bad_step.json", json.dumps(dict(state, step=1e300)))
     return 0
 
 

@@ -9,7 +9,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 SECONDS_EACH=${FUZZ_SECONDS:-60}
-HARNESSES=${HARNESSES:-"json safetensors config shard tokenizer"}
+HARNESSES=${HARNESSES:-"json safetensors config shard tokenizer trainer_state"}
 BIN=build/fuzz
 FINDINGS=$BIN/findings
 pass=0; fail=0
@@ -35,7 +35,7 @@ for h in $HARNESSES; do
   else
     echo "fuzz $h: FINDING after ${execs:-?} executions (exit $rc): ${found:-no artifact}"
     # the sanitizer or libFuzzer report that explains it
-    grep -E -A 12 'ERROR: |runtime error|FUZZ_ASSERT|out-of-memory|malloc\(' "$work/log" | head -n 16
+    grep -E -A 12 'ERROR: |runtime error|FUZZ_ASSERT|out-of-memory|malloc\(' "$work/log" | grep -vE '^(0x|Base64)' | head -n 16
     echo "  reproduce: $BIN/$h ${found:-<input>}"
     fail=$((fail + 1))
   fi
