@@ -82,8 +82,14 @@ class SafeTensorsReader {
         fd_ = open(p.c_str(), O_RDONLY);
         if (fd_ < 0) FAIL("%s: cannot open: %s", p.c_str(), strerror(errno));
         struct stat st;
-        if (fstat(fd_, &st) != 0) fail("cannot stat: %s", strerror(errno));
-        parse((uint64_t)st.st_size);
+        try {
+            if (fstat(fd_, &st) != 0) fail("cannot stat: %s", strerror(errno));
+            parse((uint64_t)st.st_size);
+        } catch (...) {  // a constructor that throws gets no destructor: close the file here
+            close(fd_);
+            fd_ = -1;
+            throw;
+        }
     }
     // The same reader over bytes already in memory (`name` stands for the path in messages):
     // the fuzz harness (dev/fuzz) feeds it arbitrary bytes through the same checks.
