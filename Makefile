@@ -2,6 +2,9 @@
 #   make              build everything this machine can build (CPU trainer, upcycle; GPU trainer if nvcc)
 #   make test         every test: CPU, data, CUDA compile check, and the GPU code run in the CUDA
 #                     emulation (docs/emulation.md; no GPU needed). `make test-emu`: the emulated part only
+#   make fuzz         libFuzzer harnesses for every parser of outside bytes, FUZZ_SECONDS each (default 60;
+#                     needs clang). make test runs a 20 s pass. docs/reliability.md
+#   make test-san     the CPU test suites with the binaries built under AddressSanitizer + UBSan (build/san/)
 #   make test-gpu     GPU tests (needs an NVIDIA GPU; see docs/gpu-log.md)
 #   make bench        GPU throughput table
 #   make quickstart   the README's first command (tiny Drop-Upcycling Table 1)
@@ -22,7 +25,8 @@ COMMON := $(wildcard common/*.h)
 KERNELS := $(wildcard kernels/*.cuh)
 DEV_CUDA := $(wildcard dev/cuda/*.cu)
 
-.PHONY: all test test-cpu test-gpu cuda-check emu test-emu bench quickstart clean fixtures repro-tiny repro-small
+.PHONY: all test test-cpu test-gpu cuda-check emu test-emu bench quickstart clean fixtures repro-tiny repro-small \
+        fuzz fuzz-build test-san san
 all: train_moe $(if $(wildcard upcycle.cu),upcycle) $(if $(HAVE_NVCC),$(if $(wildcard train_moe.cu),train_moe_gpu))
 
 include dev/data/data.mk
@@ -125,6 +129,52 @@ emu: $(EMU_BINS)
 # the emulated GPU suites alone (make test runs them too)
 test-emu: emu train_moe
 	EMU_DIR=$(EMU_DIR) SUITES=emu bash test/run_tests.sh
+
+# ----------------------------------------------------------------------------
+# Fuzzing (docs/reliability.md): one libFuzzer harness per parser of outside bytes
+# (dev/fuzz/<name>.cpp), built with clang under ASan + UBSan; any UB report aborts, so the
+# fuzzer keeps the input. `make fuzz` runs each for FUZZ_SECONDS on a scratch copy of its
+# seed corpus (dev/fuzz/corpus/<name>/).
+FUZZ_CXX ?= clang++
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS ?= -std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+FUZZ_HARNESSES := json safetensors config shard tokenizer trainer_state
+build/fuzz/%: dev/fuzz/%.cpp dev/fuzz/fuzz.h $(COMMON)
+	@mkdir -p build/fuzz
+	$(FUZZ_CXX) $(FUZZ_FLAGS) -o $@ $<
+fuzz-build: $(addprefix build/fuzz/,$(FUZZ_HARNESSES))
+fuzz: fuzz-build
+	FUZZ_SECONDS=$(FUZZ_SECONDS) HARNESSES="$(FUZZ_HARNESSES)" bash dev/fuzz/run_fuzz.sh
+
+# ----------------------------------------------------------------------------
+# The CPU programs and their tests built with AddressSanitizer + UBSan into build/san/ (the
+# normal binaries stay as they are); `make test-san` runs the CPU suites with them.
+# -fno-sanitize-recover: a UB report fails the test instead of scrolling past. g++ leaves
+# float-cast-overflow (a double out of an integer's range cast to it) out of "undefined":
+# named here, because that is the UB a number read from a file most easily causes.
+SAN_CXXFLAGS ?= -std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow \
+                -fno-sanitize-recover=undefined,float-cast-overflow \
+                -fopenmp -Wall -Wextra -Wno-unused-parameter
+SAN_BINS := build/san/train_moe build/san/upcycle build/san/test_cpu build/san/test_gradcheck build/san/test_upcycle
+build/san/train_moe: train_moe.cpp $(COMMON)
+	@mkdir -p build/san
+	$(CXX) $(SAN_CXXFLAGS) -o $@ $<
+build/san/upcycle: upcycle.cu train_moe.cpp $(COMMON)
+	@mkdir -p build/san
+	$(CXX) $(SAN_CXXFLAGS) -x c++ -o $@ $<
+build/san/test_cpu: test/test_cpu.cpp test/testing.h test/fixture.h train_moe.cpp $(COMMON)
+	@mkdir -p build/san
+	$(CXX) $(SAN_CXXFLAGS) -o $@ $<
+build/san/test_gradcheck: test/test_gradcheck.cpp test/testing.h test/fixture.h train_moe.cpp $(COMMON)
+	@mkdir -p build/san
+	$(CXX) $(SAN_CXXFLAGS) -DTRAIN_MOE_DOUBLE -o $@ $<
+build/san/test_upcycle: test/test_upcycle.cpp test/testing.h upcycle.cu train_moe.cpp $(COMMON)
+	@mkdir -p build/san
+	$(CXX) $(SAN_CXXFLAGS) -o $@ $<
+san: $(SAN_BINS)
+test-san: $(SAN_BINS)
+	@test -f data/tiny/tokenizer.bin || $(MAKE) --no-print-directory data-tiny
+	SUITES=san bash test/run_tests.sh
 
 TEST_BINS := test/bin/test_cpu test/bin/test_gradcheck $(if $(wildcard test/test_upcycle.cpp),test/bin/test_upcycle)
 

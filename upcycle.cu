@@ -643,7 +643,8 @@ struct Expander {
                              shape_str(opt->info(t.name + sfx).shape).c_str(), shape_str(t.shape).c_str());
                 }
             auto it = opt->metadata.find("adam_t");
-            adam_t = it == opt->metadata.end() ? 0 : std::stol(it->second);
+            adam_t = it == opt->metadata.end()
+                         ? 0 : (long)std::min<uint64_t>(parse_uint64(it->second, op + ": adam_t"), LONG_MAX);
         }
 
         // selection, per layer

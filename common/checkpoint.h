@@ -9,6 +9,7 @@
 // (step, tokens, data position, RNG counters, settings). A run directory's "latest" file
 // names its newest checkpoint.
 #pragma once
+#include <climits>
 #include <string>
 #include <vector>
 #include "dataloader.h"    // defines: DataState (the data loader's position)
@@ -67,7 +68,7 @@ long read_optimizer_file(const std::string& path, const ParamLayout& layout, T* 
         opt.read(t.name + ".exp_avg_sq", t.shape, v + t.offset);
     }
     auto it = opt.metadata.find("adam_t");
-    return it == opt.metadata.end() ? 0 : std::stol(it->second);
+    return it == opt.metadata.end() ? 0 : (long)std::min<uint64_t>(parse_uint64(it->second, path + ": adam_t"), LONG_MAX);
 }
 
 // Writes a whole checkpoint directory atomically (built aside, then renamed into place).
@@ -93,22 +94,29 @@ void save_checkpoint(const std::string& dir, const ModelConfig& cfg, const Param
     out.commit();
 }
 
+// trainer_state.json's contents (`what` names the file in messages); dev/fuzz fuzzes this.
+inline void parse_trainer_state(const Json& st, size_t n_domains, const std::string& what, TrainerState& state,
+                                long* adam_t, Json* settings) {
+    if (st.type != Json::OBJ) FAIL("%s: not a JSON object", what.c_str());
+    state.step = (long)st.get_int("step", what);
+    state.tokens = st.get_num("tokens", what);
+    *adam_t = (long)st.get_int("adam_t", what);
+    if (state.step < 0 || *adam_t < 0) FAIL("%s: step and adam_t must be >= 0", what.c_str());
+    state.elapsed = st.get_num("elapsed_seconds", 0.0, what);
+    state.sample_counter = parse_uint64(st.get_str("sample_rng_counter", "0", what), what + ": sample_rng_counter");
+    const Json* d = st.find("data");
+    if (!d) FAIL("%s: missing \"data\" (data loader position)", what.c_str());
+    state.data = DataState::from_json(*d, n_domains, what);
+    if (const Json* s = st.find("settings")) *settings = *s;
+}
+
 // Loads a checkpoint's optimizer and trainer state (the model is loaded separately).
 template <typename T>
 void load_training_state(const std::string& dir, const ParamLayout& layout, T* m, T* v, long* adam_t,
                          TrainerState& state, size_t n_domains, Json* settings) {
     std::string sp = path_join(dir, "trainer_state.json");
     if (!path_exists(sp)) FAIL("%s: no trainer_state.json: not a training checkpoint (use --init to start from it)", dir.c_str());
-    Json st = Json::parse_file(sp);
-    state.step = (long)st.get_int("step", sp);
-    state.tokens = st.get_num("tokens", sp);
-    *adam_t = (long)st.get_int("adam_t", sp);
-    state.elapsed = st.get_num("elapsed_seconds", 0.0, sp);
-    state.sample_counter = std::stoull(st.get_str("sample_rng_counter", "0", sp));
-    const Json* d = st.find("data");
-    if (!d) FAIL("%s: missing \"data\" (data loader position)", sp.c_str());
-    state.data = DataState::from_json(*d, n_domains, sp);
-    if (const Json* s = st.find("settings")) *settings = *s;
+    parse_trainer_state(Json::parse_file(sp), n_domains, sp, state, adam_t, settings);
     read_optimizer_file(path_join(dir, "optimizer.safetensors"), layout, m, v);
 }
 

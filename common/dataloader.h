@@ -25,38 +25,63 @@
 static const int SHARD_MAGIC = 20240520;
 static const int SHARD_VERSION = 1;
 
-// Loads a whole shard (checked: magic, version, size, every token < vocab).
-inline std::vector<uint16_t> load_shard(const std::string& path, int vocab_size) {
-    FILE* f = fopen(path.c_str(), "rb");
-    if (!f) FAIL("%s: cannot open token shard: %s", path.c_str(), strerror(errno));
-    int32_t h[256];
-    size_t got = fread(h, 4, 256, f);
-    if (got != 256) {
-        fclose(f);
-        FAIL("%s: file is shorter than the 1024-byte shard header", path.c_str());
-    }
-    if (h[0] != SHARD_MAGIC) {
-        fclose(f);
+// Checks a shard's 1024-byte header against the size of the whole file and returns the
+// token count. The count is checked against the bytes present before anything is allocated:
+// a damaged header must not make the loader ask for gigabytes.
+inline size_t shard_token_count(const int32_t h[256], uint64_t file_bytes, const std::string& path) {
+    if (h[0] != SHARD_MAGIC)
         FAIL("%s: bad magic %d (expected %d): not an llm.c token shard", path.c_str(), h[0], SHARD_MAGIC);
-    }
-    if (h[1] != SHARD_VERSION) {
-        fclose(f);
+    if (h[1] != SHARD_VERSION)
         FAIL("%s: shard version %d is not supported (expected %d: uint16 tokens)", path.c_str(), h[1], SHARD_VERSION);
-    }
-    if (h[2] < 0) { fclose(f); FAIL("%s: negative token count %d in header", path.c_str(), h[2]); }
-    std::vector<uint16_t> toks((size_t)h[2]);
-    size_t n = toks.empty() ? 0 : fread(toks.data(), 2, toks.size(), f);
-    uint8_t extra;
-    bool trailing = fread(&extra, 1, 1, f) == 1;
-    fclose(f);
-    if (n != toks.size())
-        FAIL("%s: header says %d tokens (%lld bytes) but the body has only %zu tokens: truncated shard", path.c_str(),
-             h[2], 2LL * h[2], n);
-    if (trailing) FAIL("%s: file has bytes beyond the %d tokens its header announces", path.c_str(), h[2]);
+    if (h[2] < 0) FAIL("%s: negative token count %d in header", path.c_str(), h[2]);
+    uint64_t body = file_bytes - 1024, want = 2ull * (uint64_t)h[2];
+    if (body < want)
+        FAIL("%s: header says %d tokens (%llu bytes) but the body has only %llu tokens: truncated shard", path.c_str(),
+             h[2], (unsigned long long)want, (unsigned long long)(body / 2));
+    if (body > want) FAIL("%s: file has bytes beyond the %d tokens its header announces", path.c_str(), h[2]);
+    return (size_t)h[2];
+}
+inline void check_shard_tokens(const std::vector<uint16_t>& toks, int vocab_size, const std::string& path) {
     for (size_t i = 0; i < toks.size(); i++)
         if (toks[i] >= vocab_size)
             FAIL("%s: token id %d at position %zu >= vocab size %d (shard made with another tokenizer?)", path.c_str(),
                  toks[i], i, vocab_size);
+}
+
+// A shard from bytes in memory (`path` names it in messages), with the checks of load_shard.
+inline std::vector<uint16_t> parse_shard(const uint8_t* bytes, size_t n, int vocab_size, const std::string& path) {
+    if (n < 1024) FAIL("%s: file is shorter than the 1024-byte shard header", path.c_str());
+    int32_t h[256];
+    memcpy(h, bytes, sizeof(h));
+    std::vector<uint16_t> toks(shard_token_count(h, n, path));
+    if (!toks.empty()) memcpy(toks.data(), bytes + 1024, 2 * toks.size());
+    check_shard_tokens(toks, vocab_size, path);
+    return toks;
+}
+
+// Loads a whole shard (checked: magic, version, size, every token < vocab). Reads the tokens
+// straight into their vector: shards can be hundreds of MB.
+inline std::vector<uint16_t> load_shard(const std::string& path, int vocab_size) {
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) FAIL("%s: cannot open token shard: %s", path.c_str(), strerror(errno));
+    struct stat st;
+    int32_t h[256];
+    if (fstat(fileno(f), &st) != 0 || st.st_size < 1024 || fread(h, 4, 256, f) != 256) {
+        fclose(f);
+        FAIL("%s: file is shorter than the 1024-byte shard header", path.c_str());
+    }
+    std::vector<uint16_t> toks;
+    try {
+        toks.resize(shard_token_count(h, (uint64_t)st.st_size, path));
+    } catch (...) {
+        fclose(f);
+        throw;
+    }
+    size_t n = toks.empty() ? 0 : fread(toks.data(), 2, toks.size(), f);
+    fclose(f);
+    if (n != toks.size())  // the file shrank after fstat
+        FAIL("%s: header says %zu tokens but only %zu could be read: truncated shard", path.c_str(), toks.size(), n);
+    check_shard_tokens(toks, vocab_size, path);
     return toks;
 }
 
@@ -112,16 +137,25 @@ struct DataState {
         return j;
     }
     static DataState from_json(const Json& j, size_t n_domains, const std::string& what) {
+        // counters are integers in [0, 2^53]; a cast of anything else to uint64_t is undefined
+        auto counter = [&](const Json& v, const char* key) {
+            if (v.type != Json::NUM || !(v.num >= 0))
+                FAIL("%s: data loader state \"%s\" should hold non-negative integers", what.c_str(), key);
+            return (uint64_t)Json::checked_int(v.num, key, what);
+        };
         DataState s;
-        s.rows_drawn = (uint64_t)j.get_int("rows_drawn", what);
+        const Json* r = j.find("rows_drawn");
+        if (!r) FAIL("%s: data loader state lacks \"rows_drawn\"", what.c_str());
+        s.rows_drawn = counter(*r, "rows_drawn");
         const Json* e = j.find("epoch");
         const Json* p = j.find("pos");
-        if (!e || !p || e->arr.size() != n_domains || p->arr.size() != n_domains)
+        if (!e || !p || e->type != Json::ARR || p->type != Json::ARR || e->arr.size() != n_domains ||
+            p->arr.size() != n_domains)
             FAIL("%s: data loader state has %zu domains' positions but the data has %zu domains", what.c_str(),
                  e ? e->arr.size() : 0, n_domains);
         for (size_t i = 0; i < n_domains; i++) {
-            s.epoch.push_back((uint64_t)e->arr[i].num);
-            s.pos.push_back((uint64_t)p->arr[i].num);
+            s.epoch.push_back(counter(e->arr[i], "epoch"));
+            s.pos.push_back(counter(p->arr[i], "pos"));
         }
         return s;
     }

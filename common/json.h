@@ -138,13 +138,18 @@ struct Json {
         if (!std::isfinite(v->num)) FAIL("%s: key \"%s\" should be a finite number", what.c_str(), k.c_str());
         return v->num;
     }
+    // Integers are exact only up to 2^53 in a double; beyond that (or inf/NaN) the cast to
+    // long long would be undefined, so such values are refused here.
+    static long long checked_int(double d, const std::string& k, const std::string& what) {
+        if (d != std::floor(d) || std::fabs(d) > 9007199254740992.0)
+            FAIL("%s: key \"%s\" should be an integer of magnitude <= 2^53, found %g", what.c_str(), k.c_str(), d);
+        return (long long)d;
+    }
     long long get_int(const std::string& k, const std::string& what) const {
-        double d = get_num(k, what);
-        return checked_int(d, k, what);
+        return checked_int(get_num(k, what), k, what);
     }
     long long get_int(const std::string& k, long long dflt, const std::string& what) const {
-        double d = get_num(k, (double)dflt, what);
-        return checked_int(d, k, what);
+        return checked_int(get_num(k, (double)dflt, what), k, what);
     }
     // an integer in [lo, hi]: a size too large for its type is an error, not a wrapped number
     long long get_int(const std::string& k, long long dflt, long long lo, long long hi, const std::string& what) const {
@@ -158,12 +163,6 @@ struct Json {
         if (v < lo || v > hi)
             FAIL("%s: key \"%s\" is %lld, outside the allowed range [%lld, %lld]", what.c_str(), k.c_str(), v, lo, hi);
         return v;
-    }
-    static long long checked_int(double d, const std::string& k, const std::string& what) {
-        if (d != std::floor(d)) FAIL("%s: key \"%s\" should be an integer, found %g", what.c_str(), k.c_str(), d);
-        if (std::fabs(d) > 9007199254740992.0)  // 2^53: beyond it a JSON number is not an exact integer
-            FAIL("%s: key \"%s\" = %g is too large for an integer", what.c_str(), k.c_str(), d);
-        return (long long)d;
     }
     bool get_bool(const std::string& k, bool dflt, const std::string& what) const {
         const Json* v = find(k);
@@ -248,6 +247,8 @@ struct Json {
                         if (cp >= 0xd800 && cp < 0xdc00 && i + 1 < s.size() && s[i] == '\\' && s[i + 1] == 'u') {
                             i += 2;
                             uint32_t lo = hex4();
+                            // a high surrogate must pair with a low one, or the code point is garbage
+                            if (lo < 0xdc00 || lo >= 0xe000) fail("high surrogate \\u escape not followed by a low one");
                             cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
                         }
                         utf8(out, cp);
@@ -257,6 +258,23 @@ struct Json {
                 }
             }
             return out;
+        }
+        // JSON's number grammar, -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?, checked here
+        // because strtod alone would also take "0x1p3", "-inf", "-nan" and "1." as numbers.
+        double number() {
+            size_t start = i;
+            auto digits = [&] { size_t d = i; while (i < s.size() && s[i] >= '0' && s[i] <= '9') i++; return i > d; };
+            if (s[i] == '-') i++;
+            if (i < s.size() && s[i] == '0') i++;
+            else if (!digits()) fail("bad number: expected a digit");
+            if (i < s.size() && s[i] == '.') { i++; if (!digits()) fail("bad number: expected a digit after '.'"); }
+            if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+                i++;
+                if (i < s.size() && (s[i] == '+' || s[i] == '-')) i++;
+                if (!digits()) fail("bad number: expected a digit in the exponent");
+            }
+            // strtod stops at the same place: the text up to i is a valid C number too
+            return strtod(std::string(s, start, i - start).c_str(), nullptr);
         }
         Json value(int depth) {
             if (depth > 64) fail("nesting too deep");
@@ -300,18 +318,11 @@ struct Json {
             if (lit("true")) return Json(true);
             if (lit("false")) return Json(false);
             if (lit("null")) return Json();
-            if (c == '-' || (c >= '0' && c <= '9')) {
-                const char* start = s.c_str() + i;
-                char* end = nullptr;
-                double v = strtod(start, &end);
-                if (end == start) fail("bad number");
-                i += end - start;
-                return Json(v);
-            }
             // Python's json writes these for non-finite floats; accept them when reading
             if (lit("NaN")) return Json(NAN);
             if (lit("Infinity")) return Json(INFINITY);
             if (lit("-Infinity")) return Json(-INFINITY);
+            if (c == '-' || (c >= '0' && c <= '9')) return Json(number());
             fail("unexpected character");
         }
     };

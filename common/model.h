@@ -62,9 +62,6 @@ struct ModelConfig {
         if (!(rms_eps > 0 && rms_eps < 1)) FAIL("%s: rms_norm_eps must be in (0, 1), found %g", what.c_str(), rms_eps);
         if (!(rope_theta > 1 && std::isfinite(rope_theta)))
             FAIL("%s: rope_theta must be a finite number > 1, found %g", what.c_str(), rope_theta);
-        if (rope_scale_factor != 0 && !(rope_scale_factor >= 1 && std::isfinite(rope_scale_factor) &&
-                                         rope_low_freq > 0 && rope_high_freq > rope_low_freq))
-            FAIL("%s: rope_scaling needs factor >= 1 and 0 < low_freq_factor < high_freq_factor", what.c_str());
         if (n_head % n_kv_head)
             FAIL("%s: num_key_value_heads (%d) must divide num_attention_heads (%d)", what.c_str(), n_kv_head, n_head);
         if (head_dim % 2) FAIL("%s: head_dim (%d) must be even for RoPE", what.c_str(), head_dim);
@@ -73,6 +70,23 @@ struct ModelConfig {
             FAIL("%s: num_experts_per_tok (%d) must be in [1, num_local_experts = %d]", what.c_str(), top_k, n_experts);
         if (vocab_size > 65536)
             FAIL("%s: vocab_size %d does not fit the uint16 token shards", what.c_str(), vocab_size);
+        if ((long long)n_head * head_dim > INT32_MAX || (long long)n_kv_head * head_dim > INT32_MAX)
+            FAIL("%s: num_attention_heads x head_dim (%d x %d) is too large", what.c_str(), n_head, head_dim);
+        // counted in double so that no shape can overflow the count; 2^40 parameters is far
+        // beyond what this trainer can hold, and keeps every later size_t product exact
+        double per_ffn = 3.0 * ffn_dim * d_model, attn = 2.0 * d_model * ((double)q_dim() + kv_dim());
+        double params = 2.0 * vocab_size * d_model +
+                        (double)n_layer * (attn + 2.0 * d_model + (is_moe() ? n_experts * (per_ffn + d_model) : per_ffn));
+        if (params > 1099511627776.0)
+            FAIL("%s: these sizes make a model of %.3g parameters: implausibly large (corrupt config?)", what.c_str(),
+                 params);
+        if (max_seq_len <= 0) FAIL("%s: max_position_embeddings must be positive, found %d", what.c_str(), max_seq_len);
+        if (sliding_window < 0) FAIL("%s: sliding_window must be >= 0, found %d", what.c_str(), sliding_window);
+        if (rope_scale_factor != 0 &&
+            (!(rope_scale_factor > 0) || !std::isfinite(rope_scale_factor) || !(rope_low_freq > 0) ||
+             !(rope_high_freq > rope_low_freq) || !std::isfinite(rope_high_freq) || rope_orig_max_pos <= 0))
+            FAIL("%s: rope_scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                 "original_max_position_embeddings > 0", what.c_str());
     }
 
     // RoPE inverse frequencies, HF convention: inv_freq[i] = theta^(-2i/hd), i < hd/2.
@@ -170,6 +184,11 @@ struct ModelConfig {
         c.n_experts = (int)j.get_int("num_local_experts", 0, 0, 65536, what);
         c.top_k = (int)j.get_int("num_experts_per_tok", c.n_experts > 0 ? 2 : 0, 0, 65536, what);
         c.routing = parse_routing(j.get_str("moe_routing", "topk_softmax", what), what);
+        // found by fuzzing: a dense config with MoE settings kept them, a save dropped them,
+        // and the model read back differed from the one written
+        if (c.n_experts == 0 && (c.top_k != 0 || c.routing != ROUTING_TOPK_SOFTMAX))
+            FAIL("%s: num_experts_per_tok or moe_routing given, but num_local_experts is missing or 0 (a dense model)",
+                 what.c_str());
         c.tie_embeddings = j.get_bool("tie_word_embeddings", false, what);
         c.rms_eps = (float)j.get_num("rms_norm_eps", 1e-5, what);
         c.rope_theta = (float)j.get_num("rope_theta", 10000.0, what);

@@ -161,9 +161,11 @@ EvalResult evaluate(Model& M, const DataLoader& data, int max_batches) {
 // context each token (no KV cache): simple, and fine for short samples.
 template <typename Model>
 std::string sample_text(Model& M, const Tokenizer& tok, int n, int T_max, RngStream& rng) {
-    std::vector<int> ctx = {tok.eot >= 0 ? tok.eot : 0};
-    std::string out;
     const int V = M.cfg.vocab_size;
+    // the tokenizer's end-of-text id is a valid token of the tokenizer, not necessarily of a
+    // model with a smaller --vocab
+    std::vector<int> ctx = {tok.eot >= 0 && tok.eot < V ? tok.eot : 0};
+    std::string out;
     std::vector<double> p(V);
     auto saved = M.step_load;  // sampling is not training load either
     for (int i = 0; i < n; i++) {

@@ -58,6 +58,8 @@ inline std::string shape_str(const std::vector<int64_t>& shape) {
     return s + "]";
 }
 inline int64_t shape_numel(const std::vector<int64_t>& shape) {
+    // a zero dimension first: [2^40, 2^40, 0] is empty, not an overflow
+    for (int64_t d : shape) if (d == 0) return 0;
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
     return n;
@@ -81,70 +83,19 @@ class SafeTensorsReader {
         fd_ = open(p.c_str(), O_RDONLY);
         if (fd_ < 0) FAIL("%s: cannot open: %s", p.c_str(), strerror(errno));
         struct stat st;
-        fstat(fd_, &st);
-        uint64_t fsize = (uint64_t)st.st_size;
-        uint64_t hlen = 0;
-        if (fsize < 8 || pread(fd_, &hlen, 8, 0) != 8)
-            fail("file is %llu bytes, too short for the 8-byte header length", (unsigned long long)fsize);
-        if (hlen > fsize - 8)
-            fail("header length %llu runs past the end of the file (%llu bytes): truncated or not a safetensors file",
-                 (unsigned long long)hlen, (unsigned long long)fsize);
-        if (hlen > (100u << 20)) fail("header length %llu is implausibly large", (unsigned long long)hlen);
-        std::string header(hlen, '\0');
-        if (hlen && pread(fd_, &header[0], hlen, 8) != (ssize_t)hlen) fail("cannot read the header");
-        data_start_ = 8 + hlen;
-        uint64_t data_size = fsize - data_start_;
-        Json h = Json::parse(header, path + " (safetensors header)");
-        if (h.type != Json::OBJ) fail("header is not a JSON object");
-        for (auto& kv : h.obj) {
-            if (kv.first == "__metadata__") {
-                if (kv.second.type != Json::OBJ) fail("__metadata__ is not an object");
-                for (auto& m : kv.second.obj) {
-                    if (m.second.type != Json::STR) fail("__metadata__ value for \"%s\" is not a string", m.first.c_str());
-                    metadata[m.first] = m.second.str;
-                }
-                continue;
-            }
-            const Json& t = kv.second;
-            const Json* dt = t.find("dtype");
-            const Json* sh = t.find("shape");
-            const Json* off = t.find("data_offsets");
-            if (!dt || dt->type != Json::STR || !sh || sh->type != Json::ARR || !off || off->type != Json::ARR ||
-                off->arr.size() != 2)
-                fail("tensor \"%s\": header entry needs dtype, shape and data_offsets [begin, end]", kv.first.c_str());
-            TensorInfo ti;
-            ti.name = kv.first;
-            if (!parse_dtype(dt->str, &ti.dtype))
-                fail("tensor \"%s\": unsupported dtype \"%s\"", kv.first.c_str(), dt->str.c_str());
-            for (auto& d : sh->arr) {
-                if (d.type != Json::NUM || d.num < 0 || d.num != std::floor(d.num))
-                    fail("tensor \"%s\": bad shape entry", kv.first.c_str());
-                ti.shape.push_back((int64_t)d.num);
-            }
-            for (auto& o : off->arr)
-                if (o.type != Json::NUM || o.num < 0 || o.num != std::floor(o.num))
-                    fail("tensor \"%s\": bad data_offsets", kv.first.c_str());
-            ti.begin = (uint64_t)off->arr[0].num;
-            ti.end = (uint64_t)off->arr[1].num;
-            if (ti.end < ti.begin) fail("tensor \"%s\": data_offsets end < begin", kv.first.c_str());
-            if (ti.end > data_size)
-                fail("tensor \"%s\": data_offsets [%llu, %llu] run past the end of the data (%llu bytes): truncated file?",
-                     kv.first.c_str(), (unsigned long long)ti.begin, (unsigned long long)ti.end,
-                     (unsigned long long)data_size);
-            uint64_t want = (uint64_t)ti.numel() * dtype_size(ti.dtype);
-            if (ti.end - ti.begin != want)
-                fail("tensor \"%s\": %s %s needs %llu bytes but data_offsets span %llu", kv.first.c_str(),
-                     dtype_name(ti.dtype), shape_str(ti.shape).c_str(), (unsigned long long)want,
-                     (unsigned long long)(ti.end - ti.begin));
-            tensors.push_back(ti);
+        try {
+            if (fstat(fd_, &st) != 0) fail("cannot stat: %s", strerror(errno));
+            parse((uint64_t)st.st_size);
+        } catch (...) {  // a constructor that throws gets no destructor: close the file here
+            close(fd_);
+            fd_ = -1;
+            throw;
         }
-        std::sort(tensors.begin(), tensors.end(),
-                  [](const TensorInfo& a, const TensorInfo& b) { return a.begin < b.begin; });
-        for (size_t i = 1; i < tensors.size(); i++)
-            if (tensors[i].begin < tensors[i - 1].end && tensors[i].end > tensors[i].begin)
-                fail("tensors \"%s\" and \"%s\" have overlapping data_offsets", tensors[i - 1].name.c_str(),
-                     tensors[i].name.c_str());
-        for (size_t i = 0; i < tensors.size(); i++) index_[tensors[i].name] = i;
+    }
+    // The same reader over bytes already in memory (`name` stands for the path in messages):
+    // the fuzz harness (dev/fuzz) feeds it arbitrary bytes through the same checks.
+    SafeTensorsReader(const std::string& name, std::vector<uint8_t> bytes) : path(name), mem_(std::move(bytes)) {
+        parse(mem_.size());
     }
     ~SafeTensorsReader() { if (fd_ >= 0) close(fd_); }
     SafeTensorsReader(const SafeTensorsReader&) = delete;
@@ -193,12 +144,8 @@ class SafeTensorsReader {
         return v;
     }
     void read_raw(const TensorInfo& ti, void* dst) const {
-        uint64_t n = ti.end - ti.begin, done = 0;
-        while (done < n) {
-            ssize_t r = pread(fd_, (char*)dst + done, n - done, data_start_ + ti.begin + done);
-            if (r <= 0) fail("tensor \"%s\": short read", ti.name.c_str());
-            done += r;
-        }
+        if (!read_at(dst, ti.end - ti.begin, data_start_ + ti.begin))
+            fail("tensor \"%s\": short read", ti.name.c_str());
     }
 
     template <typename... A>
@@ -208,9 +155,113 @@ class SafeTensorsReader {
     [[noreturn]] void fail(const char* msg) const { throw Error(path + ": " + msg); }
 
    private:
-    int fd_ = -1;
+    int fd_ = -1;               // the file, or -1 when reading from mem_
+    std::vector<uint8_t> mem_;
     uint64_t data_start_ = 0;
     std::map<std::string, size_t> index_;
+
+    // n bytes at offset off of the file (or memory); false if they are not all there
+    bool read_at(void* dst, uint64_t n, uint64_t off) const {
+        if (fd_ < 0) {
+            if (off > mem_.size() || n > mem_.size() - off) return false;
+            if (n) memcpy(dst, mem_.data() + off, n);
+            return true;
+        }
+        uint64_t done = 0;
+        while (done < n) {
+            ssize_t r = pread(fd_, (char*)dst + done, n - done, off + done);
+            if (r <= 0) return false;
+            done += r;
+        }
+        return true;
+    }
+
+    // Reads and checks the header of a file of fsize bytes: fills metadata, tensors, index_.
+    void parse(uint64_t fsize) {
+        uint64_t hlen = 0;
+        if (fsize < 8 || !read_at(&hlen, 8, 0))
+            fail("file is %llu bytes, too short for the 8-byte header length", (unsigned long long)fsize);
+        if (hlen > fsize - 8)
+            fail("header length %llu runs past the end of the file (%llu bytes): truncated or not a safetensors file",
+                 (unsigned long long)hlen, (unsigned long long)fsize);
+        if (hlen > (100u << 20)) fail("header length %llu is implausibly large", (unsigned long long)hlen);
+        std::string header(hlen, '\0');
+        if (hlen && !read_at(&header[0], hlen, 8)) fail("cannot read the header");
+        data_start_ = 8 + hlen;
+        const uint64_t data_size = fsize - data_start_;
+        Json h = Json::parse(header, path + " (safetensors header)");
+        if (h.type != Json::OBJ) fail("header is not a JSON object");
+        for (auto& kv : h.obj) {
+            if (kv.first == "__metadata__") {
+                if (kv.second.type != Json::OBJ) fail("__metadata__ is not an object");
+                for (auto& m : kv.second.obj) {
+                    if (m.second.type != Json::STR) fail("__metadata__ value for \"%s\" is not a string", m.first.c_str());
+                    metadata[m.first] = m.second.str;
+                }
+                continue;
+            }
+            const Json& t = kv.second;
+            const Json* dt = t.find("dtype");
+            const Json* sh = t.find("shape");
+            const Json* off = t.find("data_offsets");
+            if (!dt || dt->type != Json::STR || !sh || sh->type != Json::ARR || !off || off->type != Json::ARR ||
+                off->arr.size() != 2)
+                fail("tensor \"%s\": header entry needs dtype, shape and data_offsets [begin, end]", kv.first.c_str());
+            if (index_.count(kv.first)) fail("tensor \"%s\" appears twice in the header", kv.first.c_str());
+            index_[kv.first] = 0;  // the real positions are set after sorting
+            TensorInfo ti;
+            ti.name = kv.first;
+            if (!parse_dtype(dt->str, &ti.dtype))
+                fail("tensor \"%s\": unsupported dtype \"%s\"", kv.first.c_str(), dt->str.c_str());
+            // Sizes are checked against the bytes actually present before anything is
+            // multiplied or cast, so no header can overflow an integer or cause an allocation
+            // larger than the file. A zero dimension makes the others irrelevant.
+            const uint64_t max_numel = data_size / dtype_size(ti.dtype);
+            bool empty = false;
+            for (auto& d : sh->arr) {
+                if (d.type != Json::NUM || !(d.num >= 0) || d.num != std::floor(d.num) || d.num > 9007199254740992.0)
+                    fail("tensor \"%s\": shape entries must be integers in [0, 2^53]", kv.first.c_str());
+                empty = empty || d.num == 0;
+            }
+            uint64_t numel = 1;
+            for (auto& d : sh->arr) {
+                ti.shape.push_back((int64_t)d.num);
+                if (empty) continue;
+                if ((uint64_t)d.num > max_numel / numel)
+                    fail("tensor \"%s\": shape %s needs more than the %llu bytes of data in the file",
+                         kv.first.c_str(), shape_str(ti.shape).c_str(), (unsigned long long)data_size);
+                numel *= (uint64_t)d.num;
+            }
+            for (auto& o : off->arr)
+                if (o.type != Json::NUM || !(o.num >= 0) || o.num != std::floor(o.num))
+                    fail("tensor \"%s\": bad data_offsets", kv.first.c_str());
+            if (off->arr[1].num > (double)data_size)
+                fail("tensor \"%s\": data_offsets [%.0f, %.0f] run past the end of the data (%llu bytes): truncated file?",
+                     kv.first.c_str(), off->arr[0].num, off->arr[1].num, (unsigned long long)data_size);
+            if (off->arr[1].num < off->arr[0].num) fail("tensor \"%s\": data_offsets end < begin", kv.first.c_str());
+            ti.begin = (uint64_t)off->arr[0].num;
+            ti.end = (uint64_t)off->arr[1].num;
+            uint64_t want = empty ? 0 : numel * dtype_size(ti.dtype);
+            if (ti.end - ti.begin != want)
+                fail("tensor \"%s\": %s %s needs %llu bytes but data_offsets span %llu", kv.first.c_str(),
+                     dtype_name(ti.dtype), shape_str(ti.shape).c_str(), (unsigned long long)want,
+                     (unsigned long long)(ti.end - ti.begin));
+            tensors.push_back(ti);
+        }
+        std::sort(tensors.begin(), tensors.end(),
+                  [](const TensorInfo& a, const TensorInfo& b) { return a.begin < b.begin; });
+        // compare each non-empty tensor with the furthest-reaching one before it (not just its
+        // neighbour: an empty tensor between two overlapping ones must not hide the overlap)
+        size_t reach = SIZE_MAX;
+        for (size_t i = 0; i < tensors.size(); i++) {
+            if (tensors[i].end == tensors[i].begin) continue;
+            if (reach != SIZE_MAX && tensors[i].begin < tensors[reach].end)
+                fail("tensors \"%s\" and \"%s\" have overlapping data_offsets", tensors[reach].name.c_str(),
+                     tensors[i].name.c_str());
+            if (reach == SIZE_MAX || tensors[i].end > tensors[reach].end) reach = i;
+        }
+        for (size_t i = 0; i < tensors.size(); i++) index_[tensors[i].name] = i;
+    }
 };
 
 // Streaming writer: declare every tensor first (so the header with all offsets can be

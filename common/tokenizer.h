@@ -14,20 +14,30 @@ struct Tokenizer {
     int eot = -1;
     bool ok() const { return !tokens.empty(); }
 
-    void load(const std::string& path) {
-        std::vector<uint8_t> b = read_file(path);
+    void load(const std::string& path) { load_bytes(read_file(path), path); }
+
+    // The file's bytes (`path` names it in messages); every count is checked against the
+    // bytes present, so a damaged file fails with a message instead of reading past its end.
+    void load_bytes(const std::vector<uint8_t>& b, const std::string& path) {
         if (b.size() < 1024) FAIL("%s: shorter than the 1024-byte tokenizer header", path.c_str());
         uint32_t h[256];
         memcpy(h, b.data(), 1024);
         if (h[0] != 20240328) FAIL("%s: bad magic %u (expected 20240328): not a tokenizer.bin", path.c_str(), h[0]);
         if (h[1] != 1 && h[1] != 2) FAIL("%s: tokenizer version %u not supported (1 or 2)", path.c_str(), h[1]);
+        // each token takes at least its length byte: a larger count cannot be right
+        if (h[2] > b.size() - 1024)
+            FAIL("%s: header says %u tokens but the file has only %zu bytes after the header: truncated?",
+                 path.c_str(), h[2], b.size() - 1024);
+        // the sampler feeds the end-of-text id to the model: it must be one of the tokens
+        if (h[1] == 2 && h[3] >= h[2])
+            FAIL("%s: end-of-text id %u is not below the vocabulary size %u", path.c_str(), h[3], h[2]);
         eot = h[1] == 2 ? (int)h[3] : -1;
         size_t p = 1024;
         tokens.clear();
         for (uint32_t i = 0; i < h[2]; i++) {
             if (p >= b.size()) FAIL("%s: truncated at token %u of %u", path.c_str(), i, h[2]);
             size_t n = b[p++];
-            if (p + n > b.size()) FAIL("%s: truncated at token %u of %u", path.c_str(), i, h[2]);
+            if (n > b.size() - p) FAIL("%s: truncated at token %u of %u", path.c_str(), i, h[2]);
             tokens.emplace_back((const char*)&b[p], n);
             p += n;
         }

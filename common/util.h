@@ -282,6 +282,17 @@ inline void check_writable_dir(const std::string& dir) {
     unlink(probe.c_str());
 }
 
+// A decimal unsigned integer from a file (a counter stored as a string): only digits, no
+// overflow. std::stoull would throw std::invalid_argument, which no main() catches.
+inline uint64_t parse_uint64(const std::string& s, const std::string& what) {
+    if (s.empty() || s.size() > 20 || s.find_first_not_of("0123456789") != std::string::npos)
+        FAIL("%s: expected an unsigned decimal integer, found \"%s\"", what.c_str(), s.c_str());
+    errno = 0;
+    unsigned long long v = strtoull(s.c_str(), nullptr, 10);
+    if (errno == ERANGE) FAIL("%s: %s does not fit 64 bits", what.c_str(), s.c_str());
+    return v;
+}
+
 inline double now_seconds() {
     using namespace std::chrono;
     return duration<double>(steady_clock::now().time_since_epoch()).count();

@@ -426,6 +426,80 @@ static void test_bad_shards() {
     expect_error([&] { DataLoader(g_tmp + "/nowhere", "", 2, 8, 64, 1); }, "does not exist", "missing data path");
 }
 
+// Sizes and numbers from a file are checked before they are used (the fuzzers of dev/fuzz
+// found or guard each of these; docs/reliability.md)
+static void test_untrusted_sizes() {
+    // a shard header announcing 2^31-1 tokens over a 400-byte body: refused, nothing allocated
+    std::vector<uint8_t> shard(1024 + 400, 0);
+    int32_t h[3] = {SHARD_MAGIC, SHARD_VERSION, 2147483647};
+    memcpy(shard.data(), h, sizeof(h));
+    expect_error([&] { parse_shard(shard.data(), shard.size(), 64, "s.bin"); }, "truncated shard", "shard count");
+    // tokenizer.bin: a vocabulary count beyond the file, an end-of-text id outside the vocabulary
+    std::vector<uint8_t> tb(1024 + 6, 0);
+    uint32_t th[4] = {20240328, 2, 4000000000u, 0};
+    memcpy(tb.data(), th, sizeof(th));
+    Tokenizer tok;
+    expect_error([&] { tok.load_bytes(tb, "t.bin"); }, "header says 4000000000 tokens", "tokenizer count");
+    th[2] = 3; th[3] = 3;
+    memcpy(tb.data(), th, sizeof(th));
+    for (int i = 0; i < 3; i++) { tb[1024 + 2 * i] = 1; tb[1025 + 2 * i] = 'a' + i; }
+    expect_error([&] { tok.load_bytes(tb, "t.bin"); }, "end-of-text id 3", "tokenizer eot");
+    th[3] = 2;
+    memcpy(tb.data(), th, sizeof(th));
+    tok.load_bytes(tb, "t.bin");
+    CHECK(tok.tokens.size() == 3 && tok.eot == 2 && tok.decode(1) == "b");
+    // safetensors: a shape whose element count overflows, a name given twice, an overlap that
+    // an empty tensor sits between
+    auto st = [](const std::string& header, size_t data_bytes) {
+        std::vector<uint8_t> b(8 + header.size() + data_bytes, 0);
+        uint64_t n = header.size();
+        memcpy(b.data(), &n, 8);
+        memcpy(b.data() + 8, header.data(), header.size());
+        return b;
+    };
+    expect_error([&] { SafeTensorsReader r("x", st(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}})", 0)); },
+                 "needs more than the 0 bytes", "safetensors shape overflow");
+    expect_error([&] { SafeTensorsReader r("x", st(R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}})", 2)); },
+                 "appears twice", "safetensors duplicate name");
+    expect_error([&] { SafeTensorsReader r("x", st(R"({"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"e":{"dtype":"U8","shape":[0],"data_offsets":[2,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[4,6]}})", 8)); },
+                 "overlapping", "safetensors overlap behind an empty tensor");
+    SafeTensorsReader ok("x", st(R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"e":{"dtype":"F32","shape":[9007199254740992,0],"data_offsets":[2,2]}})", 2));
+    CHECK(ok.tensors.size() == 2 && ok.info("e").numel() == 0);
+    // JSON: numbers outside JSON's grammar, integers beyond 2^53
+    expect_error([&] { Json::parse("[01]", "j"); }, "invalid JSON", "leading zero");
+    expect_error([&] { Json::parse("0x10", "j"); }, "invalid JSON", "hex number");
+    expect_error([&] { Json::parse("-inf", "j"); }, "invalid JSON", "-inf");
+    expect_error([&] { Json::parse("\"\\ud800\\u0041\"", "j"); }, "surrogate", "lone surrogate");
+    expect_error([&] { Json::parse("{\"n\": 1e300}", "j").get_int("n", "j"); }, "magnitude <= 2^53", "huge int");
+    CHECK(Json::parse("-Infinity", "j").num == -INFINITY);
+    // config.json: an integer that does not fit an int, MoE keys on a dense model
+    Json c = ModelConfig().to_json();
+    for (const char* k : {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"}) c[k] = 64;
+    c["num_attention_heads"] = 4; c["num_key_value_heads"] = 4; c["head_dim"] = 16;
+    ModelConfig::from_json(c, "config.json");
+    Json bad = c;
+    bad["vocab_size"] = 4294967297.0;
+    expect_error([&] { ModelConfig::from_json(bad, "config.json"); }, "is 4294967297, outside the allowed range",
+                 "config int range");
+    bad = c;
+    bad["num_experts_per_tok"] = 2;
+    expect_error([&] { ModelConfig::from_json(bad, "config.json"); }, "dense model", "config top-k without experts");
+    bad = c;
+    bad["num_hidden_layers"] = 4096; bad["hidden_size"] = 65536; bad["intermediate_size"] = 1 << 20;
+    expect_error([&] { ModelConfig::from_json(bad, "config.json"); }, "implausibly large", "config huge");
+    // trainer_state.json: a malformed counter is an Error (std::stoull threw something no main catches)
+    TrainerState ts;
+    long adam_t = 0;
+    Json settings;
+    auto state = [&](const char* text) { parse_trainer_state(Json::parse(text, "s"), 1, "trainer_state.json", ts, &adam_t, &settings); };
+    state(R"({"step": 3, "tokens": 96, "adam_t": 3, "sample_rng_counter": "7", "data": {"rows_drawn": 6, "epoch": [0], "pos": [6]}})");
+    CHECK(ts.step == 3 && ts.sample_counter == 7 && ts.data.pos[0] == 6);
+    expect_error([&] { state(R"({"step": 3, "tokens": 96, "adam_t": 3, "sample_rng_counter": "7x", "data": {"rows_drawn": 6, "epoch": [0], "pos": [6]}})"); },
+                 "sample_rng_counter: expected an unsigned decimal integer", "trainer_state counter");
+    expect_error([&] { state(R"({"step": 3, "tokens": 96, "adam_t": 3, "data": {"rows_drawn": 6, "epoch": [-1], "pos": [6]}})"); },
+                 "should hold non-negative integers", "trainer_state negative epoch");
+}
+
 // ---------------------------------------------------------------------------
 // 5. The trainer binary: bad inputs refused without output; save + resume bit-identical
 
@@ -633,6 +707,7 @@ int main(int argc, char** argv) {
     run_test("data loader", test_dataloader);
     run_test("bad model files", test_bad_model_files);
     run_test("bad token shards", test_bad_shards);
+    run_test("untrusted sizes refused", test_untrusted_sizes);
     run_test("trainer CLI errors", test_cli_errors);
     run_test("refusals: outputs, NaN weights, sizes, divergence", test_refusals);
     run_test("save + resume bit-identical", test_save_resume);
