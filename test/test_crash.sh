@@ -40,13 +40,15 @@ last=$(printf 'step_%06d' $STEPS)
 
 # --- KILLS runs killed at random moments, each resuming the previous one
 echo "crash loop: $KILLS SIGKILLs at random moments of a $STEPS-step run that saves every step"
-d=$tmp/crash; kills=0; in_write=0; resumed=0; finished_early=0
-for i in $(seq 1 "$KILLS"); do
-  if [ -f "$d/latest" ]; then args=(--resume "$d"); resumed=$((resumed + 1)); else rm -rf "$d"; args=(--out "$d"); fi
+d=$tmp/crash; kills=0; in_write=0; resumed=0; finished_early=0; i=0
+# until KILLS kills have hit a live run (a run resumed near its end may finish first: then
+# it starts over, and that try does not count); at most 3 x KILLS tries
+while [ "$kills" -lt "$KILLS" ] && [ "$i" -lt $((3 * KILLS)) ]; do
+  i=$((i + 1))
   if [ -f "$d/latest" ] && [ "$(tr -d '\n' < "$d/latest")" = "$last" ]; then
-    # the run got to the end before this kill: start it over so every kill hits a live run
-    finished_early=$((finished_early + 1)); rm -rf "$d"; args=(--out "$d")
+    finished_early=$((finished_early + 1)); rm -rf "$d"
   fi
+  if [ -f "$d/latest" ]; then args=(--resume "$d"); resumed=$((resumed + 1)); else rm -rf "$d"; args=(--out "$d"); fi
   "${run[@]}" "${args[@]}" > "$tmp/kill_$i.log" 2>&1 &
   pid=$!
   # 20-400 ms: the start (data, model), steps, and checkpoint writes (fsync) all get hit
@@ -58,7 +60,7 @@ for i in $(seq 1 "$KILLS"); do
   ls "$d" 2>/dev/null | grep -q '\.tmp\.' && in_write=$((in_write + 1))
   if msg=$(complete "$d"); then ok; else bad "after kill $i: $msg"; fi
 done
-echo "  $kills kills ($in_write inside a checkpoint write, $resumed resumed runs, $finished_early finished before the kill)"
+echo "  $kills kills in $i runs ($in_write inside a checkpoint write, $resumed resumed runs, $finished_early finished before the kill)"
 [ "$kills" -ge "$KILLS" ] && ok || bad "only $kills of $KILLS runs were still alive to be killed"
 
 # --- finish the interrupted run; it must end where the uninterrupted one did, bit for bit
