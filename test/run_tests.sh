@@ -32,6 +32,7 @@ suite() {  # suite NAME COMMAND...
 if [ "$SUITES" = all ]; then
   suite "CPU trainer" ./test/bin/test_cpu ./train_moe
   suite "finite differences" ./test/bin/test_gradcheck
+  suite "CPU benchmark smoke run" bash -c "SMOKE=1 bash dev/bench/bench_cpu.sh | tee /dev/stderr | grep -q '^bench: ' && echo '1 passed, 0 failed' || { echo '0 passed, 1 failed'; exit 1; }"
   [ -x test/bin/test_upcycle ] && suite "upcycle" ./test/bin/test_upcycle ./upcycle ./train_moe
   suite "data" "$PYTHON" dev/data/test_data.py data/tiny
   if command -v "${NVCC:-nvcc}" >/dev/null 2>&1; then
