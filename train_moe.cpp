@@ -124,8 +124,8 @@ void rmsnorm_backward(real* dx, real* dw, const real* dout, const real* x, const
 // Speed comes from three things:
 //   register tile    a 4 x 16 block of outputs stays in registers for the whole sum (8 AVX
 //                    registers), so each number loaded is used 4 or 16 times, not once;
-//   cache order      the tiles are visited so that the operand they share (a 16-column
-//                    stripe of b, or a 4-row block of A) is still in cache for the next tile;
+//   cache blocks     k and the columns go in blocks so that the piece of b the tiles share
+//                    stays in L2 and each tile's piece of A in L1;
 //   vector lanes     the innermost loop runs over 16 adjacent columns with constant bounds,
 //                    which gcc -O3 -march=native turns into AVX fused multiply-adds.
 // Summation order: every output is out + sum over k, four k at a time,
@@ -163,24 +163,30 @@ static inline void matmul_tile(real* out, const real* a, size_t a_si, size_t a_s
 }
 
 // out[M, C] += A[M, K] @ b[K, C], A(i, k) = a[i * a_si + k * a_sk]: the one matmul kernel.
-// Tiles of 4 rows x 16 columns. When A's rows are contiguous (a_sk == 1: forward, dinp), b
-// is the big operand: each 16-column stripe of b (K x 16: 192 KB for K = 3072) stays in L2
-// while every row tile runs down it. When A is read transposed (dw: A = dout^T), a 4-row
-// block of A is strided, so each row tile stays in L1 while it crosses every stripe of b.
+// Cache blocking: k runs in chunks of KC = 256 (a multiple of 4, so the groups of four and
+// hence the sums are the same as in one pass: the accumulators just go through `out` between
+// chunks) and columns in blocks of CB = 256, so the block of b in use (KC x CB floats =
+// 256 KB) stays in L2 while every 4-row tile of A crosses it, and each tile's slice of A
+// (4 x KC) stays in L1 while it crosses the block's 16 column stripes of 16.
 void matmul_accumulate(real* out, const real* a, size_t a_si, size_t a_sk, const real* b, int M, int K, int C) {
-    const int TM = 4, TC = 16;  // register tile
-    const int i_tiles = (M + TM - 1) / TM, c_stripes = (C + TC - 1) / TC;
-    const bool stripe_outer = a_sk == 1;
+    const int TM = 4, TC = 16;     // register tile
+    const int KC = 256, CB = 256;  // cache block of b: KC rows x CB columns
+    const int i_tiles = (M + TM - 1) / TM, c_blocks = (C + CB - 1) / CB;
+    for (int k0 = 0; k0 < K; k0 += KC) {
+        const int kn = std::min(KC, K - k0);
+        const real* ak = a + k0 * a_sk;  // A and b from row k0 on
+        const real* bk = b + (size_t)k0 * C;
 #pragma omp parallel for schedule(static)
-    for (long t = 0; t < (long)i_tiles * c_stripes; t++) {
-        const int it = stripe_outer ? t % i_tiles : t / c_stripes, cs = stripe_outer ? t / i_tiles : t % c_stripes;
-        const int i0 = it * TM, rows = std::min(TM, M - i0), c0 = cs * TC;
-        if (c0 + TC <= C) {
-            if (rows == TM) matmul_tile<TM, TC>(out, a, a_si, a_sk, b, K, C, i0, c0);
-            else for (int r = 0; r < rows; r++) matmul_tile<1, TC>(out, a, a_si, a_sk, b, K, C, i0 + r, c0);
-        } else {  // the last C % 16 columns, one at a time
-            for (int r = 0; r < rows; r++)
-                for (int c = c0; c < C; c++) matmul_tile<1, 1>(out, a, a_si, a_sk, b, K, C, i0 + r, c);
+        for (long t = 0; t < (long)c_blocks * i_tiles; t++) {
+            const int cb = t / i_tiles, it = t % i_tiles;
+            const int i0 = it * TM, rows = std::min(TM, M - i0), c_end = std::min(C, (cb + 1) * CB);
+            int c0 = cb * CB;
+            for (; c0 + TC <= c_end; c0 += TC) {
+                if (rows == TM) matmul_tile<TM, TC>(out, ak, a_si, a_sk, bk, kn, C, i0, c0);
+                else for (int r = 0; r < rows; r++) matmul_tile<1, TC>(out, ak, a_si, a_sk, bk, kn, C, i0 + r, c0);
+            }
+            for (; c0 < c_end; c0++)  // the last C % 16 columns, one at a time
+                for (int r = 0; r < rows; r++) matmul_tile<1, 1>(out, ak, a_si, a_sk, bk, kn, C, i0 + r, c0);
         }
     }
 }
