@@ -117,44 +117,47 @@ void rmsnorm_backward(real* dx, real* dw, const real* dout, const real* x, const
 
 // ---- Matrix multiplication: where nearly all of the time goes ----
 // Three products per linear layer, on row-major matrices with the Hugging Face [out, in]
-// weight layout, all computed by ONE kernel, matmul_accumulate (out += A @ b):
-//   forward      out [N, OC]  = inp [N, C] @ w^T [C, OC]       (w transposed once per call)
+// weight layout, all computed by ONE kernel, matmul_accumulate (out += A @ B, all three
+// row-major; the operand that is needed transposed is copied transposed first, which costs
+// one pass over it against a multiply-add per element and per row of the other side):
+//   forward      out [N, OC]  = inp [N, C] @ w^T [C, OC]
 //   backward     dinp [N, C] += dout [N, OC] @ w [OC, C]
 //                dw [OC, C]  += dout^T [OC, N] @ inp [N, C]
 // Speed comes from three things:
-//   register tile    a 4 x 16 block of outputs stays in registers for the whole sum (8 AVX
-//                    registers), so each number loaded is used 4 or 16 times, not once;
-//   cache blocks     k and the columns go in blocks so that the piece of b the tiles share
+//   register tile    a 4 x 16 block of outputs stays in registers for the whole sum (gcc keeps
+//                    it as four 16-wide AVX-512 registers), so each number loaded from A is
+//                    used 16 times and each number of B 4 times, not once;
+//   cache blocks     k and the columns go in blocks so that the piece of B the tiles share
 //                    stays in L2 and each tile's piece of A in L1;
 //   vector lanes     the innermost loop runs over 16 adjacent columns with constant bounds,
-//                    which gcc -O3 -march=native turns into AVX fused multiply-adds.
+//                    which gcc -O3 -march=native turns into fused multiply-adds.
 // Summation order: every output is out + sum over k, four k at a time,
 // ((a0 b0 + a1 b1) + a2 b2) + a3 b3, then one k at a time for the last K % 4; the same for
-// every output, tile and thread count. OpenMP hands whole output tiles to threads: no two
-// threads add into the same number, so results are bit-identical whatever the thread count.
+// every output, tile, cache block and thread count. OpenMP hands whole output tiles to
+// threads: no two threads add into the same number, so results are bit-identical whatever
+// the thread count.
 
-// out[i0 .. i0+RM, c0 .. c0+CW] += sum_k A(i, k) b[k, c], A(i, k) = a[i * a_si + k * a_sk]
-// (the strides let the kernel read dout or dout^T in place), b row-major [K, C], out [*, C].
+// out[i0 .. i0+RM, c0 .. c0+CW] += A[i0 .. i0+RM, 0 .. K] @ B[0 .. K, c0 .. c0+CW]
+// A [*, lda], B and out [*, C], row-major.
 template <int RM, int CW>
-static inline void matmul_tile(real* out, const real* a, size_t a_si, size_t a_sk, const real* b, int K, int C,
-                               int i0, int c0) {
+static inline void matmul_tile(real* out, const real* A, int lda, const real* B, int K, int C, int i0, int c0) {
     real acc[RM][CW];
     for (int r = 0; r < RM; r++)
         for (int c = 0; c < CW; c++) acc[r][c] = out[(size_t)(i0 + r) * C + c0 + c];
     int k = 0;
     for (; k + 4 <= K; k += 4) {
-        const real* b0 = b + (size_t)k * C + c0;
+        const real* b0 = B + (size_t)k * C + c0;
         const real *b1 = b0 + C, *b2 = b1 + C, *b3 = b2 + C;
         for (int r = 0; r < RM; r++) {
-            const real* ar = a + (i0 + r) * a_si + k * a_sk;
-            const real a0 = ar[0], a1 = ar[a_sk], a2 = ar[2 * a_sk], a3 = ar[3 * a_sk];
+            const real* ar = A + (size_t)(i0 + r) * lda + k;
+            const real a0 = ar[0], a1 = ar[1], a2 = ar[2], a3 = ar[3];
             for (int c = 0; c < CW; c++) acc[r][c] += a0 * b0[c] + a1 * b1[c] + a2 * b2[c] + a3 * b3[c];
         }
     }
     for (; k < K; k++) {
-        const real* bk = b + (size_t)k * C + c0;
+        const real* bk = B + (size_t)k * C + c0;
         for (int r = 0; r < RM; r++) {
-            const real ak = a[(i0 + r) * a_si + k * a_sk];
+            const real ak = A[(size_t)(i0 + r) * lda + k];
             for (int c = 0; c < CW; c++) acc[r][c] += ak * bk[c];
         }
     }
@@ -162,53 +165,66 @@ static inline void matmul_tile(real* out, const real* a, size_t a_si, size_t a_s
         for (int c = 0; c < CW; c++) out[(size_t)(i0 + r) * C + c0 + c] = acc[r][c];
 }
 
-// out[M, C] += A[M, K] @ b[K, C], A(i, k) = a[i * a_si + k * a_sk]: the one matmul kernel.
+// out[M, C] += A[M, K] @ B[K, C], all row-major: the one matmul kernel.
 // Cache blocking: k runs in chunks of KC = 256 (a multiple of 4, so the groups of four and
 // hence the sums are the same as in one pass: the accumulators just go through `out` between
-// chunks) and columns in blocks of CB = 256, so the block of b in use (KC x CB floats =
+// chunks) and columns in blocks of CB = 256, so the block of B in use (KC x CB floats =
 // 256 KB) stays in L2 while every 4-row tile of A crosses it, and each tile's slice of A
 // (4 x KC) stays in L1 while it crosses the block's 16 column stripes of 16.
-void matmul_accumulate(real* out, const real* a, size_t a_si, size_t a_sk, const real* b, int M, int K, int C) {
+void matmul_accumulate(real* out, const real* A, const real* B, int M, int K, int C) {
     const int TM = 4, TC = 16;     // register tile
-    const int KC = 256, CB = 256;  // cache block of b: KC rows x CB columns
+    const int KC = 256, CB = 256;  // cache block of B: KC rows x CB columns
     const int i_tiles = (M + TM - 1) / TM, c_blocks = (C + CB - 1) / CB;
     for (int k0 = 0; k0 < K; k0 += KC) {
         const int kn = std::min(KC, K - k0);
-        const real* ak = a + k0 * a_sk;  // A and b from row k0 on
-        const real* bk = b + (size_t)k0 * C;
+        const real* Ak = A + k0;  // columns k0.. of A, rows k0.. of B
+        const real* Bk = B + (size_t)k0 * C;
 #pragma omp parallel for schedule(static)
         for (long t = 0; t < (long)c_blocks * i_tiles; t++) {
             const int cb = t / i_tiles, it = t % i_tiles;
             const int i0 = it * TM, rows = std::min(TM, M - i0), c_end = std::min(C, (cb + 1) * CB);
             int c0 = cb * CB;
             for (; c0 + TC <= c_end; c0 += TC) {
-                if (rows == TM) matmul_tile<TM, TC>(out, ak, a_si, a_sk, bk, kn, C, i0, c0);
-                else for (int r = 0; r < rows; r++) matmul_tile<1, TC>(out, ak, a_si, a_sk, bk, kn, C, i0 + r, c0);
+                if (rows == TM) matmul_tile<TM, TC>(out, Ak, K, Bk, kn, C, i0, c0);
+                else for (int r = 0; r < rows; r++) matmul_tile<1, TC>(out, Ak, K, Bk, kn, C, i0 + r, c0);
             }
             for (; c0 < c_end; c0++)  // the last C % 16 columns, one at a time
-                for (int r = 0; r < rows; r++) matmul_tile<1, 1>(out, ak, a_si, a_sk, bk, kn, C, i0 + r, c0);
+                for (int r = 0; r < rows; r++) matmul_tile<1, 1>(out, Ak, K, Bk, kn, C, i0 + r, c0);
         }
     }
 }
 
-// out[N, OC] = inp[N, C] @ w[OC, C]^T. The kernel wants b row-major [K, C_out], so w is
-// transposed into a scratch buffer first (OC x C copies: 1/N of the multiply-adds).
-void matmul_forward(real* out, const real* inp, const real* w, int N, int C, int OC) {
-    static std::vector<real> wt;  // [C, OC]; the trainer calls this from one thread at a time
-    wt.resize((size_t)C * OC);
+// dst[cols, rows] = src[rows, cols]^T, in 16 x 16 blocks (whole cache lines on both sides)
+static void transpose(real* dst, const real* src, int rows, int cols) {
 #pragma omp parallel for schedule(static)
-    for (int c0 = 0; c0 < C; c0 += 16)  // 16 x 16 blocks: both sides touch whole cache lines
-        for (int o0 = 0; o0 < OC; o0 += 16)
-            for (int c = c0; c < std::min(C, c0 + 16); c++)
-                for (int o = o0; o < std::min(OC, o0 + 16); o++) wt[(size_t)c * OC + o] = w[(size_t)o * C + c];
+    for (int r0 = 0; r0 < rows; r0 += 16)
+        for (int c0 = 0; c0 < cols; c0 += 16)
+            for (int r = r0; r < std::min(rows, r0 + 16); r++)
+                for (int c = c0; c < std::min(cols, c0 + 16); c++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
+}
+// scratch for the transposed operand; one per thread that calls the matmuls (the trainer: one)
+static std::vector<real>& matmul_scratch(size_t n) {
+    static thread_local std::vector<real> s;
+    if (s.size() < n) s.resize(n);
+    return s;
+}
+
+// out[N, OC] = inp[N, C] @ w[OC, C]^T   (Hugging Face [out, in] weight layout)
+void matmul_forward(real* out, const real* inp, const real* w, int N, int C, int OC) {
+    real* wt = matmul_scratch((size_t)C * OC).data();  // [C, OC]
+    transpose(wt, w, OC, C);
     std::fill(out, out + (size_t)N * OC, (real)0);
-    matmul_accumulate(out, inp, C, 1, wt.data(), N, C, OC);  // A(n, c) = inp[n * C + c]
+    matmul_accumulate(out, inp, wt, N, C, OC);
 }
 
 // dinp += dout @ w;  dw += dout^T @ inp   (either may be null)
 void matmul_backward(real* dinp, real* dw, const real* dout, const real* inp, const real* w, int N, int C, int OC) {
-    if (dinp) matmul_accumulate(dinp, dout, OC, 1, w, N, OC, C);  // A(n, o) = dout[n * OC + o]
-    if (dw) matmul_accumulate(dw, dout, 1, OC, inp, OC, N, C);    // A(o, n) = dout[n * OC + o]
+    if (dinp) matmul_accumulate(dinp, dout, w, N, OC, C);
+    if (dw) {
+        real* dout_t = matmul_scratch((size_t)N * OC).data();  // [OC, N]
+        transpose(dout_t, dout, N, OC);
+        matmul_accumulate(dw, dout_t, inp, OC, N, C);
+    }
 }
 
 // RoPE, Hugging Face "rotate half" convention: within each head the pair (i, i + hd/2) is
