@@ -117,18 +117,18 @@ void rmsnorm_backward(real* dx, real* dw, const real* dout, const real* x, const
 
 // ---- Matrix multiplication: where nearly all of the time goes ----
 // Three products per linear layer, on row-major matrices with the Hugging Face [out, in]
-// weight layout, all computed by ONE kernel, matmul_accumulate (out += A @ B, all three
-// row-major; the operand that is needed transposed is copied transposed first, which costs
-// one pass over it against a multiply-add per element and per row of the other side):
-//   forward      out [N, OC]  = inp [N, C] @ w^T [C, OC]
+// weight layout, all computed by ONE kernel, matmul_accumulate (out += A @ B):
+//   forward      out [N, OC]  = inp [N, C] @ w^T [C, OC]        (B read transposed)
 //   backward     dinp [N, C] += dout [N, OC] @ w [OC, C]
-//                dw [OC, C]  += dout^T [OC, N] @ inp [N, C]
+//                dw [OC, C]  += dout^T [OC, N] @ inp [N, C]      (dout transposed first)
 // Speed comes from three things:
 //   register tile    a 4 x 16 block of outputs stays in registers for the whole sum (gcc keeps
 //                    it as four 16-wide AVX-512 registers), so each number loaded from A is
 //                    used 16 times and each number of B 4 times, not once;
-//   cache blocks     k and the columns go in blocks so that the piece of B the tiles share
-//                    stays in L2 and each tile's piece of A in L1;
+//   cache blocks     k and the columns go in blocks of 256; each block of B is first copied
+//                    ("packed") into a contiguous 256 KB buffer that stays in L2, rows 1 KB
+//                    apart instead of a whole matrix row apart (fewer cache sets and TLB
+//                    pages), and each tile's slice of A stays in L1;
 //   vector lanes     the innermost loop runs over 16 adjacent columns with constant bounds,
 //                    which gcc -O3 -march=native turns into fused multiply-adds.
 // Summation order: every output is out + sum over k, four k at a time,
@@ -137,92 +137,98 @@ void rmsnorm_backward(real* dx, real* dw, const real* dout, const real* x, const
 // threads: no two threads add into the same number, so results are bit-identical whatever
 // the thread count.
 
-// out[i0 .. i0+RM, c0 .. c0+CW] += A[i0 .. i0+RM, 0 .. K] @ B[0 .. K, c0 .. c0+CW]
-// A [*, lda], B and out [*, C], row-major.
+// out[0 .. RM, 0 .. CW] += A[0 .. RM, 0 .. K] @ B[0 .. K, 0 .. CW]; row strides ldo, lda, ldb.
 template <int RM, int CW>
-static inline void matmul_tile(real* out, const real* A, int lda, const real* B, int K, int C, int i0, int c0) {
+static inline void matmul_tile(real* out, int ldo, const real* A, int lda, const real* B, int ldb, int K) {
     real acc[RM][CW];
     for (int r = 0; r < RM; r++)
-        for (int c = 0; c < CW; c++) acc[r][c] = out[(size_t)(i0 + r) * C + c0 + c];
+        for (int c = 0; c < CW; c++) acc[r][c] = out[(size_t)r * ldo + c];
     int k = 0;
     for (; k + 4 <= K; k += 4) {
-        const real* b0 = B + (size_t)k * C + c0;
-        const real *b1 = b0 + C, *b2 = b1 + C, *b3 = b2 + C;
+        const real* b0 = B + (size_t)k * ldb;
+        const real *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
         for (int r = 0; r < RM; r++) {
-            const real* ar = A + (size_t)(i0 + r) * lda + k;
+            const real* ar = A + (size_t)r * lda + k;
             const real a0 = ar[0], a1 = ar[1], a2 = ar[2], a3 = ar[3];
             for (int c = 0; c < CW; c++) acc[r][c] += a0 * b0[c] + a1 * b1[c] + a2 * b2[c] + a3 * b3[c];
         }
     }
     for (; k < K; k++) {
-        const real* bk = B + (size_t)k * C + c0;
+        const real* bk = B + (size_t)k * ldb;
         for (int r = 0; r < RM; r++) {
-            const real ak = A[(size_t)(i0 + r) * lda + k];
+            const real ak = A[(size_t)r * lda + k];
             for (int c = 0; c < CW; c++) acc[r][c] += ak * bk[c];
         }
     }
     for (int r = 0; r < RM; r++)
-        for (int c = 0; c < CW; c++) out[(size_t)(i0 + r) * C + c0 + c] = acc[r][c];
+        for (int c = 0; c < CW; c++) out[(size_t)r * ldo + c] = acc[r][c];
 }
 
-// out[M, C] += A[M, K] @ B[K, C], all row-major: the one matmul kernel.
-// Cache blocking: k runs in chunks of KC = 256 (a multiple of 4, so the groups of four and
-// hence the sums are the same as in one pass: the accumulators just go through `out` between
-// chunks) and columns in blocks of CB = 256, so the block of B in use (KC x CB floats =
-// 256 KB) stays in L2 while every 4-row tile of A crosses it, and each tile's slice of A
-// (4 x KC) stays in L1 while it crosses the block's 16 column stripes of 16.
-void matmul_accumulate(real* out, const real* A, const real* B, int M, int K, int C) {
+// scratch buffers, one set per thread that calls the matmuls (the trainer: one)
+static real* matmul_scratch(int which, size_t n) {
+    static thread_local std::vector<real> s[2];
+    if (s[which].size() < n) s[which].resize(n);
+    return s[which].data();
+}
+
+// out[M, C] += A[M, K] @ B[K, C]: the one matmul kernel. A and out row-major; B row-major
+// [K, C], or, with b_transposed, given as its transpose [C, K] (the forward's weight).
+// k runs in chunks of KC = 256 (a multiple of 4, so the groups of four and hence the sums
+// are those of one pass: the accumulators just go through `out` between chunks). For each
+// chunk, every block of CB = 256 columns of B is packed into scratch as [KC, CB], then every
+// 4-row tile of A runs across each packed block in stripes of 16 columns.
+void matmul_accumulate(real* out, const real* A, const real* B, int M, int K, int C, bool b_transposed = false) {
     const int TM = 4, TC = 16;     // register tile
-    const int KC = 256, CB = 256;  // cache block of B: KC rows x CB columns
+    const int KC = 256, CB = 256;  // cache block of B
     const int i_tiles = (M + TM - 1) / TM, c_blocks = (C + CB - 1) / CB;
+    real* packed = matmul_scratch(0, (size_t)KC * c_blocks * CB);  // block cb at packed + cb * KC * CB
     for (int k0 = 0; k0 < K; k0 += KC) {
         const int kn = std::min(KC, K - k0);
-        const real* Ak = A + k0;  // columns k0.. of A, rows k0.. of B
-        const real* Bk = B + (size_t)k0 * C;
+#pragma omp parallel for schedule(static)
+        for (int cb = 0; cb < c_blocks; cb++) {  // pack B[k0 .. k0+kn, cb*CB ..] as [kn, cw]
+            const int c_start = cb * CB, cw = std::min(CB, C - c_start);
+            real* p = packed + (size_t)cb * KC * CB;
+            if (!b_transposed)
+                for (int k = 0; k < kn; k++)
+                    for (int c = 0; c < cw; c++) p[(size_t)k * cw + c] = B[(size_t)(k0 + k) * C + c_start + c];
+            else  // B(k, c) = B[c * K + k]: read along k, write down a column
+                for (int c = 0; c < cw; c++)
+                    for (int k = 0; k < kn; k++) p[(size_t)k * cw + c] = B[(size_t)(c_start + c) * K + k0 + k];
+        }
 #pragma omp parallel for schedule(static)
         for (long t = 0; t < (long)c_blocks * i_tiles; t++) {
             const int cb = t / i_tiles, it = t % i_tiles;
-            const int i0 = it * TM, rows = std::min(TM, M - i0), c_end = std::min(C, (cb + 1) * CB);
-            int c0 = cb * CB;
-            for (; c0 + TC <= c_end; c0 += TC) {
-                if (rows == TM) matmul_tile<TM, TC>(out, Ak, K, Bk, kn, C, i0, c0);
-                else for (int r = 0; r < rows; r++) matmul_tile<1, TC>(out, Ak, K, Bk, kn, C, i0 + r, c0);
+            const int i0 = it * TM, rows = std::min(TM, M - i0), c_start = cb * CB, cw = std::min(CB, C - c_start);
+            const real* a = A + (size_t)i0 * K + k0;            // A[i0.., k0..]
+            const real* p = packed + (size_t)cb * KC * CB;      // packed B[k0.., c_start..]
+            real* o = out + (size_t)i0 * C + c_start;           // out[i0.., c_start..]
+            int c = 0;
+            for (; c + TC <= cw; c += TC) {
+                if (rows == TM) matmul_tile<TM, TC>(o + c, C, a, K, p + c, cw, kn);
+                else for (int r = 0; r < rows; r++) matmul_tile<1, TC>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, p + c, cw, kn);
             }
-            for (; c0 < c_end; c0++)  // the last C % 16 columns, one at a time
-                for (int r = 0; r < rows; r++) matmul_tile<1, 1>(out, Ak, K, Bk, kn, C, i0 + r, c0);
+            for (; c < cw; c++)  // the last C % 16 columns, one at a time
+                for (int r = 0; r < rows; r++) matmul_tile<1, 1>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, p + c, cw, kn);
         }
     }
 }
 
-// dst[cols, rows] = src[rows, cols]^T, in 16 x 16 blocks (whole cache lines on both sides)
-static void transpose(real* dst, const real* src, int rows, int cols) {
-#pragma omp parallel for schedule(static)
-    for (int r0 = 0; r0 < rows; r0 += 16)
-        for (int c0 = 0; c0 < cols; c0 += 16)
-            for (int r = r0; r < std::min(rows, r0 + 16); r++)
-                for (int c = c0; c < std::min(cols, c0 + 16); c++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
-}
-// scratch for the transposed operand; one per thread that calls the matmuls (the trainer: one)
-static std::vector<real>& matmul_scratch(size_t n) {
-    static thread_local std::vector<real> s;
-    if (s.size() < n) s.resize(n);
-    return s;
-}
-
 // out[N, OC] = inp[N, C] @ w[OC, C]^T   (Hugging Face [out, in] weight layout)
 void matmul_forward(real* out, const real* inp, const real* w, int N, int C, int OC) {
-    real* wt = matmul_scratch((size_t)C * OC).data();  // [C, OC]
-    transpose(wt, w, OC, C);
     std::fill(out, out + (size_t)N * OC, (real)0);
-    matmul_accumulate(out, inp, wt, N, C, OC);
+    matmul_accumulate(out, inp, w, N, C, OC, /*b_transposed=*/true);
 }
 
 // dinp += dout @ w;  dw += dout^T @ inp   (either may be null)
 void matmul_backward(real* dinp, real* dw, const real* dout, const real* inp, const real* w, int N, int C, int OC) {
     if (dinp) matmul_accumulate(dinp, dout, w, N, OC, C);
-    if (dw) {
-        real* dout_t = matmul_scratch((size_t)N * OC).data();  // [OC, N]
-        transpose(dout_t, dout, N, OC);
+    if (dw) {  // the kernel reads A by rows, so dout^T is made first, in 16 x 16 blocks
+        real* dout_t = matmul_scratch(1, (size_t)N * OC);  // [OC, N]
+#pragma omp parallel for schedule(static)
+        for (int n0 = 0; n0 < N; n0 += 16)
+            for (int o0 = 0; o0 < OC; o0 += 16)
+                for (int n = n0; n < std::min(N, n0 + 16); n++)
+                    for (int o = o0; o < std::min(OC, o0 + 16); o++) dout_t[(size_t)o * N + n] = dout[(size_t)n * OC + o];
         matmul_accumulate(dw, dout_t, inp, OC, N, C);
     }
 }
