@@ -164,7 +164,7 @@ static inline void matmul_tile(real* out, int ldo, const real* A, int lda, const
         for (int c = 0; c < CW; c++) out[(size_t)r * ldo + c] = acc[r][c];
 }
 
-// scratch buffers, one set per thread that calls the matmuls (the trainer: one)
+// scratch buffers, one set per thread (thread_local: OpenMP threads each get their own)
 static real* matmul_scratch(int which, size_t n) {
     static thread_local std::vector<real> s[2];
     if (s[which].size() < n) s[which].resize(n);
@@ -173,42 +173,47 @@ static real* matmul_scratch(int which, size_t n) {
 
 // out[M, C] += A[M, K] @ B[K, C]: the one matmul kernel. A and out row-major; B row-major
 // [K, C], or, with b_transposed, given as its transpose [C, K] (the forward's weight).
-// k runs in chunks of KC = 256 (a multiple of 4, so the groups of four and hence the sums
-// are those of one pass: the accumulators just go through `out` between chunks). For each
-// chunk, every block of CB = 256 columns of B is packed into scratch as [KC, CB], then every
-// 4-row tile of A runs across each packed block in stripes of 16 columns.
+// Work is split into tasks of one block of CB = 256 columns and a range of 4-row tiles; a
+// task runs k in chunks of KC = 256 (a multiple of 4, so the groups of four and hence the
+// sums are those of one pass: the accumulators just go through `out` between chunks),
+// packing its [KC, CB] block of B into its own scratch first, then running its tiles across
+// it in stripes of 16 columns. Tasks share no writes, so one parallel loop (no barrier
+// inside) does it all; how many tasks there are changes no sum.
 void matmul_accumulate(real* out, const real* A, const real* B, int M, int K, int C, bool b_transposed = false) {
     const int TM = 4, TC = 16;     // register tile
     const int KC = 256, CB = 256;  // cache block of B
     const int i_tiles = (M + TM - 1) / TM, c_blocks = (C + CB - 1) / CB;
-    real* packed = matmul_scratch(0, (size_t)KC * c_blocks * CB);  // block cb at packed + cb * KC * CB
-    for (int k0 = 0; k0 < K; k0 += KC) {
-        const int kn = std::min(KC, K - k0);
+#ifdef _OPENMP
+    const int i_groups = std::min(i_tiles, omp_get_max_threads());  // row ranges per column block
+#else
+    const int i_groups = 1;
+#endif
 #pragma omp parallel for schedule(static)
-        for (int cb = 0; cb < c_blocks; cb++) {  // pack B[k0 .. k0+kn, cb*CB ..] as [kn, cw]
-            const int c_start = cb * CB, cw = std::min(CB, C - c_start);
-            real* p = packed + (size_t)cb * KC * CB;
-            if (!b_transposed)
+    for (int task = 0; task < c_blocks * i_groups; task++) {
+        const int cb = task / i_groups, g = task % i_groups;
+        const int it_begin = (int)((long)i_tiles * g / i_groups), it_end = (int)((long)i_tiles * (g + 1) / i_groups);
+        const int c_start = cb * CB, cw = std::min(CB, C - c_start);
+        real* p = matmul_scratch(0, (size_t)KC * CB);  // this thread's packed block of B
+        for (int k0 = 0; k0 < K; k0 += KC) {
+            const int kn = std::min(KC, K - k0);
+            if (!b_transposed)  // p[k, c] = B[k0 + k, c_start + c]
                 for (int k = 0; k < kn; k++)
                     for (int c = 0; c < cw; c++) p[(size_t)k * cw + c] = B[(size_t)(k0 + k) * C + c_start + c];
             else  // B(k, c) = B[c * K + k]: read along k, write down a column
                 for (int c = 0; c < cw; c++)
                     for (int k = 0; k < kn; k++) p[(size_t)k * cw + c] = B[(size_t)(c_start + c) * K + k0 + k];
-        }
-#pragma omp parallel for schedule(static)
-        for (long t = 0; t < (long)c_blocks * i_tiles; t++) {
-            const int cb = t / i_tiles, it = t % i_tiles;
-            const int i0 = it * TM, rows = std::min(TM, M - i0), c_start = cb * CB, cw = std::min(CB, C - c_start);
-            const real* a = A + (size_t)i0 * K + k0;            // A[i0.., k0..]
-            const real* p = packed + (size_t)cb * KC * CB;      // packed B[k0.., c_start..]
-            real* o = out + (size_t)i0 * C + c_start;           // out[i0.., c_start..]
-            int c = 0;
-            for (; c + TC <= cw; c += TC) {
-                if (rows == TM) matmul_tile<TM, TC>(o + c, C, a, K, p + c, cw, kn);
-                else for (int r = 0; r < rows; r++) matmul_tile<1, TC>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, p + c, cw, kn);
+            for (int it = it_begin; it < it_end; it++) {
+                const int i0 = it * TM, rows = std::min(TM, M - i0);
+                const real* a = A + (size_t)i0 * K + k0;   // A[i0.., k0..]
+                real* o = out + (size_t)i0 * C + c_start;  // out[i0.., c_start..]
+                int c = 0;
+                for (; c + TC <= cw; c += TC) {
+                    if (rows == TM) matmul_tile<TM, TC>(o + c, C, a, K, p + c, cw, kn);
+                    else for (int r = 0; r < rows; r++) matmul_tile<1, TC>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, p + c, cw, kn);
+                }
+                for (; c < cw; c++)  // the last C % 16 columns, one at a time
+                    for (int r = 0; r < rows; r++) matmul_tile<1, 1>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, p + c, cw, kn);
             }
-            for (; c < cw; c++)  // the last C % 16 columns, one at a time
-                for (int r = 0; r < rows; r++) matmul_tile<1, 1>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, p + c, cw, kn);
         }
     }
 }
