@@ -7,6 +7,7 @@
 #   make test-san     the CPU test suites with the binaries built under AddressSanitizer + UBSan (build/san/)
 #   make test-gpu     GPU tests (needs an NVIDIA GPU; see docs/gpu-log.md)
 #   make bench        GPU throughput table
+#   make bench-cpu    CPU trainer throughput (dev/bench/bench_cpu.sh; LLMC=<llm.c dir> adds llm.c)
 #   make quickstart   the README's first command (tiny Drop-Upcycling Table 1)
 #   make repro-tiny   every reproduction at the tiny preset (CPU, minutes each)
 #   make repro-small  every reproduction at the small preset (one H100/H200, about an hour each)
@@ -25,8 +26,8 @@ COMMON := $(wildcard common/*.h)
 KERNELS := $(wildcard kernels/*.cuh)
 DEV_CUDA := $(wildcard dev/cuda/*.cu)
 
-.PHONY: all test test-cpu test-gpu cuda-check emu test-emu bench quickstart clean fixtures repro-tiny repro-small \
-        fuzz fuzz-build test-san san
+.PHONY: all test test-cpu test-gpu cuda-check emu test-emu bench bench-cpu quickstart clean fixtures repro-tiny \
+        repro-small fuzz fuzz-build test-san san
 all: train_moe $(if $(wildcard upcycle.cu),upcycle) $(if $(HAVE_NVCC),$(if $(wildcard train_moe.cu),train_moe_gpu))
 
 include dev/data/data.mk
@@ -190,6 +191,9 @@ fixtures:
 
 clean:
 	rm -rf train_moe train_moe_gpu upcycle test/bin build
+
+bench-cpu:
+	bash dev/bench/bench_cpu.sh
 
 quickstart: train_moe upcycle
 	bash scripts/quickstart.sh

@@ -55,6 +55,7 @@ san_suites() {
 if [ "$SUITES" = all ]; then
   suite "CPU trainer" ./test/bin/test_cpu ./train_moe
   suite "finite differences" ./test/bin/test_gradcheck
+  suite "CPU benchmark smoke run" bash -c "SMOKE=1 bash dev/bench/bench_cpu.sh | tee /dev/stderr | grep -q '^bench: ' && echo '1 passed, 0 failed' || { echo '0 passed, 1 failed'; exit 1; }"
   [ -x test/bin/test_upcycle ] && suite "upcycle" ./test/bin/test_upcycle ./upcycle ./train_moe
   suite "data" "$PYTHON" dev/data/test_data.py data/tiny
   suite "crash safety (SIGKILL loop, full disk)" bash test/test_crash.sh ./train_moe

@@ -100,6 +100,44 @@ static void test_fixture(const std::string& name) {
 }
 
 // ---------------------------------------------------------------------------
+// 1b. Results do not depend on the thread count: a forward, backward and AdamW step of an
+//     MoE (odd token counts per expert, shapes not multiples of the matmul tiles) at 1, 2
+//     and 3 threads give bit-identical losses, gradients and weights.
+
+static void test_thread_count_bit_identical() {
+#ifdef _OPENMP
+    ModelConfig c;
+    model_preset("tiny", &c);
+    c.vocab_size = 300;
+    c.d_model = 72; c.head_dim = 18; c.ffn_dim = 100;  // 72 = 4 x 18; 100: C % 16 != 0 tails
+    c.n_experts = 5;
+    c.top_k = 2;
+    const int B = 3, T = 13;
+    std::vector<int> in(B * T), tg(B * T);
+    for (int i = 0; i < B * T; i++) { in[i] = (i * 37 + 11) % c.vocab_size; tg[i] = (i * 53 + 5) % c.vocab_size; }
+    AdamWSettings hp;
+    std::vector<real> ref_grads, ref_params;
+    double ref_loss = 0;
+    const int saved = omp_get_max_threads();
+    for (int threads : {1, 2, 3}) {
+        omp_set_num_threads(threads);
+        Model M;
+        M.init_scratch(c, 5);
+        Losses l = M.forward(in.data(), tg.data(), B, T);
+        M.zero_grad();
+        M.backward();
+        std::vector<real> grads = M.grads;
+        M.step(hp, 1e-2);
+        if (threads == 1) { ref_loss = l.loss; ref_grads = grads; ref_params = M.params; continue; }
+        CHECK_MSG(l.loss == ref_loss, "%d threads: loss %.9g vs %.9g at 1 thread", threads, l.loss, ref_loss);
+        CHECK_MSG(grads == ref_grads, "%d threads: gradients differ from 1 thread", threads);
+        CHECK_MSG(M.params == ref_params, "%d threads: weights after a step differ from 1 thread", threads);
+    }
+    omp_set_num_threads(saved);
+#endif
+}
+
+// ---------------------------------------------------------------------------
 // 2. An MoE whose experts are all copies of the dense FFN computes the dense function
 //    (topk_softmax: the gate weights sum to 1), whatever the router.
 
@@ -698,6 +736,7 @@ int main(int argc, char** argv) {
     for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
                           "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1"})
         run_test(std::string("fixture ") + f, [&] { test_fixture(f); });
+    run_test("thread count: bit-identical", test_thread_count_bit_identical);
     run_test("MoE of copies = dense", test_moe_copies_equal_dense);
     run_test("HF transformers Llama directory", [] { test_hf_directory("hf_llama"); });
     run_test("HF transformers Mixtral directory", [] { test_hf_directory("hf_mixtral"); });
