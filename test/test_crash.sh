@@ -7,6 +7,7 @@
 #  2. A full disk (a file-size limit, ulimit -f) during a checkpoint write: one clear error,
 #     exit 1, the previous checkpoint intact and still the latest, no temporary left.
 # Usage: test/test_crash.sh [./train_moe]   (KILLS=50 SEED=1 environment)
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -u
 cd "$(dirname "$0")/.."
 BIN=${1:-./train_moe}

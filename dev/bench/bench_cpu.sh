@@ -7,6 +7,7 @@
 # (dev/bench/llmc_bench.c; built in $TMPDIR, nothing of llm.c enters this repository).
 # Environment: STEPS (timed steps per config, default 2; the min is reported), THREADS
 # (default "1 2"), SMOKE=1 (tiny shape, 1 step, 1 thread: the test suite's smoke run).
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CXX=${CXX:-g++}; CC=${CC:-gcc}

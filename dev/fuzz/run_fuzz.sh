@@ -6,6 +6,7 @@
 # The committed seed corpus (dev/fuzz/corpus/<harness>/) is copied to a scratch directory
 # that libFuzzer may grow; it never writes into the committed one. Findings (the input that
 # crashed) are kept in build/fuzz/findings/ to reproduce with: build/fuzz/<harness> <file>
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -u
 cd "$(dirname "$0")/../.."
 SECONDS_EACH=${FUZZ_SECONDS:-60}

@@ -2,6 +2,7 @@
 # Tries each class of bad input on ./train_moe and ./upcycle and prints the markdown table of
 # docs/reliability.md: what was given, the exit code, the time, and the one error line.
 # Usage: bash dev/reliability/bad_inputs.sh > /tmp/table.md   (needs data/tiny and test/fixtures)
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -u
 cd "$(dirname "$0")/../.."
 tmp=$(mktemp -d /tmp/moe_bad_inputs.XXXXXX)
