@@ -11,7 +11,9 @@ Build and run (from the repository root):
        dev/cuda/swiglu.cu -o build/swiglu -lcublas -lcublasLt -lgomp && ./build/swiglu [version]
 
 Versions 4 (T = float) and 5 (T = bf16) are the production kernels, kernels/swiglu.cuh
-(gpu::swiglu_forward / gpu::swiglu_backward), called as train_moe.cu does. Their layout
+(gpu::swiglu_forward / gpu::swiglu_backward), called as train_moe.cu does: 16-byte loads and
+stores (8 bf16 or 4 floats per thread) when F is a multiple of that (the F 3072 cases), one
+element per thread otherwise (F 1 and 59). Their layout
 differs from versions 1-3: one fused gate|up buffer gu [rows, 2F] (gate in columns 0..F-1,
 up in F..2F-1 of each row) instead of two [n] arrays, and the backward WRITES dgu [rows, 2F]
 (train_moe.cu gives it a scratch buffer) instead of accumulating. So the CPU reference is
