@@ -710,8 +710,8 @@ inline void att_set_smem(K kernel, size_t bytes) {
 
 template <typename T, int HD>
 void attention_forward_hd(T* out, float* lse, const T* q, const T* k, const T* v, int B, int T_, int H, int Hkv,
-                          cudaStream_t s) {
-    if constexpr (std::is_same<T, bf16>::value && HD % 16 == 0) {  // tensor cores
+                          cudaStream_t s, bool tensor_cores) {
+    if constexpr (std::is_same<T, bf16>::value && HD % 16 == 0) if (tensor_cores) {
         size_t bytes = sizeof(bf16) * 3 * ATT_TC_BQ * (HD + 8);
         static bool ready_tc = false;
         if (!ready_tc) { att_set_smem(attention_forward_tc_kernel<HD>, bytes); ready_tc = true; }
@@ -730,10 +730,10 @@ void attention_forward_hd(T* out, float* lse, const T* q, const T* k, const T* v
 
 template <typename T, int HD>
 void attention_backward_hd(T* dq, T* dk, T* dv, float* D, const T* dout, const T* out, const float* lse, const T* q,
-                           const T* k, const T* v, int B, int T_, int H, int Hkv, cudaStream_t s) {
+                           const T* k, const T* v, int B, int T_, int H, int Hkv, cudaStream_t s, bool tensor_cores) {
     attention_backward_D_kernel<<<cdiv((long)B * T_ * H, 256), 256, 0, s>>>(D, dout, out, B, T_, H, HD);
     KERNEL_CHECK();
-    if constexpr (std::is_same<T, bf16>::value && HD % 16 == 0) {  // tensor cores
+    if constexpr (std::is_same<T, bf16>::value && HD % 16 == 0) if (tensor_cores) {
         constexpr int LD = HD + 8;
         size_t bytes_kv = sizeof(bf16) * (2 * 64 + 2 * ATT_TC_BWD_QT) * LD + sizeof(float) * 2 * ATT_TC_BWD_QT;
         size_t bytes_q = sizeof(bf16) * 4 * 64 * LD;
@@ -782,17 +782,21 @@ inline bool attention_supports_head_dim(int hd) {
         default: fprintf(stderr, "attention: head_dim %d is not supported\n", hd); exit(1);    \
     }
 
-// out [N, H*hd], lse [B, H, T] from q [N, H*hd], k, v [N, Hkv*hd] (q and k after RoPE)
+// out [N, H*hd], lse [B, H, T] from q [N, H*hd], k, v [N, Hkv*hd] (q and k after RoPE).
+// bf16 with hd a multiple of 16 runs on tensor cores; tensor_cores = false forces the
+// CUDA-core kernels (dev/cuda/attention.cu compares the two).
 template <typename T>
 void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, int B, int T_, int H, int Hkv, int hd,
-                       cudaStream_t s) {
-    ATT_DISPATCH(hd, (attention_forward_hd<T, HD_>(out, lse, q, k, v, B, T_, H, Hkv, s)));
+                       cudaStream_t s, bool tensor_cores = true) {
+    ATT_DISPATCH(hd, (attention_forward_hd<T, HD_>(out, lse, q, k, v, B, T_, H, Hkv, s, tensor_cores)));
 }
 // dq, dk, dv are written (not accumulated). D: scratch [B, H, T] floats.
 template <typename T>
 void attention_backward(T* dq, T* dk, T* dv, float* D, const T* dout, const T* out, const float* lse, const T* q,
-                        const T* k, const T* v, int B, int T_, int H, int Hkv, int hd, cudaStream_t s) {
-    ATT_DISPATCH(hd, (attention_backward_hd<T, HD_>(dq, dk, dv, D, dout, out, lse, q, k, v, B, T_, H, Hkv, s)));
+                        const T* k, const T* v, int B, int T_, int H, int Hkv, int hd, cudaStream_t s,
+                        bool tensor_cores = true) {
+    ATT_DISPATCH(hd, (attention_backward_hd<T, HD_>(dq, dk, dv, D, dout, out, lse, q, k, v, B, T_, H, Hkv, s,
+                                                    tensor_cores)));
 }
 
 }  // namespace gpu

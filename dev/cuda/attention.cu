@@ -18,7 +18,8 @@ Build and run (from the repository root):
 Versions 3 (T = float) and 4 (T = bf16) are the production kernels, kernels/attention.cuh
 (gpu::attention_forward / gpu::attention_backward), called as train_moe.cu does. Version 4
 runs the tensor-core kernels (mma.sync, FlashAttention-2 style) for every case with hd a
-multiple of 16 and the CUDA-core kernels for hd 8. They are
+multiple of 16 and the CUDA-core kernels for hd 8; version 5 forces the CUDA-core kernels
+in bf16 (the production kernels before the tensor-core ones), to compare their speed. They are
 flash-style: no att is stored, the forward writes lse [B, H, T] instead (checked against
 log sum_{j<=t} exp(s_tj) computed on the host in double), and the backward recomputes the
 probabilities from (q, k, lse) and takes the forward's out for D = rowsum(dout * out) (D:
@@ -210,14 +211,15 @@ __global__ void attn_bwd_dkdv_v2(float* dk, float* dv, const float* ds, const fl
 }
 
 const char* NAMES[] = {"", "thread per row", "warp per row", "kernels/attention.cuh (fp32, flash-style)",
-                       "kernels/attention.cuh (bf16, flash-style)"};
-const int NV = 4;
+                       "kernels/attention.cuh (bf16, flash-style)",
+                       "kernels/attention.cuh (bf16, CUDA cores forced: the kernels before tensor cores)"};
+const int NV = 5;
 
 // versions 3 and 4: the production kernels (their own references: dq, dk, dv from 0, and
 // for bf16 the rounded inputs)
 template <typename T>
 void check_production(Suite& S, std::vector<float> q, std::vector<float> k, std::vector<float> v,
-                      std::vector<float> dout, int B, int T_, int H, int Hkv, int hd) {
+                      std::vector<float> dout, int B, int T_, int H, int Hkv, int hd, bool tensor_cores = true) {
     const bool is_bf16 = sizeof(T) == 2;
     const int N = B * T_, qd = H * hd, kvd = Hkv * hd, group = H / Hkv;
     if (is_bf16) { q = round_bf16(q); k = round_bf16(k); v = round_bf16(v); dout = round_bf16(dout); }
@@ -252,10 +254,10 @@ void check_production(Suite& S, std::vector<float> q, std::vector<float> k, std:
         dDq((size_t)N * qd), dDk((size_t)N * kvd), dDv((size_t)N * kvd);
     Dev<float> dLse((size_t)B * H * T_), dD((size_t)B * H * T_);
     cudaStream_t st = 0;
-    auto fwd = [&] { gpu::attention_forward(dOut.p, dLse.p, (const T*)dQ.p, (const T*)dK.p, (const T*)dV.p, B, T_, H, Hkv, hd, st); };
+    auto fwd = [&] { gpu::attention_forward(dOut.p, dLse.p, (const T*)dQ.p, (const T*)dK.p, (const T*)dV.p, B, T_, H, Hkv, hd, st, tensor_cores); };
     auto bwd = [&] {
         gpu::attention_backward(dDq.p, dDk.p, dDv.p, dD.p, (const T*)dDout.p, (const T*)dOut.p, dLse.p, (const T*)dQ.p,
-                                (const T*)dK.p, (const T*)dV.p, B, T_, H, Hkv, hd, st);
+                                (const T*)dK.p, (const T*)dV.p, B, T_, H, Hkv, hd, st, tensor_cores);
     };
     dOut.poison();
     dLse.poison();
@@ -312,7 +314,7 @@ int main(int argc, char** argv) {
             if (!S.want(ver)) continue;
             S.begin(ver, NAMES[ver]);
             if (ver == 3) check_production<float>(S, q, k, v, dout, B, T, H, Hkv, hd);
-            else check_production<gpu::bf16>(S, q, k, v, dout, B, T, H, Hkv, hd);
+            else check_production<gpu::bf16>(S, q, k, v, dout, B, T, H, Hkv, hd, ver == 4);
         }
         if (!S.want(1) && !S.want(2)) continue;
         size_t na = (size_t)B * H * T * T;
