@@ -145,6 +145,20 @@ inline std::vector<std::string> list_dir(const std::string& path) {
     return out;
 }
 
+// Makes a rename in `dir` durable: without it, a power loss (not a process kill) after the
+// rename may leave the directory entry pointing at the old file. Best effort: some file
+// systems refuse fsync on a directory, which is not an error for us.
+inline void fsync_dir(const std::string& dir) {
+    int fd = open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY);
+    if (fd < 0) return;
+    (void)fsync(fd);
+    close(fd);
+}
+inline std::string parent_dir(const std::string& path) {
+    size_t slash = path.rfind('/');
+    return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+}
+
 // A file written through AtomicFile appears under its final name only after commit():
 // the data goes to "<path>.tmp.<pid>", is flushed to disk, then renamed over the target.
 // A crash at any point leaves the previous good file (or no file), never a half-written one.
@@ -174,6 +188,7 @@ struct AtomicFile {
             unlink(tmp.c_str());
             FAIL("%s: cannot rename temp file into place: %s", path.c_str(), strerror(e));
         }
+        fsync_dir(parent_dir(path));
     }
     void abort_write() {
         if (f) { fclose(f); f = nullptr; }
@@ -213,6 +228,7 @@ struct AtomicDir {
             if (had_old) rename(old.c_str(), path.c_str());
             FAIL("%s: cannot move the new directory into place: %s", path.c_str(), strerror(e));
         }
+        fsync_dir(parent_dir(path));  // the new name is durable before the old copy goes
         if (had_old) remove_tree(old);
         done = true;
     }
