@@ -1,6 +1,7 @@
 // checkpoint.h: a training checkpoint on disk, the same for both trainers.
 //
-// defines: TrainerState, bias_tensors, read_bias_tensors, write_optimizer_file,
+// defines: TrainerState, bias_tensors, read_bias_tensors, write_optimizer_file, KeepCheckpoints,
+//          CheckpointManifest, is_log_step,
 //          read_optimizer_file, save_checkpoint, load_training_state, resolve_resume_dir
 //
 // A checkpoint directory step_NNNNNN/ holds config.json + model.safetensors (a Hugging Face
@@ -132,3 +133,78 @@ inline std::string resolve_resume_dir(const std::string& p) {
     if (!path_exists(p)) FAIL("%s: --resume directory does not exist", p.c_str());
     FAIL("%s: neither a checkpoint (no trainer_state.json) nor a run directory (no latest)", p.c_str());
 }
+
+// ----------------------------------------------------------------------------
+// Which checkpoints a run keeps (--keep-checkpoints), and its manifest checkpoints.json.
+//   all:  every checkpoint written (the default)
+//   last: only the newest; each new one replaces the previous (rolling)
+//   log:  the newest, plus those at log-spaced steps 1, 2, 4, 8, ... (as Pythia kept them:
+//         early training changes fastest), which are saved even between --save-every steps
+// Only checkpoints the manifest lists (this run wrote them) are ever deleted, and only
+// after the newer one and `latest` are in place.
+enum KeepCheckpoints { KEEP_ALL = 0, KEEP_LAST = 1, KEEP_LOG = 2 };
+inline KeepCheckpoints parse_keep_checkpoints(const std::string& s) {
+    if (s == "all") return KEEP_ALL;
+    if (s == "last") return KEEP_LAST;
+    if (s == "log") return KEEP_LOG;
+    FAIL("--keep-checkpoints must be all, last or log, found \"%s\"", s.c_str());
+}
+inline bool is_log_step(long step) { return step > 0 && (step & (step - 1)) == 0; }
+// the most checkpoints a run of `steps` keeps at once (+1 while a new one is written)
+inline long checkpoints_kept(KeepCheckpoints k, long steps, long save_every) {
+    if (k == KEEP_LAST) return 1;
+    long n = 1;  // the final one
+    if (k == KEEP_ALL) return n + (save_every > 0 ? (steps - 1) / save_every : 0);
+    for (long s = 1; s < steps; s *= 2) n++;
+    return n + 1;  // + the newest rolling one
+}
+
+struct CheckpointManifest {
+    struct Entry { std::string name; long step; double tokens; };
+    std::vector<Entry> entries;  // in step order
+    static std::string path(const std::string& run_dir) { return path_join(run_dir, "checkpoints.json"); }
+    void load(const std::string& run_dir) {
+        entries.clear();
+        const std::string p = path(run_dir);
+        if (!path_exists(p)) return;
+        Json j = Json::parse_file(p);
+        const Json* list = j.find("checkpoints");
+        if (!list || list->type != Json::ARR) FAIL("%s: missing the \"checkpoints\" list", p.c_str());
+        for (auto& e : list->arr)
+            entries.push_back({e.get_str("name", "", p), (long)e.get_int("step", 0, LONG_MAX, p), e.get_num("tokens", 0.0, p)});
+    }
+    void save(const std::string& run_dir, KeepCheckpoints k) const {
+        Json j = Json::object(), list = Json::array();
+        static const char* modes[] = {"all", "last", "log"};
+        j["keep"] = modes[k];
+        for (auto& e : entries) {
+            Json x = Json::object();
+            x["name"] = e.name;
+            x["step"] = e.step;
+            x["tokens"] = e.tokens;
+            x["log_spaced"] = is_log_step(e.step);
+            list.push(x);
+        }
+        j["checkpoints"] = list;
+        write_text_atomic(path(run_dir), j.dump(2) + "\n");
+    }
+    // records `name` (just written and made `latest`), then deletes the checkpoints of this
+    // run that the policy no longer keeps; returns the names deleted
+    std::vector<std::string> add_and_prune(const std::string& run_dir, KeepCheckpoints k, const std::string& name,
+                                           long step, double tokens) {
+        std::vector<Entry> kept;
+        for (auto& e : entries) if (e.step != step) kept.push_back(e);
+        kept.push_back({name, step, tokens});
+        std::vector<std::string> gone;
+        std::vector<Entry> now;
+        for (auto& e : kept) {
+            bool keep = k == KEEP_ALL || e.step == step || (k == KEEP_LOG && is_log_step(e.step));
+            if (keep) now.push_back(e); else gone.push_back(e.name);
+        }
+        entries = now;
+        save(run_dir, k);  // the manifest first: a crash now leaves extra directories, never a missing one listed
+        for (auto& g : gone) remove_tree(path_join(run_dir, g));
+        if (!gone.empty()) fsync_dir(run_dir);
+        return gone;
+    }
+};

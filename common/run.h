@@ -283,8 +283,11 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
         if (!args.no_save && disk >= 0 && mem.checkpoint > disk)
             FAIL("%s: a checkpoint of this model takes %s but the disk has %s free", args.out.c_str(),
                  format_bytes(mem.checkpoint).c_str(), format_bytes(disk).c_str());
-        memory_line = strfmt("memory: %s; a checkpoint %s (%s free on disk)", mem.str().c_str(),
-                             format_bytes(mem.checkpoint).c_str(), disk >= 0 ? format_bytes(disk).c_str() : "?");
+        const long n_kept = checkpoints_kept(parse_keep_checkpoints(args.keep_checkpoints), args.steps, args.save_every);
+        memory_line = strfmt("memory: %s; a checkpoint %s, up to %ld kept (--keep-checkpoints %s): %s (%s free on disk)",
+                             mem.str().c_str(), format_bytes(mem.checkpoint).c_str(), n_kept,
+                             args.keep_checkpoints.c_str(), format_bytes(mem.checkpoint * n_kept).c_str(),
+                             disk >= 0 ? format_bytes(disk).c_str() : "?");
     }
     if (!resume_dir.empty()) {
         M.load(resume_dir);
@@ -337,6 +340,9 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
     double t_start = now_seconds();
     long last_saved = -1;
     Json settings = args.settings();
+    const KeepCheckpoints keep = parse_keep_checkpoints(args.keep_checkpoints);
+    CheckpointManifest manifest;  // the checkpoints this run wrote (checkpoints.json)
+    manifest.load(args.out);
     auto save_now = [&]() {
         state.data = data.state;
         state.sample_counter = sample_rng.counter;
@@ -352,6 +358,8 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
         write_text_atomic(path_join(args.out, "latest"), name + "\n");
         last_saved = state.step;
         printf("saved %s\n", path_join(args.out, name).c_str());
+        for (auto& g : manifest.add_and_prune(args.out, keep, name, state.step, state.tokens))
+            printf("removed %s (--keep-checkpoints %s)\n", path_join(args.out, g).c_str(), args.keep_checkpoints.c_str());
     };
     auto print_sample = [&]() {
         if (args.sample_tokens <= 0) return;
@@ -386,7 +394,9 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
         double dt = now_seconds() - t0;
         log_step(metrics, args, c.is_moe(), state, start_step, acc, lr, norm, dt, now_seconds() - t_start,
                  (bool)hooks.mfu, hooks.mfu ? hooks.mfu(dt) : NAN);
-        if (args.save_every > 0 && state.step % args.save_every == 0 && state.step < args.steps) {
+        const bool due = (args.save_every > 0 && state.step % args.save_every == 0) ||
+                         (keep == KEEP_LOG && is_log_step(state.step));
+        if (due && state.step < args.steps) {
             state.elapsed += now_seconds() - t_start;
             t_start = now_seconds();
             save_now();

@@ -4,6 +4,7 @@
 // defines: TrainArgs
 #pragma once
 #include <string>
+#include "checkpoint.h"    // defines: parse_keep_checkpoints
 #include "cli.h"           // defines: Cli
 #include "json.h"          // defines: Json
 #include "model.h"         // defines: ModelConfig, ParamLayout
@@ -26,7 +27,7 @@ struct TrainArgs {
     std::string aux_loss = "switch";
     double aux_coef = 0.01, z_coef = 0.001, aux_free_bias = 0;
     // run
-    std::string out = "runs/train";
+    std::string out = "runs/train", keep_checkpoints = "all";
     int eval_every = 0, eval_batches = 8, sample_every = 0, sample_tokens = 64, save_every = 0, log_every = 1;
     long seed = 1337;
     int threads = 0;
@@ -88,6 +89,9 @@ struct TrainArgs {
         cli.add("--save-every", &save_every, "write a checkpoint every N steps (0 = only at the end)",
                 Range::at_least(0));
         cli.flag("--no-save", &no_save, "write no checkpoint at the end");
+        cli.add("--keep-checkpoints", &keep_checkpoints, "all (every one written), last (only the newest: rolling) or "
+                                                         "log (the newest plus steps 1, 2, 4, 8, ...; a manifest in "
+                                                         "checkpoints.json)");
         cli.add("--log-every", &log_every, "print a progress line every N steps", Range::at_least(1));
         cli.add("--seed", &seed, "seed of the init, data order and sampling", Range::at_least(0));
         cli.add("--threads", &threads, "CPU threads (0 = OpenMP's default)", Range::between(0, 4096));
@@ -100,6 +104,7 @@ struct TrainArgs {
         if (init_optimizer && init.empty()) FAIL("--init-optimizer needs --init");
         if (eval_batches < 1) FAIL("--eval-batches must be >= 1");
         if (log_every < 1) FAIL("--log-every must be >= 1");
+        parse_keep_checkpoints(keep_checkpoints);
     }
 
     // What must stay the same for a resumed run to continue the same run.

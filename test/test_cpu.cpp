@@ -684,6 +684,43 @@ static void test_refusals() {
     }
 }
 
+// --keep-checkpoints: which step_* directories survive, the manifest, and a resumed run
+// that goes on pruning only what the manifest lists
+static void test_keep_checkpoints() {
+    std::string data = g_tmp + "/keep_data", out;
+    write_synthetic_shards(data, 64, {"aa"}, 4000, 400);
+    const std::string base = g_bin + " --data " + data + " --model tiny --vocab 64 --experts 4 --topk 2 --batch 2 "
+                             "--seq 16 --save-every 3 --eval-batches 1 --sample-tokens 0";
+    auto dirs = [&](const std::string& d) {
+        std::string s;
+        for (auto& n : list_dir(d)) if (n.rfind("step_", 0) == 0) s += n.substr(5) + " ";
+        return s;
+    };
+    struct Case { const char* keep; const char* expect; };
+    for (Case c : {Case{"all", "000003 000006 000009 000012 "}, Case{"last", "000012 "},
+                   Case{"log", "000001 000002 000004 000008 000012 "}}) {
+        std::string d = g_tmp + "/keep_" + c.keep;
+        int rc = run_cmd(base + " --steps 12 --keep-checkpoints " + c.keep + " --out " + d, &out);
+        CHECK_MSG(rc == 0 && dirs(d) == c.expect, "--keep-checkpoints %s: rc %d, kept %s, expected %s", c.keep, rc,
+                  dirs(d).c_str(), c.expect);
+        CheckpointManifest m;
+        m.load(d);
+        std::string listed;
+        for (auto& e : m.entries) listed += e.name.substr(5) + " ";
+        CHECK_MSG(listed == c.expect, "--keep-checkpoints %s: manifest lists %s", c.keep, listed.c_str());
+    }
+    // log, interrupted at step 6 and resumed to 12: the same directories as one run, and a
+    // checkpoint the manifest does not list (a user's copy) is never deleted
+    std::string d = g_tmp + "/keep_resume";
+    int rc = run_cmd(base + " --steps 12 --keep-checkpoints log --out " + d + " --steps 6", &out);
+    mkdir_p(d + "/step_000005");
+    write_text_atomic(d + "/step_000005/mine.txt", "x");
+    rc |= run_cmd(base + " --steps 12 --keep-checkpoints log --resume " + d, &out);
+    CHECK_MSG(rc == 0 && dirs(d) == "000001 000002 000004 000005 000008 000012 ",
+              "log resumed: rc %d, kept %s", rc, dirs(d).c_str());
+    CHECK_MSG(path_exists(d + "/step_000005/mine.txt"), "a directory the run did not write was deleted");
+}
+
 static std::vector<std::string> train_records(const std::string& metrics_path) {
     std::vector<std::string> lines;
     std::string text = read_text(metrics_path);
@@ -749,6 +786,7 @@ int main(int argc, char** argv) {
     run_test("untrusted sizes refused", test_untrusted_sizes);
     run_test("trainer CLI errors", test_cli_errors);
     run_test("refusals: outputs, NaN weights, sizes, divergence", test_refusals);
+    run_test("--keep-checkpoints all, last, log", test_keep_checkpoints);
     run_test("save + resume bit-identical", test_save_resume);
     remove_tree(g_tmp);
     return report();
