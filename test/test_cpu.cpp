@@ -541,18 +541,6 @@ static void test_untrusted_sizes() {
 // ---------------------------------------------------------------------------
 // 5. The trainer binary: bad inputs refused without output; save + resume bit-identical
 
-static int run_cmd(const std::string& cmd, std::string* output) {
-    std::string full = cmd + " 2>&1";
-    FILE* p = popen(full.c_str(), "r");
-    if (!p) return -1;
-    char buf[4096];
-    output->clear();
-    size_t n;
-    while ((n = fread(buf, 1, sizeof(buf), p)) > 0) output->append(buf, n);
-    int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
 static void test_cli_errors() {
     std::string data = g_tmp + "/cli_data";
     write_synthetic_shards(data, 64, {"aa", "bb"}, 4000, 400);
@@ -597,8 +585,7 @@ static void test_cli_errors() {
         std::string outdir = g_tmp + "/cli_out_should_not_exist";
         remove_tree(outdir);
         rc = run_cmd(g_bin + " " + c.args + " --steps 2 --out " + outdir, &out);
-        bool one_line = std::count(out.begin(), out.end(), '\n') == 1 && out.rfind("error: ", 0) == 0;
-        CHECK_MSG(rc != 0 && out.find(c.needle) != std::string::npos && one_line,
+        CHECK_MSG(rc != 0 && is_one_error_line(out, c.needle),
                   "args '%s': rc %d, expected one 'error:' line containing '%s', got: %s", c.args.c_str(), rc,
                   c.needle.c_str(), out.c_str());
         CHECK_MSG(!path_exists(outdir), "args '%s' left an output directory behind", c.args.c_str());
@@ -620,8 +607,7 @@ static void test_refusals() {
                              "--eval-batches 1 --sample-tokens 0";
     auto one_error = [&](const std::string& args, const std::string& needle) {
         int rc = run_cmd(base + " " + args, &out);
-        bool one_line = std::count(out.begin(), out.end(), '\n') == 1 && out.rfind("error: ", 0) == 0;
-        CHECK_MSG(rc != 0 && one_line && out.find(needle) != std::string::npos,
+        CHECK_MSG(rc != 0 && is_one_error_line(out, needle),
                   "args '%s': rc %d, expected one 'error:' line containing '%s', got: %s", args.c_str(), rc,
                   needle.c_str(), out.c_str());
     };

@@ -12,17 +12,6 @@
 
 static std::string g_bin = "./upcycle", g_train = "./train_moe", g_tmp;
 
-static int run_cmd(const std::string& cmd, std::string* output) {
-    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-    if (!p) return -1;
-    char buf[4096];
-    output->clear();
-    size_t n;
-    while ((n = fread(buf, 1, sizeof(buf), p)) > 0) output->append(buf, n);
-    int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
 // Runs upcycle; a failure is a failed check with the tool's output.
 // (--overwrite: these tests reuse their output directories; test_output_safety checks the refusals)
 static bool upcycle(const std::string& args, std::string* out_text = nullptr) {
@@ -849,8 +838,7 @@ static void test_errors() {
         std::string outdir = tmp("err_out_should_not_exist"), out;
         remove_tree(outdir);
         int rc = run_cmd(g_bin + " " + c.args + " --out " + outdir, &out);
-        bool one_line = std::count(out.begin(), out.end(), '\n') == 1 && out.rfind("error: ", 0) == 0;
-        CHECK_MSG(rc == 1 && one_line && out.find(c.needle) != std::string::npos,
+        CHECK_MSG(rc == 1 && is_one_error_line(out, c.needle),
                   "args '%s': rc %d, expected one 'error:' line containing '%s', got: %s", c.args.c_str(), rc,
                   c.needle.c_str(), out.c_str());
         CHECK_MSG(!path_exists(outdir), "args '%s' left an output directory behind", c.args.c_str());

@@ -2,10 +2,12 @@
 // the values involved); report() prints "N passed, M failed" and the process exits 1 on
 // any failure, so `make test` cannot pass over a broken check.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <functional>
 #include <string>
+#include <sys/wait.h>
 #include "../common/util.h"
 
 static int g_pass = 0, g_fail = 0;
@@ -59,4 +61,23 @@ double worst_ratio(const A* a, const B* b, size_t n, double atol, double rtol, s
 inline int report() {
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
+}
+
+// Runs a shell command with stderr merged into stdout; returns its exit code (-1 if it did
+// not exit normally) and its output in *output.
+inline int run_cmd(const std::string& cmd, std::string* output) {
+    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+    if (!p) return -1;
+    char buf[4096];
+    output->clear();
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), p)) > 0) output->append(buf, n);
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+// A refused input's output: exactly one line, "error: ...", containing `needle`.
+inline bool is_one_error_line(const std::string& out, const std::string& needle) {
+    return std::count(out.begin(), out.end(), '\n') == 1 && out.rfind("error: ", 0) == 0 &&
+           out.find(needle) != std::string::npos;
 }
