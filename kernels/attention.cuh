@@ -125,6 +125,72 @@ __global__ void __launch_bounds__(ATT_FWD_BQ) attention_forward_kernel(T* out, f
 }
 
 // ----------------------------------------------------------------------------
+// Shared-tile helpers of the tensor-core kernels (forward and backward): bf16 tiles of
+// [rows][HD+8] in shared memory and the mma fragments read from them (kernels/mma.cuh).
+
+// stage rows r0 .. r0+rows-1 (zero past T) of columns c0 .. c0+HD-1 of a [B*T, ld_g] bf16
+// matrix into a [rows][LD] shared tile, 16 bytes per thread and step
+template <int HD>
+__device__ __forceinline__ void att_stage_rows(bf16* dst, const bf16* src, int b, int T_, int r0, int rows, int ld_g,
+                                               int c0) {
+    constexpr int LD = HD + 8;
+    for (int i = threadIdx.x; i < rows * (HD / 8); i += blockDim.x) {
+        int r = i / (HD / 8), c8 = i % (HD / 8);
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (r0 + r < T_) val = *reinterpret_cast<const uint4*>(src + (size_t)(b * T_ + r0 + r) * ld_g + c0 + 8 * c8);
+        *reinterpret_cast<uint4*>(dst + r * LD + 8 * c8) = val;
+    }
+}
+// A fragment (16 rows from r0, 16 columns from c0) of a [rows][HD+8] bf16 shared tile
+template <int HD>
+__device__ __forceinline__ void att_frag_a(uint32_t a[4], const bf16* tile, int r0, int c0, int lane) {
+    ldmatrix_x4(a, &tile[(r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * (HD + 8) + c0 + (lane >> 4) * 8]);
+}
+// B fragment with B[k][n] = tile[n0 + n][c0 + k] (rows of the tile are the n index)
+template <int HD>
+__device__ __forceinline__ void att_frag_b_rows(uint32_t b[2], const bf16* tile, int n0, int c0, int lane) {
+    ldmatrix_x2(b, &tile[(n0 + (lane & 7)) * (HD + 8) + c0 + ((lane >> 3) & 1) * 8]);
+}
+// B fragment with B[k][n] = tile[k0 + k][n0 + n] (rows of the tile are the k index)
+template <int HD>
+__device__ __forceinline__ void att_frag_b_cols(uint32_t b[2], const bf16* tile, int k0, int n0, int lane) {
+    ldmatrix_x2_trans(b, &tile[(k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * (HD + 8) + n0]);
+}
+// the C fragments of two neighbouring 8-column tiles as one 16-wide A fragment, in bf16
+__device__ __forceinline__ void att_c_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
+    a[0] = pack_bf16x2(__float2bfloat16(c0[0]), __float2bfloat16(c0[1]));
+    a[1] = pack_bf16x2(__float2bfloat16(c0[2]), __float2bfloat16(c0[3]));
+    a[2] = pack_bf16x2(__float2bfloat16(c1[0]), __float2bfloat16(c1[1]));
+    a[3] = pack_bf16x2(__float2bfloat16(c1[2]), __float2bfloat16(c1[3]));
+}
+// c1 = A1 B1 and c2 = A2 B2 for one warp, over the whole head dimension: A1, A2 are the 16
+// rows from a0 of two [.][HD+8] tiles; B1, B2 two tiles whose rows n (NT x 8 of them) are
+// the columns of the products (B[k][n] = tile[n][k]). Both backward kernels compute their S
+// and dP this way (K Q^T and V dO^T, or Q K^T and dO V^T).
+template <int HD, int NT>
+__device__ __forceinline__ void att_two_products(float c1[NT][4], float c2[NT][4], const bf16* A1, const bf16* A2,
+                                                 int a0, const bf16* B1, const bf16* B2, int lane) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) c1[nt][e] = c2[nt][e] = 0.0f;
+#pragma unroll
+    for (int kc = 0; kc < HD / 16; kc++) {
+        uint32_t a1[4], a2[4];
+        att_frag_a<HD>(a1, A1, a0, kc * 16, lane);
+        att_frag_a<HD>(a2, A2, a0, kc * 16, lane);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            uint32_t b1[2], b2[2];
+            att_frag_b_rows<HD>(b1, B1, nt * 8, kc * 16, lane);
+            att_frag_b_rows<HD>(b2, B2, nt * 8, kc * 16, lane);
+            mma_m16n8k16_bf16(c1[nt], a1, b1, c1[nt]);
+            mma_m16n8k16_bf16(c2[nt], a2, b2, c2[nt]);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
 // Forward on tensor cores (bf16, HD a multiple of 16): the FlashAttention-2 schedule with
 // mma.sync m16n8k16 (kernels/mma.cuh; fragment layouts there). A block of 4 warps takes 64
 // query rows, each warp 16 of them; key/value tiles of 64 rows are staged in shared memory,
@@ -157,23 +223,13 @@ __global__ void __launch_bounds__(128) attention_forward_tc_kernel(bf16* out, fl
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tq = lane & 3;
     const float scale = 1.0f / sqrtf((float)HD);
 
-    // stage a [64][HD] tile of rows r0.. of a [N, ld_g] matrix at column c0; rows >= T are 0
-    auto stage = [&](bf16* dst, const bf16* src, int r0, int ld_g, int c0) {
-        for (int i = threadIdx.x; i < 64 * (HD / 8); i += blockDim.x) {
-            int r = i / (HD / 8), c8 = i % (HD / 8);
-            uint4 val = make_uint4(0, 0, 0, 0);
-            if (r0 + r < T_) val = *reinterpret_cast<const uint4*>(src + (size_t)(b * T_ + r0 + r) * ld_g + c0 + 8 * c8);
-            *reinterpret_cast<uint4*>(dst + r * LD + 8 * c8) = val;
-        }
-    };
-    stage(Qs, q, q0, qd, h * HD);
+    att_stage_rows<HD>(Qs, q, b, T_, q0, ATT_TC_BQ, qd, h * HD);
     __syncthreads();
-    // this warp's Q rows as A fragments, one per 16-wide chunk of HD
+    // this warp's Q rows as A fragments, one per 16-wide chunk of HD (kept for every key tile)
     uint32_t qa[KC][4];
     const int wr = warp * 16;  // the warp's first row within the block
 #pragma unroll
-    for (int kc = 0; kc < KC; kc++)
-        ldmatrix_x4(qa[kc], &Qs[(wr + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kc * 16 + (lane >> 4) * 8]);
+    for (int kc = 0; kc < KC; kc++) att_frag_a<HD>(qa[kc], Qs, wr, kc * 16, lane);
 
     float o[OT][4];  // rows g and g+8 of the warp's 16, columns 8 ot + 2 tq, +1
 #pragma unroll
@@ -184,8 +240,8 @@ __global__ void __launch_bounds__(128) attention_forward_tc_kernel(bf16* out, fl
     const int j_end = min(q0 + ATT_TC_BQ, T_);  // keys the block's queries can see: [0, j_end)
     for (int j0 = 0; j0 < j_end; j0 += ATT_TC_BK) {
         __syncthreads();  // the previous tile is no longer read
-        stage(Ks, k, j0, kvd, kh * HD);
-        stage(Vs, v, j0, kvd, kh * HD);
+        att_stage_rows<HD>(Ks, k, b, T_, j0, ATT_TC_BK, kvd, kh * HD);
+        att_stage_rows<HD>(Vs, v, b, T_, j0, ATT_TC_BK, kvd, kh * HD);
         __syncthreads();
         // S = Q K^T: B[k][n] = K[n][k], i.e. K's rows in ldmatrix's non-transposed layout
         float s[NT][4];
@@ -194,8 +250,8 @@ __global__ void __launch_bounds__(128) attention_forward_tc_kernel(bf16* out, fl
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
             for (int kc = 0; kc < KC; kc++) {
-                uint32_t kb[2];  // keys 8 nt .. +7, dims 16 kc .. +7 (lanes 0-7) and +8 .. +15 (lanes 8-15)
-                ldmatrix_x2(kb, &Ks[(nt * 8 + (lane & 7)) * LD + kc * 16 + ((lane >> 3) & 1) * 8]);
+                uint32_t kb[2];  // keys 8 nt .. +7, dims 16 kc .. +15
+                att_frag_b_rows<HD>(kb, Ks, nt * 8, kc * 16, lane);
                 mma_m16n8k16_bf16(s[nt], qa[kc], kb, s[nt]);
             }
         }
@@ -234,14 +290,12 @@ __global__ void __launch_bounds__(128) attention_forward_tc_kernel(bf16* out, fl
         // O += P V, 16 keys at a time: A = P (from s), B[k][n] = V[key k][dim n] (transposed load)
 #pragma unroll
         for (int kc = 0; kc < ATT_TC_BK / 16; kc++) {
-            uint32_t pa[4] = {pack_bf16x2(__float2bfloat16(s[2 * kc][0]), __float2bfloat16(s[2 * kc][1])),
-                              pack_bf16x2(__float2bfloat16(s[2 * kc][2]), __float2bfloat16(s[2 * kc][3])),
-                              pack_bf16x2(__float2bfloat16(s[2 * kc + 1][0]), __float2bfloat16(s[2 * kc + 1][1])),
-                              pack_bf16x2(__float2bfloat16(s[2 * kc + 1][2]), __float2bfloat16(s[2 * kc + 1][3]))};
+            uint32_t pa[4];
+            att_c_to_a(pa, s[2 * kc], s[2 * kc + 1]);
 #pragma unroll
             for (int ot = 0; ot < OT; ot++) {
-                uint32_t vb[2];  // keys 16 kc .. +7 (lanes 0-7) and +8 .. +15 (lanes 8-15), dims 8 ot .. +7
-                ldmatrix_x2_trans(vb, &Vs[(kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ot * 8]);
+                uint32_t vb[2];  // keys 16 kc .. +15, dims 8 ot .. +7
+                att_frag_b_cols<HD>(vb, Vs, kc * 16, ot * 8, lane);
                 mma_m16n8k16_bf16(o[ot], pa, vb, o[ot]);
             }
         }
@@ -467,42 +521,6 @@ __global__ void __launch_bounds__(ATT_BWD_BK) attention_backward_dkdv_kernel(T* 
 // operand of the next product (as FlashAttention does), accumulation is fp32.
 constexpr int ATT_TC_BWD_QT = 32;  // query rows per tile in the dk/dv kernel
 
-// stage rows r0 .. r0+rows-1 (zero past T) of columns c0 .. c0+HD-1 of a [B*T, ld_g] bf16
-// matrix into a [rows][LD] shared tile, 16 bytes per thread and step
-template <int HD>
-__device__ __forceinline__ void att_stage_rows(bf16* dst, const bf16* src, int b, int T_, int r0, int rows, int ld_g,
-                                               int c0) {
-    constexpr int LD = HD + 8;
-    for (int i = threadIdx.x; i < rows * (HD / 8); i += blockDim.x) {
-        int r = i / (HD / 8), c8 = i % (HD / 8);
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (r0 + r < T_) val = *reinterpret_cast<const uint4*>(src + (size_t)(b * T_ + r0 + r) * ld_g + c0 + 8 * c8);
-        *reinterpret_cast<uint4*>(dst + r * LD + 8 * c8) = val;
-    }
-}
-// A fragment (16 rows from r0, 16 columns from c0) of a [rows][HD+8] bf16 shared tile
-template <int HD>
-__device__ __forceinline__ void att_frag_a(uint32_t a[4], const bf16* tile, int r0, int c0, int lane) {
-    ldmatrix_x4(a, &tile[(r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * (HD + 8) + c0 + (lane >> 4) * 8]);
-}
-// B fragment with B[k][n] = tile[n0 + n][c0 + k] (rows of the tile are the n index)
-template <int HD>
-__device__ __forceinline__ void att_frag_b_rows(uint32_t b[2], const bf16* tile, int n0, int c0, int lane) {
-    ldmatrix_x2(b, &tile[(n0 + (lane & 7)) * (HD + 8) + c0 + ((lane >> 3) & 1) * 8]);
-}
-// B fragment with B[k][n] = tile[k0 + k][n0 + n] (rows of the tile are the k index)
-template <int HD>
-__device__ __forceinline__ void att_frag_b_cols(uint32_t b[2], const bf16* tile, int k0, int n0, int lane) {
-    ldmatrix_x2_trans(b, &tile[(k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * (HD + 8) + n0]);
-}
-// the C fragments of two neighbouring 8-column tiles as one 16-wide A fragment, in bf16
-__device__ __forceinline__ void att_c_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
-    a[0] = pack_bf16x2(__float2bfloat16(c0[0]), __float2bfloat16(c0[1]));
-    a[1] = pack_bf16x2(__float2bfloat16(c0[2]), __float2bfloat16(c0[3]));
-    a[2] = pack_bf16x2(__float2bfloat16(c1[0]), __float2bfloat16(c1[1]));
-    a[3] = pack_bf16x2(__float2bfloat16(c1[2]), __float2bfloat16(c1[3]));
-}
-
 // grid (cdiv(T, 64), B*Hkv), 128 threads; shared: Ks, Vs [64][HD+8], Qs, dOs [32][HD+8] bf16,
 // lse_s, D_s [32] fp32
 template <int HD>
@@ -510,7 +528,7 @@ __global__ void __launch_bounds__(128) attention_backward_dkdv_tc_kernel(bf16* d
                                                                         const bf16* q, const bf16* k, const bf16* v,
                                                                         const float* lse, const float* D, int B,
                                                                         int T_, int H, int Hkv) {
-    constexpr int LD = HD + 8, KC = HD / 16, OT = HD / 8, QT = ATT_TC_BWD_QT, NQ = QT / 8;
+    constexpr int LD = HD + 8, OT = HD / 8, QT = ATT_TC_BWD_QT, NQ = QT / 8;
     extern __shared__ float4 smem4[];
     bf16* Ks = (bf16*)smem4;
     bf16* Vs = Ks + 64 * LD;
@@ -546,24 +564,7 @@ __global__ void __launch_bounds__(128) attention_backward_dkdv_tc_kernel(bf16* d
             __syncthreads();
             // S^T = K Q^T and dP^T = V dO^T: 16 keys x QT queries per warp
             float st[NQ][4], dpt[NQ][4];
-#pragma unroll
-            for (int nt = 0; nt < NQ; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) st[nt][e] = dpt[nt][e] = 0.0f;
-#pragma unroll
-            for (int kc = 0; kc < KC; kc++) {
-                uint32_t ka[4], va[4];
-                att_frag_a<HD>(ka, Ks, warp * 16, kc * 16, lane);
-                att_frag_a<HD>(va, Vs, warp * 16, kc * 16, lane);
-#pragma unroll
-                for (int nt = 0; nt < NQ; nt++) {
-                    uint32_t qb[2], ob[2];
-                    att_frag_b_rows<HD>(qb, Qs, nt * 8, kc * 16, lane);
-                    att_frag_b_rows<HD>(ob, dOs, nt * 8, kc * 16, lane);
-                    mma_m16n8k16_bf16(st[nt], ka, qb, st[nt]);
-                    mma_m16n8k16_bf16(dpt[nt], va, ob, dpt[nt]);
-                }
-            }
+            att_two_products<HD, NQ>(st, dpt, Ks, Vs, warp * 16, Qs, dOs, lane);
             // P^T and dS^T (kept in st and dpt); query t sees key j iff j <= t (and t < T)
 #pragma unroll
             for (int nt = 0; nt < NQ; nt++)
@@ -615,7 +616,7 @@ __global__ void __launch_bounds__(128) attention_backward_dq_tc_kernel(bf16* dq,
                                                                       const bf16* k, const bf16* v, const float* lse,
                                                                       const float* D, int B, int T_, int H,
                                                                       int Hkv) {
-    constexpr int LD = HD + 8, KC = HD / 16, OT = HD / 8, NT = 8;  // 64 keys per tile: 8 column tiles
+    constexpr int LD = HD + 8, OT = HD / 8, NT = 8;  // 64 keys per tile: 8 column tiles
     extern __shared__ float4 smem4[];
     bf16* Qs = (bf16*)smem4;
     bf16* dOs = Qs + 64 * LD;
@@ -645,25 +646,9 @@ __global__ void __launch_bounds__(128) attention_backward_dq_tc_kernel(bf16* dq,
         att_stage_rows<HD>(Ks, k, b, T_, j0, 64, kvd, kh * HD);
         att_stage_rows<HD>(Vs, v, b, T_, j0, 64, kvd, kh * HD);
         __syncthreads();
+        // S = Q K^T and dP = dO V^T: 16 queries x 64 keys per warp
         float s[NT][4], dp[NT][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) s[nt][e] = dp[nt][e] = 0.0f;
-#pragma unroll
-        for (int kc = 0; kc < KC; kc++) {
-            uint32_t qa[4], oa[4];
-            att_frag_a<HD>(qa, Qs, warp * 16, kc * 16, lane);
-            att_frag_a<HD>(oa, dOs, warp * 16, kc * 16, lane);
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                uint32_t kb[2], vb[2];
-                att_frag_b_rows<HD>(kb, Ks, nt * 8, kc * 16, lane);
-                att_frag_b_rows<HD>(vb, Vs, nt * 8, kc * 16, lane);
-                mma_m16n8k16_bf16(s[nt], qa, kb, s[nt]);
-                mma_m16n8k16_bf16(dp[nt], oa, vb, dp[nt]);
-            }
-        }
+        att_two_products<HD, NT>(s, dp, Qs, dOs, warp * 16, Ks, Vs, lane);
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
