@@ -115,6 +115,27 @@ void bwd_blas(Gemm& g, float* dX, float* dW, const T* dY, const T* X, const T* W
     }
 }
 
+// The CPU reference, per expert block as Model::moe_forward / moe_backward: Y; dX and dW
+// accumulate onto the given start values (*dX, *dW)
+void expert_reference(const std::vector<int>& off, const std::vector<float>& X, const std::vector<float>& W,
+                      const std::vector<float>& dY, int E, int C, int OC, std::vector<float>* Y,
+                      std::vector<float>* dX, std::vector<float>* dW) {
+    for (int e = 0; e < E; e++) {
+        int r0 = off[e], ne = off[e + 1] - off[e];
+        matmul_forward(&(*Y)[(size_t)r0 * OC], &X[(size_t)r0 * C], &W[(size_t)e * OC * C], ne, C, OC);
+        matmul_backward(&(*dX)[(size_t)r0 * C], &(*dW)[(size_t)e * OC * C], &dY[(size_t)r0 * OC], &X[(size_t)r0 * C],
+                        &W[(size_t)e * OC * C], ne, C, OC);
+    }
+}
+// the empty expert's dW must be exactly its start value
+void check_empty_expert(Suite& S, const std::vector<float>& gW, const std::vector<float>& dW0, int empty, int C,
+                        int OC) {
+    size_t e0 = (size_t)empty * OC * C;
+    std::vector<float> ge(gW.begin() + e0, gW.begin() + e0 + (size_t)OC * C),
+        re(dW0.begin() + e0, dW0.begin() + e0 + (size_t)OC * C);
+    S.check_equal("dW of the empty expert untouched", ge, re);
+}
+
 const char* NAMES[] = {"", "thread per output", "cuBLAS fp32 loop over experts", "cuBLAS bf16 loop (fp32 acc)",
                        "kernels/matmul.cuh expert loop (fp32)", "kernels/matmul.cuh expert loop (bf16)",
                        "kernels/grouped_matmul.cuh (bf16, tensor cores, device offsets)"};
@@ -145,12 +166,7 @@ void check_production(Suite& S, ProdBlas& pb, const std::vector<int>& off, const
     const bool is_bf16 = sizeof(T) == 2;
     // reference: Y; dX from 0 (overwritten); dW from dW0 (accumulated)
     std::vector<float> Y((size_t)R * OC), dX((size_t)R * C, 0.0f), dW = dW0;
-    for (int e = 0; e < E; e++) {
-        int r0 = off[e], ne = off[e + 1] - off[e];
-        matmul_forward(&Y[(size_t)r0 * OC], &X[(size_t)r0 * C], &W[(size_t)e * OC * C], ne, C, OC);
-        matmul_backward(&dX[(size_t)r0 * C], &dW[(size_t)e * OC * C], &dY[(size_t)r0 * OC], &X[(size_t)r0 * C],
-                        &W[(size_t)e * OC * C], ne, C, OC);
-    }
+    expert_reference(off, X, W, dY, E, C, OC, &Y, &dX, &dW);
     gpu::ExpertBlocks eb;
     eb.offsets = off;
     eb.counts.resize(E);
@@ -175,10 +191,7 @@ void check_production(Suite& S, ProdBlas& pb, const std::vector<int>& off, const
     S.check_close("backward dX (written)", host_f(ddX), dX, tol);
     auto gW = ddW.host();
     S.check_close("backward dW (+=), all experts", gW, dW, tol);
-    size_t e0 = (size_t)empty * OC * C;
-    std::vector<float> ge(gW.begin() + e0, gW.begin() + e0 + (size_t)OC * C),
-        re(dW0.begin() + e0, dW0.begin() + e0 + (size_t)OC * C);
-    S.check_equal("dW of the empty expert untouched", ge, re);
+    check_empty_expert(S, gW, dW0, empty, C, OC);
     if (R >= 4096) {
         double fl = 2.0 * R * C * OC, eb_ = sizeof(T);
         S.bench((std::string("fwd ") + what).c_str(), fwd, eb_ * (R * C + E * OC * C + R * OC), fl);
@@ -195,12 +208,7 @@ void check_grouped(Suite& S, const std::vector<int>& off, const std::vector<floa
                    const std::vector<float>& dY, const std::vector<float>& dW0, int E, int R, int C, int OC, int empty,
                    const char* what) {
     std::vector<float> Y((size_t)R * OC), dX((size_t)R * C, 0.0f), dW = dW0;
-    for (int e = 0; e < E; e++) {
-        int r0 = off[e], ne = off[e + 1] - off[e];
-        matmul_forward(&Y[(size_t)r0 * OC], &X[(size_t)r0 * C], &W[(size_t)e * OC * C], ne, C, OC);
-        matmul_backward(&dX[(size_t)r0 * C], &dW[(size_t)e * OC * C], &dY[(size_t)r0 * OC], &X[(size_t)r0 * C],
-                        &W[(size_t)e * OC * C], ne, C, OC);
-    }
+    expert_reference(off, X, W, dY, E, C, OC, &Y, &dX, &dW);
     Dev<int> dOff(off);
     Dev<bf16> dXin(to_bf16(X)), dWt(to_bf16(W)), dDy(to_bf16(dY)), dOut((size_t)R * OC), ddX((size_t)R * C);
     Dev<float> ddW(dW0);
@@ -217,10 +225,7 @@ void check_grouped(Suite& S, const std::vector<int>& off, const std::vector<floa
     S.check_close("backward dX (written)", dx1, dX, TOL_BF16);
     auto gW = ddW.host();
     S.check_close("backward dW (+=), all experts", gW, dW, TOL_BF16);
-    size_t e0 = (size_t)empty * OC * C;
-    std::vector<float> ge(gW.begin() + e0, gW.begin() + e0 + (size_t)OC * C),
-        re(dW0.begin() + e0, dW0.begin() + e0 + (size_t)OC * C);
-    S.check_equal("dW of the empty expert untouched", ge, re);
+    check_empty_expert(S, gW, dW0, empty, C, OC);
     dOut.poison();
     fwd();
     S.check_equal("forward Y bit-identical on rerun", host_f(dOut), y1);
@@ -272,12 +277,7 @@ int main(int argc, char** argv) {
             if (!need) continue;
             // CPU reference, once per input set, per expert block as Model::moe_forward/backward
             std::vector<float> Y((size_t)R * OC), dX = dX0, dW = dW0;
-            for (int e = 0; e < E; e++) {
-                int r0 = off[e], ne = off[e + 1] - off[e];
-                matmul_forward(&Y[(size_t)r0 * OC], &X[(size_t)r0 * C], &W[(size_t)e * OC * C], ne, C, OC);
-                matmul_backward(&dX[(size_t)r0 * C], &dW[(size_t)e * OC * C], &dY[(size_t)r0 * OC], &X[(size_t)r0 * C],
-                                &W[(size_t)e * OC * C], ne, C, OC);
-            }
+            expert_reference(off, X, W, dY, E, C, OC, &Y, &dX, &dW);
             for (int v = 1; v <= NV; v++) {
                 if (!S.want(v) || bf16_version(v) != (rnd == 1)) continue;
                 S.begin(v, NAMES[v]);
@@ -317,11 +317,7 @@ int main(int argc, char** argv) {
                 S.check_close("backward dX (+=)", ddX.host(), dX, tol);
                 auto gW = ddW.host();
                 S.check_close("backward dW (+=), all experts", gW, dW, tol);
-                // the empty expert's dW must be exactly its start value
-                size_t e0 = (size_t)c.empty * OC * C;
-                std::vector<float> ge(gW.begin() + e0, gW.begin() + e0 + (size_t)OC * C),
-                    re(dW0.begin() + e0, dW0.begin() + e0 + (size_t)OC * C);
-                S.check_equal("dW of the empty expert untouched", ge, re);
+                check_empty_expert(S, gW, dW0, c.empty, C, OC);
                 if (R >= 4096) {
                     double fl = 2.0 * R * C * OC;
                     double eb = v == 3 ? 2 : 4;
