@@ -343,6 +343,13 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
     const KeepCheckpoints keep = parse_keep_checkpoints(args.keep_checkpoints);
     CheckpointManifest manifest;  // the checkpoints this run wrote (checkpoints.json)
     manifest.load(args.out);
+    // what to name when a step or a save fails: the newest checkpoint that is complete
+    auto last_good = [&]() {
+        if (last_saved >= 0) return strfmt("%s (resume with --resume %s)", path_join(args.out, strfmt("step_%06ld", last_saved)).c_str(), args.out.c_str());
+        if (!resume_dir.empty()) return strfmt("%s, the one this run resumed from", resume_dir.c_str());
+        if (!args.init.empty()) return strfmt("none from this run; it started from %s", args.init.c_str());
+        return std::string("none (this run had not saved one; see --save-every)");
+    };
     auto save_now = [&]() {
         state.data = data.state;
         state.sample_counter = sample_rng.counter;
@@ -350,10 +357,8 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
         try {
             save_run_checkpoint(M, path_join(args.out, name), state, settings, path_join(args.data_dir, "tokenizer.json"));
         } catch (const Error& e) {
-            FAIL("checkpoint %s could not be written (%s); %s", name.c_str(), e.what(),
-                 last_saved >= 0 ? strfmt("the previous checkpoint step_%06ld is intact and still the latest", last_saved).c_str()
-                 : !resume_dir.empty() ? strfmt("%s is intact and still the latest", resume_dir.c_str()).c_str()
-                 : "no checkpoint of this run exists yet");
+            FAIL("checkpoint %s could not be written (%s); the last good one is intact and still the latest: %s",
+                 name.c_str(), e.what(), last_good().c_str());
         }
         write_text_atomic(path_join(args.out, "latest"), name + "\n");
         last_saved = state.step;
@@ -378,12 +383,6 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
             acc.add_mean(M.forward_backward(inp.data(), tgt.data(), args.batch, args.seq, args.grad_accum),
                          args.grad_accum);
         }
-        auto last_good = [&]() {
-            if (last_saved >= 0) return strfmt("%s (resume with --resume %s)", path_join(args.out, strfmt("step_%06ld", last_saved)).c_str(), args.out.c_str());
-            if (!resume_dir.empty()) return strfmt("%s, the one this run resumed from", resume_dir.c_str());
-            if (!args.init.empty()) return strfmt("none from this run; it started from %s", args.init.c_str());
-            return std::string("none (this run had not saved one; see --save-every)");
-        };
         if (!std::isfinite(acc.loss) || !std::isfinite(acc.ce) || !std::isfinite(acc.aux) || !std::isfinite(acc.z))
             stop_non_finite(state.step + 1, acc, NAN, last_good());
         double lr = sched.at((int)state.step);
