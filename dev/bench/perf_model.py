@@ -42,32 +42,32 @@ def rows_for(d=768, L=12, H=12, hd=64, F=3072, V=16384, B=8, T=1024, E=0, K=0, F
         r.append((name, flops, bytes_, peak))
 
     P_layer_attn = 4 * d * q  # wq, wk, wv, wo (no GQA at the bench shape)
-    if True:  # one layer's kernels; multiplied by L below
-        elem("rmsnorm (attn) fwd+bwd", A * N * d * 2 + A * N * d * 3)
-        gemm("qkv matmul", N, 3 * q, d)
-        elem("rope fwd+bwd", A * N * 2 * q * 2)
-        # causal attention: QK^T and PV, half the T x T tiles; backward is 2.5x the forward
-        att_f = 2 * 2 * B * H * T * T * hd / 2
-        att_b_tc = att_f * 2.5
-        io_f = A * N * (3 * q + q)          # q, k, v in; out (+ lse) out
-        io_b = A * N * (3 * q + q + q + 3 * q)  # q k v o do in; dq dk dv out
-        r.append(("attention fwd (FA2 on tensor cores)", att_f, io_f, PEAK_TC))
-        r.append(("attention bwd (FA2 on tensor cores)", att_b_tc, io_b, PEAK_TC))
-        gemm("attn out matmul", N, d, q)
-        elem("residual + rmsnorm (ffn) fwd+bwd", A * N * d * 3 + A * N * d * 4)
-        if E == 0:
-            gemm("ffn gate+up matmul", N, 2 * F, d)
-            elem("swiglu fwd+bwd", A * N * F * 3 + A * N * F * 5)
-            gemm("ffn down matmul", N, d, F)
-        else:
-            NK = N * K
-            r.append(("router matmul fwd+bwd (fp32)", 3 * 2 * N * d * E, 4 * (N * d * 3 + N * E * 3), PEAK_FP32))
-            elem("router softmax/top-K/losses", 4 * N * E * 4)
-            elem("permute (gather) fwd+bwd", A * NK * d * 4)
-            gemm("expert gate+up matmul (grouped)", NK, 2 * Fe, d)
-            elem("swiglu fwd+bwd", A * NK * Fe * 3 + A * NK * Fe * 5)
-            gemm("expert down matmul (grouped)", NK, d, Fe)
-            elem("combine (weighted unpermute) fwd+bwd", A * (NK * d * 2 + N * d) + A * (NK * d * 3 + N * d))
+    # one layer's kernels; multiplied by L below
+    elem("rmsnorm (attn) fwd+bwd", A * N * d * 2 + A * N * d * 3)
+    gemm("qkv matmul", N, 3 * q, d)
+    elem("rope fwd+bwd", A * N * 2 * q * 2)
+    # causal attention: QK^T and PV, half the T x T tiles; backward is 2.5x the forward
+    att_f = 2 * 2 * B * H * T * T * hd / 2
+    att_b_tc = att_f * 2.5
+    io_f = A * N * (3 * q + q)          # q, k, v in; out (+ lse) out
+    io_b = A * N * (3 * q + q + q + 3 * q)  # q k v o do in; dq dk dv out
+    r.append(("attention fwd (FA2 on tensor cores)", att_f, io_f, PEAK_TC))
+    r.append(("attention bwd (FA2 on tensor cores)", att_b_tc, io_b, PEAK_TC))
+    gemm("attn out matmul", N, d, q)
+    elem("residual + rmsnorm (ffn) fwd+bwd", A * N * d * 3 + A * N * d * 4)
+    if E == 0:
+        gemm("ffn gate+up matmul", N, 2 * F, d)
+        elem("swiglu fwd+bwd", A * N * F * 3 + A * N * F * 5)
+        gemm("ffn down matmul", N, d, F)
+    else:
+        NK = N * K
+        r.append(("router matmul fwd+bwd (fp32)", 3 * 2 * N * d * E, 4 * (N * d * 3 + N * E * 3), PEAK_FP32))
+        elem("router softmax/top-K/losses", 4 * N * E * 4)
+        elem("permute (gather) fwd+bwd", A * NK * d * 4)
+        gemm("expert gate+up matmul (grouped)", NK, 2 * Fe, d)
+        elem("swiglu fwd+bwd", A * NK * Fe * 3 + A * NK * Fe * 5)
+        gemm("expert down matmul (grouped)", NK, d, Fe)
+        elem("combine (weighted unpermute) fwd+bwd", A * (NK * d * 2 + N * d) + A * (NK * d * 3 + N * d))
     per_layer = [(n, f * L, b * L, p) for (n, f, b, p) in r]
     r = []
     elem("embedding fwd+bwd", A * N * d * 2 + 4 * N * d)
