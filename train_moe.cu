@@ -520,7 +520,7 @@ struct GPUModel {
         if (cfg.is_moe()) {  // the one wait of an MoE forward: every layer's statistics are on the host
             cudaCheck(cudaStreamSynchronize(stream));
             for (int l = 0; l < L; l++) {
-                count_expert_blocks(acts[l]);
+                if (grouped_experts()) count_expert_blocks(acts[l]);  // the fp32 path counted in moe_forward
                 for (int e = 0; e < cfg.n_experts; e++) step_load[l][e] += acts[l].eb.counts[e];
             }
         }
