@@ -18,8 +18,14 @@ CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -Wall -Wextra -Wno-unused-para
 # Hopper by default; pass GPU_ARCH explicitly for other GPUs (no auto-detection to go wrong)
 GPU_ARCH ?= -gencode arch=compute_90,code=sm_90
 NVCCFLAGS ?= -std=c++17 -O3 $(GPU_ARCH) --expt-relaxed-constexpr -Xcompiler -fopenmp -Xcompiler -Wall
-# cuDNN and NCCL are not linked: no code uses them yet (attention is hand-written; one GPU only)
-CUDA_LIBS ?= -lcublas -lcublasLt -lgomp
+# NCCL: data parallelism over several GPUs. cuDNN is not linked: attention is hand-written.
+# USE_MPI=1 adds --nccl-init mpi (MPI_Bcast of the NCCL id; needs mpicxx): mpirun works
+# without it too, through its variables and the default --nccl-init tcp.
+CUDA_LIBS ?= -lcublas -lcublasLt -lnccl -lgomp
+ifdef USE_MPI
+NVCCFLAGS += -DUSE_MPI $(shell mpicxx --showme:compile 2>/dev/null)
+CUDA_LIBS += $(shell mpicxx --showme:link 2>/dev/null)
+endif
 HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
 
 COMMON := $(wildcard common/*.h)

@@ -32,14 +32,17 @@ the CUDA emulation on the CPU (docs/emulation.md): test/test_gpu_fixtures.cu and
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
+#include <nccl.h>
 #include "common/cli.h"            // defines: Cli
 #include "common/model.h"          // defines: ModelConfig, ParamLayout, init_from_scratch, load_model_dir
 #include "common/router_losses.h"  // defines: the router losses' values and gradients, Losses, RouterLossSettings
 #include "common/run.h"            // defines: run_training (and evaluate, sample_text), AdamWSettings, checkpoints, logging
 #include "common/train_args.h"     // defines: TrainArgs (the shared command line)
 #include "common/util.h"           // defines: Error, FAIL, strfmt, bf16_to_f32
+#include "common/world.h"          // defines: World, world_from_env, NcclInit, share_unique_id
 
 #include "kernels/common.cuh"
 #include "kernels/adamw.cuh"
@@ -101,6 +104,174 @@ static std::vector<float> download_floats(const bf16* src, size_t n, cudaStream_
 }
 
 // ----------------------------------------------------------------------------
+// Data parallel over several GPUs (NCCL). One process per GPU (common/world.h says which);
+// every rank holds the whole model and trains on a B-row slice of each global batch of
+// world * B rows (rank r: rows r B .. r B + B - 1, so the ranks together see exactly the
+// batch one GPU with --batch world*B would). docs/ARCHITECTURE.md "Several GPUs".
+//
+// ZeRO-1: the AdamW moments are sharded. The flat gradient buffer is cut into buckets, one
+// per layer (in the order the backward finishes them: the last layer first) plus the rest
+// (embeddings, final norm, head) at the end; each bucket's size is a multiple of the world
+// size, so rank r owns the r-th slice of every bucket. As soon as the backward is past a
+// layer, the last micro-batch's gradients of that bucket are reduce-scattered (summed) on
+// a second stream while the backward goes on. The optimizer step then: the global gradient
+// norm from each rank's slices (one all-reduce of a few doubles), AdamW on the own slices
+// (moments: this rank's slices only), and an all-gather of the updated fp32 master weights,
+// from which every rank rounds the same bf16 working copy (the stochastic rounding is a
+// function of the value, the step and the element index: kernels/adamw.cuh).
+//
+// Losses: each rank's routing statistics (per-sequence expert counts, probability and z
+// sums) and cross-entropy sum are all-gathered after the forward, so every rank computes
+// the router losses, their gradient coefficients and the expert load of the global batch,
+// exactly as one GPU with the global batch does, and takes the rows of its own sequences.
+// The cross-entropy gradient is scaled by 1 / (world B T), so the summed gradient is the
+// global batch's. The aux-loss-free bias update sees the global counts: every rank takes
+// the same step.
+//
+// Hangs: a rank that dies leaves the others inside a collective. Every host wait after a
+// collective polls the stream and ncclCommGetAsyncError, and after --nccl-timeout seconds
+// aborts the communicator and stops with an error naming the collective.
+
+#define ncclCheck(dp, call, what)                                                                          \
+    do {                                                                                                   \
+        ncclResult_t r_ = (call);                                                                          \
+        if (r_ != ncclSuccess) (dp)->fail(what, r_);                                                       \
+    } while (0)
+
+struct DataParallel {
+    World world;
+    ncclComm_t comm = nullptr;
+    cudaStream_t comm_stream = nullptr;  // the gradient buckets' reduce-scatters
+    cudaEvent_t event = nullptr;
+    double timeout = 600;
+    bool aborted = false;
+
+    // a contiguous range [begin, begin + count) of the flat buffers; this rank owns
+    // [begin + rank slice, begin + (rank + 1) slice), kept at shard_offset of its moments
+    struct Bucket { size_t begin = 0, count = 0, slice = 0, shard_offset = 0; };
+    std::vector<Bucket> buckets;        // finishing order: layer L-1, ..., layer 0, the rest
+    std::vector<int> layer_bucket;      // [L]: the bucket that is complete after layer l's backward
+    size_t padded_total = 0;            // parameters rounded up to a multiple of the world size
+    size_t shard_total = 0;             // this rank's elements (its moments' size)
+
+    void init(const World& w, NcclInit how, const std::string& id_file, double timeout_s) {
+        world = w;
+        timeout = timeout_s;
+        const double started = now_seconds();
+        ncclUniqueId id;
+        if (w.root()) ncclCheck(this, ncclGetUniqueId(&id), "ncclGetUniqueId");
+        share_unique_id(w, how, id_file, &id, sizeof(id), timeout, started);
+        ncclCheck(this, ncclCommInitRank(&comm, w.size, id, w.rank), "ncclCommInitRank");
+        remove_unique_id_file(w, how, id_file);
+        cudaCheck(cudaStreamCreateWithFlags(&comm_stream, cudaStreamNonBlocking));
+        cudaCheck(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    }
+    ~DataParallel() {
+        if (comm) (aborted ? ncclCommAbort : ncclCommDestroy)(comm);
+        if (event) cudaEventDestroy(event);
+        if (comm_stream) cudaStreamDestroy(comm_stream);
+    }
+    [[noreturn]] void fail(const char* what, ncclResult_t r) {
+        std::string detail = comm ? ncclGetLastError(comm) : "";
+        if (comm && !aborted) { ncclCommAbort(comm); aborted = true; }
+        comm = nullptr;
+        FAIL("%s failed: %s%s%s. Another rank has probably stopped: see its log", what, ncclGetErrorString(r),
+             detail.empty() ? "" : ": ", detail.c_str());
+    }
+    // waits for stream s (whose work includes collectives) without hanging on a dead rank
+    void wait(cudaStream_t s, const char* what) {
+        const double start = now_seconds();
+        for (int spins = 0;; spins++) {
+            cudaError_t q = cudaStreamQuery(s);
+            if (q == cudaSuccess) return;
+            if (q != cudaErrorNotReady) cudaCheck(q);
+            ncclResult_t e = ncclSuccess;
+            ncclCheck(this, ncclCommGetAsyncError(comm, &e), "ncclCommGetAsyncError");
+            if (e != ncclSuccess && e != ncclInProgress) fail(what, e);
+            if (now_seconds() - start > timeout) {
+                ncclCommAbort(comm);
+                comm = nullptr;
+                aborted = true;
+                FAIL("%s did not finish within --nccl-timeout %.0f s: another rank has probably died or hangs (see its "
+                     "log); the communicator was aborted", what, timeout);
+            }
+            if (spins > 100) usleep(100);
+        }
+    }
+
+    // The buckets of a layout (see above). Layer l's tensors are contiguous and in layer
+    // order (common/model.h build_layout); bucket l is [up(start_l), up(start_l+1)), which
+    // holds only gradients that are final once the backward is past layer l: layer l's own
+    // and the first few of layer l+1 (finished before it). up = round up to a multiple of
+    // the world size. The rest: [0, up(start_0)) and [up(end of the layers), padded_total).
+    void plan(const ParamLayout& layout, int n_layer) {
+        const size_t n = (size_t)world.size;
+        auto up = [&](size_t x) { return (x + n - 1) / n * n; };
+        padded_total = up(layout.total);
+        std::vector<size_t> start(n_layer + 1, layout.total);
+        for (const ParamTensor& t : layout.tensors)
+            if (t.layer >= 0) start[t.layer] = std::min(start[t.layer], t.offset);
+        size_t layers_end = 0;
+        for (const ParamTensor& t : layout.tensors)
+            if (t.layer >= 0) layers_end = std::max(layers_end, t.offset + t.numel);
+        start[n_layer] = layers_end;
+        for (int l = 0; l < n_layer; l++)
+            if (start[l + 1] < start[l]) FAIL("internal: layer %d's parameters do not follow layer %d's", l + 1, l);
+        buckets.clear();
+        layer_bucket.assign(n_layer, -1);
+        auto add = [&](size_t a, size_t b) {
+            Bucket k;
+            k.begin = a; k.count = b > a ? b - a : 0; k.slice = k.count / n;
+            buckets.push_back(k);
+            return (int)buckets.size() - 1;
+        };
+        for (int l = n_layer - 1; l >= 0; l--) layer_bucket[l] = add(up(start[l]), up(start[l + 1]));
+        add(0, up(n_layer > 0 ? start[0] : layout.total));
+        add(up(n_layer > 0 ? layers_end : layout.total), padded_total);
+        shard_total = 0;
+        for (Bucket& k : buckets) { k.shard_offset = shard_total; shard_total += k.slice; }
+    }
+    size_t slice_begin(const Bucket& k) const { return k.begin + (size_t)world.rank * k.slice; }
+
+    // grads of bucket b are complete on `compute`: sum them into their owners' slices, on
+    // the communication stream, while the compute stream goes on
+    void reduce_scatter_bucket(float* grads, int b, cudaStream_t compute) {
+        const Bucket& k = buckets[b];
+        if (k.count == 0) return;
+        cudaCheck(cudaEventRecord(event, compute));
+        cudaCheck(cudaStreamWaitEvent(comm_stream, event, 0));
+        ncclCheck(this, ncclReduceScatter(grads + k.begin, grads + slice_begin(k), k.slice, ncclFloat, ncclSum, comm, comm_stream),
+                  "the gradient reduce-scatter (ncclReduceScatter)");
+    }
+    // the compute stream waits for every reduce-scatter issued so far
+    void join(cudaStream_t compute) {
+        cudaCheck(cudaEventRecord(event, comm_stream));
+        cudaCheck(cudaStreamWaitEvent(compute, event, 0));
+    }
+    // every rank's slices of x (by bucket) -> the whole of x, in place
+    void all_gather_slices(float* x, cudaStream_t s, const char* what) {
+        for (const Bucket& k : buckets)
+            if (k.count) ncclCheck(this, ncclAllGather(x + slice_begin(k), x + k.begin, k.slice, ncclFloat, comm, s), what);
+    }
+    // a shard (this rank's slices, packed) -> the whole buffer `full`, in place in `full`
+    void all_gather_shard(float* full, const float* shard, cudaStream_t s, const char* what) {
+        for (const Bucket& k : buckets)
+            if (k.count) ncclCheck(this, ncclAllGather(shard + k.shard_offset, full + k.begin, k.slice, ncclFloat, comm, s), what);
+    }
+    // true on every rank iff `ok` on every rank
+    // (every host read after a collective first waits here: a blocking copy behind a
+    // collective that never finishes would hang without the timeout)
+    bool all_ok(bool ok, int* scratch, cudaStream_t s) {
+        int v = ok ? 1 : 0;
+        upload(scratch, &v, 1, s);
+        ncclCheck(this, ncclAllReduce(scratch, scratch, 1, ncclInt32, ncclMin, comm, s), "the status all-reduce");
+        wait(s, "the status all-reduce");
+        download(&v, scratch, 1, s);
+        return v == 1;
+    }
+};
+
+// ----------------------------------------------------------------------------
 // The model on the GPU. T is the element type of activations and of the weights' working
 // copy: float (--dtype fp32) or bf16 (--dtype bf16).
 
@@ -158,6 +329,20 @@ struct GPUModel {
     double *norm_partial, *norm_out;
     size_t max_rows_ffn = 0;  // N (dense) or N*K (MoE)
 
+    // data parallel (null: one GPU). dp_send/dp_recv: the forward's statistics, this rank's
+    // and every rank's; dp_norms: the gradient norm's per-bucket sums; dp_flag: all_ok
+    DataParallel* dp = nullptr;
+    double *dp_send = nullptr, *dp_recv = nullptr, *dp_norms = nullptr;
+    int* dp_flag = nullptr;
+    size_t P_alloc = 0;  // elements of params and grads (layout.total, padded under data parallelism)
+    int micro_done = 0;  // micro-batches since zero_grad(): the last one reduces the gradients
+    // the global batch's statistics (filled when the last forward had targets and dp is set)
+    bool gathered = false;
+    std::vector<std::vector<int>> g_counts;       // [L][world B, E]
+    std::vector<std::vector<double>> g_psum;      // [L][world B, E]
+    std::vector<std::vector<double>> g_zsum;      // [L][world B]
+    std::vector<std::vector<int>> g_expert;       // [L][E] assignments of the global batch
+
     // the last forward pass
     bool have_targets = false;
     float grad_scale = 0;
@@ -181,6 +366,13 @@ struct GPUModel {
     }
 
     static constexpr bool is_fp32() { return sizeof(T) == sizeof(float); }
+    int world() const { return dp ? dp->world.size : 1; }
+    int rank() const { return dp ? dp->world.rank : 0; }
+    // waits for the stream; under data parallelism with the collectives' timeout
+    void sync(const char* what) {
+        if (dp) dp->wait(stream, what);
+        else cudaCheck(cudaStreamSynchronize(stream));
+    }
 
     // ---- setup ----
     // Uploads host fp32 weights (from scratch, a checkpoint or a fixture) and makes the
@@ -196,14 +388,18 @@ struct GPUModel {
         const size_t ws_bytes = 32u << 20;
         cudaCheck(cudaMalloc(&blas_workspace, ws_bytes));
         cublasCheck(cublasSetWorkspace(blas, blas_workspace, ws_bytes));
-        size_t P = layout.total;
+        // data parallel: params and grads padded to the buckets; the moments only this rank's slices
+        if (dp) dp->plan(layout, cfg.n_layer);
+        const size_t P = dp ? dp->padded_total : layout.total, PM = dp ? dp->shard_total : layout.total;
+        P_alloc = P;
         cudaCheck(cudaMalloc(&params, P * sizeof(float)));
         cudaCheck(cudaMalloc(&grads, P * sizeof(float)));
-        cudaCheck(cudaMalloc(&m, P * sizeof(float)));
-        cudaCheck(cudaMalloc(&v, P * sizeof(float)));
+        cudaCheck(cudaMalloc(&m, std::max<size_t>(PM, 1) * sizeof(float)));
+        cudaCheck(cudaMalloc(&v, std::max<size_t>(PM, 1) * sizeof(float)));
+        cudaCheck(cudaMemset(params, 0, P * sizeof(float)));
         cudaCheck(cudaMemset(grads, 0, P * sizeof(float)));
-        cudaCheck(cudaMemset(m, 0, P * sizeof(float)));
-        cudaCheck(cudaMemset(v, 0, P * sizeof(float)));
+        cudaCheck(cudaMemset(m, 0, PM * sizeof(float)));
+        cudaCheck(cudaMemset(v, 0, PM * sizeof(float)));
         if (is_fp32()) wcopy = (T*)params;
         else cudaCheck(cudaMalloc(&wcopy, P * sizeof(T)));
         int LE = std::max(1, cfg.n_layer * std::max(cfg.n_experts, 1));
@@ -291,6 +487,18 @@ struct GPUModel {
         if (cfg.is_moe()) red = std::max(red, gpu::router_scratch_floats((int)N, (int)E, (int)d));
         red_scratch = A.take<float>(red);
         norm_partial = A.take<double>(gpu::NORM_BLOCKS); norm_out = A.take<double>(1);
+        if (dp) {
+            dp_send = A.take<double>(dp_stats_size(B_max));
+            dp_recv = A.take<double>(dp_stats_size(B_max) * dp->world.size);
+            dp_norms = A.take<double>(dp->buckets.size());
+            dp_flag = A.take<int>(1);
+        }
+    }
+    // doubles per rank in the forward's gather: the CE sum, then per MoE layer counts [B, E],
+    // psum [B, E], zsum [B]
+    size_t dp_stats_size(int B_rows) const {
+        const size_t L = cfg.is_moe() ? cfg.n_layer : 0, E = std::max(cfg.n_experts, 1);
+        return 1 + L * ((size_t)B_rows * E * 2 + B_rows);
     }
     void alloc(int Bm, int Tm) {
         if (act_block) FAIL("internal: activations are allocated once");
@@ -422,26 +630,67 @@ struct GPUModel {
         const float* g_dev = nullptr;
         if (router_loss.aux_loss != AUX_NONE && router_loss.aux_coef != 0) {
             std::vector<float> g;
-            aux_dp_per_seq(g, router_loss.aux_loss, routing_stats(), l);
-            // through this layer's pinned buffer: an asynchronous copy, no wait (the buffer is
-            // written again only after the next forward's synchronize)
-            memcpy(a.h_aux_g, g.data(), g.size() * sizeof(float));
-            cudaCheck(cudaMemcpyAsync(aux_g, a.h_aux_g, g.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
+            aux_dp_per_seq(g, router_loss.aux_loss, routing_stats(), l);  // [B, E] (global: [world B, E])
+            // this rank's rows, through this layer's pinned buffer: an asynchronous copy, no
+            // wait (the buffer is written again only after the next forward's synchronize)
+            const size_t BE = (size_t)B * E, first = gathered ? BE * rank() : 0;
+            memcpy(a.h_aux_g, g.data() + first, BE * sizeof(float));
+            cudaCheck(cudaMemcpyAsync(aux_g, a.h_aux_g, BE * sizeof(float), cudaMemcpyHostToDevice, stream));
             g_dev = aux_g;
         }
         gpu::router_backward(drl, dtopw, a.probs, a.rlse, a.topk, a.topw, g_dev, (float)router_loss.aux_coef, (float)router_loss.z_coef,
-                             grad_scale, N, T_, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
+                             grad_scale, N, gathered ? N * world() : N, T_, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
         gpu::router_backward_matmul(dln2, grad(l, P_ROUTER), red_scratch, drl, a.ln2, master(l, P_ROUTER), N, d, E, stream);
     }
 
     // the last forward's routing statistics, from the host copies of the per-sequence sums
     // (seg = T: the kernels summed each sequence); the router losses read these
+    // (under data parallelism: every rank's, in rank order: the global batch of world B rows)
     RoutingStats routing_stats() const {
         RoutingStats st;
-        st.B = B; st.T = T_; st.E = cfg.n_experts; st.K = cfg.top_k; st.seg = T_;
-        for (int l = 0; l < cfg.n_layer && cfg.is_moe(); l++)
-            st.layers.push_back({acts[l].h_seq_counts, acts[l].h_psum, acts[l].h_zsum});
+        st.B = gathered ? B * world() : B; st.T = T_; st.E = cfg.n_experts; st.K = cfg.top_k; st.seg = T_;
+        for (int l = 0; l < cfg.n_layer && cfg.is_moe(); l++) {
+            if (gathered) st.layers.push_back({g_counts[l].data(), g_psum[l].data(), g_zsum[l].data()});
+            else st.layers.push_back({acts[l].h_seq_counts, acts[l].h_psum, acts[l].h_zsum});
+        }
         return st;
+    }
+    // Data parallel: every rank's CE sum and routing statistics -> the global batch's
+    // (routing_stats, g_expert). Returns the global CE sum.
+    double gather_statistics(double ce_sum) {
+        const int W = world(), E = std::max(cfg.n_experts, 1), L = cfg.is_moe() ? cfg.n_layer : 0;
+        const size_t per = dp_stats_size(B), BE = (size_t)B * E;
+        std::vector<double> h(per);
+        size_t o = 0;
+        h[o++] = ce_sum;
+        for (int l = 0; l < L; l++) {
+            for (size_t i = 0; i < BE; i++) h[o++] = acts[l].h_seq_counts[i];
+            for (size_t i = 0; i < BE; i++) h[o++] = acts[l].h_psum[i];
+            for (int b = 0; b < B; b++) h[o++] = acts[l].h_zsum[b];
+        }
+        upload(dp_send, h.data(), per, stream);
+        ncclCheck(dp, ncclAllGather(dp_send, dp_recv, per, ncclDouble, dp->comm, stream), "the statistics all-gather");
+        sync("the statistics all-gather");
+        std::vector<double> all(per * W);
+        download(all.data(), dp_recv, all.size(), stream);
+        double ce = 0;
+        g_counts.assign(L, std::vector<int>(BE * W));
+        g_psum.assign(L, std::vector<double>(BE * W));
+        g_zsum.assign(L, std::vector<double>((size_t)B * W));
+        g_expert.assign(L, std::vector<int>(E, 0));
+        for (int r = 0; r < W; r++) {  // rank r's rows are rows r B .. r B + B - 1 of the global batch
+            const double* x = all.data() + per * r;
+            ce += *x++;
+            for (int l = 0; l < L; l++) {
+                for (size_t i = 0; i < BE; i++) g_counts[l][BE * r + i] = (int)*x++;
+                for (size_t i = 0; i < BE; i++) g_psum[l][BE * r + i] = *x++;
+                for (int b = 0; b < B; b++) g_zsum[l][(size_t)B * r + b] = *x++;
+            }
+        }
+        for (int l = 0; l < L; l++)
+            for (size_t i = 0; i < BE * W; i++) g_expert[l][i % E] += g_counts[l][i];
+        gathered = true;
+        return ce;
     }
 
     // ---- the whole model ----
@@ -509,29 +758,39 @@ struct GPUModel {
         }
         gpu::matmul_forward(blas, logits, lnf, weight(layout.lm_head), N, d, V);
         Losses out;
+        double ce = 0;
+        // the losses are means over the global batch: world() B T rows (one GPU: N)
+        const double rows = (double)N * (tgts && dp ? world() : 1);
         if (tgts) {
-            gpu::crossentropy_forward_backward(logits, losses, targets, N, V, grad_scale / N, stream);
+            gpu::crossentropy_forward_backward(logits, losses, targets, N, V, grad_scale / (float)rows, stream);
             std::vector<float> row_loss = download_floats(losses, N, stream);
-            double ce = 0;
             for (int n = 0; n < N; n++) ce += row_loss[n];
-            out.ce = ce / N;
-            add_router_losses(out, router_loss, routing_stats());
         }
         if (cfg.is_moe()) {  // the one wait of an MoE forward: every layer's statistics are on the host
             cudaCheck(cudaStreamSynchronize(stream));
-            for (int l = 0; l < L; l++) {
+            for (int l = 0; l < L; l++)
                 if (grouped_experts()) count_expert_blocks(acts[l]);  // the fp32 path counted in moe_forward
-                for (int e = 0; e < cfg.n_experts; e++) step_load[l][e] += acts[l].eb.counts[e];
-            }
         }
+        // data parallel: every rank's statistics (a forward without targets, a sample, is one rank's own)
+        gathered = false;
+        if (tgts && dp) ce = gather_statistics(ce);
+        if (tgts) {
+            out.ce = ce / rows;
+            add_router_losses(out, router_loss, routing_stats());
+        }
+        for (int l = 0; l < L && cfg.is_moe(); l++)
+            for (int e = 0; e < cfg.n_experts; e++) step_load[l][e] += expert_counts(l)[e];
         last = out;
         return out;
     }
 
     // Backward pass of the last forward (which must have had targets and grad_scale != 0);
     // adds grad_scale * d(loss)/d(params) into grads.
-    void backward() {
+    // reduce: data parallel, the step's last micro-batch: each bucket of gradients is
+    // reduce-scattered as soon as the backward is past it
+    void backward(bool reduce = false) {
         if (!have_targets || grad_scale == 0) FAIL("internal: backward() needs a forward pass with targets and a gradient scale");
+        reduce = reduce && dp;
         const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, V = cfg.vocab_size;
         const int H = cfg.n_head, Hkv = cfg.n_kv_head, hd = cfg.head_dim, qd = cfg.q_dim(), kvd = cfg.kv_dim();
         // logits now hold dlogits (crossentropy_forward_backward wrote them in place)
@@ -568,20 +827,22 @@ struct GPUModel {
             gpu::matmul_backward_weight(blas, grad(l, P_WV), dv, a.ln1, N, d, kvd);
             gpu::rmsnorm_backward(dres, grad(l, P_ATTN_NORM), red_scratch, dln, a.x, weight(l, P_ATTN_NORM), a.rstd1, N, d,
                                   stream);
+            if (reduce) dp->reduce_scatter_bucket(grads, dp->layer_bucket[l], stream);  // layer l's gradients are final
         }
         gpu::encoder_backward(grad(layout.embed), dres, bk_token, bk_start, bk_pos, (int)buckets.token.size(), d, stream);
+        if (reduce)  // the rest: embeddings, final norm, head
+            for (int b = cfg.n_layer; b < (int)dp->buckets.size(); b++) dp->reduce_scatter_bucket(grads, b, stream);
     }
 
-    void zero_grad() { cudaCheck(cudaMemsetAsync(grads, 0, layout.total * sizeof(float), stream)); }
+    void zero_grad() {
+        cudaCheck(cudaMemsetAsync(grads, 0, P_alloc * sizeof(float), stream));
+        micro_done = 0;
+    }
 
     // AdamW with global-norm clipping; weight decay on matrices only; then the aux-free
     // bias update. Returns the norm before clipping (train_moe.cpp Model::step).
     double step(const AdamWSettings& hp, double lr) {
-        // (data parallel: all-reduce `grads` across GPUs here, before the norm)
-        gpu::global_norm_squared(norm_out, norm_partial, grads, layout.total, stream);
-        double sq = 0;
-        download(&sq, norm_out, 1, stream);
-        double norm = std::sqrt(sq);
+        double norm = std::sqrt(grad_norm_squared());
         if (!std::isfinite(norm)) return norm;  // no update: the run stops at the last good weights
         AdamWStep st = adamw_step(hp, norm, ++adam_t);
         gpu::AdamWArgs a;
@@ -589,8 +850,56 @@ struct GPUModel {
         a.b2 = (float)hp.beta2; a.one_minus_b2 = (float)(1 - hp.beta2);
         a.bc1 = (float)st.bc1; a.bc2 = (float)st.bc2; a.eps = (float)hp.eps; a.clip = (float)st.clip;
         a.seed = seed; a.stream = gpu::sr_stream((uint64_t)adam_t); a.stochastic = stochastic_round;
-        T* copy = is_fp32() ? nullptr : wcopy;
-        // one launch per run of neighbouring tensors with the same decay setting
+        // bf16: the kernel writes the working copy too; under data parallelism every rank
+        // rounds the whole copy from the gathered master weights instead
+        T* copy = is_fp32() || dp ? nullptr : wcopy;
+        for (const UpdateSegment& sg : update_segments()) {
+            a.mv_shift = sg.mv_shift;
+            gpu::adamw_update(params, copy, grads, m, v, sg.base, sg.n, sg.decay ? (float)hp.weight_decay : 0.0f, a, stream);
+        }
+        if (dp) {
+            dp->all_gather_slices(params, stream, "the weights' all-gather");
+            refresh_copy();
+        }
+        // aux-loss-free balancing (DeepSeek-V3), on the host; the device copy follows
+        const double bias_rate = cfg.is_moe() ? router_loss.aux_free_rate : 0;
+        aux_free_bias_update(expert_bias, step_load, bias_rate);
+        if (bias_rate > 0) upload_bias();
+        sync("the optimizer step");
+        return norm;
+    }
+    // squared norm of the (global) gradient. Data parallel: the reduce-scattered slices'
+    // squares, one sum per bucket, summed over ranks, then over buckets in order on the host
+    double grad_norm_squared() {
+        double sq = 0;
+        if (!dp) {
+            gpu::global_norm_squared(norm_out, norm_partial, grads, layout.total, stream);
+            download(&sq, norm_out, 1, stream);
+            return sq;
+        }
+        dp->join(stream);
+        const int nb = (int)dp->buckets.size();
+        for (int b = 0; b < nb; b++) {
+            const DataParallel::Bucket& k = dp->buckets[b];
+            if (k.slice) gpu::global_norm_squared(dp_norms + b, norm_partial, grads + dp->slice_begin(k), k.slice, stream);
+            else cudaCheck(cudaMemsetAsync(dp_norms + b, 0, sizeof(double), stream));
+        }
+        ncclCheck(dp, ncclAllReduce(dp_norms, dp_norms, nb, ncclDouble, ncclSum, dp->comm, stream), "the gradient norm all-reduce");
+        sync("the gradient reduce-scatter and norm all-reduce");
+        std::vector<double> per(nb);
+        download(per.data(), dp_norms, nb, stream);
+        for (double x : per) sq += x;
+        return sq;
+    }
+    // What AdamW updates, as runs of neighbouring tensors with the same decay setting (one
+    // launch each); data parallel: cut to this rank's slices, whose moments are packed
+    struct UpdateSegment {
+        size_t base, n;
+        bool decay;
+        long long mv_shift;  // gpu::AdamWArgs::mv_shift
+    };
+    std::vector<UpdateSegment> update_segments() const {
+        std::vector<UpdateSegment> runs;
         size_t i = 0;
         while (i < layout.tensors.size()) {
             bool dec = layout.tensors[i].decay();
@@ -600,28 +909,55 @@ struct GPUModel {
                 end += layout.tensors[j].numel;
                 j++;
             }
-            gpu::adamw_update(params, copy, grads, m, v, base, end - base, dec ? (float)hp.weight_decay : 0.0f, a,
-                              stream);
+            runs.push_back({base, end - base, dec, 0});
             i = j;
         }
-        // aux-loss-free balancing (DeepSeek-V3), on the host; the device copy follows
-        const double bias_rate = cfg.is_moe() ? router_loss.aux_free_rate : 0;
-        aux_free_bias_update(expert_bias, step_load, bias_rate);
-        if (bias_rate > 0) upload_bias();
-        cudaCheck(cudaStreamSynchronize(stream));
-        return norm;
+        if (!dp) return runs;
+        std::vector<UpdateSegment> out;
+        for (const DataParallel::Bucket& k : dp->buckets) {
+            const size_t lo = dp->slice_begin(k), hi = lo + k.slice;
+            for (const UpdateSegment& r : runs) {
+                const size_t a = std::max(lo, r.base), b = std::min(hi, r.base + r.n);
+                if (a < b) out.push_back({a, b - a, r.decay, (long long)lo - (long long)k.shard_offset});
+            }
+        }
+        return out;
     }
 
-    // host copies of the optimizer state, for checkpoints
-    void download_state(std::vector<float>* p, std::vector<float>* mm, std::vector<float>* vv) const {
-        p->resize(layout.total); mm->resize(layout.total); vv->resize(layout.total);
-        download(p->data(), params, layout.total, stream);
-        download(mm->data(), m, layout.total, stream);
-        download(vv->data(), v, layout.total, stream);
+    // host copies of the optimizer state, for checkpoints. Data parallel: every rank takes
+    // part in gathering the moments (into the gradient buffer, free between steps); only
+    // rank 0 copies them to the host (`host` false elsewhere)
+    void download_state(std::vector<float>* p, std::vector<float>* mm, std::vector<float>* vv, bool host = true) {
+        if (host) { p->resize(layout.total); mm->resize(layout.total); vv->resize(layout.total); }
+        if (!dp) {
+            download(p->data(), params, layout.total, stream);
+            download(mm->data(), m, layout.total, stream);
+            download(vv->data(), v, layout.total, stream);
+            return;
+        }
+        if (host) download(p->data(), params, layout.total, stream);  // whole since the last step's all-gather
+        dp->all_gather_shard(grads, m, stream, "the optimizer state's all-gather");
+        sync("the optimizer state's all-gather");
+        if (host) download(mm->data(), grads, layout.total, stream);
+        dp->all_gather_shard(grads, v, stream, "the optimizer state's all-gather");
+        sync("the optimizer state's all-gather");
+        if (host) download(vv->data(), grads, layout.total, stream);
     }
+    // whole host moments -> the device (data parallel: this rank's slices)
     void upload_moments(const std::vector<float>& mm, const std::vector<float>& vv) {
-        upload(m, mm.data(), layout.total, stream);
-        upload(v, vv.data(), layout.total, stream);
+        if (!dp) {
+            upload(m, mm.data(), layout.total, stream);
+            upload(v, vv.data(), layout.total, stream);
+            return;
+        }
+        std::vector<float> sm(dp->shard_total, 0.0f), sv(dp->shard_total, 0.0f);
+        for (const DataParallel::Bucket& k : dp->buckets)
+            for (size_t i = 0; i < k.slice; i++) {
+                const size_t gi = dp->slice_begin(k) + i;  // the padding past layout.total stays 0
+                if (gi < layout.total) { sm[k.shard_offset + i] = mm[gi]; sv[k.shard_offset + i] = vv[gi]; }
+            }
+        upload(m, sm.data(), sm.size(), stream);
+        upload(v, sv.data(), sv.size(), stream);
     }
 
     // ---- what common/run.h's run_training asks of a model (set seed and
@@ -653,19 +989,20 @@ struct GPUModel {
         upload_moments(mm, vv);
         refresh_copy();
     }
+    // (data parallel: every rank must call it; f runs on rank 0 only)
     template <typename F>
     void with_host_state(F f) {
         std::vector<float> p, mm, vv;
-        download_state(&p, &mm, &vv);
-        f(p.data(), mm.data(), vv.data());
+        download_state(&p, &mm, &vv, rank() == 0);
+        if (rank() == 0) f(p.data(), mm.data(), vv.data());
     }
     std::string summary_note() const { return strfmt("; activations %.2f GiB", act_bytes / 1073741824.0); }
     Losses forward_backward(const int* in, const int* tgts, int B_, int T_in, int n_micro) {
         Losses l = forward(in, tgts, B_, T_in, 1.0f / n_micro);
-        backward();
+        backward(++micro_done == n_micro);
         return l;
     }
-    const int* expert_counts(int l) const { return acts[l].eb.counts.data(); }
+    const int* expert_counts(int l) const { return gathered ? g_expert[l].data() : acts[l].eb.counts.data(); }
     const float* logits_row(int n) {
         logits_host = download_floats(logits + (size_t)n * cfg.vocab_size, cfg.vocab_size, stream);
         return logits_host.data();
@@ -698,17 +1035,30 @@ struct GpuOptions {
     std::string dtype = "bf16";
     int device = 0;
     bool no_sr = false;
+    std::string nccl_init = "tcp", nccl_init_file;
+    double nccl_timeout = 600;
 };
 
 // The shared run (common/run.h) around GPUModel<T>, with the device's MFU in every step record
 template <typename T>
-int run_gpu_training(TrainArgs& args, Cli& cli, const GpuOptions& go) {
+int run_gpu_training(TrainArgs& args, Cli& cli, const GpuOptions& go, DataParallel* dp) {
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, go.device));
     const double peak = device_peak_flops(prop);
-    printf("device: %s (%s, %s)\n", prop.name, sizeof(T) == 4 ? "fp32" : "bf16 mixed precision",
-           peak > 0 ? strfmt("bf16 peak %.0f TFLOP/s", peak / 1e12).c_str() : "unknown device: no MFU");
+    const World w = dp ? dp->world : World();
+    if (w.root()) {
+        printf("device: %s (%s, %s)\n", prop.name, sizeof(T) == 4 ? "fp32" : "bf16 mixed precision",
+               peak > 0 ? strfmt("bf16 peak %.0f TFLOP/s", peak / 1e12).c_str() : "unknown device: no MFU");
+        if (w.multi()) {
+            int nv = 0;
+            ncclGetVersion(&nv);
+            printf("data parallel: %d ranks (%s), %d per node, NCCL %d.%d.%d, --nccl-init %s; global batch %d x %d; AdamW "
+                   "moments sharded (ZeRO-1)\n", w.size, w.launcher.c_str(), w.local_size, nv / 10000, nv / 100 % 100,
+                   nv % 100, go.nccl_init.c_str(), w.size, args.batch);
+        }
+    }
     GPUModel<T> M;
+    M.dp = dp;
     M.seed = (uint64_t)args.seed;
     M.stochastic_round = !go.no_sr;
     RunHooks hooks;
@@ -726,6 +1076,12 @@ int run_gpu_training(TrainArgs& args, Cli& cli, const GpuOptions& go) {
         return (double)free_b;
     };
     hooks.memory_name = strfmt("GPU %d", go.device);
+    if (dp) {
+        hooks.rank = w.rank;
+        hooks.world = w.size;
+        hooks.optimizer_bytes = 8.0 / w.size;
+        hooks.all_ok = [&M](bool ok) { return M.dp->all_ok(ok, M.dp_flag, M.stream); };
+    }
     return run_training(M, args, cli, hooks);
 }
 
@@ -742,22 +1098,45 @@ int main(int argc, char** argv) {
     cli.add("--dtype", &go.dtype, "bf16 (fp32 master weights, bf16 compute) or fp32 (everything fp32; for tests)");
     cli.add("--device", &go.device, "CUDA device index");
     cli.flag("--no-stochastic-rounding", &go.no_sr, "bf16: round the weight copy to nearest instead of stochastically");
+    cli.section("Several GPUs (one process per GPU, started by torchrun, srun or mpirun: README)");
+    cli.add("--nccl-init", &go.nccl_init, "how rank 0 hands out the NCCL id: tcp (MASTER_ADDR, MASTER_PORT + 1), file or mpi");
+    cli.add("--nccl-init-file", &go.nccl_init_file, "--nccl-init file: a path on a file system every node shares");
+    cli.add("--nccl-timeout", &go.nccl_timeout, "seconds to wait for the other ranks (start-up, each collective) before "
+            "stopping with an error", Range::between(1, 1e6));
     cli.epilog("Checkpoints are Hugging Face model directories (config.json + model.safetensors) plus\n"
                "optimizer.safetensors and trainer_state.json; --resume continues bit-identically on the same GPU.");
+    World world;
+    std::unique_ptr<DataParallel> dp;  // (declared here: an error aborts the communicator, never waits on it)
     try {
         cli.parse(argc, argv);
         args.validate();
         if (go.dtype != "bf16" && go.dtype != "fp32") FAIL("--dtype must be bf16 or fp32, found \"%s\"", go.dtype.c_str());
+        const NcclInit init = parse_nccl_init(go.nccl_init);
+        world = world_from_env();
         int ndev = 0;
         cudaCheck(cudaGetDeviceCount(&ndev));
+        if (world.multi() && !cli.was_set("--device")) {  // one GPU per process: the node-local rank's
+            if (world.local_rank >= ndev)
+                FAIL("local rank %d (%s) but this node has %d CUDA device(s): start at most %d processes per node",
+                     world.local_rank, world.launcher.c_str(), ndev, ndev);
+            go.device = world.local_rank;
+        }
         if (go.device < 0 || go.device >= ndev) FAIL("--device %d: this machine has %d CUDA device(s)", go.device, ndev);
         cudaCheck(cudaSetDevice(go.device));
+        args.world = world.size;
+        if (world.multi()) {
+            dp.reset(new DataParallel());
+            dp->init(world, init, go.nccl_init_file, go.nccl_timeout);
+        }
         const bool fp32 = go.dtype == "fp32";
-        return fp32 ? run_gpu_training<float>(args, cli, go) : run_gpu_training<bf16>(args, cli, go);
+        return fp32 ? run_gpu_training<float>(args, cli, go, dp.get()) : run_gpu_training<bf16>(args, cli, go, dp.get());
     } catch (const Error& e) {
-        fprintf(stderr, "error: %s\n", e.what());
+        if (dp) dp->aborted = true;
+        if (world.multi()) fprintf(stderr, "error (rank %d of %d): %s\n", world.rank, world.size, e.what());
+        else fprintf(stderr, "error: %s\n", e.what());
         return 1;
     } catch (const std::bad_alloc&) {
+        if (dp) dp->aborted = true;
         fprintf(stderr, "error: out of memory (a host allocation failed); use a smaller --batch / --seq or model\n");
         return 1;
     }

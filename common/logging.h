@@ -78,7 +78,8 @@ inline void print_data_and_run(const TrainArgs& a, const DataLoader& data, const
     for (auto& d : data.domains)
         printf(" %s (train %.2fM tok, w %.2f; val %.2fM tok)", d.name.c_str(), d.train.size() / 1e6, d.weight,
                d.val.size() / 1e6);
-    printf("\nrun: %d steps x %d x %d x %d tokens, lr %g -> %g %s, out %s%s\n", a.steps, a.batch, a.seq, a.grad_accum,
+    printf("\nrun: %d steps x %s%d x %d x %d tokens, lr %g -> %g %s, out %s%s\n", a.steps,
+           a.world > 1 ? strfmt("%d ranks x ", a.world).c_str() : "", a.batch, a.seq, a.grad_accum,
            sched.lr, sched.lr_min, sched.kind.c_str(), a.out.c_str(),
            resume_dir.empty() ? "" : (", resumed from " + resume_dir + strfmt(" at step %ld", step)).c_str());
 }
@@ -92,7 +93,7 @@ inline void print_data_and_run(const TrainArgs& a, const DataLoader& data, const
 inline void log_step(MetricsLog& metrics, const TrainArgs& a, bool moe, const TrainerState& state, long start_step,
                      const Losses& acc, double lr, double norm, double dt, double elapsed, bool has_mfu = false,
                      double mfu = NAN) {
-    const double tokens_per_step = (double)a.batch * a.seq * a.grad_accum;
+    const double tokens_per_step = (double)a.batch * a.world * a.seq * a.grad_accum;  // every rank's
     Json rec = Json::object();
     rec["step"] = state.step;
     rec["tokens"] = state.tokens;

@@ -129,18 +129,22 @@ inline std::string load_run_tokenizer(const TrainArgs& a, Tokenizer* tok) {
 // Evaluation and sampling
 
 // Mean cross-entropy of up to max_batches validation batches per domain, and the share of
-// assignments each expert received, per domain and layer.
+// assignments each expert received, per domain and layer. Data parallel (world > 1): the
+// loader's batches are global, this rank runs rows rank B .. rank B + B - 1 of each, and the
+// model returns the global batch's loss and expert counts.
 template <typename Model>
-EvalResult evaluate(Model& M, const DataLoader& data, int max_batches) {
+EvalResult evaluate(Model& M, const DataLoader& data, int max_batches, int rank = 0, int world = 1) {
     EvalResult r;
     std::vector<int> inp((size_t)data.B * data.T), tgt((size_t)data.B * data.T);
+    const int B = data.B / world;
+    const size_t mine = (size_t)rank * B * data.T;
     for (size_t d = 0; d < data.domains.size(); d++) {
         int nb = std::min(max_batches, data.val_batches((int)d));
         std::vector<std::vector<double>> load(M.cfg.n_layer, std::vector<double>(M.cfg.n_experts, 0));
         double sum = 0;
         for (int i = 0; i < nb; i++) {
             data.val_batch((int)d, i, inp.data(), tgt.data());
-            sum += M.forward(inp.data(), tgt.data(), data.B, data.T).ce;
+            sum += M.forward(inp.data() + mine, tgt.data() + mine, B, data.T).ce;
             for (int l = 0; l < M.cfg.n_layer && M.cfg.is_moe(); l++)
                 for (int e = 0; e < M.cfg.n_experts; e++) load[l][e] += M.expert_counts(l)[e];
         }
@@ -227,12 +231,18 @@ inline void check_run_output(const TrainArgs& a, const std::string& resume_dir) 
 // And what its memory looks like, for the check before anything is allocated: bytes per
 // parameter of weights + gradients, per activation value, whether it keeps the attention
 // matrix, and the free memory of its device (null: host RAM).
+// Data parallel (the GPU trainer on several GPUs): this process's rank of `world`; rank 0
+// alone prints, writes metrics and checkpoints and checks the output directory; all_ok(ok)
+// is true on every rank iff ok on every rank (a checkpoint that rank 0 failed to write stops
+// every rank). optimizer_bytes: AdamW moments' bytes per parameter on this device.
 struct RunHooks {
     std::function<double(double dt)> mfu;
-    double state_bytes = 8, act_bytes = 4;
+    double state_bytes = 8, act_bytes = 4, optimizer_bytes = 8;
     bool stores_attention_matrix = true;
     std::function<double()> free_memory;
     std::string memory_name = "this machine's RAM";
+    int rank = 0, world = 1;
+    std::function<bool(bool)> all_ok;
 };
 
 // A non-finite loss or gradient norm stops the run before the update, so the weights, and
@@ -253,6 +263,7 @@ struct RunHooks {
 // --steps, a final eval, sample and checkpoint. Returns the exit code.
 template <typename Model>
 int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& hooks) {
+    const bool root = hooks.rank == 0;  // data parallel: rank 0 alone prints and writes
     Tokenizer tok;  // optional: only for printing samples and for the vocabulary size
     std::string tok_path = load_run_tokenizer(args, &tok);
 
@@ -272,15 +283,15 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
     } else {
         plan_cfg = config_from_args(args, tok.ok() ? (int)tok.tokens.size() : 0);
     }
-    check_run_output(args, resume_dir);
+    if (root) check_run_output(args, resume_dir);
     std::string memory_line;  // printed with the summary, once everything is checked
     {
         MemoryPlan mem = train_memory_plan(plan_cfg, args.batch, args.seq, hooks.state_bytes, hooks.act_bytes,
-                                           hooks.stores_attention_matrix);
+                                           hooks.stores_attention_matrix, hooks.optimizer_bytes);
         check_memory_plan(mem, hooks.free_memory ? hooks.free_memory() : host_memory_available(), hooks.memory_name,
                           strfmt("this run (B=%d, T=%d)", args.batch, args.seq));
         double disk = disk_free_bytes(args.out);
-        if (!args.no_save && disk >= 0 && mem.checkpoint > disk)
+        if (root && !args.no_save && disk >= 0 && mem.checkpoint > disk)
             FAIL("%s: a checkpoint of this model takes %s but the disk has %s free", args.out.c_str(),
                  format_bytes(mem.checkpoint).c_str(), format_bytes(disk).c_str());
         const long n_kept = checkpoints_kept(parse_keep_checkpoints(args.keep_checkpoints), args.steps, args.save_every);
@@ -308,11 +319,16 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
     if (args.seq > c.max_seq_len)
         fprintf(stderr, "warning: --seq %d exceeds max_position_embeddings %d of the checkpoint\n", args.seq, c.max_seq_len);
 
-    // data, schedule, optimizer, and where a resumed run stands
-    DataLoader data(args.data_dir, args.mix, args.batch, args.seq, c.vocab_size, (uint64_t)args.seed);
-    check_writable_dir(args.out);
-    if (int n = remove_stale_temporaries(args.out))
-        memory_line += strfmt("\ncleaned up: %d unfinished file(s) of a killed earlier run in %s", n, args.out.c_str());
+    // data, schedule, optimizer, and where a resumed run stands. Data parallel: every rank
+    // draws the same global batches of world x --batch rows and trains on its own slice
+    const int B_global = args.batch * hooks.world;
+    const size_t my_rows = (size_t)hooks.rank * args.batch * args.seq;  // offset of this rank's slice
+    DataLoader data(args.data_dir, args.mix, B_global, args.seq, c.vocab_size, (uint64_t)args.seed);
+    if (root) {
+        check_writable_dir(args.out);
+        if (int n = remove_stale_temporaries(args.out))
+            memory_line += strfmt("\ncleaned up: %d unfinished file(s) of a killed earlier run in %s", n, args.out.c_str());
+    }
     LRSchedule sched = schedule_from_args(args);
     AdamWSettings adamw = adamw_from_args(args);
     TrainerState state;
@@ -324,18 +340,20 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
     }
     M.alloc(args.batch, args.seq);
     MetricsLog metrics;
-    metrics.open(path_join(args.out, "metrics.jsonl"), resume_dir.empty() ? -1 : state.step);
+    if (root) metrics.open(path_join(args.out, "metrics.jsonl"), resume_dir.empty() ? -1 : state.step);
     RngStream sample_rng((uint64_t)args.seed, stream_id(PURPOSE_SAMPLE));
     sample_rng.counter = state.sample_counter;
 
     // what we are about to do
-    print_model_summary(c, M.router_loss);
-    printf("%s\n%s\n", M.summary_note().c_str(), memory_line.c_str());
-    print_data_and_run(args, data, sched, resume_dir, state.step);
+    if (root) {
+        print_model_summary(c, M.router_loss);
+        printf("%s\n%s\n", M.summary_note().c_str(), memory_line.c_str());
+        print_data_and_run(args, data, sched, resume_dir, state.step);
+    }
 
     // ---- the training loop ----
-    std::vector<int> inp((size_t)args.batch * args.seq), tgt((size_t)args.batch * args.seq);
-    const double tokens_per_step = (double)args.batch * args.seq * args.grad_accum;
+    std::vector<int> inp((size_t)B_global * args.seq), tgt((size_t)B_global * args.seq);
+    const double tokens_per_step = (double)B_global * args.seq * args.grad_accum;
     const long start_step = state.step;
     double t_start = now_seconds();
     long last_saved = -1;
@@ -350,37 +368,46 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
         if (!args.init.empty()) return strfmt("none from this run; it started from %s", args.init.c_str());
         return std::string("none (this run had not saved one; see --save-every)");
     };
+    // (data parallel: every rank takes part in gathering the state; rank 0 writes)
     auto save_now = [&]() {
         state.data = data.state;
         state.sample_counter = sample_rng.counter;
         std::string name = strfmt("step_%06ld", state.step);
+        std::string failed;
         try {
             save_run_checkpoint(M, path_join(args.out, name), state, settings, path_join(args.data_dir, "tokenizer.json"));
         } catch (const Error& e) {
-            FAIL("checkpoint %s could not be written (%s); the last good one is intact and still the latest: %s",
-                 name.c_str(), e.what(), last_good().c_str());
+            failed = e.what();
         }
-        write_text_atomic(path_join(args.out, "latest"), name + "\n");
+        const bool all_ok = hooks.all_ok ? hooks.all_ok(failed.empty()) : failed.empty();
+        if (!failed.empty())
+            FAIL("checkpoint %s could not be written (%s); the last good one is intact and still the latest: %s",
+                 name.c_str(), failed.c_str(), last_good().c_str());
+        if (!all_ok) FAIL("checkpoint %s: rank 0 could not write it (see its error); stopping", name.c_str());
         last_saved = state.step;
+        if (!root) return;
+        write_text_atomic(path_join(args.out, "latest"), name + "\n");
         printf("saved %s\n", path_join(args.out, name).c_str());
         for (auto& g : manifest.add_and_prune(args.out, keep, name, state.step, state.tokens))
             printf("removed %s (--keep-checkpoints %s)\n", path_join(args.out, g).c_str(), args.keep_checkpoints.c_str());
     };
-    auto print_sample = [&]() {
-        if (args.sample_tokens <= 0) return;
+    auto print_sample = [&]() {  // rank 0 only: no collectives in a forward without targets
+        if (args.sample_tokens <= 0 || !root) return;
         std::string s = sample_text(M, tok, args.sample_tokens, args.seq, sample_rng);
         printf("sample at step %ld: %s\n", state.step, printable(s).c_str());
     };
     while (state.step < args.steps) {
-        if (args.eval_every > 0 && state.step % args.eval_every == 0)
-            log_eval(metrics, c, data, evaluate(M, data, args.eval_batches), state.step, state.tokens);
+        if (args.eval_every > 0 && state.step % args.eval_every == 0) {
+            EvalResult ev = evaluate(M, data, args.eval_batches, hooks.rank, hooks.world);
+            if (root) log_eval(metrics, c, data, ev, state.step, state.tokens);
+        }
         if (args.sample_every > 0 && state.step > 0 && state.step % args.sample_every == 0) print_sample();
         double t0 = now_seconds();
         M.zero_grad();
         Losses acc;
         for (int micro = 0; micro < args.grad_accum; micro++) {
             data.next_batch(inp.data(), tgt.data());
-            acc.add_mean(M.forward_backward(inp.data(), tgt.data(), args.batch, args.seq, args.grad_accum),
+            acc.add_mean(M.forward_backward(inp.data() + my_rows, tgt.data() + my_rows, args.batch, args.seq, args.grad_accum),
                          args.grad_accum);
         }
         if (!std::isfinite(acc.loss) || !std::isfinite(acc.ce) || !std::isfinite(acc.aux) || !std::isfinite(acc.z))
@@ -391,8 +418,9 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
         state.step++;
         state.tokens += tokens_per_step;
         double dt = now_seconds() - t0;
-        log_step(metrics, args, c.is_moe(), state, start_step, acc, lr, norm, dt, now_seconds() - t_start,
-                 (bool)hooks.mfu, hooks.mfu ? hooks.mfu(dt) : NAN);
+        if (root)
+            log_step(metrics, args, c.is_moe(), state, start_step, acc, lr, norm, dt, now_seconds() - t_start,
+                     (bool)hooks.mfu, hooks.mfu ? hooks.mfu(dt) : NAN);
         const bool due = (args.save_every > 0 && state.step % args.save_every == 0) ||
                          (keep == KEEP_LOG && is_log_step(state.step));
         if (due && state.step < args.steps) {
@@ -401,7 +429,10 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
             save_now();
         }
     }
-    log_eval(metrics, c, data, evaluate(M, data, args.eval_batches), state.step, state.tokens);
+    {
+        EvalResult ev = evaluate(M, data, args.eval_batches, hooks.rank, hooks.world);
+        if (root) log_eval(metrics, c, data, ev, state.step, state.tokens);
+    }
     print_sample();
     if (!args.no_save && last_saved != state.step) save_now();
     return 0;
@@ -417,7 +448,7 @@ int run_training(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& hook
     try {
         return run_training_in(M, args, cli, hooks);
     } catch (...) {
-        if (!out_existed && is_dir(args.out)) {
+        if (hooks.rank == 0 && !out_existed && is_dir(args.out)) {
             bool empty = true;
             for (const std::string& n : list_dir(args.out))
                 empty &= n == "metrics.jsonl" && read_file(path_join(args.out, n)).empty();

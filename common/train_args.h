@@ -30,6 +30,9 @@ struct TrainArgs {
     std::string out = "runs/train", keep_checkpoints = "all";
     int eval_every = 0, eval_batches = 8, sample_every = 0, sample_tokens = 64, save_every = 0, log_every = 1;
     long seed = 1337;
+    // not an option: the number of data-parallel ranks (train_moe_gpu sets it from the
+    // launcher's variables); --batch is per rank, the global batch is world * batch
+    int world = 1;
     int threads = 0;
     bool no_save = false, overwrite = false;
 
@@ -113,6 +116,7 @@ struct TrainArgs {
         j["data"] = data_dir;
         j["mix"] = mix;
         j["batch"] = batch;
+        if (world > 1) j["world_size"] = world;
         j["seq"] = seq;
         j["grad_accum"] = grad_accum;
         j["seed"] = seed;
@@ -128,9 +132,21 @@ struct TrainArgs {
         return j;
     }
     // A resumed run with other data/batch settings would silently train something else.
+    // The global batch (ranks x --batch) must stay, not the number of ranks: a run may go
+    // on with fewer or more GPUs, --batch scaled to match.
     void check_resume_settings(const Json& saved, const std::string& what) const {
         Json now = settings();
-        for (const char* k : {"data", "mix", "batch", "seq", "grad_accum", "seed"}) {
+        const Json* sb = saved.find("batch");
+        const Json* sw = saved.find("world_size");
+        if (sb && sb->type == Json::NUM) {
+            const long ranks = sw && sw->type == Json::NUM ? (long)sw->num : 1, global = (long)sb->num * ranks;
+            if (global != (long)batch * world)
+                FAIL("%s: the checkpoint was trained with a global batch of %ld sequences (%ld rank(s) x --batch %ld) but "
+                     "this run has %d x %d = %d; resume needs the same global batch%s", what.c_str(), global, ranks,
+                     (long)sb->num, world, batch, batch * world,
+                     global % world == 0 ? strfmt(": use --batch %ld with %d rank(s)", global / world, world).c_str() : "");
+        }
+        for (const char* k : {"data", "mix", "seq", "grad_accum", "seed"}) {
             const Json* a = saved.find(k);
             const Json* b = now.find(k);
             if (a && b && a->dump() != b->dump())

@@ -34,17 +34,18 @@ __device__ __forceinline__ void store_weight(bf16* dst, float x, uint64_t seed, 
 
 // n elements starting at flat index `base` of the parameter buffer (base feeds the RNG)
 template <typename T>
-__global__ void adamw_kernel(float* p, T* copy, const float* g, float* m, float* v, size_t n, size_t base, float lr,
+__global__ void adamw_kernel(float* p, T* copy, const float* g, float* m, float* v, size_t n, size_t base, long long mv_shift, float lr,
                              float b1, float one_minus_b1, float b2, float one_minus_b2, float bc1, float bc2, float eps,
                              float wd, float clip, uint64_t seed, uint64_t stream, bool stochastic) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     i += base;
     float gi = g[i] * clip;
-    float mi = b1 * m[i] + one_minus_b1 * gi;
-    float vi = b2 * v[i] + one_minus_b2 * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
+    const size_t j = (size_t)((long long)i - mv_shift);  // the moments' index (a shard: see AdamWArgs)
+    float mi = b1 * m[j] + one_minus_b1 * gi;
+    float vi = b2 * v[j] + one_minus_b2 * gi * gi;
+    m[j] = mi;
+    v[j] = vi;
     float mhat = mi / bc1, vhat = vi / bc2;
     float pi = p[i];
     pi -= lr * (mhat / (sqrtf(vhat) + eps) + wd * pi);
@@ -56,6 +57,9 @@ struct AdamWArgs {
     float lr, b1, one_minus_b1, b2, one_minus_b2, bc1, bc2, eps, clip;
     uint64_t seed, stream;
     bool stochastic;
+    // the moments of element i are m[i - mv_shift], v[i - mv_shift]: 0 when m and v span the
+    // whole parameter buffer; under data parallelism they hold only this rank's slices
+    long long mv_shift = 0;
 };
 
 // Updates elements [base, base + n) of the flat buffers with weight decay wd.
@@ -64,7 +68,7 @@ template <typename T>
 void adamw_update(float* p, T* copy, const float* g, float* m, float* v, size_t base, size_t n, float wd,
                   const AdamWArgs& a, cudaStream_t s) {
     if (n == 0) return;
-    adamw_kernel<<<cdiv((long)n, 256), 256, 0, s>>>(p, copy, g, m, v, n, base, a.lr, a.b1, a.one_minus_b1, a.b2,
+    adamw_kernel<<<cdiv((long)n, 256), 256, 0, s>>>(p, copy, g, m, v, n, base, a.mv_shift, a.lr, a.b1, a.one_minus_b1, a.b2,
                                                     a.one_minus_b2, a.bc1, a.bc2, a.eps, wd, a.clip, a.seed, a.stream,
                                                     a.stochastic);
     KERNEL_CHECK();

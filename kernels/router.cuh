@@ -108,13 +108,14 @@ inline void router_stats(double* psum, double* zsum, const float* probs, const f
 
 // dlogits [N, E] (written) = scale * (aux_coef * dAux/dz + z_coef * dZ/dz) + d(gate weights)/dz . dtopw
 //   aux: dz_j = p_j (g_j - sum_i p_i g_i), g = aux_g[b, :] (null: no aux term)
-//   z:   dz_j = 2 lse p_j / N
+//   z:   dz_j = 2 lse p_j / N_loss (N_loss: the rows the z-loss averages over; N on one GPU,
+//        the global batch's rows under data parallelism)
 //   gate weights (dtopw [N, K] = dL/dw_k, already scaled):
 //     topk_softmax: dz_{e_k} += w_k (dw_k - sum_k' w_k' dw_k')
 //     softmax_topk: dz_{e_k} += dw_k p_{e_k};  dz_j -= p_j sum_k dw_k p_{e_k}
 __global__ void router_backward_kernel(float* dlogits, const float* dtopw, const float* probs, const float* lse,
                                               const int* topk, const float* topw, const float* aux_g, float aux_coef,
-                                              float z_coef, float scale, int N, int T_, int E, int K,
+                                              float z_coef, float scale, int N, int N_loss, int T_, int E, int K,
                                               int routing_softmax_topk) {
     int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
@@ -129,7 +130,7 @@ __global__ void router_backward_kernel(float* dlogits, const float* dtopw, const
     }
     if (z_coef != 0.0f) {
         float l = lse[n];
-        for (int j = 0; j < E; j++) dz[j] += scale * z_coef * 2.0f * l * p[j] / N;
+        for (int j = 0; j < E; j++) dz[j] += scale * z_coef * 2.0f * l * p[j] / N_loss;
     }
     const int* sel = topk + (size_t)n * K;
     const float* w = topw + (size_t)n * K;
@@ -147,9 +148,9 @@ __global__ void router_backward_kernel(float* dlogits, const float* dtopw, const
 }
 inline void router_backward(float* dlogits, const float* dtopw, const float* probs, const float* lse, const int* topk,
                             const float* topw, const float* aux_g, float aux_coef, float z_coef, float scale, int N,
-                            int T_, int E, int K, bool softmax_topk, cudaStream_t s) {
+                            int N_loss, int T_, int E, int K, bool softmax_topk, cudaStream_t s) {
     router_backward_kernel<<<cdiv(N, 128), 128, 0, s>>>(dlogits, dtopw, probs, lse, topk, topw, aux_g, aux_coef, z_coef,
-                                                         scale, N, T_, E, K, softmax_topk ? 1 : 0);
+                                                         scale, N, N_loss, T_, E, K, softmax_topk ? 1 : 0);
     KERNEL_CHECK();
 }
 

@@ -76,6 +76,7 @@ elif [ -x "$EMU_DIR/train_moe_gpu" ]; then
   suite "CUDA emulator (emulated)" "$EMU_DIR/test_emu"
   suite "dev/cuda kernels (emulated)" env NOBUILD=1 BINDIR="$EMU_DIR/dev_cuda" LOGDIR="$EMU_DIR/dev_cuda_logs" bash dev/cuda/run_all.sh
   suite "GPU trainer (emulated)" env GPU="$EMU_DIR/train_moe_gpu" FIXTURES="$EMU_DIR/test_gpu_fixtures" DEVCUDA=0 bash test/test_gpu.sh
+  suite "data parallel, 1-4 ranks with the NCCL stand-in (emulated)" env GPU="$EMU_DIR/train_moe_gpu" bash test/test_dp.sh
   suite "GPU fixtures, reverse schedule (emulated)" env EMU_SCHED=reverse "$EMU_DIR/test_gpu_fixtures" --dtype both "${fixture_dirs[@]}"
   suite "GPU benchmark smoke run (emulated)" bash -c "'$EMU_DIR/bench_gpu' --data data/tiny --model tiny --experts 4 --topk 2 --batch 2 --seq 32 --steps 2 --warmup-steps 1 | tee /dev/stderr | grep -q '^bench: MoE' && echo '1 passed, 0 failed' || { echo '0 passed, 1 failed'; exit 1; }"
   suite "dev/gpu_session.sh (emulated)" env EMU=1 EMU_DIR="$EMU_DIR" PARTS="fixture" OUT="$EMU_DIR/gpu_session" bash dev/gpu_session.sh

@@ -5,6 +5,7 @@
 // Run: ./test/bin/test_cpu [path/to/train_moe]   (make test does this)
 #define TRAIN_MOE_NO_MAIN
 #include "../train_moe.cpp"
+#include "../common/world.h"
 #include "fixture.h"
 #include "testing.h"
 
@@ -752,6 +753,82 @@ static void test_save_resume() {
     CHECK(recs.size() >= 8);
 }
 
+
+// common/world.h: the launchers' variables, and the NCCL id hand-out over a file and TCP
+static void test_world() {
+    auto from = [](std::vector<std::pair<std::string, std::string>> vars) {
+        return world_from_env([&](const char* name) -> const char* {
+            for (auto& kv : vars) if (kv.first == name) return kv.second.c_str();
+            return nullptr;
+        });
+    };
+    World w = from({});
+    CHECK(w.rank == 0 && w.size == 1 && !w.multi() && w.launcher == "none");
+    w = from({{"RANK", "5"}, {"WORLD_SIZE", "16"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "4"}});
+    CHECK(w.rank == 5 && w.size == 16 && w.local_rank == 1 && w.local_size == 4 && w.launcher == "torchrun" && !w.one_node());
+    // mpirun inside a Slurm allocation: Open MPI's variables win
+    w = from({{"OMPI_COMM_WORLD_RANK", "3"}, {"OMPI_COMM_WORLD_SIZE", "8"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "3"},
+              {"OMPI_COMM_WORLD_LOCAL_SIZE", "8"}, {"SLURM_PROCID", "0"}, {"SLURM_STEP_NUM_TASKS", "1"}});
+    CHECK(w.rank == 3 && w.size == 8 && w.launcher == "openmpi" && w.one_node());
+    w = from({{"SLURM_PROCID", "6"}, {"SLURM_STEP_NUM_TASKS", "8"}, {"SLURM_LOCALID", "2"}, {"SLURM_STEP_TASKS_PER_NODE", "4(x2)"}});
+    CHECK(w.rank == 6 && w.size == 8 && w.local_rank == 2 && w.local_size == 4 && w.launcher == "slurm");
+    // a batch script is not a step: SLURM_NTASKS alone means one process
+    w = from({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "8"}});
+    CHECK(!w.multi());
+    expect_error([&] { from({{"RANK", "x1"}, {"WORLD_SIZE", "2"}}); }, "environment variable RANK (set by torchrun)",
+                 "RANK not a number");
+    expect_error([&] { from({{"RANK", "2"}, {"WORLD_SIZE", "2"}}); }, "RANK", "RANK >= WORLD_SIZE");
+    expect_error([&] { from({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "3"}, {"LOCAL_WORLD_SIZE", "2"}}); },
+                 "LOCAL_RANK", "LOCAL_RANK >= LOCAL_WORLD_SIZE");
+    expect_error([] { parse_nccl_init("udp"); }, "--nccl-init must be tcp, file or mpi", "--nccl-init udp");
+
+    // the id over a file, then over TCP (rank 1 in a child process)
+    World r0, r1;
+    r0.size = r1.size = 2;
+    r1.rank = r1.local_rank = 1;
+    r0.local_size = r1.local_size = 2;
+    uint8_t id[128], got[128];
+    for (int i = 0; i < 128; i++) id[i] = (uint8_t)(i * 7 + 3);
+    const std::string file = g_tmp + "/nccl_id";
+    share_unique_id(r0, NCCL_INIT_FILE, file, id, sizeof(id), 5, now_seconds());
+    memset(got, 0, sizeof(got));
+    share_unique_id(r1, NCCL_INIT_FILE, file, got, sizeof(got), 5, now_seconds());
+    CHECK(memcmp(id, got, sizeof(id)) == 0);
+    remove_unique_id_file(r0, NCCL_INIT_FILE, file);
+    CHECK(!path_exists(unique_id_file(file)));
+    expect_error([&] { share_unique_id(r1, NCCL_INIT_FILE, file, got, sizeof(got), 0.3, now_seconds()); },
+                 "waited 0 s (--nccl-timeout) for the NCCL id file", "id file never written");
+    setenv("MASTER_PORT", std::to_string(20000 + getpid() % 20000).c_str(), 1);
+    fflush(stdout);
+    pid_t child = fork();
+    if (child == 0) {  // rank 1: fetch the id, exit 0 iff it is right
+        uint8_t mine[128] = {0};
+        try {
+            share_unique_id(r1, NCCL_INIT_TCP, "", mine, sizeof(mine), 10, now_seconds());
+        } catch (...) { _exit(2); }
+        _exit(memcmp(mine, id, sizeof(id)) == 0 ? 0 : 1);
+    }
+    share_unique_id(r0, NCCL_INIT_TCP, "", id, sizeof(id), 10, now_seconds());
+    int status = 0;
+    waitpid(child, &status, 0);
+    CHECK_MSG(WIFEXITED(status) && WEXITSTATUS(status) == 0, "TCP hand-out: rank 1 exit status %d", WEXITSTATUS(status));
+    expect_error([&] { share_unique_id(r0, NCCL_INIT_TCP, "", id, sizeof(id), 0.3, now_seconds()); },
+                 "missing rank(s) 1", "TCP: rank 1 never connects");
+    unsetenv("MASTER_PORT");
+
+    // resuming on another number of ranks: the global batch must stay
+    TrainArgs saved_args;
+    saved_args.batch = 1;
+    saved_args.world = 4;
+    Json saved = saved_args.settings();
+    TrainArgs now_args;
+    now_args.batch = 2;
+    now_args.world = 2;
+    now_args.check_resume_settings(saved, "ck");  // 2 x 2 = 4 x 1
+    now_args.batch = 1;
+    expect_error([&] { now_args.check_resume_settings(saved, "ck"); }, "use --batch 2 with 2 rank(s)", "global batch changed");
+}
+
 int main(int argc, char** argv) {
     if (argc > 1) g_bin = argv[1];
     g_tmp = strfmt("/tmp/moe_test_cpu.%d", (int)getpid());
@@ -774,6 +851,7 @@ int main(int argc, char** argv) {
     run_test("refusals: outputs, NaN weights, sizes, divergence", test_refusals);
     run_test("--keep-checkpoints all, last, log", test_keep_checkpoints);
     run_test("save + resume bit-identical", test_save_resume);
+    run_test("data parallel: launchers' variables, NCCL id hand-out", test_world);
     remove_tree(g_tmp);
     return report();
 }

@@ -350,12 +350,12 @@ void check_production(Suite& S, int B, int T, int E, int K, Routing routing, boo
     router_backward(dl.data(), dtopw.data(), probs.data(), topk.data(), topw.data(), N, E, K, routing);
     const float scale = 0.5f;
     dDl.poison();
-    gpu::router_backward(dDl.p, dDw.p, dP.p, dLse.p, dK.p, dW.p, nullptr, 0.01f, 0.0f, scale, N, T, E, K, softmax_topk, st);
+    gpu::router_backward(dDl.p, dDw.p, dP.p, dLse.p, dK.p, dW.p, nullptr, 0.01f, 0.0f, scale, N, N, T, E, K, softmax_topk, st);
     S.check_close("dlogits from gates (written)", dDl.host(), dl, TOL_FP32);
     if (N == 4096) {
         S.bench(softmax_topk ? "forward softmax_topk" : "forward topk_softmax", fwd, (2.0 * N * E + 2.0 * N * K) * 4 + 4.0 * N);
         S.bench("backward (gates)", [&] {
-            gpu::router_backward(dDl.p, dDw.p, dP.p, dLse.p, dK.p, dW.p, nullptr, 0.01f, 0.0f, scale, N, T, E, K,
+            gpu::router_backward(dDl.p, dDw.p, dP.p, dLse.p, dK.p, dW.p, nullptr, 0.01f, 0.0f, scale, N, N, T, E, K,
                                  softmax_topk, st);
         }, 4.0 * (3.0 * N * E + 3.0 * N * K));
     }
@@ -377,7 +377,7 @@ void check_production(Suite& S, int B, int T, int E, int K, Routing routing, boo
             g_dev = dAuxG.p;
         }
         dDl.poison();
-        gpu::router_backward(dDl.p, dZero.p, dP.p, dLse.p, dK.p, dW.p, g_dev, (float)aux_coef, (float)zc, scale, N, T, E,
+        gpu::router_backward(dDl.p, dZero.p, dP.p, dLse.p, dK.p, dW.p, g_dev, (float)aux_coef, (float)zc, scale, N, N, T, E,
                              K, softmax_topk, st);
         std::string what = std::string("d(") + (aux == AUX_NONE ? "z-loss" : aux_name(aux)) + ")/dz (written)";
         check_loss_grad(S, what, dDl.host(), zero, r,
@@ -392,7 +392,7 @@ void check_production(Suite& S, int B, int T, int E, int K, Routing routing, boo
         router_backward(all_ref.data(), dtopw.data(), probs.data(), topk.data(), topw.data(), N, E, K, routing);
         dAuxG.upload(g);
         dDl.poison();
-        gpu::router_backward(dDl.p, dDw.p, dP.p, dLse.p, dK.p, dW.p, dAuxG.p, (float)aux_coef, (float)z_coef, scale, N,
+        gpu::router_backward(dDl.p, dDw.p, dP.p, dLse.p, dK.p, dW.p, dAuxG.p, (float)aux_coef, (float)z_coef, scale, N, N,
                              T, E, K, softmax_topk, st);
         S.check_close("dlogits, gates + seq + z", dDl.host(), all_ref, TOL_FP32);
     }

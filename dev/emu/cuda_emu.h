@@ -936,9 +936,23 @@ inline cudaError_t cudaStreamCreate(cudaStream_t* s) { *s = (cudaStream_t) new e
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { return cudaStreamCreate(s); }
 inline cudaError_t cudaStreamDestroy(cudaStream_t s) { delete (emu::StreamRec*)s; return cudaSuccess; }
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
-inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : emu::set_error(cudaErrorInvalidDevice); }
-inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
+inline cudaError_t cudaStreamQuery(cudaStream_t) { return cudaSuccess; }  // every call has completed
+// EMU_DEVICE_COUNT (default 1) emulated devices, all the same CPU: the data-parallel tests
+// run one process per emulated device
+namespace emu {
+inline int device_count() {
+    const char* n = getenv("EMU_DEVICE_COUNT");
+    return n && atoi(n) > 0 ? atoi(n) : 1;
+}
+inline int& current_device() { static int d = 0; return d; }
+}  // namespace emu
+inline cudaError_t cudaSetDevice(int d) {
+    if (d < 0 || d >= emu::device_count()) return emu::set_error(cudaErrorInvalidDevice);
+    emu::current_device() = d;
+    return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* d) { *d = emu::current_device(); return cudaSuccess; }
+inline cudaError_t cudaGetDeviceCount(int* n) { *n = emu::device_count(); return cudaSuccess; }
 inline cudaError_t cudaGetLastError(void) { cudaError_t e = emu::last_error; emu::last_error = cudaSuccess; return e; }
 inline cudaError_t cudaPeekAtLastError(void) { return emu::last_error; }
 inline const char* cudaGetErrorString(cudaError_t e) {
@@ -1032,3 +1046,6 @@ inline cudaError_t cudaFuncSetAttribute(R (*f)(A...), cudaFuncAttribute a, int v
 
 #include "cublas_emu.h"
 #include "mma_emu.h"
+#if __has_include(<nccl.h>)
+#include "nccl_emu.h"
+#endif
