@@ -21,7 +21,10 @@ NVCCFLAGS ?= -std=c++17 -O3 $(GPU_ARCH) --expt-relaxed-constexpr -Xcompiler -fop
 # NCCL: data parallelism over several GPUs. cuDNN is not linked: attention is hand-written.
 # USE_MPI=1 adds --nccl-init mpi (MPI_Bcast of the NCCL id; needs mpicxx): mpirun works
 # without it too, through its variables and the default --nccl-init tcp.
-CUDA_LIBS ?= -lcublas -lcublasLt -lnccl -lgomp
+# NCCL_FLAGS: where NCCL is not in the CUDA toolkit, e.g. pip's nvidia-nccl wheel:
+#   NCCL_FLAGS="-I$D/include -L$D/lib -Xlinker -rpath=$D/lib -l:libnccl.so.2"
+NCCL_FLAGS ?= -lnccl
+CUDA_LIBS ?= -lcublas -lcublasLt $(NCCL_FLAGS) -lgomp
 ifdef USE_MPI
 NVCCFLAGS += -DUSE_MPI $(shell mpicxx --showme:compile 2>/dev/null)
 CUDA_LIBS += $(shell mpicxx --showme:link 2>/dev/null)

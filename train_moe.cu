@@ -22,11 +22,13 @@ Determinism: no float atomics anywhere; every reduction has a fixed order; cuBLA
 one stream with a fixed workspace. So a resumed run reproduces the uninterrupted one bit
 for bit on the same GPU.
 
-One GPU. Data-parallel training would all-reduce the gradient buffer right before the
-global norm in GPUModel::step (marked there).
+Several GPUs: data parallel over NCCL with the AdamW moments sharded (ZeRO-1), one process
+per GPU started by torchrun, srun or mpirun (section "Data parallel" below, common/world.h).
+One GPU and no launcher: no NCCL call at all.
 
 Status: never run on a GPU (docs/gpu-log.md). It runs, and is tested on every `make test`, in
-the CUDA emulation on the CPU (docs/emulation.md): test/test_gpu_fixtures.cu and test/test_gpu.sh.
+the CUDA emulation on the CPU (docs/emulation.md): test/test_gpu_fixtures.cu and
+test/test_gpu.sh; data parallelism with 1-4 emulated GPUs and an NCCL stand-in: test/test_dp.sh.
 */
 #include <algorithm>
 #include <cmath>
@@ -1049,7 +1051,7 @@ int run_gpu_training(TrainArgs& args, Cli& cli, const GpuOptions& go, DataParall
     if (w.root()) {
         printf("device: %s (%s, %s)\n", prop.name, sizeof(T) == 4 ? "fp32" : "bf16 mixed precision",
                peak > 0 ? strfmt("bf16 peak %.0f TFLOP/s", peak / 1e12).c_str() : "unknown device: no MFU");
-        if (w.multi()) {
+        if (dp) {
             int nv = 0;
             ncclGetVersion(&nv);
             printf("data parallel: %d ranks (%s), %d per node, NCCL %d.%d.%d, --nccl-init %s; global batch %d x %d; AdamW "
@@ -1096,7 +1098,7 @@ int main(int argc, char** argv) {
     args.add_to(cli);
     cli.section("GPU");
     cli.add("--dtype", &go.dtype, "bf16 (fp32 master weights, bf16 compute) or fp32 (everything fp32; for tests)");
-    cli.add("--device", &go.device, "CUDA device index");
+    cli.add("--device", &go.device, "CUDA device index (under a launcher: the node-local rank's)");
     cli.flag("--no-stochastic-rounding", &go.no_sr, "bf16: round the weight copy to nearest instead of stochastically");
     cli.section("Several GPUs (one process per GPU, started by torchrun, srun or mpirun: README)");
     cli.add("--nccl-init", &go.nccl_init, "how rank 0 hands out the NCCL id: tcp (MASTER_ADDR, MASTER_PORT + 1), file or mpi");
@@ -1104,7 +1106,8 @@ int main(int argc, char** argv) {
     cli.add("--nccl-timeout", &go.nccl_timeout, "seconds to wait for the other ranks (start-up, each collective) before "
             "stopping with an error", Range::between(1, 1e6));
     cli.epilog("Checkpoints are Hugging Face model directories (config.json + model.safetensors) plus\n"
-               "optimizer.safetensors and trainer_state.json; --resume continues bit-identically on the same GPU.");
+               "optimizer.safetensors and trainer_state.json; --resume continues bit-identically on the same GPU,\n"
+               "and on another number of GPUs with the same global batch (GPUs x --batch).");
     World world;
     std::unique_ptr<DataParallel> dp;  // (declared here: an error aborts the communicator, never waits on it)
     try {
@@ -1115,7 +1118,10 @@ int main(int argc, char** argv) {
         world = world_from_env();
         int ndev = 0;
         cudaCheck(cudaGetDeviceCount(&ndev));
-        if (world.multi() && !cli.was_set("--device")) {  // one GPU per process: the node-local rank's
+        // under a launcher (even with one process: then NCCL runs on one rank) one GPU per
+        // process: the node-local rank's, unless --device says otherwise
+        const bool launched = world.launcher != "none";
+        if (launched && !cli.was_set("--device")) {
             if (world.local_rank >= ndev)
                 FAIL("local rank %d (%s) but this node has %d CUDA device(s): start at most %d processes per node",
                      world.local_rank, world.launcher.c_str(), ndev, ndev);
@@ -1124,7 +1130,7 @@ int main(int argc, char** argv) {
         if (go.device < 0 || go.device >= ndev) FAIL("--device %d: this machine has %d CUDA device(s)", go.device, ndev);
         cudaCheck(cudaSetDevice(go.device));
         args.world = world.size;
-        if (world.multi()) {
+        if (launched) {
             dp.reset(new DataParallel());
             dp->init(world, init, go.nccl_init_file, go.nccl_timeout);
         }

@@ -8,6 +8,9 @@
 #   fixture    one fp32 fixture (the quickest signal that the GPU code runs at all)
 #   fixtures   every fixture, fp32 and bf16, and the planted bugs (test/test_gpu.sh part a)
 #   trainer    bit-identical resume and 20 steps GPU vs CPU (test/test_gpu.sh parts b, c)
+#   dp         the data-parallel code on real NCCL with one rank (a launcher's variables,
+#              world size 1) against the plain run (test/test_dp.sh part a, RANKS=1: NCCL
+#              refuses two ranks on one GPU, so more ranks need more GPUs)
 #   dev_cuda   every dev/cuda kernel check and benchmark (dev/cuda/run_all.sh)
 #   bench      the throughput table (dev/bench/bench.sh)
 #   memcheck   (not in the default PARTS) one fp32 fixture under compute-sanitizer
@@ -23,14 +26,14 @@
 #   EMU=1 bash dev/gpu_session.sh        (binaries from $EMU_DIR, default build/emu)
 #
 # Environment: OUT (default build/gpu_session), DEADLINE (seconds, default 510), PARTS
-# (default "fixture fixtures trainer dev_cuda bench"; the build always runs first), EMU (1:
+# (default "fixture fixtures trainer dp dev_cuda bench"; the build always runs first), EMU (1:
 # emulated binaries), JOBS (parallel builds, default nproc), NO_MAKE (1: build with the direct
 # commands even where make exists), NVCC (default nvcc).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_session}
 DEADLINE=${DEADLINE:-510}
-PARTS=${PARTS:-fixture fixtures trainer dev_cuda bench}
+PARTS=${PARTS:-fixture fixtures trainer dp dev_cuda bench}
 EMU=${EMU:-0}
 EMU_DIR=${EMU_DIR:-build/emu}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 4)}
@@ -70,11 +73,22 @@ part() {
   return "$rc"
 }
 
+# NCCL's headers and library: the CUDA toolkit's, else the pip wheel's (nvidia-nccl-cu*,
+# which has libnccl.so.2 without the libnccl.so link)
+nccl_flags() {
+  local cuda=$(dirname "$(dirname "$(command -v "${NVCC:-nvcc}")")")
+  if [ -f "$cuda/include/nccl.h" ] || [ -f /usr/include/nccl.h ]; then echo "-lnccl"; return; fi
+  local d=$(python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null)
+  if [ -n "$d" ] && [ -f "$d/include/nccl.h" ]; then
+    local lib=-lnccl; [ -f "$d/lib/libnccl.so" ] || lib=-l:libnccl.so.2
+    echo "-I$d/include -L$d/lib -Xlinker -rpath=$d/lib $lib"
+  else echo "-lnccl"; fi
+}
 # the build without make: the Makefile's commands, run directly, in parallel
 build_direct() {
   local arch=${GPU_ARCH:--gencode arch=compute_90,code=sm_90}
   local nv="${NVCC:-nvcc} -std=c++17 -O3 $arch --expt-relaxed-constexpr -Xcompiler -fopenmp -Xcompiler -Wall"
-  local libs="-lcublas -lcublasLt -lgomp"
+  local libs="-lcublas -lcublasLt -lgomp $(nccl_flags)"
   mkdir -p build/cuda-check
   g++ -std=c++17 -O3 -march=native -fopenmp -o train_moe train_moe.cpp || return 1
   {
@@ -86,13 +100,13 @@ build_direct() {
 }
 build() {
   if [ "$EMU" = 1 ]; then make -j"$JOBS" train_moe emu
-  elif command -v make >/dev/null && [ "${NO_MAKE:-0}" != 1 ]; then make -j"$JOBS" train_moe train_moe_gpu cuda-check
+  elif command -v make >/dev/null && [ "${NO_MAKE:-0}" != 1 ]; then make -j"$JOBS" train_moe train_moe_gpu cuda-check NCCL_FLAGS="$(nccl_flags)"
   else echo "no make on this machine: building with direct commands"; build_direct
   fi
 }
 
 # `timeout` runs programs, not shell functions: hand it the functions through the environment
-export -f build build_direct
+export -f build build_direct nccl_flags
 export EMU JOBS NO_MAKE NVCC
 
 finish() {
@@ -131,6 +145,7 @@ for p in $PARTS; do
     fixture)  part fixture 60 "$FIXTURES" --dtype fp32 test/fixtures/moe_topk_softmax ;;
     fixtures) part fixtures 120 env GPU="$GPU" FIXTURES="$FIXTURES" PARTS=a KEEP_TMP=1 TMPDIR="$LOGS" bash test/test_gpu.sh ;;
     trainer)  part trainer 150 env GPU="$GPU" FIXTURES="$FIXTURES" PARTS="b c" KEEP_TMP=1 TMPDIR="$LOGS" bash test/test_gpu.sh ;;
+    dp)       part dp 90 env GPU="$GPU" PARTS=a RANKS=1 KEEP_TMP=1 TMPDIR="$LOGS" bash test/test_dp.sh ;;
     dev_cuda) part dev_cuda 200 env LOGDIR="$LOGS/dev_cuda" BINDIR="$DEVCUDA_BINDIR" NOBUILD=1 bash dev/cuda/run_all.sh ;;
     bench)    part bench 150 env "${BENCH_ENV[@]}" BENCH="$BENCH" bash dev/bench/bench.sh ;;
     memcheck) part memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 3 \

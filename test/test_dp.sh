@@ -3,7 +3,8 @@
 # process per emulated GPU and the NCCL stand-in (dev/emu/nccl_emu.h); make test runs it
 # with GPU=build/emu/train_moe_gpu. On a machine with several GPUs the same script runs the
 # real trainer and NCCL (GPU=./train_moe_gpu; the emulation variables are then ignored).
-#   (a) N ranks x --batch B reproduce one rank with --batch N*B: 2 and 4 ranks, MoE (switch
+#   (a) N ranks x --batch B reproduce one process with --batch N*B: 1 (under a launcher: the
+#       NCCL code with one rank), 2 and 4 ranks, MoE (switch
 #       aux loss, z-loss, aux-loss-free bias) and dense, fp32 and bf16, with gradient
 #       accumulation; metrics and final weights within tolerance (fp32: the only difference
 #       is the order of the gradient sums; bf16: that, through stochastic rounding)
@@ -14,12 +15,16 @@
 #       file; only rank 0 prints and writes
 #   (e) failures: a rank killed mid-run makes the others stop with an error naming it; a
 #       missing rank makes rank 0 stop after --nccl-timeout; a rank without rank 0 too
-# Prints "N passed, M failed"; exits non-zero on any failure. PARTS selects parts (default all).
+# Prints "N passed, M failed"; exits non-zero on any failure. PARTS selects parts (default all);
+# RANKS the world sizes of (a) (default "1 2 4"; the other cases of (a) use the largest): on
+# a machine with one GPU, RANKS=1 PARTS=a runs real NCCL on one rank (dev/gpu_session.sh).
 set -u
 cd "$(dirname "$0")/.."
 GPU=${GPU:-./train_moe_gpu}
 PY=${PYTHON:-python3}
 PARTS=${PARTS:-a b c d e}
+RANKS=${RANKS:-1 2 4}
+NMAX=$(echo $RANKS | tr ' ' '\n' | sort -n | tail -n 1)
 pass=0; fail=0
 ok() { pass=$((pass + 1)); echo "PASS $*"; }
 bad() { fail=$((fail + 1)); echo "FAIL $*"; }
@@ -73,7 +78,7 @@ BF16_TOL="--tol 1e-2 --wtol 3e-2 --model-only --fields loss,ce,aux,z,grad_norm,v
 if want a; then
   MOE="$BASE --steps 6 --experts 4 --topk 2 --aux-free-bias 1e-3"
   single "$tmp/moe1" $MOE --dtype fp32 --batch 4 || bad "one rank, MoE fp32: run failed"
-  for n in 2 4; do
+  for n in $RANKS; do  # (1: one process under a launcher: the NCCL code on one rank)
     if launch torchrun $n "$tmp/moe$n" $MOE --dtype fp32 --batch $((4 / n)); then
       compare "MoE fp32: $n ranks x batch $((4 / n)) vs 1 x 4" "$tmp/moe1" "$tmp/moe$n" $FP32_TOL
     else bad "MoE fp32, $n ranks: run failed"; fi
@@ -82,19 +87,20 @@ if want a; then
   # whole bias step)
   MOEB="$BASE --steps 6 --experts 4 --topk 2"
   single "$tmp/moeb1" $MOEB --dtype bf16 --batch 4 || bad "one rank, MoE bf16: run failed"
-  if launch torchrun 2 "$tmp/moeb2" $MOEB --dtype bf16 --batch 2; then
-    compare "MoE bf16: 2 ranks x 2 vs 1 x 4" "$tmp/moeb1" "$tmp/moeb2" $BF16_TOL
-  else bad "MoE bf16, 2 ranks: run failed"; fi
+  n=$NMAX
+  if launch torchrun $n "$tmp/moeb2" $MOEB --dtype bf16 --batch $((4 / n)); then
+    compare "MoE bf16: $n ranks x $((4 / n)) vs 1 x 4" "$tmp/moeb1" "$tmp/moeb2" $BF16_TOL
+  else bad "MoE bf16, $n ranks: run failed"; fi
   DENSE="$BASE --steps 6"
   single "$tmp/dense1" $DENSE --dtype fp32 --batch 4 || bad "one rank, dense: run failed"
-  if launch torchrun 2 "$tmp/dense2" $DENSE --dtype fp32 --batch 2; then
-    compare "dense fp32: 2 ranks x 2 vs 1 x 4" "$tmp/dense1" "$tmp/dense2" $FP32_TOL
-  else bad "dense, 2 ranks: run failed"; fi
+  if launch torchrun $n "$tmp/dense2" $DENSE --dtype fp32 --batch $((4 / n)); then
+    compare "dense fp32: $n ranks x $((4 / n)) vs 1 x 4" "$tmp/dense1" "$tmp/dense2" $FP32_TOL
+  else bad "dense, $n ranks: run failed"; fi
   GA="$BASE --steps 4 --experts 4 --topk 2 --aux-loss seq --grad-accum 2 --dtype fp32"
   single "$tmp/ga1" $GA --batch 4 || bad "one rank, grad-accum: run failed"
-  if launch torchrun 2 "$tmp/ga2" $GA --batch 2; then
-    compare "MoE fp32 --grad-accum 2 --aux-loss seq: 2 ranks x 2 vs 1 x 4" "$tmp/ga1" "$tmp/ga2" $FP32_TOL
-  else bad "grad-accum, 2 ranks: run failed"; fi
+  if launch torchrun $n "$tmp/ga2" $GA --batch $((4 / n)); then
+    compare "MoE fp32 --grad-accum 2 --aux-loss seq: $n ranks x $((4 / n)) vs 1 x 4" "$tmp/ga1" "$tmp/ga2" $FP32_TOL
+  else bad "grad-accum, $n ranks: run failed"; fi
 fi
 
 # ---------------------------------------------------------------------------
