@@ -114,6 +114,9 @@ DEV_CUDA_NAMES := $(patsubst dev/cuda/%.cu,%,$(DEV_CUDA))
 EMU_BINS := $(EMU_DIR)/train_moe_gpu $(EMU_DIR)/test_emu $(EMU_DIR)/test_gpu_fixtures $(EMU_DIR)/bench_gpu \
             $(addprefix $(EMU_DIR)/dev_cuda/,$(DEV_CUDA_NAMES))
 HAVE_CUDA_HEADERS := $(wildcard $(CUDA_HOME)/include/cuda_runtime.h)
+# with mpicxx: the trainer built with USE_MPI too, for the --nccl-init mpi test (test/test_dp.sh f)
+HAVE_MPICXX := $(shell command -v mpicxx 2>/dev/null)
+EMU_BINS += $(if $(HAVE_MPICXX),$(EMU_DIR)/train_moe_gpu_mpi)
 
 $(EMU_SRC)/.stamp: dev/emu/cu2cpp.py train_moe.cu train_moe.cpp $(COMMON) $(KERNELS) $(DEV_CUDA) dev/cuda/common.h \
                    $(wildcard test/*.cu test/*.h) dev/bench/bench_gpu.cu
@@ -123,6 +126,9 @@ $(EMU_SRC)/.stamp: dev/emu/cu2cpp.py train_moe.cu train_moe.cpp $(COMMON) $(KERN
 $(EMU_DIR)/train_moe_gpu: $(EMU_SRC)/.stamp $(EMU_HEADERS)
 	@mkdir -p $(@D)
 	$(EMU_CC) -o $@ $(EMU_SRC)/train_moe.cu
+$(EMU_DIR)/train_moe_gpu_mpi: $(EMU_SRC)/.stamp $(EMU_HEADERS)
+	@mkdir -p $(@D)
+	$(EMU_CC) -DUSE_MPI $(shell mpicxx --showme:compile 2>/dev/null) -o $@ $(EMU_SRC)/train_moe.cu $(shell mpicxx --showme:link 2>/dev/null)
 $(EMU_DIR)/test_gpu_fixtures: $(EMU_SRC)/.stamp $(EMU_HEADERS)
 	@mkdir -p $(@D)
 	$(EMU_CC) -o $@ $(EMU_SRC)/test/test_gpu_fixtures.cu

@@ -169,14 +169,21 @@ struct DataParallel {
         cudaCheck(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
     }
     ~DataParallel() {
-        if (comm) (aborted ? ncclCommAbort : ncclCommDestroy)(comm);
+        if (comm) ncclCommDestroy(comm);  // (after an error abort() has run: comm is null)
         if (event) cudaEventDestroy(event);
         if (comm_stream) cudaStreamDestroy(comm_stream);
     }
+    // stops this rank's collectives (pending ones included): on any error, before the
+    // model's buffers are freed (cudaFree waits for the device, which would wait forever
+    // for a collective whose peer is gone)
+    void abort() {
+        if (comm && !aborted) ncclCommAbort(comm);
+        comm = nullptr;
+        aborted = true;
+    }
     [[noreturn]] void fail(const char* what, ncclResult_t r) {
         std::string detail = comm ? ncclGetLastError(comm) : "";
-        if (comm && !aborted) { ncclCommAbort(comm); aborted = true; }
-        comm = nullptr;
+        abort();
         FAIL("%s failed: %s%s%s. Another rank has probably stopped: see its log", what, ncclGetErrorString(r),
              detail.empty() ? "" : ": ", detail.c_str());
     }
@@ -191,9 +198,7 @@ struct DataParallel {
             ncclCheck(this, ncclCommGetAsyncError(comm, &e), "ncclCommGetAsyncError");
             if (e != ncclSuccess && e != ncclInProgress) fail(what, e);
             if (now_seconds() - start > timeout) {
-                ncclCommAbort(comm);
-                comm = nullptr;
-                aborted = true;
+                abort();
                 FAIL("%s did not finish within --nccl-timeout %.0f s: another rank has probably died or hangs (see its "
                      "log); the communicator was aborted", what, timeout);
             }
@@ -1084,7 +1089,12 @@ int run_gpu_training(TrainArgs& args, Cli& cli, const GpuOptions& go, DataParall
         hooks.optimizer_bytes = 8.0 / w.size;
         hooks.all_ok = [&M](bool ok) { return M.dp->all_ok(ok, M.dp_flag, M.stream); };
     }
-    return run_training(M, args, cli, hooks);
+    try {
+        return run_training(M, args, cli, hooks);
+    } catch (...) {
+        if (dp) dp->abort();  // while M's buffers still exist
+        throw;
+    }
 }
 
 // test/test_gpu_fixtures.cu and dev/bench/bench_gpu.cu include this file as a library
@@ -1135,14 +1145,17 @@ int main(int argc, char** argv) {
             dp->init(world, init, go.nccl_init_file, go.nccl_timeout);
         }
         const bool fp32 = go.dtype == "fp32";
-        return fp32 ? run_gpu_training<float>(args, cli, go, dp.get()) : run_gpu_training<bf16>(args, cli, go, dp.get());
+        int rc = fp32 ? run_gpu_training<float>(args, cli, go, dp.get()) : run_gpu_training<bf16>(args, cli, go, dp.get());
+        dp.reset();  // the communicator first, then MPI
+        mpi_finalize_if_started();
+        return rc;
     } catch (const Error& e) {
-        if (dp) dp->aborted = true;
+        if (dp) dp->abort();
         if (world.multi()) fprintf(stderr, "error (rank %d of %d): %s\n", world.rank, world.size, e.what());
         else fprintf(stderr, "error: %s\n", e.what());
         return 1;
     } catch (const std::bad_alloc&) {
-        if (dp) dp->aborted = true;
+        if (dp) dp->abort();
         fprintf(stderr, "error: out of memory (a host allocation failed); use a smaller --batch / --seq or model\n");
         return 1;
     }

@@ -25,7 +25,7 @@
 // Each waits at most `timeout` seconds and then says who was missing.
 //
 // defines: World, world_from_env, NcclInit, parse_nccl_init, launch_job_id, share_unique_id,
-//          remove_unique_id_file
+//          remove_unique_id_file, mpi_finalize_if_started
 #pragma once
 #include <cerrno>
 #include <cstdint>
@@ -328,6 +328,15 @@ inline void share_unique_id(const World& w, NcclInit how, const std::string& fil
                  "mpicxx); mpirun's variables work with the default --nccl-init tcp (set MASTER_ADDR for several nodes)");
 #endif
     }
+}
+// at the end of a run that used --nccl-init mpi
+inline void mpi_finalize_if_started() {
+#ifdef USE_MPI
+    int started = 0, finished = 0;
+    MPI_Initialized(&started);
+    MPI_Finalized(&finished);
+    if (started && !finished) MPI_Finalize();
+#endif
 }
 // after every rank joined the communicator: rank 0 removes the id file (--nccl-init file)
 inline void remove_unique_id_file(const World& w, NcclInit how, const std::string& file) {

@@ -15,6 +15,8 @@
 #       file; only rank 0 prints and writes
 #   (e) failures: a rank killed mid-run makes the others stop with an error naming it; a
 #       missing rank makes rank 0 stop after --nccl-timeout; a rank without rank 0 too
+#   (f) with Open MPI's mpirun and the trainer built with USE_MPI (GPU_MPI, default
+#       ${GPU}_mpi; make emu builds it where mpicxx exists): --nccl-init mpi (else skipped)
 # Prints "N passed, M failed"; exits non-zero on any failure. PARTS selects parts (default all);
 # RANKS the world sizes of (a) (default "1 2 4"; the other cases of (a) use the largest): on
 # a machine with one GPU, RANKS=1 PARTS=a runs real NCCL on one rank (dev/gpu_session.sh).
@@ -22,7 +24,7 @@ set -u
 cd "$(dirname "$0")/.."
 GPU=${GPU:-./train_moe_gpu}
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-a b c d e}
+PARTS=${PARTS:-a b c d e f}
 RANKS=${RANKS:-1 2 4}
 NMAX=$(echo $RANKS | tr ' ' '\n' | sort -n | tail -n 1)
 pass=0; fail=0
@@ -79,8 +81,8 @@ if want a; then
   MOE="$BASE --steps 6 --experts 4 --topk 2 --aux-free-bias 1e-3"
   single "$tmp/moe1" $MOE --dtype fp32 --batch 4 || bad "one rank, MoE fp32: run failed"
   for n in $RANKS; do  # (1: one process under a launcher: the NCCL code on one rank)
-    if launch torchrun $n "$tmp/moe$n" $MOE --dtype fp32 --batch $((4 / n)); then
-      compare "MoE fp32: $n ranks x batch $((4 / n)) vs 1 x 4" "$tmp/moe1" "$tmp/moe$n" $FP32_TOL
+    if launch torchrun $n "$tmp/moe_r$n" $MOE --dtype fp32 --batch $((4 / n)); then
+      compare "MoE fp32: $n rank(s) x batch $((4 / n)) vs one process x 4" "$tmp/moe1" "$tmp/moe_r$n" $FP32_TOL
     else bad "MoE fp32, $n ranks: run failed"; fi
   done
   # bf16 (no aux-loss-free bias here: one routing decision flipped by a rounding flips a
@@ -193,6 +195,22 @@ if want e; then
   if grep -q "local rank 1 (torchrun) but this node has 1 CUDA device" "$tmp/nodev.log"; then
     ok "more ranks than GPUs on a node refused"
   else bad "more ranks than GPUs: $(tail -n 1 "$tmp/nodev.log")"; fi
+fi
+
+# ---------------------------------------------------------------------------
+if want f; then
+  GPU_MPI=${GPU_MPI:-${GPU}_mpi}
+  if [ -x "$GPU_MPI" ] && command -v mpirun >/dev/null; then
+    M="$BASE --steps 2 --experts 4 --topk 2 --dtype fp32"
+    root_flags=""; [ "$(id -u)" = 0 ] && root_flags="--allow-run-as-root"
+    single "$tmp/m1" $M --batch 4 || bad "one process: run failed"
+    if timeout 300 mpirun $root_flags --oversubscribe -np 2 -x EMU_DEVICE_COUNT=2 -x OMP_NUM_THREADS=1 \
+         -x NCCL_EMU_TIMEOUT_S "$GPU_MPI" $M --batch 2 --nccl-init mpi --out "$tmp/m2" >"$tmp/m2.log" 2>&1; then
+      compare "mpirun -np 2, --nccl-init mpi (MPI_Bcast of the id)" "$tmp/m1" "$tmp/m2" $FP32_TOL
+    else bad "mpirun --nccl-init mpi failed: $(grep -m1 error "$tmp/m2.log")"; fi
+  else
+    echo "SKIP (f) --nccl-init mpi: needs mpirun and $GPU_MPI (apt-get install libopenmpi-dev openmpi-bin; make emu)"
+  fi
 fi
 
 echo "$pass passed, $fail failed"
