@@ -60,6 +60,11 @@ test/bin/test_gradcheck: test/test_gradcheck.cpp test/testing.h test/fixture.h t
 	@mkdir -p test/bin
 	$(CXX) $(CXXFLAGS) -DTRAIN_MOE_DOUBLE -o $@ $<
 
+# common/bpe.h's encoder as a filter, checked against `tokenizers` by test/test_tokenizer.py
+test/bin/test_bpe: test/test_bpe.cpp common/bpe.h common/json.h common/util.h
+	@mkdir -p test/bin
+	$(CXX) $(CXXFLAGS) -o $@ $<
+
 test/bin/test_upcycle: test/test_upcycle.cpp test/testing.h upcycle.cu train_moe.cpp $(COMMON)
 	@mkdir -p test/bin
 	$(CXX) $(CXXFLAGS) -o $@ $<
@@ -192,7 +197,7 @@ test-san: $(SAN_BINS)
 	@test -f data/tiny/tokenizer.bin || $(MAKE) --no-print-directory data-tiny
 	SUITES=san bash test/run_tests.sh
 
-TEST_BINS := test/bin/test_cpu test/bin/test_gradcheck $(if $(wildcard test/test_upcycle.cpp),test/bin/test_upcycle)
+TEST_BINS := test/bin/test_cpu test/bin/test_gradcheck $(if $(wildcard test/test_upcycle.cpp),test/bin/test_upcycle) test/bin/test_bpe
 
 # the emulated GPU binaries are built when the CUDA headers exist (no GPU needed)
 NPROC := $(shell nproc 2>/dev/null || echo 2)

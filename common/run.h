@@ -23,6 +23,7 @@
 #include <functional>
 #include <string>
 #include <vector>
+#include "bpe.h"           // defines: BpeTokenizer (--sample-prompt)
 #include "checkpoint.h"    // defines: TrainerState, save_checkpoint, resolve_resume_dir, ...
 #include "cli.h"           // defines: Cli
 #include "dataloader.h"    // defines: DataLoader
@@ -161,14 +162,16 @@ EvalResult evaluate(Model& M, const DataLoader& data, int max_batches, int rank 
     return r;
 }
 
-// Samples n tokens after an end-of-text token, at temperature 1. Recomputes the whole
-// context each token (no KV cache): simple, and fine for short samples.
+// Samples n tokens after an end-of-text token and the prompt's tokens, at temperature 1.
+// Recomputes the whole context each token (no KV cache): simple, and fine for short samples.
 template <typename Model>
-std::string sample_text(Model& M, const Tokenizer& tok, int n, int T_max, RngStream& rng) {
+std::string sample_text(Model& M, const Tokenizer& tok, int n, int T_max, RngStream& rng,
+                        const std::vector<int>& prompt = {}) {
     const int V = M.cfg.vocab_size;
     // the tokenizer's end-of-text id is a valid token of the tokenizer, not necessarily of a
     // model with a smaller --vocab
     std::vector<int> ctx = {tok.eot >= 0 && tok.eot < V ? tok.eot : 0};
+    ctx.insert(ctx.end(), prompt.begin(), prompt.end());
     std::string out;
     std::vector<double> p(V);
     auto saved = M.step_load;  // sampling is not training load either
@@ -266,6 +269,14 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
     const bool root = hooks.rank == 0;  // data parallel: rank 0 alone prints and writes
     Tokenizer tok;  // optional: only for printing samples and for the vocabulary size
     std::string tok_path = load_run_tokenizer(args, &tok);
+    std::vector<int> prompt;  // --sample-prompt, encoded with the data's tokenizer.json
+    if (!args.sample_prompt.empty()) {
+        const std::string bpe_path = path_join(args.data_dir, "tokenizer.json");
+        if (!path_exists(bpe_path)) FAIL("--sample-prompt needs %s to encode the prompt", bpe_path.c_str());
+        BpeTokenizer bpe;
+        bpe.load(bpe_path);
+        prompt = bpe.encode(args.sample_prompt);
+    }
 
     // the model: a resumed run, a checkpoint (--init), or from scratch. Its config first, so
     // that the output location, memory and disk are checked before anything is allocated.
@@ -313,6 +324,9 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
         M.init_scratch(plan_cfg, (uint64_t)args.seed, (float)args.init_std);
     }
     const ModelConfig& c = M.cfg;
+    for (int id : prompt)
+        if (id >= c.vocab_size)
+            FAIL("--sample-prompt: token %d of the prompt is outside the model's vocabulary of %d", id, c.vocab_size);
     if (tok.ok() && (int)tok.tokens.size() > c.vocab_size)
         FAIL("%s: tokenizer has %zu tokens but the model's vocab_size is %d", tok_path.c_str(), tok.tokens.size(),
              c.vocab_size);
@@ -393,8 +407,9 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
     };
     auto print_sample = [&]() {  // rank 0 only: no collectives in a forward without targets
         if (args.sample_tokens <= 0 || !root) return;
-        std::string s = sample_text(M, tok, args.sample_tokens, args.seq, sample_rng);
-        printf("sample at step %ld: %s\n", state.step, printable(s).c_str());
+        std::string s = sample_text(M, tok, args.sample_tokens, args.seq, sample_rng, prompt);
+        printf("sample at step %ld: %s%s\n", state.step,
+               prompt.empty() ? "" : ("[" + printable(args.sample_prompt) + "]").c_str(), printable(s).c_str());
     };
     while (state.step < args.steps) {
         if (args.eval_every > 0 && state.step % args.eval_every == 0) {

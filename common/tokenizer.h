@@ -1,7 +1,8 @@
 // tokenizer.h: the decode table (token id -> bytes) used to print generated text.
 // File format (llm.c's tokenizer.bin): 256 x uint32 header (magic 20240328, version 2,
 // vocab size, end-of-text id), then per token: one uint8 length and that many bytes.
-// Encoding is done in Python (dev/data) with the matching tokenizer.json.
+// Encoding: the corpus is encoded in Python (dev/data); prompts with common/bpe.h, from the
+// matching tokenizer.json.
 //
 // defines: Tokenizer, printable
 #pragma once

@@ -27,7 +27,7 @@ struct TrainArgs {
     std::string aux_loss = "switch";
     double aux_coef = 0.01, z_coef = 0.001, aux_free_bias = 0;
     // run
-    std::string out = "runs/train", keep_checkpoints = "all";
+    std::string out = "runs/train", keep_checkpoints = "all", sample_prompt;
     int eval_every = 0, eval_batches = 8, sample_every = 0, sample_tokens = 64, save_every = 0, log_every = 1;
     long seed = 1337;
     // not an option: the number of data-parallel ranks (train_moe_gpu sets it from the
@@ -89,6 +89,7 @@ struct TrainArgs {
                 Range::at_least(0));
         cli.add("--sample-tokens", &sample_tokens, "length of generated samples (0 = no samples)",
                 Range::between(0, 1 << 20));
+        cli.add("--sample-prompt", &sample_prompt, "samples continue this text (encoded with the data's tokenizer.json)");
         cli.add("--save-every", &save_every, "write a checkpoint every N steps (0 = only at the end)",
                 Range::at_least(0));
         cli.flag("--no-save", &no_save, "write no checkpoint at the end");

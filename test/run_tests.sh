@@ -58,6 +58,7 @@ if [ "$SUITES" = all ]; then
   suite "CPU benchmark smoke run" bash -c "SMOKE=1 bash dev/bench/bench_cpu.sh | tee /dev/stderr | grep -q '^bench: ' && echo '1 passed, 0 failed' || { echo '0 passed, 1 failed'; exit 1; }"
   [ -x test/bin/test_upcycle ] && suite "upcycle" ./test/bin/test_upcycle ./upcycle ./train_moe
   suite "data" "$PYTHON" dev/data/test_data.py data/tiny
+  suite "tokenizer: the C++ BPE encoder vs tokenizers" "$PYTHON" test/test_tokenizer.py data/tiny
   suite "crash safety (SIGKILL loop, full disk)" bash test/test_crash.sh ./train_moe
   echo "=== building the ASan+UBSan binaries (build/san/)"
   if make --no-print-directory -j"$(nproc)" san; then san_suites
