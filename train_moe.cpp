@@ -274,6 +274,24 @@ void rope_backward(real* dx, const real* cosb, const real* sinb, int N, int T, i
     }
 }
 
+// RoPE at explicit positions (decoding with a KV cache: row n sits at position pos[n]);
+// the same arithmetic as rope_forward
+void rope_forward_at(real* x, const real* cosb, const real* sinb, const int* pos, int N, int nh, int hd) {
+    int h2 = hd / 2;
+    for (int n = 0; n < N; n++) {
+        const real* c = cosb + (size_t)pos[n] * h2;
+        const real* s = sinb + (size_t)pos[n] * h2;
+        for (int h = 0; h < nh; h++) {
+            real* v = x + (size_t)n * nh * hd + h * hd;
+            for (int i = 0; i < h2; i++) {
+                real a = v[i], b = v[i + h2];
+                v[i] = a * c[i] - b * s[i];
+                v[i + h2] = b * c[i] + a * s[i];
+            }
+        }
+    }
+}
+
 // Causal self-attention with grouped-query heads: query head h reads kv head h / (H/Hkv).
 // q [N, H*hd], k and v [N, Hkv*hd], out [N, H*hd], att [B, H, T, T] softmax probabilities
 // (row t holds weights for keys 0..t; the rest is unused).
@@ -331,6 +349,40 @@ void attention_backward(real* dq, real* dk, real* dv, const real* dout, const re
                         axpy(dv + (size_t)(b * T + j) * kvd + kh * hd, p[j], dot_, hd);
                     }
                 }
+        }
+}
+
+// Attention of n new tokens per sequence over a KV cache (decoding): sequence b's keys and
+// values for positions 0 .. pos[b] + n - 1 are in kc / vc [rows, T_max, Hkv*hd] at cache row
+// row0 + b (the new tokens' already written); its query t sits at position pos[b] + t and
+// sees keys 0 .. pos[b] + t. The arithmetic of attention_forward, key by key in the same
+// order, so cached decoding gives the full forward's numbers. q, out [B*n, H*hd].
+void attention_forward_cached(real* out, const real* q, const real* kc, const real* vc, const int* pos, int row0, int B,
+                              int n, int T_max, int H, int Hkv, int hd) {
+    int group = H / Hkv, qd = H * hd, kvd = Hkv * hd;
+    real scale = 1 / std::sqrt((real)hd);
+#pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            int kh = h / group;
+            const real* K = kc + (size_t)(row0 + b) * T_max * kvd + kh * hd;
+            const real* V = vc + (size_t)(row0 + b) * T_max * kvd + kh * hd;
+            std::vector<real> p(pos[b] + n);
+            for (int t = 0; t < n; t++) {
+                const int P = pos[b] + t;  // this query's position
+                const real* qt = q + (size_t)(b * n + t) * qd + h * hd;
+                real mx = -INFINITY;
+                for (int j = 0; j <= P; j++) {
+                    p[j] = dot(qt, K + (size_t)j * kvd, hd) * scale;
+                    if (p[j] > mx) mx = p[j];
+                }
+                real sum = 0;
+                for (int j = 0; j <= P; j++) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+                for (int j = 0; j <= P; j++) p[j] /= sum;
+                real* o = out + (size_t)(b * n + t) * qd + h * hd;
+                for (int i = 0; i < hd; i++) o[i] = 0;
+                for (int j = 0; j <= P; j++) axpy(o, p[j], V + (size_t)j * kvd, hd);
+            }
         }
 }
 
@@ -649,6 +701,22 @@ struct LayerActs {
     std::vector<double> psum, zsum;    // [N, E], [N]: the router losses' statistics (router_stats)
 };
 
+// The keys and values of every layer for `rows` sequences of up to T_max positions, and the
+// RoPE tables for those positions: what decoding token by token reuses instead of running the
+// whole context again (Model::forward_cached).
+struct KVCache {
+    int rows = 0, T_max = 0;
+    std::vector<std::vector<real>> k, v;  // [L][rows, T_max, Hkv*hd], after RoPE (k)
+    std::vector<real> rope_cos, rope_sin; // [T_max, hd/2]
+    void init(const ModelConfig& c, int rows_, int T_max_) {
+        rows = rows_;
+        T_max = T_max_;
+        k.assign(c.n_layer, std::vector<real>((size_t)rows * T_max * c.kv_dim()));
+        v.assign(c.n_layer, std::vector<real>((size_t)rows * T_max * c.kv_dim()));
+        c.rope_tables(T_max, &rope_cos, &rope_sin);
+    }
+};
+
 struct Model {
     ModelConfig cfg;
     ParamLayout layout;
@@ -890,6 +958,64 @@ struct Model {
         Losses l = forward(in, tgts, B_, T_);
         backward((real)1 / n_micro);
         return l;
+    }
+
+    // Decoding with a KV cache: tokens [B, n], sequence b at positions pos[b] .. pos[b] + n - 1
+    // and at cache row row0 + b; writes their keys and values into the cache and attends to
+    // the cached ones before them. Returns the logits [B*n, V] (valid until the next forward).
+    // The same layers as forward, row by row the same arithmetic: the logits equal a full
+    // forward pass over the whole context (test_cpu checks this bit for bit). Routing counts
+    // of generated tokens do not go into the aux-free balancing statistics.
+    const real* forward_cached(KVCache& c, const int* tokens, const int* pos, int row0, int B_, int n) {
+        const int N = B_ * n, d = cfg.d_model, F = cfg.ffn_dim, V = cfg.vocab_size;
+        const int H = cfg.n_head, Hkv = cfg.n_kv_head, hd = cfg.head_dim, qd = cfg.q_dim(), kvd = cfg.kv_dim();
+        if (row0 < 0 || row0 + B_ > c.rows) FAIL("internal: cache rows %d..%d of %d", row0, row0 + B_, c.rows);
+        for (int b = 0; b < B_; b++)
+            if (pos[b] < 0 || pos[b] + n > c.T_max)
+                FAIL("sequence %d reaches position %d, beyond the KV cache's %d", row0 + b, pos[b] + n, c.T_max);
+        alloc(B_, n);
+        B = B_;
+        T = n;
+        have_targets = false;  // the buffers no longer hold a pass that backward() could use
+        std::vector<int> row_pos(N);  // position of each new token
+        for (int i = 0; i < N; i++) {
+            if (tokens[i] < 0 || tokens[i] >= V) FAIL("input token %d at position %d outside [0, %d)", tokens[i], i, V);
+            inputs[i] = tokens[i];
+            row_pos[i] = pos[i / n] + i % n;
+        }
+        auto saved_load = step_load;
+        std::vector<real> tmp((size_t)N * d);
+        encoder_forward(acts[0].x.data(), inputs.data(), param(layout.embed), N, d);
+        for (int l = 0; l < cfg.n_layer; l++) {
+            LayerActs& a = acts[l];
+            real* x_next = l + 1 < cfg.n_layer ? acts[l + 1].x.data() : x_final.data();
+            rmsnorm_forward(a.ln1.data(), a.ln1_rstd.data(), a.x.data(), param(l, P_ATTN_NORM), N, d, cfg.rms_eps);
+            matmul_forward(a.q.data(), a.ln1.data(), param(l, P_WQ), N, d, qd);
+            matmul_forward(a.k.data(), a.ln1.data(), param(l, P_WK), N, d, kvd);
+            matmul_forward(a.v.data(), a.ln1.data(), param(l, P_WV), N, d, kvd);
+            rope_forward_at(a.q.data(), c.rope_cos.data(), c.rope_sin.data(), row_pos.data(), N, H, hd);
+            rope_forward_at(a.k.data(), c.rope_cos.data(), c.rope_sin.data(), row_pos.data(), N, Hkv, hd);
+            for (int i = 0; i < N; i++) {  // the new keys and values into the cache
+                size_t at = ((size_t)(row0 + i / n) * c.T_max + row_pos[i]) * kvd;
+                std::copy(a.k.begin() + (size_t)i * kvd, a.k.begin() + (size_t)(i + 1) * kvd, c.k[l].begin() + at);
+                std::copy(a.v.begin() + (size_t)i * kvd, a.v.begin() + (size_t)(i + 1) * kvd, c.v[l].begin() + at);
+            }
+            attention_forward_cached(a.atty.data(), a.q.data(), c.k[l].data(), c.v[l].data(), pos, row0, B_, n, c.T_max,
+                                     H, Hkv, hd);
+            matmul_forward(tmp.data(), a.atty.data(), param(l, P_WO), N, qd, d);
+            residual_forward(a.x_mid.data(), a.x.data(), tmp.data(), (size_t)N * d);
+            rmsnorm_forward(a.ln2.data(), a.ln2_rstd.data(), a.x_mid.data(), param(l, P_FFN_NORM), N, d, cfg.rms_eps);
+            if (!cfg.is_moe())
+                ffn_forward(tmp.data(), a.g.data(), a.u.data(), a.h.data(), a.ln2.data(), param(l, P_GATE),
+                            param(l, P_UP), param(l, P_DOWN), N, d, F);
+            else
+                moe_forward(tmp.data(), a, l);
+            residual_forward(x_next, a.x_mid.data(), tmp.data(), (size_t)N * d);
+        }
+        rmsnorm_forward(lnf.data(), lnf_rstd.data(), x_final.data(), param(layout.final_norm), N, d, cfg.rms_eps);
+        matmul_forward(logits.data(), lnf.data(), param(layout.lm_head), N, d, V);
+        step_load = saved_load;
+        return logits.data();
     }
 
     void zero_grad() { std::fill(grads.begin(), grads.end(), 0); }

@@ -829,6 +829,56 @@ static void test_world() {
     expect_error([&] { now_args.check_resume_settings(saved, "ck"); }, "use --batch 2 with 2 rank(s)", "global batch changed");
 }
 
+
+// Decoding with a KV cache gives the logits of a full forward pass over the whole context:
+// three sequences of different lengths, each prefilled alone into its cache row, then
+// decoded together token by token (dense and MoE, GQA)
+static void test_kv_cache() {
+    for (int moe = 0; moe < 2; moe++) {
+        ModelConfig c;
+        model_preset("tiny", &c);
+        c.vocab_size = 97;
+        c.n_kv_head = 2;
+        if (moe) { c.n_experts = 4; c.top_k = 2; }
+        Model M;
+        M.init_scratch(c, 11);
+        const int nb = 3, prompt[nb] = {5, 9, 1}, gen = 4;
+        std::vector<std::vector<int>> seq(nb);
+        RngStream r(3, 9);
+        for (int b = 0; b < nb; b++)
+            for (int i = 0; i < prompt[b] + gen; i++) seq[b].push_back((int)r.below(c.vocab_size));
+        auto full_row = [&](int b, int len) {  // logits of the last position of seq[b][0..len)
+            M.forward(seq[b].data(), nullptr, 1, len);
+            const real* z = M.logits_row(len - 1);
+            return std::vector<real>(z, z + c.vocab_size);
+        };
+        KVCache kv;
+        kv.init(c, nb, 16);
+        double worst = 0;
+        auto cmp = [&](const real* z, const std::vector<real>& want) {
+            for (int v = 0; v < c.vocab_size; v++) worst = std::max(worst, (double)std::fabs(z[v] - want[v]));
+        };
+        for (int b = 0; b < nb; b++) {  // prefill: every prompt position
+            int zero = 0;
+            const real* z = M.forward_cached(kv, seq[b].data(), &zero, b, 1, prompt[b]);
+            std::vector<real> got(z, z + (size_t)prompt[b] * c.vocab_size);
+            for (int t = 1; t <= prompt[b]; t++) cmp(got.data() + (size_t)(t - 1) * c.vocab_size, full_row(b, t));
+        }
+        for (int s = 0; s < gen; s++) {  // decode: one token of every sequence per call
+            std::vector<int> tok(nb), pos(nb);
+            for (int b = 0; b < nb; b++) { pos[b] = prompt[b] + s; tok[b] = seq[b][pos[b]]; }
+            const real* z = M.forward_cached(kv, tok.data(), pos.data(), 0, nb, 1);
+            std::vector<real> got(z, z + (size_t)nb * c.vocab_size);
+            for (int b = 0; b < nb; b++) cmp(got.data() + (size_t)b * c.vocab_size, full_row(b, pos[b] + 1));
+        }
+        CHECK_MSG(worst == 0, "%s: cached decoding vs full forward: largest logit difference %g (want bit-identical)",
+                  moe ? "MoE" : "dense", worst);
+        int bad_pos = 14;
+        expect_error([&] { M.forward_cached(kv, seq[0].data(), &bad_pos, 0, 1, 3); }, "beyond the KV cache's 16",
+                     "decoding past the cache");
+    }
+}
+
 int main(int argc, char** argv) {
     if (argc > 1) g_bin = argv[1];
     g_tmp = strfmt("/tmp/moe_test_cpu.%d", (int)getpid());
@@ -852,6 +902,7 @@ int main(int argc, char** argv) {
     run_test("--keep-checkpoints all, last, log", test_keep_checkpoints);
     run_test("save + resume bit-identical", test_save_resume);
     run_test("data parallel: launchers' variables, NCCL id hand-out", test_world);
+    run_test("KV cache: cached decoding = full forward", test_kv_cache);
     remove_tree(g_tmp);
     return report();
 }
