@@ -718,6 +718,7 @@ struct KVCache {
 };
 
 struct Model {
+    using Cache = KVCache;  // decoding with a KV cache (forward_cached; common/run.h sample_text)
     ModelConfig cfg;
     ParamLayout layout;
     std::vector<real> params, grads, m, v;

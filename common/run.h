@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <type_traits>
 #include <string>
 #include <vector>
 #include "bpe.h"           // defines: BpeTokenizer (--sample-prompt)
@@ -162,8 +163,52 @@ EvalResult evaluate(Model& M, const DataLoader& data, int max_batches, int rank 
     return r;
 }
 
+// The logits after a context (its last T_max tokens), token after token. A model with a KV
+// cache (Model::Cache, forward_cached: the CPU trainer) runs each new token alone while the
+// context fits in T_max, and the whole window again once it slides (its positions restart);
+// one without (the GPU trainer, for now) runs the whole window every token. Both give the
+// same logits (test_cpu "KV cache").
+template <typename Model, typename = void>
+struct has_kv_cache : std::false_type {};
+template <typename Model>
+struct has_kv_cache<Model, std::void_t<typename Model::Cache>> : std::true_type {};
+
+template <typename Model, bool = has_kv_cache<Model>::value>
+struct ContextDecoder {
+    Model& M;
+    int T_max;
+    ContextDecoder(Model& m, int t) : M(m), T_max(t) {}
+    const auto* next(const std::vector<int>& ctx) {
+        int start = std::max(0, (int)ctx.size() - T_max), len = (int)ctx.size() - start;
+        M.forward(ctx.data() + start, nullptr, 1, len);
+        return M.logits_row(len - 1);
+    }
+};
+template <typename Model>
+struct ContextDecoder<Model, true> {
+    Model& M;
+    int T_max;
+    typename Model::Cache cache;
+    int cached = 0;  // leading tokens of the context whose keys and values are in the cache
+    ContextDecoder(Model& m, int t) : M(m), T_max(t) { cache.init(M.cfg, 1, T_max); }
+    const auto* next(const std::vector<int>& ctx) {
+        const int V = M.cfg.vocab_size, size = (int)ctx.size();
+        int start = std::max(0, size - T_max), pos = 0;
+        if (start > 0) {  // the window slid: its tokens sit at new positions, run it whole
+            cached = -1;
+            int len = size - start;
+            return M.forward_cached(cache, ctx.data() + start, &pos, 0, 1, len) + (size_t)(len - 1) * V;
+        }
+        if (cached < 0) cached = 0;
+        pos = cached;
+        const int n = size - cached;
+        const auto* z = M.forward_cached(cache, ctx.data() + cached, &pos, 0, 1, n);
+        cached = size;
+        return z + (size_t)(n - 1) * V;
+    }
+};
+
 // Samples n tokens after an end-of-text token and the prompt's tokens, at temperature 1.
-// Recomputes the whole context each token (no KV cache): simple, and fine for short samples.
 template <typename Model>
 std::string sample_text(Model& M, const Tokenizer& tok, int n, int T_max, RngStream& rng,
                         const std::vector<int>& prompt = {}) {
@@ -175,11 +220,9 @@ std::string sample_text(Model& M, const Tokenizer& tok, int n, int T_max, RngStr
     std::string out;
     std::vector<double> p(V);
     auto saved = M.step_load;  // sampling is not training load either
+    ContextDecoder<Model> decoder(M, T_max);
     for (int i = 0; i < n; i++) {
-        int start = std::max(0, (int)ctx.size() - T_max);
-        int len = (int)ctx.size() - start;
-        M.forward(ctx.data() + start, nullptr, 1, len);
-        const auto* z = M.logits_row(len - 1);
+        const auto* z = decoder.next(ctx);
         double mx = z[0], s = 0;
         for (int j = 1; j < V; j++) mx = std::max(mx, (double)z[j]);
         for (int j = 0; j < V; j++) s += (p[j] = std::exp(z[j] - mx));
