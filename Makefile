@@ -37,11 +37,15 @@ DEV_CUDA := $(wildcard dev/cuda/*.cu)
 
 .PHONY: all test test-cpu test-gpu cuda-check emu test-emu bench bench-cpu quickstart clean fixtures repro-tiny \
         repro-small fuzz fuzz-build test-san san
-all: train_moe $(if $(wildcard upcycle.cu),upcycle) $(if $(HAVE_NVCC),$(if $(wildcard train_moe.cu),train_moe_gpu))
+all: train_moe generate $(if $(wildcard upcycle.cu),upcycle) $(if $(HAVE_NVCC),$(if $(wildcard train_moe.cu),train_moe_gpu))
 
 include dev/data/data.mk
 
 train_moe: train_moe.cpp $(COMMON)
+	$(CXX) $(CXXFLAGS) -o $@ $<
+
+# text from a trained model, with the CPU trainer's model code and a KV cache
+generate: generate.cpp train_moe.cpp $(COMMON)
 	$(CXX) $(CXXFLAGS) -o $@ $<
 
 # upcycle is host code: g++ builds it on machines without CUDA
@@ -201,7 +205,7 @@ TEST_BINS := test/bin/test_cpu test/bin/test_gradcheck $(if $(wildcard test/test
 
 # the emulated GPU binaries are built when the CUDA headers exist (no GPU needed)
 NPROC := $(shell nproc 2>/dev/null || echo 2)
-test: train_moe $(if $(wildcard upcycle.cu),upcycle) $(TEST_BINS)
+test: train_moe generate $(if $(wildcard upcycle.cu),upcycle) $(TEST_BINS)
 	@test -f data/tiny/tokenizer.bin || $(MAKE) --no-print-directory data-tiny
 	$(if $(HAVE_CUDA_HEADERS),$(MAKE) --no-print-directory -j$(NPROC) emu)
 	EMU_DIR=$(EMU_DIR) bash test/run_tests.sh
@@ -210,7 +214,7 @@ fixtures:
 	/usr/bin/python3 dev/reference/make_fixtures.py --out test/fixtures
 
 clean:
-	rm -rf train_moe train_moe_gpu upcycle test/bin build
+	rm -rf train_moe train_moe_gpu upcycle generate test/bin build
 
 bench-cpu:
 	bash dev/bench/bench_cpu.sh

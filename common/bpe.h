@@ -18,7 +18,7 @@
 // ASCII and Latin-1 (the corpus's en, de and code text) and close elsewhere; test_tokenizer.py
 // checks equality with `tokenizers` itself on the corpus and on hand-picked strings.
 //
-// defines: BpeTokenizer
+// defines: BpeTokenizer (encode, decode)
 #pragma once
 #include <clocale>
 #include <cwctype>
@@ -33,7 +33,9 @@ struct BpeTokenizer {
     std::unordered_map<std::string, int> vocab;                 // raw bytes -> id
     std::map<std::pair<std::string, std::string>, int> ranks;   // merge (left, right) -> rank
     std::vector<std::pair<std::string, int>> specials;          // added tokens: text -> id
+    std::vector<std::string> bytes_of;                          // id -> its bytes (decode)
     bool ok() const { return !vocab.empty(); }
+    std::string decode(int id) const { return id >= 0 && id < (int)bytes_of.size() ? bytes_of[id] : std::string(); }
 
     void load(const std::string& path) {
         Json j = Json::parse(read_text(path), path);
@@ -68,6 +70,16 @@ struct BpeTokenizer {
         if (const Json* added = j.find("added_tokens"))
             for (const Json& t : added->arr)
                 if (const Json* c = t.find("content")) specials.push_back({c->str, (int)t.find("id")->num});
+        for (auto& kv : vocab) {
+            if (kv.second < 0) FAIL("%s: negative token id %d", path.c_str(), kv.second);
+            if ((size_t)kv.second >= bytes_of.size()) bytes_of.resize(kv.second + 1);
+            bytes_of[kv.second] = kv.first;
+        }
+        for (auto& s : specials) {
+            if (s.second < 0) FAIL("%s: negative token id %d", path.c_str(), s.second);
+            if ((size_t)s.second >= bytes_of.size()) bytes_of.resize(s.second + 1);
+            bytes_of[s.second] = s.first;
+        }
         std::setlocale(LC_CTYPE, "C.UTF-8");  // for iswalpha / iswspace beyond ASCII
     }
 

@@ -59,6 +59,7 @@ if [ "$SUITES" = all ]; then
   [ -x test/bin/test_upcycle ] && suite "upcycle" ./test/bin/test_upcycle ./upcycle ./train_moe
   suite "data" "$PYTHON" dev/data/test_data.py data/tiny
   suite "tokenizer: the C++ BPE encoder vs tokenizers" "$PYTHON" test/test_tokenizer.py data/tiny
+  suite "generate (KV cache, batches, sampling)" bash test/test_generate.sh
   suite "crash safety (SIGKILL loop, full disk)" bash test/test_crash.sh ./train_moe
   echo "=== building the ASan+UBSan binaries (build/san/)"
   if make --no-print-directory -j"$(nproc)" san; then san_suites
