@@ -14,6 +14,7 @@ Prints each prompt's text, then the prefill and decode speed.
 */
 #define TRAIN_MOE_NO_MAIN
 #include "train_moe.cpp"
+#include <sys/resource.h>
 #include "common/bpe.h"  // defines: BpeTokenizer
 
 struct GenOptions {
@@ -100,6 +101,7 @@ int main(int argc, char** argv) {
             prompts.push_back(o.prompt);
         }
         Model M;
+        M.training = false;  // weights only
         M.load(dir);
         const int V = M.cfg.vocab_size, nb = (int)prompts.size();
         int eot = -1;
@@ -163,9 +165,12 @@ int main(int argc, char** argv) {
             printf("%s[%s]%s\n", nb > 1 ? strfmt("%d: ", b + 1).c_str() : "", printable(prompts[b]).c_str(),
                    printable(text[b]).c_str());
         double kv_mb = 2.0 * M.cfg.n_layer * nb * T_cache * M.cfg.kv_dim() * sizeof(real) / 1e6;
+        struct rusage ru;
+        getrusage(RUSAGE_SELF, &ru);  // ru_maxrss: peak resident memory in kB
         fprintf(stderr, "prefill %ld tokens in %.3f s (%.0f tok/s); decode %ld tokens in %.3f s (%.0f tok/s, batch %d); "
-                "KV cache %.1f MB\n", prefill_tokens, t1 - t0, prefill_tokens / std::max(t1 - t0, 1e-9), decoded,
-                t2 - t1, decoded / std::max(t2 - t1, 1e-9), nb, kv_mb);
+                "weights %.1f MB, KV cache %.1f MB, peak memory %.1f MB\n", prefill_tokens, t1 - t0,
+                prefill_tokens / std::max(t1 - t0, 1e-9), decoded, t2 - t1, decoded / std::max(t2 - t1, 1e-9), nb,
+                M.params.size() * sizeof(real) / 1e6, kv_mb, ru.ru_maxrss / 1e3);
         return 0;
     } catch (const Error& e) {
         fprintf(stderr, "error: %s\n", e.what());

@@ -736,11 +736,14 @@ struct Model {
     Losses last;
 
     // ---- making, loading and saving (common/run.h calls these) ----
+    bool training = true;  // false (generate): no gradients or AdamW moments are allocated
     void init_layout() {
         layout = build_layout(cfg);
-        grads.assign(layout.total, 0);
-        m.assign(layout.total, 0);
-        v.assign(layout.total, 0);
+        if (training) {
+            grads.assign(layout.total, 0);
+            m.assign(layout.total, 0);
+            v.assign(layout.total, 0);
+        }
         expert_bias.assign(cfg.n_layer, std::vector<float>(cfg.n_experts, 0.0f));
         step_load.assign(cfg.n_layer, std::vector<long>(cfg.n_experts, 0));
     }
