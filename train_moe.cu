@@ -301,8 +301,54 @@ struct LayerActs {
     float* h_aux_g = nullptr;        // [B, E]
 };
 
+// Keys and values of every layer for `rows` sequences of up to T_max positions on the device,
+// and the RoPE tables for those positions: decoding token by token (GPUModel::forward_cached,
+// train_moe.cpp KVCache).
+template <typename T>
+struct GPUKVCache {
+    int rows = 0, T_max = 0;
+    std::vector<T*> k, v;                           // [L] of [rows, T_max, Hkv*hd]
+    float *rope_cos = nullptr, *rope_sin = nullptr; // [T_max, hd/2]
+    int* pos_of = nullptr;                          // [rows * T_max]: the position of each row being run
+    GPUKVCache() = default;
+    GPUKVCache(const GPUKVCache&) = delete;
+    GPUKVCache& operator=(const GPUKVCache&) = delete;
+    ~GPUKVCache() { release(); }
+    void release() {
+        for (T* p : k) cudaFree(p);
+        for (T* p : v) cudaFree(p);
+        k.clear(); v.clear();
+        if (rope_cos) cudaFree(rope_cos);
+        if (rope_sin) cudaFree(rope_sin);
+        if (pos_of) cudaFree(pos_of);
+        rope_cos = rope_sin = nullptr;
+        pos_of = nullptr;
+    }
+    void init(const ModelConfig& c, int rows_, int T_max_) {
+        release();
+        rows = rows_;
+        T_max = T_max_;
+        const size_t n = (size_t)rows * T_max * c.kv_dim();
+        for (int l = 0; l < c.n_layer; l++) {
+            T *a = nullptr, *b = nullptr;
+            cudaCheck(cudaMalloc(&a, n * sizeof(T)));
+            cudaCheck(cudaMalloc(&b, n * sizeof(T)));
+            k.push_back(a);
+            v.push_back(b);
+        }
+        std::vector<float> cs, sn;
+        c.rope_tables(T_max, &cs, &sn);
+        cudaCheck(cudaMalloc(&rope_cos, cs.size() * sizeof(float)));
+        cudaCheck(cudaMalloc(&rope_sin, sn.size() * sizeof(float)));
+        cudaCheck(cudaMemcpy(rope_cos, cs.data(), cs.size() * sizeof(float), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpy(rope_sin, sn.data(), sn.size() * sizeof(float), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMalloc(&pos_of, (size_t)rows * T_max * sizeof(int)));
+    }
+};
+
 template <typename T>
 struct GPUModel {
+    using Cache = GPUKVCache<T>;  // decoding with a KV cache (forward_cached; common/run.h sample_text)
     ModelConfig cfg;
     ParamLayout layout;
     RouterLossSettings router_loss;
@@ -349,6 +395,10 @@ struct GPUModel {
     std::vector<std::vector<double>> g_psum;      // [L][world B, E]
     std::vector<std::vector<double>> g_zsum;      // [L][world B]
     std::vector<std::vector<int>> g_expert;       // [L][E] assignments of the global batch
+
+    // set by forward_cached for the forward pass it runs: attention reads and writes this cache
+    Cache* kv = nullptr;
+    int kv_row0 = 0;
 
     // the last forward pass
     bool have_targets = false;
@@ -741,9 +791,17 @@ struct GPUModel {
             gpu::matmul_forward(blas, a.q, a.ln1, weight(l, P_WQ), N, d, qd);
             gpu::matmul_forward(blas, a.k, a.ln1, weight(l, P_WK), N, d, kvd);
             gpu::matmul_forward(blas, a.v, a.ln1, weight(l, P_WV), N, d, kvd);
-            gpu::rope_forward(a.q, rope_cos, rope_sin, N, T_, H, hd, stream);
-            gpu::rope_forward(a.k, rope_cos, rope_sin, N, T_, Hkv, hd, stream);
-            gpu::attention_forward(a.atty, a.att_lse, a.q, a.k, a.v, B, T_, H, Hkv, hd, stream);
+            if (!kv) {
+                gpu::rope_forward(a.q, rope_cos, rope_sin, N, T_, H, hd, stream);
+                gpu::rope_forward(a.k, rope_cos, rope_sin, N, T_, Hkv, hd, stream);
+                gpu::attention_forward(a.atty, a.att_lse, a.q, a.k, a.v, B, T_, H, Hkv, hd, stream);
+            } else {  // decoding: the rows at their positions, their keys and values into the cache
+                gpu::rope_forward_at(a.q, kv->rope_cos, kv->rope_sin, kv->pos_of, N, H, hd, stream);
+                gpu::rope_forward_at(a.k, kv->rope_cos, kv->rope_sin, kv->pos_of, N, Hkv, hd, stream);
+                gpu::kv_cache_write(kv->k[l], kv->v[l], a.k, a.v, kv->pos_of, kv_row0, N, T_, kv->T_max, kvd, stream);
+                gpu::attention_decode(a.atty, a.q, kv->k[l], kv->v[l], kv->pos_of, kv_row0, N, T_, kv->T_max, H, Hkv, hd,
+                                      stream);
+            }
             gpu::matmul_forward(blas, tmp, a.atty, weight(l, P_WO), N, qd, d);
             // x_mid = x + attention; ln2 = rmsnorm(x_mid)
             gpu::residual_rmsnorm_forward(a.x_mid, a.ln2, a.rstd2, a.x, tmp, weight(l, P_FFN_NORM), N, d, eps, stream);
@@ -1010,6 +1068,38 @@ struct GPUModel {
         return l;
     }
     const int* expert_counts(int l) const { return gathered ? g_expert[l].data() : acts[l].eb.counts.data(); }
+
+    // Decoding with a KV cache (train_moe.cpp Model::forward_cached): tokens [B, n], sequence
+    // b at positions pos[b] .. pos[b] + n - 1 and cache row row0 + b; the forward pass above
+    // with its attention reading the cache. Returns the logits [B*n, V] on the host. Not
+    // the full forward's arithmetic (a decode kernel instead of the tiled attention): equal
+    // to rounding (test_gpu_fixtures "KV cache").
+    const float* forward_cached(Cache& c, const int* tokens, const int* pos, int row0, int B_, int n) {
+        if (row0 < 0 || row0 + B_ > c.rows) FAIL("internal: cache rows %d..%d of %d", row0, row0 + B_, c.rows);
+        std::vector<int> pos_of((size_t)B_ * n);
+        for (int b = 0; b < B_; b++) {
+            if (pos[b] < 0 || pos[b] + n > c.T_max)
+                FAIL("sequence %d reaches position %d, beyond the KV cache's %d", row0 + b, pos[b] + n, c.T_max);
+            if (cfg.sliding_window > 0 && pos[b] + n > cfg.sliding_window)
+                FAIL("position %d exceeds the model's sliding_window %d, which this trainer does not implement",
+                     pos[b] + n, cfg.sliding_window);
+            for (int t = 0; t < n; t++) pos_of[(size_t)b * n + t] = pos[b] + t;
+        }
+        upload(c.pos_of, pos_of.data(), pos_of.size(), stream);
+        auto saved_load = step_load;  // generated tokens are not training load
+        kv = &c;
+        kv_row0 = row0;
+        try {
+            forward(tokens, nullptr, B_, n);
+        } catch (...) {
+            kv = nullptr;
+            throw;
+        }
+        kv = nullptr;
+        step_load = saved_load;
+        logits_host = download_floats(logits, (size_t)B_ * n * cfg.vocab_size, stream);
+        return logits_host.data();
+    }
     const float* logits_row(int n) {
         logits_host = download_floats(logits + (size_t)n * cfg.vocab_size, cfg.vocab_size, stream);
         return logits_host.data();

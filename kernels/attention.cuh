@@ -775,6 +775,75 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
                        cudaStream_t s, bool tensor_cores = true) {
     ATT_DISPATCH(hd, (attention_forward_hd<T, HD_>(out, lse, q, k, v, B, T_, H, Hkv, s, tensor_cores)));
 }
+// ---- decoding with a KV cache (train_moe.cpp attention_forward_cached is the reference) ----
+// The new rows' keys and values into the cache: row i (sequence i / n) at position pos_of[i];
+// k, v [B*n, kvd] -> kc, vc [rows, T_max, kvd] at cache row row0 + i / n.
+template <typename T>
+__global__ void kv_cache_write_kernel(T* kc, T* vc, const T* k, const T* v, const int* pos_of, int row0, int N, int n,
+                                      int T_max, int kvd) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * kvd) return;
+    int r = (int)(i / kvd), c = (int)(i % kvd);
+    size_t at = ((size_t)(row0 + r / n) * T_max + pos_of[r]) * kvd + c;
+    kc[at] = k[i];
+    vc[at] = v[i];
+}
+template <typename T>
+void kv_cache_write(T* kc, T* vc, const T* k, const T* v, const int* pos_of, int row0, int N, int n, int T_max, int kvd,
+                    cudaStream_t s) {
+    kv_cache_write_kernel<T><<<cdiv((long)N * kvd, 256), 256, 0, s>>>(kc, vc, k, v, pos_of, row0, N, n, T_max, kvd);
+    KERNEL_CHECK();
+}
+// One block of 128 threads per (new row, head): query row r = b n + t at position
+// P = pos_of[r] attends to the keys 0..P of its cache row. Three fixed-order passes over
+// the keys: the max score (block reduction), then chunks of 128 keys whose probabilities go
+// through shared memory while thread i accumulates output dimension i (hd <= 128), and the
+// sum of the probabilities. A simple kernel: decoding reads the cache once per token.
+constexpr int ATT_DEC_THREADS = 128;
+template <typename T>
+__global__ void __launch_bounds__(ATT_DEC_THREADS) attention_decode_kernel(T* out, const T* q, const T* kc, const T* vc,
+                                                                           const int* pos_of, int row0, int n, int T_max,
+                                                                           int H, int Hkv, int hd) {
+    __shared__ float qs[128], ps[ATT_DEC_THREADS], red[32];
+    const int r = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, kh = h / (H / Hkv);
+    const int qd = H * hd, kvd = Hkv * hd, P = pos_of[r];
+    const T* K = kc + (size_t)(row0 + r / n) * T_max * kvd + kh * hd;
+    const T* V = vc + (size_t)(row0 + r / n) * T_max * kvd + kh * hd;
+    const float scale = rsqrtf((float)hd);
+    for (int i = tid; i < hd; i += blockDim.x) qs[i] = to_f(q[(size_t)r * qd + h * hd + i]);
+    __syncthreads();
+    auto score = [&](int j) {
+        float s = 0.0f;
+        for (int i = 0; i < hd; i++) s += qs[i] * to_f(K[(size_t)j * kvd + i]);
+        return s * scale;
+    };
+    float mx = -INFINITY;
+    for (int j = tid; j <= P; j += blockDim.x) mx = fmaxf(mx, score(j));
+    mx = block_max(mx, red);
+    float acc = 0.0f, l = 0.0f;
+    for (int c = 0; c <= P; c += blockDim.x) {
+        const int j = c + tid;
+        const float p = j <= P ? expf(score(j) - mx) : 0.0f;
+        l += p;
+        ps[tid] = p;
+        __syncthreads();
+        const int m = min((int)blockDim.x, P + 1 - c);
+        if (tid < hd)
+            for (int jj = 0; jj < m; jj++) acc += ps[jj] * to_f(V[(size_t)(c + jj) * kvd + tid]);
+        __syncthreads();
+    }
+    l = block_sum(l, red);
+    if (tid < hd) out[(size_t)r * qd + h * hd + tid] = from_f<T>(acc / l);
+}
+// out [B*n, H*hd] from q [B*n, H*hd] and the cache (written first with kv_cache_write);
+// hd <= 128 (attention_supports_head_dim)
+template <typename T>
+void attention_decode(T* out, const T* q, const T* kc, const T* vc, const int* pos_of, int row0, int N, int n, int T_max,
+                      int H, int Hkv, int hd, cudaStream_t s) {
+    attention_decode_kernel<T><<<dim3(N, H), ATT_DEC_THREADS, 0, s>>>(out, q, kc, vc, pos_of, row0, n, T_max, H, Hkv, hd);
+    KERNEL_CHECK();
+}
+
 // dq, dk, dv are written (not accumulated). D: scratch [B, H, T] floats.
 template <typename T>
 void attention_backward(T* dq, T* dk, T* dv, float* D, const T* dout, const T* out, const float* lse, const T* q,

@@ -34,4 +34,25 @@ void rope_backward(T* dx, const float* cosb, const float* sinb, int N, int T_, i
     KERNEL_CHECK();
 }
 
+// rows at explicit positions pos [N] (decoding with a KV cache; train_moe.cpp rope_forward_at)
+template <typename T>
+__global__ void rope_at_kernel(T* x, const float* cosb, const float* sinb, const int* pos, int N, int nh, int hd) {
+    int h2 = hd / 2;
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * nh * h2) return;
+    int j = (int)(i % h2);
+    size_t nh_idx = i / h2;
+    int n = (int)(nh_idx / nh);
+    T* v = x + nh_idx * hd;
+    float c = cosb[(size_t)pos[n] * h2 + j], s = sinb[(size_t)pos[n] * h2 + j];
+    float a = to_f(v[j]), b = to_f(v[j + h2]);
+    v[j] = from_f<T>(a * c - b * s);
+    v[j + h2] = from_f<T>(b * c + a * s);
+}
+template <typename T>
+void rope_forward_at(T* x, const float* cosb, const float* sinb, const int* pos, int N, int nh, int hd, cudaStream_t s) {
+    rope_at_kernel<T><<<cdiv((long)N * nh * (hd / 2), 256), 256, 0, s>>>(x, cosb, sinb, pos, N, nh, hd);
+    KERNEL_CHECK();
+}
+
 }  // namespace gpu

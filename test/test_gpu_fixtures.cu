@@ -229,6 +229,41 @@ static void check_step0(const Fixture& fx, Plant plant) {
                                               fp32 ? "max-normalized" : "relative L2", tol.grad));
 }
 
+// 3. decoding with a KV cache: sequence 0 prefilled to half its length, then one token at a
+// time; every position's logits against the reference's (the same tolerance as step 0's
+// logits) and against this model's full forward pass
+template <typename T>
+static void check_kv_cache(const Fixture& fx) {
+    const bool fp32 = GPUModel<T>::is_fp32();
+    const Tolerances tol = tolerances(fp32);
+    const std::string tag = fx.name + (fp32 ? " [fp32]" : " [bf16]");
+    const int T_ = fx.T, V = fx.cfg.vocab_size;
+    GPUModel<T> M;
+    setup_model(M, fx, false, fx.params);
+    M.forward(fx.inputs.data(), nullptr, 1, T_);
+    std::vector<float> full = download_floats(M.logits, (size_t)T_ * V, M.stream);
+    typename GPUModel<T>::Cache cache;
+    cache.init(fx.cfg, 1, T_);
+    std::vector<float> got((size_t)T_ * V);
+    const int half = std::max(1, T_ / 2);
+    int zero = 0;
+    const float* z = M.forward_cached(cache, fx.inputs.data(), &zero, 0, 1, half);
+    std::copy(z, z + (size_t)half * V, got.begin());
+    for (int t = half; t < T_; t++) {
+        z = M.forward_cached(cache, fx.inputs.data() + t, &t, 0, 1, 1);
+        std::copy(z, z + V, got.begin() + (size_t)t * V);
+    }
+    std::vector<double> ref_all = fx.tensor("logits", {fx.B, T_, V}), ref(ref_all.begin(), ref_all.begin() + (size_t)T_ * V);
+    double w = fp32 ? worst_ratio(got.data(), ref.data(), got.size(), tol.logits * max_abs(ref), tol.logits)
+                    : rel_l2(got.data(), ref.data(), got.size()) / tol.logits;
+    report_check(tag, "KV-cache decoding logits vs reference", w,
+                 strfmt("prefill %d, then %d tokens one by one", half, T_ - half));
+    std::vector<double> full_d(full.begin(), full.end());
+    double wf = fp32 ? worst_ratio(got.data(), full_d.data(), got.size(), tol.logits * max_abs(full_d), tol.logits)
+                     : rel_l2(got.data(), full_d.data(), got.size()) / tol.logits;
+    report_check(tag, "KV-cache decoding logits vs the full forward", wf, "same model, whole sequence at once");
+}
+
 // bf16 neighbours: is the bf16 value c (bits) one of the two bf16 numbers around x?
 static bool is_bf16_neighbour(uint16_t c, float x) {
     uint32_t bits;
@@ -417,10 +452,12 @@ int main(int argc, char** argv) {
             if (dtype != "bf16") {
                 run_test(fx.name + " fp32 step 0", [&] { check_step0<float>(fx, plant); });
                 run_test(fx.name + " fp32 AdamW", [&] { check_adamw<float>(fx, plant); });
+                run_test(fx.name + " fp32 KV cache", [&] { check_kv_cache<float>(fx); });
             }
             if (dtype != "fp32") {
                 run_test(fx.name + " bf16 step 0", [&] { check_step0<bf16>(fx, plant); });
                 run_test(fx.name + " bf16 AdamW", [&] { check_adamw<bf16>(fx, plant); });
+                run_test(fx.name + " bf16 KV cache", [&] { check_kv_cache<bf16>(fx); });
             }
         }
     } catch (const Error& e) {
