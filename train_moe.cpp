@@ -199,9 +199,15 @@ void matmul_accumulate(real* out, const real* A, const real* B, int M, int K, in
             if (!b_transposed)  // p[k, c] = B[k0 + k, c_start + c]
                 for (int k = 0; k < kn; k++)
                     for (int c = 0; c < cw; c++) p[(size_t)k * cw + c] = B[(size_t)(k0 + k) * C + c_start + c];
-            else  // B(k, c) = B[c * K + k]: read along k, write down a column
-                for (int c = 0; c < cw; c++)
-                    for (int k = 0; k < kn; k++) p[(size_t)k * cw + c] = B[(size_t)(c_start + c) * K + k0 + k];
+            else  // B(k, c) = B[c * K + k]: a transposing copy, in 16 x 16 squares so that both
+                  // the 16 rows read and the 16 rows written stay in L1 (written a whole column
+                  // at a time, rows 1 KB apart, p's lines evicted one another and the copy cost
+                  // as much as the tiny shape's products)
+                for (int c1 = 0; c1 < cw; c1 += 16)
+                    for (int k1 = 0; k1 < kn; k1 += 16)
+                        for (int c = c1; c < std::min(cw, c1 + 16); c++)
+                            for (int k = k1; k < std::min(kn, k1 + 16); k++)
+                                p[(size_t)k * cw + c] = B[(size_t)(c_start + c) * K + k0 + k];
             for (int it = it_begin; it < it_end; it++) {
                 const int i0 = it * TM, rows = std::min(TM, M - i0);
                 const real* a = A + (size_t)i0 * K + k0;   // A[i0.., k0..]
