@@ -671,6 +671,16 @@ struct Model {
     std::vector<int> inputs, targets;  // of the last forward pass
     bool have_targets = false;
     Losses last;
+    // scratch of forward and backward (gradients of activations), sized with the activations
+    // and kept: a fresh multi-MB std::vector per step cost page faults and zeroing, a tenth
+    // of a tiny-preset step. Nothing in them outlives the call that fills them.
+    struct Scratch {
+        std::vector<real> tmp;                        // [N, d] a block's output (forward)
+        std::vector<real> dlogits, dx, dln;           // [N, V], [N, d], [N, d]
+        std::vector<real> dq, dk, dv, datty;          // [N, H*hd], [N, Hkv*hd] x2, [N, H*hd]
+        std::vector<real> dg, du, dh;                 // FFN: [N, F] dense, [N*K, F] experts
+        std::vector<real> dtopw, dey, dxe, drouter;   // MoE: [N, K], [N*K, d] x2, [N, E]
+    } scratch;
 
     // ---- making, loading and saving (common/run.h calls these) ----
     void init_layout() {
@@ -731,6 +741,13 @@ struct Model {
         }
         x_final.resize(N * d); lnf.resize(N * d); lnf_rstd.resize(N);
         logits.resize(N * cfg.vocab_size); lse.resize(N); inputs.resize(N); targets.resize(N);
+        const size_t ffn_rows = cfg.is_moe() ? N * K : N;
+        Scratch& s = scratch;
+        s.tmp.resize(N * d); s.dlogits.resize(N * cfg.vocab_size); s.dx.resize(N * d); s.dln.resize(N * d);
+        s.dq.resize(N * cfg.q_dim()); s.dk.resize(N * cfg.kv_dim()); s.dv.resize(N * cfg.kv_dim());
+        s.datty.resize(N * cfg.q_dim());
+        s.dg.resize(ffn_rows * F); s.du.resize(ffn_rows * F); s.dh.resize(ffn_rows * F);
+        if (cfg.is_moe()) { s.dtopw.resize(N * K); s.dey.resize(N * K * d); s.dxe.resize(N * K * d); s.drouter.resize(N * E); }
         cfg.rope_tables(T_max, &rope_cos, &rope_sin);  // [T_max, hd/2], computed in double once
     }
 
@@ -758,27 +775,29 @@ struct Model {
     // losses' gradient included (scaled by `scale`, as the whole backward)
     void moe_backward(real* dln2, const real* dout, LayerActs& a, int l, real scale) {
         const int N = B * T, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k;
-        std::vector<real> dtopw((size_t)N * K), dey((size_t)N * K * d), dxe((size_t)N * K * d, 0);
-        std::vector<real> deh((size_t)N * K * F), deg((size_t)N * K * F), deu((size_t)N * K * F);
-        moe_combine_backward(dey.data(), dtopw.data(), dout, a.ey.data(), a.topw.data(), a.row_of.data(), N, K, d);
+        real *dtopw = scratch.dtopw.data(), *dey = scratch.dey.data(), *dxe = scratch.dxe.data();
+        real *deh = scratch.dh.data(), *deg = scratch.dg.data(), *deu = scratch.du.data();
+        std::fill(dxe, dxe + (size_t)N * K * d, 0);  // dtopw and dey are written whole
+        moe_combine_backward(dey, dtopw, dout, a.ey.data(), a.topw.data(), a.row_of.data(), N, K, d);
         for (int e = 0; e < E; e++) {
             size_t r0 = a.offsets[e];
             const auto& w = layout.experts[l][e];
-            ffn_backward(dxe.data() + r0 * d, grad(w[0]), grad(w[1]), grad(w[2]), dey.data() + r0 * d,
+            ffn_backward(dxe + r0 * d, grad(w[0]), grad(w[1]), grad(w[2]), dey + r0 * d,
                          a.xe.data() + r0 * d, a.eg.data() + r0 * F, a.eu.data() + r0 * F, a.eh.data() + r0 * F,
-                         param(w[0]), param(w[1]), param(w[2]), deh.data() + r0 * F, deg.data() + r0 * F,
-                         deu.data() + r0 * F, a.counts[e], d, F);
+                         param(w[0]), param(w[1]), param(w[2]), deh + r0 * F, deg + r0 * F,
+                         deu + r0 * F, a.counts[e], d, F);
         }
-        moe_gather_backward(dln2, dxe.data(), a.row_of.data(), N, K, d);
+        moe_gather_backward(dln2, dxe, a.row_of.data(), N, K, d);
         // router: the losses' gradient, then the gate weights' path, then W_r
-        std::vector<real> dlogits((size_t)N * E, 0), G;
+        real* dlogits = scratch.drouter.data();
+        std::fill(dlogits, dlogits + (size_t)N * E, 0);
+        std::vector<real> G;
         if (router_loss.aux_loss != AUX_NONE && router_loss.aux_coef != 0)
             aux_dp_per_seq(G, router_loss.aux_loss, routing_stats(), l);
-        router_losses_backward(dlogits.data(), a.rprobs.data(), a.rlogits.data(), G.empty() ? nullptr : G.data(),
+        router_losses_backward(dlogits, a.rprobs.data(), a.rlogits.data(), G.empty() ? nullptr : G.data(),
                                router_loss.aux_coef, router_loss.z_coef, scale, B, T, E);
-        router_backward(dlogits.data(), dtopw.data(), a.rprobs.data(), a.topk.data(), a.topw.data(), N, E, K,
-                        cfg.routing);
-        matmul_backward(dln2, grad(l, P_ROUTER), dlogits.data(), a.ln2.data(), param(l, P_ROUTER), N, d, E);
+        router_backward(dlogits, dtopw, a.rprobs.data(), a.topk.data(), a.topw.data(), N, E, K, cfg.routing);
+        matmul_backward(dln2, grad(l, P_ROUTER), dlogits, a.ln2.data(), param(l, P_ROUTER), N, d, E);
     }
     // the last forward pass's routing statistics, as the router losses read them
     RoutingStats routing_stats() const {
@@ -804,7 +823,7 @@ struct Model {
             if (in[n] < 0 || in[n] >= V) FAIL("input token %d at position %d outside [0, %d)", in[n], n, V);
             inputs[n] = in[n];
         }
-        std::vector<real> tmp((size_t)N * d);
+        real* tmp = scratch.tmp.data();
         encoder_forward(acts[0].x.data(), inputs.data(), param(layout.embed), N, d);
         for (int l = 0; l < cfg.n_layer; l++) {
             LayerActs& a = acts[l];
@@ -817,16 +836,16 @@ struct Model {
             rope_forward(a.q.data(), rope_cos.data(), rope_sin.data(), N, T, H, hd);
             rope_forward(a.k.data(), rope_cos.data(), rope_sin.data(), N, T, Hkv, hd);
             attention_forward(a.atty.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, Hkv, hd);
-            matmul_forward(tmp.data(), a.atty.data(), param(l, P_WO), N, qd, d);
-            residual_forward(a.x_mid.data(), a.x.data(), tmp.data(), (size_t)N * d);
+            matmul_forward(tmp, a.atty.data(), param(l, P_WO), N, qd, d);
+            residual_forward(a.x_mid.data(), a.x.data(), tmp, (size_t)N * d);
             // FFN block: dense SwiGLU or mixture of experts
             rmsnorm_forward(a.ln2.data(), a.ln2_rstd.data(), a.x_mid.data(), param(l, P_FFN_NORM), N, d, cfg.rms_eps);
             if (!cfg.is_moe())
-                ffn_forward(tmp.data(), a.g.data(), a.u.data(), a.h.data(), a.ln2.data(), param(l, P_GATE),
+                ffn_forward(tmp, a.g.data(), a.u.data(), a.h.data(), a.ln2.data(), param(l, P_GATE),
                             param(l, P_UP), param(l, P_DOWN), N, d, F);
             else
-                moe_forward(tmp.data(), a, l);
-            residual_forward(x_next, a.x_mid.data(), tmp.data(), (size_t)N * d);
+                moe_forward(tmp, a, l);
+            residual_forward(x_next, a.x_mid.data(), tmp, (size_t)N * d);
         }
         rmsnorm_forward(lnf.data(), lnf_rstd.data(), x_final.data(), param(layout.final_norm), N, d, cfg.rms_eps);
         matmul_forward(logits.data(), lnf.data(), param(layout.lm_head), N, d, V);
@@ -849,46 +868,46 @@ struct Model {
         if (!have_targets) FAIL("backward() needs a forward pass with targets");
         const int N = B * T, d = cfg.d_model, F = cfg.ffn_dim, V = cfg.vocab_size;
         const int H = cfg.n_head, Hkv = cfg.n_kv_head, hd = cfg.head_dim, qd = cfg.q_dim(), kvd = cfg.kv_dim();
-        std::vector<real> dlogits((size_t)N * V), dx((size_t)N * d, 0), dln((size_t)N * d);
-        std::vector<real> dq((size_t)N * qd), dk((size_t)N * kvd), dv((size_t)N * kvd), datty((size_t)N * qd);
-        std::vector<real> dg, du, dh;  // dense FFN scratch
-        if (!cfg.is_moe()) { dg.resize((size_t)N * F); du.resize((size_t)N * F); dh.resize((size_t)N * F); }
-        crossentropy_backward(dlogits.data(), logits.data(), lse.data(), targets.data(), N, V, scale / N);
-        std::fill(dln.begin(), dln.end(), 0);
-        matmul_backward(dln.data(), grad(layout.lm_head), dlogits.data(), lnf.data(), param(layout.lm_head), N, d, V);
-        rmsnorm_backward(dx.data(), grad(layout.final_norm), dln.data(), x_final.data(), param(layout.final_norm),
+        real *dlogits = scratch.dlogits.data(), *dx = scratch.dx.data(), *dln = scratch.dln.data();
+        real *dq = scratch.dq.data(), *dk = scratch.dk.data(), *dv = scratch.dv.data(), *datty = scratch.datty.data();
+        real *dg = scratch.dg.data(), *du = scratch.du.data(), *dh = scratch.dh.data();  // dense FFN
+        auto zero = [](real* p, size_t n) { std::fill(p, p + n, (real)0); };
+        crossentropy_backward(dlogits, logits.data(), lse.data(), targets.data(), N, V, scale / N);
+        zero(dx, (size_t)N * d);
+        zero(dln, (size_t)N * d);
+        matmul_backward(dln, grad(layout.lm_head), dlogits, lnf.data(), param(layout.lm_head), N, d, V);
+        rmsnorm_backward(dx, grad(layout.final_norm), dln, x_final.data(), param(layout.final_norm),
                          lnf_rstd.data(), N, d);
         // dx now holds d(loss)/d(residual stream) after the last layer; walk the layers back
         for (int l = cfg.n_layer - 1; l >= 0; l--) {
             LayerActs& a = acts[l];
             // FFN block: x_next = x_mid + ffn(ln2(x_mid))
-            std::fill(dln.begin(), dln.end(), 0);
+            zero(dln, (size_t)N * d);
             if (!cfg.is_moe())
-                ffn_backward(dln.data(), grad(l, P_GATE), grad(l, P_UP), grad(l, P_DOWN), dx.data(), a.ln2.data(),
-                             a.g.data(), a.u.data(), a.h.data(), param(l, P_GATE), param(l, P_UP), param(l, P_DOWN),
-                             dh.data(), dg.data(), du.data(), N, d, F);
+                ffn_backward(dln, grad(l, P_GATE), grad(l, P_UP), grad(l, P_DOWN), dx, a.ln2.data(), a.g.data(),
+                             a.u.data(), a.h.data(), param(l, P_GATE), param(l, P_UP), param(l, P_DOWN), dh, dg, du,
+                             N, d, F);
             else
-                moe_backward(dln.data(), dx.data(), a, l, scale);
-            rmsnorm_backward(dx.data(), grad(l, P_FFN_NORM), dln.data(), a.x_mid.data(), param(l, P_FFN_NORM),
-                             a.ln2_rstd.data(), N, d);  // dx += (residual path already in dx)
+                moe_backward(dln, dx, a, l, scale);
+            rmsnorm_backward(dx, grad(l, P_FFN_NORM), dln, a.x_mid.data(), param(l, P_FFN_NORM), a.ln2_rstd.data(),
+                             N, d);  // dx += (residual path already in dx)
             // attention block: x_mid = x + o_proj(attn(...))
-            std::fill(datty.begin(), datty.end(), 0);
-            matmul_backward(datty.data(), grad(l, P_WO), dx.data(), a.atty.data(), param(l, P_WO), N, qd, d);
-            std::fill(dq.begin(), dq.end(), 0);
-            std::fill(dk.begin(), dk.end(), 0);
-            std::fill(dv.begin(), dv.end(), 0);
-            attention_backward(dq.data(), dk.data(), dv.data(), datty.data(), a.att.data(), a.q.data(), a.k.data(),
-                               a.v.data(), B, T, H, Hkv, hd);
-            rope_backward(dq.data(), rope_cos.data(), rope_sin.data(), N, T, H, hd);
-            rope_backward(dk.data(), rope_cos.data(), rope_sin.data(), N, T, Hkv, hd);
-            std::fill(dln.begin(), dln.end(), 0);
-            matmul_backward(dln.data(), grad(l, P_WQ), dq.data(), a.ln1.data(), param(l, P_WQ), N, d, qd);
-            matmul_backward(dln.data(), grad(l, P_WK), dk.data(), a.ln1.data(), param(l, P_WK), N, d, kvd);
-            matmul_backward(dln.data(), grad(l, P_WV), dv.data(), a.ln1.data(), param(l, P_WV), N, d, kvd);
-            rmsnorm_backward(dx.data(), grad(l, P_ATTN_NORM), dln.data(), a.x.data(), param(l, P_ATTN_NORM),
-                             a.ln1_rstd.data(), N, d);
+            zero(datty, (size_t)N * qd);
+            matmul_backward(datty, grad(l, P_WO), dx, a.atty.data(), param(l, P_WO), N, qd, d);
+            zero(dq, (size_t)N * qd);
+            zero(dk, (size_t)N * kvd);
+            zero(dv, (size_t)N * kvd);
+            attention_backward(dq, dk, dv, datty, a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, Hkv, hd);
+            rope_backward(dq, rope_cos.data(), rope_sin.data(), N, T, H, hd);
+            rope_backward(dk, rope_cos.data(), rope_sin.data(), N, T, Hkv, hd);
+            zero(dln, (size_t)N * d);
+            matmul_backward(dln, grad(l, P_WQ), dq, a.ln1.data(), param(l, P_WQ), N, d, qd);
+            matmul_backward(dln, grad(l, P_WK), dk, a.ln1.data(), param(l, P_WK), N, d, kvd);
+            matmul_backward(dln, grad(l, P_WV), dv, a.ln1.data(), param(l, P_WV), N, d, kvd);
+            rmsnorm_backward(dx, grad(l, P_ATTN_NORM), dln, a.x.data(), param(l, P_ATTN_NORM), a.ln1_rstd.data(),
+                             N, d);
         }
-        encoder_backward(grad(layout.embed), dx.data(), inputs.data(), N, d);
+        encoder_backward(grad(layout.embed), dx, inputs.data(), N, d);
     }
 
     // one micro-batch of a step of n_micro: the forward, and 1/n_micro of its gradient
