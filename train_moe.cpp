@@ -614,6 +614,8 @@ double global_norm(const real* g, size_t n) {
 // One tensor's AdamW update, n elements; st from adamw_step (clip factor, bias corrections):
 //   g' = g clip;  m = b1 m + (1-b1) g';  v = b2 v + (1-b2) g'^2
 //   p -= lr (m/bc1 / (sqrt(v/bc2) + eps) + wd p)
+// gcc vectorizes this loop only under -fno-math-errno (the Makefile's flags): else every
+// std::sqrt keeps a branch to the library call that would set errno.
 void adamw_update(real* p, const real* g, real* m, real* v, long n, const AdamWSettings& hp, const AdamWStep& st,
                   double lr, double weight_decay) {
     real wd = (real)weight_decay;
