@@ -68,6 +68,18 @@ static inline real dot(const real* a, const real* b, int n) {
 static inline void axpy(real* y, real a, const real* x, int n) {  // y += a x
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
+// max of x[0 .. n): 16 running maxima, so that the compiler can vectorize it (a maximum is
+// exact, so the order does not change it)
+static inline real max_of(const real* x, int n) {
+    if (n < 16) return *std::max_element(x, x + n);
+    real m[16];
+    for (int j = 0; j < 16; j++) m[j] = x[j];
+    int i = 16;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) m[j] = std::max(m[j], x[i + j]);
+    for (; i < n; i++) m[0] = std::max(m[0], x[i]);
+    return *std::max_element(m, m + 16);
+}
 
 // ----------------------------------------------------------------------------
 // Layers: forward and backward side by side. Backward functions ACCUMULATE (+=) into the
@@ -299,8 +311,9 @@ void attention_forward(real* out, real* att, const real* q, const real* k, const
                     p[j] = dot(qt, k + (size_t)(b * T + j) * kvd + kh * hd, hd) * scale;
                     if (p[j] > mx) mx = p[j];
                 }
-                real sum = 0;
-                for (int j = 0; j <= t; j++) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+                real sum = 0;  // summed after the exps, not between the calls (as crossentropy_forward)
+                for (int j = 0; j <= t; j++) p[j] = std::exp(p[j] - mx);
+                for (int j = 0; j <= t; j++) sum += p[j];
                 for (int j = 0; j <= t; j++) p[j] /= sum;
                 real* o = out + (size_t)(b * T + t) * qd + h * hd;
                 for (int i = 0; i < hd; i++) o[i] = 0;
@@ -579,10 +592,17 @@ real crossentropy_forward(real* lse, const real* logits, const int* targets, int
 #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const real* z = logits + (size_t)n * V;
-        real mx = z[0];
-        for (int i = 1; i < V; i++) mx = std::max(mx, z[i]);
+        real mx = max_of(z, V);
+        // sum of exp(z - mx) in index order, the exponentials 16 at a time: summed one by one
+        // in the loop that calls exp, the running sum lived in memory across every call (no
+        // register survives a call) and each addition waited on the last one's store
         real s = 0;
-        for (int i = 0; i < V; i++) s += std::exp(z[i] - mx);
+        for (int i0 = 0; i0 < V; i0 += 16) {
+            const int m = std::min(16, V - i0);
+            real e[16];
+            for (int j = 0; j < m; j++) e[j] = std::exp(z[i0 + j] - mx);
+            for (int j = 0; j < m; j++) s += e[j];
+        }
         lse[n] = mx + std::log(s);
         row_loss[n] = lse[n] - z[targets[n]];
     }
