@@ -353,19 +353,22 @@ void attention_backward(real* dq, real* dk, real* dv, const real* dout, const re
         }
 }
 
-// SwiGLU: out = silu(g) * u, silu(g) = g * sigmoid(g)
-void swiglu_forward(real* out, const real* g, const real* u, size_t n) {
+// SwiGLU: out = silu(g) * u, silu(g) = g * sigmoid(g). sig = sigmoid(g) is kept for the
+// backward: recomputing it there cost an exp per element, and with no call in its loop
+// the backward vectorizes.
+void swiglu_forward(real* out, real* sig, const real* g, const real* u, size_t n) {
 #pragma omp parallel for
     for (long i = 0; i < (long)n; i++) {
         real sg = 1 / (1 + std::exp(-g[i]));
+        sig[i] = sg;
         out[i] = g[i] * sg * u[i];
     }
 }
 // d silu(g)/dg = s (1 + g (1 - s))
-void swiglu_backward(real* dg, real* du, const real* dout, const real* g, const real* u, size_t n) {
+void swiglu_backward(real* dg, real* du, const real* dout, const real* g, const real* u, const real* sig, size_t n) {
 #pragma omp parallel for
     for (long i = 0; i < (long)n; i++) {
-        real sg = 1 / (1 + std::exp(-g[i]));
+        real sg = sig[i];
         dg[i] += dout[i] * u[i] * sg * (1 + g[i] * (1 - sg));
         du[i] += dout[i] * g[i] * sg;
     }
@@ -376,23 +379,24 @@ void residual_forward(real* out, const real* a, const real* b, size_t n) {
 }
 
 // The SwiGLU FFN, down(silu(gate x) * up x): the dense model's FFN, and every expert on its
-// own rows. x [N, d]; g, u, h [N, F] are kept for the backward (h = silu(g) * u); out [N, d].
-void ffn_forward(real* out, real* g, real* u, real* h, const real* x, const real* w_gate, const real* w_up,
+// own rows. x [N, d]; g, u, h, s [N, F] are kept for the backward (h = silu(g) * u,
+// s = sigmoid(g)); out [N, d].
+void ffn_forward(real* out, real* g, real* u, real* h, real* s, const real* x, const real* w_gate, const real* w_up,
                  const real* w_down, int N, int d, int F) {
     matmul_forward(g, x, w_gate, N, d, F);
     matmul_forward(u, x, w_up, N, d, F);
-    swiglu_forward(h, g, u, (size_t)N * F);
+    swiglu_forward(h, s, g, u, (size_t)N * F);
     matmul_forward(out, h, w_down, N, F, d);
 }
 // dx and the weight gradients +=; dh, dg, du [N, F] are scratch
 void ffn_backward(real* dx, real* dw_gate, real* dw_up, real* dw_down, const real* dout, const real* x, const real* g,
-                  const real* u, const real* h, const real* w_gate, const real* w_up, const real* w_down, real* dh,
-                  real* dg, real* du, int N, int d, int F) {
+                  const real* u, const real* h, const real* s, const real* w_gate, const real* w_up,
+                  const real* w_down, real* dh, real* dg, real* du, int N, int d, int F) {
     std::fill(dh, dh + (size_t)N * F, 0);
     std::fill(dg, dg + (size_t)N * F, 0);
     std::fill(du, du + (size_t)N * F, 0);
     matmul_backward(dh, dw_down, dout, h, w_down, N, F, d);
-    swiglu_backward(dg, du, dh, g, u, (size_t)N * F);
+    swiglu_backward(dg, du, dh, g, u, s, (size_t)N * F);
     matmul_backward(dx, dw_gate, dg, x, w_gate, N, d, F);
     matmul_backward(dx, dw_up, du, x, w_up, N, d, F);
 }
@@ -661,7 +665,7 @@ struct LayerActs {
     std::vector<real> atty;            // [N, H*hd] attention output before o_proj
     std::vector<real> x_mid;           // [N, d] after the attention residual
     std::vector<real> ln2, ln2_rstd;   // [N, d], [N]
-    std::vector<real> g, u, h;         // dense FFN: [N, F] gate, up, h = silu(gate)*up
+    std::vector<real> g, u, h, s;      // dense FFN: [N, F] gate, up, h = silu(gate)*up, s = sigmoid(gate)
     // MoE
     std::vector<real> rlogits, rprobs; // [N, E]
     std::vector<int> topk;             // [N, K] selected experts, best first
@@ -672,7 +676,7 @@ struct LayerActs {
     std::vector<int> row_token;        // [N*K] token of each permuted row
     std::vector<int> row_of;           // [N*K] permuted row of (token n, slot k) = row_of[n*K + k]
     std::vector<real> xe;              // [N*K, d] tokens gathered in expert order
-    std::vector<real> eg, eu, eh;      // [N*K, F] expert gate, up, h
+    std::vector<real> eg, eu, eh, es;  // [N*K, F] expert gate, up, h, sigmoid(gate)
     std::vector<real> ey;              // [N*K, d] expert outputs
     std::vector<double> psum, zsum;    // [N, E], [N]: the router losses' statistics (router_stats)
 };
@@ -751,12 +755,12 @@ struct Model {
             a.att.resize((size_t)B_max * cfg.n_head * T_max * T_max);
             a.atty.resize(N * cfg.q_dim()); a.x_mid.resize(N * d); a.ln2.resize(N * d); a.ln2_rstd.resize(N);
             if (!cfg.is_moe()) {
-                a.g.resize(N * F); a.u.resize(N * F); a.h.resize(N * F);
+                a.g.resize(N * F); a.u.resize(N * F); a.h.resize(N * F); a.s.resize(N * F);
             } else {
                 a.rlogits.resize(N * E); a.rprobs.resize(N * E); a.topk.resize(N * K); a.topw.resize(N * K);
                 a.counts.resize(E); a.seq_counts.resize(B_max * E); a.offsets.resize(E + 1);
                 a.row_token.resize(N * K); a.row_of.resize(N * K);
-                a.xe.resize(N * K * d); a.eg.resize(N * K * F); a.eu.resize(N * K * F); a.eh.resize(N * K * F);
+                a.xe.resize(N * K * d); a.eg.resize(N * K * F); a.eu.resize(N * K * F); a.eh.resize(N * K * F); a.es.resize(N * K * F);
                 a.ey.resize(N * K * d);
                 a.psum.resize(N * E); a.zsum.resize(N);
             }
@@ -788,7 +792,7 @@ struct Model {
             size_t r0 = a.offsets[e];
             const auto& w = layout.experts[l][e];  // w1 (gate), w3 (up), w2 (down)
             ffn_forward(a.ey.data() + r0 * d, a.eg.data() + r0 * F, a.eu.data() + r0 * F, a.eh.data() + r0 * F,
-                        a.xe.data() + r0 * d, param(w[0]), param(w[1]), param(w[2]), a.counts[e], d, F);
+                        a.es.data() + r0 * F, a.xe.data() + r0 * d, param(w[0]), param(w[1]), param(w[2]), a.counts[e], d, F);
         }
         moe_combine_forward(out, a.ey.data(), a.topw.data(), a.row_of.data(), N, K, d);
         for (int e = 0; e < E; e++) step_load[l][e] += a.counts[e];
@@ -806,7 +810,7 @@ struct Model {
             const auto& w = layout.experts[l][e];
             ffn_backward(dxe + r0 * d, grad(w[0]), grad(w[1]), grad(w[2]), dey + r0 * d,
                          a.xe.data() + r0 * d, a.eg.data() + r0 * F, a.eu.data() + r0 * F, a.eh.data() + r0 * F,
-                         param(w[0]), param(w[1]), param(w[2]), deh + r0 * F, deg + r0 * F,
+                         a.es.data() + r0 * F, param(w[0]), param(w[1]), param(w[2]), deh + r0 * F, deg + r0 * F,
                          deu + r0 * F, a.counts[e], d, F);
         }
         moe_gather_backward(dln2, dxe, a.row_of.data(), N, K, d);
@@ -863,7 +867,7 @@ struct Model {
             // FFN block: dense SwiGLU or mixture of experts
             rmsnorm_forward(a.ln2.data(), a.ln2_rstd.data(), a.x_mid.data(), param(l, P_FFN_NORM), N, d, cfg.rms_eps);
             if (!cfg.is_moe())
-                ffn_forward(tmp, a.g.data(), a.u.data(), a.h.data(), a.ln2.data(), param(l, P_GATE),
+                ffn_forward(tmp, a.g.data(), a.u.data(), a.h.data(), a.s.data(), a.ln2.data(), param(l, P_GATE),
                             param(l, P_UP), param(l, P_DOWN), N, d, F);
             else
                 moe_forward(tmp, a, l);
@@ -907,8 +911,8 @@ struct Model {
             zero(dln, (size_t)N * d);
             if (!cfg.is_moe())
                 ffn_backward(dln, grad(l, P_GATE), grad(l, P_UP), grad(l, P_DOWN), dx, a.ln2.data(), a.g.data(),
-                             a.u.data(), a.h.data(), param(l, P_GATE), param(l, P_UP), param(l, P_DOWN), dh, dg, du,
-                             N, d, F);
+                             a.u.data(), a.h.data(), a.s.data(), param(l, P_GATE), param(l, P_UP), param(l, P_DOWN),
+                             dh, dg, du, N, d, F);
             else
                 moe_backward(dln, dx, a, l, scale);
             rmsnorm_backward(dx, grad(l, P_FFN_NORM), dln, a.x_mid.data(), param(l, P_FFN_NORM), a.ln2_rstd.data(),

@@ -116,10 +116,12 @@ int main(int argc, char** argv) {
         time_op("attention fwd", 4.0 * B * H * T * T / 2 * hd,
                 [&] { attention_forward(y.data(), att.data(), x.data(), x.data(), x.data(), B, T, H, H, hd); });
         time_op("matmul fwd FFN up (d -> F)", 2.0 * N * d * F, [&] { matmul_forward(y.data(), x.data(), w.data(), N, d, F); });
-        time_op("swiglu fwd", 0, [&] { swiglu_forward(y.data(), x.data(), z.data(), (size_t)N * F); });
+        std::vector<real> sig((size_t)N * F), du((size_t)N * F);
+        time_op("swiglu fwd", 0, [&] { swiglu_forward(y.data(), sig.data(), x.data(), z.data(), (size_t)N * F); });
         time_op("matmul fwd FFN down (F -> d)", 2.0 * N * d * F, [&] { matmul_forward(y.data(), x.data(), w.data(), N, F, d); });
         time_op("matmul bwd q (dinp + dw)", 4.0 * N * d * qd,
                 [&] { matmul_backward(y.data(), dw.data(), x.data(), z.data(), w.data(), N, d, qd); });
+        time_op("swiglu bwd", 0, [&] { swiglu_backward(y.data(), du.data(), x.data(), z.data(), x.data(), sig.data(), (size_t)N * F); });
         time_op("attention bwd", 8.0 * B * H * T * T / 2 * hd, [&] {
             attention_backward(y.data(), z.data(), dw.data(), x.data(), att.data(), x.data(), x.data(), x.data(), B, T,
                                H, H, hd);
