@@ -354,12 +354,15 @@ void attention_backward(real* dq, real* dk, real* dv, const real* dout, const re
 }
 
 // SwiGLU: out = silu(g) * u, silu(g) = g * sigmoid(g). sig = sigmoid(g) is kept for the
-// backward: recomputing it there cost an exp per element, and with no call in its loop
-// the backward vectorizes.
+// backward: recomputing it there cost an exp per element. The exps have a loop of their own
+// (a loop with a call in it does not vectorize), so the arithmetic after them vectorizes,
+// here and in the backward.
 void swiglu_forward(real* out, real* sig, const real* g, const real* u, size_t n) {
 #pragma omp parallel for
+    for (long i = 0; i < (long)n; i++) sig[i] = std::exp(-g[i]);
+#pragma omp parallel for
     for (long i = 0; i < (long)n; i++) {
-        real sg = 1 / (1 + std::exp(-g[i]));
+        real sg = 1 / (1 + sig[i]);
         sig[i] = sg;
         out[i] = g[i] * sg * u[i];
     }
