@@ -242,17 +242,35 @@ void matmul_forward(real* out, const real* inp, const real* w, int N, int C, int
     matmul_accumulate(out, inp, w, N, C, OC, /*b_transposed=*/true);
 }
 
+// dst [cols, rows] = src [rows, cols]^T, in 16 x 16 blocks (both sides' lines stay in L1)
+static void transpose(real* dst, const real* src, int rows, int cols) {
+#pragma omp parallel for schedule(static)
+    for (int r0 = 0; r0 < rows; r0 += 16)
+        for (int c0 = 0; c0 < cols; c0 += 16)
+            for (int r = r0; r < std::min(rows, r0 + 16); r++)
+                for (int c = c0; c < std::min(cols, c0 + 16); c++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
+}
+
 // dinp += dout @ w;  dw += dout^T @ inp   (either may be null)
+// The kernel reads A by rows, so dw's product needs a transposed copy first: of dout [N, OC],
+// or, where that is the larger copy, of inp [N, C] and of dw itself, taking the product the
+// other way round, dw^T += inp^T @ dout (at the tiny shape the LM head's dlogits [N, V] is
+// 4 times inp [N, d] and dw [V, d] together). Both give every element of dw the same sum,
+// term for term: a product of two numbers does not depend on their order.
 void matmul_backward(real* dinp, real* dw, const real* dout, const real* inp, const real* w, int N, int C, int OC) {
     if (dinp) matmul_accumulate(dinp, dout, w, N, OC, C);
-    if (dw) {  // the kernel reads A by rows, so dout^T is made first, in 16 x 16 blocks
+    if (!dw) return;
+    if ((size_t)N * OC <= (size_t)N * C + 2 * (size_t)OC * C) {
         real* dout_t = matmul_scratch(1, (size_t)N * OC);  // [OC, N]
-#pragma omp parallel for schedule(static)
-        for (int n0 = 0; n0 < N; n0 += 16)
-            for (int o0 = 0; o0 < OC; o0 += 16)
-                for (int n = n0; n < std::min(N, n0 + 16); n++)
-                    for (int o = o0; o < std::min(OC, o0 + 16); o++) dout_t[(size_t)o * N + n] = dout[(size_t)n * OC + o];
+        transpose(dout_t, dout, N, OC);
         matmul_accumulate(dw, dout_t, inp, OC, N, C);
+    } else {
+        real* inp_t = matmul_scratch(1, (size_t)N * C + (size_t)OC * C);  // [C, N], then dw^T [C, OC]
+        real* dw_t = inp_t + (size_t)N * C;
+        transpose(inp_t, inp, N, C);
+        transpose(dw_t, dw, OC, C);
+        matmul_accumulate(dw_t, inp_t, dout, C, N, OC);
+        transpose(dw, dw_t, C, OC);
     }
 }
 
