@@ -208,7 +208,10 @@ void matmul_accumulate(real* out, const real* A, const real* B, int M, int K, in
         real* p = matmul_scratch(0, (size_t)KC * CB);  // this thread's packed block of B
         for (int k0 = 0; k0 < K; k0 += KC) {
             const int kn = std::min(KC, K - k0);
-            if (!b_transposed)  // p[k, c] = B[k0 + k, c_start + c]
+            const real* pb = p;  // the block of B the tiles read: [kn, cw], rows cw apart
+            if (!b_transposed && cw == C)  // B's rows are the block's rows already: no copy
+                pb = B + (size_t)k0 * C;
+            else if (!b_transposed)  // p[k, c] = B[k0 + k, c_start + c]
                 for (int k = 0; k < kn; k++)
                     for (int c = 0; c < cw; c++) p[(size_t)k * cw + c] = B[(size_t)(k0 + k) * C + c_start + c];
             else  // B(k, c) = B[c * K + k]: a transposing copy, in 16 x 16 squares so that both
@@ -226,11 +229,11 @@ void matmul_accumulate(real* out, const real* A, const real* B, int M, int K, in
                 real* o = out + (size_t)i0 * C + c_start;  // out[i0.., c_start..]
                 int c = 0;
                 for (; c + TC <= cw; c += TC) {
-                    if (rows == TM) matmul_tile<TM, TC>(o + c, C, a, K, p + c, cw, kn);
-                    else for (int r = 0; r < rows; r++) matmul_tile<1, TC>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, p + c, cw, kn);
+                    if (rows == TM) matmul_tile<TM, TC>(o + c, C, a, K, pb + c, cw, kn);
+                    else for (int r = 0; r < rows; r++) matmul_tile<1, TC>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, pb + c, cw, kn);
                 }
                 for (; c < cw; c++)  // the last C % 16 columns, one at a time
-                    for (int r = 0; r < rows; r++) matmul_tile<1, 1>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, p + c, cw, kn);
+                    for (int r = 0; r < rows; r++) matmul_tile<1, 1>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, pb + c, cw, kn);
             }
         }
     }
