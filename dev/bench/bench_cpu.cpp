@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
     }
     std::sort(times.begin(), times.end());
     double t = times[0];  // min: the machine is shared, the min is the least disturbed step
-    printf("bench: %-14s %-5s d%d L%d E%d K%d F%d V%d B%d T%d threads %d | %.3f s/step (median %.3f) | %.0f tok/s | "
+    printf("bench: %-14s %-5s d%d L%d E%d K%d F%d V%d B%d T%d threads %d | %.4f s/step (median %.4f) | %.0f tok/s | "
            "%.1f GFLOP/s (%.1fM matmul params)\n",
            name.empty() ? (experts ? "moe" : "dense") : name.c_str(), preset.c_str(), d, L, experts, c.top_k,
            c.ffn_dim, vocab, B, T, threads, t, times[times.size() / 2], N / t, flops_tok * N / t / 1e9,
