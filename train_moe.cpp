@@ -340,8 +340,13 @@ void attention_forward(real* out, real* att, const real* q, const real* k, const
                 for (int j = 0; j <= t; j++) p[j] /= sum;
                 real* o = out + (size_t)(b * T + t) * qd + h * hd;
                 for (int i = 0; i < hd; i++) o[i] = 0;
-                for (int j = 0; j <= t; j++) axpy(o, p[j], v + (size_t)(b * T + j) * kvd + kh * hd, hd);
             }
+            // o_t = sum_j p_tj v_j, j in order, with the keys in the outer loop: one after the
+            // other, the additions into one short o_t row each waited for the last one's store
+            for (int j = 0; j < T; j++)
+                for (int t = j; t < T; t++)
+                    axpy(out + (size_t)(b * T + t) * qd + h * hd, att[(((size_t)b * H + h) * T + t) * T + j],
+                         v + (size_t)(b * T + j) * kvd + kh * hd, hd);
         }
 }
 // dp_j = dout . v_j;  ds_j = p_j (dp_j - sum_i p_i dp_i);  dq += scale ds_j k_j;
