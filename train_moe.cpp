@@ -188,7 +188,8 @@ static real* matmul_scratch(int which, size_t n) {
 // Work is split into tasks of one block of CB = 256 columns and a range of 4-row tiles; a
 // task runs k in chunks of KC = 256 (a multiple of 4, so the groups of four and hence the
 // sums are those of one pass: the accumulators just go through `out` between chunks),
-// packing its [KC, CB] block of B into its own scratch first, then running its tiles across
+// packing its [KC, CB] block of B into its own scratch first (unless B is at most CB wide and
+// not transposed: then its rows are the block's rows already), then running its tiles across
 // it in stripes of 16 columns. Tasks share no writes, so one parallel loop (no barrier
 // inside) does it all; how many tasks there are changes no sum.
 void matmul_accumulate(real* out, const real* A, const real* B, int M, int K, int C, bool b_transposed = false) {
