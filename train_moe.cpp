@@ -68,6 +68,18 @@ static inline real dot(const real* a, const real* b, int n) {
 static inline void axpy(real* y, real a, const real* x, int n) {  // y += a x
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
+// max of x[0 .. n): 16 running maxima, so that the compiler can vectorize it (a maximum is
+// exact, so the order does not change it)
+static inline real max_of(const real* x, int n) {
+    if (n < 16) return *std::max_element(x, x + n);
+    real m[16];
+    for (int j = 0; j < 16; j++) m[j] = x[j];
+    int i = 16;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) m[j] = std::max(m[j], x[i + j]);
+    for (; i < n; i++) m[0] = std::max(m[0], x[i]);
+    return *std::max_element(m, m + 16);
+}
 
 // ----------------------------------------------------------------------------
 // Layers: forward and backward side by side. Backward functions ACCUMULATE (+=) into the
@@ -176,7 +188,8 @@ static real* matmul_scratch(int which, size_t n) {
 // Work is split into tasks of one block of CB = 256 columns and a range of 4-row tiles; a
 // task runs k in chunks of KC = 256 (a multiple of 4, so the groups of four and hence the
 // sums are those of one pass: the accumulators just go through `out` between chunks),
-// packing its [KC, CB] block of B into its own scratch first, then running its tiles across
+// packing its [KC, CB] block of B into its own scratch first (unless B is at most CB wide and
+// not transposed: then its rows are the block's rows already), then running its tiles across
 // it in stripes of 16 columns. Tasks share no writes, so one parallel loop (no barrier
 // inside) does it all; how many tasks there are changes no sum.
 void matmul_accumulate(real* out, const real* A, const real* B, int M, int K, int C, bool b_transposed = false) {
@@ -196,23 +209,32 @@ void matmul_accumulate(real* out, const real* A, const real* B, int M, int K, in
         real* p = matmul_scratch(0, (size_t)KC * CB);  // this thread's packed block of B
         for (int k0 = 0; k0 < K; k0 += KC) {
             const int kn = std::min(KC, K - k0);
-            if (!b_transposed)  // p[k, c] = B[k0 + k, c_start + c]
+            const real* pb = p;  // the block of B the tiles read: [kn, cw], rows cw apart
+            if (!b_transposed && cw == C)  // B's rows are the block's rows already: no copy
+                pb = B + (size_t)k0 * C;
+            else if (!b_transposed)  // p[k, c] = B[k0 + k, c_start + c]
                 for (int k = 0; k < kn; k++)
                     for (int c = 0; c < cw; c++) p[(size_t)k * cw + c] = B[(size_t)(k0 + k) * C + c_start + c];
-            else  // B(k, c) = B[c * K + k]: read along k, write down a column
-                for (int c = 0; c < cw; c++)
-                    for (int k = 0; k < kn; k++) p[(size_t)k * cw + c] = B[(size_t)(c_start + c) * K + k0 + k];
+            else  // B(k, c) = B[c * K + k]: a transposing copy, in 16 x 16 squares so that both
+                  // the 16 rows read and the 16 rows written stay in L1 (written a whole column
+                  // at a time, rows 1 KB apart, p's lines evicted one another and the copy cost
+                  // as much as the tiny shape's products)
+                for (int c1 = 0; c1 < cw; c1 += 16)
+                    for (int k1 = 0; k1 < kn; k1 += 16)
+                        for (int c = c1; c < std::min(cw, c1 + 16); c++)
+                            for (int k = k1; k < std::min(kn, k1 + 16); k++)
+                                p[(size_t)k * cw + c] = B[(size_t)(c_start + c) * K + k0 + k];
             for (int it = it_begin; it < it_end; it++) {
                 const int i0 = it * TM, rows = std::min(TM, M - i0);
                 const real* a = A + (size_t)i0 * K + k0;   // A[i0.., k0..]
                 real* o = out + (size_t)i0 * C + c_start;  // out[i0.., c_start..]
                 int c = 0;
                 for (; c + TC <= cw; c += TC) {
-                    if (rows == TM) matmul_tile<TM, TC>(o + c, C, a, K, p + c, cw, kn);
-                    else for (int r = 0; r < rows; r++) matmul_tile<1, TC>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, p + c, cw, kn);
+                    if (rows == TM) matmul_tile<TM, TC>(o + c, C, a, K, pb + c, cw, kn);
+                    else for (int r = 0; r < rows; r++) matmul_tile<1, TC>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, pb + c, cw, kn);
                 }
                 for (; c < cw; c++)  // the last C % 16 columns, one at a time
-                    for (int r = 0; r < rows; r++) matmul_tile<1, 1>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, p + c, cw, kn);
+                    for (int r = 0; r < rows; r++) matmul_tile<1, 1>(o + (size_t)r * C + c, C, a + (size_t)r * K, K, pb + c, cw, kn);
             }
         }
     }
@@ -224,17 +246,37 @@ void matmul_forward(real* out, const real* inp, const real* w, int N, int C, int
     matmul_accumulate(out, inp, w, N, C, OC, /*b_transposed=*/true);
 }
 
+// dst [cols, rows] = src [rows, cols]^T, in 16 x 16 blocks (both sides' lines stay in L1),
+// each block written along dst's rows: written down dst's columns, 16 lines a long row apart
+// (8 KB for dw [V, d]) fell into one cache set and evicted one another (10x slower)
+static void transpose(real* dst, const real* src, int rows, int cols) {
+#pragma omp parallel for schedule(static)
+    for (int r0 = 0; r0 < rows; r0 += 16)
+        for (int c0 = 0; c0 < cols; c0 += 16)
+            for (int c = c0; c < std::min(cols, c0 + 16); c++)
+                for (int r = r0; r < std::min(rows, r0 + 16); r++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
+}
+
 // dinp += dout @ w;  dw += dout^T @ inp   (either may be null)
+// The kernel reads A by rows, so dw's product needs a transposed copy first: of dout [N, OC],
+// or, where that is the larger copy, of inp [N, C] and of dw itself, taking the product the
+// other way round, dw^T += inp^T @ dout (at the tiny shape the LM head's dlogits [N, V] is
+// 4 times inp [N, d] and dw [V, d] together). Both give every element of dw the same sum,
+// term for term: a product of two numbers does not depend on their order.
 void matmul_backward(real* dinp, real* dw, const real* dout, const real* inp, const real* w, int N, int C, int OC) {
     if (dinp) matmul_accumulate(dinp, dout, w, N, OC, C);
-    if (dw) {  // the kernel reads A by rows, so dout^T is made first, in 16 x 16 blocks
+    if (!dw) return;
+    if ((size_t)N * OC <= (size_t)N * C + 2 * (size_t)OC * C) {
         real* dout_t = matmul_scratch(1, (size_t)N * OC);  // [OC, N]
-#pragma omp parallel for schedule(static)
-        for (int n0 = 0; n0 < N; n0 += 16)
-            for (int o0 = 0; o0 < OC; o0 += 16)
-                for (int n = n0; n < std::min(N, n0 + 16); n++)
-                    for (int o = o0; o < std::min(OC, o0 + 16); o++) dout_t[(size_t)o * N + n] = dout[(size_t)n * OC + o];
+        transpose(dout_t, dout, N, OC);
         matmul_accumulate(dw, dout_t, inp, OC, N, C);
+    } else {
+        real* inp_t = matmul_scratch(1, (size_t)N * C + (size_t)OC * C);  // [C, N], then dw^T [C, OC]
+        real* dw_t = inp_t + (size_t)N * C;
+        transpose(inp_t, inp, N, C);
+        transpose(dw_t, dw, OC, C);
+        matmul_accumulate(dw_t, inp_t, dout, C, N, OC);
+        transpose(dw, dw_t, C, OC);
     }
 }
 
@@ -311,13 +353,19 @@ void attention_forward(real* out, real* att, const real* q, const real* k, const
                     p[j] = dot(qt, k + (size_t)(b * T + j) * kvd + kh * hd, hd) * scale;
                     if (p[j] > mx) mx = p[j];
                 }
-                real sum = 0;
-                for (int j = 0; j <= t; j++) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+                real sum = 0;  // summed after the exps, not between the calls (as crossentropy_forward)
+                for (int j = 0; j <= t; j++) p[j] = std::exp(p[j] - mx);
+                for (int j = 0; j <= t; j++) sum += p[j];
                 for (int j = 0; j <= t; j++) p[j] /= sum;
                 real* o = out + (size_t)(b * T + t) * qd + h * hd;
                 for (int i = 0; i < hd; i++) o[i] = 0;
-                for (int j = 0; j <= t; j++) axpy(o, p[j], v + (size_t)(b * T + j) * kvd + kh * hd, hd);
             }
+            // o_t = sum_j p_tj v_j, j in order, with the keys in the outer loop: one after the
+            // other, the additions into one short o_t row each waited for the last one's store
+            for (int j = 0; j < T; j++)
+                for (int t = j; t < T; t++)
+                    axpy(out + (size_t)(b * T + t) * qd + h * hd, att[(((size_t)b * H + h) * T + t) * T + j],
+                         v + (size_t)(b * T + j) * kvd + kh * hd, hd);
         }
 }
 // dp_j = dout . v_j;  ds_j = p_j (dp_j - sum_i p_i dp_i);  dq += scale ds_j k_j;
@@ -386,19 +434,25 @@ void attention_forward_cached(real* out, const real* q, const real* kc, const re
         }
 }
 
-// SwiGLU: out = silu(g) * u, silu(g) = g * sigmoid(g)
-void swiglu_forward(real* out, const real* g, const real* u, size_t n) {
+// SwiGLU: out = silu(g) * u, silu(g) = g * sigmoid(g). sig = sigmoid(g) is kept for the
+// backward: recomputing it there cost an exp per element. The exps have a loop of their own
+// (a loop with a call in it does not vectorize), so the arithmetic after them vectorizes,
+// here and in the backward.
+void swiglu_forward(real* out, real* sig, const real* g, const real* u, size_t n) {
+#pragma omp parallel for
+    for (long i = 0; i < (long)n; i++) sig[i] = std::exp(-g[i]);
 #pragma omp parallel for
     for (long i = 0; i < (long)n; i++) {
-        real sg = 1 / (1 + std::exp(-g[i]));
+        real sg = 1 / (1 + sig[i]);
+        sig[i] = sg;
         out[i] = g[i] * sg * u[i];
     }
 }
 // d silu(g)/dg = s (1 + g (1 - s))
-void swiglu_backward(real* dg, real* du, const real* dout, const real* g, const real* u, size_t n) {
+void swiglu_backward(real* dg, real* du, const real* dout, const real* g, const real* u, const real* sig, size_t n) {
 #pragma omp parallel for
     for (long i = 0; i < (long)n; i++) {
-        real sg = 1 / (1 + std::exp(-g[i]));
+        real sg = sig[i];
         dg[i] += dout[i] * u[i] * sg * (1 + g[i] * (1 - sg));
         du[i] += dout[i] * g[i] * sg;
     }
@@ -409,23 +463,24 @@ void residual_forward(real* out, const real* a, const real* b, size_t n) {
 }
 
 // The SwiGLU FFN, down(silu(gate x) * up x): the dense model's FFN, and every expert on its
-// own rows. x [N, d]; g, u, h [N, F] are kept for the backward (h = silu(g) * u); out [N, d].
-void ffn_forward(real* out, real* g, real* u, real* h, const real* x, const real* w_gate, const real* w_up,
+// own rows. x [N, d]; g, u, h, s [N, F] are kept for the backward (h = silu(g) * u,
+// s = sigmoid(g)); out [N, d].
+void ffn_forward(real* out, real* g, real* u, real* h, real* s, const real* x, const real* w_gate, const real* w_up,
                  const real* w_down, int N, int d, int F) {
     matmul_forward(g, x, w_gate, N, d, F);
     matmul_forward(u, x, w_up, N, d, F);
-    swiglu_forward(h, g, u, (size_t)N * F);
+    swiglu_forward(h, s, g, u, (size_t)N * F);
     matmul_forward(out, h, w_down, N, F, d);
 }
 // dx and the weight gradients +=; dh, dg, du [N, F] are scratch
 void ffn_backward(real* dx, real* dw_gate, real* dw_up, real* dw_down, const real* dout, const real* x, const real* g,
-                  const real* u, const real* h, const real* w_gate, const real* w_up, const real* w_down, real* dh,
-                  real* dg, real* du, int N, int d, int F) {
+                  const real* u, const real* h, const real* s, const real* w_gate, const real* w_up,
+                  const real* w_down, real* dh, real* dg, real* du, int N, int d, int F) {
     std::fill(dh, dh + (size_t)N * F, 0);
     std::fill(dg, dg + (size_t)N * F, 0);
     std::fill(du, du + (size_t)N * F, 0);
     matmul_backward(dh, dw_down, dout, h, w_down, N, F, d);
-    swiglu_backward(dg, du, dh, g, u, (size_t)N * F);
+    swiglu_backward(dg, du, dh, g, u, s, (size_t)N * F);
     matmul_backward(dx, dw_gate, dg, x, w_gate, N, d, F);
     matmul_backward(dx, dw_up, du, x, w_up, N, d, F);
 }
@@ -625,10 +680,17 @@ real crossentropy_forward(real* lse, const real* logits, const int* targets, int
 #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const real* z = logits + (size_t)n * V;
-        real mx = z[0];
-        for (int i = 1; i < V; i++) mx = std::max(mx, z[i]);
+        real mx = max_of(z, V);
+        // sum of exp(z - mx) in index order, the exponentials 16 at a time: summed one by one
+        // in the loop that calls exp, the running sum lived in memory across every call (no
+        // register survives a call) and each addition waited on the last one's store
         real s = 0;
-        for (int i = 0; i < V; i++) s += std::exp(z[i] - mx);
+        for (int i0 = 0; i0 < V; i0 += 16) {
+            const int m = std::min(16, V - i0);
+            real e[16];
+            for (int j = 0; j < m; j++) e[j] = std::exp(z[i0 + j] - mx);
+            for (int j = 0; j < m; j++) s += e[j];
+        }
         lse[n] = mx + std::log(s);
         row_loss[n] = lse[n] - z[targets[n]];
     }
@@ -660,6 +722,8 @@ double global_norm(const real* g, size_t n) {
 // One tensor's AdamW update, n elements; st from adamw_step (clip factor, bias corrections):
 //   g' = g clip;  m = b1 m + (1-b1) g';  v = b2 v + (1-b2) g'^2
 //   p -= lr (m/bc1 / (sqrt(v/bc2) + eps) + wd p)
+// gcc vectorizes this loop only under -fno-math-errno (the Makefile's flags): else every
+// std::sqrt keeps a branch to the library call that would set errno.
 void adamw_update(real* p, const real* g, real* m, real* v, long n, const AdamWSettings& hp, const AdamWStep& st,
                   double lr, double weight_decay) {
     real wd = (real)weight_decay;
@@ -685,7 +749,7 @@ struct LayerActs {
     std::vector<real> atty;            // [N, H*hd] attention output before o_proj
     std::vector<real> x_mid;           // [N, d] after the attention residual
     std::vector<real> ln2, ln2_rstd;   // [N, d], [N]
-    std::vector<real> g, u, h;         // dense FFN: [N, F] gate, up, h = silu(gate)*up
+    std::vector<real> g, u, h, s;      // dense FFN: [N, F] gate, up, h = silu(gate)*up, s = sigmoid(gate)
     // MoE
     std::vector<real> rlogits, rprobs; // [N, E]
     std::vector<int> topk;             // [N, K] selected experts, best first
@@ -696,7 +760,7 @@ struct LayerActs {
     std::vector<int> row_token;        // [N*K] token of each permuted row
     std::vector<int> row_of;           // [N*K] permuted row of (token n, slot k) = row_of[n*K + k]
     std::vector<real> xe;              // [N*K, d] tokens gathered in expert order
-    std::vector<real> eg, eu, eh;      // [N*K, F] expert gate, up, h
+    std::vector<real> eg, eu, eh, es;  // [N*K, F] expert gate, up, h, sigmoid(gate)
     std::vector<real> ey;              // [N*K, d] expert outputs
     std::vector<double> psum, zsum;    // [N, E], [N]: the router losses' statistics (router_stats)
 };
@@ -734,6 +798,16 @@ struct Model {
     std::vector<int> inputs, targets;  // of the last forward pass
     bool have_targets = false;
     Losses last;
+    // scratch of forward and backward (gradients of activations), sized with the activations
+    // and kept: a fresh multi-MB std::vector per step cost page faults and zeroing, a tenth
+    // of a tiny-preset step. Nothing in them outlives the call that fills them.
+    struct Scratch {
+        std::vector<real> tmp;                        // [N, d] a block's output (forward)
+        std::vector<real> dlogits, dx, dln;           // [N, V], [N, d], [N, d]
+        std::vector<real> dq, dk, dv, datty;          // [N, H*hd], [N, Hkv*hd] x2, [N, H*hd]
+        std::vector<real> dg, du, dh;                 // FFN: [N, F] dense, [N*K, F] experts
+        std::vector<real> dtopw, dey, dxe, drouter;   // MoE: [N, K], [N*K, d] x2, [N, E]
+    } scratch;
 
     // ---- making, loading and saving (common/run.h calls these) ----
     bool training = true;  // false (generate): no gradients or AdamW moments are allocated
@@ -785,18 +859,25 @@ struct Model {
             a.att.resize((size_t)B_max * cfg.n_head * T_max * T_max);
             a.atty.resize(N * cfg.q_dim()); a.x_mid.resize(N * d); a.ln2.resize(N * d); a.ln2_rstd.resize(N);
             if (!cfg.is_moe()) {
-                a.g.resize(N * F); a.u.resize(N * F); a.h.resize(N * F);
+                a.g.resize(N * F); a.u.resize(N * F); a.h.resize(N * F); a.s.resize(N * F);
             } else {
                 a.rlogits.resize(N * E); a.rprobs.resize(N * E); a.topk.resize(N * K); a.topw.resize(N * K);
                 a.counts.resize(E); a.seq_counts.resize(B_max * E); a.offsets.resize(E + 1);
                 a.row_token.resize(N * K); a.row_of.resize(N * K);
-                a.xe.resize(N * K * d); a.eg.resize(N * K * F); a.eu.resize(N * K * F); a.eh.resize(N * K * F);
+                a.xe.resize(N * K * d); a.eg.resize(N * K * F); a.eu.resize(N * K * F); a.eh.resize(N * K * F); a.es.resize(N * K * F);
                 a.ey.resize(N * K * d);
                 a.psum.resize(N * E); a.zsum.resize(N);
             }
         }
         x_final.resize(N * d); lnf.resize(N * d); lnf_rstd.resize(N);
         logits.resize(N * cfg.vocab_size); lse.resize(N); inputs.resize(N); targets.resize(N);
+        const size_t ffn_rows = cfg.is_moe() ? N * K : N;
+        Scratch& s = scratch;
+        s.tmp.resize(N * d); s.dlogits.resize(N * cfg.vocab_size); s.dx.resize(N * d); s.dln.resize(N * d);
+        s.dq.resize(N * cfg.q_dim()); s.dk.resize(N * cfg.kv_dim()); s.dv.resize(N * cfg.kv_dim());
+        s.datty.resize(N * cfg.q_dim());
+        s.dg.resize(ffn_rows * F); s.du.resize(ffn_rows * F); s.dh.resize(ffn_rows * F);
+        if (cfg.is_moe()) { s.dtopw.resize(N * K); s.dey.resize(N * K * d); s.dxe.resize(N * K * d); s.drouter.resize(N * E); }
         cfg.rope_tables(T_max, &rope_cos, &rope_sin);  // [T_max, hd/2], computed in double once
     }
 
@@ -815,7 +896,7 @@ struct Model {
             size_t r0 = a.offsets[e];
             const auto& w = layout.experts[l][e];  // w1 (gate), w3 (up), w2 (down)
             ffn_forward(a.ey.data() + r0 * d, a.eg.data() + r0 * F, a.eu.data() + r0 * F, a.eh.data() + r0 * F,
-                        a.xe.data() + r0 * d, param(w[0]), param(w[1]), param(w[2]), a.counts[e], d, F);
+                        a.es.data() + r0 * F, a.xe.data() + r0 * d, param(w[0]), param(w[1]), param(w[2]), a.counts[e], d, F);
         }
         moe_combine_forward(out, a.ey.data(), a.topw.data(), a.row_of.data(), N, K, d);
         for (int e = 0; e < E; e++) step_load[l][e] += a.counts[e];
@@ -824,27 +905,29 @@ struct Model {
     // losses' gradient included (scaled by `scale`, as the whole backward)
     void moe_backward(real* dln2, const real* dout, LayerActs& a, int l, real scale) {
         const int N = B * T, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k;
-        std::vector<real> dtopw((size_t)N * K), dey((size_t)N * K * d), dxe((size_t)N * K * d, 0);
-        std::vector<real> deh((size_t)N * K * F), deg((size_t)N * K * F), deu((size_t)N * K * F);
-        moe_combine_backward(dey.data(), dtopw.data(), dout, a.ey.data(), a.topw.data(), a.row_of.data(), N, K, d);
+        real *dtopw = scratch.dtopw.data(), *dey = scratch.dey.data(), *dxe = scratch.dxe.data();
+        real *deh = scratch.dh.data(), *deg = scratch.dg.data(), *deu = scratch.du.data();
+        std::fill(dxe, dxe + (size_t)N * K * d, 0);  // dtopw and dey are written whole
+        moe_combine_backward(dey, dtopw, dout, a.ey.data(), a.topw.data(), a.row_of.data(), N, K, d);
         for (int e = 0; e < E; e++) {
             size_t r0 = a.offsets[e];
             const auto& w = layout.experts[l][e];
-            ffn_backward(dxe.data() + r0 * d, grad(w[0]), grad(w[1]), grad(w[2]), dey.data() + r0 * d,
+            ffn_backward(dxe + r0 * d, grad(w[0]), grad(w[1]), grad(w[2]), dey + r0 * d,
                          a.xe.data() + r0 * d, a.eg.data() + r0 * F, a.eu.data() + r0 * F, a.eh.data() + r0 * F,
-                         param(w[0]), param(w[1]), param(w[2]), deh.data() + r0 * F, deg.data() + r0 * F,
-                         deu.data() + r0 * F, a.counts[e], d, F);
+                         a.es.data() + r0 * F, param(w[0]), param(w[1]), param(w[2]), deh + r0 * F, deg + r0 * F,
+                         deu + r0 * F, a.counts[e], d, F);
         }
-        moe_gather_backward(dln2, dxe.data(), a.row_of.data(), N, K, d);
+        moe_gather_backward(dln2, dxe, a.row_of.data(), N, K, d);
         // router: the losses' gradient, then the gate weights' path, then W_r
-        std::vector<real> dlogits((size_t)N * E, 0), G;
+        real* dlogits = scratch.drouter.data();
+        std::fill(dlogits, dlogits + (size_t)N * E, 0);
+        std::vector<real> G;
         if (router_loss.aux_loss != AUX_NONE && router_loss.aux_coef != 0)
             aux_dp_per_seq(G, router_loss.aux_loss, routing_stats(), l);
-        router_losses_backward(dlogits.data(), a.rprobs.data(), a.rlogits.data(), G.empty() ? nullptr : G.data(),
+        router_losses_backward(dlogits, a.rprobs.data(), a.rlogits.data(), G.empty() ? nullptr : G.data(),
                                router_loss.aux_coef, router_loss.z_coef, scale, B, T, E);
-        router_backward(dlogits.data(), dtopw.data(), a.rprobs.data(), a.topk.data(), a.topw.data(), N, E, K,
-                        cfg.routing);
-        matmul_backward(dln2, grad(l, P_ROUTER), dlogits.data(), a.ln2.data(), param(l, P_ROUTER), N, d, E);
+        router_backward(dlogits, dtopw, a.rprobs.data(), a.topk.data(), a.topw.data(), N, E, K, cfg.routing);
+        matmul_backward(dln2, grad(l, P_ROUTER), dlogits, a.ln2.data(), param(l, P_ROUTER), N, d, E);
     }
     // the last forward pass's routing statistics, as the router losses read them
     RoutingStats routing_stats() const {
@@ -870,7 +953,7 @@ struct Model {
             if (in[n] < 0 || in[n] >= V) FAIL("input token %d at position %d outside [0, %d)", in[n], n, V);
             inputs[n] = in[n];
         }
-        std::vector<real> tmp((size_t)N * d);
+        real* tmp = scratch.tmp.data();
         encoder_forward(acts[0].x.data(), inputs.data(), param(layout.embed), N, d);
         for (int l = 0; l < cfg.n_layer; l++) {
             LayerActs& a = acts[l];
@@ -883,16 +966,16 @@ struct Model {
             rope_forward(a.q.data(), rope_cos.data(), rope_sin.data(), N, T, H, hd);
             rope_forward(a.k.data(), rope_cos.data(), rope_sin.data(), N, T, Hkv, hd);
             attention_forward(a.atty.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, Hkv, hd);
-            matmul_forward(tmp.data(), a.atty.data(), param(l, P_WO), N, qd, d);
-            residual_forward(a.x_mid.data(), a.x.data(), tmp.data(), (size_t)N * d);
+            matmul_forward(tmp, a.atty.data(), param(l, P_WO), N, qd, d);
+            residual_forward(a.x_mid.data(), a.x.data(), tmp, (size_t)N * d);
             // FFN block: dense SwiGLU or mixture of experts
             rmsnorm_forward(a.ln2.data(), a.ln2_rstd.data(), a.x_mid.data(), param(l, P_FFN_NORM), N, d, cfg.rms_eps);
             if (!cfg.is_moe())
-                ffn_forward(tmp.data(), a.g.data(), a.u.data(), a.h.data(), a.ln2.data(), param(l, P_GATE),
+                ffn_forward(tmp, a.g.data(), a.u.data(), a.h.data(), a.s.data(), a.ln2.data(), param(l, P_GATE),
                             param(l, P_UP), param(l, P_DOWN), N, d, F);
             else
-                moe_forward(tmp.data(), a, l);
-            residual_forward(x_next, a.x_mid.data(), tmp.data(), (size_t)N * d);
+                moe_forward(tmp, a, l);
+            residual_forward(x_next, a.x_mid.data(), tmp, (size_t)N * d);
         }
         rmsnorm_forward(lnf.data(), lnf_rstd.data(), x_final.data(), param(layout.final_norm), N, d, cfg.rms_eps);
         matmul_forward(logits.data(), lnf.data(), param(layout.lm_head), N, d, V);
@@ -915,46 +998,46 @@ struct Model {
         if (!have_targets) FAIL("backward() needs a forward pass with targets");
         const int N = B * T, d = cfg.d_model, F = cfg.ffn_dim, V = cfg.vocab_size;
         const int H = cfg.n_head, Hkv = cfg.n_kv_head, hd = cfg.head_dim, qd = cfg.q_dim(), kvd = cfg.kv_dim();
-        std::vector<real> dlogits((size_t)N * V), dx((size_t)N * d, 0), dln((size_t)N * d);
-        std::vector<real> dq((size_t)N * qd), dk((size_t)N * kvd), dv((size_t)N * kvd), datty((size_t)N * qd);
-        std::vector<real> dg, du, dh;  // dense FFN scratch
-        if (!cfg.is_moe()) { dg.resize((size_t)N * F); du.resize((size_t)N * F); dh.resize((size_t)N * F); }
-        crossentropy_backward(dlogits.data(), logits.data(), lse.data(), targets.data(), N, V, scale / N);
-        std::fill(dln.begin(), dln.end(), 0);
-        matmul_backward(dln.data(), grad(layout.lm_head), dlogits.data(), lnf.data(), param(layout.lm_head), N, d, V);
-        rmsnorm_backward(dx.data(), grad(layout.final_norm), dln.data(), x_final.data(), param(layout.final_norm),
+        real *dlogits = scratch.dlogits.data(), *dx = scratch.dx.data(), *dln = scratch.dln.data();
+        real *dq = scratch.dq.data(), *dk = scratch.dk.data(), *dv = scratch.dv.data(), *datty = scratch.datty.data();
+        real *dg = scratch.dg.data(), *du = scratch.du.data(), *dh = scratch.dh.data();  // dense FFN
+        auto zero = [](real* p, size_t n) { std::fill(p, p + n, (real)0); };
+        crossentropy_backward(dlogits, logits.data(), lse.data(), targets.data(), N, V, scale / N);
+        zero(dx, (size_t)N * d);
+        zero(dln, (size_t)N * d);
+        matmul_backward(dln, grad(layout.lm_head), dlogits, lnf.data(), param(layout.lm_head), N, d, V);
+        rmsnorm_backward(dx, grad(layout.final_norm), dln, x_final.data(), param(layout.final_norm),
                          lnf_rstd.data(), N, d);
         // dx now holds d(loss)/d(residual stream) after the last layer; walk the layers back
         for (int l = cfg.n_layer - 1; l >= 0; l--) {
             LayerActs& a = acts[l];
             // FFN block: x_next = x_mid + ffn(ln2(x_mid))
-            std::fill(dln.begin(), dln.end(), 0);
+            zero(dln, (size_t)N * d);
             if (!cfg.is_moe())
-                ffn_backward(dln.data(), grad(l, P_GATE), grad(l, P_UP), grad(l, P_DOWN), dx.data(), a.ln2.data(),
-                             a.g.data(), a.u.data(), a.h.data(), param(l, P_GATE), param(l, P_UP), param(l, P_DOWN),
-                             dh.data(), dg.data(), du.data(), N, d, F);
+                ffn_backward(dln, grad(l, P_GATE), grad(l, P_UP), grad(l, P_DOWN), dx, a.ln2.data(), a.g.data(),
+                             a.u.data(), a.h.data(), a.s.data(), param(l, P_GATE), param(l, P_UP), param(l, P_DOWN),
+                             dh, dg, du, N, d, F);
             else
-                moe_backward(dln.data(), dx.data(), a, l, scale);
-            rmsnorm_backward(dx.data(), grad(l, P_FFN_NORM), dln.data(), a.x_mid.data(), param(l, P_FFN_NORM),
-                             a.ln2_rstd.data(), N, d);  // dx += (residual path already in dx)
+                moe_backward(dln, dx, a, l, scale);
+            rmsnorm_backward(dx, grad(l, P_FFN_NORM), dln, a.x_mid.data(), param(l, P_FFN_NORM), a.ln2_rstd.data(),
+                             N, d);  // dx += (residual path already in dx)
             // attention block: x_mid = x + o_proj(attn(...))
-            std::fill(datty.begin(), datty.end(), 0);
-            matmul_backward(datty.data(), grad(l, P_WO), dx.data(), a.atty.data(), param(l, P_WO), N, qd, d);
-            std::fill(dq.begin(), dq.end(), 0);
-            std::fill(dk.begin(), dk.end(), 0);
-            std::fill(dv.begin(), dv.end(), 0);
-            attention_backward(dq.data(), dk.data(), dv.data(), datty.data(), a.att.data(), a.q.data(), a.k.data(),
-                               a.v.data(), B, T, H, Hkv, hd);
-            rope_backward(dq.data(), rope_cos.data(), rope_sin.data(), N, T, H, hd);
-            rope_backward(dk.data(), rope_cos.data(), rope_sin.data(), N, T, Hkv, hd);
-            std::fill(dln.begin(), dln.end(), 0);
-            matmul_backward(dln.data(), grad(l, P_WQ), dq.data(), a.ln1.data(), param(l, P_WQ), N, d, qd);
-            matmul_backward(dln.data(), grad(l, P_WK), dk.data(), a.ln1.data(), param(l, P_WK), N, d, kvd);
-            matmul_backward(dln.data(), grad(l, P_WV), dv.data(), a.ln1.data(), param(l, P_WV), N, d, kvd);
-            rmsnorm_backward(dx.data(), grad(l, P_ATTN_NORM), dln.data(), a.x.data(), param(l, P_ATTN_NORM),
-                             a.ln1_rstd.data(), N, d);
+            zero(datty, (size_t)N * qd);
+            matmul_backward(datty, grad(l, P_WO), dx, a.atty.data(), param(l, P_WO), N, qd, d);
+            zero(dq, (size_t)N * qd);
+            zero(dk, (size_t)N * kvd);
+            zero(dv, (size_t)N * kvd);
+            attention_backward(dq, dk, dv, datty, a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, Hkv, hd);
+            rope_backward(dq, rope_cos.data(), rope_sin.data(), N, T, H, hd);
+            rope_backward(dk, rope_cos.data(), rope_sin.data(), N, T, Hkv, hd);
+            zero(dln, (size_t)N * d);
+            matmul_backward(dln, grad(l, P_WQ), dq, a.ln1.data(), param(l, P_WQ), N, d, qd);
+            matmul_backward(dln, grad(l, P_WK), dk, a.ln1.data(), param(l, P_WK), N, d, kvd);
+            matmul_backward(dln, grad(l, P_WV), dv, a.ln1.data(), param(l, P_WV), N, d, kvd);
+            rmsnorm_backward(dx, grad(l, P_ATTN_NORM), dln, a.x.data(), param(l, P_ATTN_NORM), a.ln1_rstd.data(),
+                             N, d);
         }
-        encoder_backward(grad(layout.embed), dx.data(), inputs.data(), N, d);
+        encoder_backward(grad(layout.embed), dx, inputs.data(), N, d);
     }
 
     // one micro-batch of a step of n_micro: the forward, and 1/n_micro of its gradient
@@ -1010,7 +1093,7 @@ struct Model {
             residual_forward(a.x_mid.data(), a.x.data(), tmp.data(), (size_t)N * d);
             rmsnorm_forward(a.ln2.data(), a.ln2_rstd.data(), a.x_mid.data(), param(l, P_FFN_NORM), N, d, cfg.rms_eps);
             if (!cfg.is_moe())
-                ffn_forward(tmp.data(), a.g.data(), a.u.data(), a.h.data(), a.ln2.data(), param(l, P_GATE),
+                ffn_forward(tmp.data(), a.g.data(), a.u.data(), a.h.data(), a.s.data(), a.ln2.data(), param(l, P_GATE),
                             param(l, P_UP), param(l, P_DOWN), N, d, F);
             else
                 moe_forward(tmp.data(), a, l);

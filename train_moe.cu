@@ -1167,6 +1167,7 @@ int run_gpu_training(TrainArgs& args, Cli& cli, const GpuOptions& go, DataParall
     hooks.state_bytes = sizeof(T) == 4 ? 8 : 4 + 4 + 2;
     hooks.act_bytes = sizeof(T);
     hooks.stores_attention_matrix = false;  // the attention kernels keep only the softmax statistics
+    hooks.ffn_kept = 3;                     // gate and up (fused), h
     hooks.free_memory = []() {
         size_t free_b = 0, total_b = 0;
         cudaCheck(cudaMemGetInfo(&free_b, &total_b));

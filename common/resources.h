@@ -73,16 +73,17 @@ struct MemoryPlan {
 // master + 4 fp32 gradient + 2 bf16 copy); AdamW's two fp32 moments are 8 more. `act_bytes`:
 // bytes per activation value. Activations are those kept for the backward pass
 // ([B, T] rows of every layer, the attention matrix [B, H, T, T] where a trainer stores it,
-// the logits [B, T, V]) plus one layer's backward scratch.
+// the logits [B, T, V]) plus one layer's backward scratch. `ffn_kept`: values per FFN row and
+// unit kept (the GPU: gate, up, h; the CPU also sigmoid(gate)).
 inline MemoryPlan train_memory_plan(const ModelConfig& c, int B, int T, double state_bytes, double act_bytes,
-                                    bool stores_attention_matrix, double optimizer_bytes = 8) {
+                                    bool stores_attention_matrix, double optimizer_bytes = 8, double ffn_kept = 3) {
     MemoryPlan p;
     const double P = (double)count_params(c), N = (double)B * T, d = c.d_model, F = c.ffn_dim;
     const double E = c.n_experts, K = c.top_k, V = c.vocab_size;
     p.weights = P * state_bytes;
     p.optimizer = P * optimizer_bytes;  // the two AdamW moments (sharded: 8 / ranks)
     double attn = stores_attention_matrix ? (double)B * c.n_head * T * T : 0;
-    double ffn = c.is_moe() ? N * (4 * E + 4 * K + K * (2 * d + 3 * F)) : N * 3 * F;
+    double ffn = c.is_moe() ? N * (4 * E + 4 * K + K * (2 * d + ffn_kept * F)) : N * ffn_kept * F;
     double per_layer = N * (6 * d + 2 * c.q_dim() + 2 * c.kv_dim() + 3) + attn + ffn;
     double scratch = per_layer + N * V;  // one layer's gradients of activations, dlogits
     p.activations = (c.n_layer * per_layer + N * (2 * d + V + 4) + scratch) * act_bytes;

@@ -276,7 +276,8 @@ inline void check_run_output(const TrainArgs& a, const std::string& resume_dir) 
 // of `dt` seconds (NaN on a device of unknown peak). Empty (the CPU): no "mfu" field.
 // And what its memory looks like, for the check before anything is allocated: bytes per
 // parameter of weights + gradients, per activation value, whether it keeps the attention
-// matrix, and the free memory of its device (null: host RAM).
+// matrix, how many [F] values per FFN row it keeps, and the free memory of its device (null:
+// host RAM).
 // Data parallel (the GPU trainer on several GPUs): this process's rank of `world`; rank 0
 // alone prints, writes metrics and checkpoints and checks the output directory; all_ok(ok)
 // is true on every rank iff ok on every rank (a checkpoint that rank 0 failed to write stops
@@ -285,6 +286,7 @@ struct RunHooks {
     std::function<double(double dt)> mfu;
     double state_bytes = 8, act_bytes = 4, optimizer_bytes = 8;
     bool stores_attention_matrix = true;
+    double ffn_kept = 4;  // the CPU: gate, up, h, sigmoid(gate)
     std::function<double()> free_memory;
     std::string memory_name = "this machine's RAM";
     int rank = 0, world = 1;
@@ -341,7 +343,7 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
     std::string memory_line;  // printed with the summary, once everything is checked
     {
         MemoryPlan mem = train_memory_plan(plan_cfg, args.batch, args.seq, hooks.state_bytes, hooks.act_bytes,
-                                           hooks.stores_attention_matrix, hooks.optimizer_bytes);
+                                           hooks.stores_attention_matrix, hooks.optimizer_bytes, hooks.ffn_kept);
         check_memory_plan(mem, hooks.free_memory ? hooks.free_memory() : host_memory_available(), hooks.memory_name,
                           strfmt("this run (B=%d, T=%d)", args.batch, args.seq));
         double disk = disk_free_bytes(args.out);

@@ -5,7 +5,7 @@
 //                     or the dense FFN, LM head) + 6 L T d (causal attention, as docs/perf.md)
 // next to the machine's measured single-core peak (an FMA loop) times the thread count.
 // --profile: also the time of each layer op at this shape (one call each, min of repeats).
-// Build: g++ -O3 -march=native -fopenmp dev/bench/bench_cpu.cpp (the Makefile's CXXFLAGS)
+// Build: g++ -O3 -march=native -fopenmp -fno-math-errno -fno-plt dev/bench/bench_cpu.cpp (the Makefile's CXXFLAGS)
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
 #include <chrono>
@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
     }
     std::sort(times.begin(), times.end());
     double t = times[0];  // min: the machine is shared, the min is the least disturbed step
-    printf("bench: %-14s %-5s d%d L%d E%d K%d F%d V%d B%d T%d threads %d | %.3f s/step (median %.3f) | %.0f tok/s | "
+    printf("bench: %-14s %-5s d%d L%d E%d K%d F%d V%d B%d T%d threads %d | %.4f s/step (median %.4f) | %.0f tok/s | "
            "%.1f GFLOP/s (%.1fM matmul params)\n",
            name.empty() ? (experts ? "moe" : "dense") : name.c_str(), preset.c_str(), d, L, experts, c.top_k,
            c.ffn_dim, vocab, B, T, threads, t, times[times.size() / 2], N / t, flops_tok * N / t / 1e9,
@@ -116,10 +116,12 @@ int main(int argc, char** argv) {
         time_op("attention fwd", 4.0 * B * H * T * T / 2 * hd,
                 [&] { attention_forward(y.data(), att.data(), x.data(), x.data(), x.data(), B, T, H, H, hd); });
         time_op("matmul fwd FFN up (d -> F)", 2.0 * N * d * F, [&] { matmul_forward(y.data(), x.data(), w.data(), N, d, F); });
-        time_op("swiglu fwd", 0, [&] { swiglu_forward(y.data(), x.data(), z.data(), (size_t)N * F); });
+        std::vector<real> sig((size_t)N * F), du((size_t)N * F);
+        time_op("swiglu fwd", 0, [&] { swiglu_forward(y.data(), sig.data(), x.data(), z.data(), (size_t)N * F); });
         time_op("matmul fwd FFN down (F -> d)", 2.0 * N * d * F, [&] { matmul_forward(y.data(), x.data(), w.data(), N, F, d); });
         time_op("matmul bwd q (dinp + dw)", 4.0 * N * d * qd,
                 [&] { matmul_backward(y.data(), dw.data(), x.data(), z.data(), w.data(), N, d, qd); });
+        time_op("swiglu bwd", 0, [&] { swiglu_backward(y.data(), du.data(), x.data(), z.data(), x.data(), sig.data(), (size_t)N * F); });
         time_op("attention bwd", 8.0 * B * H * T * T / 2 * hd, [&] {
             attention_backward(y.data(), z.data(), dw.data(), x.data(), att.data(), x.data(), x.data(), x.data(), B, T,
                                H, H, hd);

@@ -128,9 +128,9 @@ void check_production(Suite& S, long rows, int F, uint64_t& seed) {
     printf("  rows %ld F %d (n %ld)\n", rows, F, n);
     auto g = rand_floats(n, seed++, -6, 6), u = rand_floats(n, seed++, -2, 2), dy = rand_floats(n, seed++);
     if (is_bf16) { g = round_bf16(g); u = round_bf16(u); dy = round_bf16(dy); }
-    std::vector<float> out(n), dg(n, 0.0f), du(n, 0.0f);  // the kernel writes dgu: start the reference at 0
-    swiglu_forward(out.data(), g.data(), u.data(), n);
-    swiglu_backward(dg.data(), du.data(), dy.data(), g.data(), u.data(), n);
+    std::vector<float> out(n), sig(n), dg(n, 0.0f), du(n, 0.0f);  // the kernel writes dgu: start the reference at 0
+    swiglu_forward(out.data(), sig.data(), g.data(), u.data(), n);
+    swiglu_backward(dg.data(), du.data(), dy.data(), g.data(), u.data(), sig.data(), n);
     std::vector<float> gu((size_t)n * 2), dgu_ref((size_t)n * 2);  // interleave by row: [g | u]
     for (long r = 0; r < rows; r++)
         for (int c = 0; c < F; c++) {
@@ -188,9 +188,9 @@ int main(int argc, char** argv) {
             auto g = rand_floats(n, seed++, -6, 6), u = rand_floats(n, seed++, -2, 2), dy = rand_floats(n, seed++);
             auto dg0 = rand_floats(n, seed++), du0 = rand_floats(n, seed++);
             if (v == 3) { g = round_bf16(g); u = round_bf16(u); dy = round_bf16(dy); dg0 = round_bf16(dg0); du0 = round_bf16(du0); }
-            std::vector<float> out(n), dg = dg0, du = du0;
-            swiglu_forward(out.data(), g.data(), u.data(), n);
-            swiglu_backward(dg.data(), du.data(), dy.data(), g.data(), u.data(), n);
+            std::vector<float> out(n), sig(n), dg = dg0, du = du0;
+            swiglu_forward(out.data(), sig.data(), g.data(), u.data(), n);
+            swiglu_backward(dg.data(), du.data(), dy.data(), g.data(), u.data(), sig.data(), n);
             if (v < 3) {
                 Dev<float> dG(g), dU(u), dY(dy), dOut(n), dDg(dg0), dDu(du0);
                 auto fwd = [&] {
