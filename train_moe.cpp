@@ -798,6 +798,10 @@ struct Model {
     std::vector<int> inputs, targets;  // of the last forward pass
     bool have_targets = false;
     Losses last;
+    // set by forward_cached for the forward pass it runs: attention reads and writes this cache
+    KVCache* kv = nullptr;
+    int kv_row0 = 0;
+    std::vector<int> kv_pos;  // [B*T]: the position of each row
     // scratch of forward and backward (gradients of activations), sized with the activations
     // and kept: a fresh multi-MB std::vector per step cost page faults and zeroing, a tenth
     // of a tiny-preset step. Nothing in them outlives the call that fills them.
@@ -963,9 +967,21 @@ struct Model {
             matmul_forward(a.q.data(), a.ln1.data(), param(l, P_WQ), N, d, qd);
             matmul_forward(a.k.data(), a.ln1.data(), param(l, P_WK), N, d, kvd);
             matmul_forward(a.v.data(), a.ln1.data(), param(l, P_WV), N, d, kvd);
-            rope_forward(a.q.data(), rope_cos.data(), rope_sin.data(), N, T, H, hd);
-            rope_forward(a.k.data(), rope_cos.data(), rope_sin.data(), N, T, Hkv, hd);
-            attention_forward(a.atty.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, Hkv, hd);
+            if (!kv) {
+                rope_forward(a.q.data(), rope_cos.data(), rope_sin.data(), N, T, H, hd);
+                rope_forward(a.k.data(), rope_cos.data(), rope_sin.data(), N, T, Hkv, hd);
+                attention_forward(a.atty.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, Hkv, hd);
+            } else {  // decoding (forward_cached): the rows at their positions, attending to the cache
+                rope_forward_at(a.q.data(), kv->rope_cos.data(), kv->rope_sin.data(), kv_pos.data(), N, H, hd);
+                rope_forward_at(a.k.data(), kv->rope_cos.data(), kv->rope_sin.data(), kv_pos.data(), N, Hkv, hd);
+                for (int i = 0; i < N; i++) {  // the new keys and values into the cache
+                    size_t at = ((size_t)(kv_row0 + i / T) * kv->T_max + kv_pos[i]) * kvd;
+                    std::copy(a.k.begin() + (size_t)i * kvd, a.k.begin() + (size_t)(i + 1) * kvd, kv->k[l].begin() + at);
+                    std::copy(a.v.begin() + (size_t)i * kvd, a.v.begin() + (size_t)(i + 1) * kvd, kv->v[l].begin() + at);
+                }
+                attention_forward_cached(a.atty.data(), a.q.data(), kv->k[l].data(), kv->v[l].data(), kv_pos.data(),
+                                         kv_row0, B, T, kv->T_max, H, Hkv, hd);
+            }
             matmul_forward(tmp, a.atty.data(), param(l, P_WO), N, qd, d);
             residual_forward(a.x_mid.data(), a.x.data(), tmp, (size_t)N * d);
             // FFN block: dense SwiGLU or mixture of experts
@@ -1050,57 +1066,28 @@ struct Model {
     // Decoding with a KV cache: tokens [B, n], sequence b at positions pos[b] .. pos[b] + n - 1
     // and at cache row row0 + b; writes their keys and values into the cache and attends to
     // the cached ones before them. Returns the logits [B*n, V] (valid until the next forward).
-    // The same layers as forward, row by row the same arithmetic: the logits equal a full
-    // forward pass over the whole context (test_cpu checks this bit for bit). Routing counts
-    // of generated tokens do not go into the aux-free balancing statistics.
+    // It is forward() with its attention reading the cache, row by row the same arithmetic:
+    // the logits equal a full forward pass over the whole context (test_cpu checks this bit
+    // for bit). Routing counts of generated tokens do not go into the aux-free balancing
+    // statistics.
     const real* forward_cached(KVCache& c, const int* tokens, const int* pos, int row0, int B_, int n) {
-        const int N = B_ * n, d = cfg.d_model, F = cfg.ffn_dim, V = cfg.vocab_size;
-        const int H = cfg.n_head, Hkv = cfg.n_kv_head, hd = cfg.head_dim, qd = cfg.q_dim(), kvd = cfg.kv_dim();
         if (row0 < 0 || row0 + B_ > c.rows) FAIL("internal: cache rows %d..%d of %d", row0, row0 + B_, c.rows);
-        for (int b = 0; b < B_; b++)
+        kv_pos.resize((size_t)B_ * n);
+        for (int b = 0; b < B_; b++) {
             if (pos[b] < 0 || pos[b] + n > c.T_max)
                 FAIL("sequence %d reaches position %d, beyond the KV cache's %d", row0 + b, pos[b] + n, c.T_max);
-        alloc(B_, n);
-        B = B_;
-        T = n;
-        have_targets = false;  // the buffers no longer hold a pass that backward() could use
-        std::vector<int> row_pos(N);  // position of each new token
-        for (int i = 0; i < N; i++) {
-            if (tokens[i] < 0 || tokens[i] >= V) FAIL("input token %d at position %d outside [0, %d)", tokens[i], i, V);
-            inputs[i] = tokens[i];
-            row_pos[i] = pos[i / n] + i % n;
+            for (int t = 0; t < n; t++) kv_pos[(size_t)b * n + t] = pos[b] + t;
         }
         auto saved_load = step_load;
-        std::vector<real> tmp((size_t)N * d);
-        encoder_forward(acts[0].x.data(), inputs.data(), param(layout.embed), N, d);
-        for (int l = 0; l < cfg.n_layer; l++) {
-            LayerActs& a = acts[l];
-            real* x_next = l + 1 < cfg.n_layer ? acts[l + 1].x.data() : x_final.data();
-            rmsnorm_forward(a.ln1.data(), a.ln1_rstd.data(), a.x.data(), param(l, P_ATTN_NORM), N, d, cfg.rms_eps);
-            matmul_forward(a.q.data(), a.ln1.data(), param(l, P_WQ), N, d, qd);
-            matmul_forward(a.k.data(), a.ln1.data(), param(l, P_WK), N, d, kvd);
-            matmul_forward(a.v.data(), a.ln1.data(), param(l, P_WV), N, d, kvd);
-            rope_forward_at(a.q.data(), c.rope_cos.data(), c.rope_sin.data(), row_pos.data(), N, H, hd);
-            rope_forward_at(a.k.data(), c.rope_cos.data(), c.rope_sin.data(), row_pos.data(), N, Hkv, hd);
-            for (int i = 0; i < N; i++) {  // the new keys and values into the cache
-                size_t at = ((size_t)(row0 + i / n) * c.T_max + row_pos[i]) * kvd;
-                std::copy(a.k.begin() + (size_t)i * kvd, a.k.begin() + (size_t)(i + 1) * kvd, c.k[l].begin() + at);
-                std::copy(a.v.begin() + (size_t)i * kvd, a.v.begin() + (size_t)(i + 1) * kvd, c.v[l].begin() + at);
-            }
-            attention_forward_cached(a.atty.data(), a.q.data(), c.k[l].data(), c.v[l].data(), pos, row0, B_, n, c.T_max,
-                                     H, Hkv, hd);
-            matmul_forward(tmp.data(), a.atty.data(), param(l, P_WO), N, qd, d);
-            residual_forward(a.x_mid.data(), a.x.data(), tmp.data(), (size_t)N * d);
-            rmsnorm_forward(a.ln2.data(), a.ln2_rstd.data(), a.x_mid.data(), param(l, P_FFN_NORM), N, d, cfg.rms_eps);
-            if (!cfg.is_moe())
-                ffn_forward(tmp.data(), a.g.data(), a.u.data(), a.h.data(), a.s.data(), a.ln2.data(), param(l, P_GATE),
-                            param(l, P_UP), param(l, P_DOWN), N, d, F);
-            else
-                moe_forward(tmp.data(), a, l);
-            residual_forward(x_next, a.x_mid.data(), tmp.data(), (size_t)N * d);
+        kv = &c;
+        kv_row0 = row0;
+        try {
+            forward(tokens, nullptr, B_, n);
+        } catch (...) {
+            kv = nullptr;
+            throw;
         }
-        rmsnorm_forward(lnf.data(), lnf_rstd.data(), x_final.data(), param(layout.final_norm), N, d, cfg.rms_eps);
-        matmul_forward(logits.data(), lnf.data(), param(layout.lm_head), N, d, V);
+        kv = nullptr;
         step_load = saved_load;
         return logits.data();
     }
