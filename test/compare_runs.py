@@ -67,6 +67,8 @@ def main():
     for key, r in rb.items():
         if key not in ra:
             print("record", key, "missing in", A); return 1
+        if exact and ra[key] != r:  # every field, numbers or not
+            print("record", key, "differs:", ra[key], "vs", r); return 1
         fa, fb = dict(flat(ra[key])), dict(flat(r))
         if set(fa) != set(fb):
             print("record", key, "has other fields"); return 1
