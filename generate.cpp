@@ -25,39 +25,6 @@ struct GenOptions {
     bool no_stop = false;
 };
 
-// The next token from logits z [V]: greedy at temperature 0, else softmax(z / temperature)
-// cut to the smallest set of most likely tokens whose probability reaches top_p.
-template <typename R>
-int sample_token(const R* z, int V, double temperature, double top_p, RngStream& rng) {
-    if (temperature <= 0) {
-        int best = 0;
-        for (int i = 1; i < V; i++) if (z[i] > z[best]) best = i;  // lowest index on ties
-        return best;
-    }
-    double mx = z[0];
-    for (int i = 1; i < V; i++) mx = std::max(mx, (double)z[i]);
-    std::vector<std::pair<double, int>> p(V);
-    double sum = 0;
-    for (int i = 0; i < V; i++) sum += (p[i] = {std::exp((z[i] - mx) / temperature), i}).first;
-    int keep = V;
-    if (top_p < 1) {  // most likely first (ties by index), then the shortest prefix reaching top_p
-        std::sort(p.begin(), p.end(), [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
-        double acc = 0;
-        for (keep = 0; keep < V;) {
-            acc += p[keep++].first / sum;
-            if (acc >= top_p) break;
-        }
-        sum = 0;
-        for (int i = 0; i < keep; i++) sum += p[i].first;
-    }
-    double u = rng.uniform() * sum, acc = 0;
-    for (int i = 0; i < keep; i++) {
-        acc += p[i].first;
-        if (u < acc) return p[i].second;
-    }
-    return p[keep - 1].second;
-}
-
 int main(int argc, char** argv) {
     GenOptions o;
     Cli cli("generate", "Text from a trained model on the CPU, with a KV cache (the CPU trainer's model code).\n"

@@ -216,11 +216,12 @@ struct DataParallel {
         auto up = [&](size_t x) { return (x + n - 1) / n * n; };
         padded_total = up(layout.total);
         std::vector<size_t> start(n_layer + 1, layout.total);
-        for (const ParamTensor& t : layout.tensors)
-            if (t.layer >= 0) start[t.layer] = std::min(start[t.layer], t.offset);
         size_t layers_end = 0;
         for (const ParamTensor& t : layout.tensors)
-            if (t.layer >= 0) layers_end = std::max(layers_end, t.offset + t.numel);
+            if (t.layer >= 0) {
+                start[t.layer] = std::min(start[t.layer], t.offset);
+                layers_end = std::max(layers_end, t.offset + t.numel);
+            }
         start[n_layer] = layers_end;
         for (int l = 0; l < n_layer; l++)
             if (start[l + 1] < start[l]) FAIL("internal: layer %d's parameters do not follow layer %d's", l + 1, l);

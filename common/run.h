@@ -5,7 +5,7 @@
 //
 // defines: AdamWSettings, AdamWStep, adamw_step, config_from_args, schedule_from_args,
 //          router_loss_from_args, adamw_from_args, default_out_to_resume_run,
-//          load_run_tokenizer, evaluate, sample_text, save_run_checkpoint, RunHooks,
+//          load_run_tokenizer, evaluate, sample_token, sample_text, save_run_checkpoint, RunHooks,
 //          check_run_output, stop_non_finite, run_training
 //
 // What the shared code asks of a model type (both trainers' models provide it):
@@ -208,6 +208,40 @@ struct ContextDecoder<Model, true> {
     }
 };
 
+// The next token from logits z [V] (sample_text, generate.cpp): greedy at temperature 0, else
+// softmax(z / temperature) cut to the smallest set of most likely tokens whose probability
+// reaches top_p, drawn with one uniform number.
+template <typename R>
+int sample_token(const R* z, int V, double temperature, double top_p, RngStream& rng) {
+    if (temperature <= 0) {
+        int best = 0;
+        for (int i = 1; i < V; i++) if (z[i] > z[best]) best = i;  // lowest index on ties
+        return best;
+    }
+    double mx = z[0];
+    for (int i = 1; i < V; i++) mx = std::max(mx, (double)z[i]);
+    std::vector<std::pair<double, int>> p(V);
+    double sum = 0;
+    for (int i = 0; i < V; i++) sum += (p[i] = {std::exp((z[i] - mx) / temperature), i}).first;
+    int keep = V;
+    if (top_p < 1) {  // most likely first (ties by index), then the shortest prefix reaching top_p
+        std::sort(p.begin(), p.end(), [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+        double acc = 0;
+        for (keep = 0; keep < V;) {
+            acc += p[keep++].first / sum;
+            if (acc >= top_p) break;
+        }
+        sum = 0;
+        for (int i = 0; i < keep; i++) sum += p[i].first;
+    }
+    double u = rng.uniform() * sum, acc = 0;
+    for (int i = 0; i < keep; i++) {
+        acc += p[i].first;
+        if (u < acc) return p[i].second;
+    }
+    return p[keep - 1].second;
+}
+
 // Samples n tokens after an end-of-text token and the prompt's tokens, at temperature 1.
 template <typename Model>
 std::string sample_text(Model& M, const Tokenizer& tok, int n, int T_max, RngStream& rng,
@@ -218,20 +252,10 @@ std::string sample_text(Model& M, const Tokenizer& tok, int n, int T_max, RngStr
     std::vector<int> ctx = {tok.eot >= 0 && tok.eot < V ? tok.eot : 0};
     ctx.insert(ctx.end(), prompt.begin(), prompt.end());
     std::string out;
-    std::vector<double> p(V);
     auto saved = M.step_load;  // sampling is not training load either
     ContextDecoder<Model> decoder(M, T_max);
     for (int i = 0; i < n; i++) {
-        const auto* z = decoder.next(ctx);
-        double mx = z[0], s = 0;
-        for (int j = 1; j < V; j++) mx = std::max(mx, (double)z[j]);
-        for (int j = 0; j < V; j++) s += (p[j] = std::exp(z[j] - mx));
-        double u = rng.uniform() * s, acc = 0;
-        int next = V - 1;
-        for (int j = 0; j < V; j++) {
-            acc += p[j];
-            if (u < acc) { next = j; break; }
-        }
+        const int next = sample_token(decoder.next(ctx), V, 1.0, 1.0, rng);
         if (next == tok.eot) break;
         ctx.push_back(next);
         out += tok.ok() ? tok.decode(next) : strfmt("<%d>", next);

@@ -81,10 +81,9 @@ World world_from_env(Env env) {
         w.rank = number(n.rank, r, 0, w.size - 1);
         const char* lr = env(n.local_rank);
         const char* ls = env(n.local_size);
-        w.local_size = ls ? number(n.local_size, ls, 1, w.size) : (lr ? w.size : 1);
-        w.local_rank = lr ? number(n.local_rank, lr, 0, w.local_size - 1) : (w.size == 1 ? 0 : w.rank % w.local_size);
-        if (w.size > 1 && !lr && !ls)  // without a local rank the GPU of each process is unknown
-            w.local_size = w.size, w.local_rank = w.rank;
+        // without the node-local size, all ranks are taken to be on this node
+        w.local_size = ls ? number(n.local_size, ls, 1, w.size) : w.size;
+        w.local_rank = lr ? number(n.local_rank, lr, 0, w.local_size - 1) : w.rank % w.local_size;
         return w;
     }
     return w;
