@@ -90,7 +90,7 @@ build_direct() {
   local nv="${NVCC:-nvcc} -std=c++17 -O3 $arch --expt-relaxed-constexpr -Xcompiler -fopenmp -Xcompiler -Wall"
   local libs="-lcublas -lcublasLt -lgomp $(nccl_flags)"
   mkdir -p build/cuda-check
-  g++ -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -fno-plt -o train_moe train_moe.cpp || return 1
+  g++ -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -fno-trapping-math -fno-plt -o train_moe train_moe.cpp || return 1
   {
     echo "$nv -o train_moe_gpu train_moe.cu $libs"
     echo "$nv -o build/cuda-check/test_gpu_fixtures test/test_gpu_fixtures.cu $libs"

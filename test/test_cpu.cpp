@@ -101,6 +101,40 @@ static void test_fixture(const std::string& name) {
 }
 
 // ---------------------------------------------------------------------------
+// 0. exp_real, the trainer's float exp (train_moe.cpp): against expl (long double, rounded to
+//    float) at every 97th float between -104 and 89 (23M values, both signs, the subnormal
+//    results included), where it must be the correctly rounded value but for a few floats
+//    whose e^x lies next to a rounding boundary (at most 1 in a million, and those within
+//    one ulp); and the edges: 0 below -104, +inf above 89, NaN for NaN, e^0 = 1 exactly.
+
+static void test_exp_real() {
+    long n = 0, inexact = 0, far = 0;
+    for (uint32_t sign : {0u, 0x80000000u})
+        for (uint32_t b = 0; b < 0x7f800000u; b += 97) {
+            const uint32_t bits = b | sign;
+            float x;
+            memcpy(&x, &bits, 4);
+            if (!(x >= -104.f && x <= 89.f)) continue;
+            const float ref = (float)expl((long double)x), got = exp_real(x);
+            n++;
+            if (got != ref) {
+                inexact++;
+                if (!(std::fabs((double)got - ref) <= std::fabs((double)std::nextafter(ref, INFINITY) - ref))) far++;
+                if (far == 1 && inexact < 4) printf("  exp_real(%a) = %a, expl: %a\n", x, got, ref);
+            }
+        }
+    CHECK_MSG(n > 20000000, "exp_real: %ld floats tested", n);
+    CHECK_MSG(inexact * 1000000 <= n, "exp_real: %ld of %ld floats not correctly rounded", inexact, n);
+    CHECK_MSG(far == 0, "exp_real: %ld floats off by more than one ulp", far);
+    CHECK(exp_real(0.f) == 1.f);
+    CHECK(exp_real(-104.5f) == 0.f && exp_real(-1e30f) == 0.f && exp_real(-INFINITY) == 0.f);
+    CHECK(exp_real(89.5f) == INFINITY && exp_real(1e30f) == INFINITY && exp_real(INFINITY) == INFINITY);
+    CHECK(std::isnan(exp_real(NAN)));
+    CHECK(exp_real(-103.5f) > 0.f && exp_real(-103.5f) < 1e-44f);  // a subnormal, not flushed
+    CHECK(exp_real(88.5f) < INFINITY);
+}
+
+// ---------------------------------------------------------------------------
 // 1b. Results do not depend on the thread count: a forward, backward and AdamW step of an
 //     MoE (odd token counts per expert, shapes not multiples of the matmul tiles) at 1, 2
 //     and 3 threads give bit-identical losses, gradients and weights.
@@ -883,6 +917,7 @@ int main(int argc, char** argv) {
     if (argc > 1) g_bin = argv[1];
     g_tmp = strfmt("/tmp/moe_test_cpu.%d", (int)getpid());
     mkdir_p(g_tmp);
+    run_test("exp_real = the correctly rounded e^x", test_exp_real);
     for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
                           "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1"})
         run_test(std::string("fixture ") + f, [&] { test_fixture(f); });
