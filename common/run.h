@@ -166,7 +166,7 @@ EvalResult evaluate(Model& M, const DataLoader& data, int max_batches, int rank 
 // The logits after a context (its last T_max tokens), token after token. A model with a KV
 // cache (Model::Cache, forward_cached: the CPU trainer) runs each new token alone while the
 // context fits in T_max, and the whole window again once it slides (its positions restart);
-// one without (the GPU trainer, for now) runs the whole window every token. Both give the
+// one without runs the whole window every token. Both give the
 // same logits (test_cpu "KV cache").
 template <typename Model, typename = void>
 struct has_kv_cache : std::false_type {};
