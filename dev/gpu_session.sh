@@ -50,7 +50,7 @@ summary=()
 if [ "$EMU" = 1 ]; then
   GPU=$EMU_DIR/train_moe_gpu; FIXTURES=$EMU_DIR/test_gpu_fixtures; BENCH=$EMU_DIR/bench_gpu; GEN=$EMU_DIR/generate_gpu
   DEVCUDA_BINDIR=$EMU_DIR/dev_cuda
-  BENCH_ENV=(MODEL=tiny BATCH=2 SEQ=64 STEPS=1 WARMUP=0)  # the script's logic, not a measurement
+  BENCH_ENV=(MODEL=tiny BATCH=2 SEQ=64 GRAD_ACCUM=2 STEPS=1 WARMUP=0 GEMM_N=64)  # the script's logic, not a measurement
 else
   GPU=./train_moe_gpu; FIXTURES=build/cuda-check/test_gpu_fixtures; BENCH=build/cuda-check/bench_gpu; GEN=./generate_gpu
   DEVCUDA_BINDIR=build/cuda-check
