@@ -16,6 +16,9 @@
 #   dev_cuda   every dev/cuda kernel check and benchmark (dev/cuda/run_all.sh)
 #   bench      the throughput table (dev/bench/bench.sh)
 #   memcheck   (not in the default PARTS) one fp32 fixture under compute-sanitizer
+#   repro      (not in the default PARTS) Table 1 at the gpu_short preset (scripts/
+#              repro_drop_upcycling.py --preset gpu_short: <= 4 minutes predicted); needs
+#              data/pack/corpus-full.tar.xz carried (make data && make data-pack here)
 #   inference  (not in the default PARTS) dev/bench/bench_inference.sh with generate_gpu, bf16
 #              (dense vs its upcycled MoEs at batch 1 and 16; needs python3 `tokenizers`)
 # Every binary runs under `timeout`. What comes back is two files in $OUT: summary.txt (each
@@ -154,6 +157,9 @@ for p in $PARTS; do
     trainer)  part trainer 150 env GPU="$GPU" FIXTURES="$FIXTURES" PARTS="b c" KEEP_TMP=1 TMPDIR="$LOGS" bash test/test_gpu.sh ;;
     dp)       part dp 90 env GPU="$GPU" PARTS=a RANKS=1 KEEP_TMP=1 TMPDIR="$LOGS" bash test/test_dp.sh ;;
     generate) part generate 90 env GEN="$GEN" bash test/test_generate.sh ;;
+    repro)    part repro 300 bash -c 'mkdir -p data/full && { [ -f data/full/tokenizer.bin ] || tar -xJf data/pack/corpus-full.tar.xz -C data/full; } &&
+                python3 scripts/repro_drop_upcycling.py --preset gpu_short --trainer gpu --no-build --runs "'"$LOGS"'/repro_runs" \
+                  --results "'"$LOGS"'/repro_results" $(python3 -c "import matplotlib" 2>/dev/null || echo --no-plots)' ;;
     inference) part inference 150 env GEN="$GEN" REPEAT=1 bash dev/bench/bench_inference.sh ;;
     dev_cuda) part dev_cuda 200 env LOGDIR="$LOGS/dev_cuda" BINDIR="$DEVCUDA_BINDIR" NOBUILD=1 bash dev/cuda/run_all.sh ;;
     bench)    part bench 150 env "${BENCH_ENV[@]}" BENCH="$BENCH" bash dev/bench/bench.sh ;;

@@ -78,6 +78,23 @@ PRESETS = {
 # for Table 1 on 2 cores.
 PRESETS["tiny_long"] = dict(PRESETS["tiny"], moe_steps=1000, p2_steps=750, eval_every=100, save_every=250,
                             log_every=250, results_sub="tiny_long")
+# gpu_short: every table in at most 4 minutes on one H200, so that any GPU session's prepared
+# script (dev/gpu_session.sh, part repro) can also produce a small-scale table: data/full
+# (carried as data/pack/corpus-full.tar.xz), model "small" (d 256, L 4, 8 heads, F 1024;
+# 8.4M dense parameters with the 16384-token LM head), 16 x 512 = 8192 tokens per step.
+# Table 1: 1200 dense steps (9.8M tokens, 0.46 epoch), MoE rows 600 steps (4.9M tokens), BTX
+# branches 3 x 200. Budget (predicted; the GPU trainer's speed at this size is not measured):
+# ~53 MFLOP/token dense, ~72 MFLOP/token as 8 x top-2, so Table 1 is 3.1 PFLOP (31 s at 100
+# TFLOP/s sustained) in 6000 optimizer steps (30 s at a floor of 5 ms per step for the ~300
+# kernel launches of a small MoE step), plus ~13 process starts and 60 evaluations: about 2
+# minutes predicted, 4 minutes if the GPU runs at half that. Each stage prints its tok/s and
+# the runner its ETA: the first GPU run checks the prediction (docs/REPRODUCTIONS.md).
+PRESETS["gpu_short"] = dict(
+    data="data/full", model="small", batch=16, seq=512, grad_accum=1,
+    lr=2e-3, warmup_dense=100, warmup_moe=50,
+    dense_steps=1200, moe_steps=600, branch_steps=200, p1_steps=300, p2_steps=300,
+    eval_every=100, save_every=600, eval_batches=8, log_every=50,   # few checkpoints: each MoE one is ~0.4 GB
+    trainer="gpu", results_sub="gpu_short")
 PRESETS["smoke"] = dict(PRESETS["tiny"], dense_steps=20, moe_steps=10, branch_steps=5, p1_steps=5, p2_steps=10,
                         warmup_dense=2, warmup_moe=2, eval_every=5, save_every=5, eval_batches=1, log_every=5,
                         results_sub="smoke")
@@ -649,9 +666,10 @@ def check_data(data: str) -> None:
 def main(description: str, build_table, default_key: str) -> int:
     """Parses the shared options, builds the table with build_table(cfg), runs it and reports."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=["tiny", "tiny_long", "small"], default="tiny",
+    ap.add_argument("--preset", choices=["tiny", "tiny_long", "gpu_short", "small"], default="tiny",
                     help="tiny: CPU, minutes, data/tiny; tiny_long: tiny with a 5x longer MoE phase (CPU, ~10 "
-                         "minutes a table); small: one H100 with ./train_moe_gpu, data/full (default tiny)")
+                         "minutes a table); gpu_short: one H200, <= 4 minutes a table (predicted), data/full; "
+                         "small: one H100 with ./train_moe_gpu, data/full, about an hour a table (default tiny)")
     ap.add_argument("--smoke", action="store_true", help="tiny with a few steps per stage (the smoke test)")
     ap.add_argument("--runs", help="runs root (default runs/repro/<preset>); shared by the tables of one preset")
     ap.add_argument("--results", help=f"where the table and plots go (default docs/results/{default_key}/"
@@ -675,7 +693,7 @@ def main(description: str, build_table, default_key: str) -> int:
         ap.error("--smoke goes with --preset tiny")
     cfg = dict(PRESETS[preset], seed=a.seed)
     if a.threads is None:
-        a.threads = 2 if preset != "small" else (os.cpu_count() or 2)
+        a.threads = 2 if preset not in ("small", "gpu_short") else (os.cpu_count() or 2)
     root = a.runs or os.path.join("runs", "repro", preset)
     table = build_table(cfg, root)
     sub = cfg["results_sub"]
@@ -691,7 +709,7 @@ def main(description: str, build_table, default_key: str) -> int:
             ok = ok and os.path.exists(os.path.join(ROOT, "train_moe_gpu"))
             if trainer == "gpu" and not ok:
                 raise ReproError("the GPU trainer is not usable here (nvidia-smi fails or `make train_moe_gpu` fails); "
-                                 "the small preset needs an NVIDIA GPU (or force --trainer cpu, which takes days)")
+                                 f"the {preset} preset needs an NVIDIA GPU (or force --trainer cpu, which takes hours to days)")
             trainer = "gpu" if ok else "cpu"
         elif trainer == "auto":
             trainer = "cpu"
