@@ -33,7 +33,7 @@
 #include "model.h"         // defines: ModelConfig, model_preset, parse_routing
 #include "resources.h"     // defines: MemoryPlan, train_memory_plan, check_memory_plan, disk_free_bytes, ...
 #include "rng.h"           // defines: RngStream, stream_id, PURPOSE_SAMPLE
-#include "router_losses.h" // defines: Losses, RouterLossSettings, parse_aux
+#include "router_losses.h" // defines: Losses, RouterLossSettings, parse_aux_loss
 #include "schedule.h"      // defines: LRSchedule
 #include "tokenizer.h"     // defines: Tokenizer
 #include "train_args.h"    // defines: TrainArgs
@@ -96,7 +96,11 @@ inline LRSchedule schedule_from_args(const TrainArgs& a) {
 
 inline RouterLossSettings router_loss_from_args(const TrainArgs& a) {
     RouterLossSettings rl;
-    rl.aux_loss = parse_aux(a.aux_loss);
+    parse_aux_loss(a.aux_loss, &rl.aux_loss, &rl.dpsl.on);
+    rl.dpsl.coef = a.dpsl_coef;
+    rl.dpsl.alpha = parse_dpsl_alpha(a.dpsl_alpha);
+    rl.dpsl.distance = parse_dpsl_distance(a.dpsl_distance);
+    rl.dpsl.ecdf = parse_dpsl_ecdf(a.dpsl_ecdf);
     rl.aux_coef = a.aux_coef;
     rl.z_coef = a.z_coef;
     rl.aux_free_rate = a.aux_free_bias;
@@ -323,7 +327,7 @@ struct RunHooks {
 [[noreturn]] inline void stop_non_finite(long step, const Losses& l, double norm, const std::string& last_good) {
     std::string bad;
     auto term = [&](const char* name, double v) { if (!std::isfinite(v)) bad += strfmt("%s%s = %g", bad.empty() ? "" : ", ", name, v); };
-    term("cross-entropy", l.ce); term("load-balancing loss", l.aux); term("z-loss", l.z);
+    term("cross-entropy", l.ce); term("load-balancing loss", l.aux); term("z-loss", l.z); term("dpsl loss", l.dpsl);
     if (bad.empty()) term("loss", l.loss);
     if (bad.empty()) bad = strfmt("gradient norm = %g (the losses are finite: ce %g)", norm, l.ce);
     FAIL("step %ld: non-finite %s; training stopped before this step's update, no checkpoint written with it. "
@@ -363,6 +367,7 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
     } else {
         plan_cfg = config_from_args(args, tok.ok() ? (int)tok.tokens.size() : 0);
     }
+    if (plan_cfg.is_moe()) M.router_loss.dpsl.check(plan_cfg.n_experts);
     if (root) check_run_output(args, resume_dir);
     std::string memory_line;  // printed with the summary, once everything is checked
     {
@@ -494,7 +499,8 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
             acc.add_mean(M.forward_backward(inp.data() + my_rows, tgt.data() + my_rows, args.batch, args.seq, args.grad_accum),
                          args.grad_accum);
         }
-        if (!std::isfinite(acc.loss) || !std::isfinite(acc.ce) || !std::isfinite(acc.aux) || !std::isfinite(acc.z))
+        if (!std::isfinite(acc.loss) || !std::isfinite(acc.ce) || !std::isfinite(acc.aux) || !std::isfinite(acc.z) ||
+            !std::isfinite(acc.dpsl))
             stop_non_finite(state.step + 1, acc, NAN, last_good());
         double lr = sched.at((int)state.step);
         double norm = M.step(adamw, lr);  // skips the update when norm is not finite

@@ -110,6 +110,7 @@ class Stage:
     steps: int = 0                 # train: total optimizer steps
     moe: bool = False              # train: an MoE (about 1.5-2x a dense step: used for the ETA only)
     needs: list = field(default_factory=list)   # stages that must be finished first
+    cpu_only: bool = False         # train: always ./train_moe (an option the GPU trainer lacks, e.g. dpsl)
 
 
 @dataclass
@@ -145,10 +146,13 @@ DOMAINS = ["en", "code", "de"]   # the corpus's domains (dev/data/README.md)
 
 
 def train_stage(root: str, name: str, cfg: dict, head: list, steps: int, warmup: int, moe: bool,
-                needs: list | None = None, seed: int | None = None, tail: list | None = None) -> Stage:
-    """A training stage: `head` says where the model comes from (--model ... or --init ...)."""
+                needs: list | None = None, seed: int | None = None, tail: list | None = None,
+                losses: list | None = None) -> Stage:
+    """A training stage: `head` says where the model comes from (--model ... or --init ...).
+    An MoE stage trains with MOE_LOSSES, or with `losses` in their place."""
+    moe_losses = (MOE_LOSSES if losses is None else list(losses)) if moe else []
     return Stage(name, "train", list(head) + train_args(cfg, steps, warmup, os.path.join(root, name), seed) +
-                 (MOE_LOSSES if moe else []) + list(tail or []), steps, moe, list(needs or []))
+                 moe_losses + list(tail or []), steps, moe, list(needs or []))
 
 
 def upcycle_stage(root: str, name: str, cfg: dict, args: list, needs: list) -> Stage:
@@ -302,11 +306,14 @@ class Runner:
     def binary(self, stage: Stage) -> str:
         if stage.kind == "upcycle":
             return "./upcycle"
-        return "./train_moe_gpu" if self.trainer == "gpu" else "./train_moe"
+        return "./train_moe_gpu" if self.trainer == "gpu" and not stage.cpu_only else "./train_moe"
+
+    def on_cpu(self, stage: Stage) -> bool:
+        return self.binary(stage) != "./train_moe_gpu"
 
     def command(self, stage: Stage) -> list[str]:
         cmd = [self.binary(stage)] + list(stage.args)
-        if self.trainer == "cpu" or stage.kind == "upcycle":
+        if self.on_cpu(stage):
             cmd += ["--threads", str(self.threads)]
         return cmd
 
@@ -375,7 +382,8 @@ class Runner:
                 shutil.rmtree(d)
             run_cmd = cmd
         m = self.meta(stage.name) or {"cmd": cmd, "wall_s": 0.0}
-        m.update(cmd=cmd, device=self.device, commit=git_commit())
+        device = self.device if self.on_cpu(stage) == (self.trainer == "cpu") else device_name("cpu", self.threads)
+        m.update(cmd=cmd, device=device, commit=git_commit())
         self.save_meta(stage.name, m)
         os.makedirs(self.log_dir, exist_ok=True)
         log_path = os.path.join(self.log_dir, stage.name + ".log")
