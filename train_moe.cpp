@@ -1134,6 +1134,11 @@ int main(int argc, char** argv) {
     Cli cli("train_moe", "CPU reference trainer for dense and Mixture-of-Experts language models (fp32).\n"
                          "Example: ./train_moe --data data/tiny --model tiny --experts 4 --topk 2 --steps 200");
     args.add_to(cli);
+    std::string ensemble;
+    cli.section("Evaluation only");
+    cli.add("--ensemble", &ensemble, "A,B,...: no training; evaluate the uniform mixture of these models' next-token "
+                                     "distributions on --data's validation split (Branch-Train-Merge's ensemble) into "
+                                     "--out/metrics.jsonl");
     cli.epilog("Checkpoints are Hugging Face model directories (config.json + model.safetensors) plus\n"
                "optimizer.safetensors and trainer_state.json; --resume continues bit-identically.");
     try {
@@ -1142,6 +1147,7 @@ int main(int argc, char** argv) {
 #ifdef _OPENMP
         if (args.threads > 0) omp_set_num_threads(args.threads);
 #endif
+        if (!ensemble.empty()) return run_ensemble_eval<Model>(args, cli, ensemble);
         Model M;
         return run_training(M, args, cli);
     } catch (const Error& e) {

@@ -3,7 +3,8 @@
 Not run directly. A reproduction script describes its table as *stages* and *rows*:
 
   - a Stage is one program run that makes a directory under the runs root: a training run of
-    ./train_moe (or ./train_moe_gpu), or one ./upcycle call. Stages are named; a stage with the
+    ./train_moe (or ./train_moe_gpu), one ./upcycle call, or an evaluation without training
+    (./train_moe --ensemble: one eval record in metrics.jsonl). Stages are named; a stage with the
     same name and the same command is shared by every row and every table that uses it (the
     dense base is trained once for all three tables).
   - a Row is one line of the table: the stages it owns (their wall time is its wall time) and
@@ -105,7 +106,7 @@ def train_args(cfg: dict, steps: int, warmup: int, out: str, seed: int | None = 
 @dataclass
 class Stage:
     name: str                      # directory name under the runs root
-    kind: str                      # "train" or "upcycle"
+    kind: str                      # "train", "upcycle" or "eval" (./train_moe --ensemble)
     args: list                     # program arguments; paths are relative to the repository root
     steps: int = 0                 # train: total optimizer steps
     moe: bool = False              # train: an MoE (about 1.5-2x a dense step: used for the ETA only)
@@ -158,6 +159,14 @@ def train_stage(root: str, name: str, cfg: dict, head: list, steps: int, warmup:
 def upcycle_stage(root: str, name: str, cfg: dict, args: list, needs: list) -> Stage:
     return Stage(name, "upcycle", list(args) + ["--seed", str(cfg["seed"]), "--out", os.path.join(root, name)],
                  needs=list(needs))
+
+
+def ensemble_stage(root: str, name: str, cfg: dict, members: list, needs: list) -> Stage:
+    """The uniform mixture of `members`' next-token distributions evaluated on the validation
+    batches every training stage evaluates on (docs/METHODS.md 2.10); no training, CPU trainer."""
+    return Stage(name, "eval", ["--ensemble", ",".join(members), "--data", cfg["data"], "--batch", str(cfg["batch"]),
+                                "--seq", str(cfg["seq"]), "--eval-batches", str(cfg["eval_batches"]), "--seed",
+                                str(cfg["seed"]), "--out", os.path.join(root, name)], needs=list(needs), cpu_only=True)
 
 
 def dense_base(root: str, cfg: dict) -> tuple[Stage, Row, str]:
@@ -213,6 +222,16 @@ def train_finished(d: str, steps: int) -> bool:
         return False
     ev = evals_of(read_metrics(os.path.join(d, "metrics.jsonl")))
     return bool(ev) and ev[-1]["step"] == steps
+
+
+def eval_finished(d: str) -> bool:
+    return bool(evals_of(read_metrics(os.path.join(d, "metrics.jsonl"))))
+
+
+def stage_finished(d: str, stage: Stage) -> bool:
+    if stage.kind == "train":
+        return train_finished(d, stage.steps)
+    return eval_finished(d) if stage.kind == "eval" else upcycle_finished(d)
 
 
 def upcycle_finished(d: str) -> bool:
@@ -341,8 +360,7 @@ class Runner:
         write_atomic(self.meta_path(name), json.dumps(m, indent=1) + "\n")
 
     def finished(self, stage: Stage) -> bool:
-        d = run_dir(self.root, stage.name)
-        return train_finished(d, stage.steps) if stage.kind == "train" else upcycle_finished(d)
+        return stage_finished(run_dir(self.root, stage.name), stage)
 
     def check_command(self, stage: Stage) -> None:
         m = self.meta(stage.name)
@@ -377,8 +395,8 @@ class Runner:
                 if os.path.isdir(d):   # started but no checkpoint yet: start over
                     shutil.rmtree(d)
                 run_cmd = cmd
-        else:
-            if os.path.isdir(d):       # not finished (checked by the caller): upcycle refuses nothing, but be clean
+        else:                          # upcycle or eval: all or nothing
+            if os.path.isdir(d):       # not finished (checked by the caller): start over
                 shutil.rmtree(d)
             run_cmd = cmd
         m = self.meta(stage.name) or {"cmd": cmd, "wall_s": 0.0}
@@ -429,7 +447,7 @@ class Runner:
         return how
 
     def weight(self, s: Stage) -> float:
-        return 0.2 if s.kind == "upcycle" else s.steps * (1.7 if s.moe else 1.0)
+        return 0.2 if s.kind != "train" else s.steps * (1.7 if s.moe else 1.0)
 
     def rows_done(self) -> int:
         def done(name, seen=()):
@@ -482,7 +500,7 @@ def collect(table: Table, root: str, runner: Runner) -> list[dict]:
     for r in table.rows:
         s = by[r.run]
         d = run_dir(root, s.name)
-        if not train_finished(d, s.steps):
+        if not stage_finished(d, s):
             continue
         ev = evals_of(read_metrics(os.path.join(d, "metrics.jsonl")))
         first, last = ev[0], ev[-1]
