@@ -584,7 +584,9 @@ def plot_curves(table: Table, res: list[dict], path: str, subtitle: str) -> None
             i = res.index(r)
             x = [t for t, _ in r["curve"]]
             y = [v for _, v in r["curve"]]
-            ax.plot(x, y, styles[(i // 10) % 4], marker=".", ms=4, lw=1.3, label=r["label"], color=f"C{i % 10}")
+            single = len(x) == 1   # an evaluation without training (e.g. the BTM ensemble): one large dot
+            ax.plot(x, y, styles[(i // 10) % 4], marker="o" if single else ".", ms=7 if single else 4, lw=1.3,
+                    label=r["label"], color=f"C{i % 10}")
         ax.set_xlabel("tokens (cumulative, from the dense base's start)")
         ax.set_ylabel("validation loss (mean over domains)")
         ax.grid(alpha=0.3)
