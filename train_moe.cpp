@@ -14,7 +14,8 @@ The model (N = B*T tokens, d = hidden size):
     x = x + o_proj(attention(rope(q(rmsnorm(x))), rope(k(..)), v(..)))
     x = x + ffn(rmsnorm(x))          ffn = SwiGLU, or a top-K mixture of SwiGLU experts
   logits = lm_head(rmsnorm(x))                       [N, V]
-  loss = CE + aux_coef * load_balancing + z_coef * router_z    (common/router_losses.h)
+  loss = CE + aux_coef * load_balancing [+ dpsl_coef * dpsl] + z_coef * router_z
+                                                              (common/router_losses.h)
 
 Names other files use (the tests, upcycle.cu and the dev/cuda programs include this file):
   real                            float, or double when built with -DTRAIN_MOE_DOUBLE
@@ -688,11 +689,14 @@ void router_stats(double* psum, double* zsum, const real* probs, const real* log
     }
 }
 
-// dlogits [N, E] += scale * (aux_coef dAux/dz + z_coef dZ/dz).
-// G [B, E]: dAux/dp, one row per sequence (aux_dp_per_seq), or null for no aux term; through
-// the softmax dz_j = p_j (G_j - sum_i p_i G_i). z-loss: z_loss_dlogit with lse in `real`.
+// dlogits [N, E] += scale * (aux_coef dAux/dz + row_coef dRow/dz + z_coef dZ/dz).
+// G [B, E]: dAux/dp, one row per sequence (aux_dp_per_seq), or null for no aux term;
+// Grow [N, E]: dL/dp of a loss with one value per row (dpsl_dp_rows), or null; each goes
+// through the softmax as dz_j = p_j (G_j - sum_i p_i G_i). z-loss: z_loss_dlogit with lse
+// in `real`.
 void router_losses_backward(real* dlogits, const real* probs, const real* logits, const real* G, double aux_coef,
-                            double z_coef, real scale, int B, int T, int E) {
+                            double z_coef, real scale, int B, int T, int E, const real* Grow = nullptr,
+                            double row_coef = 0) {
     const int N = B * T;
 #pragma omp parallel for
     for (int n = 0; n < N; n++) {
@@ -703,6 +707,12 @@ void router_losses_backward(real* dlogits, const real* probs, const real* logits
             real s = 0;
             for (int i = 0; i < E; i++) s += p[i] * g[i];
             for (int j = 0; j < E; j++) dz[j] += scale * (real)aux_coef * p[j] * (g[j] - s);
+        }
+        if (Grow) {
+            const real* g = Grow + (size_t)n * E;
+            real s = 0;
+            for (int i = 0; i < E; i++) s += p[i] * g[i];
+            for (int j = 0; j < E; j++) dz[j] += scale * (real)row_coef * p[j] * (g[j] - s);
         }
         if (z_coef != 0) {
             const real* zz = logits + (size_t)n * E;
@@ -967,20 +977,23 @@ struct Model {
         // router: the losses' gradient, then the gate weights' path, then W_r
         real* dlogits = scratch.drouter.data();
         std::fill(dlogits, dlogits + (size_t)N * E, 0);
-        std::vector<real> G;
+        std::vector<real> G, Grow;
         if (router_loss.aux_loss != AUX_NONE && router_loss.aux_coef != 0)
             aux_dp_per_seq(G, router_loss.aux_loss, routing_stats(), l);
+        if (router_loss.dpsl.on && router_loss.dpsl.coef != 0) dpsl_dp_rows(Grow, routing_stats(), router_loss.dpsl, l);
         router_losses_backward(dlogits, a.rprobs.data(), a.rlogits.data(), G.empty() ? nullptr : G.data(),
-                               router_loss.aux_coef, router_loss.z_coef, scale, B, T, E);
+                               router_loss.aux_coef, router_loss.z_coef, scale, B, T, E,
+                               Grow.empty() ? nullptr : Grow.data(), router_loss.dpsl.coef);
         router_backward(dlogits, dtopw, a.rprobs.data(), a.topk.data(), a.topw.data(), N, E, K, cfg.routing);
         matmul_backward(dln2, grad(l, P_ROUTER), dlogits, a.ln2.data(), param(l, P_ROUTER), N, d, E);
     }
-    // the last forward pass's routing statistics, as the router losses read them
+    // the last forward pass's routing statistics, as the router losses read them (with
+    // seg = 1, psum holds each row's probabilities: they are the rows dpsl reads too)
     RoutingStats routing_stats() const {
         RoutingStats s;
         s.B = B; s.T = T; s.E = cfg.n_experts; s.K = cfg.top_k; s.seg = 1;
         for (int l = 0; l < cfg.n_layer && cfg.is_moe(); l++)
-            s.layers.push_back({acts[l].seq_counts.data(), acts[l].psum.data(), acts[l].zsum.data()});
+            s.layers.push_back({acts[l].seq_counts.data(), acts[l].psum.data(), acts[l].zsum.data(), acts[l].psum.data()});
         return s;
     }
 
@@ -1163,6 +1176,11 @@ int main(int argc, char** argv) {
     Cli cli("train_moe", "CPU reference trainer for dense and Mixture-of-Experts language models (fp32).\n"
                          "Example: ./train_moe --data data/tiny --model tiny --experts 4 --topk 2 --steps 200");
     args.add_to(cli);
+    std::string ensemble;
+    cli.section("Evaluation only");
+    cli.add("--ensemble", &ensemble, "A,B,...: no training; evaluate the uniform mixture of these models' next-token "
+                                     "distributions on --data's validation split (Branch-Train-Merge's ensemble) into "
+                                     "--out/metrics.jsonl");
     cli.epilog("Checkpoints are Hugging Face model directories (config.json + model.safetensors) plus\n"
                "optimizer.safetensors and trainer_state.json; --resume continues bit-identically.");
     try {
@@ -1171,6 +1189,7 @@ int main(int argc, char** argv) {
 #ifdef _OPENMP
         if (args.threads > 0) omp_set_num_threads(args.threads);
 #endif
+        if (!ensemble.empty()) return run_ensemble_eval<Model>(args, cli, ensemble);
         Model M;
         return run_training(M, args, cli);
     } catch (const Error& e) {

@@ -1215,6 +1215,12 @@ int main(int argc, char** argv) {
     try {
         cli.parse(argc, argv);
         args.validate();
+        {  // the Dirichlet-prior shaping loss sorts each row's probabilities on the host: CPU only for now
+            AuxLoss kind;
+            bool dpsl;
+            parse_aux_loss(args.aux_loss, &kind, &dpsl);
+            if (dpsl) FAIL("--aux-loss %s: dpsl is not implemented in the GPU trainer yet; use train_moe (CPU)", args.aux_loss.c_str());
+        }
         if (go.dtype != "bf16" && go.dtype != "fp32") FAIL("--dtype must be bf16 or fp32, found \"%s\"", go.dtype.c_str());
         const NcclInit init = parse_nccl_init(go.nccl_init);
         world = world_from_env();

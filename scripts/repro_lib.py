@@ -3,7 +3,8 @@
 Not run directly. A reproduction script describes its table as *stages* and *rows*:
 
   - a Stage is one program run that makes a directory under the runs root: a training run of
-    ./train_moe (or ./train_moe_gpu), or one ./upcycle call. Stages are named; a stage with the
+    ./train_moe (or ./train_moe_gpu), one ./upcycle call, or an evaluation without training
+    (./train_moe --ensemble: one eval record in metrics.jsonl). Stages are named; a stage with the
     same name and the same command is shared by every row and every table that uses it (the
     dense base is trained once for all three tables).
   - a Row is one line of the table: the stages it owns (their wall time is its wall time) and
@@ -122,11 +123,12 @@ def train_args(cfg: dict, steps: int, warmup: int, out: str, seed: int | None = 
 @dataclass
 class Stage:
     name: str                      # directory name under the runs root
-    kind: str                      # "train" or "upcycle"
+    kind: str                      # "train", "upcycle" or "eval" (./train_moe --ensemble)
     args: list                     # program arguments; paths are relative to the repository root
     steps: int = 0                 # train: total optimizer steps
     moe: bool = False              # train: an MoE (about 1.5-2x a dense step: used for the ETA only)
     needs: list = field(default_factory=list)   # stages that must be finished first
+    cpu_only: bool = False         # train: always ./train_moe (an option the GPU trainer lacks, e.g. dpsl)
 
 
 @dataclass
@@ -162,15 +164,26 @@ DOMAINS = ["en", "code", "de"]   # the corpus's domains (dev/data/README.md)
 
 
 def train_stage(root: str, name: str, cfg: dict, head: list, steps: int, warmup: int, moe: bool,
-                needs: list | None = None, seed: int | None = None, tail: list | None = None) -> Stage:
-    """A training stage: `head` says where the model comes from (--model ... or --init ...)."""
+                needs: list | None = None, seed: int | None = None, tail: list | None = None,
+                losses: list | None = None) -> Stage:
+    """A training stage: `head` says where the model comes from (--model ... or --init ...).
+    An MoE stage trains with MOE_LOSSES, or with `losses` in their place."""
+    moe_losses = (MOE_LOSSES if losses is None else list(losses)) if moe else []
     return Stage(name, "train", list(head) + train_args(cfg, steps, warmup, os.path.join(root, name), seed) +
-                 (MOE_LOSSES if moe else []) + list(tail or []), steps, moe, list(needs or []))
+                 moe_losses + list(tail or []), steps, moe, list(needs or []))
 
 
 def upcycle_stage(root: str, name: str, cfg: dict, args: list, needs: list) -> Stage:
     return Stage(name, "upcycle", list(args) + ["--seed", str(cfg["seed"]), "--out", os.path.join(root, name)],
                  needs=list(needs))
+
+
+def ensemble_stage(root: str, name: str, cfg: dict, members: list, needs: list) -> Stage:
+    """The uniform mixture of `members`' next-token distributions evaluated on the validation
+    batches every training stage evaluates on (docs/METHODS.md 2.10); no training, CPU trainer."""
+    return Stage(name, "eval", ["--ensemble", ",".join(members), "--data", cfg["data"], "--batch", str(cfg["batch"]),
+                                "--seq", str(cfg["seq"]), "--eval-batches", str(cfg["eval_batches"]), "--seed",
+                                str(cfg["seed"]), "--out", os.path.join(root, name)], needs=list(needs), cpu_only=True)
 
 
 def dense_base(root: str, cfg: dict) -> tuple[Stage, Row, str]:
@@ -226,6 +239,16 @@ def train_finished(d: str, steps: int) -> bool:
         return False
     ev = evals_of(read_metrics(os.path.join(d, "metrics.jsonl")))
     return bool(ev) and ev[-1]["step"] == steps
+
+
+def eval_finished(d: str) -> bool:
+    return bool(evals_of(read_metrics(os.path.join(d, "metrics.jsonl"))))
+
+
+def stage_finished(d: str, stage: Stage) -> bool:
+    if stage.kind == "train":
+        return train_finished(d, stage.steps)
+    return eval_finished(d) if stage.kind == "eval" else upcycle_finished(d)
 
 
 def upcycle_finished(d: str) -> bool:
@@ -319,11 +342,14 @@ class Runner:
     def binary(self, stage: Stage) -> str:
         if stage.kind == "upcycle":
             return "./upcycle"
-        return "./train_moe_gpu" if self.trainer == "gpu" else "./train_moe"
+        return "./train_moe_gpu" if self.trainer == "gpu" and not stage.cpu_only else "./train_moe"
+
+    def on_cpu(self, stage: Stage) -> bool:
+        return self.binary(stage) != "./train_moe_gpu"
 
     def command(self, stage: Stage) -> list[str]:
         cmd = [self.binary(stage)] + list(stage.args)
-        if self.trainer == "cpu" or stage.kind == "upcycle":
+        if self.on_cpu(stage):
             cmd += ["--threads", str(self.threads)]
         return cmd
 
@@ -351,8 +377,7 @@ class Runner:
         write_atomic(self.meta_path(name), json.dumps(m, indent=1) + "\n")
 
     def finished(self, stage: Stage) -> bool:
-        d = run_dir(self.root, stage.name)
-        return train_finished(d, stage.steps) if stage.kind == "train" else upcycle_finished(d)
+        return stage_finished(run_dir(self.root, stage.name), stage)
 
     def check_command(self, stage: Stage) -> None:
         m = self.meta(stage.name)
@@ -387,12 +412,13 @@ class Runner:
                 if os.path.isdir(d):   # started but no checkpoint yet: start over
                     shutil.rmtree(d)
                 run_cmd = cmd
-        else:
-            if os.path.isdir(d):       # not finished (checked by the caller): upcycle refuses nothing, but be clean
+        else:                          # upcycle or eval: all or nothing
+            if os.path.isdir(d):       # not finished (checked by the caller): start over
                 shutil.rmtree(d)
             run_cmd = cmd
         m = self.meta(stage.name) or {"cmd": cmd, "wall_s": 0.0}
-        m.update(cmd=cmd, device=self.device, commit=git_commit())
+        device = self.device if self.on_cpu(stage) == (self.trainer == "cpu") else device_name("cpu", self.threads)
+        m.update(cmd=cmd, device=device, commit=git_commit())
         self.save_meta(stage.name, m)
         os.makedirs(self.log_dir, exist_ok=True)
         log_path = os.path.join(self.log_dir, stage.name + ".log")
@@ -438,7 +464,7 @@ class Runner:
         return how
 
     def weight(self, s: Stage) -> float:
-        return 0.2 if s.kind == "upcycle" else s.steps * (1.7 if s.moe else 1.0)
+        return 0.2 if s.kind != "train" else s.steps * (1.7 if s.moe else 1.0)
 
     def rows_done(self) -> int:
         def done(name, seen=()):
@@ -491,7 +517,7 @@ def collect(table: Table, root: str, runner: Runner) -> list[dict]:
     for r in table.rows:
         s = by[r.run]
         d = run_dir(root, s.name)
-        if not train_finished(d, s.steps):
+        if not stage_finished(d, s):
             continue
         ev = evals_of(read_metrics(os.path.join(d, "metrics.jsonl")))
         first, last = ev[0], ev[-1]
@@ -575,7 +601,9 @@ def plot_curves(table: Table, res: list[dict], path: str, subtitle: str) -> None
             i = res.index(r)
             x = [t for t, _ in r["curve"]]
             y = [v for _, v in r["curve"]]
-            ax.plot(x, y, styles[(i // 10) % 4], marker=".", ms=4, lw=1.3, label=r["label"], color=f"C{i % 10}")
+            single = len(x) == 1   # an evaluation without training (e.g. the BTM ensemble): one large dot
+            ax.plot(x, y, styles[(i // 10) % 4], marker="o" if single else ".", ms=7 if single else 4, lw=1.3,
+                    label=r["label"], color=f"C{i % 10}")
         ax.set_xlabel("tokens (cumulative, from the dense base's start)")
         ax.set_ylabel("validation loss (mean over domains)")
         ax.grid(alpha=0.3)
