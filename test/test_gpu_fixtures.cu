@@ -205,7 +205,7 @@ static void check_step0(const Fixture& fx, Plant plant) {
                           fx.tensor(strfmt("topk_weight.%d", layer), {N, K}), tol, /*require_margin=*/true);
             auto cnt = fx.ints(strfmt("expert_counts.%d", layer), {E});
             int cdiff = 0;
-            for (int e = 0; e < E; e++) cdiff += cnt[e] != a.eb.counts[e];
+            for (int e = 0; e < E; e++) cdiff += cnt[e] != M.expert_counts(layer)[e];
             report_check(tag, strfmt("expert_counts.%d", layer), cdiff ? INFINITY : 0,
                          strfmt("%d of %d experts differ", cdiff, E));
         }
