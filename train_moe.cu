@@ -3,9 +3,13 @@ train_moe.cu: the GPU trainer. Same model, command line, file formats, losses, r
 schedules, evaluation, sampling, metrics and resume as the CPU reference trainer
 (train_moe.cpp); read that file first: this one follows it layer by layer. Everything
 around the model is shared with it: the training run (evaluation, sampling, checkpoints,
-metrics) is common/run.h's run_training, and the router losses' values and gradient
-coefficients are common/router_losses.h's, computed on the host from per-sequence sums that
-the router kernels produce.
+metrics) is common/run.h's run_training, and the router losses are common/router_losses.h's:
+their gradient coefficients computed on the device with its aux_dp_coef, their values on the
+host from the per-sequence sums the router kernels produce, once per step for the log.
+
+Host waits: a bf16 training step (forward_backward per micro-batch, then step) waits for the
+device once, at the end of step(), after the update is queued (docs/perf.md "Known
+performance limits"; test_gpu_fixtures counts them in the emulation).
 
 Precision: --dtype bf16 (default) keeps fp32 master weights, fp32 gradients and fp32 AdamW
 moments, and a bf16 working copy of the weights (stochastically rounded after each step)
@@ -862,7 +866,7 @@ struct GPUModel {
         // forwards ago; its event says those copies have run (the host waits here only if the
         // device is that far behind).
         int* st = stage[stage_next];
-        cudaCheck(cudaEventSynchronize(stage_done[stage_next]));
+        if (cudaEventQuery(stage_done[stage_next]) == cudaErrorNotReady) cudaCheck(cudaEventSynchronize(stage_done[stage_next]));
         memcpy(st, in, N * sizeof(int));
         upload_async(inputs, st, N, stream);
         if (tgts) {
