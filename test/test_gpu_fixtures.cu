@@ -280,7 +280,7 @@ static void check_step_path(const Fixture& fx) {
     const int n_micro = 2;
     const int half = std::max(1, fx.B / 2);  // two micro-batches of the fixture's rows (B 1: the same row twice)
     const size_t step_rows = fx.B >= 2 ? (size_t)half * fx.T : 0;
-    long waits = -1;
+    [[maybe_unused]] long waits = -1;
     double diff = 0;
     for (int s = 0; s < 2; s++) {
 #ifdef CUDA_EMU
