@@ -8,7 +8,7 @@
 //          DpslSettings, parse_aux_loss (the --aux-loss list), RouterLossSettings,
 //          RoutingStats (the per-sequence statistics every loss reads),
 //          Losses, router_loss_values, total_loss, add_router_losses (values)
-//          aux_dp_per_seq, z_loss_dlogit, dpsl_dp_rows              (gradients)
+//          aux_dp_coef, aux_dp_per_seq, z_loss_dlogit, dpsl_dp_rows (gradients)
 //          beta_pdf, beta_cdf                                       (dpsl's target)
 //          aux_free_bias_update                                     (bias balancing)
 //
@@ -373,21 +373,32 @@ ROUTER_LOSS_HD inline R pooled_loss_dp(C pooled_count_i, int L, int N, int E) {
     return (R)E * pooled_count_i / (LN * LN);
 }
 
+// G[b, i] for the balancing loss `kind`, from the counts it can depend on: count_bi =
+// sequence b's assignments to expert i in layer l, layer_count_i = layer l's over the
+// batch, pooled_count_i = every MoE layer's over the batch (B sequences of T rows, L MoE
+// layers). Device-callable: the GPU trainer computes G on the device with this function
+// (kernels/router.cuh router_aux_coef), the host with aux_dp_per_seq below.
+template <typename R>
+ROUTER_LOSS_HD inline R aux_dp_coef(AuxLoss kind, long count_bi, long layer_count_i, long pooled_count_i, int B, int T,
+                                    int E, int K, int L) {
+    const int N = B * T;
+    if (kind == AUX_SWITCH) return switch_loss_dp<R>(layer_count_i, N, E, K);
+    if (kind == AUX_SEQ) return seq_loss_dp<R>((int)count_bi, B, T, E, K);
+    if (kind == AUX_POOLED) return pooled_loss_dp<R>(pooled_count_i, L, N, E);
+    return 0;
+}
+
 // G [B, E] of layer l for the balancing loss `kind` (docs/METHODS.md 1.2)
 template <typename R>
 void aux_dp_per_seq(std::vector<R>& G, AuxLoss kind, const RoutingStats& s, int l) {
-    const int B = s.B, T = s.T, E = s.E, K = s.K, N = s.rows();
+    const int B = s.B, T = s.T, E = s.E, K = s.K;
     G.assign((size_t)B * E, 0);
     for (int i = 0; i < E; i++) {
         long layer_count = kind == AUX_SWITCH ? s.count(l, i) : 0;
         long pooled_count = kind == AUX_POOLED ? s.pooled_count(i) : 0;
-        for (int b = 0; b < B; b++) {
-            R c = 0;
-            if (kind == AUX_SWITCH) c = switch_loss_dp<R>(layer_count, N, E, K);
-            else if (kind == AUX_SEQ) c = seq_loss_dp<R>(s.layers[l].counts[(size_t)b * E + i], B, T, E, K);
-            else if (kind == AUX_POOLED) c = pooled_loss_dp<R>(pooled_count, s.n_layers(), N, E);
-            G[(size_t)b * E + i] = c;
-        }
+        for (int b = 0; b < B; b++)
+            G[(size_t)b * E + i] = aux_dp_coef<R>(kind, s.layers[l].counts[(size_t)b * E + i], layer_count, pooled_count,
+                                                  B, T, E, K, s.n_layers());
     }
 }
 

@@ -16,6 +16,8 @@
 //   forward(in, tgt, B, T) -> Losses          a pass without gradient (targets may be null)
 //   forward_backward(in, tgt, B, T, n_micro) -> Losses, adding 1/n_micro of the gradient
 //   zero_grad(), step(adamw, lr) -> gradient norm before clipping
+//   (a model may keep a step's losses on its device until its step, returning zeros from
+//   forward_backward: the GPU trainer; RunHooks::step_losses then hands them over)
 //   expert_counts(l) [E], logits_row(n) [V]: of the last forward, on the host
 //   with_host_state(f): f(params, m, v) with host pointers (for checkpoints)
 #pragma once
@@ -52,9 +54,19 @@ struct AdamWSettings {  // hyperparameters; each trainer has its own update loop
 struct AdamWStep {
     double clip, bc1, bc2;
 };
+// Device-callable where nvcc compiles this header: the GPU trainer computes the clip factor
+// on the device (kernels/adamw.cuh adamw_scalars), with this same function
+#ifdef __CUDACC__
+#define RUN_HD __host__ __device__
+#else
+#define RUN_HD
+#endif
+RUN_HD inline double grad_clip_factor(double grad_clip, double grad_norm) {
+    return (grad_clip > 0 && grad_norm > grad_clip) ? grad_clip / grad_norm : 1.0;
+}
 inline AdamWStep adamw_step(const AdamWSettings& hp, double grad_norm, long t) {
     AdamWStep s;
-    s.clip = (hp.grad_clip > 0 && grad_norm > hp.grad_clip) ? hp.grad_clip / grad_norm : 1.0;
+    s.clip = grad_clip_factor(hp.grad_clip, grad_norm);
     s.bc1 = 1 - std::pow(hp.beta1, (double)t);
     s.bc2 = 1 - std::pow(hp.beta2, (double)t);
     return s;
@@ -421,6 +433,10 @@ struct RunHooks {
     std::string memory_name = "this machine's RAM";
     int rank = 0, world = 1;
     std::function<bool(bool)> all_ok;
+    // The GPU trainer keeps the losses on its device until the end of the optimizer step
+    // (no host wait inside the step; its forward_backward returns zeros): after step(), this
+    // sets the step's mean losses. Such a model skips the update itself on a non-finite loss.
+    std::function<void(Losses&)> step_losses;
 };
 
 // A non-finite loss or gradient norm stops the run before the update, so the weights, and
@@ -601,11 +617,17 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
             acc.add_mean(M.forward_backward(inp.data() + my_rows, tgt.data() + my_rows, args.batch, args.seq, args.grad_accum),
                          args.grad_accum);
         }
-        if (!std::isfinite(acc.loss) || !std::isfinite(acc.ce) || !std::isfinite(acc.aux) || !std::isfinite(acc.z) ||
-            !std::isfinite(acc.dpsl))
-            stop_non_finite(state.step + 1, acc, NAN, last_good());
+        auto finite = [](const Losses& l) {
+            return std::isfinite(l.loss) && std::isfinite(l.ce) && std::isfinite(l.aux) && std::isfinite(l.z) &&
+                   std::isfinite(l.dpsl);
+        };
+        if (!finite(acc)) stop_non_finite(state.step + 1, acc, NAN, last_good());
         double lr = sched.at((int)state.step);
         double norm = M.step(adamw, lr);  // skips the update when norm is not finite
+        if (hooks.step_losses) {
+            hooks.step_losses(acc);
+            if (!finite(acc)) stop_non_finite(state.step + 1, acc, NAN, last_good());
+        }
         if (!std::isfinite(norm)) stop_non_finite(state.step + 1, acc, norm, last_good());
         state.step++;
         state.tokens += tokens_per_step;

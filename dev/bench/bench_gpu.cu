@@ -81,17 +81,14 @@ int bench(TrainArgs& args, int warmup_steps, bool stochastic_round, double measu
             tgt[i] = (int)(rng_u64((uint64_t)args.seed, stream_id(PURPOSE_MISC, 0xbe), counter++) % cfg.vocab_size);
         }
     };
-    auto train_step = [&](double lr) {  // the training loop's step (train_moe.cu run_training)
-        Losses acc;
-        M.zero_grad();
+    auto train_step = [&](double lr) {  // the training loop's step (common/run.h run_training): no host wait
+        M.zero_grad();                      // until step()'s end, which then has the step's losses
         for (int micro = 0; micro < args.grad_accum; micro++) {
             next_batch();
-            Losses l = M.forward(inp.data(), tgt.data(), args.batch, args.seq, 1.0f / args.grad_accum);
-            M.backward();
-            acc.add_mean(l, args.grad_accum);
+            M.forward_backward(inp.data(), tgt.data(), args.batch, args.seq, args.grad_accum);
         }
         M.step(hp, lr);
-        return acc;
+        return M.step_losses;
     };
     for (int i = 0; i < warmup_steps; i++) train_step(sched.at(0));
     cudaCheck(cudaDeviceSynchronize());
