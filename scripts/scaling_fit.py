@@ -73,11 +73,14 @@ def nelder_mead(f, x0, step, iters: int = 2000, xtol: float = 1e-8):
 
 class Form:
     """One scaling-law form: design(theta, X) -> [n, k] matrix whose columns the linear coefficients
-    multiply; positive: indices of coefficients that must be > 0; bounds: per theta (lo, hi)."""
+    multiply; positive: indices of coefficients that must be > 0 (a theta where they are not is
+    rejected); nonneg: indices of coefficients that must be >= 0 (the irreducible loss: where the
+    unconstrained solve makes one negative, the constrained optimum has it at 0, so that column is
+    dropped); bounds: per theta (lo, hi); grid: per theta, the values the search starts from."""
 
-    def __init__(self, name, theta_names, coef_names, design, positive, bounds, grid):
+    def __init__(self, name, theta_names, coef_names, design, positive, nonneg, bounds, grid):
         self.name, self.theta_names, self.coef_names = name, theta_names, coef_names
-        self.design, self.positive, self.bounds, self.grid = design, positive, bounds, grid
+        self.design, self.positive, self.nonneg, self.bounds, self.grid = design, positive, nonneg, bounds, grid
 
     def solve(self, theta, X, y):
         """Linear coefficients and residual sum of squares at theta (inf where a constraint fails)."""
@@ -86,11 +89,22 @@ class Form:
         M = self.design(theta, X)
         if not np.all(np.isfinite(M)):
             return None, math.inf
-        c, *_ = np.linalg.lstsq(M, y, rcond=None)
-        if any(c[i] <= 0 for i in self.positive):
-            return None, math.inf
-        r = y - M @ c
-        return c, float(r @ r)
+        best_c, best = None, math.inf
+        # the unconstrained solve first, then with every subset of the nonneg coefficients held at 0
+        for drop in itertools.chain.from_iterable(itertools.combinations(self.nonneg, r)
+                                                  for r in range(len(self.nonneg) + 1)):
+            keep = [j for j in range(M.shape[1]) if j not in drop]
+            ck, *_ = np.linalg.lstsq(M[:, keep], y, rcond=None)
+            c = np.zeros(M.shape[1])
+            c[keep] = ck
+            if any(c[i] <= 0 for i in self.positive) or any(c[i] < 0 for i in self.nonneg):
+                continue
+            r = y - M @ c
+            if float(r @ r) < best:
+                best_c, best = c, float(r @ r)
+            if not drop:   # the unconstrained solution is feasible: it is the optimum
+                break
+        return best_c, best
 
     def predict(self, theta, c, X):
         return self.design(theta, X) @ c
@@ -106,11 +120,11 @@ def _upcycling_design(fix_a3: bool):
     return design
 
 
-UPCYCLING = Form("upcycling (Liew et al. 2025)", ["a1", "a2", "a3"], ["A", "E"], _upcycling_design(False), [0],
+UPCYCLING = Form("upcycling (Liew et al. 2025)", ["a1", "a2", "a3"], ["A", "E"], _upcycling_design(False), [0], [1],
                  [(-2.0, 4.0), (-2.0, 4.0), (-1.0, 1.0)],
                  [np.linspace(-0.5, 2.0, 11), np.linspace(-0.5, 2.0, 11), np.linspace(-0.3, 0.3, 13)])
 UPCYCLING_NO_INTERACTION = Form("upcycling without the interaction term (a3 = 0)", ["a1", "a2"], ["A", "E"],
-                                _upcycling_design(True), [0], [(-2.0, 4.0), (-2.0, 4.0)],
+                                _upcycling_design(True), [0], [1], [(-2.0, 4.0), (-2.0, 4.0)],
                                 [np.linspace(-0.5, 2.0, 26), np.linspace(-0.5, 2.0, 26)])
 
 
@@ -121,7 +135,7 @@ def _granularity_design(theta, X):
 
 
 GRANULARITY = Form("fine-grained MoE at fixed N (Krajewski et al. 2024)", ["gamma", "beta"], ["c", "g", "b"],
-                   _granularity_design, [2], [(1e-3, 4.0), (1e-3, 4.0)],
+                   _granularity_design, [2], [0], [(1e-3, 4.0), (1e-3, 4.0)],
                    [np.linspace(0.05, 2.0, 40), np.linspace(0.05, 2.0, 40)])
 
 
