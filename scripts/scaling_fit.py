@@ -175,14 +175,16 @@ def predict(res: dict, form: Form, X) -> np.ndarray:
     return form.predict(theta_of(res, form), coef_of(res, form), np.asarray(X, float))
 
 
-def bootstrap(form: Form, X, y, res: dict, n: int = 200, seed: int = 0) -> dict:
+def bootstrap(form: Form, X, y, res: dict, n: int = 200, seed: int = 0, derived: dict | None = None) -> dict:
     """Residual bootstrap: refits to (prediction + resampled residuals) n times, each from the fit's
-    own theta. Returns per parameter the 5th / 50th / 95th percentiles and the fraction > 0."""
+    own theta. Returns per parameter, and per derived quantity (name -> fn(fit result) -> float),
+    the 5th / 50th / 95th percentiles and the fraction > 0."""
     X, y = np.asarray(X, float), np.asarray(y, float)
     yhat = predict(res, form, X)
     resid = y - yhat
     rng = np.random.default_rng(seed)
-    draws = {nm: [] for nm in form.theta_names + form.coef_names}
+    derived = derived or {}
+    draws = {nm: [] for nm in form.theta_names + form.coef_names + list(derived)}
     for _ in range(n):
         yb = yhat + rng.choice(resid, size=len(y), replace=True)
         try:
@@ -195,6 +197,8 @@ def bootstrap(form: Form, X, y, res: dict, n: int = 200, seed: int = 0) -> dict:
             draws[nm].append(rb["theta"][nm])
         for nm in form.coef_names:
             draws[nm].append(rb["coef"][nm])
+        for nm, fn in derived.items():
+            draws[nm].append(fn(rb))
     out = {}
     for nm, v in draws.items():
         if v:
