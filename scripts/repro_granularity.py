@@ -222,6 +222,9 @@ def build(cfg: dict, root: str) -> R.Table:
         ax.set_title("direction: below 0 = finer experts better (paper: down with G, flattening)", fontsize=9)
         ax.legend(fontsize=8, ncol=2)
         ax.grid(alpha=0.3, which="both")
+        from matplotlib.ticker import NullFormatter
+        for a in axes[:2]:
+            a.xaxis.set_minor_formatter(NullFormatter())
         fig.suptitle(f"Granularity at equal total and active parameters; {sub}", fontsize=10)
         R.save_fig(fig, os.path.join(out_dir, "granularity.png"))
         plt.close(fig)
