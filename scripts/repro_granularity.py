@@ -151,22 +151,30 @@ def build(cfg: dict, root: str) -> R.Table:
             if ok:
                 X = [(p[0] / 1e6, p[1]) for p in pts]
                 y = [p[2] for p in pts]
-                fit = F.fit(F.GRANULARITY, X, y)
                 gmax = max(p[1] for p in pts)
                 # the fitted change of the loss from G = 1 to the largest G at any fixed D: g (Gmax^-gamma - 1).
                 # It is well determined even where g and gamma alone are not (gamma -> 0 with a large g is
                 # the same curve, nearly linear in ln G, as a moderate g and gamma)
                 delta = {"delta": lambda f: f["coef"]["g"] * (gmax ** -f["theta"]["gamma"] - 1.0)}
-                boot = F.bootstrap(F.GRANULARITY, X, y, fit, n=n_boot, seed=cfg["seed"], derived=delta)
+                # main: the G term with a free constant per budget (the law's D term is one constant per D)
+                form_b = F.granularity_per_budget({x[0] for x in X})
+                fit_b = F.fit(form_b, X, y)
+                boot_b = F.bootstrap(form_b, X, y, fit_b, n=n_boot, seed=cfg["seed"], derived=delta)
+                # and the whole law with b D^-beta, whose D-shape a tiny model far from convergence need not follow
+                fit = F.fit(F.GRANULARITY, X, y)
+                dl, bd = delta["delta"](fit_b), boot_b.get("delta", {})
+                entry.update(fit_per_budget=fit_b, bootstrap_per_budget=boot_b, fit=fit,
+                             fitted_change_g1_to_gmax=dl, gmax=gmax)
                 th, co = fit["theta"], fit["coef"]
-                dl, bd = delta["delta"](fit), boot.get("delta", {})
-                entry.update(fit=fit, bootstrap=boot, fitted_change_g1_to_gmax=dl, gmax=gmax)
-                line += (f" Fit L = c + g G^-gamma + b D^-beta (D in M tokens): c = {co['c']:.4f}, g = {co['g']:+.4f}, "
-                         f"gamma = {th['gamma']:.3f}, b = {co['b']:.4f}, beta = {th['beta']:.3f}; RMSE "
-                         f"{fit['rmse']:.4f}. Fitted change from G = 1 to G = {gmax} at any budget: {dl:+.4f} "
-                         f"({'lower: the paper' + chr(39) + 's direction' if dl < 0 else 'higher: against the paper'}); "
-                         f"bootstrap ({n_boot} refits) 5-95% {bd.get('p05', math.nan):+.4f} .. {bd.get('p95', math.nan):+.4f}, "
-                         f"below 0 in {1 - bd.get('frac_pos', math.nan):.0%}.")
+                line += (f" Fit of the G term with a constant per budget, L = c_D + g G^-gamma: g = "
+                         f"{fit_b['coef']['g']:+.4f}, gamma = {fit_b['theta']['gamma']:.3f}, RMSE {fit_b['rmse']:.4f}; "
+                         f"fitted change from G = 1 to G = {gmax} at any budget {dl:+.4f} "
+                         f"({'lower: the paper' + chr(39) + 's direction' if dl < 0 else 'higher: against the paper'}), "
+                         f"bootstrap ({n_boot} refits) 5-95% {bd.get('p05', math.nan):+.4f} .. "
+                         f"{bd.get('p95', math.nan):+.4f}, below 0 in {1 - bd.get('frac_pos', math.nan):.0%}. "
+                         f"The whole law c + g G^-gamma + b D^-beta (D in M tokens): c = {co['c']:.4f}, g = "
+                         f"{co['g']:+.4f}, gamma = {th['gamma']:.3f}, b = {co['b']:.4f}, beta = {th['beta']:.3f}, "
+                         f"RMSE {fit['rmse']:.4f}.")
             notes.append(line)
             data[kind] = entry
         data["form"] = "L(D, G) = c + g * G^-gamma + b * D^-beta at fixed N (D in millions of tokens)"
@@ -177,17 +185,21 @@ def build(cfg: dict, root: str) -> R.Table:
     def plots(res, an, out_dir, sub):
         plt = R._pyplot()
         import numpy as np
+        from matplotlib.ticker import NullFormatter
         data = an.get("data") or {}
         pts = groups(res)
-        fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
+        fig, axes = plt.subplots(2, 2, figsize=(14, 10))
         Gs = sorted({i["G"] for i in info.values() if i["G"]})
-        for ax, kind, title in ((axes[0], "fs", "FS (from scratch)"), (axes[1], "up", "granular upcycling")):
+        for col, (kind, title) in enumerate((("fs", "FS (from scratch)"), ("up", "granular upcycling"))):
+            # top: validation curves of the longest run per G, final losses of every budget, the whole law
+            ax = axes[0][col]
             longest = max((i["steps"] for i in info.values() if i["kind"] == kind), default=0)
             for j, G in enumerate(Gs):
                 r = next((r for r in res if info[r["key"]] == dict(kind=kind, G=G, steps=longest)), None)
-                if r:
-                    ax.plot([t for t, _ in r["curve"][1:]], [v for _, v in r["curve"][1:]], "-", color=f"C{j}",
-                            lw=1.0, alpha=0.7, label=f"G={G}: curve of the {R.fmt_tokens(r['tokens'])} run")
+                if r:   # the run's own tokens (the curve is stored after the dense base's for upcycled rows)
+                    cur = [(t - r["offset_tokens"], v) for t, v in r["curve"] if t > r["offset_tokens"]]
+                    ax.plot([t for t, _ in cur], [v for _, v in cur], "-", color=f"C{j}", lw=1.0, alpha=0.7,
+                            label=f"G={G}: curve of the {R.fmt_tokens(r['tokens'])} run")
                 fin = sorted((t, l) for t, g, l, _ in pts[kind] if g == G)
                 if fin:
                     ax.plot([t for t, _ in fin], [l for _, l in fin], "o", color=f"C{j}", ms=6)
@@ -195,37 +207,42 @@ def build(cfg: dict, root: str) -> R.Table:
                 if fit and fin:
                     xs = np.geomspace(min(t for t, _ in fin) / 1.2, max(t for t, _ in fin) * 1.2, 40)
                     X = np.stack([xs / 1e6, np.full_like(xs, G)], axis=1)
-                    ax.plot(xs, F.predict(fit, F.GRANULARITY, X), "--", color=f"C{j}", lw=1.2)
+                    ax.plot(xs, F.predict(fit, F.GRANULARITY, X), "--", color=f"C{j}", lw=1.0, alpha=0.6)
             fins = [l for _, _, l, _ in pts[kind]]
             if fins:
                 ax.set_ylim(min(fins) - 0.05, max(fins) + 0.25)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("tokens of the run" + (" (after the dense base)" if kind == "up" else ""))
             ax.set_ylabel("validation loss (mean over domains)")
-            ax.set_title(f"{title}: lines = validation curves of the longest run per G; dots = final losses of\n"
-                         "every budget; dashed = fit c + g G^-gamma + b D^-beta", fontsize=9)
+            ax.set_title(f"{title}: curves of the longest runs, final losses (dots),\n"
+                         "the whole law c + g G^-gamma + b D^-beta (dashed)", fontsize=9)
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3, which="both")
-        ax = axes[2]
-        for kind, style in (("fs", "s--"), ("up", "o-")):
+            # bottom: the direction, final loss minus the same budget's G = 1, and the per-budget fit
+            ax = axes[1][col]
             for j, t in enumerate(sorted({p[0] for p in pts[kind]})):
                 byg = sorted((g, l) for tt, g, l, _ in pts[kind] if tt == t)
-                base = byg[0][1]
-                ax.plot([g for g, _ in byg], [l - base for _, l in byg], style, color=f"C{j}",
-                        label=f"{'FS' if kind == 'fs' else 'granular'}, {R.fmt_tokens(t)}")
-        ax.axhline(0, color="k", lw=0.6)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(Gs)
-        ax.set_xticklabels([str(g) for g in Gs])
-        ax.set_xlabel("granularity G (8G experts, top-2G, width F/G)")
-        ax.set_ylabel("final loss minus the same budget's G = 1 loss")
-        ax.set_title("direction: below 0 = finer experts better (paper: down with G, flattening)", fontsize=9)
-        ax.legend(fontsize=8, ncol=2)
-        ax.grid(alpha=0.3, which="both")
-        from matplotlib.ticker import NullFormatter
-        for a in axes[:2]:
-            a.xaxis.set_minor_formatter(NullFormatter())
+                ax.plot([g for g, _ in byg], [l - byg[0][1] for _, l in byg], "o-", color=f"C{j}",
+                        label=f"{R.fmt_tokens(t)} tokens")
+            fb = (data.get(kind) or {}).get("fit_per_budget")
+            if fb:
+                gs = np.geomspace(1, max(Gs), 40)
+                g, gam = fb["coef"]["g"], fb["theta"]["gamma"]
+                ax.plot(gs, g * (gs ** -gam - 1.0), "--", color="k", lw=1.5,
+                        label=f"fit c_D + g G^-gamma: g {g:+.3f}, gamma {gam:.2f}")
+            ax.axhline(0, color="k", lw=0.6)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(Gs)
+            ax.set_xticklabels([str(g) for g in Gs])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("granularity G (8G experts, top-2G, width F/G)")
+            ax.set_ylabel("final loss minus the same budget's G = 1 loss")
+            ax.set_title(f"{title}: below 0 = finer experts better\n(paper: falls with G, flattening)", fontsize=9)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3, which="both")
         fig.suptitle(f"Granularity at equal total and active parameters; {sub}", fontsize=10)
+        fig.tight_layout()
         R.save_fig(fig, os.path.join(out_dir, "granularity.png"))
         plt.close(fig)
         return ["granularity.png"]

@@ -139,6 +139,21 @@ GRANULARITY = Form("fine-grained MoE at fixed N (Krajewski et al. 2024)", ["gamm
                    [np.linspace(0.05, 2.0, 40), np.linspace(0.05, 2.0, 40)])
 
 
+def granularity_per_budget(budgets) -> Form:
+    """The fine-grained law's G term with a free constant per budget: L(D, G) = c_D + g * G^(-gamma).
+    At fixed N the paper's D-term b / D^beta is one constant per budget, so this is the same law with
+    the D-dependence left free: the G term is fitted against the spread of G within each budget
+    only, whatever shape the loss has in D. X = [(D, G)], D matched exactly against `budgets`."""
+    budgets = sorted(budgets)
+
+    def design(theta, X):
+        cols = [(X[:, 0] == d).astype(float) for d in budgets]
+        return np.stack(cols + [X[:, 1] ** (-theta[0])], axis=1)
+    return Form("fine-grained MoE at fixed N, a constant per budget", ["gamma"],
+                [f"c_{i}" for i in range(len(budgets))] + ["g"], design, [], [], [(1e-3, 4.0)],
+                [np.linspace(0.02, 3.0, 150)])
+
+
 def fit(form: Form, X, y, theta0=None) -> dict:
     """Least-squares fit of `form` to (X, y): a grid over theta (or theta0), then Nelder-Mead.
     Returns theta, coefficients, rss, rmse, aic (n ln(rss/n) + 2k), n and k as plain floats."""
@@ -267,6 +282,13 @@ def _selftest() -> int:
         errc = max(abs(rg["coef"][k] - tg[k]) for k in ("c", "g", "b"))
         check(f"granularity form, g = {tg['g']:+.2f}: exponents back to {err:.1e}, coefficients to {errc:.1e}",
               err < 1e-3 and errc < 1e-3)
+    # per-budget constants: any shape in D, the G term comes back
+    cD = {0.05: 5.3, 0.1: 5.0, 0.2: 4.45}
+    yp = np.array([cD[d] + 0.05 * g ** -0.7 for d, g in Xg])
+    fp = granularity_per_budget(cD)
+    rp = fit(fp, Xg, yp)
+    check(f"granularity per budget: gamma {rp['theta']['gamma']:.4f} (0.7), g {rp['coef']['g']:.4f} (0.05)",
+          abs(rp["theta"]["gamma"] - 0.7) < 1e-3 and abs(rp["coef"]["g"] - 0.05) < 1e-4)
     print(f"{passes} passed, {fails} failed")
     return 1 if fails else 0
 
