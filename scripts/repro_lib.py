@@ -71,7 +71,7 @@ PRESETS = {
         # the wall-time estimate printed before a run starts (Runner.estimate): seconds per dense
         # step with this preset's evals and checkpoints, per trainer; an MoE step costs moe_cost
         # dense steps (unless its Stage says otherwise), a stage stage_s more. Measured
-        # 2026-12-03 on this machine, CPU trainer, 1 thread (the 400-step dense base took 13.3 s,
+        # 2026-12-02 on this machine, CPU trainer, 1 thread (the 400-step dense base took 13.3 s,
         # an 8-expert top-2 MoE 400 steps 13.5 s, G = 8 granular 19.2 s): 2 threads are faster
         # when the machine is idle.
         step_s={"cpu": 0.033}, moe_cost=1.1, stage_s=0.3, rate_source="measured, CPU trainer, 1 thread"),
