@@ -21,10 +21,12 @@ in compute-optimal terms the gain stops at a finite G because routing costs grow
 point"). The table checks the direction on the raw losses too: at each budget, the order of G.
 
 Run (from the repository root):
-  python3 scripts/repro_granularity.py --threads 1     # tiny: CPU, ~7 min at 1 thread
+  python3 scripts/repro_granularity.py --threads 1     # tiny, CPU: 8-14 min (1 thread)
   python3 scripts/repro_granularity.py --preset small  # one GPU (./train_moe_gpu), not run yet
   python3 scripts/repro_granularity.py --smoke --runs /tmp/r --results /tmp/r/out
   python3 scripts/repro_granularity.py --list          # every command, and the wall-time estimate
+(Measured 2026-12-02: 13.6 minutes on this shared 2-core machine at load 6-9, the dense base
+reused; the estimate for an idle one is 7.7.)
 Interrupted? Run the same command again: finished stages are skipped, the unfinished one resumes.
 The wall-time estimate is printed before the first stage. Output:
 docs/results/granularity/[tiny/]{table.md,results.json,granularity.png}.
