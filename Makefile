@@ -17,10 +17,12 @@ CXX ?= g++
 NVCC ?= nvcc
 PYTHON ?= python3
 # -fno-math-errno: nothing reads errno after a math call, and without it gcc cannot vectorize
-# a loop with std::sqrt (AdamW's update). -fno-plt: each call to libm's expf (millions per
-# step) jumps through the GOT directly, not through a PLT stub as well. Neither changes a result:
-# sqrt is exactly rounded either way, and the same expf is called.
-CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -fno-plt -Wall -Wextra -Wno-unused-parameter
+# a loop with std::sqrt (AdamW's update). -fno-trapping-math: nothing reads the floating-point
+# exception flags, and without it gcc keeps the comparisons of exp_real (train_moe.cpp) as
+# branches, so the loops of exps do not vectorize. -fno-plt: the remaining libm calls jump
+# through the GOT directly. None of the three changes a result (the same operations, rounded
+# the same way), only whether gcc may vectorize them.
+CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -fno-trapping-math -fno-plt -Wall -Wextra -Wno-unused-parameter
 # Hopper by default; pass GPU_ARCH explicitly for other GPUs (no auto-detection to go wrong)
 GPU_ARCH ?= -gencode arch=compute_90,code=sm_90
 NVCCFLAGS ?= -std=c++17 -O3 $(GPU_ARCH) --expt-relaxed-constexpr -Xcompiler -fopenmp -Xcompiler -Wall
@@ -43,7 +45,7 @@ DEV_CUDA := $(wildcard dev/cuda/*.cu)
 
 .PHONY: all test test-cpu test-gpu cuda-check emu test-emu bench bench-cpu quickstart clean fixtures repro-tiny \
         repro-small repro-grids-tiny repro-grids-small fuzz fuzz-build test-san san
-all: train_moe generate $(if $(wildcard upcycle.cu),upcycle) $(if $(HAVE_NVCC),$(if $(wildcard train_moe.cu),train_moe_gpu))
+all: train_moe generate $(if $(wildcard upcycle.cu),upcycle) $(if $(HAVE_NVCC),$(if $(wildcard train_moe.cu),train_moe_gpu generate_gpu))
 
 include dev/data/data.mk
 
@@ -60,6 +62,10 @@ upcycle: upcycle.cu train_moe.cpp $(COMMON)
 
 train_moe_gpu: train_moe.cu $(COMMON) $(KERNELS)
 	$(NVCC) $(NVCCFLAGS) -o $@ $< $(CUDA_LIBS)
+
+# generate.cpp again, with the GPU trainer's model code
+generate_gpu: generate.cpp train_moe.cu $(COMMON) $(KERNELS)
+	$(NVCC) $(NVCCFLAGS) -x cu -DGENERATE_GPU -o $@ $< $(CUDA_LIBS)
 
 test/bin/test_cpu: test/test_cpu.cpp test/testing.h test/fixture.h train_moe.cpp $(COMMON)
 	@mkdir -p test/bin
@@ -82,7 +88,7 @@ test/bin/test_upcycle: test/test_upcycle.cpp test/testing.h upcycle.cu train_moe
 # compile (and link) every CUDA file: the check CI can do without a GPU. One target per
 # file, so `make -j cuda-check` compiles them in parallel; on a GPU, test/test_gpu.sh runs
 # test_gpu_fixtures and the dev/cuda binaries from build/cuda-check/, dev/bench/bench.sh bench_gpu.
-CUDA_CHECK_BINS := build/cuda-check/train_moe build/cuda-check/test_gpu_fixtures build/cuda-check/bench_gpu \
+CUDA_CHECK_BINS := build/cuda-check/train_moe build/cuda-check/generate_gpu build/cuda-check/test_gpu_fixtures build/cuda-check/bench_gpu \
                    $(patsubst dev/cuda/%.cu,build/cuda-check/%,$(DEV_CUDA))
 ifeq ($(HAVE_NVCC),)
 cuda-check:
@@ -95,6 +101,11 @@ build/cuda-check/train_moe: train_moe.cu $(COMMON) $(KERNELS)
 	@mkdir -p build/cuda-check
 	@echo "nvcc $<"
 	@$(NVCC) $(NVCCFLAGS) -o $@ $< $(CUDA_LIBS)
+
+build/cuda-check/generate_gpu: generate.cpp train_moe.cu $(COMMON) $(KERNELS)
+	@mkdir -p build/cuda-check
+	@echo "nvcc $<"
+	@$(NVCC) $(NVCCFLAGS) -x cu -DGENERATE_GPU -o $@ $< $(CUDA_LIBS)
 
 build/cuda-check/test_gpu_fixtures: test/test_gpu_fixtures.cu test/fixture.h test/testing.h train_moe.cu $(COMMON) $(KERNELS)
 	@mkdir -p build/cuda-check
@@ -126,21 +137,24 @@ EMU_CXXFLAGS ?= -std=c++17 $(if $(EMU_SAN),-O1 -g -fno-omit-frame-pointer -fsani
 EMU_HEADERS := $(wildcard dev/emu/*.h)
 EMU_CC = $(CXX) $(EMU_CXXFLAGS) -x c++ -include dev/emu/cuda_emu.h -I$(CUDA_HOME)/include
 DEV_CUDA_NAMES := $(patsubst dev/cuda/%.cu,%,$(DEV_CUDA))
-EMU_BINS := $(EMU_DIR)/train_moe_gpu $(EMU_DIR)/test_emu $(EMU_DIR)/test_gpu_fixtures $(EMU_DIR)/bench_gpu \
+EMU_BINS := $(EMU_DIR)/train_moe_gpu $(EMU_DIR)/generate_gpu $(EMU_DIR)/test_emu $(EMU_DIR)/test_gpu_fixtures $(EMU_DIR)/bench_gpu \
             $(addprefix $(EMU_DIR)/dev_cuda/,$(DEV_CUDA_NAMES))
 HAVE_CUDA_HEADERS := $(wildcard $(CUDA_HOME)/include/cuda_runtime.h)
 # with mpicxx: the trainer built with USE_MPI too, for the --nccl-init mpi test (test/test_dp.sh f)
 HAVE_MPICXX := $(shell command -v mpicxx 2>/dev/null)
 EMU_BINS += $(if $(HAVE_MPICXX),$(EMU_DIR)/train_moe_gpu_mpi)
 
-$(EMU_SRC)/.stamp: dev/emu/cu2cpp.py train_moe.cu train_moe.cpp $(COMMON) $(KERNELS) $(DEV_CUDA) dev/cuda/common.h \
+$(EMU_SRC)/.stamp: dev/emu/cu2cpp.py train_moe.cu train_moe.cpp generate.cpp $(COMMON) $(KERNELS) $(DEV_CUDA) dev/cuda/common.h \
                    $(wildcard test/*.cu test/*.h) dev/bench/bench_gpu.cu
 	@mkdir -p $(EMU_SRC)
-	$(PYTHON) dev/emu/cu2cpp.py . $(EMU_SRC) train_moe.cu train_moe.cpp common kernels dev/cuda dev/bench test
+	$(PYTHON) dev/emu/cu2cpp.py . $(EMU_SRC) train_moe.cu train_moe.cpp generate.cpp common kernels dev/cuda dev/bench test
 	@touch $@
 $(EMU_DIR)/train_moe_gpu: $(EMU_SRC)/.stamp $(EMU_HEADERS)
 	@mkdir -p $(@D)
 	$(EMU_CC) -o $@ $(EMU_SRC)/train_moe.cu
+$(EMU_DIR)/generate_gpu: $(EMU_SRC)/.stamp $(EMU_HEADERS)
+	@mkdir -p $(@D)
+	$(EMU_CC) -DGENERATE_GPU -o $@ $(EMU_SRC)/generate.cpp
 $(EMU_DIR)/train_moe_gpu_mpi: $(EMU_SRC)/.stamp $(EMU_HEADERS)
 	@mkdir -p $(@D)
 	$(EMU_CC) -DUSE_MPI $(shell mpicxx --showme:compile 2>/dev/null) -o $@ $(EMU_SRC)/train_moe.cu $(shell mpicxx --showme:link 2>/dev/null)
@@ -220,7 +234,7 @@ fixtures:
 	/usr/bin/python3 dev/reference/make_fixtures.py --out test/fixtures
 
 clean:
-	rm -rf train_moe train_moe_gpu upcycle generate test/bin build
+	rm -rf train_moe train_moe_gpu upcycle generate generate_gpu test/bin build
 
 bench-cpu:
 	bash dev/bench/bench_cpu.sh

@@ -14,7 +14,8 @@ The model (N = B*T tokens, d = hidden size):
     x = x + o_proj(attention(rope(q(rmsnorm(x))), rope(k(..)), v(..)))
     x = x + ffn(rmsnorm(x))          ffn = SwiGLU, or a top-K mixture of SwiGLU experts
   logits = lm_head(rmsnorm(x))                       [N, V]
-  loss = CE + aux_coef * load_balancing + z_coef * router_z    (common/router_losses.h)
+  loss = CE + aux_coef * load_balancing [+ dpsl_coef * dpsl] + z_coef * router_z
+                                                              (common/router_losses.h)
 
 Names other files use (the tests, upcycle.cu and the dev/cuda programs include this file):
   real                            float, or double when built with -DTRAIN_MOE_DOUBLE
@@ -32,7 +33,9 @@ Define TRAIN_MOE_NO_MAIN before including it to use it as a library (no main()).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 #ifdef _OPENMP
@@ -54,6 +57,48 @@ typedef float real;
 // ----------------------------------------------------------------------------
 // Small helpers
 
+// exp for the softmaxes and the sigmoid: exp_real(x) = e^x, rounded to real. In double
+// builds (TRAIN_MOE_DOUBLE) it is std::exp. For float it is written out here, rather than
+// a call to libm's expf, because a loop of calls cannot vectorize: with the exps of the
+// cross-entropy, attention, router and SwiGLU computed 8 or 16 at a time, a tiny-preset step
+// is ~15% faster (docs/perf.md, CPU trainer). It computes in double and rounds once, so its
+// float result is the correctly rounded e^x except where e^x lies within ~1e-14 of a
+// rounding boundary (test_cpu compares it with expl over 23M floats; libm's expf differs
+// from the correctly rounded value for about 1 float in 13000):
+//   e^x = 2^n e^r,  n = round(x / ln 2),  r = x - n ln 2 in [-ln2/2, ln2/2]
+//   e^r by its Taylor series to r^11 (truncation error below 1e-14, relative)
+//   2^n from bits: n + 1023 in a double's exponent field
+// n is read from the low bits of x / ln 2 + 1.5 * 2^52 (that addition rounds x / ln 2 to an
+// integer), so no float-to-int conversion runs, and a NaN input gives NaN. The two clamps are
+// comparisons that gcc turns into vector min/max only with -fno-trapping-math (Makefile).
+static inline float exp_real(float xf) {
+    double x = xf;
+    x = std::max(x, -104.0);  // e^-104 < 2^-150: every float result below here is 0
+    x = std::min(x, 89.0);    // e^89 > FLT_MAX: every float result above here is +inf
+    const double shift = 0x1.8p52;
+    const double kd = x * 1.4426950408889634 + shift;  // 1.5 * 2^52 + n
+    const double n = kd - shift;
+    const double r = x - n * 0.6931471805599453;
+    double p = 1.0 / 39916800;  // 1/11!, then Horner down to 1/0!
+    p = p * r + 1.0 / 3628800;
+    p = p * r + 1.0 / 362880;
+    p = p * r + 1.0 / 40320;
+    p = p * r + 1.0 / 5040;
+    p = p * r + 1.0 / 720;
+    p = p * r + 1.0 / 120;
+    p = p * r + 1.0 / 24;
+    p = p * r + 1.0 / 6;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    uint64_t bits;
+    memcpy(&bits, &kd, sizeof bits);  // the low bits hold n, two's complement
+    bits = (bits + 1023) << 52;       // n + 1023 in the exponent field, a zero fraction
+    double two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return (float)(p * two_n);
+}
+static inline double exp_real(double x) { return std::exp(x); }
 // Dot product with 8 independent partial sums: the compiler can vectorize it without
 // -ffast-math, and the result does not depend on the number of threads.
 static inline real dot(const real* a, const real* b, int n) {
@@ -353,8 +398,8 @@ void attention_forward(real* out, real* att, const real* q, const real* k, const
                     p[j] = dot(qt, k + (size_t)(b * T + j) * kvd + kh * hd, hd) * scale;
                     if (p[j] > mx) mx = p[j];
                 }
-                real sum = 0;  // summed after the exps, not between the calls (as crossentropy_forward)
-                for (int j = 0; j <= t; j++) p[j] = std::exp(p[j] - mx);
+                real sum = 0;  // summed after the exps, in their own loop (as crossentropy_forward)
+                for (int j = 0; j <= t; j++) p[j] = exp_real(p[j] - mx);
                 for (int j = 0; j <= t; j++) sum += p[j];
                 for (int j = 0; j <= t; j++) p[j] /= sum;
                 real* o = out + (size_t)(b * T + t) * qd + h * hd;
@@ -425,7 +470,7 @@ void attention_forward_cached(real* out, const real* q, const real* kc, const re
                     if (p[j] > mx) mx = p[j];
                 }
                 real sum = 0;
-                for (int j = 0; j <= P; j++) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+                for (int j = 0; j <= P; j++) { p[j] = exp_real(p[j] - mx); sum += p[j]; }
                 for (int j = 0; j <= P; j++) p[j] /= sum;
                 real* o = out + (size_t)(b * n + t) * qd + h * hd;
                 for (int i = 0; i < hd; i++) o[i] = 0;
@@ -435,12 +480,11 @@ void attention_forward_cached(real* out, const real* q, const real* kc, const re
 }
 
 // SwiGLU: out = silu(g) * u, silu(g) = g * sigmoid(g). sig = sigmoid(g) is kept for the
-// backward: recomputing it there cost an exp per element. The exps have a loop of their own
-// (a loop with a call in it does not vectorize), so the arithmetic after them vectorizes,
-// here and in the backward.
+// backward: recomputing it there cost an exp per element, and the backward's loop is then
+// pure arithmetic that vectorizes.
 void swiglu_forward(real* out, real* sig, const real* g, const real* u, size_t n) {
 #pragma omp parallel for
-    for (long i = 0; i < (long)n; i++) sig[i] = std::exp(-g[i]);
+    for (long i = 0; i < (long)n; i++) sig[i] = exp_real(-g[i]);
 #pragma omp parallel for
     for (long i = 0; i < (long)n; i++) {
         real sg = 1 / (1 + sig[i]);
@@ -511,7 +555,7 @@ void router_forward(real* probs, int* topk, real* topw, const real* logits, cons
         real mx = z[0];
         for (int i = 1; i < E; i++) mx = std::max(mx, z[i]);
         real sum = 0;
-        for (int i = 0; i < E; i++) { p[i] = std::exp(z[i] - mx); sum += p[i]; }
+        for (int i = 0; i < E; i++) { p[i] = exp_real(z[i] - mx); sum += p[i]; }
         for (int i = 0; i < E; i++) p[i] /= sum;
         // selection: K rounds of "largest score not yet taken"; strict > keeps the lower index on ties
         int* sel = topk + (size_t)n * K;
@@ -638,18 +682,21 @@ void router_stats(double* psum, double* zsum, const real* probs, const real* log
             const real* zz = logits + (size_t)n * E;
             double mx = zz[0], sum = 0;
             for (int i = 1; i < E; i++) mx = std::max(mx, (double)zz[i]);
-            for (int i = 0; i < E; i++) sum += std::exp(zz[i] - mx);
+            for (int i = 0; i < E; i++) sum += exp_real(zz[i] - mx);
             double lse = mx + std::log(sum);
             zsum[s] += lse * lse;
         }
     }
 }
 
-// dlogits [N, E] += scale * (aux_coef dAux/dz + z_coef dZ/dz).
-// G [B, E]: dAux/dp, one row per sequence (aux_dp_per_seq), or null for no aux term; through
-// the softmax dz_j = p_j (G_j - sum_i p_i G_i). z-loss: z_loss_dlogit with lse in `real`.
+// dlogits [N, E] += scale * (aux_coef dAux/dz + row_coef dRow/dz + z_coef dZ/dz).
+// G [B, E]: dAux/dp, one row per sequence (aux_dp_per_seq), or null for no aux term;
+// Grow [N, E]: dL/dp of a loss with one value per row (dpsl_dp_rows), or null; each goes
+// through the softmax as dz_j = p_j (G_j - sum_i p_i G_i). z-loss: z_loss_dlogit with lse
+// in `real`.
 void router_losses_backward(real* dlogits, const real* probs, const real* logits, const real* G, double aux_coef,
-                            double z_coef, real scale, int B, int T, int E) {
+                            double z_coef, real scale, int B, int T, int E, const real* Grow = nullptr,
+                            double row_coef = 0) {
     const int N = B * T;
 #pragma omp parallel for
     for (int n = 0; n < N; n++) {
@@ -661,11 +708,17 @@ void router_losses_backward(real* dlogits, const real* probs, const real* logits
             for (int i = 0; i < E; i++) s += p[i] * g[i];
             for (int j = 0; j < E; j++) dz[j] += scale * (real)aux_coef * p[j] * (g[j] - s);
         }
+        if (Grow) {
+            const real* g = Grow + (size_t)n * E;
+            real s = 0;
+            for (int i = 0; i < E; i++) s += p[i] * g[i];
+            for (int j = 0; j < E; j++) dz[j] += scale * (real)row_coef * p[j] * (g[j] - s);
+        }
         if (z_coef != 0) {
             const real* zz = logits + (size_t)n * E;
             real mx = zz[0], s = 0;
             for (int i = 1; i < E; i++) mx = std::max(mx, zz[i]);
-            for (int i = 0; i < E; i++) s += std::exp(zz[i] - mx);
+            for (int i = 0; i < E; i++) s += exp_real(zz[i] - mx);
             real lse = mx + std::log(s);
             for (int j = 0; j < E; j++) dz[j] += z_loss_dlogit(scale * (real)z_coef, lse, p[j], N);
         }
@@ -681,14 +734,13 @@ real crossentropy_forward(real* lse, const real* logits, const int* targets, int
     for (int n = 0; n < N; n++) {
         const real* z = logits + (size_t)n * V;
         real mx = max_of(z, V);
-        // sum of exp(z - mx) in index order, the exponentials 16 at a time: summed one by one
-        // in the loop that calls exp, the running sum lived in memory across every call (no
-        // register survives a call) and each addition waited on the last one's store
+        // sum of exp(z - mx) in index order; the exponentials 16 at a time, in a loop of their
+        // own that vectorizes (a sum in order does not: each addition waits for the last)
         real s = 0;
         for (int i0 = 0; i0 < V; i0 += 16) {
             const int m = std::min(16, V - i0);
             real e[16];
-            for (int j = 0; j < m; j++) e[j] = std::exp(z[i0 + j] - mx);
+            for (int j = 0; j < m; j++) e[j] = exp_real(z[i0 + j] - mx);
             for (int j = 0; j < m; j++) s += e[j];
         }
         lse[n] = mx + std::log(s);
@@ -704,7 +756,7 @@ void crossentropy_backward(real* dlogits, const real* logits, const real* lse, c
     for (int n = 0; n < N; n++) {
         const real* z = logits + (size_t)n * V;
         real* dz = dlogits + (size_t)n * V;
-        for (int i = 0; i < V; i++) dz[i] = scale * std::exp(z[i] - lse[n]);
+        for (int i = 0; i < V; i++) dz[i] = scale * exp_real(z[i] - lse[n]);
         dz[targets[n]] -= scale;
     }
 }
@@ -925,20 +977,23 @@ struct Model {
         // router: the losses' gradient, then the gate weights' path, then W_r
         real* dlogits = scratch.drouter.data();
         std::fill(dlogits, dlogits + (size_t)N * E, 0);
-        std::vector<real> G;
+        std::vector<real> G, Grow;
         if (router_loss.aux_loss != AUX_NONE && router_loss.aux_coef != 0)
             aux_dp_per_seq(G, router_loss.aux_loss, routing_stats(), l);
+        if (router_loss.dpsl.on && router_loss.dpsl.coef != 0) dpsl_dp_rows(Grow, routing_stats(), router_loss.dpsl, l);
         router_losses_backward(dlogits, a.rprobs.data(), a.rlogits.data(), G.empty() ? nullptr : G.data(),
-                               router_loss.aux_coef, router_loss.z_coef, scale, B, T, E);
+                               router_loss.aux_coef, router_loss.z_coef, scale, B, T, E,
+                               Grow.empty() ? nullptr : Grow.data(), router_loss.dpsl.coef);
         router_backward(dlogits, dtopw, a.rprobs.data(), a.topk.data(), a.topw.data(), N, E, K, cfg.routing);
         matmul_backward(dln2, grad(l, P_ROUTER), dlogits, a.ln2.data(), param(l, P_ROUTER), N, d, E);
     }
-    // the last forward pass's routing statistics, as the router losses read them
+    // the last forward pass's routing statistics, as the router losses read them (with
+    // seg = 1, psum holds each row's probabilities: they are the rows dpsl reads too)
     RoutingStats routing_stats() const {
         RoutingStats s;
         s.B = B; s.T = T; s.E = cfg.n_experts; s.K = cfg.top_k; s.seg = 1;
         for (int l = 0; l < cfg.n_layer && cfg.is_moe(); l++)
-            s.layers.push_back({acts[l].seq_counts.data(), acts[l].psum.data(), acts[l].zsum.data()});
+            s.layers.push_back({acts[l].seq_counts.data(), acts[l].psum.data(), acts[l].zsum.data(), acts[l].psum.data()});
         return s;
     }
 
@@ -1121,6 +1176,11 @@ int main(int argc, char** argv) {
     Cli cli("train_moe", "CPU reference trainer for dense and Mixture-of-Experts language models (fp32).\n"
                          "Example: ./train_moe --data data/tiny --model tiny --experts 4 --topk 2 --steps 200");
     args.add_to(cli);
+    std::string ensemble;
+    cli.section("Evaluation only");
+    cli.add("--ensemble", &ensemble, "A,B,...: no training; evaluate the uniform mixture of these models' next-token "
+                                     "distributions on --data's validation split (Branch-Train-Merge's ensemble) into "
+                                     "--out/metrics.jsonl");
     cli.epilog("Checkpoints are Hugging Face model directories (config.json + model.safetensors) plus\n"
                "optimizer.safetensors and trainer_state.json; --resume continues bit-identically.");
     try {
@@ -1129,6 +1189,7 @@ int main(int argc, char** argv) {
 #ifdef _OPENMP
         if (args.threads > 0) omp_set_num_threads(args.threads);
 #endif
+        if (!ensemble.empty()) return run_ensemble_eval<Model>(args, cli, ensemble);
         Model M;
         return run_training(M, args, cli);
     } catch (const Error& e) {

@@ -3,9 +3,13 @@ train_moe.cu: the GPU trainer. Same model, command line, file formats, losses, r
 schedules, evaluation, sampling, metrics and resume as the CPU reference trainer
 (train_moe.cpp); read that file first: this one follows it layer by layer. Everything
 around the model is shared with it: the training run (evaluation, sampling, checkpoints,
-metrics) is common/run.h's run_training, and the router losses' values and gradient
-coefficients are common/router_losses.h's, computed on the host from per-sequence sums that
-the router kernels produce.
+metrics) is common/run.h's run_training, and the router losses are common/router_losses.h's:
+their gradient coefficients computed on the device with its aux_dp_coef, their values on the
+host from the per-sequence sums the router kernels produce, once per step for the log.
+
+Host waits: a bf16 training step (forward_backward per micro-batch, then step) waits for the
+device once, at the end of step(), after the update is queued (docs/perf.md "Known
+performance limits"; test_gpu_fixtures counts them in the emulation).
 
 Precision: --dtype bf16 (default) keeps fp32 master weights, fp32 gradients and fp32 AdamW
 moments, and a bf16 working copy of the weights (stochastically rounded after each step)
@@ -84,6 +88,12 @@ static void upload(X* dst, const X* src, size_t n, cudaStream_t s) {
     if (n == 0) return;
     cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(X), cudaMemcpyHostToDevice, s));
     cudaCheck(cudaStreamSynchronize(s));  // src may be a temporary
+}
+// from pinned host memory that stays untouched until the copy has run: no wait
+template <typename X>
+static void upload_async(X* dst, const X* pinned_src, size_t n, cudaStream_t s) {
+    if (n == 0) return;
+    cudaCheck(cudaMemcpyAsync(dst, pinned_src, n * sizeof(X), cudaMemcpyHostToDevice, s));
 }
 template <typename X>
 static void download(X* dst, const X* src, size_t n, cudaStream_t s) {
@@ -294,12 +304,10 @@ struct LayerActs {
     int *row_token, *row_of;                     // [N*K], [N*K]
     T *xe, *egu, *eh, *ey;                       // [N*K, d], [N*K, 2F], [N*K, F], [N*K, d]
     double *psum, *zsum;                         // [B, E], [B]: sums for the router losses
-    // host copies in pinned memory (so the copies are asynchronous), valid after the
-    // forward's one synchronize at its end; h_aux_g: this layer's balancing-loss dL/dp [B, E]
+    // (seq_counts, psum and zsum point into GPUModel's stat_counts and stat_f)
+    // fp32 only: the counts on the host (pinned), for the per-expert cuBLAS loop's launches
     gpu::ExpertBlocks eb;
     int* h_seq_counts = nullptr;     // [B, E]
-    double *h_psum = nullptr, *h_zsum = nullptr;  // [B, E], [B]
-    float* h_aux_g = nullptr;        // [B, E]
 };
 
 // Keys and values of every layer for `rows` sequences of up to T_max positions on the device,
@@ -379,23 +387,57 @@ struct GPUModel {
     // backward scratch, shared by all layers
     T *dres, *dln, *dq, *dk, *dv, *datty, *dgu, *dh, *dey, *dxe;
     float *dtopw, *drl, *att_D, *aux_g, *red_scratch;
-    void* pinned = nullptr;  // the host copies of the routing statistics (LayerActs::h_*)
-    double *norm_partial, *norm_out;
     size_t max_rows_ffn = 0;  // N (dense) or N*K (MoE)
+    // The forward's statistics stay on the device (the backward's balancing-loss
+    // coefficients are computed there), in two flat arrays, so that data parallelism
+    // all-gathers each with one call and the host copies each with one:
+    //   stat_counts [Lm, B_max, E]                      (Lm = MoE layers: n_layer or 0)
+    //   stat_f      [CE sum | psum [Lm, B_max, E] | zsum [Lm, B_max]]   (doubles)
+    // LayerActs::seq_counts, psum, zsum point into them. Zeroed once: rows past B stay finite.
+    int* stat_counts = nullptr;
+    double* stat_f = nullptr;
+    size_t n_stat_counts = 0, n_stat_f = 0;
+    // the optimizer step's device scalars (kernels/global_norm.cuh, kernels/adamw.cuh)
+    double *norm_partial, *norm_sq, *d_norm;  // [NORM_BLOCKS per segment], [segments], [1]
+    float* d_clip;                            // [1] the clip factor AdamW reads
+    int *d_skip, *d_bad;                      // [1] skip this update; [1] a non-finite loss since zero_grad
+    gpu::AdamWPlan adamw_plan;                // the update's chunks (one launch), on the device
+    gpu::NormSegments norm_segments;          // the norm's segments (one launch), on the device
 
-    // data parallel (null: one GPU). dp_send/dp_recv: the forward's statistics, this rank's
-    // and every rank's; dp_norms: the gradient norm's per-bucket sums; dp_flag: all_ok
+    // data parallel (null: one GPU). dp_counts/dp_f: every rank's statistics (rank r's at
+    // r n_stat_counts / r n_stat_f), all-gathered after each forward with targets; dp_flag: all_ok
     DataParallel* dp = nullptr;
-    double *dp_send = nullptr, *dp_recv = nullptr, *dp_norms = nullptr;
+    int* dp_counts = nullptr;
+    double* dp_f = nullptr;
     int* dp_flag = nullptr;
     size_t P_alloc = 0;  // elements of params and grads (layout.total, padded under data parallelism)
     int micro_done = 0;  // micro-batches since zero_grad(): the last one reduces the gradients
-    // the global batch's statistics (filled when the last forward had targets and dp is set)
-    bool gathered = false;
-    std::vector<std::vector<int>> g_counts;       // [L][world B, E]
-    std::vector<std::vector<double>> g_psum;      // [L][world B, E]
-    std::vector<std::vector<double>> g_zsum;      // [L][world B]
-    std::vector<std::vector<int>> g_expert;       // [L][E] assignments of the global batch
+
+    // Pinned host memory, so that every copy of a training step is asynchronous:
+    //  - one slot per micro-batch for the copies of its statistics (every rank's when
+    //    gathered), read after the optimizer step's one wait (the log's losses, the load)
+    //  - two staging buffers for the inputs, targets and embedding buckets, used in turn; a
+    //    buffer is written again only once its last copy has run (stage_done)
+    //  - the step's norm and skip flag, and the aux-loss-free bias
+    struct StatSlot { int* counts; double* f; };
+    std::vector<StatSlot> slots;
+    int pending = 0;                  // slots of the current step filled by forward_backward
+    int* stage[2] = {nullptr, nullptr};
+    cudaEvent_t stage_done[2] = {nullptr, nullptr};
+    int stage_next = 0;
+    double* h_norm = nullptr;         // [1] the step's gradient norm
+    int* h_skip = nullptr;            // [1] the step skipped its update
+    float* h_bias = nullptr;          // [L E]
+    std::vector<void*> pinned;        // every pinned allocation, freed with the model
+    Losses step_losses;               // the last optimizer step's mean losses (step())
+    // the host's copy of the last read statistics: this rank's, or the global batch's
+    // (every rank's in rank order, stats_world of them) when the forward had targets under
+    // data parallelism
+    int stats_world = 1;
+    std::vector<std::vector<int>> g_counts;       // [L][stats_world B, E]
+    std::vector<std::vector<double>> g_psum;      // [L][stats_world B, E]
+    std::vector<std::vector<double>> g_zsum;      // [L][stats_world B]
+    std::vector<std::vector<int>> g_expert;       // [L][E] assignments of that batch
 
     // set by forward_cached for the forward pass it runs: attention reads and writes this cache
     Cache* kv = nullptr;
@@ -404,7 +446,7 @@ struct GPUModel {
     // the last forward pass
     bool have_targets = false;
     float grad_scale = 0;
-    std::vector<int> h_inputs, h_targets;
+    bool gathered = false;  // its statistics were all-gathered (data parallel, with targets)
     gpu::EncoderBuckets buckets;
     Losses last;
     std::vector<float> logits_host;  // logits_row's copy
@@ -420,7 +462,18 @@ struct GPUModel {
         if (blas_workspace) cudaFree(blas_workspace);
         if (blas) cublasDestroy(blas);
         if (stream) cudaStreamDestroy(stream);
-        if (pinned) cudaFreeHost(pinned);
+        for (cudaEvent_t e : stage_done) if (e) cudaEventDestroy(e);
+        for (void* p : pinned) cudaFreeHost(p);
+        adamw_plan.release();
+        norm_segments.release();
+    }
+    template <typename X>
+    X* alloc_pinned(size_t n) {
+        void* p = nullptr;
+        cudaCheck(cudaMallocHost(&p, std::max<size_t>(n, 1) * sizeof(X)));
+        memset(p, 0, std::max<size_t>(n, 1) * sizeof(X));
+        pinned.push_back(p);
+        return (X*)p;
     }
 
     static constexpr bool is_fp32() { return sizeof(T) == sizeof(float); }
@@ -513,6 +566,11 @@ struct GPUModel {
                      K = cfg.top_k, qd = cfg.q_dim(), kvd = cfg.kv_dim(), V = cfg.vocab_size;
         const size_t NK = cfg.is_moe() ? N * K : N;
         max_rows_ffn = NK;
+        const size_t Lm = cfg.is_moe() ? cfg.n_layer : 0, BE = (size_t)B_max * std::max<size_t>(E, 1);
+        n_stat_counts = Lm * BE;
+        n_stat_f = 1 + Lm * BE + Lm * B_max;
+        stat_counts = A.take<int>(std::max<size_t>(n_stat_counts, 1));
+        stat_f = A.take<double>(n_stat_f);
         for (auto& a : acts) {
             a.x = A.take<T>(N * d); a.ln1 = A.take<T>(N * d);
             a.q = A.take<T>(N * qd); a.k = A.take<T>(N * kvd); a.v = A.take<T>(N * kvd);
@@ -524,10 +582,13 @@ struct GPUModel {
             } else {
                 a.rlogits = A.take<float>(N * E); a.probs = A.take<float>(N * E); a.rlse = A.take<float>(N);
                 a.topw = A.take<float>(N * K); a.topk = A.take<int>(N * K);
-                a.seq_counts = A.take<int>((size_t)B_max * E); a.counts = A.take<int>(E); a.offsets = A.take<int>(E + 1);
+                const size_t l = &a - acts.data();
+                a.seq_counts = stat_counts ? stat_counts + l * BE : nullptr;
+                a.psum = stat_f ? stat_f + 1 + l * BE : nullptr;
+                a.zsum = stat_f ? stat_f + 1 + Lm * BE + l * B_max : nullptr;
+                a.counts = A.take<int>(E); a.offsets = A.take<int>(E + 1);
                 a.row_token = A.take<int>(NK); a.row_of = A.take<int>(NK);
                 a.xe = A.take<T>(NK * d); a.egu = A.take<T>(NK * 2 * F); a.eh = A.take<T>(NK * F); a.ey = A.take<T>(NK * d);
-                a.psum = A.take<double>((size_t)B_max * E); a.zsum = A.take<double>(B_max);
             }
         }
         x_final = A.take<T>(N * d); lnf = A.take<T>(N * d); logits = A.take<T>(N * V); tmp = A.take<T>(N * d);
@@ -544,19 +605,14 @@ struct GPUModel {
         size_t red = gpu::rmsnorm_scratch_floats((int)N, (int)d);
         if (cfg.is_moe()) red = std::max(red, gpu::router_scratch_floats((int)N, (int)E, (int)d));
         red_scratch = A.take<float>(red);
-        norm_partial = A.take<double>(gpu::NORM_BLOCKS); norm_out = A.take<double>(1);
+        const size_t n_seg = dp ? dp->buckets.size() : 1;  // the norm's segments: the buckets' slices, or all
+        norm_partial = A.take<double>(gpu::NORM_BLOCKS * n_seg); norm_sq = A.take<double>(n_seg);
+        d_norm = A.take<double>(1); d_clip = A.take<float>(1); d_skip = A.take<int>(1); d_bad = A.take<int>(1);
         if (dp) {
-            dp_send = A.take<double>(dp_stats_size(B_max));
-            dp_recv = A.take<double>(dp_stats_size(B_max) * dp->world.size);
-            dp_norms = A.take<double>(dp->buckets.size());
+            dp_counts = A.take<int>(std::max<size_t>(n_stat_counts, 1) * dp->world.size);
+            dp_f = A.take<double>(n_stat_f * dp->world.size);
             dp_flag = A.take<int>(1);
         }
-    }
-    // doubles per rank in the forward's gather: the CE sum, then per MoE layer counts [B, E],
-    // psum [B, E], zsum [B]
-    size_t dp_stats_size(int B_rows) const {
-        const size_t L = cfg.is_moe() ? cfg.n_layer : 0, E = std::max(cfg.n_experts, 1);
-        return 1 + L * ((size_t)B_rows * E * 2 + B_rows);
     }
     void alloc(int Bm, int Tm) {
         if (act_block) FAIL("internal: activations are allocated once");
@@ -572,21 +628,26 @@ struct GPUModel {
         Arena real;
         real.base = act_block;
         carve(real);
-        // the routing statistics' host copies, pinned: [B, E] ints, [B, E] + [B] doubles,
-        // [B, E] floats per layer
-        const size_t BE = (size_t)B_max * std::max(cfg.n_experts, 1);
-        const size_t per_layer = BE * (sizeof(double) + sizeof(int) + sizeof(float)) + B_max * sizeof(double);
-        cudaCheck(cudaMallocHost(&pinned, std::max<size_t>(per_layer * cfg.n_layer, 1)));
-        memset(pinned, 0, per_layer * cfg.n_layer);
-        char* hp = (char*)pinned;
-        for (auto& a : acts) {  // doubles first: every array stays aligned
-            a.h_psum = (double*)hp; hp += BE * sizeof(double);
-            a.h_zsum = (double*)hp; hp += B_max * sizeof(double);
-            a.h_seq_counts = (int*)hp; hp += BE * sizeof(int);
-            a.h_aux_g = (float*)hp; hp += BE * sizeof(float);
+        cudaCheck(cudaMemset(stat_counts, 0, std::max<size_t>(n_stat_counts, 1) * sizeof(int)));
+        cudaCheck(cudaMemset(stat_f, 0, n_stat_f * sizeof(double)));
+        cudaCheck(cudaMemset(d_bad, 0, sizeof(int)));
+        // pinned host buffers (see the members): fp32's per-layer counts, the inputs' staging,
+        // the step's scalars and the bias; the statistics' slots grow with the micro-batches
+        const size_t N = (size_t)B_max * T_max, BE = (size_t)B_max * std::max(cfg.n_experts, 1);
+        for (auto& a : acts) {
+            if (is_fp32() && cfg.is_moe()) a.h_seq_counts = alloc_pinned<int>(BE);
             a.eb.counts.assign(cfg.n_experts, 0);
             a.eb.offsets.assign(cfg.n_experts + 1, 0);
         }
+        for (int i = 0; i < 2; i++) {
+            stage[i] = alloc_pinned<int>(5 * N + 1);  // inputs, targets, bucket tokens, starts, positions
+            cudaCheck(cudaEventCreateWithFlags(&stage_done[i], cudaEventDisableTiming));
+        }
+        h_norm = alloc_pinned<double>(1);
+        h_skip = alloc_pinned<int>(1);
+        h_bias = alloc_pinned<float>((size_t)cfg.n_layer * std::max(cfg.n_experts, 1));
+        ensure_slots(1);
+        plan_step_kernels();
         // RoPE tables [T_max, hd/2], in double on the host like the CPU trainer, then float
         std::vector<float> c, s;
         cfg.rope_tables(T_max, &c, &s);
@@ -614,14 +675,12 @@ struct GPUModel {
                             N, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
         gpu::moe_permute(a.seq_counts, a.counts, a.offsets, a.row_token, a.row_of, a.topk, B, T_, E, K, stream);
         gpu::router_stats(a.psum, a.zsum, a.probs, a.rlse, B, T_, E, stream);
-        // The routing statistics go to pinned host memory asynchronously; the host reads
-        // them after the one synchronize at the end of the forward (router-loss values, expert
-        // load, the backward's balancing-loss dL/dp). Only the fp32 path waits here: its
-        // per-expert cuBLAS loop needs the counts on the host to launch.
-        cudaCheck(cudaMemcpyAsync(a.h_seq_counts, a.seq_counts, (size_t)B * E * sizeof(int), cudaMemcpyDeviceToHost, stream));
-        cudaCheck(cudaMemcpyAsync(a.h_psum, a.psum, (size_t)B * E * sizeof(double), cudaMemcpyDeviceToHost, stream));
-        cudaCheck(cudaMemcpyAsync(a.h_zsum, a.zsum, (size_t)B * sizeof(double), cudaMemcpyDeviceToHost, stream));
+        // The routing statistics stay on the device (the backward's balancing-loss
+        // coefficients are computed there); forward() copies them to the host asynchronously,
+        // for the log. Only the fp32 path waits here: its per-expert cuBLAS loop needs the
+        // counts on the host to launch.
         if (!grouped_experts()) {
+            cudaCheck(cudaMemcpyAsync(a.h_seq_counts, a.seq_counts, (size_t)B * E * sizeof(int), cudaMemcpyDeviceToHost, stream));
             cudaCheck(cudaStreamSynchronize(stream));
             count_expert_blocks(a);
         }
@@ -645,7 +704,7 @@ struct GPUModel {
         }
         gpu::moe_combine_forward(out, a.ey, a.topw, a.row_of, N, K, d, stream);
     }
-    // a layer's expert blocks (host counts and offsets) from its host seq_counts
+    // a layer's expert blocks (host counts and offsets) from its host seq_counts (fp32)
     void count_expert_blocks(LayerActs<T>& a) {
         const int E = cfg.n_experts;
         a.eb.offsets[0] = 0;
@@ -683,17 +742,15 @@ struct GPUModel {
             gpu::expert_matmul_backward(blas, dxe, g13, dgu, a.xe, w13, a.eb, d, 2 * F);
         }
         gpu::moe_unpermute_backward(dln2, dxe, a.row_of, N, K, d, stream);
-        // router: the balancing loss's dL/dp per sequence, computed on the host (the counts are
-        // already there), then the kernel adds the z-loss and the gate weights' path
+        // router: the balancing loss's dL/dp per sequence [B, E], on the device from the
+        // counts (every rank's when gathered: the global batch's loss, this rank's rows), with
+        // the host's formula (kernels/router.cuh router_aux_coef); then the kernel adds the
+        // z-loss and the gate weights' path
         const float* g_dev = nullptr;
         if (router_loss.aux_loss != AUX_NONE && router_loss.aux_coef != 0) {
-            std::vector<float> g;
-            aux_dp_per_seq(g, router_loss.aux_loss, routing_stats(), l);  // [B, E] (global: [world B, E])
-            // this rank's rows, through this layer's pinned buffer: an asynchronous copy, no
-            // wait (the buffer is written again only after the next forward's synchronize)
-            const size_t BE = (size_t)B * E, first = gathered ? BE * rank() : 0;
-            memcpy(a.h_aux_g, g.data() + first, BE * sizeof(float));
-            cudaCheck(cudaMemcpyAsync(aux_g, a.h_aux_g, BE * sizeof(float), cudaMemcpyHostToDevice, stream));
+            gpu::router_aux_coef(aux_g, gathered ? dp_counts : stat_counts, n_stat_counts, (size_t)B_max * E,
+                                 gathered ? world() : 1, gathered ? rank() : 0, l, cfg.n_layer, B, T_, E, K,
+                                 router_loss.aux_loss, stream);
             g_dev = aux_g;
         }
         gpu::router_backward(drl, dtopw, a.probs, a.rlse, a.topk, a.topw, g_dev, (float)router_loss.aux_coef, (float)router_loss.z_coef,
@@ -701,61 +758,93 @@ struct GPUModel {
         gpu::router_backward_matmul(dln2, grad(l, P_ROUTER), red_scratch, drl, a.ln2, master(l, P_ROUTER), N, d, E, stream);
     }
 
-    // the last forward's routing statistics, from the host copies of the per-sequence sums
-    // (seg = T: the kernels summed each sequence); the router losses read these
-    // (under data parallelism: every rank's, in rank order: the global batch of world B rows)
+    // the last read forward's routing statistics, from the host copies of the per-sequence
+    // sums (seg = T: the kernels summed each sequence); the router losses read these
+    // (gathered under data parallelism: every rank's, in rank order, the global batch)
     RoutingStats routing_stats() const {
         RoutingStats st;
-        st.B = gathered ? B * world() : B; st.T = T_; st.E = cfg.n_experts; st.K = cfg.top_k; st.seg = T_;
-        for (int l = 0; l < cfg.n_layer && cfg.is_moe(); l++) {
-            if (gathered) st.layers.push_back({g_counts[l].data(), g_psum[l].data(), g_zsum[l].data()});
-            else st.layers.push_back({acts[l].h_seq_counts, acts[l].h_psum, acts[l].h_zsum});
-        }
+        st.B = B * stats_world; st.T = T_; st.E = cfg.n_experts; st.K = cfg.top_k; st.seg = T_;
+        for (int l = 0; l < cfg.n_layer && cfg.is_moe(); l++)
+            st.layers.push_back({g_counts[l].data(), g_psum[l].data(), g_zsum[l].data()});
         return st;
     }
-    // Data parallel: every rank's CE sum and routing statistics -> the global batch's
-    // (routing_stats, g_expert). Returns the global CE sum.
-    double gather_statistics(double ce_sum) {
-        const int W = world(), E = std::max(cfg.n_experts, 1), L = cfg.is_moe() ? cfg.n_layer : 0;
-        const size_t per = dp_stats_size(B), BE = (size_t)B * E;
-        std::vector<double> h(per);
-        size_t o = 0;
-        h[o++] = ce_sum;
-        for (int l = 0; l < L; l++) {
-            for (size_t i = 0; i < BE; i++) h[o++] = acts[l].h_seq_counts[i];
-            for (size_t i = 0; i < BE; i++) h[o++] = acts[l].h_psum[i];
-            for (int b = 0; b < B; b++) h[o++] = acts[l].h_zsum[b];
-        }
-        upload(dp_send, h.data(), per, stream);
-        ncclCheck(dp, ncclAllGather(dp_send, dp_recv, per, ncclDouble, dp->comm, stream), "the statistics all-gather");
-        sync("the statistics all-gather");
-        std::vector<double> all(per * W);
-        download(all.data(), dp_recv, all.size(), stream);
+    // Data parallel: every rank's statistics, on the device, in rank order (rank r's at
+    // r n_stat_counts and r n_stat_f): the backward's coefficients and the log's losses see the
+    // global batch. No wait: the collectives run in stream order.
+    void gather_statistics() {
+        ncclCheck(dp, ncclAllGather(stat_counts, dp_counts, std::max<size_t>(n_stat_counts, 1), ncclInt32, dp->comm, stream),
+                  "the statistics all-gather");
+        ncclCheck(dp, ncclAllGather(stat_f, dp_f, n_stat_f, ncclDouble, dp->comm, stream), "the statistics all-gather");
+    }
+    // the statistics' host slots: at least n (one per micro-batch of a step, and one more for
+    // a forward outside the step). Grows on a step's first call only.
+    void ensure_slots(int n) {
+        const size_t W = dp ? world() : 1;
+        while ((int)slots.size() < n)
+            slots.push_back({alloc_pinned<int>(std::max<size_t>(n_stat_counts, 1) * W), alloc_pinned<double>(n_stat_f * W)});
+    }
+    // the last forward's statistics (this rank's, or every rank's) -> host slot `slot`, asynchronously
+    void copy_statistics(int slot) {
+        const size_t W = gathered ? world() : 1;
+        cudaCheck(cudaMemcpyAsync(slots[slot].counts, gathered ? dp_counts : stat_counts,
+                                  std::max<size_t>(n_stat_counts, 1) * W * sizeof(int), cudaMemcpyDeviceToHost, stream));
+        cudaCheck(cudaMemcpyAsync(slots[slot].f, gathered ? dp_f : stat_f, n_stat_f * W * sizeof(double),
+                                  cudaMemcpyDeviceToHost, stream));
+    }
+    // After a wait: the losses of the forward whose statistics are in slot `slot` (W ranks'
+    // statistics, of B x T_ rows each), its expert load added to step_load, and the host
+    // copies routing_stats and expert_counts read
+    Losses read_statistics(int slot, int W, bool with_targets) {
+        const int E = std::max(cfg.n_experts, 1), L = cfg.is_moe() ? cfg.n_layer : 0;
+        const size_t BE = (size_t)B * E, layer = (size_t)B_max * E, Lm = L;
+        const StatSlot& sl = slots[slot];
+        stats_world = W;
         double ce = 0;
         g_counts.assign(L, std::vector<int>(BE * W));
         g_psum.assign(L, std::vector<double>(BE * W));
         g_zsum.assign(L, std::vector<double>((size_t)B * W));
-        g_expert.assign(L, std::vector<int>(E, 0));
+        g_expert.assign(L, std::vector<int>(cfg.n_experts, 0));
         for (int r = 0; r < W; r++) {  // rank r's rows are rows r B .. r B + B - 1 of the global batch
-            const double* x = all.data() + per * r;
-            ce += *x++;
+            const int* c = sl.counts + n_stat_counts * r;
+            const double* f = sl.f + n_stat_f * r;
+            ce += f[0];
             for (int l = 0; l < L; l++) {
-                for (size_t i = 0; i < BE; i++) g_counts[l][BE * r + i] = (int)*x++;
-                for (size_t i = 0; i < BE; i++) g_psum[l][BE * r + i] = *x++;
-                for (int b = 0; b < B; b++) g_zsum[l][(size_t)B * r + b] = *x++;
+                for (size_t i = 0; i < BE; i++) {
+                    g_counts[l][BE * r + i] = c[l * layer + i];
+                    g_psum[l][BE * r + i] = f[1 + l * layer + i];
+                }
+                for (int b = 0; b < B; b++) g_zsum[l][(size_t)B * r + b] = f[1 + Lm * layer + (size_t)l * B_max + b];
             }
         }
-        for (int l = 0; l < L; l++)
+        for (int l = 0; l < L; l++) {
             for (size_t i = 0; i < BE * W; i++) g_expert[l][i % E] += g_counts[l][i];
-        gathered = true;
-        return ce;
+            for (int e = 0; e < cfg.n_experts; e++) step_load[l][e] += g_expert[l][e];
+        }
+        Losses out;
+        if (with_targets) {
+            out.ce = ce / ((double)B * T_ * W);  // the losses are means over the (global) batch
+            add_router_losses(out, router_loss, routing_stats());
+        }
+        last = out;
+        return out;
     }
 
     // ---- the whole model ----
     // Forward on inputs [B, T] (host). With targets, computes the losses; with
     // grad_scale_ != 0 too, leaves dlogits = grad_scale_ * dCE/dlogits in the logits buffer
-    // for backward() (grad_scale_ = 1 / grad_accum, as in the CPU trainer).
+    // for backward() (grad_scale_ = 1 / grad_accum, as in the CPU trainer). Waits once, at the
+    // end, for the losses (evaluation, sampling, the tests); a training step uses
+    // forward_backward, which does not wait at all.
     Losses forward(const int* in, const int* tgts, int B_, int T_in, float grad_scale_ = 0.0f) {
+        queue_forward(in, tgts, B_, T_in, grad_scale_);
+        ensure_slots(pending + 1);  // the slot after the step's pending ones
+        copy_statistics(pending);
+        sync("the forward's statistics");
+        return read_statistics(pending, gathered ? world() : 1, tgts != nullptr);
+    }
+    // The forward pass, queued on the stream; nothing waits (the fp32 MoE path excepted: its
+    // cuBLAS loop waits for each layer's counts). The inputs go up from pinned staging.
+    void queue_forward(const int* in, const int* tgts, int B_, int T_in, float grad_scale_) {
         if (B_ > B_max || T_in > T_max) FAIL("internal: batch %dx%d exceeds the allocated %dx%d", B_, T_in, B_max, T_max);
         B = B_;
         T_ = T_in;
@@ -765,24 +854,37 @@ struct GPUModel {
         if (cfg.sliding_window > 0 && T_ > cfg.sliding_window)  // train_moe.cpp refuses this too
             FAIL("sequence length %d exceeds the model's sliding_window %d, which this trainer does not implement", T_,
                  cfg.sliding_window);
-        h_inputs.assign(in, in + N);
         for (int n = 0; n < N; n++)
             if (in[n] < 0 || in[n] >= V) FAIL("input token %d at position %d outside [0, %d)", in[n], n, V);
-        upload(inputs, h_inputs.data(), N, stream);
-        have_targets = tgts != nullptr;
-        grad_scale = tgts ? grad_scale_ : 0.0f;
-        if (tgts) {
-            h_targets.assign(tgts, tgts + N);
+        if (tgts)
             for (int n = 0; n < N; n++)
                 if (tgts[n] < 0 || tgts[n] >= V) FAIL("target token %d at position %d outside [0, %d)", tgts[n], n, V);
-            upload(targets, h_targets.data(), N, stream);
+        have_targets = tgts != nullptr;
+        grad_scale = tgts ? grad_scale_ : 0.0f;
+        // inputs, targets and the embedding backward's buckets (positions grouped by token)
+        // through a pinned staging buffer: asynchronous copies. The buffer was last used two
+        // forwards ago; its event says those copies have run (the host waits here only if the
+        // device is that far behind).
+        int* st = stage[stage_next];
+        if (cudaEventQuery(stage_done[stage_next]) == cudaErrorNotReady) cudaCheck(cudaEventSynchronize(stage_done[stage_next]));
+        memcpy(st, in, N * sizeof(int));
+        upload_async(inputs, st, N, stream);
+        if (tgts) {
+            memcpy(st + N, tgts, N * sizeof(int));
+            upload_async(targets, st + N, N, stream);
         }
-        if (grad_scale != 0) {  // the embedding backward's buckets: positions grouped by token
-            gpu::build_encoder_buckets(&buckets, h_inputs.data(), N, V);
-            upload(bk_token, buckets.token.data(), buckets.token.size(), stream);
-            upload(bk_start, buckets.start.data(), buckets.start.size(), stream);
-            upload(bk_pos, buckets.positions.data(), buckets.positions.size(), stream);
+        if (grad_scale != 0) {
+            gpu::build_encoder_buckets(&buckets, in, N, V);
+            int *tok = st + 2 * N, *start = st + 3 * N, *pos = st + 4 * N + 1;  // <= N, N + 1, N ints
+            std::copy(buckets.token.begin(), buckets.token.end(), tok);
+            std::copy(buckets.start.begin(), buckets.start.end(), start);
+            std::copy(buckets.positions.begin(), buckets.positions.end(), pos);
+            upload_async(bk_token, tok, buckets.token.size(), stream);
+            upload_async(bk_start, start, buckets.start.size(), stream);
+            upload_async(bk_pos, pos, buckets.positions.size(), stream);
         }
+        cudaCheck(cudaEventRecord(stage_done[stage_next], stream));
+        stage_next ^= 1;
 
         gpu::encoder_forward(acts[0].x, inputs, weight(layout.embed), N, d, stream);
         gpu::rmsnorm_forward(acts[0].ln1, acts[0].rstd1, acts[0].x, weight(0, P_ATTN_NORM), N, d, eps, stream);
@@ -823,31 +925,20 @@ struct GPUModel {
             gpu::residual_rmsnorm_forward(x_next, ln_next, rstd_next, a.x_mid, tmp, w_next, N, d, eps, stream);
         }
         gpu::matmul_forward(blas, logits, lnf, weight(layout.lm_head), N, d, V);
-        Losses out;
-        double ce = 0;
-        // the losses are means over the global batch: world() B T rows (one GPU: N)
+        // the losses are means over the global batch: world() B T rows (one GPU: N); the CE
+        // sum stays on the device (stat_f[0]) with the routing statistics
         const double rows = (double)N * (tgts && dp ? world() : 1);
         if (tgts) {
             gpu::crossentropy_forward_backward(logits, losses, targets, N, V, grad_scale / (float)rows, stream);
-            std::vector<float> row_loss = download_floats(losses, N, stream);
-            for (int n = 0; n < N; n++) ce += row_loss[n];
-        }
-        if (cfg.is_moe()) {  // the one wait of an MoE forward: every layer's statistics are on the host
-            cudaCheck(cudaStreamSynchronize(stream));
-            for (int l = 0; l < L; l++)
-                if (grouped_experts()) count_expert_blocks(acts[l]);  // the fp32 path counted in moe_forward
+            gpu::loss_sum(stat_f, losses, N, stream);
+        } else {
+            cudaCheck(cudaMemsetAsync(stat_f, 0, sizeof(double), stream));
         }
         // data parallel: every rank's statistics (a forward without targets, a sample, is one rank's own)
-        gathered = false;
-        if (tgts && dp) ce = gather_statistics(ce);
-        if (tgts) {
-            out.ce = ce / rows;
-            add_router_losses(out, router_loss, routing_stats());
-        }
-        for (int l = 0; l < L && cfg.is_moe(); l++)
-            for (int e = 0; e < cfg.n_experts; e++) step_load[l][e] += expert_counts(l)[e];
-        last = out;
-        return out;
+        gathered = tgts && dp;
+        if (gathered) gather_statistics();
+        // a training forward's non-finite loss makes the next optimizer step skip its update
+        if (grad_scale != 0) gpu::note_non_finite(d_bad, gathered ? dp_f : stat_f, n_stat_f * (gathered ? world() : 1), stream);
     }
 
     // Backward pass of the last forward (which must have had targets and grad_scale != 0);
@@ -907,65 +998,68 @@ struct GPUModel {
 
     // AdamW with global-norm clipping; weight decay on matrices only; then the aux-free
     // bias update. Returns the norm before clipping (train_moe.cpp Model::step).
+    // Everything is queued without a host wait: the norm, the clip factor and the skip flag
+    // (a non-finite norm or loss: no update) are computed on the device, and one launch
+    // updates every parameter. Then the step's ONE wait, after which the host reads the norm
+    // and the step's losses (step_losses: the micro-batches' statistics, copied during the
+    // step) and updates the aux-free bias, whose copy goes up asynchronously.
     double step(const AdamWSettings& hp, double lr) {
-        double norm = std::sqrt(grad_norm_squared());
-        if (!std::isfinite(norm)) return norm;  // no update: the run stops at the last good weights
-        AdamWStep st = adamw_step(hp, norm, ++adam_t);
+        grad_norm_squared();
+        gpu::adamw_scalars(d_norm, d_clip, d_skip, norm_sq, norm_segments.n, hp.grad_clip, d_bad, stream);
+        AdamWStep st = adamw_step(hp, 0.0, ++adam_t);  // the bias corrections (the clip factor: on the device)
         gpu::AdamWArgs a;
         a.lr = (float)lr; a.b1 = (float)hp.beta1; a.one_minus_b1 = (float)(1 - hp.beta1);
         a.b2 = (float)hp.beta2; a.one_minus_b2 = (float)(1 - hp.beta2);
-        a.bc1 = (float)st.bc1; a.bc2 = (float)st.bc2; a.eps = (float)hp.eps; a.clip = (float)st.clip;
+        a.bc1 = (float)st.bc1; a.bc2 = (float)st.bc2; a.eps = (float)hp.eps; a.clip = NAN;
         a.seed = seed; a.stream = gpu::sr_stream((uint64_t)adam_t); a.stochastic = stochastic_round;
         // bf16: the kernel writes the working copy too; under data parallelism every rank
         // rounds the whole copy from the gathered master weights instead
         T* copy = is_fp32() || dp ? nullptr : wcopy;
-        for (const UpdateSegment& sg : update_segments()) {
-            a.mv_shift = sg.mv_shift;
-            gpu::adamw_update(params, copy, grads, m, v, sg.base, sg.n, sg.decay ? (float)hp.weight_decay : 0.0f, a, stream);
-        }
+        gpu::adamw_update_multi(params, copy, grads, m, v, adamw_plan, (float)hp.weight_decay, d_clip, d_skip, a, stream);
         if (dp) {
             dp->all_gather_slices(params, stream, "the weights' all-gather");
             refresh_copy();
         }
-        // aux-loss-free balancing (DeepSeek-V3), on the host; the device copy follows
+        cudaCheck(cudaMemsetAsync(d_bad, 0, sizeof(int), stream));  // the next step's flag
+        cudaCheck(cudaMemcpyAsync(h_norm, d_norm, sizeof(double), cudaMemcpyDeviceToHost, stream));
+        cudaCheck(cudaMemcpyAsync(h_skip, d_skip, sizeof(int), cudaMemcpyDeviceToHost, stream));
+        sync("the optimizer step");
+        const double norm = *h_norm;
+        // the step's losses, the mean over its micro-batches (as run.h adds them up); their load
+        step_losses = Losses();
+        for (int i = 0; i < pending; i++) step_losses.add_mean(read_statistics(i, dp ? world() : 1, true), pending);
+        pending = 0;
+        if (*h_skip) {  // no update happened: the step counter and the working copy stay as they were
+            adam_t--;
+            if (dp) refresh_copy();
+            return norm;  // non-finite, or finite with a non-finite loss (step_losses says which)
+        }
+        // aux-loss-free balancing (DeepSeek-V3), on the host; the device copy follows before
+        // the next forward, from pinned memory (rewritten only after the next step's wait)
         const double bias_rate = cfg.is_moe() ? router_loss.aux_free_rate : 0;
         aux_free_bias_update(expert_bias, step_load, bias_rate);
-        if (bias_rate > 0) upload_bias();
-        sync("the optimizer step");
+        if (bias_rate > 0) {
+            size_t o = 0;
+            for (auto& row : expert_bias) for (float x : row) h_bias[o++] = x;
+            upload_async(d_bias, h_bias, o, stream);
+        }
         return norm;
     }
-    // squared norm of the (global) gradient. Data parallel: the reduce-scattered slices'
-    // squares, one sum per bucket, summed over ranks, then over buckets in order on the host
-    double grad_norm_squared() {
-        double sq = 0;
-        if (!dp) {
-            gpu::global_norm_squared(norm_out, norm_partial, grads, layout.total, stream);
-            download(&sq, norm_out, 1, stream);
-            return sq;
-        }
-        dp->join(stream);
-        const int nb = (int)dp->buckets.size();
-        for (int b = 0; b < nb; b++) {
-            const DataParallel::Bucket& k = dp->buckets[b];
-            if (k.slice) gpu::global_norm_squared(dp_norms + b, norm_partial, grads + dp->slice_begin(k), k.slice, stream);
-            else cudaCheck(cudaMemsetAsync(dp_norms + b, 0, sizeof(double), stream));
-        }
-        ncclCheck(dp, ncclAllReduce(dp_norms, dp_norms, nb, ncclDouble, ncclSum, dp->comm, stream), "the gradient norm all-reduce");
-        sync("the gradient reduce-scatter and norm all-reduce");
-        std::vector<double> per(nb);
-        download(per.data(), dp_norms, nb, stream);
-        for (double x : per) sq += x;
-        return sq;
+    // The squared norm of the (global) gradient, per segment, into norm_sq on the device, in
+    // one pass: one GPU, one segment (the whole buffer); data parallel, this rank's slice of
+    // every bucket (after the reduce-scatters), each then summed over the ranks.
+    // adamw_scalars adds the segments in order and takes the sqrt.
+    void grad_norm_squared() {
+        if (dp) dp->join(stream);
+        gpu::global_norm_squared_multi(norm_sq, norm_partial, grads, norm_segments, stream);
+        if (dp)
+            ncclCheck(dp, ncclAllReduce(norm_sq, norm_sq, norm_segments.n, ncclDouble, ncclSum, dp->comm, stream),
+                      "the gradient norm all-reduce");
     }
-    // What AdamW updates, as runs of neighbouring tensors with the same decay setting (one
-    // launch each); data parallel: cut to this rank's slices, whose moments are packed
-    struct UpdateSegment {
-        size_t base, n;
-        bool decay;
-        long long mv_shift;  // gpu::AdamWArgs::mv_shift
-    };
-    std::vector<UpdateSegment> update_segments() const {
-        std::vector<UpdateSegment> runs;
+    // What AdamW updates, as runs of neighbouring tensors with the same decay setting; data
+    // parallel: cut to this rank's slices, whose moments are packed
+    std::vector<gpu::AdamWSegment> update_segments() const {
+        std::vector<gpu::AdamWSegment> runs;
         size_t i = 0;
         while (i < layout.tensors.size()) {
             bool dec = layout.tensors[i].decay();
@@ -979,15 +1073,24 @@ struct GPUModel {
             i = j;
         }
         if (!dp) return runs;
-        std::vector<UpdateSegment> out;
+        std::vector<gpu::AdamWSegment> out;
         for (const DataParallel::Bucket& k : dp->buckets) {
             const size_t lo = dp->slice_begin(k), hi = lo + k.slice;
-            for (const UpdateSegment& r : runs) {
+            for (const gpu::AdamWSegment& r : runs) {
                 const size_t a = std::max(lo, r.base), b = std::min(hi, r.base + r.n);
                 if (a < b) out.push_back({a, b - a, r.decay, (long long)lo - (long long)k.shard_offset});
             }
         }
         return out;
+    }
+    // the optimizer step's fixed launch plans, uploaded once: AdamW's chunks and the norm's segments
+    void plan_step_kernels() {
+        gpu::adamw_make_plan(&adamw_plan, update_segments());
+        std::vector<gpu::NormSegment> ns;
+        if (!dp) ns.push_back({0, layout.total});
+        else
+            for (const DataParallel::Bucket& k : dp->buckets) ns.push_back({dp->slice_begin(k), k.slice});
+        gpu::norm_make_segments(&norm_segments, ns);
     }
 
     // host copies of the optimizer state, for checkpoints. Data parallel: every rank takes
@@ -1063,12 +1166,18 @@ struct GPUModel {
         if (rank() == 0) f(p.data(), mm.data(), vv.data());
     }
     std::string summary_note() const { return strfmt("; activations %.2f GiB", act_bytes / 1073741824.0); }
+    // One micro-batch of a training step, queued without a host wait: its statistics go to
+    // slot `pending` asynchronously; the losses are known after step() (step_losses, which
+    // run.h reads through RunHooks::step_losses): returns zeros.
     Losses forward_backward(const int* in, const int* tgts, int B_, int T_in, int n_micro) {
-        Losses l = forward(in, tgts, B_, T_in, 1.0f / n_micro);
+        ensure_slots(pending + 2);  // (+1: the slot of a forward() outside the step)
+        queue_forward(in, tgts, B_, T_in, 1.0f / n_micro);
+        copy_statistics(pending++);
         backward(++micro_done == n_micro);
-        return l;
+        return Losses();
     }
-    const int* expert_counts(int l) const { return gathered ? g_expert[l].data() : acts[l].eb.counts.data(); }
+    // of the last forward() or step(): this rank's batch, or the global batch when gathered
+    const int* expert_counts(int l) const { return g_expert[l].data(); }
 
     // Decoding with a KV cache (train_moe.cpp Model::forward_cached): tokens [B, n], sequence
     // b at positions pos[b] .. pos[b] + n - 1 and cache row row0 + b; the forward pass above
@@ -1175,6 +1284,7 @@ int run_gpu_training(TrainArgs& args, Cli& cli, const GpuOptions& go, DataParall
         return (double)free_b;
     };
     hooks.memory_name = strfmt("GPU %d", go.device);
+    hooks.step_losses = [&M](Losses& acc) { acc = M.step_losses; };  // read after step()'s one wait
     if (dp) {
         hooks.rank = w.rank;
         hooks.world = w.size;
@@ -1215,6 +1325,12 @@ int main(int argc, char** argv) {
     try {
         cli.parse(argc, argv);
         args.validate();
+        {  // the Dirichlet-prior shaping loss sorts each row's probabilities on the host: CPU only for now
+            AuxLoss kind;
+            bool dpsl;
+            parse_aux_loss(args.aux_loss, &kind, &dpsl);
+            if (dpsl) FAIL("--aux-loss %s: dpsl is not implemented in the GPU trainer yet; use train_moe (CPU)", args.aux_loss.c_str());
+        }
         if (go.dtype != "bf16" && go.dtype != "fp32") FAIL("--dtype must be bf16 or fp32, found \"%s\"", go.dtype.c_str());
         const NcclInit init = parse_nccl_init(go.nccl_init);
         world = world_from_env();

@@ -7,6 +7,8 @@ from a trained MoE: every initialization of docs/METHODS.md section 2.
   noise      RNU  NU + N(0, 0.02^2) on floor(F r) random neurons per matrix           (2.4)
   drop       DU   floor(F r) random neurons per matrix redrawn from their own stats   (2.5)
   btx        BTX  expert e = FFN of source e div (E/S); the rest = mean of sources    (2.6)
+  btm-average  BTM  a dense model: every tensor = the element-wise mean of S dense  (2.10)
+                    branches (Branch-Train-Merge's parameter average; no MoE)
   granular   virtual groups: experts = F/G-wide shards, scaled, tied router rows      (2.7)
   partition  LLaMA-MoE: E disjoint random neuron sets, output x E/K (folded into w2)  (2.9)
   expand     E -> mE experts of a trained MoE, copies with their AdamW moments        (2.8)
@@ -63,8 +65,10 @@ struct UpcycleArgs {
 
     void add_to(Cli& cli) {
         cli.section("Input and output");
-        cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition or expand (required)");
-        cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx: a,b,c,...");
+        cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition, expand or btm-average "
+                                     "(required)");
+        cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx and "
+                                 "btm-average: a,b,c,...");
         cli.add("--model", &model, std::string("scratch without --from: preset shape (") + model_preset_names() + ")");
         cli.add("--vocab", &vocab, "scratch with --model: vocabulary size", Range::between(0, 65536));
         cli.add("--out", &out, "output directory, written atomically (required; must not exist or be empty)");
@@ -106,6 +110,7 @@ static const char* method_paper(const std::string& m) {
     if (m == "noise") return "random-noise upcycling (Drop-Upcycling baseline RNU, arXiv 2502.19261)";
     if (m == "drop") return "Drop-Upcycling, arXiv 2502.19261";
     if (m == "btx") return "Branch-Train-MiX, arXiv 2403.07816";
+    if (m == "btm-average") return "Branch-Train-Merge (parameter average of the branches), arXiv 2208.03306";
     if (m == "granular") return "Upcycling LLMs into MoE (virtual-group granular upcycling), arXiv 2410.07524";
     if (m == "partition") return "LLaMA-MoE (neuron partition), arXiv 2406.16554";
     if (m == "expand") return "expert upcycling E -> mE, arXiv 2604.19835";
@@ -269,7 +274,8 @@ static std::string same_path_key(const std::string& p) {
 }
 
 // ----------------------------------------------------------------------------
-// Dense -> MoE: scratch, naive, noise, drop, btx, granular, partition
+// Dense -> MoE: scratch, naive, noise, drop, btx, granular, partition; and dense -> dense:
+// btm-average (the one method whose output is not an MoE)
 
 struct DenseUpcycler {
     const UpcycleArgs& a;
@@ -317,6 +323,12 @@ struct DenseUpcycler {
         const ParamTensor& t = out_lay.tensors[ti];
         const uint64_t seed = (uint64_t)a.seed;
         if (a.method == "scratch") return scratch_tensor(ti, out);
+        if (a.method == "btm-average") {  // every tensor, FFNs included: the mean of the branches
+            std::vector<std::vector<float>> all;
+            for (auto& s : src) all.push_back(s->read(t.name));
+            mean_of_sources(out.data(), all, out.size());
+            return;
+        }
         if (t.kind == P_ROUTER) {
             if (a.method == "granular")
                 granular_router(out.data(), out_cfg.n_experts, a.granularity, out_cfg.d_model, router_kind, seed, t.layer);
@@ -358,7 +370,8 @@ struct DenseUpcycler {
         const std::string& m = a.method;
         std::vector<std::string> dirs;
         if (!a.from.empty()) dirs = split_commas(a.from);
-        if (m != "btx" && dirs.size() > 1) FAIL("--method %s takes one --from directory, found %zu", m.c_str(), dirs.size());
+        const bool multi = m == "btx" || m == "btm-average";  // methods of S >= 1 sources
+        if (!multi && dirs.size() > 1) FAIL("--method %s takes one --from directory, found %zu", m.c_str(), dirs.size());
         if (m != "scratch" && dirs.empty()) FAIL("--method %s needs --from (a dense model directory)", m.c_str());
         for (auto& d : dirs) {
             if (same_path_key(d) == same_path_key(a.out)) FAIL("--out %s is the source directory itself", a.out.c_str());
@@ -379,9 +392,9 @@ struct DenseUpcycler {
             if (a.vocab <= 0) FAIL("--method scratch --model %s needs --vocab V", a.model.c_str());
             out_cfg.vocab_size = a.vocab;
         }
-        if (m == "btx") {
+        if (multi) {
             int S = (int)src.size();
-            if (a.experts % S)
+            if (m == "btx" && a.experts % S)
                 FAIL("--method btx: the number of sources S = %d must divide --experts E = %d", S, a.experts);
             for (int s = 1; s < S; s++) {
                 const ModelConfig &c0 = src[0]->cfg, &c = src[s]->cfg;
@@ -394,9 +407,14 @@ struct DenseUpcycler {
                 cmp("intermediate_size", c0.ffn_dim, c.ffn_dim);
                 cmp("tie_word_embeddings", c0.tie_embeddings, c.tie_embeddings);
                 if (what)
-                    FAIL("--method btx: sources must have identical shapes, but %s is %ld in %s and %ld in %s", what, v0,
-                         src[0]->dir.c_str(), v, src[s]->dir.c_str());
+                    FAIL("--method %s: sources must have identical shapes, but %s is %ld in %s and %ld in %s", m.c_str(),
+                         what, v0, src[0]->dir.c_str(), v, src[s]->dir.c_str());
             }
+        }
+        if (m == "btm-average") {  // a dense model of the sources' shape: no experts, router or routing
+            for (const char* o : {"--experts", "--topk", "--routing", "--router", "--ratio", "--granularity"})
+                if (cli.was_set(o)) FAIL("--method btm-average makes a dense model: %s does not apply", o);
+            return write_output(dense_record());
         }
         method_F = out_cfg.ffn_dim;
         const int F = method_F, E = a.experts, K = a.topk, G = a.granularity;
@@ -428,11 +446,6 @@ struct DenseUpcycler {
             out_cfg.ffn_dim = F / E;
             partition_mult = (float)E / (float)K;
         }
-        out_cfg.validate("output model");
-        out_lay = build_layout(out_cfg);
-        DType dt = output_dtype(a.dtype, src.empty() ? DType::F32 : src[0]->ck->dtype());
-        check_output_size(out_lay, dt, a.out);
-
         // what we do, recorded in config.json
         Json rec = Json::object();
         rec["method"] = m;
@@ -459,18 +472,44 @@ struct DenseUpcycler {
                                  "projection (w2); the model itself has no output multiplier", (double)E / K);
         }
         if (m == "scratch") rec["init"] = "every matrix N(0, 0.02^2) (router included), norms 1";
+        write_output(rec);
+    }
+
+    // btm-average's record (it has no experts, routing or router)
+    Json dense_record() const {
+        Json rec = Json::object();
+        rec["method"] = a.method;
+        rec["paper"] = method_paper(a.method);
+        rec["tool"] = "upcycle " UPCYCLE_VERSION;
+        rec["combine"] = strfmt("every tensor = element-wise mean of the %zu sources (in double, stored once)", src.size());
+        return rec;
+    }
+
+    // Validates out_cfg, records `rec` (plus dtype and the sources) under "upcycling" in
+    // config.json and streams the output directory.
+    void write_output(Json rec) {
+        const std::string& m = a.method;
+        out_cfg.validate("output model");
+        out_lay = build_layout(out_cfg);
+        DType dt = output_dtype(a.dtype, src.empty() ? DType::F32 : src[0]->ck->dtype());
+        check_output_size(out_lay, dt, a.out);
         rec["dtype"] = dtype_name(dt);
         Json sources = Json::array();
         for (auto& s : src) sources.push(s->record());
         rec["sources"] = sources;
-        if (m == "btx") rec["expert_source"] = strfmt("expert e = FFN of source e div %d; other tensors = mean of sources",
-                                                      E / (int)src.size());
+        if (m == "btx")
+            rec["expert_source"] = strfmt("expert e = FFN of source e div %d; other tensors = mean of sources",
+                                          out_cfg.n_experts / (int)src.size());
         out_cfg.extra.erase("upcycling");
         out_cfg.extra["upcycling"] = rec;
 
-        printf("upcycle %s (%s): %s -> %d experts top-%d, F_e %d, %s, seed %ld, %s\n", m.c_str(), method_paper(m),
-               src.empty() ? a.model.c_str() : a.from.c_str(), E, K, out_cfg.ffn_dim, routing_name(out_cfg.routing),
-               a.seed, dtype_name(dt));
+        if (out_cfg.is_moe())
+            printf("upcycle %s (%s): %s -> %d experts top-%d, F_e %d, %s, seed %ld, %s\n", m.c_str(), method_paper(m),
+                   src.empty() ? a.model.c_str() : a.from.c_str(), out_cfg.n_experts, out_cfg.top_k, out_cfg.ffn_dim,
+                   routing_name(out_cfg.routing), a.seed, dtype_name(dt));
+        else
+            printf("upcycle %s (%s): %s -> a dense model, F %d, %s\n", m.c_str(), method_paper(m), a.from.c_str(),
+                   out_cfg.ffn_dim, dtype_name(dt));
         AtomicDir out(a.out);
         Progress prog;
         prog.n_layer = out_cfg.n_layer;
@@ -778,6 +817,7 @@ int main(int argc, char** argv) {
         "  ./upcycle --method noise     --from dense/ --experts 8 --topk 2 --ratio 0.5 --out moe_rnu\n"
         "  ./upcycle --method drop      --from dense/ --experts 8 --topk 2 --ratio 0.5 --out moe_du\n"
         "  ./upcycle --method btx       --from seed/,ja/,en/,code/ --experts 8 --topk 2 --out moe_btx\n"
+        "  ./upcycle --method btm-average --from ja/,en/,code/ --out dense_btm   (a dense model)\n"
         "  ./upcycle --method granular  --from dense/ --experts 16 --topk 4 --granularity 2 --out moe_gran\n"
         "  ./upcycle --method partition --from dense/ --experts 8 --topk 2 --out moe_part\n"
         "  ./upcycle --method expand    --from runs/moe/step_001000 --experts 16 --select utility --score grad_norm\n"
@@ -789,18 +829,21 @@ int main(int argc, char** argv) {
 #ifdef _OPENMP
         if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif
-        if (a.method.empty()) FAIL("--method is required (scratch, naive, noise, drop, btx, granular, partition, expand)");
+        if (a.method.empty())
+            FAIL("--method is required (scratch, naive, noise, drop, btx, granular, partition, expand, btm-average)");
         if (a.out.empty()) FAIL("--out is required (the output directory)");
         {  // nothing the user did not ask to lose: inputs, an existing file, a non-empty directory
             std::vector<std::string> inputs = a.from.empty() ? std::vector<std::string>() : split_commas(a.from);
             if (a.method == "expand") inputs.push_back(a.data);  // read for gradient utility scores
             check_output_location(a.out, inputs, a.overwrite);
         }
-        static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "expand"};
+        static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "expand",
+                                        "btm-average"};
         bool known = false;
         for (const char* k : methods) known |= a.method == k;
-        if (!known) FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, expand",
-                         a.method.c_str());
+        if (!known)
+            FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, expand, btm-average",
+                 a.method.c_str());
         if (a.method == "expand") {
             Expander x(a);
             x.run(cli);

@@ -68,6 +68,12 @@ inline void print_model_summary(const ModelConfig& c, const RouterLossSettings& 
            c.n_head, c.n_kv_head, c.is_moe() ? "_e" : "", c.ffn_dim, c.vocab_size);
     if (c.is_moe()) printf(", %d experts top-%d %s, aux %s %g, z %g", c.n_experts, c.top_k, routing_name(c.routing),
                            aux_name(rl.aux_loss), rl.aux_coef, rl.z_coef);
+    if (c.is_moe() && rl.dpsl.on) {
+        std::string alpha;
+        for (double a : rl.dpsl.alpha) alpha += strfmt("%s%g", alpha.empty() ? "" : ",", a);
+        printf(", dpsl %g (alpha %s, %s, %s)", rl.dpsl.coef, alpha.c_str(), dpsl_distance_name(rl.dpsl.distance),
+               dpsl_ecdf_name(rl.dpsl.ecdf));
+    }
     printf("\nparameters: %.3fM total, %.3fM active per token", build_layout(c).total / 1e6,
            count_active_params(c) / 1e6);
 }
@@ -100,6 +106,8 @@ inline void log_step(MetricsLog& metrics, const TrainArgs& a, bool moe, const Tr
     rec["loss"] = acc.loss;
     rec["ce"] = acc.ce;
     if (moe) { rec["aux"] = acc.aux; rec["z"] = acc.z; }
+    const bool dpsl = moe && a.aux_loss.find("dpsl") != std::string::npos;
+    if (dpsl) rec["dpsl"] = acc.dpsl;
     rec["lr"] = lr;
     rec["grad_norm"] = norm;
     rec["tok_per_s"] = tokens_per_step / dt;
@@ -109,6 +117,7 @@ inline void log_step(MetricsLog& metrics, const TrainArgs& a, bool moe, const Tr
         double eta = elapsed / (state.step - start_step) * (a.steps - state.step);
         printf("step %5ld/%d | loss %.4f (ce %.4f", state.step, a.steps, acc.loss, acc.ce);
         if (moe) printf(" aux %.4f z %.3f", acc.aux, acc.z);
+        if (dpsl) printf(" dpsl %.4f", acc.dpsl);
         printf(") | lr %.2e | norm %.3f | %.0f tok/s", lr, norm, tokens_per_step / dt);
         if (has_mfu && !std::isnan(mfu)) printf(" | MFU %.1f%%", 100 * mfu);
         printf(" | ETA %s\n", format_duration(eta).c_str());

@@ -5,7 +5,8 @@
 //
 // defines: AdamWSettings, AdamWStep, adamw_step, config_from_args, schedule_from_args,
 //          router_loss_from_args, adamw_from_args, default_out_to_resume_run,
-//          load_run_tokenizer, evaluate, sample_token, sample_text, save_run_checkpoint, RunHooks,
+//          load_run_tokenizer, evaluate, evaluate_ensemble, run_ensemble_eval, ensemble_token_loss,
+//          sample_token, sample_text, save_run_checkpoint, RunHooks,
 //          check_run_output, stop_non_finite, run_training
 //
 // What the shared code asks of a model type (both trainers' models provide it):
@@ -15,12 +16,15 @@
 //   forward(in, tgt, B, T) -> Losses          a pass without gradient (targets may be null)
 //   forward_backward(in, tgt, B, T, n_micro) -> Losses, adding 1/n_micro of the gradient
 //   zero_grad(), step(adamw, lr) -> gradient norm before clipping
+//   (a model may keep a step's losses on its device until its step, returning zeros from
+//   forward_backward: the GPU trainer; RunHooks::step_losses then hands them over)
 //   expert_counts(l) [E], logits_row(n) [V]: of the last forward, on the host
 //   with_host_state(f): f(params, m, v) with host pointers (for checkpoints)
 #pragma once
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <memory>
 #include <type_traits>
 #include <string>
 #include <vector>
@@ -33,7 +37,7 @@
 #include "model.h"         // defines: ModelConfig, model_preset, parse_routing
 #include "resources.h"     // defines: MemoryPlan, train_memory_plan, check_memory_plan, disk_free_bytes, ...
 #include "rng.h"           // defines: RngStream, stream_id, PURPOSE_SAMPLE
-#include "router_losses.h" // defines: Losses, RouterLossSettings, parse_aux
+#include "router_losses.h" // defines: Losses, RouterLossSettings, parse_aux_loss
 #include "schedule.h"      // defines: LRSchedule
 #include "tokenizer.h"     // defines: Tokenizer
 #include "train_args.h"    // defines: TrainArgs
@@ -50,9 +54,19 @@ struct AdamWSettings {  // hyperparameters; each trainer has its own update loop
 struct AdamWStep {
     double clip, bc1, bc2;
 };
+// Device-callable where nvcc compiles this header: the GPU trainer computes the clip factor
+// on the device (kernels/adamw.cuh adamw_scalars), with this same function
+#ifdef __CUDACC__
+#define RUN_HD __host__ __device__
+#else
+#define RUN_HD
+#endif
+RUN_HD inline double grad_clip_factor(double grad_clip, double grad_norm) {
+    return (grad_clip > 0 && grad_norm > grad_clip) ? grad_clip / grad_norm : 1.0;
+}
 inline AdamWStep adamw_step(const AdamWSettings& hp, double grad_norm, long t) {
     AdamWStep s;
-    s.clip = (hp.grad_clip > 0 && grad_norm > hp.grad_clip) ? hp.grad_clip / grad_norm : 1.0;
+    s.clip = grad_clip_factor(hp.grad_clip, grad_norm);
     s.bc1 = 1 - std::pow(hp.beta1, (double)t);
     s.bc2 = 1 - std::pow(hp.beta2, (double)t);
     return s;
@@ -96,7 +110,11 @@ inline LRSchedule schedule_from_args(const TrainArgs& a) {
 
 inline RouterLossSettings router_loss_from_args(const TrainArgs& a) {
     RouterLossSettings rl;
-    rl.aux_loss = parse_aux(a.aux_loss);
+    parse_aux_loss(a.aux_loss, &rl.aux_loss, &rl.dpsl.on);
+    rl.dpsl.coef = a.dpsl_coef;
+    rl.dpsl.alpha = parse_dpsl_alpha(a.dpsl_alpha);
+    rl.dpsl.distance = parse_dpsl_distance(a.dpsl_distance);
+    rl.dpsl.ecdf = parse_dpsl_ecdf(a.dpsl_ecdf);
     rl.aux_coef = a.aux_coef;
     rl.z_coef = a.z_coef;
     rl.aux_free_rate = a.aux_free_bias;
@@ -163,10 +181,110 @@ EvalResult evaluate(Model& M, const DataLoader& data, int max_batches, int rank 
     return r;
 }
 
+// ---- the ensemble evaluation (Branch-Train-Merge's output ensemble, docs/METHODS.md 2.10) ----
+
+// -log of the uniform mixture's probability of `target`: -log((1/K) sum_k p_k(target)),
+// p_k = softmax of model k's logits row (V entries); in double, with log-sum-exp twice
+template <typename R>
+double ensemble_token_loss(const std::vector<const R*>& rows, int V, int target) {
+    std::vector<double> logp(rows.size());
+    for (size_t k = 0; k < rows.size(); k++) {
+        const R* z = rows[k];
+        double mx = z[0], sum = 0;
+        for (int v = 1; v < V; v++) mx = std::max(mx, (double)z[v]);
+        for (int v = 0; v < V; v++) sum += std::exp((double)z[v] - mx);
+        logp[k] = (double)z[target] - mx - std::log(sum);  // log p_k(target)
+    }
+    double mx = *std::max_element(logp.begin(), logp.end()), sum = 0;
+    for (double x : logp) sum += std::exp(x - mx);
+    return -(mx + std::log(sum) - std::log((double)rows.size()));
+}
+
+// evaluate() for a uniform mixture of models' next-token distributions: per domain, the mean
+// over the same validation batches of the mean ensemble_token_loss over their tokens (no
+// expert load: the mixture is of whole models). The models must share the vocabulary.
+template <typename Model>
+EvalResult evaluate_ensemble(std::vector<std::unique_ptr<Model>>& models, const DataLoader& data, int max_batches) {
+    EvalResult r;
+    const int B = data.B, T = data.T, N = B * T, V = models[0]->cfg.vocab_size;
+    std::vector<int> inp((size_t)N), tgt((size_t)N);
+    std::vector<std::vector<float>> logits(models.size(), std::vector<float>((size_t)N * V));
+    for (size_t d = 0; d < data.domains.size(); d++) {
+        int nb = std::min(max_batches, data.val_batches((int)d));
+        double sum = 0;
+        for (int i = 0; i < nb; i++) {
+            data.val_batch((int)d, i, inp.data(), tgt.data());
+            for (size_t k = 0; k < models.size(); k++) {  // each model's logits, kept as floats
+                models[k]->forward(inp.data(), nullptr, B, T);
+                for (int n = 0; n < N; n++)
+                    for (int v = 0; v < V; v++) logits[k][(size_t)n * V + v] = (float)models[k]->logits_row(n)[v];
+            }
+            double batch = 0;
+            std::vector<const float*> rows(models.size());
+            for (int n = 0; n < N; n++) {
+                for (size_t k = 0; k < models.size(); k++) rows[k] = logits[k].data() + (size_t)n * V;
+                batch += ensemble_token_loss(rows, V, tgt[n]);
+            }
+            sum += batch / N;
+        }
+        r.loss.push_back(nb > 0 ? sum / nb : NAN);
+        r.load.push_back({});
+    }
+    return r;
+}
+
+// ./train_moe --ensemble A,B,...: loads the models, evaluates their mixture on --data's
+// validation split (--batch, --seq, --eval-batches, --seed as a training run would) and writes
+// --out/metrics.jsonl (one eval record at step 0) and --out/ensemble.json. No training.
+template <typename Model>
+int run_ensemble_eval(const TrainArgs& args, const Cli& cli, const std::string& members) {
+    for (const char* o : {"--init", "--resume", "--model", "--experts", "--steps", "--mix"})
+        if (cli.was_set(o)) FAIL("--ensemble evaluates the given models as they are: %s does not apply", o);
+    std::vector<std::string> dirs;
+    for (size_t at = 0;;) {
+        size_t c = members.find(',', at);
+        dirs.push_back(members.substr(at, c == std::string::npos ? std::string::npos : c - at));
+        if (dirs.back().empty()) FAIL("--ensemble: an empty model directory in \"%s\"", members.c_str());
+        if (c == std::string::npos) break;
+        at = c + 1;
+    }
+    TrainArgs a = args;
+    std::vector<std::string> inputs = {a.data_dir};
+    for (auto& d : dirs) inputs.push_back(d);
+    check_output_location(a.out, inputs, a.overwrite);
+    std::vector<std::unique_ptr<Model>> models;
+    for (auto& d : dirs) {
+        if (!is_dir(d)) FAIL("--ensemble: %s: model directory does not exist", d.c_str());
+        models.emplace_back(new Model());
+        models.back()->load(d);
+        if (models.back()->cfg.vocab_size != models[0]->cfg.vocab_size)
+            FAIL("--ensemble: %s has a vocabulary of %d but %s has %d; a mixture needs one vocabulary", d.c_str(),
+                 models.back()->cfg.vocab_size, dirs[0].c_str(), models[0]->cfg.vocab_size);
+    }
+    DataLoader data(a.data_dir, a.mix, a.batch, a.seq, models[0]->cfg.vocab_size, (uint64_t)a.seed);
+    printf("ensemble: uniform mixture of %zu models' next-token distributions (%s), %d x %d tokens per batch, "
+           "%d validation batches per domain\n", dirs.size(), members.c_str(), a.batch, a.seq, a.eval_batches);
+    EvalResult ev = evaluate_ensemble(models, data, a.eval_batches);
+    check_writable_dir(a.out);
+    MetricsLog metrics;
+    metrics.open(path_join(a.out, "metrics.jsonl"), -1);
+    ModelConfig no_experts = models[0]->cfg;  // the record has no expert load: a mixture of whole models
+    no_experts.n_experts = 0;
+    log_eval(metrics, no_experts, data, ev, 0, 0);
+    Json rec = Json::object(), list = Json::array();
+    for (auto& d : dirs) list.push(Json(d));
+    rec["members"] = list;
+    rec["weights"] = "uniform";
+    rec["loss"] = "per token -log((1/K) sum_k p_k(target)), mean over tokens and validation batches per domain";
+    rec["paper"] = "Branch-Train-Merge (output ensemble), arXiv 2208.03306";
+    write_text_atomic(path_join(a.out, "ensemble.json"), rec.dump(2) + "\n");
+    return 0;
+}
+
 // The logits after a context (its last T_max tokens), token after token. A model with a KV
 // cache (Model::Cache, forward_cached: the CPU trainer) runs each new token alone while the
 // context fits in T_max, and the whole window again once it slides (its positions restart);
-// one without (the GPU trainer, for now) runs the whole window every token. Both give the
+// one without runs the whole window every token. Both give the
 // same logits (test_cpu "KV cache").
 template <typename Model, typename = void>
 struct has_kv_cache : std::false_type {};
@@ -315,6 +433,10 @@ struct RunHooks {
     std::string memory_name = "this machine's RAM";
     int rank = 0, world = 1;
     std::function<bool(bool)> all_ok;
+    // The GPU trainer keeps the losses on its device until the end of the optimizer step
+    // (no host wait inside the step; its forward_backward returns zeros): after step(), this
+    // sets the step's mean losses. Such a model skips the update itself on a non-finite loss.
+    std::function<void(Losses&)> step_losses;
 };
 
 // A non-finite loss or gradient norm stops the run before the update, so the weights, and
@@ -323,7 +445,7 @@ struct RunHooks {
 [[noreturn]] inline void stop_non_finite(long step, const Losses& l, double norm, const std::string& last_good) {
     std::string bad;
     auto term = [&](const char* name, double v) { if (!std::isfinite(v)) bad += strfmt("%s%s = %g", bad.empty() ? "" : ", ", name, v); };
-    term("cross-entropy", l.ce); term("load-balancing loss", l.aux); term("z-loss", l.z);
+    term("cross-entropy", l.ce); term("load-balancing loss", l.aux); term("z-loss", l.z); term("dpsl loss", l.dpsl);
     if (bad.empty()) term("loss", l.loss);
     if (bad.empty()) bad = strfmt("gradient norm = %g (the losses are finite: ce %g)", norm, l.ce);
     FAIL("step %ld: non-finite %s; training stopped before this step's update, no checkpoint written with it. "
@@ -363,6 +485,7 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
     } else {
         plan_cfg = config_from_args(args, tok.ok() ? (int)tok.tokens.size() : 0);
     }
+    if (plan_cfg.is_moe()) M.router_loss.dpsl.check(plan_cfg.n_experts);
     if (root) check_run_output(args, resume_dir);
     std::string memory_line;  // printed with the summary, once everything is checked
     {
@@ -494,10 +617,17 @@ int run_training_in(Model& M, TrainArgs& args, const Cli& cli, const RunHooks& h
             acc.add_mean(M.forward_backward(inp.data() + my_rows, tgt.data() + my_rows, args.batch, args.seq, args.grad_accum),
                          args.grad_accum);
         }
-        if (!std::isfinite(acc.loss) || !std::isfinite(acc.ce) || !std::isfinite(acc.aux) || !std::isfinite(acc.z))
-            stop_non_finite(state.step + 1, acc, NAN, last_good());
+        auto finite = [](const Losses& l) {
+            return std::isfinite(l.loss) && std::isfinite(l.ce) && std::isfinite(l.aux) && std::isfinite(l.z) &&
+                   std::isfinite(l.dpsl);
+        };
+        if (!finite(acc)) stop_non_finite(state.step + 1, acc, NAN, last_good());
         double lr = sched.at((int)state.step);
         double norm = M.step(adamw, lr);  // skips the update when norm is not finite
+        if (hooks.step_losses) {
+            hooks.step_losses(acc);
+            if (!finite(acc)) stop_non_finite(state.step + 1, acc, NAN, last_good());
+        }
         if (!std::isfinite(norm)) stop_non_finite(state.step + 1, acc, norm, last_good());
         state.step++;
         state.tokens += tokens_per_step;

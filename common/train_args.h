@@ -26,6 +26,8 @@ struct TrainArgs {
     // MoE losses
     std::string aux_loss = "switch";
     double aux_coef = 0.01, z_coef = 0.001, aux_free_bias = 0;
+    double dpsl_coef = 0.01;
+    std::string dpsl_alpha = "1", dpsl_distance = "sq", dpsl_ecdf = "mid";
     // run
     std::string out = "runs/train", keep_checkpoints = "all", sample_prompt;
     int eval_every = 0, eval_batches = 8, sample_every = 0, sample_tokens = 64, save_every = 0, log_every = 1;
@@ -74,9 +76,17 @@ struct TrainArgs {
         cli.add("--grad-clip", &grad_clip, "clip the global gradient norm to this (0 = off)", Range::at_least(0));
         cli.section("MoE losses");
         cli.add("--aux-loss", &aux_loss, "load balancing: switch (per layer, 1 at balance), pooled (HF Mixtral, K at "
-                                         "balance), seq (per sequence) or none");
+                                         "balance), seq (per sequence) or none; and/or dpsl (Dirichlet-prior shaping, "
+                                         "CPU trainer only), e.g. switch+dpsl");
         cli.add("--aux-coef", &aux_coef, "load-balancing loss coefficient", Range::at_least(0));
         cli.add("--z-coef", &z_coef, "router z-loss coefficient", Range::at_least(0));
+        cli.add("--dpsl-coef", &dpsl_coef, "with --aux-loss ...dpsl: its coefficient", Range::at_least(0));
+        cli.add("--dpsl-alpha", &dpsl_alpha, "with dpsl: Dirichlet prior concentration, one value for every expert or "
+                                             "one per expert (comma-separated)");
+        cli.add("--dpsl-distance", &dpsl_distance, "with dpsl: sq (squared, Cramer-von Mises) or abs, between the "
+                                                   "Beta CDF and the empirical CDF at each sample");
+        cli.add("--dpsl-ecdf", &dpsl_ecdf, "with dpsl: the empirical CDF at the r-th of N samples, mid ((r-1/2)/N) "
+                                           "or right (r/N)");
         cli.add("--aux-free-bias", &aux_free_bias, "aux-loss-free balancing bias update rate u (0 = off; DeepSeek-V3 uses 1e-3)",
                 Range::at_least(0));
         cli.section("Run");
@@ -130,6 +140,12 @@ struct TrainArgs {
         j["aux_coef"] = aux_coef;
         j["z_coef"] = z_coef;
         j["aux_free_bias"] = aux_free_bias;
+        if (aux_loss.find("dpsl") != std::string::npos) {  // only then: older runs' records stay as they were
+            j["dpsl_coef"] = dpsl_coef;
+            j["dpsl_alpha"] = dpsl_alpha;
+            j["dpsl_distance"] = dpsl_distance;
+            j["dpsl_ecdf"] = dpsl_ecdf;
+        }
         return j;
     }
     // A resumed run with other data/batch settings would silently train something else.

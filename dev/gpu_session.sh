@@ -11,9 +11,16 @@
 #   dp         the data-parallel code on real NCCL with one rank (a launcher's variables,
 #              world size 1) against the plain run (test/test_dp.sh part a, RANKS=1: NCCL
 #              refuses two ranks on one GPU, so more ranks need more GPUs)
+#   generate   generate_gpu (KV cache, batches, seeds; fp32 greedy text = the CPU build's):
+#              test/test_generate.sh with GEN=generate_gpu
 #   dev_cuda   every dev/cuda kernel check and benchmark (dev/cuda/run_all.sh)
 #   bench      the throughput table (dev/bench/bench.sh)
 #   memcheck   (not in the default PARTS) one fp32 fixture under compute-sanitizer
+#   repro      (not in the default PARTS) Table 1 at the gpu_short preset (scripts/
+#              repro_drop_upcycling.py --preset gpu_short: <= 4 minutes predicted); needs
+#              data/pack/corpus-full.tar.xz carried (make data && make data-pack here)
+#   inference  (not in the default PARTS) dev/bench/bench_inference.sh with generate_gpu, bf16
+#              (dense vs its upcycled MoEs at batch 1 and 16; needs python3 `tokenizers`)
 # Every binary runs under `timeout`. What comes back is two files in $OUT: summary.txt (each
 # part's result, every FAIL line, the largest error ratios, the bench table) and logs.tar.gz
 # (every log). The summary is printed last.
@@ -26,14 +33,14 @@
 #   EMU=1 bash dev/gpu_session.sh        (binaries from $EMU_DIR, default build/emu)
 #
 # Environment: OUT (default build/gpu_session), DEADLINE (seconds, default 510), PARTS
-# (default "fixture fixtures trainer dp dev_cuda bench"; the build always runs first), EMU (1:
+# (default "fixture fixtures trainer dp generate dev_cuda bench"; the build always runs first), EMU (1:
 # emulated binaries), JOBS (parallel builds, default nproc), NO_MAKE (1: build with the direct
 # commands even where make exists), NVCC (default nvcc).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_session}
 DEADLINE=${DEADLINE:-510}
-PARTS=${PARTS:-fixture fixtures trainer dp dev_cuda bench}
+PARTS=${PARTS:-fixture fixtures trainer dp generate dev_cuda bench}
 EMU=${EMU:-0}
 EMU_DIR=${EMU_DIR:-build/emu}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 4)}
@@ -44,11 +51,11 @@ t_start=$(date +%s)
 summary=()
 
 if [ "$EMU" = 1 ]; then
-  GPU=$EMU_DIR/train_moe_gpu; FIXTURES=$EMU_DIR/test_gpu_fixtures; BENCH=$EMU_DIR/bench_gpu
+  GPU=$EMU_DIR/train_moe_gpu; FIXTURES=$EMU_DIR/test_gpu_fixtures; BENCH=$EMU_DIR/bench_gpu; GEN=$EMU_DIR/generate_gpu
   DEVCUDA_BINDIR=$EMU_DIR/dev_cuda
-  BENCH_ENV=(MODEL=tiny BATCH=2 SEQ=64 STEPS=1 WARMUP=0)  # the script's logic, not a measurement
+  BENCH_ENV=(MODEL=tiny BATCH=2 SEQ=64 GRAD_ACCUM=2 STEPS=1 WARMUP=0 GEMM_N=64)  # the script's logic, not a measurement
 else
-  GPU=./train_moe_gpu; FIXTURES=build/cuda-check/test_gpu_fixtures; BENCH=build/cuda-check/bench_gpu
+  GPU=./train_moe_gpu; FIXTURES=build/cuda-check/test_gpu_fixtures; BENCH=build/cuda-check/bench_gpu; GEN=./generate_gpu
   DEVCUDA_BINDIR=build/cuda-check
   BENCH_ENV=()
 fi
@@ -90,17 +97,20 @@ build_direct() {
   local nv="${NVCC:-nvcc} -std=c++17 -O3 $arch --expt-relaxed-constexpr -Xcompiler -fopenmp -Xcompiler -Wall"
   local libs="-lcublas -lcublasLt -lgomp $(nccl_flags)"
   mkdir -p build/cuda-check
-  g++ -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -fno-plt -o train_moe train_moe.cpp || return 1
+  local cxx="g++ -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -fno-trapping-math -fno-plt"
+  $cxx -o train_moe train_moe.cpp && $cxx -o generate generate.cpp && $cxx -x c++ -o upcycle upcycle.cu || return 1
   {
     echo "$nv -o train_moe_gpu train_moe.cu $libs"
+    echo "$nv -x cu -DGENERATE_GPU -o generate_gpu generate.cpp $libs"
     echo "$nv -o build/cuda-check/test_gpu_fixtures test/test_gpu_fixtures.cu $libs"
     echo "$nv -o build/cuda-check/bench_gpu dev/bench/bench_gpu.cu $libs"
     for f in dev/cuda/*.cu; do echo "$nv -o build/cuda-check/$(basename "$f" .cu) $f $libs"; done
   } | xargs -P "$JOBS" -I{} bash -c '{} || { echo "BUILD FAILED: {}"; exit 255; }'
 }
 build() {
-  if [ "$EMU" = 1 ]; then make -j"$JOBS" train_moe emu
-  elif command -v make >/dev/null && [ "${NO_MAKE:-0}" != 1 ]; then make -j"$JOBS" train_moe train_moe_gpu cuda-check NCCL_FLAGS="$(nccl_flags)"
+  if [ "$EMU" = 1 ]; then make -j"$JOBS" train_moe generate upcycle emu
+  elif command -v make >/dev/null && [ "${NO_MAKE:-0}" != 1 ]; then
+    make -j"$JOBS" train_moe generate upcycle train_moe_gpu generate_gpu cuda-check NCCL_FLAGS="$(nccl_flags)"
   else echo "no make on this machine: building with direct commands"; build_direct
   fi
 }
@@ -146,6 +156,11 @@ for p in $PARTS; do
     fixtures) part fixtures 120 env GPU="$GPU" FIXTURES="$FIXTURES" PARTS=a KEEP_TMP=1 TMPDIR="$LOGS" bash test/test_gpu.sh ;;
     trainer)  part trainer 150 env GPU="$GPU" FIXTURES="$FIXTURES" PARTS="b c" KEEP_TMP=1 TMPDIR="$LOGS" bash test/test_gpu.sh ;;
     dp)       part dp 90 env GPU="$GPU" PARTS=a RANKS=1 KEEP_TMP=1 TMPDIR="$LOGS" bash test/test_dp.sh ;;
+    generate) part generate 90 env GEN="$GEN" bash test/test_generate.sh ;;
+    repro)    part repro 300 bash -c 'mkdir -p data/full && { [ -f data/full/tokenizer.bin ] || tar -xJf data/pack/corpus-full.tar.xz -C data/full; } &&
+                python3 scripts/repro_drop_upcycling.py --preset gpu_short --trainer gpu --no-build --runs "'"$LOGS"'/repro_runs" \
+                  --results "'"$LOGS"'/repro_results" $(python3 -c "import matplotlib" 2>/dev/null || echo --no-plots)' ;;
+    inference) part inference 150 env GEN="$GEN" REPEAT=1 bash dev/bench/bench_inference.sh ;;
     dev_cuda) part dev_cuda 200 env LOGDIR="$LOGS/dev_cuda" BINDIR="$DEVCUDA_BINDIR" NOBUILD=1 bash dev/cuda/run_all.sh ;;
     bench)    part bench 150 env "${BENCH_ENV[@]}" BENCH="$BENCH" bash dev/bench/bench.sh ;;
     memcheck) part memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 3 \

@@ -43,4 +43,18 @@ void crossentropy_forward_backward(T* logits, float* losses, const int* targets,
     KERNEL_CHECK();
 }
 
+// *sum (device double) = losses[0] + ... + losses[N-1], one block in a fixed order: the
+// forward's CE sum stays on the device (train_moe.cu's statistics), no host read per step
+__global__ void loss_sum_kernel(double* sum, const float* losses, int N) {
+    __shared__ double red[32];
+    double s = 0.0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) s += losses[n];
+    s = block_sum(s, red);
+    if (threadIdx.x == 0) *sum = s;
+}
+inline void loss_sum(double* sum, const float* losses, int N, cudaStream_t s) {
+    loss_sum_kernel<<<1, 1024, 0, s>>>(sum, losses, N);
+    KERNEL_CHECK();
+}
+
 }  // namespace gpu

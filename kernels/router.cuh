@@ -6,13 +6,15 @@
 // Router losses: the forward sums they need (per-sequence sums of p and of lse^2, plus
 // the counts from permute.cuh) are reduced here in double in a fixed order and copied to
 // the host, which computes the loss values with the CPU trainer's functions
-// (common/router_losses.h router_loss_values). The host also computes the per-(sequence,
-// expert) coefficient g of the balancing loss gradient dL/dp_{t,i} = g[b, i]
-// (common/router_losses.h aux_dp_per_seq); router_backward
-// applies it through the softmax together with the z-loss and gate-weight gradients.
+// (common/router_losses.h router_loss_values) once per step, for the log. The gradient
+// needs no host: router_aux_coef computes the per-(sequence, expert) coefficient g of the
+// balancing loss gradient dL/dp_{t,i} = g[b, i] on the device from the counts, with the
+// host's own formula (common/router_losses.h aux_dp_coef); router_backward applies it
+// through the softmax together with the z-loss and gate-weight gradients.
 // The aux-loss-free bias update (common/router_losses.h aux_free_bias_update) runs on the host after
 // each optimizer step, on the counts the host already has; the device reads the bias.
 #pragma once
+#include "../common/router_losses.h"
 #include "common.cuh"
 
 namespace gpu {
@@ -103,6 +105,40 @@ __global__ void router_stats_kernel(double* psum, double* zsum, const float* pro
 inline void router_stats(double* psum, double* zsum, const float* probs, const float* lse, int B, int T_, int E,
                          cudaStream_t s) {
     router_stats_kernel<<<dim3(B, E + 1), 32, 0, s>>>(psum, zsum, probs, lse, T_, E);
+    KERNEL_CHECK();
+}
+
+// The balancing loss's coefficients G [B, E] (dL/dp_{t,i} = G[b, i] for the rows t of
+// sequence b) of MoE layer l, for this rank's B sequences: common/router_losses.h
+// aux_dp_coef, the formula the host's aux_dp_per_seq uses. `counts` holds the per-sequence
+// counts of every rank (one GPU: W = 1, rank 0), rank r's sequence b of layer l at
+//   counts[r * rank_stride + l * layer_stride + b * E + i]
+// and the loss's batch is the global one, W B sequences (under data parallelism the ranks
+// all-gather their counts first: train_moe.cu gather_statistics). One thread per (b, i);
+// it sums the counts it needs as integers (exact, so in any order).
+__global__ void router_aux_coef_kernel(float* G, const int* counts, size_t rank_stride, size_t layer_stride, int W,
+                                       int rank, int l, int L, int B, int T_, int E, int K, AuxLoss kind) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= B * E) return;
+    const int b = idx / E, i = idx % E;
+    long layer_count = 0, pooled_count = 0;
+    for (int r = 0; r < W; r++)
+        for (int ll = 0; ll < L; ll++) {
+            if (kind == AUX_SWITCH && ll != l) continue;
+            if (kind != AUX_SWITCH && kind != AUX_POOLED) continue;
+            long c = 0;
+            const int* x = counts + r * rank_stride + ll * layer_stride + i;
+            for (int bb = 0; bb < B; bb++) c += x[(size_t)bb * E];
+            if (ll == l) layer_count += c;
+            pooled_count += c;
+        }
+    const long count_bi = counts[rank * rank_stride + l * layer_stride + (size_t)b * E + i];
+    G[idx] = aux_dp_coef<float>(kind, count_bi, layer_count, pooled_count, W * B, T_, E, K, L);
+}
+inline void router_aux_coef(float* G, const int* counts, size_t rank_stride, size_t layer_stride, int W, int rank, int l,
+                            int L, int B, int T_, int E, int K, AuxLoss kind, cudaStream_t s) {
+    router_aux_coef_kernel<<<cdiv((long)B * E, 128), 128, 0, s>>>(G, counts, rank_stride, layer_stride, W, rank, l, L, B,
+                                                                   T_, E, K, kind);
     KERNEL_CHECK();
 }
 

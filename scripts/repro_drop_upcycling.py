@@ -11,6 +11,11 @@ AdamW, linear warmup + cosine, the same --seed and so the same data order):
   BTX                 three dense branches of the base trained on one domain each (en, code, de);
                       S = 4 sources = base (the seed model, as in the paper) + 3 branches, 2 experts
                       each; merged by ./upcycle --method btx, then the MoE phase
+  BTM average         Branch-Train-Merge (arXiv 2208.03306) baselines on the same 3 branches:
+                      their element-wise parameter average (./upcycle --method btm-average, a
+                      dense model), then the MoE phase's budget as a dense model
+  BTM ensemble        the uniform mixture of the 3 branches' next-token distributions, evaluated
+                      without training (./train_moe --ensemble; CPU)
   NU                  ./upcycle --method naive
   RNU (r=0.5)         ./upcycle --method noise --ratio 0.5
   DU (r=0.5), (r=1.0) ./upcycle --method drop --ratio 0.5 / 1.0
@@ -71,6 +76,19 @@ def build(cfg: dict, root: str) -> R.Table:
     rows.append(R.Row("btx", "BTX (base + en, code, de branches)", [b.name for b in branches] + ["btx_init", "btx"],
                       "btx", before=["dense_base"], extra=[b.name for b in branches]))
 
+    # BTM: the same branches merged without a router (docs/METHODS.md 2.10); the branches' time is BTX's
+    elms = [R.final_ckpt(root, b) for b in branches]
+    avg = R.upcycle_stage(root, "btm_average_init", cfg, ["--method", "btm-average", "--from", ",".join(elms)],
+                          [b.name for b in branches])
+    avg_run = R.train_stage(root, "btm_average", cfg, ["--init", R.run_dir(root, avg.name)], cfg["moe_steps"],
+                            cfg["warmup_moe"], False, [avg.name])
+    ens = R.ensemble_stage(root, "btm_ensemble", cfg, elms, [b.name for b in branches])
+    stages += [avg, avg_run, ens]
+    rows.append(R.Row("btm_avg", "BTM average of the en, code, de branches (dense)", [avg.name, avg_run.name],
+                      avg_run.name, moe=False, before=["dense_base"], extra=[b.name for b in branches]))
+    rows.append(R.Row("btm_ens", "BTM ensemble of the en, code, de branches (no training)", [ens.name], ens.name,
+                      moe=False, before=["dense_base"], extra=[b.name for b in branches]))
+
     # the upcycled rows: one ./upcycle call, then the MoE phase
     for key, label, margs in [("nu", "NU (naive)", ["--method", "naive"]),
                               ("rnu05", "RNU (r=0.5)", ["--method", "noise", "--ratio", "0.5"]),
@@ -89,6 +107,11 @@ def build(cfg: dict, root: str) -> R.Table:
                f"BTX branches: {cfg['branch_steps']} steps each on one domain (en, code, de) from the base; sources = "
                "base + 3 branches, 2 experts each. In loss_curves.png, FS is drawn over the MoE phase's tokens like "
                "the other MoE rows (x starts at the dense base's end) although it does not use the base.",
+               "BTM (Branch-Train-Merge, arXiv 2208.03306), on the 3 domain branches alone (not the base): average = "
+               "their element-wise parameter mean, a dense model (its step-0 loss is the merge itself), then the MoE "
+               "phase's budget with the dense rows' recipe; ensemble = the uniform mixture of the branches' "
+               "next-token distributions, -log((1/3) sum_k p_k(token)), evaluated on the same validation batches "
+               "without training (the paper weights by an estimated domain posterior; uniform here).",
                "Paper (docs/METHODS.md 3-4): step-0 order NU = dense < RNU <~ DU0.5 < DU1.0 < FS; DU r=0.5 lowest at the end "
                "when the MoE phase is long enough."])
 

@@ -3,7 +3,8 @@
 Not run directly. A reproduction script describes its table as *stages* and *rows*:
 
   - a Stage is one program run that makes a directory under the runs root: a training run of
-    ./train_moe (or ./train_moe_gpu), or one ./upcycle call. Stages are named; a stage with the
+    ./train_moe (or ./train_moe_gpu), one ./upcycle call, or an evaluation without training
+    (./train_moe --ensemble: one eval record in metrics.jsonl). Stages are named; a stage with the
     same name and the same command is shared by every row and every table that uses it (the
     dense base is trained once for all three tables).
   - a Row is one line of the table: the stages it owns (their wall time is its wall time) and
@@ -94,6 +95,26 @@ PRESETS = {
 # for Table 1 on 2 cores.
 PRESETS["tiny_long"] = dict(PRESETS["tiny"], moe_steps=1000, p2_steps=750, eval_every=100, save_every=250,
                             log_every=250, results_sub="tiny_long")
+# gpu_short: every table in at most 4 minutes on one H200, so that any GPU session's prepared
+# script (dev/gpu_session.sh, part repro) can also produce a small-scale table: data/full
+# (carried as data/pack/corpus-full.tar.xz), model "small" (d 256, L 4, 8 heads, F 1024;
+# 8.4M dense parameters with the 16384-token LM head), 16 x 512 = 8192 tokens per step.
+# Table 1: 1200 dense steps (9.8M tokens, 0.46 epoch), MoE rows 600 steps (4.9M tokens), BTX
+# branches 3 x 200. Budget (predicted; the GPU trainer's speed at this size is not measured):
+# ~53 MFLOP/token dense, ~72 MFLOP/token as 8 x top-2, so Table 1 is 3.1 PFLOP (31 s at 100
+# TFLOP/s sustained) in 6000 optimizer steps (30 s at a floor of 5 ms per step for the ~300
+# kernel launches of a small MoE step), plus ~13 process starts and 60 evaluations: about 2
+# minutes predicted, 4 minutes if the GPU runs at half that. Each stage prints its tok/s and
+# the runner its ETA: the first GPU run checks the prediction (docs/REPRODUCTIONS.md).
+PRESETS["gpu_short"] = dict(
+    data="data/full", model="small", batch=16, seq=512, grad_accum=1,
+    lr=2e-3, warmup_dense=100, warmup_moe=50,
+    dense_steps=1200, moe_steps=600, branch_steps=200, p1_steps=300, p2_steps=300,
+    eval_every=100, save_every=600, eval_batches=8, log_every=50,   # few checkpoints: each MoE one is ~0.4 GB
+    trainer="gpu", results_sub="gpu_short",
+    # the estimate before the start: the prediction above (~2 minutes for Table 1's ~6000 steps and
+    # ~13 stages), not a measurement
+    step_s={"gpu": 0.015}, moe_cost=1.4, stage_s=3.0, rate_source="predicted for one H200, not measured")
 PRESETS["smoke"] = dict(PRESETS["tiny"], dense_steps=20, moe_steps=10, branch_steps=5, p1_steps=5, p2_steps=10,
                         warmup_dense=2, warmup_moe=2, eval_every=5, save_every=5, eval_batches=1, log_every=5,
                         results_sub="smoke")
@@ -121,11 +142,12 @@ def train_args(cfg: dict, steps: int, warmup: int, out: str, seed: int | None = 
 @dataclass
 class Stage:
     name: str                      # directory name under the runs root
-    kind: str                      # "train" or "upcycle"
+    kind: str                      # "train", "upcycle" or "eval" (./train_moe --ensemble)
     args: list                     # program arguments; paths are relative to the repository root
     steps: int = 0                 # train: total optimizer steps
     moe: bool = False              # train: an MoE (costs the preset's moe_cost dense steps: estimates only)
     needs: list = field(default_factory=list)   # stages that must be finished first
+    cpu_only: bool = False         # train: always ./train_moe (an option the GPU trainer lacks, e.g. dpsl)
     cost: float = 0.0              # train: cost of one step in dense steps, if not the default (estimates only)
 
 
@@ -168,15 +190,26 @@ DOMAINS = ["en", "code", "de"]   # the corpus's domains (dev/data/README.md)
 
 
 def train_stage(root: str, name: str, cfg: dict, head: list, steps: int, warmup: int, moe: bool,
-                needs: list | None = None, seed: int | None = None, tail: list | None = None) -> Stage:
-    """A training stage: `head` says where the model comes from (--model ... or --init ...)."""
+                needs: list | None = None, seed: int | None = None, tail: list | None = None,
+                losses: list | None = None) -> Stage:
+    """A training stage: `head` says where the model comes from (--model ... or --init ...).
+    An MoE stage trains with MOE_LOSSES, or with `losses` in their place."""
+    moe_losses = (MOE_LOSSES if losses is None else list(losses)) if moe else []
     return Stage(name, "train", list(head) + train_args(cfg, steps, warmup, os.path.join(root, name), seed) +
-                 (MOE_LOSSES if moe else []) + list(tail or []), steps, moe, list(needs or []))
+                 moe_losses + list(tail or []), steps, moe, list(needs or []))
 
 
 def upcycle_stage(root: str, name: str, cfg: dict, args: list, needs: list) -> Stage:
     return Stage(name, "upcycle", list(args) + ["--seed", str(cfg["seed"]), "--out", os.path.join(root, name)],
                  needs=list(needs))
+
+
+def ensemble_stage(root: str, name: str, cfg: dict, members: list, needs: list) -> Stage:
+    """The uniform mixture of `members`' next-token distributions evaluated on the validation
+    batches every training stage evaluates on (docs/METHODS.md 2.10); no training, CPU trainer."""
+    return Stage(name, "eval", ["--ensemble", ",".join(members), "--data", cfg["data"], "--batch", str(cfg["batch"]),
+                                "--seq", str(cfg["seq"]), "--eval-batches", str(cfg["eval_batches"]), "--seed",
+                                str(cfg["seed"]), "--out", os.path.join(root, name)], needs=list(needs), cpu_only=True)
 
 
 def dense_base(root: str, cfg: dict) -> tuple[Stage, Row, str]:
@@ -232,6 +265,16 @@ def train_finished(d: str, steps: int) -> bool:
         return False
     ev = evals_of(read_metrics(os.path.join(d, "metrics.jsonl")))
     return bool(ev) and ev[-1]["step"] == steps
+
+
+def eval_finished(d: str) -> bool:
+    return bool(evals_of(read_metrics(os.path.join(d, "metrics.jsonl"))))
+
+
+def stage_finished(d: str, stage: Stage) -> bool:
+    if stage.kind == "train":
+        return train_finished(d, stage.steps)
+    return eval_finished(d) if stage.kind == "eval" else upcycle_finished(d)
 
 
 def upcycle_finished(d: str) -> bool:
@@ -326,11 +369,14 @@ class Runner:
     def binary(self, stage: Stage) -> str:
         if stage.kind == "upcycle":
             return "./upcycle"
-        return "./train_moe_gpu" if self.trainer == "gpu" else "./train_moe"
+        return "./train_moe_gpu" if self.trainer == "gpu" and not stage.cpu_only else "./train_moe"
+
+    def on_cpu(self, stage: Stage) -> bool:
+        return self.binary(stage) != "./train_moe_gpu"
 
     def command(self, stage: Stage) -> list[str]:
         cmd = [self.binary(stage)] + list(stage.args)
-        if self.trainer == "cpu" or stage.kind == "upcycle":
+        if self.on_cpu(stage):
             cmd += ["--threads", str(self.threads)]
         return cmd
 
@@ -358,8 +404,7 @@ class Runner:
         write_atomic(self.meta_path(name), json.dumps(m, indent=1) + "\n")
 
     def finished(self, stage: Stage) -> bool:
-        d = run_dir(self.root, stage.name)
-        return train_finished(d, stage.steps) if stage.kind == "train" else upcycle_finished(d)
+        return stage_finished(run_dir(self.root, stage.name), stage)
 
     def check_command(self, stage: Stage) -> None:
         m = self.meta(stage.name)
@@ -394,12 +439,13 @@ class Runner:
                 if os.path.isdir(d):   # started but no checkpoint yet: start over
                     shutil.rmtree(d)
                 run_cmd = cmd
-        else:
-            if os.path.isdir(d):       # not finished (checked by the caller): upcycle refuses nothing, but be clean
+        else:                          # upcycle or eval: all or nothing
+            if os.path.isdir(d):       # not finished (checked by the caller): start over
                 shutil.rmtree(d)
             run_cmd = cmd
         m = self.meta(stage.name) or {"cmd": cmd, "wall_s": 0.0}
-        m.update(cmd=cmd, device=self.device, commit=git_commit())
+        device = self.device if self.on_cpu(stage) == (self.trainer == "cpu") else device_name("cpu", self.threads)
+        m.update(cmd=cmd, device=device, commit=git_commit())
         self.save_meta(stage.name, m)
         os.makedirs(self.log_dir, exist_ok=True)
         log_path = os.path.join(self.log_dir, stage.name + ".log")
@@ -445,8 +491,8 @@ class Runner:
         return how
 
     def weight(self, s: Stage) -> float:
-        """A stage's cost in dense steps (upcycle calls: a fraction of a second, like a few steps)."""
-        if s.kind == "upcycle":
+        """A stage's cost in dense steps (upcycle and eval stages: a second or so, like a few steps)."""
+        if s.kind != "train":   # upcycle, eval
             return 5.0
         return s.steps * (s.cost or (self.cfg.get("moe_cost", 1.5) if s.moe else 1.0))
 
@@ -522,7 +568,7 @@ def collect(table: Table, root: str, runner: Runner) -> list[dict]:
     for r in table.rows:
         s = by[r.run]
         d = run_dir(root, s.name)
-        if not train_finished(d, s.steps):
+        if not stage_finished(d, s):
             continue
         ev = evals_of(read_metrics(os.path.join(d, "metrics.jsonl")))
         first, last = ev[0], ev[-1]
@@ -606,7 +652,9 @@ def plot_curves(table: Table, res: list[dict], path: str, subtitle: str) -> None
             i = res.index(r)
             x = [t for t, _ in r["curve"]]
             y = [v for _, v in r["curve"]]
-            ax.plot(x, y, styles[(i // 10) % 4], marker=".", ms=4, lw=1.3, label=r["label"], color=f"C{i % 10}")
+            single = len(x) == 1   # an evaluation without training (e.g. the BTM ensemble): one large dot
+            ax.plot(x, y, styles[(i // 10) % 4], marker="o" if single else ".", ms=7 if single else 4, lw=1.3,
+                    label=r["label"], color=f"C{i % 10}")
         ax.set_xlabel("tokens (cumulative, from the dense base's start)")
         ax.set_ylabel("validation loss (mean over domains)")
         ax.grid(alpha=0.3)
@@ -704,13 +752,15 @@ def check_data(data: str) -> None:
         raise ReproError(f"no token shards in {data}: run `{hint}` first")
 
 
-def main(description: str, build_table, default_key: str, presets: tuple = ("tiny", "tiny_long", "small")) -> int:
+def main(description: str, build_table, default_key: str,
+         presets: tuple = ("tiny", "tiny_long", "gpu_short", "small")) -> int:
     """Parses the shared options, builds the table with build_table(cfg), runs it and reports.
     cfg is the preset's dict plus seed and preset (the preset's name: "smoke" under --smoke)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(presets), default="tiny",
                     help="tiny: CPU, minutes, data/tiny; tiny_long: tiny with a 5x longer MoE phase (CPU, ~10 "
-                         "minutes a table); small: one H100 with ./train_moe_gpu, data/full (default tiny; "
+                         "minutes a table); gpu_short: one H200, <= 4 minutes a table (predicted), data/full; "
+                         "small: one H100 with ./train_moe_gpu, data/full, about an hour a table (default tiny; "
                          f"this script: {', '.join(presets)})")
     ap.add_argument("--smoke", action="store_true", help="tiny with a few steps per stage (the smoke test)")
     ap.add_argument("--runs", help="runs root (default runs/repro/<preset>); shared by the tables of one preset")
@@ -735,7 +785,7 @@ def main(description: str, build_table, default_key: str, presets: tuple = ("tin
         ap.error("--smoke goes with --preset tiny")
     cfg = dict(PRESETS[preset], seed=a.seed, preset=preset)
     if a.threads is None:
-        a.threads = 2 if preset != "small" else (os.cpu_count() or 2)
+        a.threads = 2 if preset not in ("small", "gpu_short") else (os.cpu_count() or 2)
     root = a.runs or os.path.join("runs", "repro", preset)
     table = build_table(cfg, root)
     sub = cfg["results_sub"]
@@ -751,7 +801,7 @@ def main(description: str, build_table, default_key: str, presets: tuple = ("tin
             ok = ok and os.path.exists(os.path.join(ROOT, "train_moe_gpu"))
             if trainer == "gpu" and not ok:
                 raise ReproError("the GPU trainer is not usable here (nvidia-smi fails or `make train_moe_gpu` fails); "
-                                 "the small preset needs an NVIDIA GPU (or force --trainer cpu, which takes days)")
+                                 f"the {preset} preset needs an NVIDIA GPU (or force --trainer cpu, which takes hours to days)")
             trainer = "gpu" if ok else "cpu"
         elif trainer == "auto":
             trainer = "cpu"

@@ -11,6 +11,9 @@ s = G for topk_softmax, s = E G / K for softmax_topk; every matrix times s^(1/3)
   each with --routing topk_softmax (Mixtral: softmax, top-K, renormalize) and softmax_topk
   (Megatron: softmax over all E, top-K, no renormalization).
   Dense (continued) is the reference (the same stage as Table 1's).
+  G = 1 topk_softmax (naive upcycling) again with the Dirichlet-prior shaping loss added to the
+  balancing loss (arXiv 2510.01185, docs/METHODS.md 1.6; CPU trainer only): --aux-loss
+  pooled+dpsl with the defaults --dpsl-coef 0.01 --dpsl-alpha 1 (sq, mid).
 
 Run (from the repository root):
   python3 scripts/repro_routing.py                 # tiny preset (CPU, minutes)
@@ -52,6 +55,18 @@ def build(cfg: dict, root: str) -> R.Table:
         label = f"granular G={G}, {routing}" + (" (= NU)" if (G, routing) == (1, "topk_softmax") else "")
         rows.append(R.Row(key, label, [init.name, run.name], run.name, before=["dense_base"]))
         shape[key] = [f"E {E}, top-{K}, F/{G}" if G > 1 else f"E {E}, top-{K}, F"]
+    # naive upcycling (the G = 1 topk_softmax init) trained with the shaping loss on top of pooled 0.02;
+    # the CPU trainer only has it, so the row runs on the CPU (and not at all in the small preset)
+    if cfg["trainer"] != "gpu":
+        dpsl_losses = ["--aux-loss", "pooled+dpsl", "--aux-coef", "0.02", "--z-coef", "0", "--dpsl-coef", "0.01",
+                       "--dpsl-alpha", "1"]
+        run = R.train_stage(root, "g1_topk_softmax_dpsl", cfg, ["--init", R.run_dir(root, "g1_topk_softmax_init")],
+                            cfg["moe_steps"], cfg["warmup_moe"], True, ["g1_topk_softmax_init"], losses=dpsl_losses)
+        run.cpu_only = True
+        stages.append(run)
+        rows.append(R.Row("g1_dpsl", "granular G=1, topk_softmax (= NU) + dpsl 0.01, alpha 1", [run.name], run.name,
+                          before=["dense_base"]))
+        shape["g1_dpsl"] = ["E 8, top-2, F"]
 
     def shape_col(res):
         return ["experts"], {k: v for k, v in shape.items()}, []
@@ -61,7 +76,11 @@ def build(cfg: dict, root: str) -> R.Table:
         notes=[f"MoE phase: {cfg['moe_steps']} steps for every row after the dense base ({cfg['dense_steps']} steps); "
                "aux pooled 0.02, no z-loss, fresh AdamW, the same seed and data order.",
                "Expected (docs/METHODS.md 1.1, 2.7, 5): NVIDIA's upcycling prefers softmax_topk with its scaled init; the "
-               "fine-grained scaling law finds G = 1 rarely optimal at equal active parameters."],
+               "fine-grained scaling law finds G = 1 rarely optimal at equal active parameters.",
+               "The + dpsl row starts from the same NU init (its wall time excludes the shared init) and adds the "
+               "Dirichlet-prior shaping loss (docs/METHODS.md 1.6) with its defaults; the paper (arXiv 2510.01185) "
+               "reports better downstream accuracy of upcycled vision-language MoEs, not a lower LM loss. CPU "
+               "trainer only: the GPU trainer refuses dpsl."],
         extra_columns=shape_col)
 
 

@@ -8,7 +8,8 @@
 #     estimate is printed before the first stage; the grids' fits are in results.json and table.md;
 #   - a second run redoes nothing (every stage reported "skipped", no run file rewritten);
 #   - a row whose final checkpoint is gone resumes from its latest checkpoint with --resume
-#     and ends at bit-identical losses; an upcycle stage whose output is gone is redone;
+#     and ends at bit-identical losses; an upcycle or evaluation stage whose output is gone is
+#     redone;
 #   - a run interrupted by SIGINT exits 130 and the next run resumes it;
 #   - a stage made by another command, missing data and a busy runs directory are clear errors.
 # Ends with "N passed, M failed"; exits non-zero on any failure. Runs in a temp dir
@@ -98,18 +99,22 @@ sleep 1; touch "$TMP/marker"
 smoke drop_upcycling repro_drop_upcycling.py > "$TMP/rerun.log" 2>&1
 check "rerun: exit 0" test $? -eq 0
 stamp=$(find "$RUNS" -path '*/_logs' -prune -o -type f ! -name .lock -newer "$TMP/marker" -print | head -n 1)
-check "rerun: no stage run" grep -q 'stages run: 0 (none); skipped as finished: 16' "$TMP/rerun.log"
+check "rerun: no stage run" grep -q 'stages run: 0 (none); skipped as finished: 19' "$TMP/rerun.log"
 find "$RUNS" -name metrics.jsonl -exec md5sum {} + | sort > "$TMP/after.md5"
 check "rerun: no metrics file rewritten" cmp -s "$TMP/before.md5" "$TMP/after.md5"
 check "rerun: nothing in the runs newer than the last run" test -z "$stamp"
 
-# 3. an unfinished row resumes from its latest checkpoint (bit-identical), a lost upcycle is redone
+# 3. an unfinished row resumes from its latest checkpoint (bit-identical), a lost upcycle or
+#    evaluation (the BTM ensemble) is redone
 before=$(final_loss drop_upcycling du05)
+before_ens=$(final_loss drop_upcycling btm_ens)
 rm -rf "$RUNS/du05/step_000010"; echo step_000005 > "$RUNS/du05/latest"
-rm -rf "$RUNS/rnu05_init"
+rm -rf "$RUNS/rnu05_init" "$RUNS/btm_ensemble"
 smoke drop_upcycling repro_drop_upcycling.py > "$TMP/resume.log" 2>&1
 check "resume: exit 0" test $? -eq 0
-check "resume: du05 resumed, rnu05_init redone, nothing else" grep -q 'stages run: 2 (rnu05_init ran, du05 resumed)' "$TMP/resume.log"
+check "resume: du05 resumed, rnu05_init and btm_ensemble redone, nothing else" \
+  grep -q 'stages run: 3 (btm_ensemble ran, rnu05_init ran, du05 resumed)' "$TMP/resume.log"
+check "resume: the ensemble's loss identical ($before_ens)" test "$before_ens" = "$(final_loss drop_upcycling btm_ens)"
 check "resume: trainer resumed at step 5" grep -q 'resumed from .*du05/step_000005 at step 5' "$RUNS/_logs/du05.log"
 after=$(final_loss drop_upcycling du05)
 check "resume: final loss identical ($before vs $after)" test "$before" = "$after"

@@ -42,6 +42,13 @@ struct Fixture {
         router_settings.aux_loss = parse_aux(meta("aux_type", "none"));
         router_settings.aux_coef = meta_double("aux_coef");
         router_settings.z_coef = meta_double("z_coef");
+        if (!meta("dpsl_coef").empty()) {  // the Dirichlet-prior shaping loss is on
+            router_settings.dpsl.on = true;
+            router_settings.dpsl.coef = meta_double("dpsl_coef");
+            router_settings.dpsl.alpha = parse_dpsl_alpha(meta("dpsl_alpha"));
+            router_settings.dpsl.distance = parse_dpsl_distance(meta("dpsl_distance"));
+            router_settings.dpsl.ecdf = parse_dpsl_ecdf(meta("dpsl_ecdf"));
+        }
         adamw.beta1 = meta_double("beta1");
         adamw.beta2 = meta_double("beta2");
         adamw.eps = meta_double("eps");

@@ -77,6 +77,7 @@ elif [ -x "$EMU_DIR/train_moe_gpu" ]; then
   for d in test/fixtures/*/; do [ -f "$d/fixture.safetensors" ] && fixture_dirs+=("${d%/}"); done
   suite "CUDA emulator (emulated)" "$EMU_DIR/test_emu"
   suite "dev/cuda kernels (emulated)" env NOBUILD=1 BINDIR="$EMU_DIR/dev_cuda" LOGDIR="$EMU_DIR/dev_cuda_logs" bash dev/cuda/run_all.sh
+  suite "generate_gpu (emulated)" env GEN="$EMU_DIR/generate_gpu" bash test/test_generate.sh
   suite "GPU trainer (emulated)" env GPU="$EMU_DIR/train_moe_gpu" FIXTURES="$EMU_DIR/test_gpu_fixtures" DEVCUDA=0 bash test/test_gpu.sh
   suite "data parallel, 1-4 ranks with the NCCL stand-in (emulated)" env GPU="$EMU_DIR/train_moe_gpu" bash test/test_dp.sh
   suite "GPU fixtures, reverse schedule (emulated)" env EMU_SCHED=reverse "$EMU_DIR/test_gpu_fixtures" --dtype both "${fixture_dirs[@]}"

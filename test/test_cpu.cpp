@@ -5,6 +5,7 @@
 // Run: ./test/bin/test_cpu [path/to/train_moe]   (make test does this)
 #define TRAIN_MOE_NO_MAIN
 #include "../train_moe.cpp"
+#include <random>
 #include "../common/world.h"
 #include "fixture.h"
 #include "testing.h"
@@ -35,7 +36,9 @@ static void test_fixture(const std::string& name) {
     double w = worst_ratio(M.logits.data(), ref_logits.data(), (size_t)N * V, 1e-5 * mx, 1e-5);
     CHECK_MSG(w <= 1, "%s logits: worst |err| / (1e-5 max|ref| + 1e-5 |ref|) = %.3g", name.c_str(), w);
     auto scalar = [&](const char* k) { return fx.read_vec<double>(k)[0]; };
-    for (auto kv : std::vector<std::pair<const char*, double>>{{"loss", l.loss}, {"ce", l.ce}, {"aux", l.aux}, {"z", l.z}}) {
+    std::vector<std::pair<const char*, double>> terms{{"loss", l.loss}, {"ce", l.ce}, {"aux", l.aux}, {"z", l.z}};
+    if (fixture.router_settings.dpsl.on) terms.push_back({"dpsl", l.dpsl});
+    for (auto kv : terms) {
         double ref = scalar(kv.first);
         CHECK_MSG(std::fabs(kv.second - ref) <= 1e-5 * std::fabs(ref) + 1e-7, "%s %s: got %.9g, reference %.9g",
                   name.c_str(), kv.first, kv.second, ref);
@@ -98,6 +101,40 @@ static void test_fixture(const std::string& name) {
         M2.backward();
         M2.step(hp, lr);
     }
+}
+
+// ---------------------------------------------------------------------------
+// 0. exp_real, the trainer's float exp (train_moe.cpp): against expl (long double, rounded to
+//    float) at every 97th float between -104 and 89 (23M values, both signs, the subnormal
+//    results included), where it must be the correctly rounded value but for a few floats
+//    whose e^x lies next to a rounding boundary (at most 1 in a million, and those within
+//    one ulp); and the edges: 0 below -104, +inf above 89, NaN for NaN, e^0 = 1 exactly.
+
+static void test_exp_real() {
+    long n = 0, inexact = 0, far = 0;
+    for (uint32_t sign : {0u, 0x80000000u})
+        for (uint32_t b = 0; b < 0x7f800000u; b += 97) {
+            const uint32_t bits = b | sign;
+            float x;
+            memcpy(&x, &bits, 4);
+            if (!(x >= -104.f && x <= 89.f)) continue;
+            const float ref = (float)expl((long double)x), got = exp_real(x);
+            n++;
+            if (got != ref) {
+                inexact++;
+                if (!(std::fabs((double)got - ref) <= std::fabs((double)std::nextafter(ref, INFINITY) - ref))) far++;
+                if (far == 1 && inexact < 4) printf("  exp_real(%a) = %a, expl: %a\n", x, got, ref);
+            }
+        }
+    CHECK_MSG(n > 20000000, "exp_real: %ld floats tested", n);
+    CHECK_MSG(inexact * 1000000 <= n, "exp_real: %ld of %ld floats not correctly rounded", inexact, n);
+    CHECK_MSG(far == 0, "exp_real: %ld floats off by more than one ulp", far);
+    CHECK(exp_real(0.f) == 1.f);
+    CHECK(exp_real(-104.5f) == 0.f && exp_real(-1e30f) == 0.f && exp_real(-INFINITY) == 0.f);
+    CHECK(exp_real(89.5f) == INFINITY && exp_real(1e30f) == INFINITY && exp_real(INFINITY) == INFINITY);
+    CHECK(std::isnan(exp_real(NAN)));
+    CHECK(exp_real(-103.5f) > 0.f && exp_real(-103.5f) < 1e-44f);  // a subnormal, not flushed
+    CHECK(exp_real(88.5f) < INFINITY);
 }
 
 // ---------------------------------------------------------------------------
@@ -232,6 +269,107 @@ static void test_aux_free_bias() {
     M.expert_bias[0] = {0, 0, 100, 0};
     M.forward(in.data(), tg.data(), 2, 8);
     CHECK(M.acts[0].counts[2] == 16);
+}
+
+// The Dirichlet-prior shaping loss (docs/METHODS.md 1.6) as common/router_losses.h computes it,
+// apart from the trainer (the fixture moe_dpsl and test_gradcheck hold the trainer to it)
+
+// the Beta CDF against closed forms, and the density against the CDF's slope
+static void test_beta_cdf() {
+    double worst = 0, worst_pdf = 0;
+    for (int k = 1; k < 200; k++) {
+        const double x = k / 200.0;
+        worst = std::max(worst, std::fabs(beta_cdf(x, 1, 3.5) - (1 - std::pow(1 - x, 3.5))));
+        worst = std::max(worst, std::fabs(beta_cdf(x, 0.5, 1) - std::sqrt(x)));
+        worst = std::max(worst, std::fabs(beta_cdf(x, 2, 2) - (3 * x * x - 2 * x * x * x)));
+        worst = std::max(worst, std::fabs(beta_cdf(x, 0.75, 5.25) + beta_cdf(1 - x, 5.25, 0.75) - 1));
+        for (double a : {0.5, 1.0, 1.5, 7.0}) {
+            const double b = 8 - a, h = 1e-6;
+            const double slope = (beta_cdf(x + h, a, b) - beta_cdf(x - h, a, b)) / (2 * h), pdf = beta_pdf(x, a, b);
+            // absolute below density 1e-3: the slope's rounding error is about 1e-16 / h
+            worst_pdf = std::max(worst_pdf, std::fabs(slope - pdf) / (1e-3 + std::fabs(pdf)));
+        }
+    }
+    CHECK_MSG(worst < 1e-13, "beta_cdf vs closed forms: max error %.3g", worst);
+    CHECK_MSG(worst_pdf < 1e-6, "beta_pdf vs the CDF's slope: max relative error %.3g", worst_pdf);
+    CHECK(beta_cdf(0, 2, 3) == 0 && beta_cdf(1, 2, 3) == 1);
+}
+
+// One MoE layer's statistics holding given probabilities [N, E] (B = 1 sequence of N rows)
+struct DpslBatch {
+    std::vector<double> p;
+    std::vector<int> counts;
+    std::vector<double> zsum;
+    RoutingStats s;
+    DpslBatch(int N, int E) : p((size_t)N * E), counts(E), zsum(N) {
+        s.B = 1; s.T = N; s.E = E; s.K = 1; s.seg = 1;
+        s.layers.push_back({counts.data(), p.data(), zsum.data(), p.data()});
+    }
+};
+
+// The invariant: samples sitting exactly at the target's quantiles F_i^-1(u_r) give loss 0
+// and gradient 0 (sq, mid); moving one sample off its quantile gives both a positive value and
+// a gradient of the right sign. The loss reads each expert's column alone, so the columns need
+// not add up to 1 here.
+static void test_dpsl_invariant() {
+    const int N = 40, E = 3;
+    DpslSettings st;
+    st.on = true;
+    st.alpha = {0.5, 1.0, 2.5};
+    const double A = st.alpha_sum(E);
+    DpslBatch b(N, E);
+    for (int i = 0; i < E; i++)
+        for (int r = 1; r <= N; r++) {
+            double lo = 0, hi = 1, u = (r - 0.5) / N, a = st.alpha_of(i);
+            for (int it = 0; it < 200; it++) {  // bisection for F^-1(u)
+                double mid = 0.5 * (lo + hi);
+                (beta_cdf(mid, a, A - a) < u ? lo : hi) = mid;
+            }
+            b.p[(size_t)((r * 7) % N) * E + i] = 0.5 * (lo + hi);  // rows in a scrambled order
+        }
+    double v = dpsl_loss(b.s, st);
+    std::vector<double> G;
+    dpsl_dp_rows(G, b.s, st, 0);
+    CHECK_MSG(v < 1e-28, "dpsl at the exact quantiles = %.3g, expected 0", v);
+    CHECK_MSG(max_abs(G) < 1e-12, "dpsl gradient at the exact quantiles: max %.3g, expected 0", max_abs(G));
+    b.p[(size_t)7 * E + 1] *= 1.1;  // row 7 holds expert 1's quantile r = 1: now above it
+    double v1 = dpsl_loss(b.s, st);
+    dpsl_dp_rows(G, b.s, st, 0);
+    CHECK_MSG(v1 > 1e-8 && G[(size_t)7 * E + 1] > 0, "dpsl off the quantiles: value %.3g, dL/dp %.3g", v1,
+              G[(size_t)7 * E + 1]);
+}
+
+// The statistics: rows drawn from the prior Dirichlet(alpha) itself give each expert the
+// Beta(alpha_i, A - alpha_i) marginal, and then N times the loss (sq, mid) is the Cramer-von
+// Mises statistic less 1/(12 N), whose mean is 1/6 - 1/(12 N) (variance 1/45 for large N).
+// Rows drawn from another Dirichlet give a clearly larger mean.
+static void test_dpsl_statistics() {
+    const int N = 64, E = 4, trials = 1500;
+    DpslSettings st;
+    st.on = true;
+    st.alpha = {0.5, 1.0, 1.5, 2.0};
+    std::mt19937_64 gen(42);
+    auto mean_of = [&](double scale) {
+        DpslBatch b(N, E);
+        std::vector<std::gamma_distribution<double>> gam;
+        for (int i = 0; i < E; i++) gam.emplace_back(scale * st.alpha_of(i), 1.0);
+        double sum = 0;
+        for (int t = 0; t < trials; t++) {
+            for (int n = 0; n < N; n++) {  // a Dirichlet row: independent Gamma(alpha_i) draws, normalized
+                double tot = 0;
+                for (int i = 0; i < E; i++) tot += b.p[(size_t)n * E + i] = gam[i](gen);
+                for (int i = 0; i < E; i++) b.p[(size_t)n * E + i] /= tot;
+            }
+            sum += N * E * dpsl_loss(b.s, st);  // the sum over experts of N L_i
+        }
+        return sum / ((double)trials * E);
+    };
+    const double want = 1.0 / 6 - 1.0 / (12.0 * N), se = std::sqrt(1.0 / 45 / (trials * E));
+    const double at_prior = mean_of(1.0), at_other = mean_of(4.0);
+    CHECK_MSG(std::fabs(at_prior - want) < 5 * se, "rows from the prior: mean N L %.5f, expected %.5f +- %.5f",
+              at_prior, want, 5 * se);
+    CHECK_MSG(at_other > 3 * want, "rows from Dirichlet(4 alpha): mean N L %.5f, expected well above %.5f", at_other,
+              want);
 }
 
 static void test_schedules() {
@@ -565,6 +703,15 @@ static void test_cli_errors() {
         {"--data " + bad_data + " --model tiny --vocab 64", ">= vocab size 64"},
         {"--data " + data + " --model huge --vocab 64", "neither a preset"},
         {"--data " + data + " --model tiny --vocab 64 --aux-loss foo", "--aux-loss must be"},
+        {"--data " + data + " --model tiny --vocab 64 --aux-loss switch+foo", "--aux-loss must be"},
+        {"--data " + data + " --model tiny --vocab 64 --aux-loss switch+seq", "at most one of switch"},
+        {"--data " + data + " --model tiny --vocab 64 --aux-loss dpsl+dpsl", "names dpsl twice"},
+        {"--data " + data + " --model tiny --vocab 64 --aux-loss dpsl --dpsl-alpha 1,x", "--dpsl-alpha must be positive"},
+        {"--data " + data + " --model tiny --vocab 64 --aux-loss dpsl --dpsl-alpha 0", "--dpsl-alpha must be positive"},
+        {"--data " + data + " --model tiny --vocab 64 --experts 4 --aux-loss dpsl --dpsl-alpha 1,2",
+         "one value or one per expert (4), found 2"},
+        {"--data " + data + " --model tiny --vocab 64 --aux-loss dpsl --dpsl-distance l3", "--dpsl-distance must be"},
+        {"--data " + data + " --model tiny --vocab 64 --aux-loss dpsl --dpsl-ecdf left", "--dpsl-ecdf must be"},
         {"--data " + data + " --model tiny --vocab 64 --experts 4 --topk 5", "num_experts_per_tok"},
         {"--data " + data + " --model tiny --vocab 64 --batch x", "expects an integer"},
         {"--data " + data + " --model tiny --vocab 64 --bogus 1", "unknown option --bogus"},
@@ -883,14 +1030,18 @@ int main(int argc, char** argv) {
     if (argc > 1) g_bin = argv[1];
     g_tmp = strfmt("/tmp/moe_test_cpu.%d", (int)getpid());
     mkdir_p(g_tmp);
+    run_test("exp_real = the correctly rounded e^x", test_exp_real);
     for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
-                          "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1"})
+                          "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1", "moe_dpsl"})
         run_test(std::string("fixture ") + f, [&] { test_fixture(f); });
     run_test("thread count: bit-identical", test_thread_count_bit_identical);
     run_test("MoE of copies = dense", test_moe_copies_equal_dense);
     run_test("HF transformers Llama directory", [] { test_hf_directory("hf_llama"); });
     run_test("HF transformers Mixtral directory", [] { test_hf_directory("hf_mixtral"); });
     run_test("aux-free bias", test_aux_free_bias);
+    run_test("dpsl: Beta CDF and density", test_beta_cdf);
+    run_test("dpsl: zero at the prior's quantiles", test_dpsl_invariant);
+    run_test("dpsl: statistics of rows drawn from the prior", test_dpsl_statistics);
     run_test("LR schedules", test_schedules);
     run_test("JSON and safetensors round trips", test_json_and_safetensors);
     run_test("data loader", test_dataloader);

@@ -6,7 +6,7 @@
 #   (a) N ranks x --batch B reproduce one process with --batch N*B: 1 (under a launcher: the
 #       NCCL code with one rank), 2 and 4 ranks, MoE (switch
 #       aux loss, z-loss, aux-loss-free bias) and dense, fp32 and bf16, with gradient
-#       accumulation; metrics and final weights within tolerance (fp32: the only difference
+#       accumulation, the pooled balancing loss; metrics and final weights within tolerance (fp32: the only difference
 #       is the order of the gradient sums; bf16: that, through stochastic rounding)
 #   (b) bit-identical reruns at a fixed world size, and a resume at the same world size
 #   (c) resume across world sizes 4 -> 2 -> 1 (global batch kept) vs the uninterrupted run;
@@ -103,6 +103,14 @@ if want a; then
   if launch torchrun $n "$tmp/ga2" $GA --batch $((4 / n)); then
     compare "MoE fp32 --grad-accum 2 --aux-loss seq: $n ranks x $((4 / n)) vs 1 x 4" "$tmp/ga1" "$tmp/ga2" $FP32_TOL
   else bad "grad-accum, $n ranks: run failed"; fi
+  # the balancing loss's coefficients are computed on each rank's device from every rank's
+  # counts (pooled: every layer's too); --aux-coef 1 so that rank-local counts would show
+  # (planted: the coefficients from this rank's counts alone fail this comparison)
+  POOL="$BASE --steps 4 --experts 4 --topk 2 --aux-loss pooled --aux-coef 1 --dtype fp32"
+  single "$tmp/pool1" $POOL --batch 4 || bad "one rank, pooled: run failed"
+  if launch torchrun $n "$tmp/pool2" $POOL --batch $((4 / n)); then
+    compare "MoE fp32 --aux-loss pooled --aux-coef 1: $n ranks x $((4 / n)) vs 1 x 4" "$tmp/pool1" "$tmp/pool2" $FP32_TOL
+  else bad "pooled, $n ranks: run failed"; fi
 fi
 
 # ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 #   (b) bit-identical resume: 6 steps with --save-every 3 vs 3 + resume 3; metrics records
 #       (ignoring tok_per_s and mfu) and final model/optimizer bytes must be identical
 #   (c) 20 training steps, GPU vs the CPU trainer, same flags: fp32 within 1e-4 relative
-#       per step, bf16 within 3e-2 (see docs/perf.md for why)
+#       per step, bf16 within 3e-2 (see docs/perf.md for why); --aux-loss dpsl refused
 #   (d) the dev/cuda kernel checks built by `make cuda-check` (build/cuda-check/*; DEVCUDA=0
 #       skips them: under emulation and in dev/gpu_session.sh they run through dev/cuda/run_all.sh)
 # Prints "N passed, M failed" and exits non-zero on any failure. PARTS (default "a b c d")
@@ -150,6 +150,10 @@ if want c; then
   curve_case dense
   curve_case moe --experts 4 --topk 2
   curve_case moe_softmax_topk_pooled --experts 4 --topk 2 --routing softmax_topk --aux-loss pooled
+  # the Dirichlet-prior shaping loss is CPU-only (docs/METHODS.md 1.6): a clear refusal, no output
+  out=$("$GPU" --data "$DATA" $VOCAB_FLAG --model tiny --experts 4 --aux-loss switch+dpsl --steps 1 --out "$tmp/gpu_dpsl" 2>&1)
+  if [ $? -ne 0 ] && echo "$out" | grep -q "not implemented in the GPU trainer yet; use train_moe (CPU)" && [ ! -e "$tmp/gpu_dpsl" ]
+  then ok "--aux-loss dpsl refused by the GPU trainer"; else bad "--aux-loss dpsl not refused clearly: $out"; fi
 fi
 
 # ---------------------------------------------------------------------------

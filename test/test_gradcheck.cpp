@@ -5,7 +5,8 @@
 // For each test model and each parameter tensor, a few entries chosen at random are moved
 // by +-h and the loss difference is compared with the backward pass. The router is checked
 // three ways: through the whole loss, through the load-balancing loss alone and through
-// the z-loss alone (a gradient that never reaches the router would pass a loss-only test).
+// the z-loss alone (a gradient that never reaches the router would pass a loss-only test);
+// and through the Dirichlet-prior shaping loss alone, in each of its variants.
 #define TRAIN_MOE_NO_MAIN
 #include "../train_moe.cpp"
 #include "fixture.h"
@@ -27,10 +28,10 @@ static Batch fixture_batch(const std::string& dir) {
     return b;
 }
 
-// Loss value selected by `which`: 0 = total, 1 = aux (unweighted), 2 = z (unweighted)
+// Loss value selected by `which`: 0 = total, 1 = aux, 2 = z, 3 = dpsl (all unweighted)
 static double loss_of(Model& M, const Batch& b, int which) {
     Losses l = M.forward(b.in.data(), b.tg.data(), b.B, b.T);
-    return which == 0 ? l.loss : which == 1 ? l.aux : l.z;
+    return which == 0 ? l.loss : which == 1 ? l.aux : which == 2 ? l.z : l.dpsl;
 }
 
 // Compares d(loss)/d(theta) for `per_tensor` random entries of every tensor accepted by
@@ -83,7 +84,7 @@ static void test_all_params(const std::string& name) {
     M.load(dir);
     setup_losses(M, dir);
     // large coefficients: the router-loss paths must matter at the precision of the check
-    if (M.cfg.is_moe()) { M.router_loss.aux_coef = 0.5; M.router_loss.z_coef = 0.05; }
+    if (M.cfg.is_moe()) { M.router_loss.aux_coef = 0.5; M.router_loss.z_coef = 0.05; M.router_loss.dpsl.coef = 0.5; }
     Batch b = fixture_batch(dir);
     std::vector<int> kinds_seen(P_NUM_KINDS, 0);
     int n = fd_check(M, b, name, 5, [&](const ParamTensor& t) { kinds_seen[t.kind] = 1; return true; });
@@ -127,9 +128,42 @@ static void test_router_loss_paths(const std::string& name, AuxLoss aux_type) {
     fd_check(M, b, name + " aux -> attention", 2, [](const ParamTensor& t) { return t.kind == P_WQ; }, 1, &d_aux);
 }
 
+// The router through the dpsl loss alone (coefficient 1 minus coefficient 0, aux and z off),
+// in one variant of its options; the fixture's batch and model
+static void test_dpsl_path(DpslDistance distance, DpslEcdf ecdf, std::vector<double> alpha) {
+    const std::string name = "moe_dpsl", dir = "test/fixtures/" + name;
+    Model M;
+    M.load(dir);
+    Batch b = fixture_batch(dir);
+    M.router_loss.aux_loss = AUX_NONE;
+    M.router_loss.z_coef = 0;
+    M.router_loss.dpsl.on = true;
+    M.router_loss.dpsl.distance = distance;
+    M.router_loss.dpsl.ecdf = ecdf;
+    M.router_loss.dpsl.alpha = alpha;
+    auto grads_with = [&](double coef) {
+        M.router_loss.dpsl.coef = coef;
+        M.zero_grad();
+        M.forward(b.in.data(), b.tg.data(), b.B, b.T);
+        M.backward();
+        return M.grads;
+    };
+    std::vector<real> g0 = grads_with(0), g1 = grads_with(1), d(g0.size());
+    for (size_t i = 0; i < g0.size(); i++) d[i] = g1[i] - g0[i];
+    double norm = 0;
+    for (auto& t : M.layout.tensors)
+        if (t.kind == P_ROUTER)
+            for (size_t i = t.offset; i < t.offset + t.numel; i++) norm += d[i] * d[i];
+    const std::string label = strfmt("%s dpsl %s %s alpha %zu", name.c_str(), dpsl_distance_name(distance),
+                                     dpsl_ecdf_name(ecdf), alpha.size());
+    CHECK_MSG(norm > 1e-12, "%s: gives the router no gradient", label.c_str());
+    fd_check(M, b, label + " -> router", 8, [](const ParamTensor& t) { return t.kind == P_ROUTER; }, 3, &d);
+    fd_check(M, b, label + " -> attention", 2, [](const ParamTensor& t) { return t.kind == P_WQ; }, 3, &d);
+}
+
 int main() {
     for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
-                          "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1"})
+                          "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1", "moe_dpsl"})
         run_test(std::string("finite differences, every parameter: ") + f, [&] { test_all_params(f); });
     for (AuxLoss aux : {AUX_SWITCH, AUX_POOLED, AUX_SEQ}) {
         run_test(strfmt("router via aux %s only (topk_softmax)", aux_name(aux)),
@@ -137,5 +171,9 @@ int main() {
         run_test(strfmt("router via aux %s only (softmax_topk)", aux_name(aux)),
                  [&] { test_router_loss_paths("moe_softmax_topk", aux); });
     }
+    run_test("router via dpsl only (sq, mid, asymmetric alpha)",
+             [] { test_dpsl_path(DPSL_SQ, DPSL_MID, {0.5, 1.0, 1.5, 2.0}); });
+    run_test("router via dpsl only (sq, right, alpha 1)", [] { test_dpsl_path(DPSL_SQ, DPSL_RIGHT, {1.0}); });
+    run_test("router via dpsl only (abs, mid, alpha 0.75)", [] { test_dpsl_path(DPSL_ABS, DPSL_MID, {0.75}); });
     return report();
 }

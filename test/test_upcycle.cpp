@@ -650,6 +650,107 @@ static void write_shards(const std::string& dir, int V) {
     }
 }
 
+// Branch-Train-Merge (docs/METHODS.md 2.10): the parameter average is a dense model whose every
+// tensor is the element-wise mean of the branches (S = 1: a copy)
+static void test_btm_average() {
+    std::string a = make_dense("btm_a", 32, 64, 2, 31), b = make_dense("btm_b", 32, 64, 2, 32),
+                c = make_dense("btm_c", 32, 64, 2, 33);
+    std::string out = tmp("btm_out"), one = tmp("btm_one");
+    if (!upcycle("--method btm-average --from " + a + "," + b + "," + c + " --out " + out)) return;
+    if (!upcycle("--method btm-average --from " + a + " --out " + one)) return;
+    Tensors A(a), B(b), C(c), M(out), O(one);
+    bool mean_ok = true, copy_ok = true;
+    int n = 0;
+    for (auto& kv : A.t) {
+        const auto &x = kv.second, &y = B[kv.first], &z = C[kv.first], &o = M[kv.first];
+        for (size_t i = 0; i < x.size(); i++) mean_ok &= o[i] == (float)(((double)x[i] + y[i] + z[i]) * (1.0 / 3.0));
+        copy_ok &= O[kv.first] == x;
+        n++;
+    }
+    CHECK_MSG(mean_ok && n == (int)M.t.size() && n > 10, "btm-average: not every tensor (%d) is the mean of the sources", n);
+    CHECK_MSG(copy_ok, "btm-average of one source is not a copy of it");
+    ModelConfig c_out = ModelConfig::load(out + "/config.json");
+    Json rec = Json::parse_file(out + "/config.json");
+    CHECK_MSG(!c_out.is_moe() && rec.find("upcycling") && rec.find("upcycling")->find("method")->str == "btm-average",
+              "btm-average: the output is not a dense model with its record");
+    std::vector<float> z = logits_of(out);
+    bool finite = !z.empty();
+    for (float v : z) finite &= std::isfinite(v);
+    CHECK_MSG(finite, "btm-average: the trainer's logits of the output are not finite");
+}
+
+// The ensemble evaluation (./train_moe --ensemble): the uniform mixture's -log p against a
+// direct computation from the members' logits; one member = its own cross-entropy; a model
+// with itself = the model alone; the mixture never loses to the members' mean (Jensen)
+static void test_btm_ensemble() {
+    std::string data = tmp("ens_data");
+    write_shards(data, 64);
+    std::string a = make_dense("ens_a", 32, 64, 2, 41), b = make_dense("ens_b", 32, 64, 2, 42);
+    auto run = [&](const std::string& members, const std::string& name) {
+        std::string out, dir = tmp(name);
+        remove_tree(dir);
+        int rc = run_cmd(g_train + " --threads 1 --ensemble " + members + " --data " + data +
+                         " --batch 2 --seq 16 --eval-batches 3 --out " + dir, &out);
+        CHECK_MSG(rc == 0, "train_moe --ensemble %s: rc %d: %s", members.c_str(), rc, out.c_str());
+        if (rc) return (double)NAN;
+        std::string line = read_text(dir + "/metrics.jsonl");
+        Json j = Json::parse(line.substr(0, line.find('\n')), "metrics.jsonl");
+        return j.find("val")->find("aa")->num;
+    };
+    const double ab = run(a + "," + b, "ens_ab"), aa = run(a + "," + a, "ens_aa"), only_a = run(a, "ens_a1");
+    // the reference: the same validation batches, each member's logits, p by plain exponentials
+    Model MA, MB;
+    MA.load(a);
+    MB.load(b);
+    DataLoader dl(data, "", 2, 16, 64, 1337);
+    const int nb = std::min(3, dl.val_batches(0)), N = 32, V = 64;
+    std::vector<int> in(N), tg(N);
+    double want = 0, ce_a = 0, ce_b = 0;
+    for (int i = 0; i < nb; i++) {
+        dl.val_batch(0, i, in.data(), tg.data());
+        std::vector<float> za(MA.logits.size()), zb;
+        ce_a += MA.forward(in.data(), tg.data(), 2, 16).ce;
+        za.assign(MA.logits.begin(), MA.logits.begin() + N * V);
+        ce_b += MB.forward(in.data(), tg.data(), 2, 16).ce;
+        zb.assign(MB.logits.begin(), MB.logits.begin() + N * V);
+        double batch = 0;
+        for (int n = 0; n < N; n++) {
+            double p[2];
+            const float* zs[2] = {za.data() + (size_t)n * V, zb.data() + (size_t)n * V};
+            for (int k = 0; k < 2; k++) {
+                double mx = *std::max_element(zs[k], zs[k] + V), sum = 0;
+                for (int v = 0; v < V; v++) sum += std::exp(zs[k][v] - mx);
+                p[k] = std::exp(zs[k][tg[n]] - mx) / sum;
+            }
+            batch += -std::log(0.5 * (p[0] + p[1]));
+        }
+        want += batch / N / nb;
+    }
+    ce_a /= nb;
+    ce_b /= nb;
+    CHECK_MSG(std::fabs(ab - want) <= 1e-9 * want, "ensemble of two: %.12g, direct computation %.12g", ab, want);
+    CHECK_MSG(std::fabs(only_a - ce_a) <= 1e-6 * ce_a, "ensemble of one: %.9g, the model's cross-entropy %.9g", only_a, ce_a);
+    CHECK_MSG(std::fabs(aa - only_a) <= 1e-12 * only_a, "a model with itself %.15g vs alone %.15g", aa, only_a);
+    CHECK_MSG(ab <= 0.5 * (ce_a + ce_b) + 1e-9, "mixture %.6g above the members' mean %.6g", ab, 0.5 * (ce_a + ce_b));
+    // refusals: one error line, no output
+    std::string v128 = make_dense("ens_v128", 32, 64, 2, 43, 128);
+    struct Case { std::string args, needle; };
+    std::vector<Case> cases = {
+        {"--ensemble " + a + "," + v128, "a mixture needs one vocabulary"},
+        {"--ensemble " + a + "," + tmp("nowhere"), "does not exist"},
+        {"--ensemble " + a + ",", "an empty model directory"},
+        {"--ensemble " + a + " --init " + b, "--init does not apply"},
+    };
+    for (auto& c : cases) {
+        std::string outdir = tmp("ens_should_not_exist"), out;
+        remove_tree(outdir);
+        int rc = run_cmd(g_train + " " + c.args + " --data " + data + " --batch 2 --seq 16 --out " + outdir, &out);
+        CHECK_MSG(rc == 1 && is_one_error_line(out, c.needle), "args '%s': rc %d, expected one 'error:' line with '%s': %s",
+                  c.args.c_str(), rc, c.needle.c_str(), out.c_str());
+        CHECK_MSG(!path_exists(outdir), "args '%s' left an output directory behind", c.args.c_str());
+    }
+}
+
 static void test_expand() {
     std::string data = tmp("exp_data"), run = tmp("exp_run"), out;
     write_shards(data, 64);
@@ -812,6 +913,9 @@ static void test_errors() {
     std::vector<Case> cases = {
         {"--method btx --from " + dense + "," + other + " --experts 4", "identical shapes"},
         {"--method btx --from " + dense + "," + dense + "," + dense + " --experts 4", "must divide --experts"},
+        {"--method btm-average --from " + dense + "," + other, "btm-average: sources must have identical shapes"},
+        {"--method btm-average --from " + dense + "," + dense + " --experts 4", "--experts does not apply"},
+        {"--method btm-average --from test/fixtures/moe_topk_softmax", "needs a dense"},
         {"--method granular --granularity 3 --from " + dense + " --experts 6 --topk 3", "does not divide the dense FFN width"},
         {"--method granular --granularity 2 --from " + dense + " --experts 8 --topk 3", "not a multiple of --granularity"},
         {"--method granular --granularity 2 --from " + dense + " --experts 7 --topk 2", "does not divide --experts"},
@@ -858,7 +962,7 @@ static void test_errors() {
     for (const char* o : {"--method", "--from", "--out", "--experts", "--topk", "--routing", "--router", "--seed",
                           "--ratio", "--du-index-mode", "--granularity", "--select", "--score", "--max-dup",
                           "--utility-batches", "--data", "--dtype", "--method scratch", "--method naive",
-                          "--method noise", "--method drop", "--method btx", "--method granular",
+                          "--method noise", "--method drop", "--method btx", "--method btm-average", "--method granular",
                           "--method partition", "--method expand", "WHOLE source model"})
         all &= out.find(o) != std::string::npos;
     CHECK_MSG(all, "--help lacks an option or an example: %s", out.c_str());
@@ -877,6 +981,8 @@ int main(int argc, char** argv) {
     run_test("noise statistics", test_noise);
     run_test("router init", test_router_init);
     run_test("btx", test_btx);
+    run_test("btm-average (Branch-Train-Merge)", test_btm_average);
+    run_test("ensemble evaluation (Branch-Train-Merge)", test_btm_ensemble);
     run_test("granular", test_granular);
     run_test("partition", test_partition);
     run_test("output safety (--out refused, --overwrite)", test_output_safety);

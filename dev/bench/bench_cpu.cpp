@@ -5,7 +5,7 @@
 //                     or the dense FFN, LM head) + 6 L T d (causal attention, as docs/perf.md)
 // next to the machine's measured single-core peak (an FMA loop) times the thread count.
 // --profile: also the time of each layer op at this shape (one call each, min of repeats).
-// Build: g++ -O3 -march=native -fopenmp -fno-math-errno -fno-plt dev/bench/bench_cpu.cpp (the Makefile's CXXFLAGS)
+// Build: g++ -O3 -march=native -fopenmp -fno-math-errno -fno-trapping-math -fno-plt dev/bench/bench_cpu.cpp (the Makefile's CXXFLAGS)
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
 #include <chrono>

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 CXX=${CXX:-g++}; CC=${CC:-gcc}
 STEPS=${STEPS:-2}; THREADS=${THREADS:-"1 2"}
 tmp=${TMPDIR:-/tmp}/bench_cpu.$$; mkdir -p "$tmp"; trap 'rm -rf "$tmp"' EXIT
-$CXX -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -fno-plt -o "$tmp/bench_cpu" dev/bench/bench_cpu.cpp
+$CXX -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -fno-trapping-math -fno-plt -o "$tmp/bench_cpu" dev/bench/bench_cpu.cpp
 if [ "${SMOKE:-0}" = 1 ]; then
   "$tmp/bench_cpu" --model tiny --vocab 2048 --batch 8 --seq 64 --experts 8 --topk 2 --steps 1 --threads 1
   exit 0

@@ -7,13 +7,43 @@ two device synchronizations. Prints one line:
 MFU counts 6 N_active + causal attention FLOPs per token over the device's dense bf16 peak
 (docs/perf.md); "n/a" on a device the peak table does not know.
 Data: the shards of --data when it has them, else uniform random tokens (--vocab sets the size).
+--measured-peak X (TFLOP/s) adds the MFU over X, the GEMM peak this GPU reached.
+--gemm-peak N measures that peak instead: one bf16 GEMM N x N x N with fp32 accumulation
+(cublasGemmEx, as the trainer's matmuls), 3 untimed and 10 timed, and prints
+  gemm: bf16 N^3 | ms | TFLOP/s
 Writes no files.
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cu"
 
+// The dense bf16 GEMM rate this GPU reaches through cuBLAS: the ceiling a training step's
+// matmuls can approach (H200: ~790 TFLOP/s measured elsewhere against the 989 spec)
+int gemm_peak(int n) {
+    cublasHandle_t h;
+    cublasCheck(cublasCreate(&h));
+    const size_t nn = (size_t)n * n;
+    bf16 *a, *b, *c;
+    cudaCheck(cudaMalloc(&a, nn * sizeof(bf16)));
+    cudaCheck(cudaMalloc(&b, nn * sizeof(bf16)));
+    cudaCheck(cudaMalloc(&c, nn * sizeof(bf16)));
+    cudaCheck(cudaMemset(a, 0, nn * sizeof(bf16)));  // zeros: the rate does not depend on the values
+    cudaCheck(cudaMemset(b, 0, nn * sizeof(bf16)));
+    auto run = [&]() { gpu::gemm_ex(h, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, a, CUDA_R_16BF, n, b, CUDA_R_16BF, n, 0.0f, c, CUDA_R_16BF, n); };
+    for (int i = 0; i < 3; i++) run();
+    cudaCheck(cudaDeviceSynchronize());
+    const int reps = 10;
+    const double t0 = now_seconds();
+    for (int i = 0; i < reps; i++) run();
+    cudaCheck(cudaDeviceSynchronize());
+    const double dt = (now_seconds() - t0) / reps;
+    printf("gemm: bf16 %d^3 | %.3f ms | %.1f TFLOP/s\n", n, dt * 1e3, 2.0 * n * (double)n * n / dt / 1e12);
+    cudaFree(a); cudaFree(b); cudaFree(c);
+    cublasDestroy(h);
+    return 0;
+}
+
 template <typename T>
-int bench(TrainArgs& args, int warmup_steps, bool stochastic_round) {
+int bench(TrainArgs& args, int warmup_steps, bool stochastic_round, double measured_peak) {
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     const double peak = device_peak_flops(prop);
@@ -51,17 +81,14 @@ int bench(TrainArgs& args, int warmup_steps, bool stochastic_round) {
             tgt[i] = (int)(rng_u64((uint64_t)args.seed, stream_id(PURPOSE_MISC, 0xbe), counter++) % cfg.vocab_size);
         }
     };
-    auto train_step = [&](double lr) {  // the training loop's step (train_moe.cu run_training)
-        Losses acc;
-        M.zero_grad();
+    auto train_step = [&](double lr) {  // the training loop's step (common/run.h run_training): no host wait
+        M.zero_grad();                      // until step()'s end, which then has the step's losses
         for (int micro = 0; micro < args.grad_accum; micro++) {
             next_batch();
-            Losses l = M.forward(inp.data(), tgt.data(), args.batch, args.seq, 1.0f / args.grad_accum);
-            M.backward();
-            acc.add_mean(l, args.grad_accum);
+            M.forward_backward(inp.data(), tgt.data(), args.batch, args.seq, args.grad_accum);
         }
         M.step(hp, lr);
-        return acc;
+        return M.step_losses;
     };
     for (int i = 0; i < warmup_steps; i++) train_step(sched.at(0));
     cudaCheck(cudaDeviceSynchronize());
@@ -74,10 +101,11 @@ int bench(TrainArgs& args, int warmup_steps, bool stochastic_round) {
     const double flops_step = flops_per_token(cfg, args.seq) * tokens_per_step;
     size_t free_b = 0, total_b = 0;
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
-    printf("bench: %s | %d steps of %.0f tokens | %.1f ms/step | %.0f tok/s | MFU %s | GPU memory in use %.2f GiB | "
-           "last loss %.4f\n",
+    printf("bench: %s | %d steps of %.0f tokens | %.1f ms/step | %.0f tok/s | MFU %s | MFU of GEMM peak %s | "
+           "GPU memory in use %.2f GiB | last loss %.4f\n",
            cfg.is_moe() ? "MoE" : "dense", args.steps, tokens_per_step, dt * 1e3, tokens_per_step / dt,
            peak > 0 ? strfmt("%.1f%%", 100 * flops_step / dt / peak).c_str() : "n/a (unknown device)",
+           measured_peak > 0 ? strfmt("%.1f%%", 100 * flops_step / dt / (measured_peak * 1e12)).c_str() : "n/a",
            (total_b - free_b) / 1073741824.0, last.loss);
     return std::isfinite(last.loss) ? 0 : 1;
 }
@@ -87,6 +115,8 @@ int main(int argc, char** argv) {
     std::string dtype = "bf16";
     int warmup_steps = 3;
     bool no_sr = false;
+    int gemm_n = 0;
+    double measured_peak = 0;
     Cli cli("bench_gpu", "Throughput of the GPU trainer on one configuration (no files written).\n"
                          "Example: ./build/bench_gpu --model d768 --batch 8 --seq 1024 --steps 10 --experts 8 --topk 2");
     args.add_to(cli);
@@ -94,12 +124,18 @@ int main(int argc, char** argv) {
     cli.add("--dtype", &dtype, "bf16 or fp32");
     cli.add("--warmup-steps", &warmup_steps, "untimed steps before the timed --steps");
     cli.flag("--no-stochastic-rounding", &no_sr, "bf16: round the weight copy to nearest");
+    cli.add("--measured-peak", &measured_peak, "TFLOP/s: also report the MFU over this (the --gemm-peak result)",
+            Range::at_least(0));
+    cli.add("--gemm-peak", &gemm_n, "measure the bf16 cuBLAS GEMM rate at N x N x N instead (e.g. 8192)",
+            Range::between(0, 65536));
     try {
         cli.parse(argc, argv);
         args.validate();
         if (dtype != "bf16" && dtype != "fp32") FAIL("--dtype must be bf16 or fp32, found \"%s\"", dtype.c_str());
         if (warmup_steps < 0) FAIL("--warmup-steps must be >= 0, found %d", warmup_steps);
-        return dtype == "fp32" ? bench<float>(args, warmup_steps, !no_sr) : bench<bf16>(args, warmup_steps, !no_sr);
+        if (gemm_n > 0) return gemm_peak(gemm_n);
+        return dtype == "fp32" ? bench<float>(args, warmup_steps, !no_sr, measured_peak)
+                               : bench<bf16>(args, warmup_steps, !no_sr, measured_peak);
     } catch (const Error& e) {
         fprintf(stderr, "error: %s\n", e.what());
         return 1;

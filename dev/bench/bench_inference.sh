@@ -12,11 +12,13 @@
 # (SERVE prompts, default 16): prefill and decode tokens/s, weights, KV cache, peak memory.
 # REPEAT rounds (default 2) alternate the models; the table shows the best of the rounds.
 # Environment: MODEL, TOKENS (generated per prompt, default 32), SERVE, THREADS (default 1),
-# REPEAT, OUT (keep the models there instead of a temporary directory).
+# REPEAT, OUT (keep the models there instead of a temporary directory), GEN (default
+# ./generate; GEN=./generate_gpu measures the GPU build, GEN_ARGS e.g. "--dtype fp32").
 set -eu
 cd "$(dirname "$0")/../.."
 MODEL=${MODEL:-d512}; TOKENS=${TOKENS:-32}; SERVE=${SERVE:-16}; THREADS=${THREADS:-1}; REPEAT=${REPEAT:-2}
-for b in train_moe upcycle generate; do [ -x ./$b ] || make --no-print-directory $b >/dev/null; done
+GEN=${GEN:-./generate}; GEN_ARGS=${GEN_ARGS:-}
+for b in train_moe upcycle "$GEN"; do [ -x "./${b#./}" ] || make --no-print-directory "${b#./}" >/dev/null; done
 [ -f data/tiny/tokenizer.json ] || make --no-print-directory data-tiny >/dev/null
 dir=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/bench_inference.XXXXXX")}
 [ -n "${OUT:-}" ] || trap 'rm -rf "$dir"' EXIT
@@ -41,18 +43,19 @@ lines = [l.strip()[:60] for l in text.split("\n") if len(l.strip()) >= 20]
 open(out, "w").write("\n".join(lines[:n]) + "\n")
 PY
 head -n 1 "$dir/prompts.txt" >"$dir/prompt1.txt"
-echo "bench_inference: $MODEL shape, $TOKENS tokens per prompt, $THREADS thread(s), best of $REPEAT rounds; $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)"
+echo "bench_inference: $GEN $GEN_ARGS, $MODEL shape, $TOKENS tokens per prompt, $THREADS thread(s), best of $REPEAT rounds; $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)"
 declare -A best
 for r in $(seq 1 "$REPEAT"); do
   for m in dense moe_g2 moe_naive; do
     for batch in 1 "$SERVE"; do
       p=$dir/prompt1.txt; [ "$batch" = 1 ] || p=$dir/prompts.txt
-      line=$(./generate --model "$dir/$m" --tokenizer "$tok" --prompts "$p" --max-tokens "$TOKENS" --temperature 0 \
-               --no-stop --threads "$THREADS" 2>&1 >/dev/null | tail -n 1)
+      line=$($GEN --model "$dir/$m" --tokenizer "$tok" --prompts "$p" --max-tokens "$TOKENS" --temperature 0 \
+               --no-stop --threads "$THREADS" $GEN_ARGS 2>&1 >/dev/null | tail -n 1)
       key="$m $batch"
       pre=$(echo "$line" | sed -E 's/.*\(([0-9]+) tok\/s\); decode.*/\1/')
       dec=$(echo "$line" | sed -E 's/.*decode [0-9]+ tokens in [0-9.]+ s \(([0-9]+) tok\/s.*/\1/')
-      mem=$(echo "$line" | sed -E 's/.*weights ([0-9.]+) MB, KV cache ([0-9.]+) MB, peak memory ([0-9.]+) MB.*/\1 \2 \3/')
+      # (generate: peak resident memory; generate_gpu: GPU memory in use at the end)
+      mem=$(echo "$line" | sed -E 's/.*weights ([0-9.]+) MB, KV cache ([0-9.]+) MB, (peak memory|GPU memory in use) ([0-9.]+) MB.*/\1 \2 \4/')
       old=${best[$key]:-"0 0 0 0 0"}
       set -- $old
       [ "$pre" -gt "$1" ] && p1=$pre || p1=$1

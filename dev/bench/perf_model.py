@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The GPU trainer's performance model: per kernel at the bench config, the FLOPs, the bytes
 it moves, its roofline time on an H200 and its predicted share of the step, before any
-measurement (docs/perf.md "Performance model"). Prints markdown.
+measurement (docs/perf.md "Performance model"), then the memory-bound kernels' bytes per token
+and share of the HBM bandwidth (docs/perf.md "Memory-bound kernels"). Prints markdown.
 
 Roofline time of a kernel = max(FLOPs / compute peak, bytes / memory bandwidth), with the
 measured-style ceilings of an H200: bf16 dense GEMM ~790 TFLOP/s (what cuBLAS reaches on
@@ -115,6 +116,36 @@ def table(name, **cfg):
     return "\n".join(out), total
 
 
+def elementwise_table(name, **cfg):
+    """The memory-bound kernels of one step (everything but the tensor-core GEMMs and
+    attention): bytes per token, and the share of the HBM bandwidth each takes when the whole
+    step runs at its roofline time (bytes / 4.3 TB/s over the roofline step). A model of the
+    minimum traffic, not a measurement."""
+    rows, P, N = rows_for(**cfg)
+    total = sum(max(f / pk, b / BW) for (_, f, b, pk) in rows)
+    B, T, E = cfg.get("B", 8), cfg.get("T", 1024), cfg.get("E", 0)
+    L = cfg.get("L", 12)
+    mem = [(n, b) for (n, f, b, pk) in rows if pk == PEAK_FP32]
+    # the step's small device-side kernels of issue 12 (no host round trip): the CE sum, the
+    # balancing-loss coefficients, the non-finite flag, the clip factor; and the all-gathered
+    # statistics' copies to pinned host memory (PCIe, not HBM, but listed for completeness)
+    if E:
+        mem.append(("router_aux_coef (G [B, E] per layer, from the counts)", L * (B * E * 4 * (L + 1) + B * E * 4)))
+    mem.append(("loss_sum + note_non_finite + adamw_scalars", N * 4 + (1 + L * B * (E + 1)) * 8 * 2 + 64))
+    out = [f"### {name}: memory-bound kernels, {N} tokens per step (model)", "",
+           "| kernel (whole step) | bytes/token | MB per step | ms at 4.3 TB/s | share of HBM bandwidth over the roofline step |",
+           "|---|---:|---:|---:|---:|"]
+    tot_b = 0
+    for n, b in mem:
+        tot_b += b
+        out.append(f"| {n} | {b / N:.0f} | {b / 1e6:.2f} | {b / BW * 1e3:.3f} | {100 * b / BW / total:.2f}% |")
+    out += [f"| **all of these** | {tot_b / N:.0f} | {tot_b / 1e6:.1f} | {tot_b / BW * 1e3:.3f} | "
+            f"{100 * tot_b / BW / total:.1f}% |", "",
+            f"(roofline step {total * 1e3:.2f} ms; AdamW moves 30 bytes per parameter: fp32 p, g, m, v read, p, m, v "
+            f"written, the bf16 copy written; the norm 4; {P / 1e6:.0f}M parameters)", ""]
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
@@ -134,6 +165,9 @@ def main():
     today = sum(f / PEAK_FP32 for (_, f, _, _) in att) / 0.5  # half the fp32 peak at best: shared-memory bound
     print(f"Attention today (fp32 CUDA cores, at best half their 67 TFLOP/s): >= {today * 1e3:.1f} ms per step, "
           f"against {sum(max(f / PEAK_TC, b / BW) for (_, f, b, _) in att) * 1e3:.1f} ms on tensor cores.")
+    print()
+    print(elementwise_table("dense d768", **base))
+    print(elementwise_table("MoE 8x top-2, F_e 1536 (equal active FLOPs)", E=8, K=2, Fe=1536, **base))
 
 
 if __name__ == "__main__":

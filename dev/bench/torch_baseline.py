@@ -9,6 +9,7 @@ C++ bench: ms/step, tok/s, MFU (same FLOP count as docs/perf.md) and peak GPU me
 
   python3 dev/bench/torch_baseline.py                      # dense, eager
   python3 dev/bench/torch_baseline.py --experts 8 --topk 2 --compile
+  (dev/bench/bench.sh runs it beside the trainer's rows: --grad-accum 4, --measured-peak)
 
 Status: never run on a GPU. `--device cpu` smoke-runs it on a small size (done 2026-11-30 with
 Debian's PyTorch 1.13 CPU build, dense and MoE: it runs, and on uniform random tokens the loss
@@ -157,6 +158,9 @@ def main():
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--measured-peak", type=float, default=0,
+                    help="TFLOP/s: also report the MFU over this (bench_gpu --gemm-peak's result)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true")
@@ -177,11 +181,12 @@ def main():
     fwd = torch.compile(model) if a.compile else model
 
     def step():
-        idx = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
-        tgt = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            loss = fwd(idx, tgt)
-        loss.backward()
+        for _ in range(a.grad_accum):
+            idx = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
+            tgt = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                loss = fwd(idx, tgt)
+            (loss / a.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -205,16 +210,18 @@ def main():
     attn = a.d * (a.heads * hd) * 2 + a.d * (a.kv_heads * hd) * 2 + 2 * a.d
     ffn = (a.topk if a.experts else 1) * 3 * a.d * f + (a.experts * a.d if a.experts else 0)
     n_active = a.layers * (attn + ffn) + a.d + a.vocab * a.d
-    flops = (6 * n_active + 6 * a.layers * a.seq * a.heads * hd) * a.batch * a.seq
+    tokens = a.batch * a.seq * a.grad_accum
+    flops = (6 * n_active + 6 * a.layers * a.seq * a.heads * hd) * tokens
     name = torch.cuda.get_device_name() if gpu else "cpu"
     # the same table as train_moe.cu device_peak_flops (H100 NVL is 835, not the SXM 989)
     peak = (756e12 if ("H100" in name and "PCIe" in name) else 835e12 if ("H100" in name and "NVL" in name)
             else 989e12 if ("H100" in name or "H200" in name) else 312e12 if "A100" in name else 0)
     mfu = f"{100 * flops / dt / peak:.1f}%" if peak else "n/a (unknown device)"
+    mfu_gemm = f"{100 * flops / dt / (a.measured_peak * 1e12):.1f}%" if a.measured_peak > 0 else "n/a"
     if not hasattr(F, "scaled_dot_product_attention"):
         print(f"note: PyTorch {torch.__version__} has no fused attention: written-out attention, not a fair baseline")
     print(f"torch{' compile' if a.compile else ' eager'}: {'MoE' if a.experts else 'dense'} | {a.steps} steps of "
-          f"{a.batch * a.seq} tokens | {dt * 1e3:.1f} ms/step | {a.batch * a.seq / dt:.0f} tok/s | MFU {mfu} | "
+          f"{tokens} tokens | {dt * 1e3:.1f} ms/step | {tokens / dt:.0f} tok/s | MFU {mfu} | MFU of GEMM peak {mfu_gemm} | "
           f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30 if gpu else float('nan'):.2f} GiB | last loss {loss.item():.4f}")
 
 

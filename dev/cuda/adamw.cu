@@ -22,6 +22,19 @@ store_weight (the Philox RNG of common/rng.h is host-callable) from the GPU's ow
 each copy element must be p rounded down or up (never further); the rounding must be
 unbiased (mean of (copy - p) / ulp near 0); outside the range the poisoned copy stays
 untouched; and with stochastic = false the copy is round-to-nearest exactly.
+Version 5 is the trainer's whole step, kernels/adamw.cuh adamw_update_multi (one launch for
+every segment, chunks with 16-byte loads where aligned) after adamw_scalars (the norm, the
+clip factor and the skip flag on the device): segments with gaps between them, decay and no
+decay, unaligned starts and lengths, one GPU (mv_shift 0) and a data-parallel shard (moments
+packed; one shift a multiple of 4, the others not). p, m, v and the bf16 copy must equal version 4's
+kernel run range by range, bit for bit (the same arithmetic, in chunks), which version 4
+checks against the CPU; p also against the CPU reference; elements in the gaps untouched;
+the scalars against grad_clip_factor (common/run.h) on the host, bit for bit; and a set skip
+flag (a non-finite norm, or a non-finite loss noted) must leave everything untouched.
+Planted bugs (each made once, not committed): the vector path's second lane rounded with the
+first lane's RNG index (the copy check fails in every case); its moments at i instead of
+i - mv_shift (the sharded case writes past the packed moments: the run aborts); the skip
+flag ignored (both skip checks fail).
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
@@ -89,8 +102,8 @@ __global__ void adamw_v2(float* p, const float* g, float* m, float* v, long n, H
 }
 
 const char* NAMES[] = {"", "thread per parameter", "float4 grid-stride", "kernels/adamw.cuh (fp32, no copy)",
-                       "kernels/adamw.cuh (bf16 copy, stochastic)"};
-const int NV = 4;
+                       "kernels/adamw.cuh (bf16 copy, stochastic)", "kernels/adamw.cuh multi-tensor step (bf16 copy)"};
+const int NV = 5;
 
 // versions 3 and 4: the production kernel, AdamWArgs built as GPUModel::step builds them
 gpu::AdamWArgs make_args(const HP& hp, uint64_t seed, bool stochastic) {
@@ -193,6 +206,96 @@ void check_production(Suite& S, long n, const HP& hp, uint64_t& seed) {
     if (n == 100L * 1000 * 1000) S.bench("100M params", run, 28.0 * n + (with_copy ? 2.0 * n : 0.0));
 }
 
+// version 5: the whole step in one launch, against version 4's kernel range by range
+void check_multi(Suite& S, const HP& hp, bool sharded, uint64_t& seed) {
+    using bf = __nv_bfloat16;
+    // segments of a flat buffer of `total`, with gaps (never updated); sharded: the moments
+    // hold only the segments, packed, at index i - mv_shift
+    struct Seg { size_t base, n; bool decay; };
+    const Seg segs[] = {{3, 5, true}, {8, 4099, false}, {4111, 20001, true}, {24120, 8, false}, {24201, 9000, true}};
+    const size_t total = 33300;
+    std::vector<gpu::AdamWSegment> plan_segs;
+    size_t packed = 0;
+    for (const Seg& sg : segs) {
+        long long shift = 0;
+        if (sharded) shift = (long long)sg.base - (long long)packed;  // 3, 3, 7, 15, 88: aligned once
+        plan_segs.push_back({sg.base, sg.n, sg.decay, shift});
+        packed += sg.n;
+    }
+    const size_t nm = sharded ? packed : total;
+    auto p = rand_floats(total, seed++), g = rand_floats(total, seed++, -0.1f, 0.1f);
+    auto m = rand_floats(nm, seed++, -0.01f, 0.01f), vv = rand_floats(nm, seed++, 0.0f, 1e-4f);
+    gpu::AdamWArgs a = make_args(hp, 0x77ull, true);
+    const float wd = (float)hp.wd;
+    // reference: version 4's kernel, one range at a time
+    Dev<float> rP(p), rG(g), rM(m), rV(vv);
+    Dev<bf> rC(total);
+    rC.poison();
+    for (const gpu::AdamWSegment& sg : plan_segs) {
+        a.mv_shift = sg.mv_shift;
+        gpu::adamw_update(rP.p, rC.p, rG.p, rM.p, rV.p, sg.base, sg.n, sg.decay ? wd : 0.0f, a, (cudaStream_t)0);
+    }
+    a.mv_shift = 0;
+    // the step: scalars (a norm whose clip factor is hp.clip), then one launch
+    gpu::AdamWPlan plan;
+    gpu::adamw_make_plan(&plan, plan_segs);
+    const double norm = hp.clip < 1 ? 1.0 / hp.clip : 0.5;  // grad_clip 1: clip = 1 / norm = hp.clip
+    Dev<double> dSq(std::vector<double>{norm * norm * 0.25, norm * norm * 0.75}), dNorm(1);
+    Dev<float> dClip(1);
+    Dev<int> dSkip(1), dBad(std::vector<int>{0});
+    gpu::adamw_scalars(dNorm.p, dClip.p, dSkip.p, dSq.p, 2, 1.0, dBad.p, (cudaStream_t)0);
+    const double want_norm = std::sqrt(norm * norm * 0.25 + norm * norm * 0.75);
+    const float want_clip = (float)grad_clip_factor(1.0, want_norm);
+    S.check_equal("scalars: norm, clip, skip",
+                  std::vector<double>{dNorm.host()[0], (double)dClip.host()[0], (double)dSkip.host()[0]},
+                  std::vector<double>{want_norm, (double)want_clip, 0.0});
+    a.clip = want_clip;  // the reference's clip: the same float
+    rP.upload(p); rM.upload(m); rV.upload(vv); rC.poison();
+    for (const gpu::AdamWSegment& sg : plan_segs) {
+        a.mv_shift = sg.mv_shift;
+        gpu::adamw_update(rP.p, rC.p, rG.p, rM.p, rV.p, sg.base, sg.n, sg.decay ? wd : 0.0f, a, (cudaStream_t)0);
+    }
+    a.clip = NAN;  // the multi-tensor kernel must read the device's
+    Dev<float> dP(p), dG(g), dM(m), dV(vv);
+    Dev<bf> dC(total);
+    dC.poison();
+    gpu::adamw_update_multi(dP.p, dC.p, dG.p, dM.p, dV.p, plan, wd, dClip.p, dSkip.p, a, (cudaStream_t)0);
+    char what[96];
+    snprintf(what, sizeof what, "%d chunks (%d aligned): p", plan.n_chunks, plan.n_aligned);
+    S.check_equal(what, dP.host(), rP.host());
+    S.check_equal("m", dM.host(), rM.host());
+    S.check_equal("v", dV.host(), rV.host());
+    S.check_equal("bf16 copy (bits; gaps stay poisoned)", bits_of(dC.host()), bits_of(rC.host()));
+    S.check_true("some chunks aligned (16-byte path ran)", plan.n_aligned > 0);
+    // p against the CPU reference too (whole buffer; the gaps keep their start values)
+    std::vector<float> p_ref = p, m_ref = m, v_ref = vv;
+    for (const gpu::AdamWSegment& sg : plan_segs) {
+        HP h = hp;
+        h.wd = sg.decay ? hp.wd : 0.0;
+        h.clip = want_clip;
+        const size_t j = sg.base - sg.mv_shift;
+        adamw_cpu(p_ref.data() + sg.base, g.data() + sg.base, m_ref.data() + j, v_ref.data() + j, (long)sg.n, h);
+    }
+    S.check_close("p vs CPU", dP.host(), p_ref, TOL_FP32);
+    // a skipped step: a non-finite norm, then a noted non-finite loss; nothing may change
+    for (int which = 0; which < 2; which++) {
+        Dev<double> bad_stat(std::vector<double>{1.0, NAN});
+        dBad.upload(std::vector<int>{0});
+        if (which == 0) dSq.upload(std::vector<double>{INFINITY, 1.0});
+        else {
+            dSq.upload(std::vector<double>{1.0, 1.0});
+            gpu::note_non_finite(dBad.p, bad_stat.p, 2, (cudaStream_t)0);
+        }
+        gpu::adamw_scalars(dNorm.p, dClip.p, dSkip.p, dSq.p, 2, 1.0, dBad.p, (cudaStream_t)0);
+        dP.upload(p); dM.upload(m); dV.upload(vv); dC.poison();
+        gpu::adamw_update_multi(dP.p, dC.p, dG.p, dM.p, dV.p, plan, wd, dClip.p, dSkip.p, a, (cudaStream_t)0);
+        std::vector<uint16_t> poisoned(total, 0xFFFF);
+        const bool same = dP.host() == p && dM.host() == m && dV.host() == vv && bits_of(dC.host()) == poisoned;
+        S.check_true(which == 0 ? "skip on a non-finite norm" : "skip on a non-finite loss", dSkip.host()[0] == 1 && same);
+    }
+    plan.release();
+}
+
 int main(int argc, char** argv) {
     Suite S("adamw", argc, argv);
     int sms = 0;
@@ -205,6 +308,14 @@ int main(int argc, char** argv) {
         if (!S.want(v)) continue;
         S.begin(v, NAMES[v]);
         uint64_t seed = 5 * v;
+        if (v == 5) {
+            for (const HP& hp : hps)
+                for (bool sharded : {false, true}) {
+                    printf("  step %ld, clip %g, wd %g, %s\n", hp.t, hp.clip, hp.wd, sharded ? "a data-parallel shard" : "one GPU");
+                    check_multi(S, hp, sharded, seed);
+                }
+            continue;
+        }
         for (long n : sizes)
             for (const HP& hp : hps) {
                 if (n == 100L * 1000 * 1000 && &hp != &hps[1]) continue;  // the big size once

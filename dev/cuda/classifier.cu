@@ -14,7 +14,8 @@ Build and run (from the repository root):
 Versions 3 (T = float) and 4 (T = bf16) are the production kernel, kernels/classifier.cuh
 (gpu::crossentropy_forward_backward), called as train_moe.cu does: IN PLACE only (logits
 are replaced by dlogits when dscale != 0, left alone when dscale == 0), per-row losses out,
-no lse out. Checked: losses (poisoned first), mean loss, dlogits in place; with dscale 0,
+no lse out. Checked: losses (poisoned first), mean loss, the device sum of the losses
+(gpu::loss_sum, the trainer's CE sum), dlogits in place; with dscale 0,
 losses and the logits bit-unchanged. bf16: the reference runs on the bf16-rounded logits,
 dlogits at TOL_BF16, the losses (fp32 sums) at TOL_FP32.
 
@@ -135,6 +136,13 @@ void check_production(Suite& S, std::vector<float> logits, const std::vector<int
     double mean = 0;
     for (float x : gl) mean += x;
     S.check_close("mean loss", {(float)(mean / N)}, {ref_loss}, TOL_FP32);
+    // the trainer's CE sum on the device (gpu::loss_sum, one block in double) vs the host's
+    // double sum of the same row losses: equal to double rounding (a planted bug, the
+    // stride loop starting at 1, fails it)
+    Dev<double> dSum(1);
+    dSum.poison();
+    gpu::loss_sum(dSum.p, dLoss.p, N, (cudaStream_t)0);
+    S.check_true("loss_sum (device double) vs host sum", std::fabs(dSum.host()[0] - mean) <= 1e-12 * std::fabs(mean) + 1e-300);
     auto gdl = host_f(dZ);
     S.check_close("dlogits (in place)", gdl, dl, tol);
     double pmax = 0;  // largest non-target |dl|

@@ -12,7 +12,15 @@ Build and run (from the repository root):
 
 Version 3 is the production kernel, kernels/global_norm.cuh (gpu::global_norm_squared:
 the squared norm in double, into a device double, with gpu::NORM_BLOCKS doubles of
-scratch), called as train_moe.cu's GPUModel::step does; the host takes the sqrt in double.
+scratch); the host takes the sqrt in double.
+Version 4 is what train_moe.cu's GPUModel::step runs: gpu::global_norm_squared_multi, every
+segment's squared norm in one pass (grid NORM_BLOCKS x segments, 16-byte loads between an
+unaligned head and tail). Segments: the whole buffer (one GPU), or several slices at
+unaligned offsets and of every length mod 4, one empty (data parallel: this rank's slice
+of each bucket); each segment's sum against the CPU's double sum of that slice, bit-identical
+on rerun. Planted bugs (made once, not committed): the tail skipped (a slice of length
+4k+1 fails), the vector loop starting at the segment instead of after its head (unaligned
+slices fail).
 */
 #define TRAIN_MOE_NO_MAIN
 #include "../../train_moe.cpp"
@@ -71,8 +79,41 @@ __global__ void norm_squared_final_v2(float* out, const double* partial, int nbl
     if (threadIdx.x == 0) out[0] = (float)t;
 }
 
-const char* NAMES[] = {"", "one block", "grid + ordered partials (double)", "kernels/global_norm.cuh"};
-const int NV = 3;
+const char* NAMES[] = {"", "one block", "grid + ordered partials (double)", "kernels/global_norm.cuh",
+                       "kernels/global_norm.cuh, segments in one pass"};
+const int NV = 4;
+
+// version 4: segments of one buffer of n elements
+void check_segments(Suite& S, long n, uint64_t& seed) {
+    auto g = rand_floats(n, seed++, -0.01f, 0.01f);
+    std::vector<gpu::NormSegment> segs;
+    if (n < 64) segs = {{0, (size_t)n}};
+    else segs = {{0, (size_t)n}, {1, 5}, {7, (size_t)n / 3 + 1}, {(size_t)n / 2 + 2, 0}, {(size_t)n / 2 + 3, (size_t)n / 2 - 6},
+                 {(size_t)n - 3, 3}};
+    gpu::NormSegments ns;
+    gpu::norm_make_segments(&ns, segs);
+    Dev<float> dG(g);
+    Dev<double> dSq(segs.size()), partial(gpu::NORM_BLOCKS * segs.size());
+    dSq.poison();
+    partial.poison();
+    auto run = [&] { gpu::global_norm_squared_multi(dSq.p, partial.p, dG.p, ns, (cudaStream_t)0); };
+    run();
+    std::vector<float> out, ref;
+    for (size_t k = 0; k < segs.size(); k++) {
+        double r = 0;
+        for (size_t i = 0; i < segs[k].n; i++) r += (double)g[segs[k].begin + i] * g[segs[k].begin + i];
+        ref.push_back((float)std::sqrt(r));
+        out.push_back((float)std::sqrt(dSq.host()[k]));
+    }
+    char what[64];
+    snprintf(what, sizeof what, "%zu segments' norms", segs.size());
+    S.check_close(what, out, ref, TOL_FP32);
+    auto first = dSq.host();
+    run();
+    S.check_equal("bit-identical on rerun", dSq.host(), first);
+    if (n == 300L * 1000 * 1000) S.bench("300M gradients", run, 4.0 * n);
+    ns.release();
+}
 
 int main(int argc, char** argv) {
     Suite S("global_norm", argc, argv);
@@ -88,6 +129,10 @@ int main(int argc, char** argv) {
         for (long n : sizes) {
             if (EMULATED && n == 300L * 1000 * 1000) continue;  // there to be timed
             printf("  n %ld\n", n);
+            if (v == 4) {
+                check_segments(S, n, seed);
+                continue;
+            }
             auto g = rand_floats(n, seed++, -0.01f, 0.01f);
             double ref = global_norm_cpu(g);
             if (v == 3) {  // production: double result, sqrt on the host (GPUModel::step)

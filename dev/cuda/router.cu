@@ -31,6 +31,10 @@ moe_forward / moe_backward do, on the same cases:
                                (aux_g null, z_coef 0) against router_backward from 0, then each
                                loss alone (dtopw = 0) by the loss gradients' check, then all
                                together against router_losses_backward + router_backward.
+  gpu::router_aux_coef         the balancing loss's coefficients [B, E] on the device (as
+                               train_moe.cu's backward computes them), vs aux_dp_per_seq on
+                               the host: bit-identical, switch / seq / pooled, one GPU and
+                               three data-parallel ranks (the gathered counts' layout).
   gpu::router_backward_matmul  dx += dlogits @ Wr, dWr += dlogits^T x (2-pass, deterministic),
                                vs matmul_backward; dWr checked bit-identical on rerun.
 Version 3: router_logits_forward and router_backward_matmul with T = bf16 (x and dx bf16;
@@ -308,6 +312,45 @@ void check_router_matmuls(Suite& S, int N, int d, int E, uint64_t& seed) {
     }
 }
 
+// G on the device (gpu::router_aux_coef) vs aux_dp_per_seq on the host, exactly (the same
+// function of the same integers, common/router_losses.h aux_dp_coef), for every balancing
+// loss, 3 MoE layers, one GPU (W 1) and data parallel (W 3: every rank's counts in the
+// gathered layout, each rank computing its own rows of the global batch's G). The device
+// layout has B + 1 rows per layer (train_moe.cu's B_max > B case), the extra row poisoned.
+void check_aux_coef(Suite& S, int B, int T, int E, int K, uint64_t& seed) {
+    const int L = 3, Bm = B + 1;
+    for (int W : {1, 3}) {
+        const size_t layer_stride = (size_t)Bm * E, rank_stride = L * layer_stride;
+        std::vector<int> gathered(W * rank_stride, -1);
+        std::vector<std::vector<int>> host(L);  // [L][W B, E]: rank r's rows at r B
+        for (int l = 0; l < L; l++) {
+            host[l] = rand_ints((size_t)W * B * E, 2 * T * K / E + 1, seed++);
+            for (int r = 0; r < W; r++)
+                for (size_t x = 0; x < (size_t)B * E; x++)
+                    gathered[r * rank_stride + l * layer_stride + x] = host[l][(size_t)r * B * E + x];
+        }
+        RoutingStats rs;
+        rs.B = W * B; rs.T = T; rs.E = E; rs.K = K; rs.seg = T;
+        for (int l = 0; l < L; l++) rs.layers.push_back({host[l].data(), nullptr, nullptr});
+        Dev<int> dC(gathered);
+        Dev<float> dG((size_t)B * E);
+        for (AuxLoss aux : {AUX_SWITCH, AUX_SEQ, AUX_POOLED}) {
+            std::vector<float> out, ref, g;
+            for (int l = 0; l < L; l++) {
+                aux_dp_per_seq(g, aux, rs, l);  // [W B, E]
+                ref.insert(ref.end(), g.begin(), g.end());
+                for (int r = 0; r < W; r++) {
+                    dG.poison();
+                    gpu::router_aux_coef(dG.p, dC.p, rank_stride, layer_stride, W, r, l, L, B, T, E, K, aux, 0);
+                    std::vector<float> h = dG.host();
+                    out.insert(out.end(), h.begin(), h.end());
+                }
+            }
+            S.check_equal(strfmt("G %s on the device, W %d", aux_name(aux), W).c_str(), out, ref);
+        }
+    }
+}
+
 // version 2: forward, stats and backward of kernels/router.cuh (fp32), as train_moe.cu calls them
 void check_production(Suite& S, int B, int T, int E, int K, Routing routing, bool use_bias, const std::vector<float>& logits,
                       const std::vector<float>& bias, const std::vector<float>& probs, const std::vector<int>& topk,
@@ -437,6 +480,7 @@ int main(int argc, char** argv) {
             router_backward(dl.data(), dtopw.data(), probs.data(), topk.data(), topw.data(), N, E, K, c.routing);
 
             if (v == 2) {
+                check_aux_coef(S, c.B, c.T, E, K, seed);
                 check_production(S, c.B, c.T, E, K, c.routing, c.bias, logits, bias, probs, topk, topw, dtopw, seed);
                 continue;
             }

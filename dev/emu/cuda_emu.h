@@ -877,6 +877,17 @@ inline cudaError_t set_error(cudaError_t e) {
     last_error = e;
     return e;
 }
+// The host's waits for the device, counted, so that tests can hold a training step to the
+// waits it is meant to have (test_gpu_fixtures "host waits"): stream, device and event
+// synchronizations, stream queries (a polling loop's one call here), synchronous copies
+// between host and device (cudaMemcpy; cudaMemcpyAsync with pageable host memory), and the
+// calls that synchronize the device implicitly (cudaFree, cudaMallocHost, cudaFreeHost).
+// Not counted: cudaEventQuery (it never blocks).
+inline long& host_waits() { static long n = 0; return n; }
+inline void note_wait() {
+    std::lock_guard<std::mutex> g(allocations().m);
+    host_waits()++;
+}
 }  // namespace emu
 
 extern "C" {
@@ -894,6 +905,7 @@ inline cudaError_t cudaMalloc(void** p, size_t n) {
 inline cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) { return cudaMalloc(p, n); }
 inline cudaError_t cudaFree(void* p) {
     if (!p) return cudaSuccess;
+    emu::note_wait();
     {
         std::lock_guard<std::mutex> g(emu::allocations().m);
         auto it = emu::allocations().live.find((uintptr_t)p);
@@ -905,14 +917,41 @@ inline cudaError_t cudaFree(void* p) {
     return cudaSuccess;
 }
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
-// pinned host memory is ordinary host memory here
+// pinned host memory is ordinary host memory here, but recorded: a cudaMemcpyAsync to or
+// from pageable memory is a host wait on a GPU (counted in emu::host_waits)
+}  // extern "C"
+namespace emu {
+inline std::map<uintptr_t, size_t>& pinned_ranges() { static std::map<uintptr_t, size_t> m; return m; }
+inline bool is_pinned(const void* p, size_t n) {
+    std::lock_guard<std::mutex> g(allocations().m);
+    auto& m = pinned_ranges();
+    auto it = m.upper_bound((uintptr_t)p);
+    if (it == m.begin()) return false;
+    --it;
+    return (uintptr_t)p >= it->first && (uintptr_t)p + n <= it->first + it->second;
+}
+}  // namespace emu
+extern "C" {
 inline cudaError_t cudaMallocHost(void** p, size_t n) {
     if (posix_memalign(p, 256, std::max<size_t>(n, 1))) return emu::set_error(cudaErrorMemoryAllocation);
+    emu::note_wait();
+    std::lock_guard<std::mutex> g(emu::allocations().m);
+    emu::pinned_ranges()[(uintptr_t)*p] = std::max<size_t>(n, 1);
     return cudaSuccess;
 }
 inline cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) { return cudaMallocHost(p, n); }
-inline cudaError_t cudaFreeHost(void* p) { free(p); return cudaSuccess; }
-inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind kind) {
+inline cudaError_t cudaFreeHost(void* p) {
+    emu::note_wait();
+    {
+        std::lock_guard<std::mutex> g(emu::allocations().m);
+        emu::pinned_ranges().erase((uintptr_t)p);
+    }
+    free(p);
+    return cudaSuccess;
+}
+}  // extern "C"
+namespace emu {
+inline cudaError_t copy(void* d, const void* s, size_t n, cudaMemcpyKind kind) {
     if (kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice) emu::check_device_range(d, n, "cudaMemcpy destination");
     if (kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice) emu::check_device_range(s, n, "cudaMemcpy source");
     if (kind == cudaMemcpyHostToDevice && n && emu::in_device_memory(s, n)) emu::fail("cudaMemcpy HostToDevice: the source %p is device memory", s);
@@ -920,8 +959,16 @@ inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind k
     if (n) memmove(d, s, n);
     return cudaSuccess;
 }
+}  // namespace emu
+extern "C" {
+inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind kind) {
+    if (kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToHost) emu::note_wait();
+    return emu::copy(d, s, n, kind);
+}
 inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t) {
-    return cudaMemcpy(d, s, n, kind);
+    if ((kind == cudaMemcpyHostToDevice && !emu::is_pinned(s, n)) || (kind == cudaMemcpyDeviceToHost && !emu::is_pinned(d, n)))
+        emu::note_wait();
+    return emu::copy(d, s, n, kind);
 }
 inline cudaError_t cudaMemset(void* p, int v, size_t n) {
     emu::check_device_range(p, n, "cudaMemset");
@@ -929,14 +976,14 @@ inline cudaError_t cudaMemset(void* p, int v, size_t n) {
     return cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { return cudaMemset(p, v, n); }
-inline cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize(void) { emu::note_wait(); return cudaSuccess; }
 inline cudaError_t cudaDeviceReset(void) { return cudaSuccess; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { emu::note_wait(); return cudaSuccess; }
 inline cudaError_t cudaStreamCreate(cudaStream_t* s) { *s = (cudaStream_t) new emu::StreamRec{1}; return cudaSuccess; }
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { return cudaStreamCreate(s); }
 inline cudaError_t cudaStreamDestroy(cudaStream_t s) { delete (emu::StreamRec*)s; return cudaSuccess; }
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
-inline cudaError_t cudaStreamQuery(cudaStream_t) { return cudaSuccess; }  // every call has completed
+inline cudaError_t cudaStreamQuery(cudaStream_t) { emu::note_wait(); return cudaSuccess; }  // every call has completed
 // EMU_DEVICE_COUNT (default 1) emulated devices, all the same CPU: the data-parallel tests
 // run one process per emulated device
 namespace emu {
@@ -1029,7 +1076,7 @@ inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
     ((emu::EventRec*)e)->t = std::chrono::steady_clock::now();
     return cudaSuccess;
 }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { emu::note_wait(); return cudaSuccess; }
 inline cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
 // CPU time between the events: not a GPU time (dev/cuda skips its benchmarks under CUDA_EMU)
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {

@@ -26,7 +26,11 @@ Before writing anything it runs self-checks and exits non-zero if one fails:
     BF16_MARGIN x the layer's largest |logit|, so that a bf16 implementation, whose router
     logits test/test_gpu_fixtures.cu holds within eps = 6 u max|z| (u = 2^-8), must choose
     the same experts (a choice can only flip where the margin is below 2 eps);
-  * moe_empty_expert has an expert with no token in layer 0.
+  * moe_empty_expert has an expert with no token in layer 0;
+  * dpsl: the Beta CDF matches its closed forms (a = 1, b = 1, a = b = 2); the dpsl loss alone
+    gives every router a gradient; each expert's sorted probabilities are separated by more
+    than DPSL_GAP_MIN relative at all 10 AdamW states (the sort order, and so the gradient,
+    is the same in fp32).
 """
 
 import argparse
@@ -44,13 +48,14 @@ except ImportError as e:  # --help works without PyTorch; anything else says wha
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model import (Config, AdamW, compute_losses, forward, write_safetensors,  # noqa: E402
-                   read_safetensors, load_checkpoint)
+                   read_safetensors, load_checkpoint, beta_cdf)
 
 torch.set_default_dtype(torch.float64)
 
 B, T = 2, 8
 ADAMW_STEPS = 10
 GAP_MIN = 1e-3
+DPSL_GAP_MIN = 1e-4
 BF16_MARGIN = 1.25 * 2 * 6 * 2.0 ** -8  # 2 eps of the bf16 router check, with 25% headroom
 SEED_ATTEMPTS = 5000
 OPT = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
@@ -83,7 +88,18 @@ FIXTURES = [
          aux="switch", aux_coef=0.01, z_coef=0.001, seed=8000,
          desc="Mixtral E8 K1 F_e16 topk_softmax (gate weight is 1: router grad only from "
               "aux and z), switch aux 0.01, z 0.001"),
+    dict(name="moe_dpsl", kv=4, F=32, E=4, K=2, routing="topk_softmax",
+         aux="switch", aux_coef=0.01, z_coef=0.001, seed=9000,
+         dpsl=dict(coef=0.1, alpha=[0.5, 1.0, 1.5, 2.0], distance="sq", ecdf="mid"),
+         desc="Mixtral E4 K2 topk_softmax, switch aux 0.01 + dpsl 0.1 (asymmetric prior "
+              "alpha 0.5,1,1.5,2; sq, mid), z 0.001"),
 ]
+
+
+def spec_losses(P, cfg, inputs, targets, spec):
+    """The fixture's total loss and its terms (compute_losses with the spec's settings)."""
+    return compute_losses(P, cfg, inputs, targets, spec["aux"], spec["aux_coef"],
+                          spec["z_coef"], spec.get("dpsl"))
 
 
 def hf_config(spec):
@@ -141,6 +157,30 @@ def min_router_gap(routing, K):
     return m
 
 
+def min_sorted_prob_gap(routing):
+    """Smallest relative gap (q_(r+1) - q_(r)) / q_(r+1) between two of an expert's sorted
+    probabilities over the batch (all layers): dpsl sorts them, and its gradient depends on
+    the order. Relative, since fp32 probabilities carry relative errors (many are tiny)."""
+    m = float("inf")
+    for r in routing:
+        q = torch.sort(r["probs"].detach(), dim=0).values
+        m = min(m, float(((q[1:] - q[:-1]) / q[1:]).min()))
+    return m
+
+
+def check_beta_cdf():
+    """The reference's Beta CDF against closed forms: I_x(1, b) = 1 - (1-x)^b,
+    I_x(a, 1) = x^a, I_x(2, 2) = 3x^2 - 2x^3."""
+    x = torch.linspace(0.001, 0.999, 199)
+    worst = 0.0
+    for a, b, want in ((1.0, 3.5, 1 - (1 - x) ** 3.5), (0.5, 1.0, x ** 0.5),
+                       (2.0, 2.0, 3 * x ** 2 - 2 * x ** 3)):
+        worst = max(worst, float((beta_cdf(x, a, b) - want).abs().max()))
+    if worst > 1e-14:
+        fail(f"beta_cdf differs from its closed forms by {worst:.3e}")
+    return worst
+
+
 def min_topk_margin_rel(routing, K):
     """Smallest top-K margin (K-th minus (K+1)-th largest logit) of any token, relative to
     its layer's largest |logit| (infinity when K = E)."""
@@ -156,7 +196,7 @@ def min_topk_margin_rel(routing, K):
 
 def loss_and_grads(P, cfg, inputs, targets, spec):
     Pg = {n: p.detach().clone().requires_grad_(True) for n, p in P.items()}
-    r = compute_losses(Pg, cfg, inputs, targets, spec["aux"], spec["aux_coef"], spec["z_coef"])
+    r = spec_losses(Pg, cfg, inputs, targets, spec)
     names = sorted(Pg)
     gs = torch.autograd.grad(r["loss"], [Pg[n] for n in names], allow_unused=True)
     grads = {n: (g if g is not None else torch.zeros_like(Pg[n])) for n, g in zip(names, gs)}
@@ -164,11 +204,12 @@ def loss_and_grads(P, cfg, inputs, targets, spec):
 
 
 def run_adamw(P0, cfg, inputs, targets, spec):
-    """Returns (step-0 result, step-0 grads, losses[10], grad_norms[10], min gap over steps)."""
+    """Returns (step-0 result, step-0 grads, losses[10], grad_norms[10], min router gap over
+    steps, min gap between an expert's sorted probabilities over steps (dpsl only))."""
     P = {n: p.clone() for n, p in P0.items()}
     opt = AdamW(P, OPT["lr"], OPT["beta1"], OPT["beta2"], OPT["eps"], OPT["weight_decay"],
                 OPT["grad_clip"])
-    losses, norms, gap = [], [], float("inf")
+    losses, norms, gap, pgap = [], [], float("inf"), float("inf")
     first = None
     for _ in range(ADAMW_STEPS):
         r, grads = loss_and_grads(P, cfg, inputs, targets, spec)
@@ -177,8 +218,10 @@ def run_adamw(P0, cfg, inputs, targets, spec):
         losses.append(float(r["loss"]))
         if cfg.moe:
             gap = min(gap, min_router_gap(r["routing"], cfg.K))
+        if spec.get("dpsl"):
+            pgap = min(pgap, min_sorted_prob_gap(r["routing"]))
         norms.append(opt.step(P, grads))
-    return first[0], first[1], losses, norms, gap
+    return first[0], first[1], losses, norms, gap, pgap
 
 
 def fail(msg):
@@ -191,9 +234,7 @@ def fail(msg):
 
 def check_finite_differences(P, cfg, inputs, targets, spec, grads, n_entries=3, h=1e-5):
     g = torch.Generator().manual_seed(12345)
-    ref_idx = [r["topk_idx"] for r in
-               compute_losses(P, cfg, inputs, targets, spec["aux"], spec["aux_coef"],
-                              spec["z_coef"])["routing"]]
+    ref_idx = [r["topk_idx"] for r in spec_losses(P, cfg, inputs, targets, spec)["routing"]]
     worst_abs, worst_rel, n = 0.0, 0.0, 0
     for name in sorted(P):
         flat = P[name].view(-1)
@@ -206,8 +247,7 @@ def check_finite_differences(P, cfg, inputs, targets, spec, grads, n_entries=3, 
                 q.view(-1)[j] += sgn * h
                 Q[name] = q
                 with torch.no_grad():
-                    r = compute_losses(Q, cfg, inputs, targets, spec["aux"], spec["aux_coef"],
-                                       spec["z_coef"])
+                    r = spec_losses(Q, cfg, inputs, targets, spec)
                 for a, b in zip(ref_idx, [x["topk_idx"] for x in r["routing"]]):
                     if not torch.equal(a, b):
                         fail(f"{spec['name']}: FD step changed the routing at {name}[{j}]")
@@ -289,21 +329,24 @@ def check_aux_balance():
 def check_router_grads(P, cfg, inputs, targets, spec, grads):
     """aux alone and z alone reach every router; fixture grad = ce + a*aux + b*z grads."""
     Pg = {n: p.clone().requires_grad_(True) for n, p in P.items()}
-    r = compute_losses(Pg, cfg, inputs, targets, spec["aux"], spec["aux_coef"], spec["z_coef"])
+    r = spec_losses(Pg, cfg, inputs, targets, spec)
     rn = [f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(cfg.L)]
     parts = {}
-    for term in ("ce", "aux", "z"):
+    terms = ("aux", "z", "dpsl") if spec.get("dpsl") else ("aux", "z")
+    for term in ("ce",) + terms:
         gs = torch.autograd.grad(r[term], [Pg[n] for n in rn], retain_graph=True,
                                  allow_unused=True)
         parts[term] = [g if g is not None else torch.zeros_like(Pg[n]) for g, n in zip(gs, rn)]
     norms = {}
-    for term in ("aux", "z"):
+    for term in terms:
         norms[term] = [float(g.norm()) for g in parts[term]]
         if min(norms[term]) < 1e-8:
             fail(f"{spec['name']}: {term} loss gives no router gradient: {norms[term]}")
     lin = 0.0
     for i, n in enumerate(rn):
         comb = parts["ce"][i] + spec["aux_coef"] * parts["aux"][i] + spec["z_coef"] * parts["z"][i]
+        if spec.get("dpsl"):
+            comb = comb + spec["dpsl"]["coef"] * parts["dpsl"][i]
         lin = max(lin, float((comb - grads[n]).abs().max()))
     if lin > 1e-13:
         fail(f"{spec['name']}: router grad != ce + aux + z parts ({lin:.3e})")
@@ -328,8 +371,10 @@ def build(spec):
                 continue
             if min_topk_margin_rel(routing, cfg.K) <= BF16_MARGIN:
                 continue
-        r, grads, losses, norms, gap = run_adamw(P, cfg, inputs, targets, spec)
+        r, grads, losses, norms, gap, pgap = run_adamw(P, cfg, inputs, targets, spec)
         if cfg.moe and gap <= GAP_MIN:
+            continue
+        if spec.get("dpsl") and pgap <= DPSL_GAP_MIN:
             continue
         return dict(cfg=cfg, seed=seed, npP=npP, P=P, inputs=inputs, targets=targets, r=r,
                     grads=grads, losses=losses, norms=norms, gap=gap)
@@ -368,6 +413,11 @@ def write_fixture(outdir, spec, b):
             "seed": str(b["seed"]), "description": b["desc"]}
     for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"):
         meta[k] = repr(float(OPT[k]))
+    if spec.get("dpsl"):  # only here: the other fixtures' files stay as they were
+        t["dpsl"] = np.array([float(r["dpsl"])])
+        dp = spec["dpsl"]
+        meta.update(dpsl_coef=repr(float(dp["coef"])), dpsl_alpha=",".join(repr(float(a)) for a in dp["alpha"]),
+                    dpsl_distance=dp["distance"], dpsl_ecdf=dp["ecdf"])
     write_safetensors(os.path.join(d, "fixture.safetensors"), t, meta)
     return d
 
@@ -387,6 +437,7 @@ def main():
               f"(expert counts {spread})")
         vals = check_aux_balance()
         print(f"check: aux at uniform probs {vals} (switch/seq = L, pooled = K)")
+        print(f"check: Beta CDF vs closed forms: max err {check_beta_cdf():.1e}")
 
     built = []
     for spec in specs:
@@ -403,6 +454,8 @@ def main():
         b["desc"] = desc
         line = (f"{spec['name']}: seed {b['seed']} loss {float(r['loss']):.10f} "
                 f"ce {float(r['ce']):.10f} aux {float(r['aux']):.10f} z {float(r['z']):.10f}")
+        if spec.get("dpsl"):
+            line += f" dpsl {float(r['dpsl']):.10f}"
         if cfg.moe:
             line += f" min router gap {b['gap']:.3e} counts " + \
                     str([x["counts"].tolist() for x in r["routing"]])
@@ -417,8 +470,10 @@ def main():
             if cfg.moe and spec["aux_coef"] > 0:
                 norms, lin = check_router_grads(b["P"], cfg, b["inputs"], b["targets"], spec,
                                                 b["grads"])
+                extra = (f" from dpsl {[f'{x:.3e}' for x in norms['dpsl']]}"
+                         if "dpsl" in norms else "")
                 print(f"  check: router grad norms from aux {[f'{x:.3e}' for x in norms['aux']]}"
-                      f" from z {[f'{x:.3e}' for x in norms['z']]}; linearity err {lin:.1e}")
+                      f" from z {[f'{x:.3e}' for x in norms['z']]}{extra}; linearity err {lin:.1e}")
             if spec["aux"] == "pooled":
                 hf = float(hf_load_balancing_loss([x["router_logits"] for x in r["routing"]],
                                                   cfg.E, cfg.K))
@@ -443,10 +498,15 @@ def main():
         assert meta["adamw_steps"] == str(ADAMW_STEPS)
         # the files alone reproduce the fixture (what the C++ test sees)
         cfg2, P2 = load_checkpoint(d)
+        dp2 = None
+        if "dpsl_coef" in meta:
+            dp2 = dict(coef=float(meta["dpsl_coef"]),
+                       alpha=[float(a) for a in meta["dpsl_alpha"].split(",")],
+                       distance=meta["dpsl_distance"], ecdf=meta["dpsl_ecdf"])
         with torch.no_grad():
             r2 = compute_losses(P2, cfg2, torch.from_numpy(t["inputs"]).long(),
                                 torch.from_numpy(t["targets"]).long(), meta["aux_type"],
-                                float(meta["aux_coef"]), float(meta["z_coef"]))
+                                float(meta["aux_coef"]), float(meta["z_coef"]), dp2)
         if float(r2["loss"]) != float(t["loss"][0]) or \
                 not torch.equal(r2["logits"], torch.from_numpy(t["logits"])):
             fail(f"{d}: reloading the written files does not reproduce the fixture")

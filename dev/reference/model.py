@@ -2,7 +2,7 @@
 """Float64 PyTorch reference of the Llama / Mixtral model trained by the C++/CUDA trainer.
 
 This file is the executable spec of the model (docs/ARCHITECTURE.md, "The model") and of
-docs/METHODS.md section 1 (routing, load-balancing and z losses). It is deliberately plain:
+docs/METHODS.md section 1 (routing, load-balancing, z and Dirichlet-prior shaping losses). It is deliberately plain:
 no nn.Module, no fused kernels, attention written out, top-K written out (ties -> lower
 expert index). Everything is computed in float64 from the checkpoint's fp32/bf16 values
 upcast to float64.
@@ -325,16 +325,68 @@ def z_loss(routing):
     return tot
 
 
-def compute_losses(P, cfg, inputs, targets, aux_type="none", aux_coef=0.0, z_coef=0.0):
-    """Returns dict: loss (weighted total), ce, aux, z (unweighted), logits, routing."""
+def beta_cdf(x, a, b, terms=120):
+    """CDF of Beta(a, b) at x (a tensor in (0, 1)), differentiable in x by autograd (its
+    derivative is the Beta density). Computed from the hypergeometric series
+    I_x(a, b) = x^a (1-x)^b / (a B(a, b)) * sum_n [(a+b)_n / (a+1)_n] x^n, whose terms are all
+    positive, on x <= 1/2, and from I_x(a, b) = 1 - I_{1-x}(b, a) above: so the series
+    never runs at a ratio above 1/2 (120 terms: error below 2^-120 of the sum). A different
+    method from the C++ continued fraction, on purpose."""
+    def series(y, a, b):
+        lognorm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+        n = torch.arange(terms, dtype=y.dtype)
+        # log of (a+b)_n / (a+1)_n, the coefficient of y^n
+        logc = torch.cat([torch.zeros(1, dtype=y.dtype),
+                          torch.cumsum(torch.log((a + b + n[:-1]) / (a + 1 + n[:-1])), 0)])
+        s = (torch.exp(logc) * y.unsqueeze(-1) ** n).sum(-1)
+        return torch.exp(a * torch.log(y) + b * torch.log1p(-y) + lognorm) / a * s
+    low = x <= 0.5
+    xl = torch.where(low, x, torch.full_like(x, 0.25))        # the branch not taken stays finite
+    xh = torch.where(low, torch.full_like(x, 0.75), x)
+    return torch.where(low, series(xl, a, b), 1 - series(1 - xh, b, a))
+
+
+def dpsl_loss(routing, cfg, alpha, distance="sq", ecdf="mid"):
+    """Dirichlet-prior shaping loss (docs/METHODS.md 1.6), unweighted. Per layer and expert
+    i: the N probabilities p_{t,i} of the micro-batch sorted ascending (stable: ties keep row
+    order), F_i = CDF of Beta(alpha_i, A - alpha_i), A = sum(alpha), u_r = (r - 1/2)/N (mid)
+    or r/N (right); D = (F_i(p_(r)) - u_r)^2 (sq) or |.| (abs); mean over r, mean over the
+    experts, summed over layers. alpha: one value for every expert or a list of E."""
+    tot = torch.zeros((), dtype=torch.float64)
+    if not routing:
+        return tot
+    E = cfg.E
+    al = [float(alpha[0])] * E if len(alpha) == 1 else [float(a) for a in alpha]
+    assert len(al) == E, "alpha: one value or one per expert"
+    A = sum(al)
+    for r in routing:
+        p = r["probs"]                                             # [N, E]
+        N = p.shape[0]
+        q = torch.sort(p, dim=0, stable=True).values               # each column ascending
+        rank = torch.arange(1, N + 1, dtype=torch.float64)
+        u = (rank - 0.5) / N if ecdf == "mid" else rank / N
+        for i in range(E):
+            d = beta_cdf(q[:, i], al[i], A - al[i]) - u
+            tot = tot + (d * d if distance == "sq" else d.abs()).mean() / E
+    return tot
+
+
+def compute_losses(P, cfg, inputs, targets, aux_type="none", aux_coef=0.0, z_coef=0.0, dpsl=None):
+    """Returns dict: loss (weighted total), ce, aux, z, dpsl (unweighted), logits, routing.
+    dpsl: None (off) or dict(coef, alpha (list), distance, ecdf) (see dpsl_loss)."""
     B, T = inputs.shape
     logits, routing = forward(P, cfg, inputs)
     logp = torch.log_softmax(logits.reshape(B * T, cfg.V), dim=-1)
     ce = -logp.gather(1, targets.reshape(B * T, 1)).mean()
     aux = aux_loss(routing, cfg, aux_type, B, T)
     zl = z_loss(routing)
-    loss = ce + aux_coef * aux + z_coef * zl
-    return dict(loss=loss, ce=ce, aux=aux, z=zl, logits=logits, routing=routing)
+    dl = torch.zeros((), dtype=torch.float64)
+    if dpsl is not None:
+        dl = dpsl_loss(routing, cfg, dpsl["alpha"], dpsl["distance"], dpsl["ecdf"])
+        loss = ce + aux_coef * aux + dpsl["coef"] * dl + z_coef * zl
+    else:
+        loss = ce + aux_coef * aux + z_coef * zl
+    return dict(loss=loss, ce=ce, aux=aux, z=zl, dpsl=dl, logits=logits, routing=routing)
 
 
 # ----------------------------------------------------------------------------------------
