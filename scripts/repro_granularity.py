@@ -25,8 +25,8 @@ Run (from the repository root):
   python3 scripts/repro_granularity.py --preset small  # one GPU (./train_moe_gpu), not run yet
   python3 scripts/repro_granularity.py --smoke --runs /tmp/r --results /tmp/r/out
   python3 scripts/repro_granularity.py --list          # every command, and the wall-time estimate
-(Measured 2026-12-02: 13.6 minutes on this shared 2-core machine at load 6-9, the dense base
-reused; the estimate for an idle one is 7.7.)
+(Measured 2026-12-02 on this shared 2-core machine: 10.8 minutes at load 2-4 with its own dense
+base, 13.6 at load 6-9 with the dense base reused; the estimate for an idle one is 7.7.)
 Interrupted? Run the same command again: finished stages are skipped, the unfinished one resumes.
 The wall-time estimate is printed before the first stage. Output:
 docs/results/granularity/[tiny/]{table.md,results.json,granularity.png}.

@@ -29,8 +29,8 @@ Run (from the repository root):
   python3 scripts/repro_upcycling_scaling.py --preset small  # one GPU (./train_moe_gpu), not run yet
   python3 scripts/repro_upcycling_scaling.py --smoke --runs /tmp/r --results /tmp/r/out
   python3 scripts/repro_upcycling_scaling.py --list          # every command, and the wall-time estimate
-(Measured 2026-12-02: 20.5 minutes on this shared 2-core machine at load 6-9; the estimate for an
-idle one is 10.4.)
+(Measured 2026-12-02 on this shared 2-core machine: 12.8 minutes at load 2-4, 20.5 at load 6-9;
+the estimate for an idle one is 10.4.)
 Interrupted? Run the same command again: finished stages are skipped, the unfinished one resumes.
 The wall-time estimate is printed before the first stage. Output:
 docs/results/upcycling_scaling/[tiny/]{table.md,results.json,scaling.png}.
