@@ -11,6 +11,8 @@
 #   make quickstart   the README's first command (tiny Drop-Upcycling Table 1)
 #   make repro-tiny   every reproduction at the tiny preset (CPU, minutes each)
 #   make repro-small  every reproduction at the small preset (one H100/H200, about an hour each)
+#   make repro-grids-tiny   the two scaling-law grids at the tiny preset (CPU, 1 thread, ~20 minutes)
+#   make repro-grids-small  the two grids at the small preset (one GPU, hours: see the scripts)
 CXX ?= g++
 NVCC ?= nvcc
 PYTHON ?= python3
@@ -42,7 +44,7 @@ KERNELS := $(wildcard kernels/*.cuh)
 DEV_CUDA := $(wildcard dev/cuda/*.cu)
 
 .PHONY: all test test-cpu test-gpu cuda-check emu test-emu bench bench-cpu quickstart clean fixtures repro-tiny \
-        repro-small fuzz fuzz-build test-san san
+        repro-small repro-grids-tiny repro-grids-small fuzz fuzz-build test-san san
 all: train_moe generate $(if $(wildcard upcycle.cu),upcycle) $(if $(HAVE_NVCC),$(if $(wildcard train_moe.cu),train_moe_gpu generate_gpu))
 
 include dev/data/data.mk
@@ -249,6 +251,16 @@ repro-tiny: train_moe upcycle
 repro-small: train_moe upcycle train_moe_gpu
 	@test -f data/full/tokenizer.bin || { echo "repro-small: data/full is missing: run make data (or make data-unpack on the GPU machine)"; exit 1; }
 	@set -e; for s in $(REPRO_SCRIPTS); do $(PYTHON) $$s --preset small --trainer gpu; done
+
+# the scaling-law grids (docs/REPRODUCTIONS.md): many short runs each; they say their wall time before starting
+GRID_SCRIPTS := scripts/repro_upcycling_scaling.py scripts/repro_granularity.py
+repro-grids-tiny: train_moe upcycle
+	@test -f data/tiny/tokenizer.bin || $(MAKE) --no-print-directory data-tiny
+	@set -e; for s in $(GRID_SCRIPTS); do $(PYTHON) $$s --preset tiny --trainer cpu --threads 1; done
+
+repro-grids-small: train_moe upcycle train_moe_gpu
+	@test -f data/full/tokenizer.bin || { echo "repro-grids-small: data/full is missing: run make data (or make data-unpack on the GPU machine)"; exit 1; }
+	@set -e; for s in $(GRID_SCRIPTS); do $(PYTHON) $$s --preset small --trainer gpu; done
 
 # GPU targets: need an NVIDIA GPU (the H100/H200 machine); see docs/gpu-log.md
 test-gpu: train_moe train_moe_gpu cuda-check

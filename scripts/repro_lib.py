@@ -19,8 +19,14 @@ time, device and commit are kept in <runs>/_meta/<stage>.json; a stage whose rec
 differs from the current one is an error (delete it or use another --runs directory), so a
 changed preset never mixes with old runs silently.
 
+Before the first stage, run() prints a wall-time estimate of the stages left from the preset's
+rate (PRESETS[...]["step_s"], a measured or stated seconds per dense step; Stage.cost for stages
+dearer than the preset's MoE step); after each stage it prints an ETA from this run's own speed.
+
 report() writes the table (table.md), results.json, loss_curves.png and expert_load.png into
-the results directory, each to a temporary name first and then renamed.
+the results directory, each to a temporary name first and then renamed. A table may add an
+analysis (notes under the table, an "analysis" object in results.json: the scaling-law fits)
+and its own plots instead of the two standard ones (Table.analysis, Table.plots).
 """
 from __future__ import annotations
 
@@ -62,7 +68,14 @@ PRESETS = {
         branch_steps=100,       # BTX: each domain branch
         p1_steps=100, p2_steps=150,   # expert upcycling: 4-expert phase, then the expanded phase
         eval_every=25, save_every=50, eval_batches=8, log_every=50,
-        trainer="auto", results_sub="tiny"),
+        trainer="auto", results_sub="tiny",
+        # the wall-time estimate printed before a run starts (Runner.estimate): seconds per dense
+        # step with this preset's evals and checkpoints, per trainer; an MoE step costs moe_cost
+        # dense steps (unless its Stage says otherwise), a stage stage_s more. Measured
+        # 2026-12-02 on this machine, CPU trainer, 1 thread (the 400-step dense base took 13.3 s,
+        # an 8-expert top-2 MoE 400 steps 13.5 s, G = 8 granular 19.2 s): 2 threads are faster
+        # when the machine is idle.
+        step_s={"cpu": 0.033}, moe_cost=1.1, stage_s=0.3, rate_source="measured, CPU trainer, 1 thread"),
     "small": dict(
         data="data/full", model="d512", batch=32, seq=1024, grad_accum=1,   # 32768 tokens/step
         lr=1e-3, warmup_dense=100, warmup_moe=50,
@@ -71,7 +84,10 @@ PRESETS = {
         branch_steps=200,       # BTX: 6.6M tokens per domain branch
         p1_steps=300, p2_steps=300,   # expert upcycling: 9.8M + 9.8M tokens
         eval_every=100, save_every=100, eval_batches=16, log_every=25,
-        trainer="gpu", results_sub=""),
+        trainer="gpu", results_sub="",
+        # not measured (the GPU trainer has not run on a GPU yet): 32768 tokens x 0.43 GFLOP per
+        # dense token at an assumed 50 TFLOP/s sustained; an 8x top-2 MoE token is ~0.65 GFLOP
+        step_s={"gpu": 0.28}, moe_cost=1.5, stage_s=20.0, rate_source="assumed 50 TFLOP/s, not measured"),
 }
 # tiny_long: tiny with a 5x longer MoE phase (1000 steps = 512k tokens, 2.5x the dense base;
 # the tiny train split is 350k tokens, so ~1.5 epochs), to see whether the end-of-run order
@@ -95,7 +111,10 @@ PRESETS["gpu_short"] = dict(
     lr=2e-3, warmup_dense=100, warmup_moe=50,
     dense_steps=1200, moe_steps=600, branch_steps=200, p1_steps=300, p2_steps=300,
     eval_every=100, save_every=600, eval_batches=8, log_every=50,   # few checkpoints: each MoE one is ~0.4 GB
-    trainer="gpu", results_sub="gpu_short")
+    trainer="gpu", results_sub="gpu_short",
+    # the estimate before the start: the prediction above (~2 minutes for Table 1's ~6000 steps and
+    # ~13 stages), not a measurement
+    step_s={"gpu": 0.015}, moe_cost=1.4, stage_s=3.0, rate_source="predicted for one H200, not measured")
 PRESETS["smoke"] = dict(PRESETS["tiny"], dense_steps=20, moe_steps=10, branch_steps=5, p1_steps=5, p2_steps=10,
                         warmup_dense=2, warmup_moe=2, eval_every=5, save_every=5, eval_batches=1, log_every=5,
                         results_sub="smoke")
@@ -126,9 +145,10 @@ class Stage:
     kind: str                      # "train", "upcycle" or "eval" (./train_moe --ensemble)
     args: list                     # program arguments; paths are relative to the repository root
     steps: int = 0                 # train: total optimizer steps
-    moe: bool = False              # train: an MoE (about 1.5-2x a dense step: used for the ETA only)
+    moe: bool = False              # train: an MoE (costs the preset's moe_cost dense steps: estimates only)
     needs: list = field(default_factory=list)   # stages that must be finished first
     cpu_only: bool = False         # train: always ./train_moe (an option the GPU trainer lacks, e.g. dpsl)
+    cost: float = 0.0              # train: cost of one step in dense steps, if not the default (estimates only)
 
 
 @dataclass
@@ -150,6 +170,12 @@ class Table:
     rows: list                     # Rows, in table order
     notes: list = field(default_factory=list)   # lines printed under the table
     extra_columns: object = None   # optional fn(results) -> (headers, {row key: [cells]}, notes)
+    # optional fn(results) -> {"notes": [lines under the table], "data": JSON for results.json's "analysis"}
+    analysis: object = None
+    # optional fn(results, analysis, out_dir, subtitle) -> [PNG file names it wrote]; instead of the two
+    # standard plots when standard_plots is False
+    plots: object = None
+    standard_plots: bool = True
 
 
 def run_dir(root: str, name: str) -> str:
@@ -329,8 +355,9 @@ def make(targets: list[str], quiet: bool = True) -> bool:
 
 
 class Runner:
-    def __init__(self, table: Table, root: str, trainer: str, threads: int, prefix: str):
+    def __init__(self, table: Table, root: str, trainer: str, threads: int, prefix: str, cfg: dict | None = None):
         self.t, self.root, self.trainer, self.threads, self.prefix = table, root, trainer, threads, prefix
+        self.cfg = cfg or {}
         self.by_name = {s.name: s for s in table.stages}
         self.meta_dir = os.path.join(root, "_meta")
         self.log_dir = os.path.join(root, "_logs")
@@ -464,7 +491,30 @@ class Runner:
         return how
 
     def weight(self, s: Stage) -> float:
-        return 0.2 if s.kind != "train" else s.steps * (1.7 if s.moe else 1.0)
+        """A stage's cost in dense steps (upcycle and eval stages: a second or so, like a few steps)."""
+        if s.kind != "train":   # upcycle, eval
+            return 5.0
+        return s.steps * (s.cost or (self.cfg.get("moe_cost", 1.5) if s.moe else 1.0))
+
+    def estimate(self, stages: list) -> str:
+        """The wall time of the unfinished stages from the preset's rate, said before the run starts."""
+        todo = [s for s in stages if not self.finished(s)]
+        rate = self.cfg.get("step_s", {}).get(self.trainer)
+        if not todo:
+            return "nothing to run"
+        # an unfinished training stage resumes from its latest checkpoint: only its remaining steps count
+        w = 0.0
+        for s in todo:
+            left = s.steps - (latest_step(run_dir(self.root, s.name)) or 0) if s.kind == "train" else 0
+            w += self.weight(s) * (left / s.steps if s.kind == "train" and s.steps else 1.0)
+        head = f"{len(todo)} of {len(stages)} stages to run"
+        if rate is None:
+            return (f"{head}; no rate for the {self.trainer} trainer in this preset, so no estimate before the first "
+                    f"stage (the ETA printed after each stage uses this run's own speed)")
+        sec = w * rate + len(todo) * self.cfg.get("stage_s", 0.0)
+        return (f"{head}, about {fmt_duration(sec)} ({w:.0f} dense-step equivalents x {rate} s + "
+                f"{self.cfg.get('stage_s', 0.0)} s per stage; rate {self.cfg.get('rate_source', '?')}; a busy "
+                f"machine is slower)")
 
     def rows_done(self) -> int:
         def done(name, seen=()):
@@ -482,6 +532,7 @@ class Runner:
                     want.add(n)
                     todo += self.by_name[n].needs
             stages = [s for s in stages if s.name in want]
+        print(f"{self.prefix} wall time estimate: {self.estimate(stages)}", flush=True)
         total_w = sum(self.weight(s) for s in stages)
         done_w, work_w, work_s = 0.0, 0.0, 0.0
         n = len(stages)
@@ -541,7 +592,7 @@ def collect(table: Table, root: str, runner: Runner) -> list[dict]:
     return out
 
 
-def markdown_table(table: Table, res: list[dict], preset: str, cfg: dict) -> str:
+def markdown_table(table: Table, res: list[dict], preset: str, cfg: dict, analysis_notes: list | None = None) -> str:
     domains = sorted({d for r in res for d in r["val"]})
     extra_h, extra_cells, extra_notes = (table.extra_columns(res) if table.extra_columns else ([], {}, []))
     head = (["method", "step-0 val loss"] + [f"val {d}" for d in domains] + ["val mean"] + extra_h +
@@ -563,7 +614,7 @@ def markdown_table(table: Table, res: list[dict], preset: str, cfg: dict) -> str
     notes = [f"Preset `{preset}`: data `{cfg['data']}`, model `{cfg['model']}`, {cfg['batch']} x {cfg['seq']} x "
              f"{cfg['grad_accum']} tokens per step, peak LR {cfg['lr']} (linear warmup, cosine to LR/10), "
              f"seed {cfg['seed']}; runs finished {when}."]
-    notes += table.notes + extra_notes
+    notes += table.notes + extra_notes + list(analysis_notes or [])
     notes.append("Val losses: mean cross-entropy (nats/token) on each domain's validation split at the final step; "
                  "val mean: their mean. Step-0: the same at step 0 of the row's own run (after its init). Bold: lowest "
                  "MoE val mean. Tokens: the row's own run (+ tokens it spent in other stages of its own, e.g. BTX "
@@ -663,21 +714,31 @@ def plot_load(table: Table, res: list[dict], path: str, subtitle: str) -> bool:
 
 
 def report(table: Table, root: str, runner: Runner, out_dir: str, preset: str, cfg: dict,
-           plots: bool = True) -> list[dict]:
+           plots: bool = True) -> tuple[list[dict], list[str]]:
+    """Writes table.md, results.json and the plots; returns the rows and the names of the PNGs written."""
     res = collect(table, root, runner)
     if not res:
         raise ReproError(f"no finished rows under {root}")
     os.makedirs(out_dir, exist_ok=True)
-    md = markdown_table(table, res, preset, cfg)
+    analysis = table.analysis(res) if table.analysis else {}
+    md = markdown_table(table, res, preset, cfg, analysis.get("notes", []))
     write_atomic(os.path.join(out_dir, "table.md"), md)
     slim = [{k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]} for r in res]
-    write_atomic(os.path.join(out_dir, "results.json"),
-                 json.dumps(dict(table=table.key, preset=preset, config=cfg, rows=slim), indent=1) + "\n")
+    doc = dict(table=table.key, preset=preset, config=cfg, rows=slim)
+    if table.analysis:
+        doc["analysis"] = analysis.get("data", {})
+    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(doc, indent=1) + "\n")
     sub = f"preset {preset}: {cfg['model']} on {cfg['data']}, {res[-1]['device']}, commit {res[-1]['commit']}"
+    written = []
     if plots:
-        plot_curves(table, res, os.path.join(out_dir, "loss_curves.png"), sub)
-        plot_load(table, res, os.path.join(out_dir, "expert_load.png"), sub)
-    return res
+        if table.standard_plots:
+            plot_curves(table, res, os.path.join(out_dir, "loss_curves.png"), sub)
+            written.append("loss_curves.png")
+            if plot_load(table, res, os.path.join(out_dir, "expert_load.png"), sub):
+                written.append("expert_load.png")
+        if table.plots:
+            written += table.plots(res, analysis, out_dir, sub)
+    return res, written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,13 +752,16 @@ def check_data(data: str) -> None:
         raise ReproError(f"no token shards in {data}: run `{hint}` first")
 
 
-def main(description: str, build_table, default_key: str) -> int:
-    """Parses the shared options, builds the table with build_table(cfg), runs it and reports."""
+def main(description: str, build_table, default_key: str,
+         presets: tuple = ("tiny", "tiny_long", "gpu_short", "small")) -> int:
+    """Parses the shared options, builds the table with build_table(cfg), runs it and reports.
+    cfg is the preset's dict plus seed and preset (the preset's name: "smoke" under --smoke)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=["tiny", "tiny_long", "gpu_short", "small"], default="tiny",
+    ap.add_argument("--preset", choices=list(presets), default="tiny",
                     help="tiny: CPU, minutes, data/tiny; tiny_long: tiny with a 5x longer MoE phase (CPU, ~10 "
                          "minutes a table); gpu_short: one H200, <= 4 minutes a table (predicted), data/full; "
-                         "small: one H100 with ./train_moe_gpu, data/full, about an hour a table (default tiny)")
+                         "small: one H100 with ./train_moe_gpu, data/full, about an hour a table (default tiny; "
+                         f"this script: {', '.join(presets)})")
     ap.add_argument("--smoke", action="store_true", help="tiny with a few steps per stage (the smoke test)")
     ap.add_argument("--runs", help="runs root (default runs/repro/<preset>); shared by the tables of one preset")
     ap.add_argument("--results", help=f"where the table and plots go (default docs/results/{default_key}/"
@@ -719,7 +783,7 @@ def main(description: str, build_table, default_key: str) -> int:
     preset = "smoke" if a.smoke else a.preset
     if a.smoke and a.preset != "tiny":
         ap.error("--smoke goes with --preset tiny")
-    cfg = dict(PRESETS[preset], seed=a.seed)
+    cfg = dict(PRESETS[preset], seed=a.seed, preset=preset)
     if a.threads is None:
         a.threads = 2 if preset not in ("small", "gpu_short") else (os.cpu_count() or 2)
     root = a.runs or os.path.join("runs", "repro", preset)
@@ -741,12 +805,13 @@ def main(description: str, build_table, default_key: str) -> int:
             trainer = "gpu" if ok else "cpu"
         elif trainer == "auto":
             trainer = "cpu"
-        runner = Runner(table, root, trainer, a.threads, prefix)
+        runner = Runner(table, root, trainer, a.threads, prefix, cfg)
         if a.list:
             for s in table.stages:
                 print(f"stage {s.name}: {' '.join(runner.command(s))}")
             for r in table.rows:
                 print(f"row {r.key}: {r.label} <- {r.run} (owns {', '.join(r.stages)})")
+            print(f"wall time estimate ({trainer} trainer): {runner.estimate(table.stages)}")
             return 0
         if not a.report_only:
             check_data(cfg["data"])
@@ -769,10 +834,9 @@ def main(description: str, build_table, default_key: str) -> int:
             runner.run(set(a.rows.split(",")) if a.rows else None)
             print(f"{prefix} stages run: {len(runner.ran)} ({', '.join(n + ' ' + h for n, h in runner.ran) or 'none'}); "
                   f"skipped as finished: {len(runner.skipped)}; {fmt_duration(time.time() - t0)}", flush=True)
-        report(table, root, runner, out, preset, cfg, plots=not a.no_plots)
+        _, written = report(table, root, runner, out, preset, cfg, plots=not a.no_plots)
         print(open(os.path.join(out, "table.md")).read())
-        print(f"{prefix} wrote {out}/table.md, results.json" +
-              ("" if a.no_plots else ", loss_curves.png, expert_load.png"))
+        print(f"{prefix} wrote {out}/table.md, results.json" + "".join(", " + f for f in written))
         return 0
     except ReproError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # test_scripts.sh: smoke test of the paper-table reproductions (run by `make test`).
 # Runs every reproduction script with --smoke (the tiny preset with a few steps per stage, so
-# every row, the table, both plots and the resume logic are exercised in a couple of
+# every row, the table, the plots and the resume logic are exercised in a couple of
 # minutes on 2 cores), then checks:
-#   - each table has every row of its --list, both PNGs and results.json are valid;
+#   - scripts/scaling_fit.py --selftest: the scaling-law fits recover known parameters;
+#   - each table has every row of its --list, its PNGs and results.json are valid; the wall-time
+#     estimate is printed before the first stage; the grids' fits are in results.json and table.md;
 #   - a second run redoes nothing (every stage reported "skipped", no run file rewritten);
 #   - a row whose final checkpoint is gone resumes from its latest checkpoint with --resume
 #     and ends at bit-identical losses; an upcycle or evaluation stage whose output is gone is
@@ -34,13 +36,15 @@ smoke() {  # smoke TABLE SCRIPT [extra args]: runs one script's smoke preset int
   "$PY" "scripts/$script" --smoke --trainer cpu --threads 2 --no-build --runs "$RUNS" --results "$TMP/res/$table" "$@"
 }
 
-table_ok() {  # table_ok TABLE SCRIPT: every --list row is in table.md; PNGs and JSON are valid
+table_ok() {  # table_ok TABLE SCRIPT: every --list row is in table.md; the PNGs it says it wrote and JSON are valid
   local table=$1 script=$2 out=$TMP/res/$1
   local want; want=$("$PY" "scripts/$script" --smoke --runs "$RUNS" --list | grep -c '^row ')
   local have; have=$(grep -c '^| ' "$out/table.md")
   have=$((have - 1))   # the header line
   [ "$want" -gt 0 ] && [ "$have" -eq "$want" ] || { echo "  $table: $have table rows, $want expected"; return 1; }
-  for f in loss_curves.png expert_load.png; do
+  local pngs; pngs=$(grep -o '[a-z_]*\.png' <(grep ' wrote .*table.md' "$TMP/$table.log") | sort -u)
+  [ -n "$pngs" ] || { echo "  $table: no PNG written"; return 1; }
+  for f in $pngs; do
     [ "$(head -c 8 "$out/$f" | od -An -tx1 | tr -d ' \n')" = "89504e470d0a1a0a" ] || { echo "  $out/$f is not a PNG"; return 1; }
   done
   "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); assert len(r['rows']) == $want" "$out/results.json" || return 1
@@ -51,19 +55,43 @@ final_loss() {  # final_loss TABLE ROWKEY -> the row's final val_loss from resul
   "$PY" -c "import json,sys; print(repr([r for r in json.load(open(sys.argv[1]))['rows'] if r['key']==sys.argv[2]][0]['val_loss']))" "$TMP/res/$1/results.json" "$2"
 }
 
+# 0. the scaling-law fits recover the parameters of data made from known ones
+"$PY" scripts/scaling_fit.py --selftest > "$TMP/fit.log" 2>&1
+check "scaling_fit.py --selftest ($(tail -n 1 "$TMP/fit.log"))" test $? -eq 0
+
 # 1. every table, every row (the tables share one runs root: the dense base is trained once)
-for spec in drop_upcycling:repro_drop_upcycling.py expert_upcycling:repro_expert_upcycling.py routing:repro_routing.py; do
+for spec in drop_upcycling:repro_drop_upcycling.py expert_upcycling:repro_expert_upcycling.py routing:repro_routing.py \
+            upcycling_scaling:repro_upcycling_scaling.py granularity:repro_granularity.py; do
   table=${spec%%:*}; script=${spec#*:}
   t0=$(date +%s)
   if smoke "$table" "$script" > "$TMP/$table.log" 2>&1; then
     ok "$table: smoke run ($(( $(date +%s) - t0 ))s)"
-    check "$table: table has every row, both plots, results.json" table_ok "$table" "$script"
+    check "$table: table has every row, its plots, results.json" table_ok "$table" "$script"
   else
     bad "$table: smoke run failed"; tail -n 20 "$TMP/$table.log"
   fi
 done
 grep -q 'dense_base: finished earlier, skipped' "$TMP/expert_upcycling.log" && ok "dense base shared between tables" \
   || bad "dense base shared between tables"
+before_first() {  # before_first LOG: the wall-time estimate comes before the first stage starts
+  local e s; e=$(grep -n 'wall time estimate: ' "$1" | head -n 1 | cut -d: -f1); s=$(grep -n '\] \[1/' "$1" | head -n 1 | cut -d: -f1)
+  [ -n "$e" ] && [ -n "$s" ] && [ "$e" -lt "$s" ] && grep -q 'wall time estimate: .* about ' "$1"
+}
+for table in drop_upcycling upcycling_scaling granularity; do
+  check "$table: wall-time estimate printed before the first stage" before_first "$TMP/$table.log"
+done
+check "granularity: the routing table's granular inits reused" grep -q 'g4_topk_softmax_init: finished earlier, skipped' "$TMP/granularity.log"
+json_has() {  # json_has FILE PYTHON-EXPR: the expression on the results.json dict `r` is true
+  "$PY" -c "import json,sys,math; r=json.load(open(sys.argv[1])); sys.exit(0 if ($2) else 1)" "$1"
+}
+check "upcycling_scaling: fit with and without the interaction, bootstrap, per-D1 exponents in results.json" \
+  json_has "$TMP/res/upcycling_scaling/results.json" \
+  "all(math.isfinite(r['analysis'][k]['rmse']) for k in ('fit', 'fit_no_interaction')) and 'a3' in r['analysis']['bootstrap'] and len(r['analysis']['per_d1_exponent']) == 2"
+check "upcycling_scaling: the fit and the interaction's verdict are under the table" \
+  grep -q 'Interaction term: a3' "$TMP/res/upcycling_scaling/table.md"
+check "granularity: a fit per group, the direction said under the table" \
+  json_has "$TMP/res/granularity/results.json" "all('fit' in r['analysis'][k] and 'fit_per_budget' in r['analysis'][k] for k in ('fs', 'up'))"
+check "granularity: fitted change from G = 1 stated" grep -q 'fitted change from G = 1 to G = 4 at any budget' "$TMP/res/granularity/table.md"
 
 # 2. a second run redoes nothing
 find "$RUNS" -name metrics.jsonl -exec md5sum {} + | sort > "$TMP/before.md5"
