@@ -9,7 +9,9 @@ host from the per-sequence sums the router kernels produce, once per step for th
 
 Host waits: a bf16 training step (forward_backward per micro-batch, then step) waits for the
 device once, at the end of step(), after the update is queued (docs/perf.md "Known
-performance limits"; test_gpu_fixtures counts them in the emulation).
+performance limits"; test_gpu_fixtures counts them in the emulation). On one GPU, each
+micro-batch's forward + backward and the optimizer's stream work are each one CUDA graph
+launch (section "CUDA graphs" in GPUModel).
 
 Precision: --dtype bf16 (default) keeps fp32 master weights, fp32 gradients and fp32 AdamW
 moments, and a bf16 working copy of the weights (stochastically rounded after each step)
@@ -38,6 +40,7 @@ test/test_gpu.sh; data parallelism with 1-4 emulated GPUs and an NCCL stand-in: 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -383,7 +386,7 @@ struct GPUModel {
     std::vector<LayerActs<T>> acts;
     T *x_final, *lnf, *logits, *tmp;
     float *rstdf, *losses, *rope_cos, *rope_sin;
-    int *inputs, *targets, *bk_token, *bk_start, *bk_pos;
+    int *inputs, *targets, *bk_token, *bk_start, *bk_pos, *bk_count;  // bk_count [1]: the buckets
     // backward scratch, shared by all layers
     T *dres, *dln, *dq, *dk, *dv, *datty, *dgu, *dh, *dey, *dxe;
     float *dtopw, *drl, *att_D, *aux_g, *red_scratch;
@@ -401,6 +404,7 @@ struct GPUModel {
     double *norm_partial, *norm_sq, *d_norm;  // [NORM_BLOCKS per segment], [segments], [1]
     float* d_clip;                            // [1] the clip factor AdamW reads
     int *d_skip, *d_bad;                      // [1] skip this update; [1] a non-finite loss since zero_grad
+    gpu::AdamWArgs* d_adam;                   // [1] the step's AdamW arguments (from h_adam)
     gpu::AdamWPlan adamw_plan;                // the update's chunks (one launch), on the device
     gpu::NormSegments norm_segments;          // the norm's segments (one launch), on the device
 
@@ -427,6 +431,7 @@ struct GPUModel {
     int stage_next = 0;
     double* h_norm = nullptr;         // [1] the step's gradient norm
     int* h_skip = nullptr;            // [1] the step skipped its update
+    gpu::AdamWArgs* h_adam = nullptr; // [1] the step's AdamW arguments (rewritten after the step's wait)
     float* h_bias = nullptr;          // [L E]
     std::vector<void*> pinned;        // every pinned allocation, freed with the model
     Losses step_losses;               // the last optimizer step's mean losses (step())
@@ -464,6 +469,7 @@ struct GPUModel {
         if (stream) cudaStreamDestroy(stream);
         for (cudaEvent_t e : stage_done) if (e) cudaEventDestroy(e);
         for (void* p : pinned) cudaFreeHost(p);
+        for (auto& g : graphs) cudaGraphExecDestroy(g.second);
         adamw_plan.release();
         norm_segments.release();
     }
@@ -595,7 +601,7 @@ struct GPUModel {
         rstdf = A.take<float>(N); losses = A.take<float>(N);
         rope_cos = A.take<float>((size_t)T_max * cfg.head_dim / 2); rope_sin = A.take<float>((size_t)T_max * cfg.head_dim / 2);
         inputs = A.take<int>(N); targets = A.take<int>(N);
-        bk_token = A.take<int>(N); bk_start = A.take<int>(N + 1); bk_pos = A.take<int>(N);
+        bk_token = A.take<int>(N); bk_start = A.take<int>(N + 1); bk_pos = A.take<int>(N); bk_count = A.take<int>(1);
         dres = A.take<T>(N * d); dln = A.take<T>(N * d);
         dq = A.take<T>(N * qd); dk = A.take<T>(N * kvd); dv = A.take<T>(N * kvd); datty = A.take<T>(N * qd);
         dgu = A.take<T>(NK * 2 * F); dh = A.take<T>(NK * F); dey = A.take<T>(NK * d); dxe = A.take<T>(NK * d);
@@ -608,6 +614,7 @@ struct GPUModel {
         const size_t n_seg = dp ? dp->buckets.size() : 1;  // the norm's segments: the buckets' slices, or all
         norm_partial = A.take<double>(gpu::NORM_BLOCKS * n_seg); norm_sq = A.take<double>(n_seg);
         d_norm = A.take<double>(1); d_clip = A.take<float>(1); d_skip = A.take<int>(1); d_bad = A.take<int>(1);
+        d_adam = A.take<gpu::AdamWArgs>(1);
         if (dp) {
             dp_counts = A.take<int>(std::max<size_t>(n_stat_counts, 1) * dp->world.size);
             dp_f = A.take<double>(n_stat_f * dp->world.size);
@@ -640,11 +647,12 @@ struct GPUModel {
             a.eb.offsets.assign(cfg.n_experts + 1, 0);
         }
         for (int i = 0; i < 2; i++) {
-            stage[i] = alloc_pinned<int>(5 * N + 1);  // inputs, targets, bucket tokens, starts, positions
+            stage[i] = alloc_pinned<int>(5 * N + 2);  // inputs, targets, bucket tokens, starts, positions, count
             cudaCheck(cudaEventCreateWithFlags(&stage_done[i], cudaEventDisableTiming));
         }
         h_norm = alloc_pinned<double>(1);
         h_skip = alloc_pinned<int>(1);
+        h_adam = alloc_pinned<gpu::AdamWArgs>(1);
         h_bias = alloc_pinned<float>((size_t)cfg.n_layer * std::max(cfg.n_experts, 1));
         ensure_slots(1);
         plan_step_kernels();
@@ -845,12 +853,16 @@ struct GPUModel {
     // The forward pass, queued on the stream; nothing waits (the fp32 MoE path excepted: its
     // cuBLAS loop waits for each layer's counts). The inputs go up from pinned staging.
     void queue_forward(const int* in, const int* tgts, int B_, int T_in, float grad_scale_) {
+        stage_inputs(in, tgts, B_, T_in, grad_scale_);
+        forward_kernels();
+    }
+    // The host's part of a forward: checks, the batch's shape and flags, and the inputs'
+    // asynchronous copies. Never inside a CUDA graph: it reads the batch.
+    void stage_inputs(const int* in, const int* tgts, int B_, int T_in, float grad_scale_) {
         if (B_ > B_max || T_in > T_max) FAIL("internal: batch %dx%d exceeds the allocated %dx%d", B_, T_in, B_max, T_max);
         B = B_;
         T_ = T_in;
-        const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, V = cfg.vocab_size, L = cfg.n_layer;
-        const int H = cfg.n_head, Hkv = cfg.n_kv_head, hd = cfg.head_dim, qd = cfg.q_dim(), kvd = cfg.kv_dim();
-        const float eps = cfg.rms_eps;
+        const int N = B * T_, V = cfg.vocab_size;
         if (cfg.sliding_window > 0 && T_ > cfg.sliding_window)  // train_moe.cpp refuses this too
             FAIL("sequence length %d exceeds the model's sliding_window %d, which this trainer does not implement", T_,
                  cfg.sliding_window);
@@ -861,6 +873,7 @@ struct GPUModel {
                 if (tgts[n] < 0 || tgts[n] >= V) FAIL("target token %d at position %d outside [0, %d)", tgts[n], n, V);
         have_targets = tgts != nullptr;
         grad_scale = tgts ? grad_scale_ : 0.0f;
+        gathered = tgts && dp;  // data parallel: the statistics of every rank (forward_kernels)
         // inputs, targets and the embedding backward's buckets (positions grouped by token)
         // through a pinned staging buffer: asynchronous copies. The buffer was last used two
         // forwards ago; its event says those copies have run (the host waits here only if the
@@ -879,12 +892,23 @@ struct GPUModel {
             std::copy(buckets.token.begin(), buckets.token.end(), tok);
             std::copy(buckets.start.begin(), buckets.start.end(), start);
             std::copy(buckets.positions.begin(), buckets.positions.end(), pos);
+            int* count = st + 5 * N + 1;
+            *count = (int)buckets.token.size();
             upload_async(bk_token, tok, buckets.token.size(), stream);
             upload_async(bk_start, start, buckets.start.size(), stream);
             upload_async(bk_pos, pos, buckets.positions.size(), stream);
+            upload_async(bk_count, count, 1, stream);
         }
         cudaCheck(cudaEventRecord(stage_done[stage_next], stream));
         stage_next ^= 1;
+    }
+    // The device's part of a forward, on the staged inputs: only stream work whose arguments
+    // are fixed by (B, T_, the targets, grad_scale), so that a CUDA graph can hold it
+    // (forward_backward). Writes nothing on the host (the fp32 MoE path excepted, never graphed).
+    void forward_kernels() {
+        const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, V = cfg.vocab_size, L = cfg.n_layer;
+        const int H = cfg.n_head, Hkv = cfg.n_kv_head, hd = cfg.head_dim, qd = cfg.q_dim(), kvd = cfg.kv_dim();
+        const float eps = cfg.rms_eps;
 
         gpu::encoder_forward(acts[0].x, inputs, weight(layout.embed), N, d, stream);
         gpu::rmsnorm_forward(acts[0].ln1, acts[0].rstd1, acts[0].x, weight(0, P_ATTN_NORM), N, d, eps, stream);
@@ -927,15 +951,14 @@ struct GPUModel {
         gpu::matmul_forward(blas, logits, lnf, weight(layout.lm_head), N, d, V);
         // the losses are means over the global batch: world() B T rows (one GPU: N); the CE
         // sum stays on the device (stat_f[0]) with the routing statistics
-        const double rows = (double)N * (tgts && dp ? world() : 1);
-        if (tgts) {
+        const double rows = (double)N * (have_targets && dp ? world() : 1);
+        if (have_targets) {
             gpu::crossentropy_forward_backward(logits, losses, targets, N, V, grad_scale / (float)rows, stream);
             gpu::loss_sum(stat_f, losses, N, stream);
         } else {
             cudaCheck(cudaMemsetAsync(stat_f, 0, sizeof(double), stream));
         }
         // data parallel: every rank's statistics (a forward without targets, a sample, is one rank's own)
-        gathered = tgts && dp;
         if (gathered) gather_statistics();
         // a training forward's non-finite loss makes the next optimizer step skip its update
         if (grad_scale != 0) gpu::note_non_finite(d_bad, gathered ? dp_f : stat_f, n_stat_f * (gathered ? world() : 1), stream);
@@ -986,7 +1009,7 @@ struct GPUModel {
                                   stream);
             if (reduce) dp->reduce_scatter_bucket(grads, dp->layer_bucket[l], stream);  // layer l's gradients are final
         }
-        gpu::encoder_backward(grad(layout.embed), dres, bk_token, bk_start, bk_pos, (int)buckets.token.size(), d, stream);
+        gpu::encoder_backward(grad(layout.embed), dres, bk_token, bk_start, bk_pos, bk_count, std::min(N, V), d, stream);
         if (reduce)  // the rest: embeddings, final norm, head
             for (int b = cfg.n_layer; b < (int)dp->buckets.size(); b++) dp->reduce_scatter_bucket(grads, b, stream);
     }
@@ -1004,25 +1027,16 @@ struct GPUModel {
     // and the step's losses (step_losses: the micro-batches' statistics, copied during the
     // step) and updates the aux-free bias, whose copy goes up asynchronously.
     double step(const AdamWSettings& hp, double lr) {
-        grad_norm_squared();
-        gpu::adamw_scalars(d_norm, d_clip, d_skip, norm_sq, norm_segments.n, hp.grad_clip, d_bad, stream);
-        AdamWStep st = adamw_step(hp, 0.0, ++adam_t);  // the bias corrections (the clip factor: on the device)
-        gpu::AdamWArgs a;
+        // the step's arguments (the bias corrections; the clip factor is computed on the
+        // device) go up from pinned memory, which the last step's wait freed
+        AdamWStep st = adamw_step(hp, 0.0, ++adam_t);
+        gpu::AdamWArgs& a = *h_adam;
         a.lr = (float)lr; a.b1 = (float)hp.beta1; a.one_minus_b1 = (float)(1 - hp.beta1);
         a.b2 = (float)hp.beta2; a.one_minus_b2 = (float)(1 - hp.beta2);
         a.bc1 = (float)st.bc1; a.bc2 = (float)st.bc2; a.eps = (float)hp.eps; a.clip = NAN;
-        a.seed = seed; a.stream = gpu::sr_stream((uint64_t)adam_t); a.stochastic = stochastic_round;
-        // bf16: the kernel writes the working copy too; under data parallelism every rank
-        // rounds the whole copy from the gathered master weights instead
-        T* copy = is_fp32() || dp ? nullptr : wcopy;
-        gpu::adamw_update_multi(params, copy, grads, m, v, adamw_plan, (float)hp.weight_decay, d_clip, d_skip, a, stream);
-        if (dp) {
-            dp->all_gather_slices(params, stream, "the weights' all-gather");
-            refresh_copy();
-        }
-        cudaCheck(cudaMemsetAsync(d_bad, 0, sizeof(int), stream));  // the next step's flag
-        cudaCheck(cudaMemcpyAsync(h_norm, d_norm, sizeof(double), cudaMemcpyDeviceToHost, stream));
-        cudaCheck(cudaMemcpyAsync(h_skip, d_skip, sizeof(int), cudaMemcpyDeviceToHost, stream));
+        a.seed = seed; a.stream = gpu::sr_stream((uint64_t)adam_t); a.stochastic = stochastic_round; a.mv_shift = 0;
+        upload_async(d_adam, h_adam, 1, stream);
+        graphed(strfmt("step clip %a wd %a", hp.grad_clip, hp.weight_decay), [&] { step_kernels(hp); });
         sync("the optimizer step");
         const double norm = *h_norm;
         // the step's losses, the mean over its micro-batches (as run.h adds them up); their load
@@ -1044,6 +1058,24 @@ struct GPUModel {
             upload_async(d_bias, h_bias, o, stream);
         }
         return norm;
+    }
+    // The optimizer step's stream work, the same every step (a CUDA graph can hold it): the
+    // norm, the clip factor and the skip flag, the update (arguments from d_adam), and the
+    // copies of the norm and the flag to the host
+    void step_kernels(const AdamWSettings& hp) {
+        grad_norm_squared();
+        gpu::adamw_scalars(d_norm, d_clip, d_skip, norm_sq, norm_segments.n, hp.grad_clip, d_bad, stream);
+        // bf16: the kernel writes the working copy too; under data parallelism every rank
+        // rounds the whole copy from the gathered master weights instead
+        T* copy = is_fp32() || dp ? nullptr : wcopy;
+        gpu::adamw_update_multi(params, copy, grads, m, v, adamw_plan, (float)hp.weight_decay, d_clip, d_skip, d_adam, stream);
+        if (dp) {
+            dp->all_gather_slices(params, stream, "the weights' all-gather");
+            refresh_copy();
+        }
+        cudaCheck(cudaMemsetAsync(d_bad, 0, sizeof(int), stream));  // the next step's flag
+        cudaCheck(cudaMemcpyAsync(h_norm, d_norm, sizeof(double), cudaMemcpyDeviceToHost, stream));
+        cudaCheck(cudaMemcpyAsync(h_skip, d_skip, sizeof(int), cudaMemcpyDeviceToHost, stream));
     }
     // The squared norm of the (global) gradient, per segment, into norm_sq on the device, in
     // one pass: one GPU, one segment (the whole buffer); data parallel, this rank's slice of
@@ -1165,16 +1197,72 @@ struct GPUModel {
         download_state(&p, &mm, &vv, rank() == 0);
         if (rank() == 0) f(p.data(), mm.data(), vv.data());
     }
-    std::string summary_note() const { return strfmt("; activations %.2f GiB", act_bytes / 1073741824.0); }
+    std::string summary_note() const {
+        const char* g = graphs_used() ? "on" : !cuda_graphs ? "off" : dp ? "off (data parallel)" : "off (fp32 MoE)";
+        return strfmt("; activations %.2f GiB; CUDA graphs %s", act_bytes / 1073741824.0, g);
+    }
     // One micro-batch of a training step, queued without a host wait: its statistics go to
     // slot `pending` asynchronously; the losses are known after step() (step_losses, which
     // run.h reads through RunHooks::step_losses): returns zeros.
+    // The forward and backward are one CUDA graph launch when graphs are on (see "CUDA graphs").
     Losses forward_backward(const int* in, const int* tgts, int B_, int T_in, int n_micro) {
         ensure_slots(pending + 2);  // (+1: the slot of a forward() outside the step)
-        queue_forward(in, tgts, B_, T_in, 1.0f / n_micro);
-        copy_statistics(pending++);
-        backward(++micro_done == n_micro);
+        stage_inputs(in, tgts, B_, T_in, 1.0f / n_micro);
+        const bool reduce = ++micro_done == n_micro;
+        graphed(strfmt("micro-batch %dx%d scale %a", B, T_, grad_scale), [&] {  // (reduce: data parallel only)
+            forward_kernels();
+            backward(reduce);
+        });
+        copy_statistics(pending++);  // (the backward reads the statistics, never writes them)
         return Losses();
+    }
+
+    // ---- CUDA graphs ----
+    // A training step is queued in two kinds of pieces. The host's pieces change every step:
+    // the inputs' staging and copies, the step's AdamW arguments, the statistics' copies, the
+    // aux-free bias. The stream's pieces launch the same work every step: a micro-batch's
+    // forward + backward (forward_kernels, backward) and the optimizer's (step_kernels). With
+    // --cuda-graphs on, each of those is captured once per shape into a CUDA graph and is one
+    // launch afterwards (hundreds of kernel and cuBLAS launches per micro-batch: docs/perf.md).
+    // What they read that changes between steps is in device memory (the inputs, the
+    // embedding buckets and their count, d_adam, d_bias, the statistics), never a kernel
+    // argument: test_gpu_fixtures "step path" holds graphed steps to eager ones bit for bit
+    // over steps with different learning rates, and the emulation refuses any wait, copy from
+    // pageable memory or allocation inside a capture. Not graphed: data parallelism (NCCL and
+    // a second stream), the fp32 MoE path (its cuBLAS loop reads counts on the host), forwards
+    // outside a training step. A capture that fails (a GPU refusing something the emulation
+    // allowed) turns graphs off with a warning and the work runs without them.
+    bool cuda_graphs = false;  // requested (--cuda-graphs); graphs_used() says whether they apply
+    std::map<std::string, cudaGraphExec_t> graphs;
+    bool graphs_used() const { return cuda_graphs && !dp && (!cfg.is_moe() || grouped_experts()); }
+    template <typename F>
+    void graphed(const std::string& key, F&& work) {
+        if (!graphs_used()) return work();
+        auto it = graphs.find(key);
+        if (it == graphs.end()) {
+            cudaGraph_t g = nullptr;
+            cudaGraphExec_t e = nullptr;
+            try {
+                cudaCheck(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+                work();
+                cudaCheck(cudaStreamEndCapture(stream, &g));
+                cudaCheck(cudaGraphInstantiate(&e, g, 0));
+                cudaCheck(cudaGraphDestroy(g));
+            } catch (const Error& err) {
+                cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+                if (cudaStreamIsCapturing(stream, &cs) == cudaSuccess && cs != cudaStreamCaptureStatusNone) {
+                    cudaGraph_t dropped = nullptr;
+                    if (cudaStreamEndCapture(stream, &dropped) == cudaSuccess && dropped) cudaGraphDestroy(dropped);
+                }
+                (void)cudaGetLastError();
+                fprintf(stderr, "warning: capturing a CUDA graph (%s) failed: %s\nwarning: continuing without CUDA "
+                        "graphs (as with --cuda-graphs off)\n", key.c_str(), err.what());
+                cuda_graphs = false;
+                return work();  // nothing of the capture ran: the work runs now
+            }
+            it = graphs.emplace(key, e).first;
+        }
+        cudaCheck(cudaGraphLaunch(it->second, stream));
     }
     // of the last forward() or step(): this rank's batch, or the global batch when gathered
     const int* expert_counts(int l) const { return g_expert[l].data(); }
@@ -1239,7 +1327,7 @@ static double device_peak_flops(const cudaDeviceProp& p) {
 // Training (train_moe.cpp main, the same loop; + mfu in every step record)
 
 struct GpuOptions {
-    std::string dtype = "bf16";
+    std::string dtype = "bf16", cuda_graphs = "on";
     int device = 0;
     bool no_sr = false;
     std::string nccl_init = "tcp", nccl_init_file;
@@ -1268,6 +1356,7 @@ int run_gpu_training(TrainArgs& args, Cli& cli, const GpuOptions& go, DataParall
     M.dp = dp;
     M.seed = (uint64_t)args.seed;
     M.stochastic_round = !go.no_sr;
+    M.cuda_graphs = go.cuda_graphs == "on";
     RunHooks hooks;
     hooks.mfu = [&](double dt) {  // null in metrics.jsonl on an unknown device
         const double tokens_per_step = (double)args.batch * args.seq * args.grad_accum;
@@ -1312,6 +1401,8 @@ int main(int argc, char** argv) {
     cli.add("--dtype", &go.dtype, "bf16 (fp32 master weights, bf16 compute) or fp32 (everything fp32; for tests)");
     cli.add("--device", &go.device, "CUDA device index (under a launcher: the node-local rank's)");
     cli.flag("--no-stochastic-rounding", &go.no_sr, "bf16: round the weight copy to nearest instead of stochastically");
+    cli.add("--cuda-graphs", &go.cuda_graphs, "on: each micro-batch's forward + backward and each optimizer step is one "
+            "CUDA graph launch (one GPU, bf16 or dense); off: every kernel launched from the host. Same results");
     cli.section("Several GPUs (one process per GPU, started by torchrun, srun or mpirun: README)");
     cli.add("--nccl-init", &go.nccl_init, "how rank 0 hands out the NCCL id: tcp (MASTER_ADDR, MASTER_PORT + 1), file or mpi");
     cli.add("--nccl-init-file", &go.nccl_init_file, "--nccl-init file: a path on a file system every node shares");
@@ -1332,6 +1423,8 @@ int main(int argc, char** argv) {
             if (dpsl) FAIL("--aux-loss %s: dpsl is not implemented in the GPU trainer yet; use train_moe (CPU)", args.aux_loss.c_str());
         }
         if (go.dtype != "bf16" && go.dtype != "fp32") FAIL("--dtype must be bf16 or fp32, found \"%s\"", go.dtype.c_str());
+        if (go.cuda_graphs != "on" && go.cuda_graphs != "off")
+            FAIL("--cuda-graphs must be on or off, found \"%s\"", go.cuda_graphs.c_str());
         const NcclInit init = parse_nccl_init(go.nccl_init);
         world = world_from_env();
         int ndev = 0;

@@ -147,8 +147,9 @@ inline void adamw_make_plan(AdamWPlan* plan, const std::vector<AdamWSegment>& se
 
 template <typename T>
 __global__ void adamw_multi_kernel(float* p, T* copy, const float* g, float* m, float* v, const AdamWChunk* chunks,
-                                   float weight_decay, const float* clip_dev, const int* skip, AdamWArgs a) {
+                                   float weight_decay, const float* clip_dev, const int* skip, const AdamWArgs* a_dev) {
     if (*skip) return;  // a non-finite norm or loss: no update (the run stops at the last good weights)
+    const AdamWArgs a = *a_dev;
     const AdamWChunk c = chunks[blockIdx.x];
     const float clip = *clip_dev, wd = c.decay ? weight_decay : 0.0f;
     if (!(c.begin % 4 == 0 && c.mv_shift % 4 == 0 && c.n % 4 == 0)) {
@@ -175,13 +176,15 @@ __global__ void adamw_multi_kernel(float* p, T* copy, const float* g, float* m, 
     }
 }
 // The whole update: every chunk of `plan` (weight decay wd where the chunk's segment
-// decays), clip factor and skip flag read on the device (adamw_scalars); a.clip and
-// a.mv_shift are not used (the chunks carry the shifts)
+// decays), clip factor and skip flag read on the device (adamw_scalars). The step's
+// arguments too are read on the device (a_dev: the learning rate, the bias corrections and
+// the rounding stream change every step; a CUDA graph holding this launch replays its
+// pointer, not values); a.clip and a.mv_shift are not used (the chunks carry the shifts)
 template <typename T>
 void adamw_update_multi(float* p, T* copy, const float* g, float* m, float* v, const AdamWPlan& plan, float wd,
-                        const float* clip_dev, const int* skip_dev, const AdamWArgs& a, cudaStream_t s) {
+                        const float* clip_dev, const int* skip_dev, const AdamWArgs* a_dev, cudaStream_t s) {
     if (plan.n_chunks == 0) return;
-    adamw_multi_kernel<<<plan.n_chunks, 256, 0, s>>>(p, copy, g, m, v, plan.chunks, wd, clip_dev, skip_dev, a);
+    adamw_multi_kernel<<<plan.n_chunks, 256, 0, s>>>(p, copy, g, m, v, plan.chunks, wd, clip_dev, skip_dev, a_dev);
     KERNEL_CHECK();
 }
 

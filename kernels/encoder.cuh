@@ -45,23 +45,26 @@ inline void build_encoder_buckets(EncoderBuckets* b, const int* tokens, int N, i
 }
 
 // dwte[token_u, :] += sum over that token's positions n (in order) of dout[n, :]
-// grid (U, ceil(d / blockDim)): block (u, chunk) owns columns of one vocabulary row.
+// grid (max_buckets, ceil(d / blockDim)): block (u, chunk) owns columns of one vocabulary
+// row. The number of buckets U is read on the device (blocks u >= U return at once), so that
+// one launch, and a CUDA graph holding it, serves every batch: max_buckets >= U always
+// (min(N, V) bounds the distinct tokens of a batch).
 template <typename T>
 __global__ void encoder_backward_kernel(float* dwte, const T* dout, const int* bucket_token, const int* bucket_start,
-                                        const int* positions, int d) {
+                                        const int* positions, const int* n_buckets, int d) {
     int u = blockIdx.x;
     int c = blockIdx.y * blockDim.x + threadIdx.x;
-    if (c >= d) return;
+    if (u >= *n_buckets || c >= d) return;
     float s = 0.0f;
     for (int i = bucket_start[u]; i < bucket_start[u + 1]; i++) s += to_f(dout[(size_t)positions[i] * d + c]);
     dwte[(size_t)bucket_token[u] * d + c] += s;
 }
 template <typename T>
 void encoder_backward(float* dwte, const T* dout, const int* bucket_token, const int* bucket_start,
-                      const int* positions, int n_buckets, int d, cudaStream_t s) {
-    if (n_buckets == 0) return;
-    dim3 grid(n_buckets, cdiv(d, 256));
-    encoder_backward_kernel<<<grid, 256, 0, s>>>(dwte, dout, bucket_token, bucket_start, positions, d);
+                      const int* positions, const int* n_buckets, int max_buckets, int d, cudaStream_t s) {
+    if (max_buckets == 0) return;
+    dim3 grid(max_buckets, cdiv(d, 256));
+    encoder_backward_kernel<<<grid, 256, 0, s>>>(dwte, dout, bucket_token, bucket_start, positions, n_buckets, d);
     KERNEL_CHECK();
 }
 

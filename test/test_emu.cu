@@ -377,6 +377,70 @@ static void test_cublas() {
     cublasCheck(cublasDestroy(h));
 }
 
+// CUDA graphs: a captured stream runs nothing until the graph is launched; a launch replays
+// the captured kernel arguments and cuBLAS scalars (a host variable changed after the capture
+// is not seen) but reads device and pinned memory as they are when it runs. The trainer's
+// graphs rely on exactly this (train_moe.cu "CUDA graphs").
+__global__ void axpb_kernel(float* y, const float* x, float a, const float* b, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a * x[i] + *b;
+}
+static void test_graphs() {
+    const int n = 1000;
+    std::vector<float> hx(n);
+    double sx = 0;
+    for (int i = 0; i < n; i++) sx += hx[i] = (float)(i % 7);
+    float *x = to_dev(hx), *y = dev_alloc<float>(n), *b = dev_alloc<float>(1), *dot = dev_alloc<float>(1);
+    float* ones = to_dev(std::vector<float>(n, 1.0f));
+    float* pinned = nullptr;
+    cudaCheck(cudaMallocHost(&pinned, sizeof(float)));
+    cudaStream_t s;
+    cudaCheck(cudaStreamCreate(&s));
+    cublasHandle_t h;
+    cublasCheck(cublasCreate(&h));
+    cublasCheck(cublasSetStream(h, s));
+    cudaCheck(cudaMemsetAsync(y, 0, n * sizeof(float), s));
+    cudaCheck(cudaMemsetAsync(dot, 0, sizeof(float), s));
+    cudaCheck(cudaStreamSynchronize(s));
+    float a = 2, alpha = 1, beta = 0;
+    *pinned = 1;
+    cudaGraph_t g;
+    cudaGraphExec_t e;
+    cudaStreamCaptureStatus st;
+    cudaCheck(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    cudaCheck(cudaStreamIsCapturing(s, &st));
+    const bool capturing = st == cudaStreamCaptureStatusActive;
+    cudaCheck(cudaMemcpyAsync(b, pinned, sizeof(float), cudaMemcpyHostToDevice, s));  // read when the graph runs
+    axpb_kernel<<<gpu::cdiv(n, 256), 256, 0, s>>>(y, x, a, b, n);                          // a = 2, captured
+    // dot = alpha * y^T ones: a 1 x 1 product, alpha captured
+    cublasCheck(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, 1, 1, n, &alpha, y, n, ones, n, &beta, dot, 1));
+    cudaCheck(cudaStreamEndCapture(s, &g));
+    cudaCheck(cudaStreamIsCapturing(s, &st));
+    const bool ended = st == cudaStreamCaptureStatusNone;
+    const bool untouched = to_host(y, n)[0] == 0 && to_host(y, n)[n - 1] == 0 && to_host(dot, 1)[0] == 0;
+    check(capturing && ended && untouched, "a stream being captured runs nothing (y and the GEMM's output still 0)");
+    cudaCheck(cudaGraphInstantiate(&e, g, 0));
+    a = 5, alpha = 100;  // after the capture: not seen by the graph
+    for (float bv : {3.0f, 7.0f}) {
+        *pinned = bv;    // seen: the copy reads pinned memory when it runs
+        cudaCheck(cudaGraphLaunch(e, s));
+        cudaCheck(cudaStreamSynchronize(s));
+        std::vector<float> hy = to_host(y, n);
+        int bad = 0;
+        for (int i = 0; i < n; i++) bad += hy[i] != 2 * hx[i] + bv;
+        const double want = 2 * sx + (double)bv * n, got = to_host(dot, 1)[0];
+        check(bad == 0 && std::fabs(got - want) <= 1e-6 * want,
+              "graph launch with b = " + std::to_string((int)bv) + ": y = 2 x + b (the captured a, not 5) and y.1 = " +
+                  std::to_string(got) + " (the captured alpha 1, not 100; want " + std::to_string(want) + ")");
+    }
+    cudaCheck(cudaGraphExecDestroy(e));
+    cudaCheck(cudaGraphDestroy(g));
+    cublasCheck(cublasDestroy(h));
+    cudaCheck(cudaStreamDestroy(s));
+    cudaCheck(cudaFreeHost(pinned));
+    for (float* p : {x, y, b, dot, ones}) cudaCheck(cudaFree(p));
+}
+
 // ---------------------------------------------------------------------------
 // Part 2: planted bugs
 
@@ -495,6 +559,16 @@ static int run_case(const std::string& c) {
         cublasCheck(cublasCreate(&h));
         float one = 1, zero = 0;  // C of 64 x 128 floats does not fit in a 4096-float buffer
         cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 64, 128, 1, &one, x, 64, x, 1, &zero, out, 64);
+    } else if (c == "sync_in_capture" || c == "legacy_in_capture" || c == "malloc_in_capture") {
+        cudaStream_t s;
+        cudaCheck(cudaStreamCreate(&s));
+        cudaCheck(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+        small_kernel<<<1, 32, 0, s>>>(out);
+        if (c == "sync_in_capture") cudaCheck(cudaStreamSynchronize(s));  // waits inside a capture
+        else if (c == "legacy_in_capture") small_kernel<<<1, 32>>>(out);   // stream 0 while s captures
+        else cudaCheck(cudaMalloc(&x, 64));
+        cudaGraph_t g;
+        cudaCheck(cudaStreamEndCapture(s, &g));
     } else {
         fprintf(stderr, "unknown case %s\n", c.c_str());
         return 2;
@@ -556,6 +630,7 @@ int main(int argc, char** argv) {
     test_atomics();
     test_memory_rules();
     test_cublas();
+    test_graphs();
 #ifdef CUDA_EMU
     test_planted_value_bugs();
     const char* self = argv[0];
@@ -577,6 +652,9 @@ int main(int argc, char** argv) {
     expect_reported(self, "memcpy_past_end", "not inside one device allocation");
     expect_reported(self, "double_free", "double free");
     expect_reported(self, "gemm_past_end", "cublas GEMM operand C");
+    expect_reported(self, "sync_in_capture", "cudaStreamSynchronize while a stream is being captured");
+    expect_reported(self, "legacy_in_capture", "legacy default stream");
+    expect_reported(self, "malloc_in_capture", "cudaMalloc while a stream is being captured");
     // the reverse schedule really runs the lanes in the other order: the race's winner changes
     bool f1 = false, f2 = false;
     std::string fwd = run_child(self, "race", nullptr, &f1), rev = run_child(self, "race", "EMU_SCHED=reverse", &f2);

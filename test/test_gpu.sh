@@ -117,7 +117,24 @@ resume_case() {  # resume_case NAME DTYPE EXTRA_FLAGS...
   if res=$("$PY" test/compare_runs.py "$A" "$B" --exact 2>&1); then ok "resume $name: $(echo $res)"
   else bad "resume $name: $(echo $res)"; fi
 }
+# CUDA graphs on (the default) vs off: the same records and final checkpoint, bit for bit
+# (learning-rate warmup, gradient accumulation, evaluations and the aux-free bias between
+# graph launches)
+graphs_case() {  # graphs_case NAME DTYPE EXTRA_FLAGS...
+  local name=$1 dtype=$2; shift 2
+  local flags="--data $DATA $VOCAB_FLAG --model tiny --steps 6 --batch 2 --grad-accum 2 --seq 64 --lr 3e-3 --warmup 3 --eval-every 3 --eval-batches 2 --sample-tokens 0 --seed 5 --dtype $dtype $*"
+  local A=$tmp/graphs_${name}_off B=$tmp/graphs_${name}_on
+  if ! "$GPU" $flags --cuda-graphs off --out "$A" >"$A.log" 2>&1; then bad "graphs $name: run without graphs failed"; tail -n 5 "$A.log"; return; fi
+  if ! "$GPU" $flags --cuda-graphs on --out "$B" >"$B.log" 2>&1; then bad "graphs $name: run with graphs failed"; tail -n 5 "$B.log"; return; fi
+  if ! grep -q "CUDA graphs on" "$B.log" || grep -q "warning: capturing a CUDA graph" "$B.log"; then
+    bad "graphs $name: graphs not used ($(grep -o 'CUDA graphs [^;]*' "$B.log" | head -n 1))"; return; fi
+  local res
+  if res=$("$PY" test/compare_runs.py "$A" "$B" --exact 2>&1); then ok "CUDA graphs on vs off, $name: $(echo $res)"
+  else bad "CUDA graphs on vs off, $name: $(echo $res)"; fi
+}
 if want b; then
+  graphs_case moe_bf16 bf16 --experts 4 --topk 2 --aux-free-bias 1e-3 --aux-loss seq --z-coef 1e-3
+  graphs_case dense_fp32 fp32
   resume_case moe_bf16 bf16 --experts 4 --topk 2 --aux-free-bias 1e-3
   resume_case moe_fp32 fp32 --experts 4 --topk 2 --aux-loss seq
   resume_case dense_bf16 bf16

@@ -267,53 +267,85 @@ static void check_kv_cache(const Fixture& fx) {
 // 4. The training step as run_training runs it: forward_backward per micro-batch (no host
 // wait; zeros returned), the losses after step() (step_losses). Against forward() +
 // backward(), which wait for each forward's losses: the same losses, norm and weights, bit
-// for bit. And the host waits of the second step, counted by the emulation (on a GPU the
+// for bit. Then the same steps with CUDA graphs on (train_moe.cu "CUDA graphs"; bf16 and
+// dense models: the fp32 MoE path is never graphed): three steps, the learning rate
+// different in each (a graph that kept a captured value would replay the first), the same
+// bits again. And the host waits of the second step, counted by the emulation (on a GPU the
 // count is not available and this part is skipped): bf16, one (the step's end); fp32 MoE,
-// one more per MoE layer and micro-batch (the per-expert cuBLAS loop's counts).
+// one more per MoE layer and micro-batch (the per-expert cuBLAS loop's counts); with graphs,
+// the host's stream calls of a step (kernel and cuBLAS launches, copies; a graph launch is one).
 template <typename T>
 static void check_step_path(const Fixture& fx) {
     const bool fp32 = GPUModel<T>::is_fp32();
     const std::string tag = fx.name + (fp32 ? " [fp32]" : " [bf16]");
-    GPUModel<T> A, R;  // A: the training loop's path; R: the waiting path
+    GPUModel<T> A, R, G;  // A: the training loop's path; R: the waiting path; G: A with CUDA graphs
     setup_model(A, fx, !fp32, fx.params);
     setup_model(R, fx, !fp32, fx.params);
-    const int n_micro = 2;
+    G.cuda_graphs = true;
+    setup_model(G, fx, !fp32, fx.params);
+    const int n_micro = 2, n_steps = 3;
     const int half = std::max(1, fx.B / 2);  // two micro-batches of the fixture's rows (B 1: the same row twice)
     const size_t step_rows = fx.B >= 2 ? (size_t)half * fx.T : 0;
-    [[maybe_unused]] long waits = -1;
-    double diff = 0;
-    for (int s = 0; s < 2; s++) {
+    [[maybe_unused]] long waits = -1, calls_eager = -1, calls_graphed = -1, graph_launches = -1;
+    double diff = 0, diff_g = 0;
+    auto d = [](double a, double b) { return a == b ? 0.0 : INFINITY; };
+    for (int s = 0; s < n_steps; s++) {
+        const double lr = fx.lr * (1.0 + 0.5 * s);
+        // the micro-batches' rows change from step to step (odd steps: the halves swapped),
+        // so that a graph keeping something of its capture's batch would show
+        auto rows = [&](int mb) { return ((mb + s) % n_micro) * step_rows; };
+        auto train_step = [&](GPUModel<T>& M) {
+            M.zero_grad();
+            for (int mb = 0; mb < n_micro; mb++)
+                M.forward_backward(fx.inputs.data() + rows(mb), fx.targets.data() + rows(mb), half, fx.T, n_micro);
+            return M.step(fx.adamw, lr);
+        };
 #ifdef CUDA_EMU
-        const long w0 = emu::host_waits();
+        const long w0 = emu::host_waits(), c0 = emu::stream_calls();
 #endif
-        A.zero_grad();
-        for (int mb = 0; mb < n_micro; mb++)
-            A.forward_backward(fx.inputs.data() + mb * step_rows, fx.targets.data() + mb * step_rows,
-                               half, fx.T, n_micro);
-        const double na = A.step(fx.adamw, fx.lr);
+        const double na = train_step(A);
 #ifdef CUDA_EMU
         waits = emu::host_waits() - w0;
+        calls_eager = emu::stream_calls() - c0;
+        const long c1 = emu::stream_calls(), g1 = emu::graph_launches();
 #endif
-        const Losses la = A.step_losses;
+        const double ng = train_step(G);
+#ifdef CUDA_EMU
+        calls_graphed = emu::stream_calls() - c1;
+        graph_launches = emu::graph_launches() - g1;
+#endif
+        const Losses la = A.step_losses, lg = G.step_losses;
+        diff_g = std::max({diff_g, d(la.loss, lg.loss), d(la.ce, lg.ce), d(la.aux, lg.aux), d(la.z, lg.z), d(na, ng)});
         R.zero_grad();
-        Losses lr;
+        Losses lr_;
         for (int mb = 0; mb < n_micro; mb++) {
-            lr.add_mean(R.forward(fx.inputs.data() + mb * step_rows, fx.targets.data() + mb * step_rows,
-                                  half, fx.T, 1.0f / n_micro), n_micro);
+            lr_.add_mean(R.forward(fx.inputs.data() + rows(mb), fx.targets.data() + rows(mb), half, fx.T,
+                                   1.0f / n_micro), n_micro);
             R.backward(mb + 1 == n_micro);
         }
-        const double nr = R.step(fx.adamw, fx.lr);
-        auto d = [](double a, double b) { return a == b ? 0.0 : INFINITY; };
-        diff = std::max({diff, d(la.loss, lr.loss), d(la.ce, lr.ce), d(la.aux, lr.aux), d(la.z, lr.z), d(na, nr)});
+        const double nr = R.step(fx.adamw, lr);
+        diff = std::max({diff, d(la.loss, lr_.loss), d(la.ce, lr_.ce), d(la.aux, lr_.aux), d(la.z, lr_.z), d(na, nr)});
     }
-    const std::vector<float> pa = A.download_params(), pr = R.download_params();
-    report_check(tag, "step path: losses and norm as forward() + backward()", diff, "2 steps of 2 micro-batches, bit for bit");
+    const std::vector<float> pa = A.download_params(), pr = R.download_params(), pg = G.download_params();
+    report_check(tag, "step path: losses and norm as forward() + backward()", diff,
+                 strfmt("%d steps of %d micro-batches, bit for bit", n_steps, n_micro));
     report_check(tag, "step path: weights as forward() + backward()", pa == pr ? 0 : INFINITY, "bit for bit");
+    const bool graphed = G.graphs_used();
+    report_check(tag, graphed ? "CUDA graphs: losses, norm and weights as without" : "CUDA graphs: not used (fp32 MoE)",
+                 std::max(diff_g, pa == pg ? 0.0 : INFINITY),
+                 graphed ? strfmt("%d steps, learning rates %g, %g, %g: bit for bit", n_steps, fx.lr, fx.lr * 1.5,
+                                  fx.lr * 2.0)
+                         : std::string("the same path as without: bit for bit"));
 #ifdef CUDA_EMU
     const long want = 1 + (fp32 && fx.cfg.is_moe() ? (long)n_micro * fx.cfg.n_layer : 0);
     report_check(tag, "host waits in a training step", waits == want ? 0 : INFINITY,
                  strfmt("%ld counted, %ld expected (the step's end%s)", waits, want,
                         want > 1 ? "; fp32: each MoE layer's counts" : ""));
+    if (graphed)  // the stream calls left: the inputs' copies, the statistics' copies, the step's arguments
+        report_check(tag, "CUDA graphs: a step is n_micro + 1 graph launches",
+                     graph_launches == n_micro + 1 && calls_graphed < calls_eager ? 0 : INFINITY,
+                     strfmt("%ld graph launches; host stream calls per step %ld with graphs, %ld without",
+                            graph_launches, calls_graphed, calls_eager));
 #endif
 }
 

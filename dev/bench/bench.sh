@@ -20,7 +20,8 @@
 # Real shards from data/full when present, else synthetic tokens (vocab 16384).
 # Environment: MODEL (d768), BATCH (8), SEQ (1024), GRAD_ACCUM (4), STEPS (10), WARMUP (3),
 # DTYPE (bf16), BENCH (build/cuda-check/bench_gpu), GEMM_N (8192; 0 skips it), TORCH (1; 0
-# skips the PyTorch rows), PYTHON (python3).
+# skips the PyTorch rows), PYTHON (python3). The first MoE row runs twice: with CUDA graphs
+# (the default) and with --cuda-graphs off.
 set -u
 cd "$(dirname "$0")/../.."
 BENCH=${BENCH:-build/cuda-check/bench_gpu}
@@ -71,6 +72,13 @@ for row in "${rows[@]}"; do
   echo "$out"
   line=$(echo "$out" | grep '^bench:' | tail -n 1)
   if [ "$rc" -ne 0 ] || [ -z "$line" ]; then echo "FAILED (exit code $rc)"; status=1; else res["$name|ours"]=$(parse "$line"); fi
+  if [ "$name" = "${rows[1]%%|*}" ]; then  # the first MoE row again without CUDA graphs: what they save
+    out=$("$BENCH" "${common[@]}" --measured-peak "$gemm_peak" $flags --cuda-graphs off 2>&1); rc=$?
+    echo "$out" | grep '^bench:'
+    line=$(echo "$out" | grep '^bench:' | tail -n 1)
+    if [ "$rc" -ne 0 ] || [ -z "$line" ]; then echo "no-graphs run FAILED (exit code $rc)"; status=1
+    else res["$name|ours, no graphs"]=$(parse "$line"); fi
+  fi
   if [ "$have_torch" = 1 ]; then
     for mode in eager compile; do
       cflag=(); [ "$mode" = compile ] && cflag=(--compile)
@@ -88,13 +96,13 @@ done
 
 echo
 echo "== bench table ($MODEL, seq $SEQ, $((BATCH * SEQ * GRAD_ACCUM)) tokens per step, $DTYPE; GEMM peak ${gemm_peak} TFLOP/s)"
-printf '%-24s %-14s %10s %10s %8s %12s %9s\n' row impl ms/step tok/s MFU "MFU(GEMM)" "mem GiB"
+printf '%-24s %-16s %10s %10s %8s %12s %9s\n' row impl ms/step tok/s MFU "MFU(GEMM)" "mem GiB"
 for row in "${rows[@]}"; do
   name=${row%%|*}
-  for impl in ours "torch eager" "torch compile"; do
+  for impl in ours "ours, no graphs" "torch eager" "torch compile"; do
     v=${res["$name|$impl"]:-}; [ -n "$v" ] || continue
     set -- $v
-    printf '%-24s %-14s %10s %10s %8s %12s %9s\n' "$name" "$impl" "$1" "$2" "$3" "$4" "$5"
+    printf '%-24s %-16s %10s %10s %8s %12s %9s\n' "$name" "$impl" "$1" "$2" "$3" "$4" "$5"
   done
 done
 echo
@@ -103,6 +111,8 @@ ms() { local v=${res["$1"]:-}; [ -n "$v" ] && echo "${v%% *}"; }
 ratio() { [ -n "$1" ] && [ -n "$2" ] && awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }' || echo "n/a"; }
 d=$(ms "dense|ours"); m=$(ms "moe 8x top-2 F/2|ours")
 echo "MoE (equal active FLOPs) step / dense step: $(ratio "$m" "$d") (goal <= 1.10x)"
+r1=${rows[1]%%|*}
+echo "$r1 without / with CUDA graphs: $(ratio "$(ms "$r1|ours, no graphs")" "$(ms "$r1|ours")") (the launches the graphs save)"
 for row in "${rows[@]}"; do
   name=${row%%|*}; o=$(ms "$name|ours")
   v=${res["$name|ours"]:-}; mfu=$( [ -n "$v" ] && echo "$v" | awk '{print $3}' || echo n/a)

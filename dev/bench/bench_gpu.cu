@@ -43,7 +43,7 @@ int gemm_peak(int n) {
 }
 
 template <typename T>
-int bench(TrainArgs& args, int warmup_steps, bool stochastic_round, double measured_peak) {
+int bench(TrainArgs& args, int warmup_steps, bool stochastic_round, bool cuda_graphs, double measured_peak) {
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     const double peak = device_peak_flops(prop);
@@ -64,11 +64,12 @@ int bench(TrainArgs& args, int warmup_steps, bool stochastic_round, double measu
     M.router_loss = router_loss_from_args(args);
     M.seed = (uint64_t)args.seed;
     M.stochastic_round = stochastic_round;
+    M.cuda_graphs = cuda_graphs;
     M.setup(cfg, host, {});
     M.alloc(args.batch, args.seq);
     printf("device: %s (%s)\n", prop.name, sizeof(T) == 4 ? "fp32" : "bf16 mixed precision");
     print_model_summary(cfg, M.router_loss);
-    printf("; activations %.2f GiB\n", M.act_bytes / 1073741824.0);
+    printf("%s\n", M.summary_note().c_str());
 
     LRSchedule sched = schedule_from_args(args);
     AdamWSettings hp = adamw_from_args(args);
@@ -101,9 +102,9 @@ int bench(TrainArgs& args, int warmup_steps, bool stochastic_round, double measu
     const double flops_step = flops_per_token(cfg, args.seq) * tokens_per_step;
     size_t free_b = 0, total_b = 0;
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
-    printf("bench: %s | %d steps of %.0f tokens | %.1f ms/step | %.0f tok/s | MFU %s | MFU of GEMM peak %s | "
+    printf("bench: %s%s | %d steps of %.0f tokens | %.1f ms/step | %.0f tok/s | MFU %s | MFU of GEMM peak %s | "
            "GPU memory in use %.2f GiB | last loss %.4f\n",
-           cfg.is_moe() ? "MoE" : "dense", args.steps, tokens_per_step, dt * 1e3, tokens_per_step / dt,
+           cfg.is_moe() ? "MoE" : "dense", M.graphs_used() ? "" : " (no CUDA graphs)", args.steps, tokens_per_step, dt * 1e3, tokens_per_step / dt,
            peak > 0 ? strfmt("%.1f%%", 100 * flops_step / dt / peak).c_str() : "n/a (unknown device)",
            measured_peak > 0 ? strfmt("%.1f%%", 100 * flops_step / dt / (measured_peak * 1e12)).c_str() : "n/a",
            (total_b - free_b) / 1073741824.0, last.loss);
@@ -112,7 +113,7 @@ int bench(TrainArgs& args, int warmup_steps, bool stochastic_round, double measu
 
 int main(int argc, char** argv) {
     TrainArgs args;
-    std::string dtype = "bf16";
+    std::string dtype = "bf16", graphs = "on";
     int warmup_steps = 3;
     bool no_sr = false;
     int gemm_n = 0;
@@ -124,6 +125,7 @@ int main(int argc, char** argv) {
     cli.add("--dtype", &dtype, "bf16 or fp32");
     cli.add("--warmup-steps", &warmup_steps, "untimed steps before the timed --steps");
     cli.flag("--no-stochastic-rounding", &no_sr, "bf16: round the weight copy to nearest");
+    cli.add("--cuda-graphs", &graphs, "on or off (train_moe_gpu --cuda-graphs)");
     cli.add("--measured-peak", &measured_peak, "TFLOP/s: also report the MFU over this (the --gemm-peak result)",
             Range::at_least(0));
     cli.add("--gemm-peak", &gemm_n, "measure the bf16 cuBLAS GEMM rate at N x N x N instead (e.g. 8192)",
@@ -132,10 +134,12 @@ int main(int argc, char** argv) {
         cli.parse(argc, argv);
         args.validate();
         if (dtype != "bf16" && dtype != "fp32") FAIL("--dtype must be bf16 or fp32, found \"%s\"", dtype.c_str());
+        if (graphs != "on" && graphs != "off") FAIL("--cuda-graphs must be on or off, found \"%s\"", graphs.c_str());
         if (warmup_steps < 0) FAIL("--warmup-steps must be >= 0, found %d", warmup_steps);
         if (gemm_n > 0) return gemm_peak(gemm_n);
-        return dtype == "fp32" ? bench<float>(args, warmup_steps, !no_sr, measured_peak)
-                               : bench<bf16>(args, warmup_steps, !no_sr, measured_peak);
+        const bool g = graphs == "on";
+        return dtype == "fp32" ? bench<float>(args, warmup_steps, !no_sr, g, measured_peak)
+                               : bench<bf16>(args, warmup_steps, !no_sr, g, measured_peak);
     } catch (const Error& e) {
         fprintf(stderr, "error: %s\n", e.what());
         return 1;

@@ -256,10 +256,11 @@ void check_multi(Suite& S, const HP& hp, bool sharded, uint64_t& seed) {
         gpu::adamw_update(rP.p, rC.p, rG.p, rM.p, rV.p, sg.base, sg.n, sg.decay ? wd : 0.0f, a, (cudaStream_t)0);
     }
     a.clip = NAN;  // the multi-tensor kernel must read the device's
+    Dev<gpu::AdamWArgs> dA(std::vector<gpu::AdamWArgs>{a});  // its arguments live on the device
     Dev<float> dP(p), dG(g), dM(m), dV(vv);
     Dev<bf> dC(total);
     dC.poison();
-    gpu::adamw_update_multi(dP.p, dC.p, dG.p, dM.p, dV.p, plan, wd, dClip.p, dSkip.p, a, (cudaStream_t)0);
+    gpu::adamw_update_multi(dP.p, dC.p, dG.p, dM.p, dV.p, plan, wd, dClip.p, dSkip.p, dA.p, (cudaStream_t)0);
     char what[96];
     snprintf(what, sizeof what, "%d chunks (%d aligned): p", plan.n_chunks, plan.n_aligned);
     S.check_equal(what, dP.host(), rP.host());
@@ -288,7 +289,7 @@ void check_multi(Suite& S, const HP& hp, bool sharded, uint64_t& seed) {
         }
         gpu::adamw_scalars(dNorm.p, dClip.p, dSkip.p, dSq.p, 2, 1.0, dBad.p, (cudaStream_t)0);
         dP.upload(p); dM.upload(m); dV.upload(vv); dC.poison();
-        gpu::adamw_update_multi(dP.p, dC.p, dG.p, dM.p, dV.p, plan, wd, dClip.p, dSkip.p, a, (cudaStream_t)0);
+        gpu::adamw_update_multi(dP.p, dC.p, dG.p, dM.p, dV.p, plan, wd, dClip.p, dSkip.p, dA.p, (cudaStream_t)0);
         std::vector<uint16_t> poisoned(total, 0xFFFF);
         const bool same = dP.host() == p && dM.host() == m && dV.host() == vv && bits_of(dC.host()) == poisoned;
         S.check_true(which == 0 ? "skip on a non-finite norm" : "skip on a non-finite loss", dSkip.host()[0] == 1 && same);

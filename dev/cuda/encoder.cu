@@ -120,8 +120,9 @@ void check_production(Suite& S, const std::vector<int>& tokens, std::vector<floa
     gpu::build_encoder_buckets(&bk, tokens.data(), N, V);
     Dev<int> dBt(bk.token), dBs(bk.start), dBp(bk.positions);
     const int nb = (int)bk.token.size();
+    Dev<int> dNb(std::vector<int>{nb});  // the count is read on the device; the grid is min(N, V) blocks
     auto fwd = [&] { gpu::encoder_forward(dOut.p, dTok.p, (const T*)dWte.p, N, d, (cudaStream_t)0); };
-    auto bwd = [&] { gpu::encoder_backward(dDwte.p, (const T*)dDout.p, dBt.p, dBs.p, dBp.p, nb, d, (cudaStream_t)0); };
+    auto bwd = [&] { gpu::encoder_backward(dDwte.p, (const T*)dDout.p, dBt.p, dBs.p, dBp.p, dNb.p, std::min(N, V), d, (cudaStream_t)0); };
     dOut.poison();
     fwd();
     S.check_equal("forward out (a copy: exact)", to_host_f(dOut), out);

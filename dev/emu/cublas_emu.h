@@ -164,11 +164,20 @@ inline cublasStatus_t gemm(cublasHandle_t h, const GemmArgs& g, size_t scalar_in
     if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
     cublasStatus_t st = gemm_validate(g);
     if (st != CUBLAS_STATUS_SUCCESS) return st;
-    // alpha/beta: scalars of the compute precision; in a grouped call, one per group
-    if (gemm_combo(g.at, g.bt, g.ct, g.comp) == 64)
-        gemm_run<double>(g, ((const double*)g.alpha)[scalar_index], ((const double*)g.beta)[scalar_index]);
-    else
-        gemm_run<float>(g, ((const float*)g.alpha)[scalar_index], ((const float*)g.beta)[scalar_index]);
+    // alpha/beta: scalars of the compute precision; in a grouped call, one per group. Host
+    // pointer mode: read now (a captured GEMM keeps the values of its capture, as on a GPU);
+    // device pointer mode: read when the GEMM runs. The matrices are read when it runs.
+    const bool f64 = gemm_combo(g.at, g.bt, g.ct, g.comp) == 64;
+    const bool host = blas(h)->pointer_mode == CUBLAS_POINTER_MODE_HOST;
+    auto scalar = [f64, scalar_index](const void* p) {
+        return f64 ? ((const double*)p)[scalar_index] : (double)((const float*)p)[scalar_index];
+    };
+    const double alpha = host ? scalar(g.alpha) : 0, beta = host ? scalar(g.beta) : 0;
+    stream_work(blas(h)->stream, "a cuBLAS GEMM", [=] {
+        const double a = host ? alpha : scalar(g.alpha), b = host ? beta : scalar(g.beta);
+        if (f64) gemm_run<double>(g, a, b);
+        else gemm_run<float>(g, (float)a, (float)b);
+    });
     return CUBLAS_STATUS_SUCCESS;
 }
 

@@ -30,7 +30,8 @@
 // What it cannot see: timing, the memory model (lanes run one at a time, so some races never
 // happen here), real cuBLAS numerics (its GEMMs sum in a fixed order), registers and
 // occupancy, cooperative groups, cross-stream races (every stream is one in-order queue and
-// every call completes before it returns).
+// every call completes before it returns; work on a stream being captured into a CUDA graph
+// runs when the graph is launched: "Stream capture" below).
 #pragma once
 #define CUDA_EMU 1
 #include <cuda_runtime.h>
@@ -45,6 +46,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -481,11 +483,54 @@ inline size_t dyn_smem_limit(const void* kernel) {
     return it == smem_optin().end() ? SMEM_DEFAULT : it->second;
 }
 
+// ---- Stream capture (CUDA graphs) ----
+// A stream being captured records its work instead of running it; cudaGraphLaunch runs the
+// recorded work in order. What a GPU fixes at capture is fixed here at recording: kernel
+// arguments (copied by value), cuBLAS alpha/beta (host pointer mode), copy addresses and
+// sizes. So a graph replays the values of its capture, and a host value that changes between
+// launches (a learning rate, a step counter) reaches the kernels only through device memory;
+// what device memory (or pinned host memory) holds is read when the work runs, as on a GPU.
+// Stricter than a GPU: while any stream is capturing, work on any other stream (the legacy
+// default stream, which a GPU refuses too, and the others, which it would run outside the
+// graph) and every call that waits for the device or allocates (cudaMemcpy, cudaMemset,
+// cudaStreamSynchronize, cudaMalloc, ...; a GPU refuses those and invalidates the capture)
+// stop the program with the call named.
+using Work = std::function<void()>;
+struct StreamRec {
+    int id;
+    std::vector<Work>* capture = nullptr;  // non-null while the stream is being captured
+};
+inline int& captures_open() { static int n = 0; return n; }
+// counters for the tests: work items run or recorded from the host (kernel launches, cuBLAS
+// calls, copies and memsets on a stream; a graph launch is one) and graph launches
+inline long& stream_calls() { static long n = 0; return n; }
+inline long& graph_launches() { static long n = 0; return n; }
+inline void refuse_in_capture(const char* what) {
+    if (captures_open())
+        fail("%s while a stream is being captured into a CUDA graph: a GPU refuses it "
+             "(cudaErrorStreamCaptureUnsupported) and invalidates the capture", what);
+}
+// run stream work now, or record it when its stream is being captured
+inline void stream_work(cudaStream_t s, const char* what, Work w) {
+    stream_calls()++;
+    StreamRec* r = (StreamRec*)s;
+    if (r && r->capture) {
+        r->capture->push_back(std::move(w));
+        return;
+    }
+    if (captures_open())
+        fail("%s on %s while another stream is being captured into a CUDA graph (it would not be part of the graph; on "
+             "the legacy default stream a GPU refuses it: cudaErrorStreamCaptureImplicit)", what,
+             s ? "a stream that is not capturing" : "the legacy default stream (0)");
+    w();
+}
+
 struct LaunchCfg {
     dim3 g, b;
     size_t smem;
     const void* kernel;  // address of the kernel (null where cu2cpp could not take it)
     const char* site;    // file:line of the launch
+    cudaStream_t stream;
 };
 
 [[noreturn]] inline void launch_error(const LaunchCfg& c, const char* why) {
@@ -496,10 +541,9 @@ struct LaunchCfg {
     abort();
 }
 
-template <class Body>
-void launch_grid(const LaunchCfg& c, Body& body) {
+// a GPU checks a launch's configuration when it is made (or captured): so does this
+inline void check_launch(const LaunchCfg& c) {
     const long nthreads = (long)c.b.x * c.b.y * c.b.z;
-    const long nblocks = (long)c.g.x * c.g.y * c.g.z;
     if (c.b.x == 0 || c.b.y == 0 || c.b.z == 0 || c.g.x == 0 || c.g.y == 0 || c.g.z == 0)
         launch_error(c, "a grid or block dimension is 0");
     if (nthreads > 1024) launch_error(c, "more than 1024 threads per block");
@@ -514,6 +558,14 @@ void launch_grid(const LaunchCfg& c, Body& body) {
                  "kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)" : "set by cudaFuncSetAttribute");
         launch_error(c, why);
     }
+}
+
+template <class Body>
+void launch_grid(const LaunchCfg& c, Body& body) {
+    check_launch(c);  // again: a graph may run after the limits changed
+    const long nthreads = (long)c.b.x * c.b.y * c.b.z;
+    const long nblocks = (long)c.g.x * c.g.y * c.g.z;
+    const size_t limit = dyn_smem_limit(c.kernel);
     struct Ctx {
         Body* body;
         static void run(void* p) { (*static_cast<Ctx*>(p)->body)(); }
@@ -571,15 +623,18 @@ struct Launcher {
     template <class... A>
     void operator()(A&&... a) {
         if (tl_block) fail("kernel launch from device code (dynamic parallelism) is not emulated");
+        check_launch(c);
         auto args = std::make_tuple(std::decay_t<A>(std::forward<A>(a))...);  // by value, as CUDA copies them
-        auto body = [&] { std::apply(f, args); };
-        launch_grid(c, body);
+        stream_work(c.stream, c.site, [f = f, c = c, args]() mutable {
+            auto body = [&] { std::apply(f, args); };
+            launch_grid(c, body);
+        });
     }
 };
 // what cu2cpp.py writes for `kernel<<<g, b, smem, stream>>>(args)`
 template <class F>
-Launcher<F> launch(const char* site, const void* kernel, F f, dim3 g, dim3 b, size_t smem = 0, cudaStream_t = 0) {
-    return Launcher<F>{f, LaunchCfg{g, b, smem, kernel, site}};
+Launcher<F> launch(const char* site, const void* kernel, F f, dim3 g, dim3 b, size_t smem = 0, cudaStream_t s = 0) {
+    return Launcher<F>{f, LaunchCfg{g, b, smem, kernel, site, s}};
 }
 // what cu2cpp.py writes for `extern __shared__ T name[];`
 inline void* dynamic_smem() {
@@ -870,9 +925,6 @@ inline void check_device_range(const void* p, size_t bytes, const char* what) {
 struct EventRec {
     std::chrono::steady_clock::time_point t;
 };
-struct StreamRec {
-    int id;
-};
 inline cudaError_t set_error(cudaError_t e) {
     last_error = e;
     return e;
@@ -892,6 +944,7 @@ inline void note_wait() {
 
 extern "C" {
 inline cudaError_t cudaMalloc(void** p, size_t n) {
+    emu::refuse_in_capture("cudaMalloc");
     // exact size: under -fsanitize=address a read one past the end is caught
     if (posix_memalign(p, 256, std::max<size_t>(n, 1))) return emu::set_error(cudaErrorMemoryAllocation);
     if (emu::malloc_fill() >= 0) memset(*p, emu::malloc_fill(), n);
@@ -905,6 +958,7 @@ inline cudaError_t cudaMalloc(void** p, size_t n) {
 inline cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) { return cudaMalloc(p, n); }
 inline cudaError_t cudaFree(void* p) {
     if (!p) return cudaSuccess;
+    emu::refuse_in_capture("cudaFree");
     emu::note_wait();
     {
         std::lock_guard<std::mutex> g(emu::allocations().m);
@@ -933,6 +987,7 @@ inline bool is_pinned(const void* p, size_t n) {
 }  // namespace emu
 extern "C" {
 inline cudaError_t cudaMallocHost(void** p, size_t n) {
+    emu::refuse_in_capture("cudaMallocHost");
     if (posix_memalign(p, 256, std::max<size_t>(n, 1))) return emu::set_error(cudaErrorMemoryAllocation);
     emu::note_wait();
     std::lock_guard<std::mutex> g(emu::allocations().m);
@@ -941,6 +996,7 @@ inline cudaError_t cudaMallocHost(void** p, size_t n) {
 }
 inline cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) { return cudaMallocHost(p, n); }
 inline cudaError_t cudaFreeHost(void* p) {
+    emu::refuse_in_capture("cudaFreeHost");
     emu::note_wait();
     {
         std::lock_guard<std::mutex> g(emu::allocations().m);
@@ -951,39 +1007,58 @@ inline cudaError_t cudaFreeHost(void* p) {
 }
 }  // extern "C"
 namespace emu {
-inline cudaError_t copy(void* d, const void* s, size_t n, cudaMemcpyKind kind) {
+inline void check_copy(void* d, const void* s, size_t n, cudaMemcpyKind kind) {
     if (kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice) emu::check_device_range(d, n, "cudaMemcpy destination");
     if (kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice) emu::check_device_range(s, n, "cudaMemcpy source");
     if (kind == cudaMemcpyHostToDevice && n && emu::in_device_memory(s, n)) emu::fail("cudaMemcpy HostToDevice: the source %p is device memory", s);
     if (kind == cudaMemcpyDeviceToHost && n && emu::in_device_memory(d, n)) emu::fail("cudaMemcpy DeviceToHost: the destination %p is device memory", d);
+}
+inline cudaError_t copy(void* d, const void* s, size_t n, cudaMemcpyKind kind) {
+    check_copy(d, s, n, kind);
     if (n) memmove(d, s, n);
     return cudaSuccess;
 }
 }  // namespace emu
 extern "C" {
 inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind kind) {
+    emu::refuse_in_capture("cudaMemcpy (synchronous)");
     if (kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToHost) emu::note_wait();
     return emu::copy(d, s, n, kind);
 }
-inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t) {
-    if ((kind == cudaMemcpyHostToDevice && !emu::is_pinned(s, n)) || (kind == cudaMemcpyDeviceToHost && !emu::is_pinned(d, n)))
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t st) {
+    if ((kind == cudaMemcpyHostToDevice && !emu::is_pinned(s, n)) || (kind == cudaMemcpyDeviceToHost && !emu::is_pinned(d, n))) {
+        emu::refuse_in_capture("cudaMemcpyAsync with pageable host memory");
         emu::note_wait();
-    return emu::copy(d, s, n, kind);
+    }
+    // the ranges are checked when the copy is made (or captured); the bytes move when it runs
+    emu::check_copy(d, s, n, kind);
+    emu::stream_work(st, "cudaMemcpyAsync", [=] { if (n) memmove(d, s, n); });
+    return cudaSuccess;
 }
 inline cudaError_t cudaMemset(void* p, int v, size_t n) {
+    emu::refuse_in_capture("cudaMemset (synchronous)");
     emu::check_device_range(p, n, "cudaMemset");
     if (n) memset(p, v, n);
     return cudaSuccess;
 }
-inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { return cudaMemset(p, v, n); }
-inline cudaError_t cudaDeviceSynchronize(void) { emu::note_wait(); return cudaSuccess; }
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t s) {
+    emu::check_device_range(p, n, "cudaMemsetAsync");
+    emu::stream_work(s, "cudaMemsetAsync", [=] { if (n) memset(p, v, n); });
+    return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize(void) { emu::refuse_in_capture("cudaDeviceSynchronize"); emu::note_wait(); return cudaSuccess; }
 inline cudaError_t cudaDeviceReset(void) { return cudaSuccess; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { emu::note_wait(); return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { emu::refuse_in_capture("cudaStreamSynchronize"); emu::note_wait(); return cudaSuccess; }
 inline cudaError_t cudaStreamCreate(cudaStream_t* s) { *s = (cudaStream_t) new emu::StreamRec{1}; return cudaSuccess; }
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { return cudaStreamCreate(s); }
-inline cudaError_t cudaStreamDestroy(cudaStream_t s) { delete (emu::StreamRec*)s; return cudaSuccess; }
+inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
+    emu::StreamRec* r = (emu::StreamRec*)s;
+    if (r && r->capture) emu::fail("cudaStreamDestroy: the stream is still being captured (no cudaStreamEndCapture)");
+    delete r;
+    return cudaSuccess;
+}
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
-inline cudaError_t cudaStreamQuery(cudaStream_t) { emu::note_wait(); return cudaSuccess; }  // every call has completed
+inline cudaError_t cudaStreamQuery(cudaStream_t) { emu::refuse_in_capture("cudaStreamQuery"); emu::note_wait(); return cudaSuccess; }  // every call has completed
 // EMU_DEVICE_COUNT (default 1) emulated devices, all the same CPU: the data-parallel tests
 // run one process per emulated device
 namespace emu {
@@ -1072,17 +1147,63 @@ inline cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute a, int 
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = (cudaEvent_t) new emu::EventRec(); return cudaSuccess; }
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
 inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete (emu::EventRec*)e; return cudaSuccess; }
-inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
-    ((emu::EventRec*)e)->t = std::chrono::steady_clock::now();
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+    emu::stream_work(s, "cudaEventRecord", [e] { ((emu::EventRec*)e)->t = std::chrono::steady_clock::now(); });
     return cudaSuccess;
 }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) { emu::note_wait(); return cudaSuccess; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { emu::refuse_in_capture("cudaEventSynchronize"); emu::note_wait(); return cudaSuccess; }
 inline cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
 // CPU time between the events: not a GPU time (dev/cuda skips its benchmarks under CUDA_EMU)
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
     *ms = std::chrono::duration<float, std::milli>(((emu::EventRec*)b)->t - ((emu::EventRec*)a)->t).count();
     return cudaSuccess;
 }
+}  // extern "C"
+
+// ---- CUDA graphs (see "Stream capture" above): a graph is its recorded work, in order ----
+namespace emu {
+struct GraphRec {
+    std::vector<Work> work;
+};
+}  // namespace emu
+extern "C" {
+inline cudaError_t cudaStreamBeginCapture(cudaStream_t s, enum cudaStreamCaptureMode) {
+    emu::StreamRec* r = (emu::StreamRec*)s;
+    if (!r) return emu::set_error(cudaErrorStreamCaptureUnsupported);  // the legacy stream cannot be captured
+    if (r->capture) return emu::set_error(cudaErrorIllegalState);
+    r->capture = new std::vector<emu::Work>();
+    emu::captures_open()++;
+    return cudaSuccess;
+}
+inline cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g) {
+    emu::StreamRec* r = (emu::StreamRec*)s;
+    if (!r || !r->capture) return emu::set_error(cudaErrorIllegalState);
+    *g = (cudaGraph_t) new emu::GraphRec{std::move(*r->capture)};
+    delete r->capture;
+    r->capture = nullptr;
+    emu::captures_open()--;
+    return cudaSuccess;
+}
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t s, enum cudaStreamCaptureStatus* st) {
+    emu::StreamRec* r = (emu::StreamRec*)s;
+    *st = r && r->capture ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+    return cudaSuccess;
+}
+inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long) {
+    emu::refuse_in_capture("cudaGraphInstantiate");
+    *e = (cudaGraphExec_t) new emu::GraphRec(*(emu::GraphRec*)g);
+    return cudaSuccess;
+}
+inline cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
+    emu::graph_launches()++;
+    const emu::GraphRec* gr = (const emu::GraphRec*)e;
+    emu::stream_work(s, "cudaGraphLaunch", [gr] {
+        for (const emu::Work& w : gr->work) w();
+    });
+    return cudaSuccess;
+}
+inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) { delete (emu::GraphRec*)e; return cudaSuccess; }
+inline cudaError_t cudaGraphDestroy(cudaGraph_t g) { delete (emu::GraphRec*)g; return cudaSuccess; }
 }  // extern "C"
 
 // the kernel-pointer form that cuda_runtime.h declares only for nvcc

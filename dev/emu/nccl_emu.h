@@ -311,18 +311,22 @@ inline ncclResult_t ncclCommInitRank(ncclComm_t* out, int nranks, ncclUniqueId i
 
 inline ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, ncclDataType_t t, ncclRedOp_t op,
                                   ncclComm_t c, cudaStream_t) {
+    emu::refuse_in_capture("an NCCL collective (not emulated inside CUDA graphs)");
     return nccl_emu::collective(nccl_emu::ALL_REDUCE, send, recv, count, t, op, 0, c);
 }
 inline ncclResult_t ncclReduceScatter(const void* send, void* recv, size_t recvcount, ncclDataType_t t, ncclRedOp_t op,
                                       ncclComm_t c, cudaStream_t) {
+    emu::refuse_in_capture("an NCCL collective (not emulated inside CUDA graphs)");
     return nccl_emu::collective(nccl_emu::REDUCE_SCATTER, send, recv, recvcount, t, op, 0, c);
 }
 inline ncclResult_t ncclAllGather(const void* send, void* recv, size_t sendcount, ncclDataType_t t, ncclComm_t c,
                                   cudaStream_t) {
+    emu::refuse_in_capture("an NCCL collective (not emulated inside CUDA graphs)");
     return nccl_emu::collective(nccl_emu::ALL_GATHER, send, recv, sendcount, t, ncclSum, 0, c);
 }
 inline ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, ncclDataType_t t, int root, ncclComm_t c,
                                   cudaStream_t) {
+    emu::refuse_in_capture("an NCCL collective (not emulated inside CUDA graphs)");
     return nccl_emu::collective(nccl_emu::BROADCAST, send, recv, count, t, ncclSum, root, c);
 }
 inline ncclResult_t ncclGroupStart() { return ncclSuccess; }
