@@ -743,7 +743,8 @@ static void test_cli_errors() {
     write_synthetic_shards(data, 64, {"aa", "bb"}, 4000, 400);
     std::string out;
     int rc = run_cmd(g_bin + " --help", &out);
-    CHECK_MSG(rc == 0 && out.find("--resume") != std::string::npos && out.find("--aux-loss") != std::string::npos,
+    CHECK_MSG(rc == 0 && out.find("--resume") != std::string::npos && out.find("--aux-loss") != std::string::npos &&
+                  out.find("--shared-experts") != std::string::npos && out.find("--shared-gate") != std::string::npos,
               "--help: rc %d", rc);
     struct Case { std::string args, needle; };
     std::string bad_model = copy_model(fixture_dir("moe_topk_softmax"), g_tmp + "/cli_bad_model");
