@@ -43,21 +43,23 @@ def build(cfg: dict, root: str) -> R.Table:
     stages, rows = [base_stage, cont_stage], [base_row, cont_row]
     moe_phase = dict(steps=cfg["moe_steps"], warmup=cfg["warmup_moe"], moe=True)
     shape = {}
-    # the upcycled rows: one ./upcycle call, then the MoE phase (nu and du05: Table 1's stages)
+    # the upcycled rows: one ./upcycle call, then the MoE phase; nu and du05 are Table 1's stages
+    # (repro_drop_upcycling.py), so their arguments are in its order
+    ek = ["--experts", E, "--topk", K]
     for key, label, margs, sh in [
-            ("nu", "NU (naive)", ["--method", "naive", "--experts", E, "--topk", K], "E 8, top-2, F"),
-            ("du05", "DU (r=0.5)", ["--method", "drop", "--ratio", "0.5", "--experts", E, "--topk", K],
-             "E 8, top-2, F"),
+            ("nu", "NU (naive)", ["--method", "naive", "--from", base] + ek, "E 8, top-2, F"),
+            ("du05", "DU (r=0.5)", ["--method", "drop", "--ratio", "0.5", "--from", base] + ek, "E 8, top-2, F"),
             ("shared_sigmoid", "shared (dense FFN), sigmoid gate + 8 copies",
-             ["--method", "shared", "--experts", E, "--topk", K, "--shared-gate", "sigmoid"],
+             ["--method", "shared", "--from", base] + ek + ["--shared-gate", "sigmoid"],
              "E 8, top-2, F; shared F, gated"),
             ("shared_none", "shared (dense FFN), no gate + 8 copies",
-             ["--method", "shared", "--experts", E, "--topk", K, "--shared-gate", "none"],
+             ["--method", "shared", "--from", base] + ek + ["--shared-gate", "none"],
              "E 8, top-2, F; shared F"),
             ("qwen2_g4", "Qwen2 recipe (G=4, r=0.5) + shared, sigmoid gate",
-             ["--method", "qwen2", "--experts", "32", "--topk", "8", "--granularity", "4", "--ratio", "0.5"],
+             ["--method", "qwen2", "--from", base, "--experts", "32", "--topk", "8", "--granularity", "4",
+              "--ratio", "0.5"],
              "E 32, top-8, F/4; shared F, gated")]:
-        init = R.upcycle_stage(root, f"{key}_init", cfg, margs + ["--from", base], ["dense_base"])
+        init = R.upcycle_stage(root, f"{key}_init", cfg, margs, ["dense_base"])
         run = R.train_stage(root, key, cfg, ["--init", R.run_dir(root, init.name)], needs=[init.name], **moe_phase)
         stages += [init, run]
         rows.append(R.Row(key, label, [init.name, key], key, before=["dense_base"]))
