@@ -243,7 +243,8 @@ quickstart: train_moe upcycle
 	bash scripts/quickstart.sh
 
 # the reproductions write docs/results/<table>/[tiny/]; rerunning skips finished rows
-REPRO_SCRIPTS := scripts/repro_drop_upcycling.py scripts/repro_expert_upcycling.py scripts/repro_routing.py
+REPRO_SCRIPTS := scripts/repro_drop_upcycling.py scripts/repro_expert_upcycling.py scripts/repro_routing.py \
+                 scripts/repro_shared_experts.py
 repro-tiny: train_moe upcycle
 	@test -f data/tiny/tokenizer.bin || $(MAKE) --no-print-directory data-tiny
 	@set -e; for s in $(REPRO_SCRIPTS); do $(PYTHON) $$s --preset tiny --trainer cpu; done

@@ -1,5 +1,5 @@
 /*
-train_moe.cpp: the CPU reference trainer. Dense (Llama) and Mixture-of-Experts (Mixtral)
+train_moe.cpp: the CPU reference trainer. Dense (Llama) and Mixture-of-Experts (Mixtral, Qwen2-MoE)
 language models, trained in fp32 with plain loops and OpenMP.
 
 This is the readable version of the project: every layer's forward and backward sit side by
@@ -13,6 +13,7 @@ The model (N = B*T tokens, d = hidden size):
   per layer:
     x = x + o_proj(attention(rope(q(rmsnorm(x))), rope(k(..)), v(..)))
     x = x + ffn(rmsnorm(x))          ffn = SwiGLU, or a top-K mixture of SwiGLU experts
+                                     [+ a shared SwiGLU expert, optionally sigmoid-gated]
   logits = lm_head(rmsnorm(x))                       [N, V]
   loss = CE + aux_coef * load_balancing [+ dpsl_coef * dpsl] + z_coef * router_z
                                                               (common/router_losses.h)
@@ -23,7 +24,8 @@ Names other files use (the tests, upcycle.cu and the dev/cuda programs include t
                                   ffn_ (a whole SwiGLU FFN), crossentropy_; residual_forward
   MoE layer                       router_forward/_backward, moe_permute, moe_gather_forward/
                                   _backward, moe_combine_forward/_backward, router_stats,
-                                  router_losses_backward
+                                  router_losses_backward; shared expert: shared_gate_forward/
+                                  _backward (its FFN is ffn_)
   optimizer                       global_norm, adamw_update
   Model                           load, init_scratch, forward, backward, forward_backward,
                                   zero_grad, step; cfg, layout, params, grads, m, v, acts
@@ -665,6 +667,36 @@ void moe_combine_backward(real* dey, real* dtopw, const real* dout, const real* 
         }
 }
 
+// ---- Shared expert (DeepSeekMoE, Qwen2-MoE; docs/METHODS.md 1.7) ----
+// S always-on experts of width F_e are ONE SwiGLU FFN of width Fs = S F_e (ffn_forward above)
+// that every token goes through beside the routed ones. Qwen2-MoE scales its output per token
+// by a learned sigmoid gate; this is that gate:
+//   z[n] = x[n] . w,  gate[n] = sigmoid(z[n]),  out[n] += gate[n] y[n]
+// x [N, d] the MoE layer's input (ln2), w [d] (HF's Linear(d, 1) weight), y [N, d] the shared
+// FFN's output; gate [N] is kept for the backward pass.
+void shared_gate_forward(real* out, real* gate, const real* x, const real* w, const real* y, int N, int d) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        real g = 1 / (1 + exp_real(-dot(x + (size_t)n * d, w, d)));
+        gate[n] = g;
+        axpy(out + (size_t)n * d, g, y + (size_t)n * d, d);
+    }
+}
+// dy[n] = gate[n] dout[n] (written); dz[n] = (dout[n] . y[n]) gate (1 - gate);
+// dx[n] += dz[n] w; dw += sum_n dz[n] x[n] (rows in order: deterministic)
+void shared_gate_backward(real* dx, real* dw, real* dy, const real* dout, const real* x, const real* w, const real* y,
+                          const real* gate, int N, int d) {
+    std::vector<real> dz(N);
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const real g = gate[n], *dor = dout + (size_t)n * d;
+        dz[n] = dot(dor, y + (size_t)n * d, d) * g * (1 - g);
+        for (int i = 0; i < d; i++) dy[(size_t)n * d + i] = g * dor[i];
+        axpy(dx + (size_t)n * d, dz[n], w, d);
+    }
+    for (int n = 0; n < N; n++) axpy(dw, dz[n], x + (size_t)n * d, d);
+}
+
 // ----------------------------------------------------------------------------
 // Router losses (docs/METHODS.md 1.2, 1.3): the formulas are in common/router_losses.h,
 // shared with the GPU trainer; here are the two pieces that read this trainer's arrays.
@@ -815,6 +847,10 @@ struct LayerActs {
     std::vector<real> eg, eu, eh, es;  // [N*K, F] expert gate, up, h, sigmoid(gate)
     std::vector<real> ey;              // [N*K, d] expert outputs
     std::vector<double> psum, zsum;    // [N, E], [N]: the router losses' statistics (router_stats)
+    // shared expert (cfg.shared_dim = Fs > 0)
+    std::vector<real> sg, su, sh, ss;  // [N, Fs] its gate, up, h, sigmoid(gate)
+    std::vector<real> sy;              // [N, d] its output before the sigmoid gate
+    std::vector<real> sgate;           // [N] sigmoid(ln2 . w_gate) (shared_gate only)
 };
 
 // The keys and values of every layer for `rows` sequences of up to T_max positions, and the
@@ -863,6 +899,7 @@ struct Model {
         std::vector<real> dq, dk, dv, datty;          // [N, H*hd], [N, Hkv*hd] x2, [N, H*hd]
         std::vector<real> dg, du, dh;                 // FFN: [N, F] dense, [N*K, F] experts
         std::vector<real> dtopw, dey, dxe, drouter;   // MoE: [N, K], [N*K, d] x2, [N, E]
+        std::vector<real> dsg, dsu, dsh, dsy;         // shared expert: [N, Fs] x3, [N, d]
     } scratch;
 
     // ---- making, loading and saving (common/run.h calls these) ----
@@ -922,6 +959,11 @@ struct Model {
                 a.row_token.resize(N * K); a.row_of.resize(N * K);
                 a.xe.resize(N * K * d); a.eg.resize(N * K * F); a.eu.resize(N * K * F); a.eh.resize(N * K * F); a.es.resize(N * K * F);
                 a.ey.resize(N * K * d);
+                if (cfg.has_shared()) {
+                    const size_t Fs = cfg.shared_dim;
+                    a.sg.resize(N * Fs); a.su.resize(N * Fs); a.sh.resize(N * Fs); a.ss.resize(N * Fs);
+                    a.sy.resize(N * d); a.sgate.resize(N);
+                }
                 a.psum.resize(N * E); a.zsum.resize(N);
             }
         }
@@ -934,10 +976,15 @@ struct Model {
         s.datty.resize(N * cfg.q_dim());
         s.dg.resize(ffn_rows * F); s.du.resize(ffn_rows * F); s.dh.resize(ffn_rows * F);
         if (cfg.is_moe()) { s.dtopw.resize(N * K); s.dey.resize(N * K * d); s.dxe.resize(N * K * d); s.drouter.resize(N * E); }
+        if (cfg.has_shared()) {
+            const size_t Fs = cfg.shared_dim;
+            s.dsg.resize(N * Fs); s.dsu.resize(N * Fs); s.dsh.resize(N * Fs); s.dsy.resize(N * d);
+        }
         cfg.rope_tables(T_max, &rope_cos, &rope_sin);  // [T_max, hd/2], computed in double once
     }
 
-    // ---- MoE layer: route, permute tokens by expert, run each expert, combine ----
+    // ---- MoE layer: route, permute tokens by expert, run each expert, combine; then the
+    // shared expert, if any, over every token ----
     // ln2 [N, d] -> out [N, d]
     void moe_forward(real* out, LayerActs& a, int l) {
         const int N = B * T, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k;
@@ -956,6 +1003,30 @@ struct Model {
         }
         moe_combine_forward(out, a.ey.data(), a.topw.data(), a.row_of.data(), N, K, d);
         for (int e = 0; e < E; e++) step_load[l][e] += a.counts[e];
+        if (cfg.has_shared()) shared_forward(out, a, l);
+    }
+    // out [N, d] += [sigmoid(ln2 . w_g) *] SwiGLU_shared(ln2)
+    void shared_forward(real* out, LayerActs& a, int l) {
+        const int N = B * T, d = cfg.d_model, Fs = cfg.shared_dim;
+        ffn_forward(a.sy.data(), a.sg.data(), a.su.data(), a.sh.data(), a.ss.data(), a.ln2.data(), param(l, P_SGATE),
+                    param(l, P_SUP), param(l, P_SDOWN), N, d, Fs);
+        if (cfg.shared_gate)
+            shared_gate_forward(out, a.sgate.data(), a.ln2.data(), param(l, P_SGATE_W), a.sy.data(), N, d);
+        else
+            residual_forward(out, out, a.sy.data(), (size_t)N * d);
+    }
+    // dout [N, d] -> dln2 [N, d] (+=), the shared expert's and its gate's weight gradients (+=)
+    void shared_backward(real* dln2, const real* dout, LayerActs& a, int l) {
+        const int N = B * T, d = cfg.d_model, Fs = cfg.shared_dim;
+        const real* dy = dout;  // ungated: the FFN's output gradient is dout itself
+        if (cfg.shared_gate) {
+            shared_gate_backward(dln2, grad(l, P_SGATE_W), scratch.dsy.data(), dout, a.ln2.data(), param(l, P_SGATE_W),
+                                 a.sy.data(), a.sgate.data(), N, d);
+            dy = scratch.dsy.data();
+        }
+        ffn_backward(dln2, grad(l, P_SGATE), grad(l, P_SUP), grad(l, P_SDOWN), dy, a.ln2.data(), a.sg.data(),
+                     a.su.data(), a.sh.data(), a.ss.data(), param(l, P_SGATE), param(l, P_SUP), param(l, P_SDOWN),
+                     scratch.dsh.data(), scratch.dsg.data(), scratch.dsu.data(), N, d, Fs);
     }
     // dout [N, d] -> dln2 [N, d] (+=), expert and router weight gradients (+=), the router
     // losses' gradient included (scaled by `scale`, as the whole backward)
@@ -963,6 +1034,7 @@ struct Model {
         const int N = B * T, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k;
         real *dtopw = scratch.dtopw.data(), *dey = scratch.dey.data(), *dxe = scratch.dxe.data();
         real *deh = scratch.dh.data(), *deg = scratch.dg.data(), *deu = scratch.du.data();
+        if (cfg.has_shared()) shared_backward(dln2, dout, a, l);  // the last part of the forward first
         std::fill(dxe, dxe + (size_t)N * K * d, 0);  // dtopw and dey are written whole
         moe_combine_backward(dey, dtopw, dout, a.ey.data(), a.topw.data(), a.row_of.data(), N, K, d);
         for (int e = 0; e < E; e++) {

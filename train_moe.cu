@@ -65,6 +65,7 @@ test/test_gpu.sh; data parallelism with 1-4 emulated GPUs and an NCCL stand-in: 
 #include "kernels/rmsnorm.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/router.cuh"
+#include "kernels/shared_expert.cuh"
 #include "kernels/swiglu.cuh"
 
 using gpu::bf16;
@@ -307,6 +308,9 @@ struct LayerActs {
     int *row_token, *row_of;                     // [N*K], [N*K]
     T *xe, *egu, *eh, *ey;                       // [N*K, d], [N*K, 2F], [N*K, F], [N*K, d]
     double *psum, *zsum;                         // [B, E], [B]: sums for the router losses
+    // shared expert (cfg.shared_dim = Fs > 0): a dense SwiGLU FFN over every token
+    T *sgu, *sh, *sy;                            // [N, 2Fs] gate|up, [N, Fs] h, [N, d] its output
+    float* sgate;                                // [N] sigmoid(ln2 . w_g) (shared_gate only)
     // (seq_counts, psum and zsum point into GPUModel's stat_counts and stat_f)
     // fp32 only: the counts on the host (pinned), for the per-expert cuBLAS loop's launches
     gpu::ExpertBlocks eb;
@@ -389,6 +393,8 @@ struct GPUModel {
     int *inputs, *targets, *bk_token, *bk_start, *bk_pos, *bk_count;  // bk_count [1]: the buckets
     // backward scratch, shared by all layers
     T *dres, *dln, *dq, *dk, *dv, *datty, *dgu, *dh, *dey, *dxe;
+    T *dsgu = nullptr, *dsh = nullptr, *dsy = nullptr;  // shared expert: [N, 2Fs], [N, Fs], [N, d]
+    float* dsz = nullptr;                               // shared gate: [N] d(loss)/d(x . w_g)
     float *dtopw, *drl, *att_D, *aux_g, *red_scratch;
     size_t max_rows_ffn = 0;  // N (dense) or N*K (MoE)
     // The forward's statistics stay on the device (the backward's balancing-loss
@@ -536,6 +542,7 @@ struct GPUModel {
         for (int l = 0; l < cfg.n_layer; l++) {
             if (!cfg.is_moe()) adjacent(layout.by_layer[l][P_GATE], layout.by_layer[l][P_UP]);
             else for (auto& id : layout.experts[l]) adjacent(id[0], id[1]);
+            if (cfg.has_shared()) adjacent(layout.by_layer[l][P_SGATE], layout.by_layer[l][P_SUP]);
         }
     }
     void upload_params(const std::vector<float>& host_params) {
@@ -595,6 +602,11 @@ struct GPUModel {
                 a.counts = A.take<int>(E); a.offsets = A.take<int>(E + 1);
                 a.row_token = A.take<int>(NK); a.row_of = A.take<int>(NK);
                 a.xe = A.take<T>(NK * d); a.egu = A.take<T>(NK * 2 * F); a.eh = A.take<T>(NK * F); a.ey = A.take<T>(NK * d);
+                if (cfg.has_shared()) {
+                    const size_t Fs = cfg.shared_dim;
+                    a.sgu = A.take<T>(N * 2 * Fs); a.sh = A.take<T>(N * Fs); a.sy = A.take<T>(N * d);
+                    a.sgate = A.take<float>(N);
+                }
             }
         }
         x_final = A.take<T>(N * d); lnf = A.take<T>(N * d); logits = A.take<T>(N * V); tmp = A.take<T>(N * d);
@@ -605,6 +617,10 @@ struct GPUModel {
         dres = A.take<T>(N * d); dln = A.take<T>(N * d);
         dq = A.take<T>(N * qd); dk = A.take<T>(N * kvd); dv = A.take<T>(N * kvd); datty = A.take<T>(N * qd);
         dgu = A.take<T>(NK * 2 * F); dh = A.take<T>(NK * F); dey = A.take<T>(NK * d); dxe = A.take<T>(NK * d);
+        if (cfg.has_shared()) {
+            const size_t Fs = cfg.shared_dim;
+            dsgu = A.take<T>(N * 2 * Fs); dsh = A.take<T>(N * Fs); dsy = A.take<T>(N * d); dsz = A.take<float>(N);
+        }
         dtopw = A.take<float>(N * std::max<size_t>(K, 1)); drl = A.take<float>(N * std::max<size_t>(E, 1));
         att_D = A.take<float>((size_t)B_max * cfg.n_head * T_max);
         aux_g = A.take<float>((size_t)B_max * std::max<size_t>(E, 1));
@@ -675,7 +691,8 @@ struct GPUModel {
         return layout.tensors[layout.experts[l][1][0]].offset - layout.tensors[layout.experts[l][0][0]].offset;
     }
 
-    // ---- MoE layer: route, permute by expert, run each expert, combine ----
+    // ---- MoE layer: route, permute by expert, run each expert, combine; then the shared
+    // expert, if any, over every token ----
     void moe_forward(T* out, LayerActs<T>& a, int l) {
         const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k, NK = N * K;
         gpu::router_logits_forward(a.rlogits, a.ln2, master(l, P_ROUTER), N, d, E, stream);
@@ -711,6 +728,32 @@ struct GPUModel {
             gpu::expert_matmul_forward(blas, a.ey, a.eh, w2, a.eb, F, d);
         }
         gpu::moe_combine_forward(out, a.ey, a.topw, a.row_of, N, K, d, stream);
+        if (cfg.has_shared()) shared_forward(out, a, l);
+    }
+    // out [N, d] += [sigmoid(ln2 . w_g) *] SwiGLU_shared(ln2): the dense FFN's three kernels
+    void shared_forward(T* out, LayerActs<T>& a, int l) {
+        const int N = B * T_, d = cfg.d_model, Fs = cfg.shared_dim;
+        gpu::matmul_forward(blas, a.sgu, a.ln2, weight(l, P_SGATE), N, d, 2 * Fs);  // gate|up in one GEMM
+        gpu::swiglu_forward(a.sh, a.sgu, (size_t)N, Fs, stream);
+        gpu::matmul_forward(blas, a.sy, a.sh, weight(l, P_SDOWN), N, Fs, d);
+        gpu::shared_gate_forward(out, a.sgate, a.ln2, cfg.shared_gate ? master(l, P_SGATE_W) : nullptr, a.sy, N, d,
+                                 stream);
+    }
+    // dout [N, d] -> dln2 [N, d] (+=: after moe_backward, which writes dln2), the shared
+    // expert's and its gate's weight gradients (+=)
+    void shared_backward(T* dln2, const T* dout, LayerActs<T>& a, int l) {
+        const int N = B * T_, d = cfg.d_model, Fs = cfg.shared_dim;
+        const T* dy = dout;  // ungated: the FFN's output gradient is dout itself
+        if (cfg.shared_gate) {
+            gpu::shared_gate_backward(dsy, dln2, grad(l, P_SGATE_W), dsz, dout, a.ln2, master(l, P_SGATE_W), a.sy,
+                                      a.sgate, N, d, stream);
+            dy = dsy;
+        }
+        gpu::matmul_backward_input(blas, dsh, dy, weight(l, P_SDOWN), N, Fs, d);
+        gpu::matmul_backward_weight(blas, grad(l, P_SDOWN), dy, a.sh, N, Fs, d);
+        gpu::swiglu_backward(dsgu, dsh, a.sgu, (size_t)N, Fs, stream);
+        gpu::matmul_backward_input(blas, dln2, dsgu, weight(l, P_SGATE), N, d, 2 * Fs, 1.0f);  // += into dln2
+        gpu::matmul_backward_weight(blas, grad(l, P_SGATE), dsgu, a.ln2, N, d, 2 * Fs);  // gate and up grads
     }
     // a layer's expert blocks (host counts and offsets) from its host seq_counts (fp32)
     void count_expert_blocks(LayerActs<T>& a) {
@@ -764,6 +807,9 @@ struct GPUModel {
         gpu::router_backward(drl, dtopw, a.probs, a.rlse, a.topk, a.topw, g_dev, (float)router_loss.aux_coef, (float)router_loss.z_coef,
                              grad_scale, N, gathered ? N * world() : N, T_, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
         gpu::router_backward_matmul(dln2, grad(l, P_ROUTER), red_scratch, drl, a.ln2, master(l, P_ROUTER), N, d, E, stream);
+        // the shared expert last, though it ran last in the forward: it adds into dln2,
+        // which the routed path above writes
+        if (cfg.has_shared()) shared_backward(dln2, dout, a, l);
     }
 
     // the last read forward's routing statistics, from the host copies of the per-sequence

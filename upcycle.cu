@@ -12,6 +12,11 @@ from a trained MoE: every initialization of docs/METHODS.md section 2.
   granular   virtual groups: experts = F/G-wide shards, scaled, tied router rows      (2.7)
   partition  LLaMA-MoE: E disjoint random neuron sets, output x E/K (folded into w2)  (2.9)
   expand     E -> mE experts of a trained MoE, copies with their AdamW moments        (2.8)
+  shared     dense FFN = the shared expert, routed experts = copies; FFN output split
+             evenly between them, so the dense function is kept (topk_softmax)        (2.11)
+  qwen2      Qwen2: shared expert as above; routed experts F/G wide, each a set of a
+             shuffled partition of a copy of the FFN, a fraction r re-initialized
+             (Drop-Upcycling's re-init)                                                (2.11)
 
 Host code only: it builds with g++ (-x c++) on any machine and with nvcc. The math lives in
 common/upcycle_ops.h; this file reads the sources, streams the output and records what it did.
@@ -56,7 +61,7 @@ static void check_output_size(const ParamLayout& lay, DType dt, const std::strin
 struct UpcycleArgs {
     std::string method, from, model, out, data = "data/tiny";
     std::string routing = "topk_softmax", router = "uniform", du_index_mode = "independent", dtype = "same";
-    std::string select = "uniform", score = "weight_norm";
+    std::string select = "uniform", score = "weight_norm", shared_gate = "sigmoid";
     int experts = 8, topk = 2, vocab = 0, granularity = 1, max_dup = 3, utility_batches = 4, batch = 4, seq = 64;
     int threads = 0;
     long seed = 1337;
@@ -65,8 +70,8 @@ struct UpcycleArgs {
 
     void add_to(Cli& cli) {
         cli.section("Input and output");
-        cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition, expand or btm-average "
-                                     "(required)");
+        cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, expand or "
+                                     "btm-average (required)");
         cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx and "
                                  "btm-average: a,b,c,...");
         cli.add("--model", &model, std::string("scratch without --from: preset shape (") + model_preset_names() + ")");
@@ -84,11 +89,16 @@ struct UpcycleArgs {
         cli.add("--seed", &seed, "seed of every random choice (output is a pure function of it)",
                 Range::at_least(0));
         cli.section("Method settings");
-        cli.add("--ratio", &ratio, "noise/drop: fraction r of neurons per matrix", Range::between(0, 1));
-        cli.add("--du-index-mode", &du_index_mode, "drop: independent (a set per gate/up/down, as the released code) "
-                                                   "or shared (one set per expert, as the paper's text)");
-        cli.add("--granularity", &granularity, "granular: G; experts are F/G wide; E and K must be multiples of G",
+        cli.add("--ratio", &ratio, "noise/drop/qwen2: fraction r of neurons per matrix (qwen2: per expert matrix)",
+                Range::between(0, 1));
+        cli.add("--du-index-mode", &du_index_mode, "drop/qwen2: independent (a set per gate/up/down, as the released "
+                                                   "code) or shared (one set per expert, as the paper's text)");
+        cli.add("--granularity", &granularity, "granular: G; experts are F/G wide; E and K must be multiples of G. "
+                                               "qwen2: G; experts are F/G wide (any E, K)",
                 Range::between(1, 65536));
+        cli.add("--shared-gate", &shared_gate, "shared/qwen2: sigmoid (Qwen2-MoE, loads in HF as Qwen2MoeForCausalLM; "
+                                               "gate vector 0 = a factor 1/2 at init) or none (DeepSeekMoE; the shared "
+                                               "down_proj x 1/2 instead)");
         cli.section("Expert upcycling (--method expand)");
         cli.add("--select", &select, "uniform (each expert duplicated m-1 times) or utility (greedy by --score)");
         cli.add("--score", &score, "weight_norm, grad_norm, saliency or fisher; the gradient-based ones load the "
@@ -114,6 +124,8 @@ static const char* method_paper(const std::string& m) {
     if (m == "granular") return "Upcycling LLMs into MoE (virtual-group granular upcycling), arXiv 2410.07524";
     if (m == "partition") return "LLaMA-MoE (neuron partition), arXiv 2406.16554";
     if (m == "expand") return "expert upcycling E -> mE, arXiv 2604.19835";
+    if (m == "shared") return "shared experts (DeepSeekMoE, arXiv 2401.06066; Qwen2-MoE, arXiv 2407.10671)";
+    if (m == "qwen2") return "Qwen2 upcycling (fine-grained shuffled shards, re-init, shared expert), arXiv 2407.10671";
     return "?";
 }
 
@@ -288,6 +300,7 @@ struct DenseUpcycler {
     int n_reinit = 0;         // noise/drop: floor(F r)
     float granular_mult = 1;  // granular: c = s^(1/3)
     float partition_mult = 1; // partition: E / K
+    float routed_mult = 1;    // shared/qwen2: the routed experts' down_proj multiplier
     // the current layer's dense FFN per source: [s][matrix]
     int cached_layer = -1;
     std::vector<std::array<std::vector<float>, 3>> ffn;
@@ -320,6 +333,7 @@ struct DenseUpcycler {
     }
 
     void produce(size_t ti, std::vector<float>& out) {
+        if (ti >= out_lay.tensors.size()) return;  // Qwen2-MoE's attention biases: zeros
         const ParamTensor& t = out_lay.tensors[ti];
         const uint64_t seed = (uint64_t)a.seed;
         if (a.method == "scratch") return scratch_tensor(ti, out);
@@ -336,6 +350,8 @@ struct DenseUpcycler {
                 router_init(out.data(), out_cfg.n_experts, out_cfg.d_model, router_kind, seed, t.layer);
             return;
         }
+        if (t.kind == P_SGATE || t.kind == P_SUP || t.kind == P_SDOWN || t.kind == P_SGATE_W)
+            return shared_expert_tensor(t, out);
         if (t.expert < 0) {  // embeddings, attention, norms, LM head: copied (btx: averaged)
             if (src.size() == 1) { out = src[0]->read(t.name); return; }
             std::vector<std::vector<float>> all;
@@ -354,6 +370,12 @@ struct DenseUpcycler {
                            mat == MAT_DOWN ? partition_mult : 1.0f);
             return;
         }
+        if (a.method == "qwen2") return qwen2_routed_expert(l, e, mat, out);
+        if (a.method == "shared") {  // a copy of the FFN, down_proj x 1/2 (2.11)
+            out = ffn[0][mat];
+            if (mat == MAT_DOWN) for (float& x : out) x *= routed_mult;
+            return;
+        }
         int s = a.method == "btx" ? btx_source(e, out_cfg.n_experts, (int)src.size()) : 0;
         out = ffn[s][mat];
         if (a.method == "noise") {
@@ -364,6 +386,28 @@ struct DenseUpcycler {
             std::vector<int> S = sample_neurons(F, n_reinit, seed, stream_id(PURPOSE_DROP_INDEX, l, e, shared_index ? 3 : mat));
             drop_neurons(out.data(), mat, F, d, S, seed, stream_id(PURPOSE_DROP_VALUES, l, e, mat));
         }
+    }
+
+    // shared/qwen2 (docs/METHODS.md 2.11): the shared expert is the dense FFN (down_proj x 1/2
+    // when ungated); the sigmoid gate's vector is 0, so the gate is 1/2 on every token
+    void shared_expert_tensor(const ParamTensor& t, std::vector<float>& out) {
+        if (t.kind == P_SGATE_W) { std::fill(out.begin(), out.end(), 0.0f); return; }
+        load_layer(t.layer);
+        const int mat = t.kind - P_SGATE;
+        out = ffn[0][mat];
+        if (mat == MAT_DOWN) for (float& x : out) x *= shared_down_mult(out_cfg.shared_gate);
+    }
+    // qwen2: expert e = set (e mod G) of replica (e div G)'s shuffled partition; then floor(F_e r)
+    // of its neurons re-initialized from their own statistics (drop_neurons, Drop-Upcycling's
+    // re-init); then down_proj x the routed multiplier (granular's output scale s, halved)
+    void qwen2_routed_expert(int l, int e, int mat, std::vector<float>& out) {
+        const int F = method_F, d = out_cfg.d_model, Fe = out_cfg.ffn_dim;
+        const uint64_t seed = (uint64_t)a.seed;
+        gather_neurons(out.data(), ffn[0][mat].data(), mat, F, d, qwen2_expert_neurons(F, a.granularity, e, seed, l),
+                       1.0f);
+        std::vector<int> S = sample_neurons(Fe, n_reinit, seed, stream_id(PURPOSE_DROP_INDEX, l, e, shared_index ? 3 : mat));
+        drop_neurons(out.data(), mat, Fe, d, S, seed, stream_id(PURPOSE_DROP_VALUES, l, e, mat));
+        if (mat == MAT_DOWN) for (float& x : out) x *= routed_mult;
     }
 
     void run(const Cli& cli) {
@@ -428,7 +472,24 @@ struct DenseUpcycler {
             if (!(a.ratio >= 0 && a.ratio <= 1)) FAIL("--ratio %g is outside [0, 1]", a.ratio);
             n_reinit = neurons_of_ratio(F, a.ratio);
         }
-        if (m == "drop") {
+        const bool with_shared = m == "shared" || m == "qwen2";
+        if (!with_shared && cli.was_set("--shared-gate"))
+            FAIL("--shared-gate applies to --method shared or qwen2, not %s", m.c_str());
+        if (with_shared) {
+            if (a.shared_gate != "sigmoid" && a.shared_gate != "none")
+                FAIL("--shared-gate must be sigmoid or none, found \"%s\"", a.shared_gate.c_str());
+            out_cfg.shared_dim = F;  // the whole dense FFN: S = 1 shared expert of width F
+            out_cfg.shared_gate = a.shared_gate == "sigmoid";
+            routed_mult = routed_down_mult();
+        }
+        if (m == "qwen2") {
+            if (G < 1 || F % G) FAIL("--granularity %d must divide the dense FFN width F = %d (experts are F/G wide)", G, F);
+            if (!(a.ratio >= 0 && a.ratio <= 1)) FAIL("--ratio %g is outside [0, 1]", a.ratio);
+            out_cfg.ffn_dim = F / G;
+            n_reinit = neurons_of_ratio(F / G, a.ratio);
+            routed_mult = (float)(routed_down_mult() * granular_scale(E, G, K, out_cfg.routing));
+        }
+        if (m == "drop" || m == "qwen2") {
             if (a.du_index_mode == "shared") shared_index = true;
             else if (a.du_index_mode != "independent")
                 FAIL("--du-index-mode must be independent or shared, found \"%s\"", a.du_index_mode.c_str());
@@ -472,6 +533,26 @@ struct DenseUpcycler {
                                  "projection (w2); the model itself has no output multiplier", (double)E / K);
         }
         if (m == "scratch") rec["init"] = "every matrix N(0, 0.02^2) (router included), norms 1";
+        if (with_shared) {
+            rec["shared_expert"] = out_cfg.shared_gate
+                ? "the dense FFN; sigmoid gate vector 0 (gate 1/2 on every token)"
+                : "the dense FFN with down_proj x 1/2 (no gate)";
+            rec["shared_expert_width"] = F;
+            rec["routed_down_multiplier"] = (double)routed_mult;
+        }
+        if (m == "shared") rec["routed_experts"] = "copies of the dense FFN, down_proj x 1/2";
+        if (m == "qwen2") {
+            rec["granularity"] = G;
+            rec["expert_width"] = F / G;
+            rec["replicas"] = (E + G - 1) / G;
+            rec["routed_experts"] = "expert e = set (e mod G) of a random partition of the FFN's neurons into G sets, "
+                                    "one partition per replica e div G; then floor(F_e r) neurons per matrix "
+                                    "re-initialized from their own mean and std (Drop-Upcycling); down_proj x "
+                                    "routed_down_multiplier = 1/2 x granular scale s";
+            rec["ratio"] = a.ratio;
+            rec["neurons_per_matrix"] = n_reinit;
+            rec["index_mode"] = a.du_index_mode;
+        }
         write_output(rec);
     }
 
@@ -514,7 +595,9 @@ struct DenseUpcycler {
         Progress prog;
         prog.n_layer = out_cfg.n_layer;
         prog.what = "model.safetensors";
-        stream_write(out.file("model.safetensors"), layout_tensors(out_lay), dt, {{"format", "pt"}},
+        std::vector<OutTensor> list = layout_tensors(out_lay);
+        for (auto& z : zero_bias_tensors(out_cfg)) list.push_back({z.name, z.shape, -1});  // produce: zeros
+        stream_write(out.file("model.safetensors"), list, dt, {{"format", "pt"}},
                      [&](size_t i, std::vector<float>& buf) { produce(i, buf); }, prog);
         write_config(out.file("config.json"), out_cfg, dt);
         if (!src.empty()) copy_tokenizer_files(src[0]->dir, out);
@@ -764,11 +847,14 @@ struct Expander {
         std::vector<OutTensor> list = layout_tensors(out_lay);
         if (has_bias)
             for (int l = 0; l < L; l++) list.push_back({bias_tensor_name(l), {E_new}, -1});
+        const size_t n_before_zeros = list.size();
+        for (auto& z : zero_bias_tensors(out_cfg)) list.push_back({z.name, z.shape, -1});  // Qwen2-MoE's: zeros
         auto read_w = [&](const std::string& n) { return src.read(n); };
         prog.what = "model.safetensors";
         stream_write(out.file("model.safetensors"), list, dt, {{"format", "pt"}},
                      [&](size_t i, std::vector<float>& buf) {
                          if (i < out_lay.tensors.size()) return produce(out_lay.tensors[i], buf, read_w);
+                         if (i >= n_before_zeros) return;  // zeros
                          int l = (int)(i - out_lay.tensors.size());
                          std::string n = bias_tensor_name(l);
                          std::vector<float> b(E, 0.0f);
@@ -804,7 +890,8 @@ struct Expander {
 
 int main(int argc, char** argv) {
     UpcycleArgs a;
-    Cli cli("upcycle", "Builds a Mixture-of-Experts model (Hugging Face Mixtral format) from dense Llama model(s), or a\n"
+    Cli cli("upcycle", "Builds a Mixture-of-Experts model (Hugging Face Mixtral format; Qwen2-MoE with a shared expert)\n"
+                       "from dense Llama model(s), or a\n"
                        "larger MoE from a trained MoE: every initialization of docs/METHODS.md section 2. Streams\n"
                        "tensor by tensor (memory ~ one layer), except expand with a gradient score, which loads the\n"
                        "whole source model. The same --seed gives byte-identical output on any thread count.");
@@ -820,6 +907,8 @@ int main(int argc, char** argv) {
         "  ./upcycle --method btm-average --from ja/,en/,code/ --out dense_btm   (a dense model)\n"
         "  ./upcycle --method granular  --from dense/ --experts 16 --topk 4 --granularity 2 --out moe_gran\n"
         "  ./upcycle --method partition --from dense/ --experts 8 --topk 2 --out moe_part\n"
+        "  ./upcycle --method shared    --from dense/ --experts 8 --topk 2 --out moe_sh   (+ a shared expert)\n"
+        "  ./upcycle --method qwen2     --from dense/ --experts 16 --topk 4 --granularity 4 --ratio 0.5 --out moe_q2\n"
         "  ./upcycle --method expand    --from runs/moe/step_001000 --experts 16 --select utility --score grad_norm\n"
         "            --data data/tiny --utility-batches 8 --out moe_x2\n"
         "  then: ./train_moe --init moe_x2 --init-optimizer --data data/tiny ...\n"
@@ -830,20 +919,21 @@ int main(int argc, char** argv) {
         if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif
         if (a.method.empty())
-            FAIL("--method is required (scratch, naive, noise, drop, btx, granular, partition, expand, btm-average)");
+            FAIL("--method is required (scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, expand, "
+                 "btm-average)");
         if (a.out.empty()) FAIL("--out is required (the output directory)");
         {  // nothing the user did not ask to lose: inputs, an existing file, a non-empty directory
             std::vector<std::string> inputs = a.from.empty() ? std::vector<std::string>() : split_commas(a.from);
             if (a.method == "expand") inputs.push_back(a.data);  // read for gradient utility scores
             check_output_location(a.out, inputs, a.overwrite);
         }
-        static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "expand",
-                                        "btm-average"};
+        static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "shared",
+                                        "qwen2", "expand", "btm-average"};
         bool known = false;
         for (const char* k : methods) known |= a.method == k;
         if (!known)
-            FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, expand, btm-average",
-                 a.method.c_str());
+            FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, "
+                 "expand, btm-average", a.method.c_str());
         if (a.method == "expand") {
             Expander x(a);
             x.run(cli);

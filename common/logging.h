@@ -68,6 +68,7 @@ inline void print_model_summary(const ModelConfig& c, const RouterLossSettings& 
            c.n_head, c.n_kv_head, c.is_moe() ? "_e" : "", c.ffn_dim, c.vocab_size);
     if (c.is_moe()) printf(", %d experts top-%d %s, aux %s %g, z %g", c.n_experts, c.top_k, routing_name(c.routing),
                            aux_name(rl.aux_loss), rl.aux_coef, rl.z_coef);
+    if (c.has_shared()) printf(", shared expert F_s %d (%s)", c.shared_dim, c.shared_gate ? "sigmoid gate" : "no gate");
     if (c.is_moe() && rl.dpsl.on) {
         std::string alpha;
         for (double a : rl.dpsl.alpha) alpha += strfmt("%s%g", alpha.empty() ? "" : ",", a);

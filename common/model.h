@@ -1,9 +1,10 @@
 // model.h: the model's configuration, its parameter layout (one flat buffer with named
 // tensor views), the from-scratch init, and checkpoint directories in Hugging Face format.
 //
-// The model is a Llama (dense) or Mixtral (MoE) decoder; see docs/ARCHITECTURE.md.
-// config.json uses Hugging Face's keys so that HF Llama/Mixtral directories load as they
-// are; settings HF has no key for (routing variant, ...) are extra keys HF ignores.
+// The model is a Llama (dense), Mixtral (MoE) or Qwen2-MoE (MoE with a shared expert)
+// decoder; see docs/ARCHITECTURE.md. config.json uses Hugging Face's keys so that HF
+// Llama/Mixtral/Qwen2-MoE directories load as they are; settings HF has no key for (routing
+// variant, ...) are extra keys HF ignores.
 //
 // defines: Routing, ModelConfig, model_preset, ParamKind, ParamTensor, ParamLayout, build_layout,
 //          count_params, count_active_params, init_from_scratch, load_model_dir, save_model_files,
@@ -38,6 +39,13 @@ struct ModelConfig {
     int n_experts = 0;     // E; 0 = dense model
     int top_k = 0;         // K
     Routing routing = ROUTING_TOPK_SOFTMAX;
+    // Shared experts (DeepSeekMoE, Qwen2-MoE; docs/METHODS.md 1.7): S always-on experts of
+    // width F_e are one SwiGLU FFN of width S F_e (a sum of SwiGLUs is the SwiGLU of the
+    // concatenated neurons), stored as one FFN per layer of width shared_dim; 0 = none.
+    // With shared_gate its output is scaled by sigmoid(x . g) per token (Qwen2-MoE).
+    // A model with a shared expert is written as HF's Qwen2MoeForCausalLM.
+    int shared_dim = 0;
+    bool shared_gate = true;
     bool tie_embeddings = false;
     float rms_eps = 1e-5f;
     float rope_theta = 10000.0f;
@@ -50,6 +58,7 @@ struct ModelConfig {
     Json extra;  // other config.json keys to carry along (upcycling record, ...)
 
     bool is_moe() const { return n_experts > 0; }
+    bool has_shared() const { return shared_dim > 0; }
     int q_dim() const { return n_head * head_dim; }
     int kv_dim() const { return n_kv_head * head_dim; }
 
@@ -68,6 +77,10 @@ struct ModelConfig {
         if (n_experts < 0) FAIL("%s: num_local_experts must be >= 0", what.c_str());
         if (n_experts > 0 && (top_k < 1 || top_k > n_experts))
             FAIL("%s: num_experts_per_tok (%d) must be in [1, num_local_experts = %d]", what.c_str(), top_k, n_experts);
+        if (shared_dim < 0) FAIL("%s: shared_expert_intermediate_size must be >= 0, found %d", what.c_str(), shared_dim);
+        if (shared_dim > 0 && n_experts == 0)
+            FAIL("%s: shared_expert_intermediate_size %d needs routed experts (num_experts > 0): a dense model's FFN "
+                 "is already always on", what.c_str(), shared_dim);
         if (vocab_size > 65536)
             FAIL("%s: vocab_size %d does not fit the uint16 token shards", what.c_str(), vocab_size);
         if ((long long)n_head * head_dim > INT32_MAX || (long long)n_kv_head * head_dim > INT32_MAX)
@@ -76,7 +89,8 @@ struct ModelConfig {
         // beyond what this trainer can hold, and keeps every later size_t product exact
         double per_ffn = 3.0 * ffn_dim * d_model, attn = 2.0 * d_model * ((double)q_dim() + kv_dim());
         double params = 2.0 * vocab_size * d_model +
-                        (double)n_layer * (attn + 2.0 * d_model + (is_moe() ? n_experts * (per_ffn + d_model) : per_ffn));
+                        (double)n_layer * (attn + 2.0 * d_model + (is_moe() ? n_experts * (per_ffn + d_model) : per_ffn) +
+                                      (3.0 * shared_dim + 1) * d_model);
         if (params > 1099511627776.0)
             FAIL("%s: these sizes make a model of %.3g parameters: implausibly large (corrupt config?)", what.c_str(),
                  params);
@@ -125,9 +139,9 @@ struct ModelConfig {
     Json to_json() const {
         Json j = Json::object();
         Json arch = Json::array();
-        arch.push(is_moe() ? "MixtralForCausalLM" : "LlamaForCausalLM");
+        arch.push(has_shared() ? "Qwen2MoeForCausalLM" : is_moe() ? "MixtralForCausalLM" : "LlamaForCausalLM");
         j["architectures"] = arch;
-        j["model_type"] = is_moe() ? "mixtral" : "llama";
+        j["model_type"] = has_shared() ? "qwen2_moe" : is_moe() ? "mixtral" : "llama";
         j["vocab_size"] = vocab_size;
         j["hidden_size"] = d_model;
         j["intermediate_size"] = ffn_dim;
@@ -153,7 +167,25 @@ struct ModelConfig {
         j["attention_bias"] = false;
         j["mlp_bias"] = false;
         j["torch_dtype"] = "float32";
-        if (is_moe()) {
+        if (has_shared()) {  // Qwen2MoeConfig's keys (every layer sparse, no dense-MLP layers)
+            j["num_experts"] = n_experts;
+            j["num_experts_per_tok"] = top_k;
+            j["moe_intermediate_size"] = ffn_dim;
+            j["shared_expert_intermediate_size"] = shared_dim;
+            // HF's Qwen2-MoE: softmax over all E, top-K, renormalized iff norm_topk_prob;
+            // that is our topk_softmax (renormalized) or softmax_topk (not): both load in HF
+            j["norm_topk_prob"] = routing == ROUTING_TOPK_SOFTMAX;
+            j["decoder_sparse_step"] = 1;
+            j["mlp_only_layers"] = Json::array();
+            j["use_sliding_window"] = sliding_window > 0;
+            j["moe_routing"] = routing_name(routing);
+            // our key: HF's Qwen2MoeSparseMoeBlock always applies the sigmoid gate
+            j["shared_expert_gating"] = shared_gate ? "sigmoid" : "none";
+            if (!shared_gate)
+                j["moe_note"] = "ungated shared expert (shared_expert_gating none): Hugging Face Qwen2MoeForCausalLM "
+                                "always applies a sigmoid gate and so does NOT compute this model's function; use "
+                                "this project's trainers";
+        } else if (is_moe()) {
             j["num_local_experts"] = n_experts;
             j["num_experts_per_tok"] = top_k;
             j["moe_routing"] = routing_name(routing);
@@ -171,19 +203,50 @@ struct ModelConfig {
         if (j.type != Json::OBJ) FAIL("%s: not a JSON object", what.c_str());
         ModelConfig c;
         std::string mt = j.get_str("model_type", "", what);
-        if (!mt.empty() && mt != "llama" && mt != "mixtral")
-            FAIL("%s: model_type \"%s\" is not supported (expected llama or mixtral)", what.c_str(), mt.c_str());
+        if (!mt.empty() && mt != "llama" && mt != "mixtral" && mt != "qwen2_moe")
+            FAIL("%s: model_type \"%s\" is not supported (expected llama, mixtral or qwen2_moe)", what.c_str(),
+                 mt.c_str());
+        const bool qwen = mt == "qwen2_moe";
         c.vocab_size = (int)j.get_int("vocab_size", 1, 65536, what);
         c.d_model = (int)j.get_int("hidden_size", 1, 1 << 16, what);
-        c.ffn_dim = (int)j.get_int("intermediate_size", 1, 1 << 20, what);
+        // Qwen2-MoE: intermediate_size is the width of dense-MLP layers, which we do not
+        // have (mlp_only_layers must be empty); the experts' width is moe_intermediate_size
+        c.ffn_dim = qwen ? (int)j.get_int("moe_intermediate_size", 1, 1 << 20, what)
+                         : (int)j.get_int("intermediate_size", 1, 1 << 20, what);
         c.n_layer = (int)j.get_int("num_hidden_layers", 1, 4096, what);
         c.n_head = (int)j.get_int("num_attention_heads", 1, 4096, what);
         c.n_kv_head = (int)j.get_int("num_key_value_heads", c.n_head, 1, 4096, what);
         if (c.n_head <= 0) FAIL("%s: num_attention_heads must be positive", what.c_str());
         c.head_dim = (int)j.get_int("head_dim", c.d_model / c.n_head, 1, 4096, what);
-        c.n_experts = (int)j.get_int("num_local_experts", 0, 0, 65536, what);
-        c.top_k = (int)j.get_int("num_experts_per_tok", c.n_experts > 0 ? 2 : 0, 0, 65536, what);
-        c.routing = parse_routing(j.get_str("moe_routing", "topk_softmax", what), what);
+        if (!qwen) {
+            c.n_experts = (int)j.get_int("num_local_experts", 0, 0, 65536, what);
+            c.top_k = (int)j.get_int("num_experts_per_tok", c.n_experts > 0 ? 2 : 0, 0, 65536, what);
+            c.routing = parse_routing(j.get_str("moe_routing", "topk_softmax", what), what);
+            if (j.has("shared_expert_intermediate_size"))
+                FAIL("%s: shared_expert_intermediate_size needs model_type qwen2_moe, found \"%s\"", what.c_str(),
+                     mt.c_str());
+        } else {
+            c.n_experts = (int)j.get_int("num_experts", 1, 65536, what);
+            c.top_k = (int)j.get_int("num_experts_per_tok", 1, 65536, what);
+            c.shared_dim = (int)j.get_int("shared_expert_intermediate_size", 1, 1 << 20, what);
+            // HF's default for norm_topk_prob is false (no renormalization: softmax_topk)
+            c.routing = j.get_bool("norm_topk_prob", false, what) ? ROUTING_TOPK_SOFTMAX : ROUTING_SOFTMAX_TOPK;
+            if (j.has("moe_routing") && parse_routing(j.get_str("moe_routing", "", what), what) != c.routing)
+                FAIL("%s: moe_routing \"%s\" contradicts norm_topk_prob %s (topk_softmax renormalizes: "
+                     "norm_topk_prob true)", what.c_str(), j.get_str("moe_routing", "", what).c_str(),
+                     c.routing == ROUTING_TOPK_SOFTMAX ? "true" : "false");
+            std::string gating = j.get_str("shared_expert_gating", "sigmoid", what);
+            if (gating != "sigmoid" && gating != "none")
+                FAIL("%s: shared_expert_gating must be sigmoid or none, found \"%s\"", what.c_str(), gating.c_str());
+            c.shared_gate = gating == "sigmoid";
+            if (j.get_int("decoder_sparse_step", 1, 1, INT_MAX, what) != 1)
+                FAIL("%s: decoder_sparse_step must be 1 (every layer an MoE layer); dense-MLP layers are not "
+                     "supported", what.c_str());
+            if (const Json* m = j.find("mlp_only_layers"))
+                if (!m->is_null() && !(m->type == Json::ARR && m->arr.empty()))
+                    FAIL("%s: mlp_only_layers must be empty (every layer an MoE layer); dense-MLP layers are not "
+                         "supported, found %s", what.c_str(), m->dump().c_str());
+        }
         // found by fuzzing: a dense config with MoE settings kept them, a save dropped them,
         // and the model read back differed from the one written
         if (c.n_experts == 0 && (c.top_k != 0 || c.routing != ROUTING_TOPK_SOFTMAX))
@@ -198,6 +261,8 @@ struct ModelConfig {
         if (j.get_bool("attention_bias", false, what) || j.get_bool("mlp_bias", false, what))
             FAIL("%s: attention_bias/mlp_bias are not supported (the model has no biases)", what.c_str());
         c.sliding_window = (int)j.get_int("sliding_window", 0, 0, INT_MAX, what);
+        // Qwen2: sliding_window is set (4096) even when off; use_sliding_window says
+        if (qwen && !j.get_bool("use_sliding_window", false, what)) c.sliding_window = 0;
         if (const Json* rs = j.find("rope_scaling")) {
             if (!rs->is_null()) {
                 std::string t = rs->get_str("rope_type", rs->get_str("type", "", what), what);
@@ -214,7 +279,9 @@ struct ModelConfig {
             "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
             "num_local_experts", "num_experts_per_tok", "moe_routing", "moe_note", "tie_word_embeddings",
             "rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias",
-            "rope_scaling", "torch_dtype", "sliding_window"};
+            "rope_scaling", "torch_dtype", "sliding_window", "num_experts", "moe_intermediate_size",
+            "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+            "use_sliding_window", "shared_expert_gating"};
         c.extra = Json::object();
         for (auto& kv : j.obj) {
             bool k = false;
@@ -253,11 +320,13 @@ enum ParamKind {
     P_EMBED, P_ATTN_NORM, P_WQ, P_WK, P_WV, P_WO, P_FFN_NORM,
     P_GATE, P_UP, P_DOWN,            // dense FFN
     P_ROUTER, P_EGATE, P_EUP, P_EDOWN,  // MoE: router [E,d], expert w1 / w3 / w2
+    P_SGATE, P_SUP, P_SDOWN, P_SGATE_W, // shared expert: gate [Fs,d], up [Fs,d], down [d,Fs]; its sigmoid gate [1,d]
     P_FINAL_NORM, P_LM_HEAD, P_NUM_KINDS
 };
 inline const char* param_kind_name(ParamKind k) {
     static const char* n[] = {"embed", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "gate", "up", "down",
-                              "router", "expert_gate", "expert_up", "expert_down", "final_norm", "lm_head"};
+                              "router", "expert_gate", "expert_up", "expert_down", "shared_gate_proj",
+                              "shared_up_proj", "shared_down_proj", "shared_expert_gate", "final_norm", "lm_head"};
     return n[k];
 }
 
@@ -313,7 +382,7 @@ inline ParamLayout build_layout(const ModelConfig& c) {
             L[P_GATE] = add(p + "mlp.gate_proj.weight", {F, d}, P_GATE, l, -1);
             L[P_UP] = add(p + "mlp.up_proj.weight", {F, d}, P_UP, l, -1);
             L[P_DOWN] = add(p + "mlp.down_proj.weight", {d, F}, P_DOWN, l, -1);
-        } else {
+        } else if (!c.has_shared()) {  // Mixtral's names
             std::string m = p + "block_sparse_moe.";
             L[P_ROUTER] = add(m + "gate.weight", {(int64_t)c.n_experts, d}, P_ROUTER, l, -1);
             for (int e = 0; e < c.n_experts; e++) {
@@ -324,6 +393,22 @@ inline ParamLayout build_layout(const ModelConfig& c) {
                 ids[2] = add(x + "w2.weight", {d, F}, P_EDOWN, l, e);
                 lay.experts[l].push_back(ids);
             }
+        } else {  // Qwen2-MoE's names: routed experts, then the shared expert and its gate
+            std::string m = p + "mlp.";
+            L[P_ROUTER] = add(m + "gate.weight", {(int64_t)c.n_experts, d}, P_ROUTER, l, -1);
+            for (int e = 0; e < c.n_experts; e++) {
+                std::string x = m + "experts." + std::to_string(e) + ".";
+                std::array<int, 3> ids;
+                ids[0] = add(x + "gate_proj.weight", {F, d}, P_EGATE, l, e);
+                ids[1] = add(x + "up_proj.weight", {F, d}, P_EUP, l, e);
+                ids[2] = add(x + "down_proj.weight", {d, F}, P_EDOWN, l, e);
+                lay.experts[l].push_back(ids);
+            }
+            const int64_t Fs = c.shared_dim;  // gate and up adjacent: the GPU trainer runs them as one GEMM
+            L[P_SGATE] = add(m + "shared_expert.gate_proj.weight", {Fs, d}, P_SGATE, l, -1);
+            L[P_SUP] = add(m + "shared_expert.up_proj.weight", {Fs, d}, P_SUP, l, -1);
+            L[P_SDOWN] = add(m + "shared_expert.down_proj.weight", {d, Fs}, P_SDOWN, l, -1);
+            if (c.shared_gate) L[P_SGATE_W] = add(m + "shared_expert_gate.weight", {1, d}, P_SGATE_W, l, -1);
         }
     }
     lay.final_norm = add("model.norm.weight", {d}, P_FINAL_NORM, -1, -1);
@@ -332,7 +417,8 @@ inline ParamLayout build_layout(const ModelConfig& c) {
 }
 
 inline size_t count_params(const ModelConfig& c) { return build_layout(c).total; }
-// Parameters touched per token: what MFU counts (experts: only K of E).
+// Parameters touched per token: what MFU counts (routed experts: only K of E; the shared
+// expert and its gate run on every token and count in full).
 inline size_t count_active_params(const ModelConfig& c) {
     ParamLayout lay = build_layout(c);
     size_t n = 0;
@@ -365,6 +451,23 @@ void init_from_scratch(const ModelConfig& c, const ParamLayout& lay, T* params, 
 // ----------------------------------------------------------------------------
 // Checkpoint directories: config.json + model.safetensors (Hugging Face layout).
 
+// Hugging Face's Qwen2-MoE attention always has q, k and v biases; this model has none. A
+// model with a shared expert (written as Qwen2MoeForCausalLM) therefore carries these
+// tensors as zeros, so that transformers loads it without fresh random biases, and a
+// directory read must have them all zero (load_model_dir refuses any other value).
+struct ZeroTensor { std::string name; std::vector<int64_t> shape; };
+inline std::vector<ZeroTensor> zero_bias_tensors(const ModelConfig& c) {
+    std::vector<ZeroTensor> v;
+    if (!c.has_shared()) return v;
+    for (int l = 0; l < c.n_layer; l++) {
+        std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
+        v.push_back({p + "q_proj.bias", {(int64_t)c.q_dim()}});
+        v.push_back({p + "k_proj.bias", {(int64_t)c.kv_dim()}});
+        v.push_back({p + "v_proj.bias", {(int64_t)c.kv_dim()}});
+    }
+    return v;
+}
+
 // Reads config.json and every tensor of the layout, checking names, shapes and that the
 // file holds nothing the config does not explain.
 template <typename T>
@@ -388,8 +491,25 @@ void load_model_dir(const std::string& dir, ModelConfig* cfg, ParamLayout* lay, 
                  dtype_name(ti.dtype));
         ck.read(t.name, t.shape, params->data() + t.offset);
     }
+    for (auto& zt : zero_bias_tensors(*cfg)) {  // Qwen2-MoE's attention biases: allowed only as zeros
+        if (!ck.has(zt.name)) continue;
+        const TensorInfo& ti = ck.info(zt.name);
+        if (ti.shape != zt.shape)
+            FAIL("%s: tensor \"%s\" has shape %s, expected %s", dir.c_str(), zt.name.c_str(), shape_str(ti.shape).c_str(),
+                 shape_str(zt.shape).c_str());
+        std::vector<float> b((size_t)shape_numel(zt.shape));
+        ck.read(zt.name, zt.shape, b.data());
+        for (size_t i = 0; i < b.size(); i++)
+            if (b[i] != 0.0f)
+                FAIL("%s: tensor \"%s\" has the nonzero entry %g at %zu: attention biases are not supported (this "
+                     "model has none; a Qwen2-MoE checkpoint loads only with all q/k/v biases zero)", dir.c_str(),
+                     zt.name.c_str(), (double)b[i], i);
+    }
     for (auto& name : ck.names()) {
         if (lay->find(name) >= 0) continue;
+        bool zero_bias = false;
+        for (auto& zt : zero_bias_tensors(*cfg)) zero_bias |= zt.name == name;
+        if (zero_bias) continue;
         bool harmless = name.find("rotary_emb.inv_freq") != std::string::npos ||
                         name.find("expert_bias") != std::string::npos ||
                         (cfg->tie_embeddings && name == "lm_head.weight");
@@ -408,9 +528,15 @@ void save_model_files(const std::string& dir, const ModelConfig& cfg, const Para
     SafeTensorsWriter w;
     w.metadata["format"] = "pt";
     for (auto& t : lay.tensors) w.declare(t.name, dtype, t.shape);
+    const std::vector<ZeroTensor> zeros = zero_bias_tensors(cfg);
+    for (auto& z : zeros) w.declare(z.name, dtype, z.shape);
     for (auto& e : extra_tensors) w.declare(e.name, DType::F32, e.shape);
     w.begin(path_join(dir, "model.safetensors"));
     for (auto& t : lay.tensors) w.write(t.name, params + t.offset);
+    for (auto& z : zeros) {
+        std::vector<T> zero((size_t)shape_numel(z.shape), (T)0);
+        w.write(z.name, zero.data());
+    }
     for (auto& e : extra_tensors) w.write(e.name, e.data.data());
     w.finish();
     Json j = cfg.to_json();

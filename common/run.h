@@ -89,6 +89,20 @@ inline ModelConfig config_from_args(const TrainArgs& a, int tokenizer_vocab) {
         c.top_k = a.topk;
         if (a.expert_width > 0) c.ffn_dim = a.expert_width;
     }
+    if (a.shared_gate != "sigmoid" && a.shared_gate != "none")
+        FAIL("--shared-gate must be sigmoid or none, found \"%s\"", a.shared_gate.c_str());
+    if (a.shared_experts > 0) {
+        if (c.n_experts == 0)
+            FAIL("--shared-experts %d needs routed experts: give --experts E > 0 too (found a dense model)",
+                 a.shared_experts);
+        if ((long long)a.shared_experts * c.ffn_dim > (1 << 24))
+            FAIL("--shared-experts %d x F_e %d: a shared FFN wider than %d", a.shared_experts, c.ffn_dim, 1 << 24);
+        c.shared_dim = a.shared_experts * c.ffn_dim;  // S experts of width F_e = one FFN of width S F_e
+        c.shared_gate = a.shared_gate == "sigmoid";
+    } else if (a.shared_gate != "sigmoid") {
+        FAIL("--shared-gate %s applies only with --shared-experts S > 0 (a config.json sets it with the key "
+             "shared_expert_gating)", a.shared_gate.c_str());
+    }
     c.routing = parse_routing(a.routing, "--routing");
     if (a.tie) c.tie_embeddings = true;
     c.max_seq_len = std::max(c.max_seq_len, a.seq);

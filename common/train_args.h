@@ -15,7 +15,8 @@ struct TrainArgs {
     std::string data_dir = "data/tiny", mix, tokenizer;
     // model
     std::string model = "tiny", init, resume, routing = "topk_softmax";
-    int experts = 0, topk = 2, expert_width = 0, vocab = 0;
+    int experts = 0, topk = 2, expert_width = 0, vocab = 0, shared_experts = 0;
+    std::string shared_gate = "sigmoid";
     bool tie = false, init_optimizer = false;
     double init_std = 0.02;
     // optimization
@@ -52,6 +53,12 @@ struct TrainArgs {
         cli.add("--topk", &topk, "with --model: experts per token K", Range::between(1, 65536));
         cli.add("--expert-width", &expert_width, "with --model: expert FFN width F_e (default: the preset's F)",
                 Range::between(0, 1 << 24));
+        cli.add("--shared-experts", &shared_experts, "with --model and --experts: S always-on shared experts beside the "
+                                                      "routed ones, stored as one shared FFN of width S x F_e "
+                                                      "(DeepSeekMoE / Qwen2-MoE; saved as Qwen2MoeForCausalLM)",
+                Range::between(0, 1 << 16));
+        cli.add("--shared-gate", &shared_gate, "with --shared-experts: sigmoid (Qwen2-MoE: the shared output times "
+                                               "sigmoid(x . g), a learned d-vector g) or none (DeepSeekMoE: added as is)");
         cli.add("--routing", &routing, "with --model: topk_softmax (Mixtral) or softmax_topk (no renormalization)");
         cli.flag("--tie", &tie, "with --model: tie the LM head to the token embedding");
         cli.add("--vocab", &vocab, "with --model: vocabulary size (default: the tokenizer's)",

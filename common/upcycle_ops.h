@@ -159,12 +159,14 @@ inline void granular_router(float* W, int E, int G, int d, RouterInit kind, uint
 }
 
 // Neuron partition (LLaMA-MoE, docs/METHODS.md 2.9): a random permutation of the F neurons
-// (Fisher-Yates on stream (MISC, layer, 0, 0x9a)), cut into E consecutive sets of F/E;
+// (Fisher-Yates on stream (MISC, layer, replica, 0x9a)), cut into E consecutive sets of F/E;
 // expert i = set i, its neurons in ascending order. The sets are disjoint and cover F.
-inline std::vector<std::vector<int>> partition_neurons(int F, int E, uint64_t seed, int layer) {
+// `replica` picks an independent permutation (Qwen2's recipe shuffles each copy of the FFN
+// on its own, 2.11); replica 0 is LLaMA-MoE's one partition.
+inline std::vector<std::vector<int>> partition_neurons(int F, int E, uint64_t seed, int layer, int replica = 0) {
     std::vector<int> perm(F);
     for (int j = 0; j < F; j++) perm[j] = j;
-    RngStream r(seed, stream_id(PURPOSE_MISC, (uint32_t)layer, 0, 0x9a));
+    RngStream r(seed, stream_id(PURPOSE_MISC, (uint32_t)layer, (uint32_t)replica, 0x9a));
     for (int i = F - 1; i > 0; i--) std::swap(perm[i], perm[(int)r.below((uint64_t)i + 1)]);
     int Fe = F / E;
     std::vector<std::vector<int>> sets(E);
@@ -173,6 +175,26 @@ inline std::vector<std::vector<int>> partition_neurons(int F, int E, uint64_t se
         std::sort(sets[e].begin(), sets[e].end());
     }
     return sets;
+}
+
+// ---- shared experts from a dense FFN (docs/METHODS.md 2.11) ----
+
+// The dense FFN becomes the shared expert, beside routed experts that at init also give the
+// dense FFN's output for a token (copies, with topk_softmax weights summing to 1), or an
+// estimate of it (Qwen2's fine-grained shards). The FFN output is then split evenly:
+//   gated (Qwen2-MoE): shared expert = the FFN unchanged, its gate vector g = 0, so
+//                      sigmoid(x . g) = 1/2 for every token;
+//   ungated:           shared expert = the FFN with down_proj x 1/2;
+// and the routed experts' down_proj x 1/2 (times any method scale). With naive copies and
+// topk_softmax the MoE layer's output is then exactly FFN(x)/2 + FFN(x)/2: the dense
+// model's function (test_upcycle checks the logits).
+inline float shared_down_mult(bool gated) { return gated ? 1.0f : 0.5f; }
+inline float routed_down_mult() { return 0.5f; }
+
+// Qwen2's fine-grained routed experts: expert e of width F/G is set (e mod G) of replica
+// (e div G)'s own random partition of the F neurons into G sets; ceil(E / G) replicas.
+inline std::vector<int> qwen2_expert_neurons(int F, int G, int e, uint64_t seed, int layer) {
+    return partition_neurons(F, G, seed, layer, e / G)[e % G];
 }
 
 // ---- Branch-Train-MiX (docs/METHODS.md 2.6) ----

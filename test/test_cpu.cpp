@@ -242,6 +242,64 @@ static void test_hf_directory(const std::string& name) {
     CHECK(M.cfg.rms_eps == 1e-6f && M.cfg.rope_theta == 500000.0f);
 }
 
+// 2c. Qwen2-MoE directories (a shared expert): a save + load keeps the model (config keys,
+//     the zero attention biases HF needs), and nonzero attention biases or dense-MLP layers
+//     are refused with the tensor's / key's name.
+static void test_qwen2_moe_round_trip() {
+    for (const char* name : {"moe_shared", "moe_shared_ungated"}) {
+        Model A;
+        A.load(fixture_dir(name));
+        std::string d = g_tmp + "/qwen_rt_" + name;
+        mkdir_p(d);
+        save_model_files(d, A.cfg, A.layout, A.params.data());
+        Model Bm;
+        Bm.load(d);
+        CHECK_MSG(Bm.cfg.shared_dim == A.cfg.shared_dim && Bm.cfg.shared_gate == A.cfg.shared_gate &&
+                      Bm.cfg.routing == A.cfg.routing && Bm.cfg.n_experts == A.cfg.n_experts &&
+                      Bm.cfg.ffn_dim == A.cfg.ffn_dim && Bm.params == A.params,
+                  "%s: save + load changed the model", name);
+        CHECK(CheckpointTensors(d).has("model.layers.1.self_attn.k_proj.bias"));
+        Json j = Json::parse_file(d + "/config.json");
+        CHECK(j.get_str("model_type", "", "c") == "qwen2_moe" && j.get_int("num_experts", 0, 99, "c") == 4);
+        CHECK(j.get_bool("norm_topk_prob", true, "c") == (A.cfg.routing == ROUTING_TOPK_SOFTMAX));
+    }
+    {  // active parameters: all but the E - K routed experts a token skips (the shared expert counts)
+        ModelConfig c = ModelConfig::load(fixture_dir("moe_shared") + "/config.json");
+        size_t skipped = (size_t)c.n_layer * (c.n_experts - c.top_k) * 3 * c.ffn_dim * c.d_model;
+        size_t embed = c.tie_embeddings ? 0 : (size_t)c.vocab_size * c.d_model;
+        CHECK_MSG(count_active_params(c) == count_params(c) - skipped - embed, "active %zu, total %zu",
+                  count_active_params(c), count_params(c));
+        CHECK(count_params(c) - count_params([&] { ModelConfig m = c; m.shared_dim = 0; return m; }()) ==
+              (size_t)c.n_layer * (3 * c.shared_dim + 1) * c.d_model);
+    }
+    // a nonzero bias: refused, naming the tensor
+    Model A;
+    A.load(fixture_dir("moe_shared"));
+    std::string d = g_tmp + "/qwen_bias";
+    mkdir_p(d);
+    save_model_files(d, A.cfg, A.layout, A.params.data());
+    SafeTensorsWriter w;
+    std::vector<float> bias((size_t)A.cfg.kv_dim(), 0.0f);
+    bias[3] = 0.5f;
+    for (auto& t : A.layout.tensors) w.declare(t.name, DType::F32, t.shape);
+    for (auto& z : zero_bias_tensors(A.cfg)) w.declare(z.name, DType::F32, z.shape);
+    w.begin(d + "/model.safetensors");
+    for (auto& t : A.layout.tensors) w.write(t.name, A.params.data() + t.offset);
+    for (auto& z : zero_bias_tensors(A.cfg)) {
+        std::vector<float> zero((size_t)shape_numel(z.shape), 0.0f);
+        w.write(z.name, z.name == "model.layers.1.self_attn.v_proj.bias" ? bias.data() : zero.data());
+    }
+    w.finish();
+    expect_error([&] { Model M; M.load(d); }, "model.layers.1.self_attn.v_proj.bias\" has the nonzero entry 0.5 at 3",
+                 "nonzero Qwen2-MoE attention bias");
+    Json j = Json::parse_file(fixture_dir("moe_shared") + "/config.json");
+    j["decoder_sparse_step"] = 2;
+    expect_error([&] { ModelConfig::from_json(j, "cfg"); }, "decoder_sparse_step must be 1", "dense-MLP layers");
+    j["decoder_sparse_step"] = 1;
+    j["moe_routing"] = "softmax_topk";
+    expect_error([&] { ModelConfig::from_json(j, "cfg"); }, "contradicts norm_topk_prob true", "routing mismatch");
+}
+
 // ---------------------------------------------------------------------------
 // 3. Pieces: aux-free bias, schedules, JSON, safetensors round trips, data loader
 
@@ -685,7 +743,8 @@ static void test_cli_errors() {
     write_synthetic_shards(data, 64, {"aa", "bb"}, 4000, 400);
     std::string out;
     int rc = run_cmd(g_bin + " --help", &out);
-    CHECK_MSG(rc == 0 && out.find("--resume") != std::string::npos && out.find("--aux-loss") != std::string::npos,
+    CHECK_MSG(rc == 0 && out.find("--resume") != std::string::npos && out.find("--aux-loss") != std::string::npos &&
+                  out.find("--shared-experts") != std::string::npos && out.find("--shared-gate") != std::string::npos,
               "--help: rc %d", rc);
     struct Case { std::string args, needle; };
     std::string bad_model = copy_model(fixture_dir("moe_topk_softmax"), g_tmp + "/cli_bad_model");
@@ -713,6 +772,10 @@ static void test_cli_errors() {
         {"--data " + data + " --model tiny --vocab 64 --aux-loss dpsl --dpsl-distance l3", "--dpsl-distance must be"},
         {"--data " + data + " --model tiny --vocab 64 --aux-loss dpsl --dpsl-ecdf left", "--dpsl-ecdf must be"},
         {"--data " + data + " --model tiny --vocab 64 --experts 4 --topk 5", "num_experts_per_tok"},
+        {"--data " + data + " --model tiny --vocab 64 --shared-experts 1", "--shared-experts 1 needs routed experts"},
+        {"--data " + data + " --model tiny --vocab 64 --experts 4 --shared-experts 1 --shared-gate tanh",
+         "--shared-gate must be sigmoid or none, found \"tanh\""},
+        {"--data " + data + " --model tiny --vocab 64 --experts 4 --shared-gate none", "applies only with --shared-experts"},
         {"--data " + data + " --model tiny --vocab 64 --batch x", "expects an integer"},
         {"--data " + data + " --model tiny --vocab 64 --bogus 1", "unknown option --bogus"},
         {"--data " + data + " --model tiny --vocab 64 --mix zz=1", "no domain \"zz\""},
@@ -979,14 +1042,15 @@ static void test_world() {
 
 // Decoding with a KV cache gives the logits of a full forward pass over the whole context:
 // three sequences of different lengths, each prefilled alone into its cache row, then
-// decoded together token by token (dense and MoE, GQA)
+// decoded together token by token (dense, MoE, MoE with a gated shared expert; GQA)
 static void test_kv_cache() {
-    for (int moe = 0; moe < 2; moe++) {
+    for (int moe = 0; moe < 3; moe++) {
         ModelConfig c;
         model_preset("tiny", &c);
         c.vocab_size = 97;
         c.n_kv_head = 2;
         if (moe) { c.n_experts = 4; c.top_k = 2; }
+        if (moe == 2) c.shared_dim = 2 * c.ffn_dim;
         Model M;
         M.init_scratch(c, 11);
         const int nb = 3, prompt[nb] = {5, 9, 1}, gen = 4;
@@ -1019,7 +1083,7 @@ static void test_kv_cache() {
             for (int b = 0; b < nb; b++) cmp(got.data() + (size_t)b * c.vocab_size, full_row(b, pos[b] + 1));
         }
         CHECK_MSG(worst == 0, "%s: cached decoding vs full forward: largest logit difference %g (want bit-identical)",
-                  moe ? "MoE" : "dense", worst);
+                  moe == 2 ? "MoE + shared expert" : moe ? "MoE" : "dense", worst);
         int bad_pos = 14;
         expect_error([&] { M.forward_cached(kv, seq[0].data(), &bad_pos, 0, 1, 3); }, "beyond the KV cache's 16",
                      "decoding past the cache");
@@ -1032,12 +1096,15 @@ int main(int argc, char** argv) {
     mkdir_p(g_tmp);
     run_test("exp_real = the correctly rounded e^x", test_exp_real);
     for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
-                          "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1", "moe_dpsl"})
+                          "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1", "moe_dpsl", "moe_shared",
+                          "moe_shared_ungated"})
         run_test(std::string("fixture ") + f, [&] { test_fixture(f); });
     run_test("thread count: bit-identical", test_thread_count_bit_identical);
     run_test("MoE of copies = dense", test_moe_copies_equal_dense);
     run_test("HF transformers Llama directory", [] { test_hf_directory("hf_llama"); });
     run_test("HF transformers Mixtral directory", [] { test_hf_directory("hf_mixtral"); });
+    run_test("HF transformers Qwen2-MoE directory", [] { test_hf_directory("hf_qwen2_moe"); });
+    run_test("Qwen2-MoE directories: round trip, biases, keys", test_qwen2_moe_round_trip);
     run_test("aux-free bias", test_aux_free_bias);
     run_test("dpsl: Beta CDF and density", test_beta_cdf);
     run_test("dpsl: zero at the prior's quantiles", test_dpsl_invariant);

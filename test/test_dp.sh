@@ -6,7 +6,7 @@
 #   (a) N ranks x --batch B reproduce one process with --batch N*B: 1 (under a launcher: the
 #       NCCL code with one rank), 2 and 4 ranks, MoE (switch
 #       aux loss, z-loss, aux-loss-free bias) and dense, fp32 and bf16, with gradient
-#       accumulation, the pooled balancing loss; metrics and final weights within tolerance (fp32: the only difference
+#       accumulation, the pooled balancing loss, a shared expert; metrics and final weights within tolerance (fp32: the only difference
 #       is the order of the gradient sums; bf16: that, through stochastic rounding)
 #   (b) bit-identical reruns at a fixed world size, and a resume at the same world size
 #   (c) resume across world sizes 4 -> 2 -> 1 (global batch kept) vs the uninterrupted run;
@@ -111,6 +111,12 @@ if want a; then
   if launch torchrun $n "$tmp/pool2" $POOL --batch $((4 / n)); then
     compare "MoE fp32 --aux-loss pooled --aux-coef 1: $n ranks x $((4 / n)) vs 1 x 4" "$tmp/pool1" "$tmp/pool2" $FP32_TOL
   else bad "pooled, $n ranks: run failed"; fi
+  # a shared expert (sigmoid-gated): its gradients are reduced with its layer's bucket
+  SH="$BASE --steps 4 --experts 4 --topk 2 --shared-experts 1 --dtype fp32"
+  single "$tmp/sh1" $SH --batch 4 || bad "one rank, shared expert: run failed"
+  if launch torchrun $n "$tmp/sh2" $SH --batch $((4 / n)); then
+    compare "MoE fp32 --shared-experts 1: $n ranks x $((4 / n)) vs 1 x 4" "$tmp/sh1" "$tmp/sh2" $FP32_TOL
+  else bad "shared expert, $n ranks: run failed"; fi
 fi
 
 # ---------------------------------------------------------------------------

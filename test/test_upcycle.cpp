@@ -530,6 +530,128 @@ static void test_partition() {
     }
 }
 
+// Shared experts from a dense FFN (docs/METHODS.md 2.11); Qwen2-MoE tensor names.
+static std::string q_expert_name(int l, int e, int mat) {
+    static const char* n[] = {"gate_proj", "up_proj", "down_proj"};
+    return strfmt("model.layers.%d.mlp.experts.%d.%s.weight", l, e, n[mat]);
+}
+static std::string q_shared_name(int l, int mat) {
+    static const char* n[] = {"gate_proj", "up_proj", "down_proj"};
+    return strfmt("model.layers.%d.mlp.shared_expert.%s.weight", l, n[mat]);
+}
+static std::vector<float> times(std::vector<float> v, float m) {
+    for (float& x : v) x *= m;
+    return v;
+}
+
+// shared: the dense FFN as the shared expert (gated: gate vector 0; ungated: down x 1/2) plus
+// routed copies with down x 1/2: with topk_softmax the MoE computes the dense function, and
+// each tensor is exactly the dense one (times its power-of-two multiplier).
+static void test_shared() {
+    double worst = 0;
+    for (std::string dense : {"test/fixtures/dense", "test/fixtures/dense_tied_gqa"})
+        for (std::string gate : {"sigmoid", "none"}) {
+            std::string out = tmp("shared_" + gate), args = "--method shared --experts 4 --topk 2 --shared-gate " + gate;
+            if (!upcycle(args + " --from " + dense + " --out " + out)) return;
+            double e = rel_err(logits_of(out), logits_of(dense));
+            worst = std::max(worst, e);
+            CHECK_MSG(e <= 2e-6, "%s from %s: logits differ from dense: max rel err %.3g", args.c_str(), dense.c_str(), e);
+            Tensors D(dense), M(out);
+            ModelConfig c = ModelConfig::load(out + "/config.json");
+            CHECK(c.has_shared() && c.shared_dim == 64 && c.shared_gate == (gate == "sigmoid") && c.ffn_dim == 64);
+            bool exact = true;
+            for (int l = 0; l < 2; l++) {
+                for (int mat = 0; mat < 3; mat++) {
+                    const float sm = mat == MAT_DOWN ? shared_down_mult(gate == "sigmoid") : 1.0f;
+                    const float rm = mat == MAT_DOWN ? 0.5f : 1.0f;
+                    exact &= M[q_shared_name(l, mat)] == times(D[ffn_name(l, mat)], sm);
+                    for (int e2 = 0; e2 < 4; e2++) exact &= M[q_expert_name(l, e2, mat)] == times(D[ffn_name(l, mat)], rm);
+                }
+                if (gate == "sigmoid")
+                    exact &= M[strfmt("model.layers.%d.mlp.shared_expert_gate.weight", l)] == std::vector<float>(32, 0.0f);
+                exact &= M[strfmt("model.layers.%d.self_attn.k_proj.bias", l)] ==
+                         std::vector<float>((size_t)c.kv_dim(), 0.0f);
+            }
+            CHECK_MSG(exact, "%s from %s: a tensor is not the dense one times its multiplier", args.c_str(), dense.c_str());
+        }
+    printf("    shared (gated and ungated, untied and tied): max relative logit error vs dense %.2g\n", worst);
+}
+
+// qwen2: with r = 0, every replica's G experts are disjoint neuron sets of the dense FFN that
+// cover it (gate and up rows exact, down columns x the routed multiplier); with r = 0.5,
+// exactly floor(F_e r) whole neurons per expert matrix differ from the r = 0 expert, and the
+// new block has the replaced block's mean and std (to sampling error). The shared expert is
+// the dense FFN.
+static void test_qwen2() {
+    const int d = 64, F = 256, L = 2, E = 12, K = 2, G = 4, Fe = F / G;
+    std::string dense = make_dense("q2_dense", d, F, L, 21);
+    std::string out0 = tmp("q2_r0"), out5 = tmp("q2_r5");
+    std::string base = strfmt("--method qwen2 --experts %d --topk %d --granularity %d --from %s", E, K, G, dense.c_str());
+    if (!upcycle(base + " --ratio 0 --out " + out0) || !upcycle(base + " --ratio 0.5 --out " + out5)) return;
+    Tensors D(dense), M0(out0), M5(out5);
+    const float rm = 0.5f * G;  // topk_softmax: granular scale s = G, halved for the shared expert
+    bool partition_ok = true, shared_ok = true;
+    for (int l = 0; l < L; l++) {
+        for (int mat = 0; mat < 3; mat++) shared_ok &= M0[q_shared_name(l, mat)] == D[ffn_name(l, mat)];
+        for (int r = 0; r < E / G; r++) {
+            std::vector<int> owner(F, -1);
+            for (int e = r * G; e < (r + 1) * G; e++) {
+                const auto& g = M0[q_expert_name(l, e, MAT_GATE)];
+                for (int j = 0; j < Fe; j++) {
+                    int found = -1;
+                    for (int jj = 0; jj < F; jj++)
+                        if (std::equal(g.begin() + j * d, g.begin() + (j + 1) * d, D[ffn_name(l, 0)].begin() + jj * d)) found = jj;
+                    if (found < 0 || owner[found] >= 0) { partition_ok = false; continue; }
+                    owner[found] = e;
+                    for (int i = 0; i < d; i++) {
+                        partition_ok &= M0[q_expert_name(l, e, MAT_UP)][j * d + i] == D[ffn_name(l, 1)][found * d + i];
+                        partition_ok &= M0[q_expert_name(l, e, MAT_DOWN)][i * Fe + j] == D[ffn_name(l, 2)][i * F + found] * rm;
+                    }
+                }
+            }
+            partition_ok &= std::count(owner.begin(), owner.end(), -1) == 0;
+        }
+        // replicas are shuffled independently
+        partition_ok &= M0[q_expert_name(l, 0, MAT_GATE)] != M0[q_expert_name(l, G, MAT_GATE)];
+    }
+    CHECK_MSG(shared_ok, "qwen2: the shared expert is not the dense FFN");
+    CHECK_MSG(partition_ok, "qwen2 r=0: a replica's experts are not disjoint neuron sets covering F (w2 x %g)", rm);
+    const int n = neurons_of_ratio(Fe, 0.5);
+    int bad = 0, not_whole = 0;
+    double worst_mean = 0, worst_std = 0;
+    for (int l = 0; l < L; l++)
+        for (int mat = 0; mat < 3; mat++) {
+            std::vector<double> nb, ob;
+            for (int e = 0; e < E; e++) {
+                const auto &w = M5[q_expert_name(l, e, mat)], &w0 = M0[q_expert_name(l, e, mat)];
+                bool whole;
+                std::vector<int> ch = changed_neurons(w, w0, mat, Fe, d, &whole);
+                bad += (int)ch.size() != n;
+                not_whole += !whole;
+                for (int j : ch)
+                    for (int i = 0; i < d; i++) {
+                        nb.push_back(w[neuron_entry(mat, Fe, d, j, i)]);
+                        ob.push_back(w0[neuron_entry(mat, Fe, d, j, i)]);
+                    }
+            }
+            // pooled over the layer's experts (each expert's block has its own statistics,
+            // which these pooled ones average: a loose check; test_drop checks per block)
+            double nm, ns, om, os;
+            mean_std(nb, &nm, &ns);
+            mean_std(ob, &om, &os);
+            worst_mean = std::max(worst_mean, std::fabs(nm - om) / (os / std::sqrt((double)nb.size())));
+            worst_std = std::max(worst_std, std::fabs(ns / os - 1) * std::sqrt(2.0 * nb.size()));
+        }
+    CHECK_MSG(bad == 0, "qwen2 r=0.5: %d expert matrices with a re-initialized neuron count != floor(F_e r) = %d", bad, n);
+    CHECK_MSG(not_whole == 0, "qwen2 r=0.5: %d expert matrices with partly changed neurons", not_whole);
+    CHECK_MSG(worst_mean < 5 && worst_std < 5, "qwen2 r=0.5: new blocks' mean/std off by %.2f / %.2f standard errors",
+              worst_mean, worst_std);
+    Json rec = *ModelConfig::load(out5 + "/config.json").extra.find("upcycling");
+    CHECK(rec.get_num("routed_down_multiplier", 0, "rec") == (double)rm && rec.get_int("replicas", 0, 99, "rec") == E / G);
+    printf("    qwen2 E=%d G=%d: replicas partition F exactly; r=0.5: %d/%d neurons per expert matrix redrawn, "
+           "mean/std within %.2f/%.2f standard errors\n", E, G, n, Fe, worst_mean, worst_std);
+}
+
 static void test_scratch() {
     std::string out = tmp("scratch_out");
     if (!upcycle("--method scratch --from test/fixtures/dense --experts 4 --topk 2 --seed 9 --out " + out)) return;
@@ -937,6 +1059,9 @@ static void test_errors() {
         {"--method expand --from test/fixtures/moe_topk_softmax --select utility --score fisher", "second moment"},
         {"--method naive --from " + dense + " --dtype f16", "--dtype must be"},
         {"--method scratch --model tiny", "needs --vocab"},
+        {"--method qwen2 --granularity 3 --from " + dense, "--granularity 3 must divide the dense FFN width F = 64"},
+        {"--method shared --shared-gate relu --from " + dense, "--shared-gate must be sigmoid or none, found \"relu\""},
+        {"--method naive --shared-gate none --from " + dense, "--shared-gate applies to --method shared or qwen2"},
     };
     for (auto& c : cases) {
         std::string outdir = tmp("err_out_should_not_exist"), out;
@@ -963,7 +1088,8 @@ static void test_errors() {
                           "--ratio", "--du-index-mode", "--granularity", "--select", "--score", "--max-dup",
                           "--utility-batches", "--data", "--dtype", "--method scratch", "--method naive",
                           "--method noise", "--method drop", "--method btx", "--method btm-average", "--method granular",
-                          "--method partition", "--method expand", "WHOLE source model"})
+                          "--method partition", "--method expand", "WHOLE source model", "--method shared",
+                          "--method qwen2", "--shared-gate"})
         all &= out.find(o) != std::string::npos;
     CHECK_MSG(all, "--help lacks an option or an example: %s", out.c_str());
 }
@@ -985,6 +1111,8 @@ int main(int argc, char** argv) {
     run_test("ensemble evaluation (Branch-Train-Merge)", test_btm_ensemble);
     run_test("granular", test_granular);
     run_test("partition", test_partition);
+    run_test("shared (dense FFN as the shared expert) = dense", test_shared);
+    run_test("qwen2 (shuffled shards, re-init, shared expert)", test_qwen2);
     run_test("output safety (--out refused, --overwrite)", test_output_safety);
     run_test("scratch", test_scratch);
     run_test("determinism and record", test_determinism);

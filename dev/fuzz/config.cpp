@@ -12,7 +12,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         FUZZ_ASSERT(b.vocab_size == c.vocab_size && b.d_model == c.d_model && b.n_layer == c.n_layer &&
                     b.n_head == c.n_head && b.n_kv_head == c.n_kv_head && b.head_dim == c.head_dim &&
                     b.ffn_dim == c.ffn_dim && b.n_experts == c.n_experts && b.top_k == c.top_k &&
-                    b.routing == c.routing && b.tie_embeddings == c.tie_embeddings);
+                    b.routing == c.routing && b.tie_embeddings == c.tie_embeddings &&
+                    b.shared_dim == c.shared_dim && b.shared_gate == c.shared_gate &&
+                    b.sliding_window == c.sliding_window);
     });
     return 0;
 }

@@ -68,6 +68,14 @@ def main():
     llama3 = dict(dense, num_key_value_heads=2, rope_scaling={"rope_type": "llama3", "factor": 8.0,
                   "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     put("config", "llama3.json", json.dumps(llama3))
+    # Qwen2-MoE (a shared expert): Hugging Face's keys, ungated (our key), a dense-MLP layer (refused)
+    qwen = dict(dense, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", num_experts=8,
+                num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
+                sliding_window=4096)
+    put("config", "qwen2_moe.json", json.dumps(qwen, indent=2))
+    put("config", "qwen2_moe_ungated.json", json.dumps(dict(qwen, norm_topk_prob=True, shared_expert_gating="none")))
+    put("config", "bad_qwen2_moe_layers.json", json.dumps(dict(qwen, mlp_only_layers=[1])))
     put("config", "bad_missing_key.json", json.dumps({k: v for k, v in dense.items() if k != "hidden_size"}))
     put("config", "bad_topk.json", json.dumps(dict(moe, num_experts_per_tok=9)))
     put("config", "bad_huge.json", json.dumps(dict(dense, num_hidden_layers=4294967297)))

@@ -39,7 +39,11 @@ def main():
 
     with open(os.path.join(args.ckpt, "config.json")) as f:
         cfgj = json.load(f)
-    if cfgj.get("moe_routing", "topk_softmax") != "topk_softmax":
+    if cfgj.get("model_type") == "qwen2_moe":  # both routings map to norm_topk_prob
+        if cfgj.get("shared_expert_gating", "sigmoid") != "sigmoid":
+            print("note: ungated shared expert: HF Qwen2-MoE always applies a sigmoid gate (and draws a "
+                  "random one here), so it computes a different function by design; expecting a difference")
+    elif cfgj.get("moe_routing", "topk_softmax") != "topk_softmax":
         print("note: softmax_topk routing: HF Mixtral renormalizes the top-K weights, so it computes "
               "a different function by design; expecting a difference")
     hf = AutoModelForCausalLM.from_pretrained(args.ckpt, torch_dtype=torch.float32)

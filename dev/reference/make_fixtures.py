@@ -88,6 +88,14 @@ FIXTURES = [
          aux="switch", aux_coef=0.01, z_coef=0.001, seed=8000,
          desc="Mixtral E8 K1 F_e16 topk_softmax (gate weight is 1: router grad only from "
               "aux and z), switch aux 0.01, z 0.001"),
+    dict(name="moe_shared", kv=2, F=16, E=4, K=2, Fs=32, routing="topk_softmax",
+         aux="switch", aux_coef=0.01, z_coef=0.001, seed=10000,
+         desc="Qwen2-MoE E4 K2 F_e16 topk_softmax (norm_topk_prob) + a sigmoid-gated shared expert "
+              "of width 32 (S=2), GQA Hkv=2, switch aux 0.01, z 0.001"),
+    dict(name="moe_shared_ungated", kv=4, F=16, E=4, K=2, Fs=16, shared_gate=False,
+         routing="softmax_topk", aux="seq", aux_coef=0.01, z_coef=0.001, seed=11000, tied=True,
+         desc="E4 K2 F_e16 softmax_topk + an ungated (DeepSeekMoE) shared expert of width 16 "
+              "(S=1), tied embeddings, per-sequence aux 0.01, z 0.001"),
     dict(name="moe_dpsl", kv=4, F=32, E=4, K=2, routing="topk_softmax",
          aux="switch", aux_coef=0.01, z_coef=0.001, seed=9000,
          dpsl=dict(coef=0.1, alpha=[0.5, 1.0, 1.5, 2.0], distance="sq", ecdf="mid"),
@@ -108,7 +116,14 @@ def hf_config(spec):
     c.update(intermediate_size=spec["F"], num_key_value_heads=spec["kv"], rms_norm_eps=1e-5,
              rope_theta=10000.0, tie_word_embeddings=bool(spec.get("tied", False)),
              hidden_act="silu", torch_dtype="float32", attention_bias=False)
-    if moe:
+    if moe and spec.get("Fs"):  # Qwen2MoeConfig's keys (common/model.h writes the same)
+        c.update(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+                 num_experts=spec["E"], num_experts_per_tok=spec["K"], moe_intermediate_size=spec["F"],
+                 shared_expert_intermediate_size=spec["Fs"],
+                 norm_topk_prob=spec["routing"] == "topk_softmax", decoder_sparse_step=1,
+                 mlp_only_layers=[], use_sliding_window=False, moe_routing=spec["routing"],
+                 shared_expert_gating="sigmoid" if spec.get("shared_gate", True) else "none")
+    elif moe:
         c.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
                  num_local_experts=spec["E"], num_experts_per_tok=spec["K"],
                  moe_routing=spec["routing"])
@@ -126,8 +141,10 @@ def init_params(cfg, seed):
         r = torch.randn(shape, generator=g, dtype=torch.float64)
         if len(shape) == 1:
             w = 1.0 + 0.1 * r
-        elif name.endswith("block_sparse_moe.gate.weight"):
+        elif name.endswith("block_sparse_moe.gate.weight") or name.endswith("mlp.gate.weight"):
             w = 0.5 * r
+        elif name.endswith("shared_expert_gate.weight"):  # a gate that varies over the tokens
+            w = 0.3 * r
         else:
             w = 0.1 * r
         out[name] = w.to(torch.float32).numpy()
@@ -292,6 +309,52 @@ def check_moe_copies_dense():
     return diff, spread
 
 
+def check_shared_expert():
+    """Shared experts (docs/METHODS.md 1.7): (a) S SwiGLU experts of width F_e summed equal
+    one SwiGLU of width S F_e with the neurons concatenated; (b) a shared expert whose
+    down projection is zero leaves the model equal to the same MoE without one (gated and
+    ungated)."""
+    from model import swiglu
+    g = torch.Generator().manual_seed(97)
+    d, Fe, S, N = 8, 5, 3, 7
+    x = torch.randn(N, d, generator=g)
+    parts = [(torch.randn(Fe, d, generator=g), torch.randn(Fe, d, generator=g), torch.randn(d, Fe, generator=g))
+             for _ in range(S)]
+    total = sum(swiglu(x, *p) for p in parts)
+    cat = swiglu(x, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                 torch.cat([p[2] for p in parts], 1))
+    da = float((total - cat).abs().max())
+    if da > 1e-12:
+        fail(f"S shared SwiGLUs != one of width S F_e: {da:.3e}")
+    mspec = FIXTURES[1]
+    mcfg = Config(hf_config(mspec))
+    Pm = to64(init_params(mcfg, 96))
+    inputs, _ = make_batch(mcfg, 96)
+    with torch.no_grad():
+        lm, _ = forward(Pm, mcfg, inputs)
+    db = 0.0
+    for gate in (True, False):
+        scfg = Config(hf_config(dict(mspec, Fs=12, shared_gate=gate)))
+        Ps = to64(init_params(scfg, 95))
+        for i in range(mcfg.L):  # the same model, experts renamed, plus a shared expert
+            for n in ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+                      "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight"):
+                Ps[f"model.layers.{i}.{n}"] = Pm[f"model.layers.{i}.{n}"]
+            Ps[scfg.router_name(i)] = Pm[mcfg.router_name(i)]
+            for e in range(mcfg.E):
+                for a, b in zip(scfg.expert_names(i, e), mcfg.expert_names(i, e)):
+                    Ps[a] = Pm[b]
+            Ps[f"model.layers.{i}.mlp.shared_expert.down_proj.weight"].zero_()
+        for n in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            Ps[n] = Pm[n]
+        with torch.no_grad():
+            ls, _ = forward(Ps, scfg, inputs)
+        db = max(db, float((ls - lm).abs().max()))
+    if db > 1e-12:
+        fail(f"a shared expert with zero down_proj changes the model: {db:.3e}")
+    return da, db
+
+
 def hf_load_balancing_loss(gate_logits, num_experts, top_k):
     """Literal transcription of transformers' Mixtral load_balancing_loss_func
     (attention_mask=None)."""
@@ -330,7 +393,7 @@ def check_router_grads(P, cfg, inputs, targets, spec, grads):
     """aux alone and z alone reach every router; fixture grad = ce + a*aux + b*z grads."""
     Pg = {n: p.clone().requires_grad_(True) for n, p in P.items()}
     r = spec_losses(Pg, cfg, inputs, targets, spec)
-    rn = [f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(cfg.L)]
+    rn = [cfg.router_name(i) for i in range(cfg.L)]
     parts = {}
     terms = ("aux", "z", "dpsl") if spec.get("dpsl") else ("aux", "z")
     for term in ("ce",) + terms:
@@ -438,6 +501,9 @@ def main():
         vals = check_aux_balance()
         print(f"check: aux at uniform probs {vals} (switch/seq = L, pooled = K)")
         print(f"check: Beta CDF vs closed forms: max err {check_beta_cdf():.1e}")
+        da, db = check_shared_expert()
+        print(f"check: S shared SwiGLUs == one of width S F_e: {da:.1e}; zero shared down_proj == "
+              f"no shared expert: {db:.1e}")
 
     built = []
     for spec in specs:

@@ -1,7 +1,8 @@
 """make_hf_fixtures.py: checkpoints written by Hugging Face transformers itself, for the
-test that real HF Llama / Mixtral directories load without conversion.
+test that real HF Llama / Mixtral / Qwen2-MoE directories load without conversion.
 
-Writes test/fixtures/hf_llama/ and test/fixtures/hf_mixtral/ with transformers'
+Writes test/fixtures/hf_llama/, test/fixtures/hf_mixtral/ and test/fixtures/hf_qwen2_moe/
+(transformers >= 4.40 for Qwen2-MoE; hf_qwen2_moe was written with 4.40.2) with transformers'
 save_pretrained (bf16 weights, split into shards with a model.safetensors.index.json, HF's
 own config.json with its many extra keys, rms_norm_eps 1e-6, rope_theta 500000), plus
 hf_logits.safetensors: fixed tokens ("tokens", I32 [B, T]) and the logits transformers
@@ -9,7 +10,9 @@ computes for them in float32 ("logits", F32 [B, T, V]). test/test_cpu.cpp loads 
 directory with the CPU trainer and compares.
 
 Run (a dev tool; needs torch + transformers, see hf_check.py):
-    /tmp/hfenv/bin/python dev/reference/make_hf_fixtures.py --out test/fixtures
+    /tmp/hfenv/bin/python dev/reference/make_hf_fixtures.py --out test/fixtures [--only qwen2_moe]
+Qwen2-MoE's q/k/v projections always have biases; this model has none, so they stay zero here
+(HF's own init) and the test loads them as zeros.
 """
 import argparse
 import os
@@ -31,15 +34,22 @@ def build(kind):
     common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
                   rope_theta=500000.0, tie_word_embeddings=False)
-    torch.manual_seed(11 if kind == "llama" else 12)
+    torch.manual_seed({"llama": 11, "mixtral": 12, "qwen2_moe": 13}[kind])
     if kind == "llama":
         m = LlamaForCausalLM(LlamaConfig(intermediate_size=80, **common))
+    elif kind == "qwen2_moe":
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+        m = Qwen2MoeForCausalLM(Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=24,
+                                               shared_expert_intermediate_size=48, num_experts=4,
+                                               num_experts_per_tok=2, norm_topk_prob=False, **common))
     else:
         m = MixtralForCausalLM(MixtralConfig(intermediate_size=40, num_local_experts=4,
                                              num_experts_per_tok=2, **common))
     with torch.no_grad():  # HF's init (std 0.02) is too flat to test much: widen it
         for n, p in m.named_parameters():
-            if p.dim() == 2:
+            if n.endswith("_proj.bias"):  # Qwen2-MoE's attention biases: zero (HF's init)
+                p.zero_()
+            elif p.dim() == 2:
                 p.normal_(0, 0.5 if "gate.weight" in n and "experts" not in n else 0.15)
             else:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
@@ -49,8 +59,9 @@ def build(kind):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="test/fixtures")
+    ap.add_argument("--only", default="llama,mixtral,qwen2_moe", help="comma-separated kinds")
     args = ap.parse_args()
-    for kind in ("llama", "mixtral"):
+    for kind in args.only.split(","):
         m = build(kind).to(torch.bfloat16)
         d = os.path.join(args.out, "hf_" + kind)
         m.save_pretrained(d, safe_serialization=True, max_shard_size="40KB")

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Float64 PyTorch reference of the Llama / Mixtral model trained by the C++/CUDA trainer.
+"""Float64 PyTorch reference of the Llama / Mixtral / Qwen2-MoE model trained by the C++/CUDA trainer.
 
 This file is the executable spec of the model (docs/ARCHITECTURE.md, "The model") and of
 docs/METHODS.md section 1 (routing, load-balancing, z and Dirichlet-prior shaping losses). It is deliberately plain:
@@ -106,7 +106,9 @@ class Config:
         self.raw = dict(d)
         self.V = d["vocab_size"]
         self.d = d["hidden_size"]
-        self.F = d["intermediate_size"]          # dense width, or expert width F_e for MoE
+        self.qwen = d.get("model_type") == "qwen2_moe"  # MoE + shared expert, Qwen2-MoE's names
+        # dense width, or expert width F_e for MoE
+        self.F = d["moe_intermediate_size"] if self.qwen else d["intermediate_size"]
         self.L = d["num_hidden_layers"]
         self.H = d["num_attention_heads"]
         self.Hkv = d.get("num_key_value_heads", self.H)
@@ -114,12 +116,30 @@ class Config:
         self.eps = float(d.get("rms_norm_eps", 1e-5))
         self.theta = float(d.get("rope_theta", 10000.0))
         self.tied = bool(d.get("tie_word_embeddings", False))
-        self.E = int(d.get("num_local_experts", 0) or 0)
+        self.E = int(d.get("num_experts" if self.qwen else "num_local_experts", 0) or 0)
         self.K = int(d.get("num_experts_per_tok", 0) or 0)
         self.routing = d.get("moe_routing", "topk_softmax")
+        # shared expert (docs/METHODS.md 1.7): one SwiGLU FFN of width Fs over every token,
+        # its output times sigmoid(x . g) when gated (HF Qwen2-MoE always gates)
+        self.Fs = int(d.get("shared_expert_intermediate_size", 0) or 0) if self.qwen else 0
+        self.shared_gate = d.get("shared_expert_gating", "sigmoid") == "sigmoid"
+        if self.qwen:
+            self.routing = "topk_softmax" if d.get("norm_topk_prob", False) else "softmax_topk"
+            assert d.get("decoder_sparse_step", 1) == 1 and not d.get("mlp_only_layers"), "dense-MLP layers"
         assert self.H % self.Hkv == 0, "num_key_value_heads must divide num_attention_heads"
         assert self.routing in ("topk_softmax", "softmax_topk"), self.routing
         self.moe = self.E > 0
+
+    def router_name(self, i):
+        return f"model.layers.{i}." + ("mlp.gate.weight" if self.qwen else "block_sparse_moe.gate.weight")
+
+    def expert_names(self, i, j):
+        """(gate, up, down) tensor names of expert j of layer i (Mixtral w1/w3/w2 or Qwen2-MoE)."""
+        if self.qwen:
+            q = f"model.layers.{i}.mlp.experts.{j}."
+            return q + "gate_proj.weight", q + "up_proj.weight", q + "down_proj.weight"
+        q = f"model.layers.{i}.block_sparse_moe.experts.{j}."
+        return q + "w1.weight", q + "w3.weight", q + "w2.weight"
 
     def param_shapes(self):
         """name -> shape, in a fixed (init) order."""
@@ -134,12 +154,19 @@ class Config:
             s[p + "self_attn.o_proj.weight"] = (d, self.H * hd)
             s[p + "post_attention_layernorm.weight"] = (d,)
             if self.moe:
-                s[p + "block_sparse_moe.gate.weight"] = (self.E, d)
+                s[self.router_name(i)] = (self.E, d)
                 for j in range(self.E):
-                    q = p + f"block_sparse_moe.experts.{j}."
-                    s[q + "w1.weight"] = (self.F, d)
-                    s[q + "w3.weight"] = (self.F, d)
-                    s[q + "w2.weight"] = (d, self.F)
+                    g, u, dn = self.expert_names(i, j)
+                    s[g] = (self.F, d)
+                    s[u] = (self.F, d)
+                    s[dn] = (d, self.F)
+                if self.Fs:
+                    q = p + "mlp.shared_expert."
+                    s[q + "gate_proj.weight"] = (self.Fs, d)
+                    s[q + "up_proj.weight"] = (self.Fs, d)
+                    s[q + "down_proj.weight"] = (d, self.Fs)
+                    if self.shared_gate:
+                        s[p + "mlp.shared_expert_gate.weight"] = (1, d)
             else:
                 s[p + "mlp.gate_proj.weight"] = (self.F, d)
                 s[p + "mlp.up_proj.weight"] = (self.F, d)
@@ -167,6 +194,10 @@ def load_checkpoint(ckpt_dir, dtype=torch.float64):
     shapes = cfg.param_shapes()
     if cfg.tied and "lm_head.weight" in arrays:
         arrays.pop("lm_head.weight")  # some HF exports store the tied copy too
+    for n in [n for n in arrays if cfg.qwen and n.endswith("_proj.bias") and ".self_attn." in n]:
+        if np.any(arrays[n] != 0):  # Qwen2-MoE's attention biases: our model has none
+            raise ValueError(f"{n}: nonzero attention bias (the model has no biases)")
+        arrays.pop(n)
     missing = [n for n in shapes if n not in arrays]
     extra = [n for n in arrays if n not in shapes and "rotary_emb" not in n]
     if missing or extra:
@@ -234,11 +265,12 @@ def topk_stable(z, K):
     return torch.from_numpy(order[:, :K].copy()).long()
 
 
-def moe_ffn(h2, P, p, cfg):
-    """h2: [N, d]. Returns y [N, d] and routing info (router logits, probs, topk idx/weights,
-    counts). Dropless: every (token, slot) pair is computed."""
+def moe_ffn(h2, P, i, cfg):
+    """h2: [N, d] (layer i). Returns y [N, d] and routing info (router logits, probs, topk
+    idx/weights, counts). Dropless: every (token, slot) pair is computed. The shared expert,
+    if any, is added to y: y += [sigmoid(h2 . g)] * swiglu_shared(h2)."""
     N = h2.shape[0]
-    z = h2 @ P[p + "block_sparse_moe.gate.weight"].T            # [N, E]
+    z = h2 @ P[cfg.router_name(i)].T                             # [N, E]
     prob = torch.softmax(z, dim=-1)
     idx = topk_stable(z, cfg.K)                                  # [N, K]
     psel = prob.gather(1, idx)                                   # [N, K]
@@ -253,9 +285,15 @@ def moe_ffn(h2, P, p, cfg):
         counts[e] = rows.numel()
         if rows.numel() == 0:
             continue
-        q = p + f"block_sparse_moe.experts.{e}."
-        out = swiglu(h2[rows], P[q + "w1.weight"], P[q + "w3.weight"], P[q + "w2.weight"])
+        g, u, dn = cfg.expert_names(i, e)
+        out = swiglu(h2[rows], P[g], P[u], P[dn])
         y = y.index_add(0, rows, w[rows, slots].unsqueeze(-1) * out)
+    if cfg.Fs:
+        q = f"model.layers.{i}.mlp.shared_expert."
+        ys = swiglu(h2, P[q + "gate_proj.weight"], P[q + "up_proj.weight"], P[q + "down_proj.weight"])
+        if cfg.shared_gate:
+            ys = torch.sigmoid(h2 @ P[f"model.layers.{i}.mlp.shared_expert_gate.weight"].T) * ys  # [N, 1] * [N, d]
+        y = y + ys
     return y, dict(router_logits=z, probs=prob, topk_idx=idx, topk_weight=w, counts=counts)
 
 
@@ -272,7 +310,7 @@ def forward(P, cfg, tokens):
         x = x + attention(h, P, p, cfg, cos, sin)
         h = rmsnorm(x, P[p + "post_attention_layernorm.weight"], cfg.eps)
         if cfg.moe:
-            y, info = moe_ffn(h.reshape(B * T, cfg.d), P, p, cfg)
+            y, info = moe_ffn(h.reshape(B * T, cfg.d), P, i, cfg)
             x = x + y.view(B, T, cfg.d)
             routing.append(info)
         else:
