@@ -9,6 +9,8 @@ from a trained MoE: every initialization of docs/METHODS.md section 2.
   btx        BTX  expert e = FFN of source e div (E/S); the rest = mean of sources    (2.6)
   btm-average  BTM  a dense model: every tensor = the element-wise mean of S dense  (2.10)
                     branches (Branch-Train-Merge's parameter average; no MoE)
+  upit       UpIT experts = the FFNs of S checkpoints of one dense run, then merges of     (2.11)
+                  the farthest pairs with random weights up to E; the rest = their mean
   granular   virtual groups: experts = F/G-wide shards, scaled, tied router rows      (2.7)
   partition  LLaMA-MoE: E disjoint random neuron sets, output x E/K (folded into w2)  (2.9)
   expand     E -> mE experts of a trained MoE, copies with their AdamW moments        (2.8)
@@ -57,6 +59,8 @@ struct UpcycleArgs {
     std::string method, from, model, out, data = "data/tiny";
     std::string routing = "topk_softmax", router = "uniform", du_index_mode = "independent", dtype = "same";
     std::string select = "uniform", score = "weight_norm";
+    std::string upit_pair = "farthest", upit_shared = "mean";
+    double upit_w_min = 0.25, upit_w_max = 0.75;
     int experts = 8, topk = 2, vocab = 0, granularity = 1, max_dup = 3, utility_batches = 4, batch = 4, seq = 64;
     int threads = 0;
     long seed = 1337;
@@ -65,10 +69,10 @@ struct UpcycleArgs {
 
     void add_to(Cli& cli) {
         cli.section("Input and output");
-        cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition, expand or btm-average "
-                                     "(required)");
-        cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx and "
-                                 "btm-average: a,b,c,...");
+        cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition, expand, btm-average or "
+                                     "upit (required)");
+        cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx, "
+                                 "btm-average and upit: a,b,c,...");
         cli.add("--model", &model, std::string("scratch without --from: preset shape (") + model_preset_names() + ")");
         cli.add("--vocab", &vocab, "scratch with --model: vocabulary size", Range::between(0, 65536));
         cli.add("--out", &out, "output directory, written atomically (required; must not exist or be empty)");
@@ -89,6 +93,14 @@ struct UpcycleArgs {
                                                    "or shared (one set per expert, as the paper's text)");
         cli.add("--granularity", &granularity, "granular: G; experts are F/G wide; E and K must be multiples of G",
                 Range::between(1, 65536));
+        cli.section("UpIT (--method upit; --from = S >= 2 checkpoints of one dense run, E >= S)");
+        cli.add("--upit-pair", &upit_pair, "which two experts each merge mixes: farthest (largest L2 distance of their "
+                                           "FFNs, all layers) or random; never the same pair twice");
+        cli.add("--upit-w-min", &upit_w_min, "merge weight w ~ Uniform[min, max]: new = w a + (1 - w) b",
+                Range::between(0, 1));
+        cli.add("--upit-w-max", &upit_w_max, "upper end of the merge weight's range", Range::between(0, 1));
+        cli.add("--upit-shared", &upit_shared, "non-FFN tensors (attention, embeddings, norms, head): mean (of the "
+                                               "checkpoints) or last (the last --from, the final checkpoint)");
         cli.section("Expert upcycling (--method expand)");
         cli.add("--select", &select, "uniform (each expert duplicated m-1 times) or utility (greedy by --score)");
         cli.add("--score", &score, "weight_norm, grad_norm, saliency or fisher; the gradient-based ones load the "
@@ -114,6 +126,7 @@ static const char* method_paper(const std::string& m) {
     if (m == "granular") return "Upcycling LLMs into MoE (virtual-group granular upcycling), arXiv 2410.07524";
     if (m == "partition") return "LLaMA-MoE (neuron partition), arXiv 2406.16554";
     if (m == "expand") return "expert upcycling E -> mE, arXiv 2604.19835";
+    if (m == "upit") return "UpIT, Upcycling Instruction Tuning via parameter merging, arXiv 2410.01610";
     return "?";
 }
 
@@ -279,7 +292,7 @@ static std::string same_path_key(const std::string& p) {
 
 struct DenseUpcycler {
     const UpcycleArgs& a;
-    std::vector<std::unique_ptr<Source>> src;  // btx: S sources; others: at most one
+    std::vector<std::unique_ptr<Source>> src;  // btx, btm-average, upit: S sources; others: at most one
     ModelConfig out_cfg;
     ParamLayout out_lay;
     int method_F = 0;         // dense FFN width F
@@ -292,6 +305,8 @@ struct DenseUpcycler {
     int cached_layer = -1;
     std::vector<std::array<std::vector<float>, 3>> ffn;
     std::vector<std::vector<int>> partition_sets;
+    UpitPlan upit;                            // upit: every expert's coefficients over the sources
+    std::vector<std::vector<double>> upit_D2; // upit: the sources' pairwise squared FFN distances
 
     explicit DenseUpcycler(const UpcycleArgs& args) : a(args) {}
 
@@ -336,8 +351,9 @@ struct DenseUpcycler {
                 router_init(out.data(), out_cfg.n_experts, out_cfg.d_model, router_kind, seed, t.layer);
             return;
         }
-        if (t.expert < 0) {  // embeddings, attention, norms, LM head: copied (btx: averaged)
+        if (t.expert < 0) {  // embeddings, attention, norms, LM head: copied (btx, upit: averaged)
             if (src.size() == 1) { out = src[0]->read(t.name); return; }
+            if (a.method == "upit" && a.upit_shared == "last") { out = src.back()->read(t.name); return; }
             std::vector<std::vector<float>> all;
             for (auto& s : src) all.push_back(s->read(t.name));
             mean_of_sources(out.data(), all, out.size());
@@ -347,6 +363,12 @@ struct DenseUpcycler {
         const int l = t.layer, e = t.expert, mat = t.kind - P_EGATE, F = method_F, d = out_cfg.d_model;
         if (a.method == "granular") {
             gather_neurons(out.data(), ffn[0][mat].data(), mat, F, d, granular_shard(F, a.granularity, e), granular_mult);
+            return;
+        }
+        if (a.method == "upit") {
+            std::vector<const float*> from;
+            for (auto& f : ffn) from.push_back(f[mat].data());
+            combine_sources(out.data(), from, upit.coef[e], out.size());
             return;
         }
         if (a.method == "partition") {
@@ -370,7 +392,10 @@ struct DenseUpcycler {
         const std::string& m = a.method;
         std::vector<std::string> dirs;
         if (!a.from.empty()) dirs = split_commas(a.from);
-        const bool multi = m == "btx" || m == "btm-average";  // methods of S >= 1 sources
+        const bool multi = m == "btx" || m == "btm-average" || m == "upit";  // methods of S >= 1 sources
+        if (m == "upit" && dirs.size() < 2)
+            FAIL("--method upit needs at least 2 --from checkpoints (a,b,...: checkpoints of one dense run), found %zu",
+                 dirs.size());
         if (!multi && dirs.size() > 1) FAIL("--method %s takes one --from directory, found %zu", m.c_str(), dirs.size());
         if (m != "scratch" && dirs.empty()) FAIL("--method %s needs --from (a dense model directory)", m.c_str());
         for (auto& d : dirs) {
@@ -472,7 +497,78 @@ struct DenseUpcycler {
                                  "projection (w2); the model itself has no output multiplier", (double)E / K);
         }
         if (m == "scratch") rec["init"] = "every matrix N(0, 0.02^2) (router included), norms 1";
+        if (m == "upit") plan_upit(rec);
         write_output(rec);
+    }
+
+    // UpIT (docs/METHODS.md 2.11): the sources' pairwise FFN distances (one pass over every
+    // layer), the merge plan from them, and both in the record.
+    void plan_upit(Json& rec) {
+        const int S = (int)src.size(), L = out_cfg.n_layer;
+        if (a.upit_shared != "mean" && a.upit_shared != "last")
+            FAIL("--upit-shared must be mean or last, found \"%s\"", a.upit_shared.c_str());
+        if (a.upit_w_min > a.upit_w_max)
+            FAIL("--upit-w-min %g is above --upit-w-max %g", a.upit_w_min, a.upit_w_max);
+        const UpitPair rule = parse_upit_pair(a.upit_pair);
+        if (a.experts < S)
+            FAIL("--experts %d: --method upit makes one expert per checkpoint and more by merging, so it needs at "
+                 "least the %d checkpoints given (or give fewer --from checkpoints)", a.experts, S);
+        upit_D2.assign(S, std::vector<double>(S, 0.0));
+        for (int l = 0; l < L; l++) {
+            load_layer(l);
+            for (int s = 0; s < S; s++)
+                for (int t = s + 1; t < S; t++)
+                    for (int k = 0; k < 3; k++) {
+                        double d = sq_distance(ffn[s][k].data(), ffn[t][k].data(), ffn[s][k].size());
+                        upit_D2[s][t] += d;
+                        upit_D2[t][s] += d;
+                    }
+        }
+        cached_layer = -1;
+        upit = upit_plan(S, a.experts, upit_D2, rule, a.upit_w_min, a.upit_w_max, (uint64_t)a.seed);
+        rec["checkpoints"] = S;
+        rec["pair_rule"] = a.upit_pair;
+        Json wr = Json::array();
+        wr.push(Json(a.upit_w_min));
+        wr.push(Json(a.upit_w_max));
+        rec["merge_weight_range"] = wr;
+        rec["shared_tensors"] = a.upit_shared == "mean" ? "element-wise mean of the checkpoints"
+                                                        : "copied from the last --from (the final checkpoint)";
+        Json dj = Json::array();
+        for (auto& row : upit_D2) {
+            Json r = Json::array();
+            for (double x : row) r.push(Json(x));
+            dj.push(r);
+        }
+        rec["source_sq_distances"] = dj;
+        Json pj = Json::array();
+        for (int e = 0; e < a.experts; e++) {
+            Json x = Json::object();
+            x["expert"] = e;
+            Json c = Json::array();
+            for (double v : upit.coef[e]) c.push(Json(v));
+            x["coefficients"] = c;
+            if (upit.parent_a[e] >= 0) {
+                Json par = Json::array();
+                par.push(Json(upit.parent_a[e]));
+                par.push(Json(upit.parent_b[e]));
+                x["merged_from"] = par;
+                x["weight"] = upit.weight[e];
+                x["parents_sq_distance"] = upit.dist2[e];
+            }
+            pj.push(x);
+        }
+        rec["experts_plan"] = pj;
+        rec["expert_source"] = "expert e = sum_s coefficients[s] * FFN of source s (in double, stored once); merged "
+                               "experts: coefficients = weight * those of merged_from[0] + (1 - weight) * those of "
+                               "merged_from[1]";
+        rec["router_note"] = "the paper pre-optimizes the router on seed data each expert is best at; not done here: "
+                             "the router is the usual upcycling init above";
+        printf("upit: %d checkpoints -> %d experts (%d merged, pairs %s, w ~ U[%g, %g]); non-FFN tensors: %s\n", S,
+               a.experts, a.experts - S, a.upit_pair.c_str(), a.upit_w_min, a.upit_w_max, a.upit_shared.c_str());
+        for (int e = S; e < a.experts; e++)
+            printf("  expert %d = %.4f * expert %d + %.4f * expert %d (their distance %.4g)\n", e, upit.weight[e],
+                   upit.parent_a[e], 1.0 - upit.weight[e], upit.parent_b[e], std::sqrt(upit.dist2[e]));
     }
 
     // btm-average's record (it has no experts, routing or router)
@@ -818,6 +914,8 @@ int main(int argc, char** argv) {
         "  ./upcycle --method drop      --from dense/ --experts 8 --topk 2 --ratio 0.5 --out moe_du\n"
         "  ./upcycle --method btx       --from seed/,ja/,en/,code/ --experts 8 --topk 2 --out moe_btx\n"
         "  ./upcycle --method btm-average --from ja/,en/,code/ --out dense_btm   (a dense model)\n"
+        "  ./upcycle --method upit      --from run/step_000100,run/step_000200,run/step_000300,run/step_000400\n"
+        "            --experts 8 --topk 2 --out moe_upit   (4 checkpoint experts + 4 merged)\n"
         "  ./upcycle --method granular  --from dense/ --experts 16 --topk 4 --granularity 2 --out moe_gran\n"
         "  ./upcycle --method partition --from dense/ --experts 8 --topk 2 --out moe_part\n"
         "  ./upcycle --method expand    --from runs/moe/step_001000 --experts 16 --select utility --score grad_norm\n"
@@ -830,7 +928,7 @@ int main(int argc, char** argv) {
         if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif
         if (a.method.empty())
-            FAIL("--method is required (scratch, naive, noise, drop, btx, granular, partition, expand, btm-average)");
+            FAIL("--method is required (scratch, naive, noise, drop, btx, granular, partition, expand, btm-average, upit)");
         if (a.out.empty()) FAIL("--out is required (the output directory)");
         {  // nothing the user did not ask to lose: inputs, an existing file, a non-empty directory
             std::vector<std::string> inputs = a.from.empty() ? std::vector<std::string>() : split_commas(a.from);
@@ -838,12 +936,14 @@ int main(int argc, char** argv) {
             check_output_location(a.out, inputs, a.overwrite);
         }
         static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "expand",
-                                        "btm-average"};
+                                        "btm-average", "upit"};
         bool known = false;
         for (const char* k : methods) known |= a.method == k;
         if (!known)
-            FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, expand, btm-average",
+            FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, expand, btm-average, upit",
                  a.method.c_str());
+        for (const char* o : {"--upit-pair", "--upit-w-min", "--upit-w-max", "--upit-shared"})
+            if (a.method != "upit" && cli.was_set(o)) FAIL("%s applies to --method upit only", o);
         if (a.method == "expand") {
             Expander x(a);
             x.run(cli);
