@@ -510,9 +510,6 @@ struct DenseUpcycler {
         if (a.upit_w_min > a.upit_w_max)
             FAIL("--upit-w-min %g is above --upit-w-max %g", a.upit_w_min, a.upit_w_max);
         const UpitPair rule = parse_upit_pair(a.upit_pair);
-        if (a.experts < S)
-            FAIL("--experts %d: --method upit makes one expert per checkpoint and more by merging, so it needs at "
-                 "least the %d checkpoints given (or give fewer --from checkpoints)", a.experts, S);
         upit_D2.assign(S, std::vector<double>(S, 0.0));
         for (int l = 0; l < L; l++) {
             load_layer(l);

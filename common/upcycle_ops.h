@@ -283,7 +283,7 @@ inline UpitPlan upit_plan(int S, int E, const std::vector<std::vector<double>>& 
                           double w_hi, uint64_t seed) {
     if (S < 2) FAIL("--method upit needs at least 2 checkpoints, found %d", S);
     if (E < S) FAIL("--experts %d: upit makes one expert per checkpoint and more by merging, so it needs at least the "
-                    "%d checkpoints given", E, S);
+                    "%d checkpoints given (or give fewer --from checkpoints)", E, S);
     if (!(w_lo >= 0 && w_hi <= 1 && w_lo <= w_hi))
         FAIL("the merge weight range [%g, %g] must lie in [0, 1] with low <= high", w_lo, w_hi);
     UpitPlan p;

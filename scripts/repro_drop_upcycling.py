@@ -124,10 +124,10 @@ def build(cfg: dict, root: str) -> R.Table:
                "UpIT (arXiv 2410.01610, docs/METHODS.md 2.11): ./upcycle --method upit from 4 checkpoints of the dense "
                "base's own run (steps 1/4..4/4 of it, or 5/8..8/8 for the late row) into 8 experts top-2: the 4 "
                "checkpoints' FFNs + 4 merges of the farthest pairs with w ~ U[0.25, 0.75]; attention, embeddings and "
-               "norms = the checkpoints' mean; the usual router init (the paper's seed-data router pre-optimization is "
+               "norms = the checkpoints' mean (the final checkpoint's in the row marked so: --upit-shared last); the usual router init (the paper's seed-data router pre-optimization is "
                "not implemented). Same MoE phase as NU, whose init is naive upcycling of the final checkpoint. Where "
                "dense_base kept too few checkpoints, dense_base_ckpts reruns it with a smaller --save-every (the same "
-               "training: its final checkpoint is the base); its wall time is counted in both UpIT rows.",
+               "training: its final checkpoint is the base, bit for bit); its wall time is counted in every UpIT row.",
                "Paper (docs/METHODS.md 3-4): step-0 order NU = dense < RNU <~ DU0.5 < DU1.0 < FS; DU r=0.5 lowest at the end "
                "when the MoE phase is long enough."])
 
@@ -137,14 +137,19 @@ def upit_rows(root: str, cfg: dict, base_stage: R.Stage, E: str, K: str, moe_pha
     from them (./upcycle --method upit), then the MoE phase; two choices of checkpoints:
       upit       steps 1/4, 2/4, 3/4, 4/4 of the dense run (evenly over the whole run)
       upit_late  the last four at spacing 1/8: 5/8, 6/8, 7/8, 8/8 (all well trained)
+      upit_late_last  the same, with the non-FFN tensors from the final checkpoint (--upit-shared
+                 last) instead of the checkpoints' mean
     Both end with the base itself, so naive upcycling of the final checkpoint is the NU row. The
     checkpoints come from dense_base if its --save-every wrote them (tiny), else from a rerun of it
     that saves more often (dense_base_ckpts: the same command but --save-every and --out, so the
     same training; its tokens are the base's, not extra)."""
     n = cfg["dense_steps"]
-    variants = [("upit", "UpIT (ckpts 1/4..4/4 + 4 merged)", [n * i // 4 for i in (1, 2, 3, 4)]),
-                ("upit_late", "UpIT (ckpts 5/8..8/8 + 4 merged)", [n - k * (n // 8) for k in (3, 2, 1, 0)])]
-    steps = sorted({s for _, _, v in variants for s in v})
+    late = [n - k * (n // 8) for k in (3, 2, 1, 0)]
+    variants = [("upit", "UpIT (ckpts 1/4..4/4 + 4 merged)", [n * i // 4 for i in (1, 2, 3, 4)], []),
+                ("upit_late", "UpIT (ckpts 5/8..8/8 + 4 merged)", late, []),
+                ("upit_late_last", "UpIT (ckpts 5/8..8/8 + 4 merged, non-FFN from the final)", late,
+                 ["--upit-shared", "last"])]
+    steps = sorted({s for _, _, v, _ in variants for s in v})
     stages, rows = [], []
     if all(s % cfg["save_every"] == 0 for s in steps):
         parent, own = base_stage, []
@@ -156,10 +161,10 @@ def upit_rows(root: str, cfg: dict, base_stage: R.Stage, E: str, K: str, moe_pha
                                cfg["warmup_dense"], False)
         stages.append(parent)
         own = [parent.name]
-    for key, label, ck in variants:
+    for key, label, ck, more in variants:
         srcs = [os.path.join(R.run_dir(root, parent.name), f"step_{s:06d}") for s in ck]
         init = R.upcycle_stage(root, f"{key}_init", cfg, ["--method", "upit", "--from", ",".join(srcs), "--experts", E,
-                                                          "--topk", K], [parent.name])
+                                                          "--topk", K] + more, [parent.name])
         run = R.train_stage(root, key, cfg, ["--init", R.run_dir(root, init.name)], needs=[init.name], **moe_phase)
         stages += [init, run]
         rows.append(R.Row(key, label, own + [init.name, key], key, before=["dense_base"]))
