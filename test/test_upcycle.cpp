@@ -417,8 +417,8 @@ static void test_btx() {
 // distinct sources: checkpoint experts copied bit for bit, merged experts the recorded convex
 // combination bit for bit, the recorded weights in range and each merge's pair the farthest
 // one left (distances recomputed directly, not through the D2 identity), non-FFN tensors the
-// mean (or the last source), the router naive's; identical checkpoints give naive's output;
-// deterministic on 1 and 2 threads.
+// mean (or the last source), the router naive's; identical checkpoints give naive's output,
+// E = S gives btx's; deterministic on 1 and 2 threads.
 static void test_upit() {
     {  // upit_dist2 against the direct distance of the combined vectors
         const int S = 4, n = 500;
@@ -547,6 +547,12 @@ static void test_upit() {
     if (!upcycle("--method naive --from " + c + " --experts 8 --topk 2 --out " + nu8)) return;
     CHECK_MSG(read_file(same + "/model.safetensors") == read_file(nu8 + "/model.safetensors"),
               "upit of identical checkpoints is not naive upcycling bit for bit");
+    // E = S: no merges, and then upit is BTX with S sources (one expert each) bit for bit
+    std::string es = tmp("upit_es"), bx = tmp("upit_btx");
+    if (!upcycle("--method upit --from " + srcs + " --experts 3 --topk 2 --out " + es)) return;
+    if (!upcycle("--method btx --from " + srcs + " --experts 3 --topk 2 --out " + bx)) return;
+    CHECK_MSG(read_file(es + "/model.safetensors") == read_file(bx + "/model.safetensors"),
+              "upit with E = S is not btx with E = S bit for bit");
     // determinism: 1 and 2 threads, and the record is the same
     std::string t1 = tmp("upit_t1"), t2 = tmp("upit_t2");
     std::string args = "--method upit --from " + srcs + " --experts 6 --topk 2 --upit-pair random --seed 9 --out ";
