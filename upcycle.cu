@@ -59,7 +59,7 @@ struct UpcycleArgs {
     std::string method, from, model, out, data = "data/tiny";
     std::string routing = "topk_softmax", router = "uniform", du_index_mode = "independent", dtype = "same";
     std::string select = "uniform", score = "weight_norm";
-    std::string upit_pair = "farthest", upit_shared = "mean";
+    std::string upit_pair = "farthest", upit_shared = "mean", upit_router = "init";
     double upit_w_min = 0.25, upit_w_max = 0.75;
     int experts = 8, topk = 2, vocab = 0, granularity = 1, max_dup = 3, utility_batches = 4, batch = 4, seq = 64;
     int threads = 0;
@@ -101,15 +101,19 @@ struct UpcycleArgs {
         cli.add("--upit-w-max", &upit_w_max, "upper end of the merge weight's range", Range::between(0, 1));
         cli.add("--upit-shared", &upit_shared, "non-FFN tensors (attention, embeddings, norms, head): mean (of the "
                                                "checkpoints) or last (the last --from, the final checkpoint)");
+        cli.add("--upit-router", &upit_router, "init (the usual router init) or seed: + rows from the mean hidden state of "
+                                               "the sequences each checkpoint predicts best (--utility-batches batches "
+                                               "of --batch x --seq from --data; loads each checkpoint whole)");
         cli.section("Expert upcycling (--method expand)");
         cli.add("--select", &select, "uniform (each expert duplicated m-1 times) or utility (greedy by --score)");
         cli.add("--score", &score, "weight_norm, grad_norm, saliency or fisher; the gradient-based ones load the "
                                    "WHOLE source model and run --utility-batches batches of --data");
         cli.add("--max-dup", &max_dup, "utility: at most this many new copies of one expert", Range::at_least(1));
-        cli.add("--utility-batches", &utility_batches, "gradient scores: training batches averaged", Range::between(1, 1 << 20));
-        cli.add("--data", &data, "gradient scores: token shard folder (as train_moe --data)");
-        cli.add("--batch", &batch, "gradient scores: sequences per batch", Range::between(1, 1 << 20));
-        cli.add("--seq", &seq, "gradient scores: tokens per sequence", Range::between(1, 1 << 20));
+        cli.add("--utility-batches", &utility_batches, "gradient scores (and upit --upit-router seed): training batches",
+                Range::between(1, 1 << 20));
+        cli.add("--data", &data, "gradient scores, upit seed router: token shard folder (as train_moe --data)");
+        cli.add("--batch", &batch, "gradient scores, upit seed router: sequences per batch", Range::between(1, 1 << 20));
+        cli.add("--seq", &seq, "gradient scores, upit seed router: tokens per sequence", Range::between(1, 1 << 20));
         cli.section("Run");
         cli.add("--threads", &threads, "OpenMP threads (0 = default); the output does not depend on it",
                 Range::between(0, 4096));
@@ -306,6 +310,7 @@ struct DenseUpcycler {
     std::vector<std::array<std::vector<float>, 3>> ffn;
     std::vector<std::vector<int>> partition_sets;
     UpitPlan upit;                            // upit: every expert's coefficients over the sources
+    std::vector<std::vector<float>> upit_router_add;  // upit --upit-router seed: [L][E*d] added to the router init
     std::vector<std::vector<double>> upit_D2; // upit: the sources' pairwise squared FFN distances
 
     explicit DenseUpcycler(const UpcycleArgs& args) : a(args) {}
@@ -349,6 +354,8 @@ struct DenseUpcycler {
                 granular_router(out.data(), out_cfg.n_experts, a.granularity, out_cfg.d_model, router_kind, seed, t.layer);
             else
                 router_init(out.data(), out_cfg.n_experts, out_cfg.d_model, router_kind, seed, t.layer);
+            if (!upit_router_add.empty())
+                for (size_t i = 0; i < out.size(); i++) out[i] += upit_router_add[t.layer][i];
             return;
         }
         if (t.expert < 0) {  // embeddings, attention, norms, LM head: copied (btx, upit: averaged)
@@ -510,6 +517,8 @@ struct DenseUpcycler {
         if (a.upit_w_min > a.upit_w_max)
             FAIL("--upit-w-min %g is above --upit-w-max %g", a.upit_w_min, a.upit_w_max);
         const UpitPair rule = parse_upit_pair(a.upit_pair);
+        if (a.upit_router != "init" && a.upit_router != "seed")
+            FAIL("--upit-router must be init or seed, found \"%s\"", a.upit_router.c_str());
         upit_D2.assign(S, std::vector<double>(S, 0.0));
         for (int l = 0; l < L; l++) {
             load_layer(l);
@@ -559,13 +568,111 @@ struct DenseUpcycler {
         rec["expert_source"] = "expert e = sum_s coefficients[s] * FFN of source s (in double, stored once); merged "
                                "experts: coefficients = weight * those of merged_from[0] + (1 - weight) * those of "
                                "merged_from[1]";
-        rec["router_note"] = "the paper pre-optimizes the router on seed data each expert is best at; not done here: "
-                             "the router is the usual upcycling init above";
+        if (a.upit_router == "seed") upit_seed_router(rec);
+        else
+            rec["router_note"] = "the paper pre-optimizes the router on seed data each expert is best at; not done "
+                                 "here: the router is the usual upcycling init above (see --upit-router seed)";
         printf("upit: %d checkpoints -> %d experts (%d merged, pairs %s, w ~ U[%g, %g]); non-FFN tensors: %s\n", S,
                a.experts, a.experts - S, a.upit_pair.c_str(), a.upit_w_min, a.upit_w_max, a.upit_shared.c_str());
         for (int e = S; e < a.experts; e++)
             printf("  expert %d = %.4f * expert %d + %.4f * expert %d (their distance %.4g)\n", e, upit.weight[e],
                    upit.parent_a[e], 1.0 - upit.weight[e], upit.parent_b[e], std::sqrt(upit.dist2[e]));
+    }
+
+    // --upit-router seed (docs/METHODS.md 2.11): a closed-form stand-in for the paper's router
+    // pre-optimization on seed data. Sequences from --data are scored by every checkpoint
+    // (mean cross-entropy per sequence); each sequence is the seed data of the checkpoint with
+    // the lowest loss on it (ties: the earlier checkpoint). At every layer, with x = the FFN
+    // input (RMSNorm output) of the final checkpoint, m_s = mean x over the tokens of s's
+    // seed sequences (mu, the mean over all tokens, if s has none) and u_s = m_s - mu, expert j
+    // gets the row sum_s c_j[s] u_s, and the rows are scaled by alpha = 0.02 / rms(rows) (the
+    // usual init's std; alpha = 0 when every u_s is 0) and added to the usual router init.
+    void upit_seed_router(Json& rec) {
+        const int S = (int)src.size(), L = out_cfg.n_layer, d = out_cfg.d_model, E = a.experts, B = a.batch,
+                  T = a.seq, NB = a.utility_batches;
+        DataLoader data(a.data, "", B, T, out_cfg.vocab_size, (uint64_t)a.seed);  // bad data fails first
+        std::vector<std::vector<int>> ins(NB, std::vector<int>((size_t)B * T)), tgs = ins;
+        for (int b = 0; b < NB; b++) data.next_batch(ins[b].data(), tgs[b].data());
+        const int Q = NB * B;  // sequences
+        std::vector<std::vector<double>> loss(S, std::vector<double>(Q, 0.0));
+        std::vector<std::vector<double>> xsum((size_t)Q * L, std::vector<double>(d, 0.0));  // final ckpt, per sequence
+        printf("upit seed router: scoring %d sequences of %d tokens from %s with each of the %d checkpoints\n", Q, T,
+               a.data.c_str(), S);
+        for (int s = 0; s < S; s++) {
+            Model M;  // one checkpoint at a time, whole
+            M.load(src[s]->dir);
+            const int V = M.cfg.vocab_size;
+            for (int b = 0; b < NB; b++) {
+                M.forward(ins[b].data(), tgs[b].data(), B, T);
+                for (int r = 0; r < B; r++) {
+                    double sum = 0;
+                    for (int t = 0; t < T; t++) {
+                        size_t n = (size_t)r * T + t;
+                        sum += (double)M.lse[n] - (double)M.logits[n * V + tgs[b][n]];
+                    }
+                    loss[s][b * B + r] = sum / T;
+                    if (s != S - 1) continue;
+                    for (int l = 0; l < L; l++) {
+                        std::vector<double>& xs = xsum[(size_t)(b * B + r) * L + l];
+                        for (int t = 0; t < T; t++)
+                            for (int i = 0; i < d; i++) xs[i] += M.acts[l].ln2[((size_t)r * T + t) * d + i];
+                    }
+                }
+            }
+        }
+        std::vector<int> owner(Q, 0), count(S, 0);
+        for (int q = 0; q < Q; q++) {
+            for (int s = 1; s < S; s++)
+                if (loss[s][q] < loss[owner[q]][q]) owner[q] = s;
+            count[owner[q]]++;
+        }
+        upit_router_add.assign(L, std::vector<float>((size_t)E * d, 0.0f));
+        Json alphas = Json::array();
+        for (int l = 0; l < L; l++) {
+            std::vector<std::vector<double>> m(S, std::vector<double>(d, 0.0));
+            std::vector<double> mu(d, 0.0);
+            for (int q = 0; q < Q; q++)
+                for (int i = 0; i < d; i++) {
+                    m[owner[q]][i] += xsum[(size_t)q * L + l][i];
+                    mu[i] += xsum[(size_t)q * L + l][i];
+                }
+            for (int i = 0; i < d; i++) mu[i] /= (double)Q * T;
+            for (int s = 0; s < S; s++)
+                for (int i = 0; i < d; i++) m[s][i] = count[s] ? m[s][i] / ((double)count[s] * T) - mu[i] : 0.0;
+            std::vector<double> rows((size_t)E * d, 0.0);
+            double sq = 0;
+            for (int j = 0; j < E; j++)
+                for (int i = 0; i < d; i++) {
+                    double v = 0;
+                    for (int s = 0; s < S; s++) v += upit.coef[j][s] * m[s][i];
+                    rows[(size_t)j * d + i] = v;
+                    sq += v * v;
+                }
+            const double rms = std::sqrt(sq / ((double)E * d)), alpha = rms > 0 ? 0.02 / rms : 0.0;
+            for (size_t i = 0; i < rows.size(); i++) upit_router_add[l][i] = (float)(alpha * rows[i]);
+            alphas.push(Json(alpha));
+        }
+        Json cj = Json::array(), lj = Json::array();
+        for (int s = 0; s < S; s++) {
+            cj.push(Json(count[s]));
+            double mean = 0;
+            for (double x : loss[s]) mean += x / Q;
+            lj.push(Json(mean));
+        }
+        rec["router_seed"] = "seed data: each sequence goes to the checkpoint with the lowest mean cross-entropy on it; "
+                             "router = usual init + alpha * (row j = sum_s coefficients[s] * (mean FFN input of s's seed "
+                             "tokens - mean over all tokens), FFN inputs of the final checkpoint), alpha per layer = "
+                             "0.02 / rms of those rows";
+        rec["router_seed_data"] = a.data;
+        rec["router_seed_batches"] = NB;
+        rec["router_seed_batch"] = B;
+        rec["router_seed_seq"] = T;
+        rec["router_seed_counts"] = cj;
+        rec["router_seed_mean_loss"] = lj;
+        rec["router_seed_alpha"] = alphas;
+        printf("upit seed router: sequences won per checkpoint:");
+        for (int s = 0; s < S; s++) printf(" %d", count[s]);
+        printf(" (of %d)\n", Q);
     }
 
     // btm-average's record (it has no experts, routing or router)
@@ -929,7 +1036,7 @@ int main(int argc, char** argv) {
         if (a.out.empty()) FAIL("--out is required (the output directory)");
         {  // nothing the user did not ask to lose: inputs, an existing file, a non-empty directory
             std::vector<std::string> inputs = a.from.empty() ? std::vector<std::string>() : split_commas(a.from);
-            if (a.method == "expand") inputs.push_back(a.data);  // read for gradient utility scores
+            if (a.method == "expand" || a.method == "upit") inputs.push_back(a.data);  // read for scores / seed router
             check_output_location(a.out, inputs, a.overwrite);
         }
         static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "expand",
@@ -939,7 +1046,7 @@ int main(int argc, char** argv) {
         if (!known)
             FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, expand, btm-average, upit",
                  a.method.c_str());
-        for (const char* o : {"--upit-pair", "--upit-w-min", "--upit-w-max", "--upit-shared"})
+        for (const char* o : {"--upit-pair", "--upit-w-min", "--upit-w-max", "--upit-shared", "--upit-router"})
             if (a.method != "upit" && cli.was_set(o)) FAIL("%s applies to --method upit only", o);
         if (a.method == "expand") {
             Expander x(a);

@@ -563,6 +563,94 @@ static void test_upit() {
               "upit: 1 and 2 threads give different output");
 }
 
+static void write_shards(const std::string& dir, int V);  // token shards with a learnable pattern (below)
+
+// --upit-router seed (docs/METHODS.md 2.11). The recorded seed counts against per-sequence
+// losses computed another way (one sequence per forward pass, the trainer's cross-entropy);
+// the rows added to the router init: rms 0.02 per layer, count-weighted sum 0 over the
+// checkpoint experts (their u_s are deviations from the mean over all tokens), merged rows the
+// coefficient-weighted sum of the checkpoint rows;
+// identical checkpoints give naive upcycling bit for bit (every u_s is exactly 0).
+static void test_upit_seed_router() {
+    const int L = 2, S = 3, E = 6, d = 32, V = 64, NB = 3, B = 4, T = 16;
+    std::string a = make_dense("upit_a", d, 64, L, 61), b = make_dense("upit_b", d, 64, L, 62),
+                c = make_dense("upit_c", d, 64, L, 63), data = tmp("upit_shards");
+    write_shards(data, V);
+    const std::string srcs = a + "," + b + "," + c, seedo = tmp("upit_seedr"), inito = tmp("upit_initr");
+    const std::string common = "--method upit --from " + srcs + " --experts 6 --topk 2 --seed 5 --data " + data +
+                               " --utility-batches 3 --batch 4 --seq 16 --out ";
+    if (!upcycle(common + seedo + " --upit-router seed") || !upcycle(common + inito)) return;
+    Json j = Json::parse_file(seedo + "/config.json");
+    const Json* u = j.find("upcycling");
+    const Json* cnt = u ? u->find("router_seed_counts") : nullptr;
+    const bool have = cnt && cnt->arr.size() == S;
+    CHECK_MSG(have, "upit seed router: no router_seed_counts of %d checkpoints in the record", S);
+    if (!have) return;
+    std::vector<int> counts(S);
+    for (int s = 0; s < S; s++) counts[s] = (int)cnt->arr[s].num;
+    // the seed counts from per-sequence losses, one sequence per forward pass
+    DataLoader dl(data, "", B, T, V, 5);
+    std::vector<std::vector<int>> in(NB, std::vector<int>(B * T)), tg = in;
+    for (int k = 0; k < NB; k++) dl.next_batch(in[k].data(), tg[k].data());
+    std::vector<std::vector<double>> loss(S, std::vector<double>(NB * B));
+    const std::string dirs[S] = {a, b, c};
+    for (int s = 0; s < S; s++) {
+        Model M;
+        M.load(dirs[s]);
+        for (int k = 0; k < NB; k++)
+            for (int r = 0; r < B; r++) loss[s][k * B + r] = M.forward(&in[k][r * T], &tg[k][r * T], 1, T).ce;
+    }
+    std::vector<int> expect(S, 0);
+    for (int q = 0; q < NB * B; q++) {
+        int best = 0;
+        for (int s = 1; s < S; s++) if (loss[s][q] < loss[best][q]) best = s;
+        expect[best]++;
+    }
+    CHECK_MSG(counts == expect, "upit seed router: seed counts %d %d %d, recomputed %d %d %d", counts[0], counts[1],
+              counts[2], expect[0], expect[1], expect[2]);
+    // the rows added to the init
+    Tensors Ws(seedo), Wi(inito);
+    const Json* plan = u->find("experts_plan");
+    bool rms_ok = true, sum_ok = true, merge_ok = true;
+    double worst_rms = 0;
+    for (int l = 0; l < L; l++) {
+        const std::vector<float>&x = Ws[router_name(l)], &y = Wi[router_name(l)];
+        std::vector<std::vector<double>> D(E, std::vector<double>(d));
+        double sq = 0;
+        for (int e = 0; e < E; e++)
+            for (int i = 0; i < d; i++) {
+                D[e][i] = (double)x[e * d + i] - y[e * d + i];
+                sq += D[e][i] * D[e][i];
+            }
+        double rms = std::sqrt(sq / (E * d));
+        worst_rms = std::max(worst_rms, std::fabs(rms - 0.02));
+        rms_ok &= std::fabs(rms - 0.02) < 1e-5;
+        for (int i = 0; i < d; i++) {
+            double z = 0;
+            for (int s = 0; s < S; s++) z += counts[s] * D[s][i];
+            sum_ok &= std::fabs(z) < 1e-5 * NB * B;
+            for (int e = S; e < E; e++) {
+                double m = 0;
+                for (int s = 0; s < S; s++) m += plan->arr[e].find("coefficients")->arr[s].num * D[s][i];
+                merge_ok &= std::fabs(m - D[e][i]) < 1e-6;
+            }
+        }
+    }
+    printf("    seed router: counts %d %d %d of %d sequences; rms of the added rows 0.02 to %.1e\n", counts[0],
+           counts[1], counts[2], NB * B, worst_rms);
+    CHECK_MSG(rms_ok, "upit seed router: the added rows' rms is not 0.02 (off by %.3g)", worst_rms);
+    CHECK_MSG(sum_ok, "upit seed router: the count-weighted sum of the checkpoint rows is not 0");
+    CHECK_MSG(merge_ok, "upit seed router: a merged expert's row is not the coefficient-weighted sum of the checkpoints'");
+    // identical checkpoints: every sequence ties, u = 0, the router is the init: naive's output
+    std::string c2 = tmp("upit_c2"), c3 = tmp("upit_c3"), same = tmp("upit_same_seed"), nu = tmp("upit_nu6"), txt;
+    run_cmd("rm -rf " + c2 + " " + c3 + " && cp -r " + c + " " + c2 + " && cp -r " + c + " " + c3, &txt);
+    if (!upcycle("--method upit --upit-router seed --data " + data + " --utility-batches 2 --batch 4 --seq 16 --from " +
+                 c + "," + c2 + "," + c3 + " --experts 6 --topk 2 --out " + same)) return;
+    if (!upcycle("--method naive --from " + c + " --experts 6 --topk 2 --out " + nu)) return;
+    CHECK_MSG(read_file(same + "/model.safetensors") == read_file(nu + "/model.safetensors"),
+              "upit --upit-router seed of identical checkpoints is not naive upcycling bit for bit");
+}
+
 // Granular (docs/METHODS.md 2.7): shards, scale, tied router; SwiGLU error vs dense measured.
 static void test_granular() {
     std::string dense = "test/fixtures/dense";  // d 32, F 64
@@ -1099,6 +1187,7 @@ static void test_errors() {
         {"--method upit --from " + dense + "," + dense + " --upit-w-max 1.5", "--upit-w-max 1.5 is out of range"},
         {"--method upit --from test/fixtures/moe_topk_softmax," + dense, "needs a dense"},
         {"--method naive --from " + dense + " --upit-pair random", "--upit-pair applies to --method upit only"},
+        {"--method upit --from " + dense + "," + dense + " --upit-router trained", "--upit-router must be init or seed"},
     };
     for (auto& c : cases) {
         std::string outdir = tmp("err_out_should_not_exist"), out;
@@ -1126,7 +1215,7 @@ static void test_errors() {
                           "--utility-batches", "--data", "--dtype", "--method scratch", "--method naive",
                           "--method noise", "--method drop", "--method btx", "--method btm-average", "--method granular",
                           "--method partition", "--method expand", "--method upit", "--upit-pair", "--upit-w-min",
-                          "--upit-w-max", "--upit-shared", "WHOLE source model"})
+                          "--upit-w-max", "--upit-shared", "--upit-router", "WHOLE source model"})
         all &= out.find(o) != std::string::npos;
     CHECK_MSG(all, "--help lacks an option or an example: %s", out.c_str());
 }
@@ -1145,6 +1234,7 @@ int main(int argc, char** argv) {
     run_test("router init", test_router_init);
     run_test("btx", test_btx);
     run_test("upit (UpIT: checkpoints + merges)", test_upit);
+    run_test("upit seed router", test_upit_seed_router);
     run_test("btm-average (Branch-Train-Merge)", test_btm_average);
     run_test("ensemble evaluation (Branch-Train-Merge)", test_btm_ensemble);
     run_test("granular", test_granular);
