@@ -124,8 +124,10 @@ def build(cfg: dict, root: str) -> R.Table:
                "UpIT (arXiv 2410.01610, docs/METHODS.md 2.11): ./upcycle --method upit from 4 checkpoints of the dense "
                "base's own run (steps 1/4..4/4 of it, or 5/8..8/8 for the late row) into 8 experts top-2: the 4 "
                "checkpoints' FFNs + 4 merges of the farthest pairs with w ~ U[0.25, 0.75]; attention, embeddings and "
-               "norms = the checkpoints' mean (the final checkpoint's in the row marked so: --upit-shared last); the usual router init (the paper's seed-data router pre-optimization is "
-               "not implemented). Same MoE phase as NU, whose init is naive upcycling of the final checkpoint. Where "
+               "norms = the checkpoints' mean (the final checkpoint's in the rows marked so: --upit-shared last); the usual router init, "
+               "or in the row marked seed router --upit-router seed (a closed-form stand-in for the paper's router "
+               "pre-optimization on seed data: rows from the mean hidden state of the 64 sequences each checkpoint "
+               "predicts best, docs/METHODS.md 2.11). Same MoE phase as NU, whose init is naive upcycling of the final checkpoint. Where "
                "dense_base kept too few checkpoints, dense_base_ckpts reruns it with a smaller --save-every (the same "
                "training: its final checkpoint is the base, bit for bit); its wall time is counted in every UpIT row.",
                "Paper (docs/METHODS.md 3-4): step-0 order NU = dense < RNU <~ DU0.5 < DU1.0 < FS; DU r=0.5 lowest at the end "
@@ -139,6 +141,8 @@ def upit_rows(root: str, cfg: dict, base_stage: R.Stage, E: str, K: str, moe_pha
       upit_late  the last four at spacing 1/8: 5/8, 6/8, 7/8, 8/8 (all well trained)
       upit_late_last  the same, with the non-FFN tensors from the final checkpoint (--upit-shared
                  last) instead of the checkpoints' mean
+      upit_late_last_seed  and with the seed-data router (--upit-router seed: 8 batches of the
+                 preset's batch x seq from its data)
     Both end with the base itself, so naive upcycling of the final checkpoint is the NU row. The
     checkpoints come from dense_base if its --save-every wrote them (tiny), else from a rerun of it
     that saves more often (dense_base_ckpts: the same command but --save-every and --out, so the
@@ -148,7 +152,10 @@ def upit_rows(root: str, cfg: dict, base_stage: R.Stage, E: str, K: str, moe_pha
     variants = [("upit", "UpIT (ckpts 1/4..4/4 + 4 merged)", [n * i // 4 for i in (1, 2, 3, 4)], []),
                 ("upit_late", "UpIT (ckpts 5/8..8/8 + 4 merged)", late, []),
                 ("upit_late_last", "UpIT (ckpts 5/8..8/8 + 4 merged, non-FFN from the final)", late,
-                 ["--upit-shared", "last"])]
+                 ["--upit-shared", "last"]),
+                ("upit_late_last_seed", "UpIT (ckpts 5/8..8/8 + 4 merged, non-FFN from the final, seed router)", late,
+                 ["--upit-shared", "last", "--upit-router", "seed", "--data", cfg["data"], "--utility-batches", "8",
+                  "--batch", str(cfg["batch"]), "--seq", str(cfg["seq"])])]
     steps = sorted({s for _, _, v, _ in variants for s in v})
     stages, rows = [], []
     if all(s % cfg["save_every"] == 0 for s in steps):
