@@ -21,8 +21,9 @@ common/upcycle_ops.h; this file reads the sources, streams the output and record
 Streaming: the output is declared in full (safetensors header first), then each tensor is
 produced and written in order; a source tensor is read when it is needed and the dense
 FFN of the current layer is the only thing kept. Peak memory is about one layer's worth.
-The exception is expand with a gradient-based score: it loads the whole source model
-into the CPU trainer to compute real gradients.
+The exceptions: expand with a gradient-based score loads the whole source model into the
+CPU trainer to compute real gradients, and upit --upit-router seed loads each checkpoint
+whole, one at a time, for its forward passes.
 */
 #include <cmath>
 #include <cstdio>
