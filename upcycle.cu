@@ -9,7 +9,7 @@ from a trained MoE: every initialization of docs/METHODS.md section 2.
   btx        BTX  expert e = FFN of source e div (E/S); the rest = mean of sources    (2.6)
   btm-average  BTM  a dense model: every tensor = the element-wise mean of S dense  (2.10)
                     branches (Branch-Train-Merge's parameter average; no MoE)
-  upit       UpIT experts = the FFNs of S checkpoints of one dense run, then merges of     (2.11)
+  upit       UpIT experts = the FFNs of S checkpoints of one dense run, then merges of     (2.12)
                   the farthest pairs with random weights up to E; the rest = their mean
   granular   virtual groups: experts = F/G-wide shards, scaled, tied router rows      (2.7)
   partition  LLaMA-MoE: E disjoint random neuron sets, output x E/K (folded into w2)  (2.9)
@@ -509,7 +509,7 @@ struct DenseUpcycler {
         write_output(rec);
     }
 
-    // UpIT (docs/METHODS.md 2.11): the sources' pairwise FFN distances (one pass over every
+    // UpIT (docs/METHODS.md 2.12): the sources' pairwise FFN distances (one pass over every
     // layer), the merge plan from them, and both in the record.
     void plan_upit(Json& rec) {
         const int S = (int)src.size(), L = out_cfg.n_layer;
@@ -580,7 +580,7 @@ struct DenseUpcycler {
                    upit.parent_a[e], 1.0 - upit.weight[e], upit.parent_b[e], std::sqrt(upit.dist2[e]));
     }
 
-    // --upit-router seed (docs/METHODS.md 2.11): a closed-form stand-in for the paper's router
+    // --upit-router seed (docs/METHODS.md 2.12): a closed-form stand-in for the paper's router
     // pre-optimization on seed data. Sequences from --data are scored by every checkpoint
     // (mean cross-entropy per sequence); each sequence is the seed data of the checkpoint with
     // the lowest loss on it (ties: the earlier checkpoint). At every layer, with x = the FFN

@@ -239,7 +239,7 @@ inline std::vector<int> select_utility(const std::vector<double>& score, int m, 
     return src;
 }
 
-// ---- UpIT: experts from a dense run's checkpoints, more by merging (docs/METHODS.md 2.11) ----
+// ---- UpIT: experts from a dense run's checkpoints, more by merging (docs/METHODS.md 2.12) ----
 
 // Every UpIT expert is a convex combination of the S checkpoints' FFNs, held as its
 // coefficient vector c (S entries >= 0, summing to 1): expert j = sum_s c[j][s] FFN_s.

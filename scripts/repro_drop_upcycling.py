@@ -104,7 +104,7 @@ def build(cfg: dict, root: str) -> R.Table:
         stages += [init, run]
         rows.append(R.Row(key, label, [init.name, key], key, before=["dense_base"]))
 
-    # UpIT: experts from checkpoints of the dense base's own run, 4 more by merging (docs/METHODS.md 2.11)
+    # UpIT: experts from checkpoints of the dense base's own run, 4 more by merging (docs/METHODS.md 2.12)
     st, rw = upit_rows(root, cfg, base_stage, E, K, moe_phase)
     stages += st
     rows += rw
@@ -121,13 +121,13 @@ def build(cfg: dict, root: str) -> R.Table:
                "phase's budget with the dense rows' recipe; ensemble = the uniform mixture of the branches' "
                "next-token distributions, -log((1/3) sum_k p_k(token)), evaluated on the same validation batches "
                "without training (the paper weights by an estimated domain posterior; uniform here).",
-               "UpIT (arXiv 2410.01610, docs/METHODS.md 2.11): ./upcycle --method upit from 4 checkpoints of the dense "
+               "UpIT (arXiv 2410.01610, docs/METHODS.md 2.12): ./upcycle --method upit from 4 checkpoints of the dense "
                "base's own run (steps 1/4..4/4 of it, or 5/8..8/8 for the late row) into 8 experts top-2: the 4 "
                "checkpoints' FFNs + 4 merges of the farthest pairs with w ~ U[0.25, 0.75]; attention, embeddings and "
                "norms = the checkpoints' mean (the final checkpoint's in the rows marked so: --upit-shared last); the usual router init, "
                "or in the row marked seed router --upit-router seed (a closed-form stand-in for the paper's router "
                "pre-optimization on seed data: rows from the mean hidden state of the 64 sequences each checkpoint "
-               "predicts best, docs/METHODS.md 2.11). Same MoE phase as NU, whose init is naive upcycling of the final checkpoint. Where "
+               "predicts best, docs/METHODS.md 2.12). Same MoE phase as NU, whose init is naive upcycling of the final checkpoint. Where "
                "dense_base kept too few checkpoints, dense_base_ckpts reruns it with a smaller --save-every (the same "
                "training: its final checkpoint is the base, bit for bit); its wall time is counted in every UpIT row.",
                "Paper (docs/METHODS.md 3-4): step-0 order NU = dense < RNU <~ DU0.5 < DU1.0 < FS; DU r=0.5 lowest at the end "

@@ -412,7 +412,7 @@ static void test_btx() {
     CHECK_MSG(mean_ok && n_mean > 5, "btx: a non-FFN tensor is not the mean of the sources (%d checked)", n_mean);
 }
 
-// UpIT (docs/METHODS.md 2.11). The ops: the distance of two combinations from the sources'
+// UpIT (docs/METHODS.md 2.12). The ops: the distance of two combinations from the sources'
 // pairwise distances equals the direct one; the plan's bookkeeping. Then the tool on three
 // distinct sources: checkpoint experts copied bit for bit, merged experts the recorded convex
 // combination bit for bit, the recorded weights in range and each merge's pair the farthest
@@ -565,7 +565,7 @@ static void test_upit() {
 
 static void write_shards(const std::string& dir, int V);  // token shards with a learnable pattern (below)
 
-// --upit-router seed (docs/METHODS.md 2.11). The recorded seed counts against per-sequence
+// --upit-router seed (docs/METHODS.md 2.12). The recorded seed counts against per-sequence
 // losses computed another way (one sequence per forward pass, the trainer's cross-entropy);
 // the rows added to the router init: rms 0.02 per layer, count-weighted sum 0 over the
 // checkpoint experts (their u_s are deviations from the mean over all tokens), merged rows the
