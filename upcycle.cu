@@ -9,6 +9,8 @@ from a trained MoE: every initialization of docs/METHODS.md section 2.
   btx        BTX  expert e = FFN of source e div (E/S); the rest = mean of sources    (2.6)
   btm-average  BTM  a dense model: every tensor = the element-wise mean of S dense  (2.10)
                     branches (Branch-Train-Merge's parameter average; no MoE)
+  upit       UpIT experts = the FFNs of S checkpoints of one dense run, then merges of     (2.12)
+                  the farthest pairs with random weights up to E; the rest = their mean
   granular   virtual groups: experts = F/G-wide shards, scaled, tied router rows      (2.7)
   partition  LLaMA-MoE: E disjoint random neuron sets, output x E/K (folded into w2)  (2.9)
   expand     E -> mE experts of a trained MoE, copies with their AdamW moments        (2.8)
@@ -24,8 +26,9 @@ common/upcycle_ops.h; this file reads the sources, streams the output and record
 Streaming: the output is declared in full (safetensors header first), then each tensor is
 produced and written in order; a source tensor is read when it is needed and the dense
 FFN of the current layer is the only thing kept. Peak memory is about one layer's worth.
-The exception is expand with a gradient-based score: it loads the whole source model
-into the CPU trainer to compute real gradients.
+The exceptions: expand with a gradient-based score loads the whole source model into the
+CPU trainer to compute real gradients, and upit --upit-router seed loads each checkpoint
+whole, one at a time, for its forward passes.
 */
 #include <cmath>
 #include <cstdio>
@@ -62,6 +65,8 @@ struct UpcycleArgs {
     std::string method, from, model, out, data = "data/tiny";
     std::string routing = "topk_softmax", router = "uniform", du_index_mode = "independent", dtype = "same";
     std::string select = "uniform", score = "weight_norm", shared_gate = "sigmoid";
+    std::string upit_pair = "farthest", upit_shared = "mean", upit_router = "init";
+    double upit_w_min = 0.25, upit_w_max = 0.75;
     int experts = 8, topk = 2, vocab = 0, granularity = 1, max_dup = 3, utility_batches = 4, batch = 4, seq = 64;
     int threads = 0;
     long seed = 1337;
@@ -70,10 +75,10 @@ struct UpcycleArgs {
 
     void add_to(Cli& cli) {
         cli.section("Input and output");
-        cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, expand or "
-                                     "btm-average (required)");
-        cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx and "
-                                 "btm-average: a,b,c,...");
+        cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, expand, "
+                                     "btm-average or upit (required)");
+        cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx, "
+                                 "btm-average and upit: a,b,c,...");
         cli.add("--model", &model, std::string("scratch without --from: preset shape (") + model_preset_names() + ")");
         cli.add("--vocab", &vocab, "scratch with --model: vocabulary size", Range::between(0, 65536));
         cli.add("--out", &out, "output directory, written atomically (required; must not exist or be empty)");
@@ -99,15 +104,27 @@ struct UpcycleArgs {
         cli.add("--shared-gate", &shared_gate, "shared/qwen2: sigmoid (Qwen2-MoE, loads in HF as Qwen2MoeForCausalLM; "
                                                "gate vector 0 = a factor 1/2 at init) or none (DeepSeekMoE; the shared "
                                                "down_proj x 1/2 instead)");
+        cli.section("UpIT (--method upit; --from = S >= 2 checkpoints of one dense run, E >= S)");
+        cli.add("--upit-pair", &upit_pair, "which two experts each merge mixes: farthest (largest L2 distance of their "
+                                           "FFNs, all layers) or random; never the same pair twice");
+        cli.add("--upit-w-min", &upit_w_min, "merge weight w ~ Uniform[min, max]: new = w a + (1 - w) b",
+                Range::between(0, 1));
+        cli.add("--upit-w-max", &upit_w_max, "upper end of the merge weight's range", Range::between(0, 1));
+        cli.add("--upit-shared", &upit_shared, "non-FFN tensors (attention, embeddings, norms, head): mean (of the "
+                                               "checkpoints) or last (the last --from, the final checkpoint)");
+        cli.add("--upit-router", &upit_router, "init (the usual router init) or seed: + rows from the mean hidden state of "
+                                               "the sequences each checkpoint predicts best (--utility-batches batches "
+                                               "of --batch x --seq from --data; loads each checkpoint whole)");
         cli.section("Expert upcycling (--method expand)");
         cli.add("--select", &select, "uniform (each expert duplicated m-1 times) or utility (greedy by --score)");
         cli.add("--score", &score, "weight_norm, grad_norm, saliency or fisher; the gradient-based ones load the "
                                    "WHOLE source model and run --utility-batches batches of --data");
         cli.add("--max-dup", &max_dup, "utility: at most this many new copies of one expert", Range::at_least(1));
-        cli.add("--utility-batches", &utility_batches, "gradient scores: training batches averaged", Range::between(1, 1 << 20));
-        cli.add("--data", &data, "gradient scores: token shard folder (as train_moe --data)");
-        cli.add("--batch", &batch, "gradient scores: sequences per batch", Range::between(1, 1 << 20));
-        cli.add("--seq", &seq, "gradient scores: tokens per sequence", Range::between(1, 1 << 20));
+        cli.add("--utility-batches", &utility_batches, "gradient scores (and upit --upit-router seed): training batches",
+                Range::between(1, 1 << 20));
+        cli.add("--data", &data, "gradient scores, upit seed router: token shard folder (as train_moe --data)");
+        cli.add("--batch", &batch, "gradient scores, upit seed router: sequences per batch", Range::between(1, 1 << 20));
+        cli.add("--seq", &seq, "gradient scores, upit seed router: tokens per sequence", Range::between(1, 1 << 20));
         cli.section("Run");
         cli.add("--threads", &threads, "OpenMP threads (0 = default); the output does not depend on it",
                 Range::between(0, 4096));
@@ -126,6 +143,7 @@ static const char* method_paper(const std::string& m) {
     if (m == "expand") return "expert upcycling E -> mE, arXiv 2604.19835";
     if (m == "shared") return "shared experts (DeepSeekMoE, arXiv 2401.06066; Qwen2-MoE, arXiv 2407.10671)";
     if (m == "qwen2") return "Qwen2 upcycling (fine-grained shuffled shards, re-init, shared expert), arXiv 2407.10671";
+    if (m == "upit") return "UpIT, Upcycling Instruction Tuning via parameter merging, arXiv 2410.01610";
     return "?";
 }
 
@@ -291,7 +309,7 @@ static std::string same_path_key(const std::string& p) {
 
 struct DenseUpcycler {
     const UpcycleArgs& a;
-    std::vector<std::unique_ptr<Source>> src;  // btx: S sources; others: at most one
+    std::vector<std::unique_ptr<Source>> src;  // btx, btm-average, upit: S sources; others: at most one
     ModelConfig out_cfg;
     ParamLayout out_lay;
     int method_F = 0;         // dense FFN width F
@@ -305,6 +323,9 @@ struct DenseUpcycler {
     int cached_layer = -1;
     std::vector<std::array<std::vector<float>, 3>> ffn;
     std::vector<std::vector<int>> partition_sets;
+    UpitPlan upit;                            // upit: every expert's coefficients over the sources
+    std::vector<std::vector<float>> upit_router_add;  // upit --upit-router seed: [L][E*d] added to the router init
+    std::vector<std::vector<double>> upit_D2; // upit: the sources' pairwise squared FFN distances
 
     explicit DenseUpcycler(const UpcycleArgs& args) : a(args) {}
 
@@ -348,12 +369,15 @@ struct DenseUpcycler {
                 granular_router(out.data(), out_cfg.n_experts, a.granularity, out_cfg.d_model, router_kind, seed, t.layer);
             else
                 router_init(out.data(), out_cfg.n_experts, out_cfg.d_model, router_kind, seed, t.layer);
+            if (!upit_router_add.empty())
+                for (size_t i = 0; i < out.size(); i++) out[i] += upit_router_add[t.layer][i];
             return;
         }
         if (t.kind == P_SGATE || t.kind == P_SUP || t.kind == P_SDOWN || t.kind == P_SGATE_W)
             return shared_expert_tensor(t, out);
-        if (t.expert < 0) {  // embeddings, attention, norms, LM head: copied (btx: averaged)
+        if (t.expert < 0) {  // embeddings, attention, norms, LM head: copied (btx, upit: averaged)
             if (src.size() == 1) { out = src[0]->read(t.name); return; }
+            if (a.method == "upit" && a.upit_shared == "last") { out = src.back()->read(t.name); return; }
             std::vector<std::vector<float>> all;
             for (auto& s : src) all.push_back(s->read(t.name));
             mean_of_sources(out.data(), all, out.size());
@@ -363,6 +387,12 @@ struct DenseUpcycler {
         const int l = t.layer, e = t.expert, mat = t.kind - P_EGATE, F = method_F, d = out_cfg.d_model;
         if (a.method == "granular") {
             gather_neurons(out.data(), ffn[0][mat].data(), mat, F, d, granular_shard(F, a.granularity, e), granular_mult);
+            return;
+        }
+        if (a.method == "upit") {
+            std::vector<const float*> from;
+            for (auto& f : ffn) from.push_back(f[mat].data());
+            combine_sources(out.data(), from, upit.coef[e], out.size());
             return;
         }
         if (a.method == "partition") {
@@ -414,7 +444,10 @@ struct DenseUpcycler {
         const std::string& m = a.method;
         std::vector<std::string> dirs;
         if (!a.from.empty()) dirs = split_commas(a.from);
-        const bool multi = m == "btx" || m == "btm-average";  // methods of S >= 1 sources
+        const bool multi = m == "btx" || m == "btm-average" || m == "upit";  // methods of S >= 1 sources
+        if (m == "upit" && dirs.size() < 2)
+            FAIL("--method upit needs at least 2 --from checkpoints (a,b,...: checkpoints of one dense run), found %zu",
+                 dirs.size());
         if (!multi && dirs.size() > 1) FAIL("--method %s takes one --from directory, found %zu", m.c_str(), dirs.size());
         if (m != "scratch" && dirs.empty()) FAIL("--method %s needs --from (a dense model directory)", m.c_str());
         for (auto& d : dirs) {
@@ -553,7 +586,175 @@ struct DenseUpcycler {
             rec["neurons_per_matrix"] = n_reinit;
             rec["index_mode"] = a.du_index_mode;
         }
+        if (m == "upit") plan_upit(rec);
         write_output(rec);
+    }
+
+    // UpIT (docs/METHODS.md 2.12): the sources' pairwise FFN distances (one pass over every
+    // layer), the merge plan from them, and both in the record.
+    void plan_upit(Json& rec) {
+        const int S = (int)src.size(), L = out_cfg.n_layer;
+        if (a.upit_shared != "mean" && a.upit_shared != "last")
+            FAIL("--upit-shared must be mean or last, found \"%s\"", a.upit_shared.c_str());
+        if (a.upit_w_min > a.upit_w_max)
+            FAIL("--upit-w-min %g is above --upit-w-max %g", a.upit_w_min, a.upit_w_max);
+        const UpitPair rule = parse_upit_pair(a.upit_pair);
+        if (a.upit_router != "init" && a.upit_router != "seed")
+            FAIL("--upit-router must be init or seed, found \"%s\"", a.upit_router.c_str());
+        upit_D2.assign(S, std::vector<double>(S, 0.0));
+        for (int l = 0; l < L; l++) {
+            load_layer(l);
+            for (int s = 0; s < S; s++)
+                for (int t = s + 1; t < S; t++)
+                    for (int k = 0; k < 3; k++) {
+                        double d = sq_distance(ffn[s][k].data(), ffn[t][k].data(), ffn[s][k].size());
+                        upit_D2[s][t] += d;
+                        upit_D2[t][s] += d;
+                    }
+        }
+        cached_layer = -1;
+        upit = upit_plan(S, a.experts, upit_D2, rule, a.upit_w_min, a.upit_w_max, (uint64_t)a.seed);
+        rec["checkpoints"] = S;
+        rec["pair_rule"] = a.upit_pair;
+        Json wr = Json::array();
+        wr.push(Json(a.upit_w_min));
+        wr.push(Json(a.upit_w_max));
+        rec["merge_weight_range"] = wr;
+        rec["shared_tensors"] = a.upit_shared == "mean" ? "element-wise mean of the checkpoints"
+                                                        : "copied from the last --from (the final checkpoint)";
+        Json dj = Json::array();
+        for (auto& row : upit_D2) {
+            Json r = Json::array();
+            for (double x : row) r.push(Json(x));
+            dj.push(r);
+        }
+        rec["source_sq_distances"] = dj;
+        Json pj = Json::array();
+        for (int e = 0; e < a.experts; e++) {
+            Json x = Json::object();
+            x["expert"] = e;
+            Json c = Json::array();
+            for (double v : upit.coef[e]) c.push(Json(v));
+            x["coefficients"] = c;
+            if (upit.parent_a[e] >= 0) {
+                Json par = Json::array();
+                par.push(Json(upit.parent_a[e]));
+                par.push(Json(upit.parent_b[e]));
+                x["merged_from"] = par;
+                x["weight"] = upit.weight[e];
+                x["parents_sq_distance"] = upit.dist2[e];
+            }
+            pj.push(x);
+        }
+        rec["experts_plan"] = pj;
+        rec["expert_source"] = "expert e = sum_s coefficients[s] * FFN of source s (in double, stored once); merged "
+                               "experts: coefficients = weight * those of merged_from[0] + (1 - weight) * those of "
+                               "merged_from[1]";
+        if (a.upit_router == "seed") upit_seed_router(rec);
+        else
+            rec["router_note"] = "the paper pre-optimizes the router on seed data each expert is best at; not done "
+                                 "here: the router is the usual upcycling init above (see --upit-router seed)";
+        printf("upit: %d checkpoints -> %d experts (%d merged, pairs %s, w ~ U[%g, %g]); non-FFN tensors: %s\n", S,
+               a.experts, a.experts - S, a.upit_pair.c_str(), a.upit_w_min, a.upit_w_max, a.upit_shared.c_str());
+        for (int e = S; e < a.experts; e++)
+            printf("  expert %d = %.4f * expert %d + %.4f * expert %d (their distance %.4g)\n", e, upit.weight[e],
+                   upit.parent_a[e], 1.0 - upit.weight[e], upit.parent_b[e], std::sqrt(upit.dist2[e]));
+    }
+
+    // --upit-router seed (docs/METHODS.md 2.12): a closed-form stand-in for the paper's router
+    // pre-optimization on seed data. Sequences from --data are scored by every checkpoint
+    // (mean cross-entropy per sequence); each sequence is the seed data of the checkpoint with
+    // the lowest loss on it (ties: the earlier checkpoint). At every layer, with x = the FFN
+    // input (RMSNorm output) of the final checkpoint, m_s = mean x over the tokens of s's
+    // seed sequences (mu, the mean over all tokens, if s has none) and u_s = m_s - mu, expert j
+    // gets the row sum_s c_j[s] u_s, and the rows are scaled by alpha = 0.02 / rms(rows) (the
+    // usual init's std; alpha = 0 when every u_s is 0) and added to the usual router init.
+    void upit_seed_router(Json& rec) {
+        const int S = (int)src.size(), L = out_cfg.n_layer, d = out_cfg.d_model, E = a.experts, B = a.batch,
+                  T = a.seq, NB = a.utility_batches;
+        DataLoader data(a.data, "", B, T, out_cfg.vocab_size, (uint64_t)a.seed);  // bad data fails first
+        std::vector<std::vector<int>> ins(NB, std::vector<int>((size_t)B * T)), tgs = ins;
+        for (int b = 0; b < NB; b++) data.next_batch(ins[b].data(), tgs[b].data());
+        const int Q = NB * B;  // sequences
+        std::vector<std::vector<double>> loss(S, std::vector<double>(Q, 0.0));
+        std::vector<std::vector<double>> xsum((size_t)Q * L, std::vector<double>(d, 0.0));  // final ckpt, per sequence
+        printf("upit seed router: scoring %d sequences of %d tokens from %s with each of the %d checkpoints\n", Q, T,
+               a.data.c_str(), S);
+        for (int s = 0; s < S; s++) {
+            Model M;  // one checkpoint at a time, whole
+            M.load(src[s]->dir);
+            const int V = M.cfg.vocab_size;
+            for (int b = 0; b < NB; b++) {
+                M.forward(ins[b].data(), tgs[b].data(), B, T);
+                for (int r = 0; r < B; r++) {
+                    double sum = 0;
+                    for (int t = 0; t < T; t++) {
+                        size_t n = (size_t)r * T + t;
+                        sum += (double)M.lse[n] - (double)M.logits[n * V + tgs[b][n]];
+                    }
+                    loss[s][b * B + r] = sum / T;
+                    if (s != S - 1) continue;
+                    for (int l = 0; l < L; l++) {
+                        std::vector<double>& xs = xsum[(size_t)(b * B + r) * L + l];
+                        for (int t = 0; t < T; t++)
+                            for (int i = 0; i < d; i++) xs[i] += M.acts[l].ln2[((size_t)r * T + t) * d + i];
+                    }
+                }
+            }
+        }
+        std::vector<int> owner(Q, 0), count(S, 0);
+        for (int q = 0; q < Q; q++) {
+            for (int s = 1; s < S; s++)
+                if (loss[s][q] < loss[owner[q]][q]) owner[q] = s;
+            count[owner[q]]++;
+        }
+        upit_router_add.assign(L, std::vector<float>((size_t)E * d, 0.0f));
+        Json alphas = Json::array();
+        for (int l = 0; l < L; l++) {
+            std::vector<std::vector<double>> m(S, std::vector<double>(d, 0.0));
+            std::vector<double> mu(d, 0.0);
+            for (int q = 0; q < Q; q++)
+                for (int i = 0; i < d; i++) {
+                    m[owner[q]][i] += xsum[(size_t)q * L + l][i];
+                    mu[i] += xsum[(size_t)q * L + l][i];
+                }
+            for (int i = 0; i < d; i++) mu[i] /= (double)Q * T;
+            for (int s = 0; s < S; s++)
+                for (int i = 0; i < d; i++) m[s][i] = count[s] ? m[s][i] / ((double)count[s] * T) - mu[i] : 0.0;
+            std::vector<double> rows((size_t)E * d, 0.0);
+            double sq = 0;
+            for (int j = 0; j < E; j++)
+                for (int i = 0; i < d; i++) {
+                    double v = 0;
+                    for (int s = 0; s < S; s++) v += upit.coef[j][s] * m[s][i];
+                    rows[(size_t)j * d + i] = v;
+                    sq += v * v;
+                }
+            const double rms = std::sqrt(sq / ((double)E * d)), alpha = rms > 0 ? 0.02 / rms : 0.0;
+            for (size_t i = 0; i < rows.size(); i++) upit_router_add[l][i] = (float)(alpha * rows[i]);
+            alphas.push(Json(alpha));
+        }
+        Json cj = Json::array(), lj = Json::array();
+        for (int s = 0; s < S; s++) {
+            cj.push(Json(count[s]));
+            double mean = 0;
+            for (double x : loss[s]) mean += x / Q;
+            lj.push(Json(mean));
+        }
+        rec["router_seed"] = "seed data: each sequence goes to the checkpoint with the lowest mean cross-entropy on it; "
+                             "router = usual init + alpha * (row j = sum_s coefficients[s] * (mean FFN input of s's seed "
+                             "tokens - mean over all tokens), FFN inputs of the final checkpoint), alpha per layer = "
+                             "0.02 / rms of those rows";
+        rec["router_seed_data"] = a.data;
+        rec["router_seed_batches"] = NB;
+        rec["router_seed_batch"] = B;
+        rec["router_seed_seq"] = T;
+        rec["router_seed_counts"] = cj;
+        rec["router_seed_mean_loss"] = lj;
+        rec["router_seed_alpha"] = alphas;
+        printf("upit seed router: sequences won per checkpoint:");
+        for (int s = 0; s < S; s++) printf(" %d", count[s]);
+        printf(" (of %d)\n", Q);
     }
 
     // btm-average's record (it has no experts, routing or router)
@@ -905,6 +1106,8 @@ int main(int argc, char** argv) {
         "  ./upcycle --method drop      --from dense/ --experts 8 --topk 2 --ratio 0.5 --out moe_du\n"
         "  ./upcycle --method btx       --from seed/,ja/,en/,code/ --experts 8 --topk 2 --out moe_btx\n"
         "  ./upcycle --method btm-average --from ja/,en/,code/ --out dense_btm   (a dense model)\n"
+        "  ./upcycle --method upit      --from run/step_000100,run/step_000200,run/step_000300,run/step_000400\n"
+        "            --experts 8 --topk 2 --out moe_upit   (4 checkpoint experts + 4 merged)\n"
         "  ./upcycle --method granular  --from dense/ --experts 16 --topk 4 --granularity 2 --out moe_gran\n"
         "  ./upcycle --method partition --from dense/ --experts 8 --topk 2 --out moe_part\n"
         "  ./upcycle --method shared    --from dense/ --experts 8 --topk 2 --out moe_sh   (+ a shared expert)\n"
@@ -920,20 +1123,22 @@ int main(int argc, char** argv) {
 #endif
         if (a.method.empty())
             FAIL("--method is required (scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, expand, "
-                 "btm-average)");
+                 "btm-average, upit)");
         if (a.out.empty()) FAIL("--out is required (the output directory)");
         {  // nothing the user did not ask to lose: inputs, an existing file, a non-empty directory
             std::vector<std::string> inputs = a.from.empty() ? std::vector<std::string>() : split_commas(a.from);
-            if (a.method == "expand") inputs.push_back(a.data);  // read for gradient utility scores
+            if (a.method == "expand" || a.method == "upit") inputs.push_back(a.data);  // read for scores / seed router
             check_output_location(a.out, inputs, a.overwrite);
         }
         static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "shared",
-                                        "qwen2", "expand", "btm-average"};
+                                        "qwen2", "expand", "btm-average", "upit"};
         bool known = false;
         for (const char* k : methods) known |= a.method == k;
         if (!known)
             FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, "
-                 "expand, btm-average", a.method.c_str());
+                 "expand, btm-average, upit", a.method.c_str());
+        for (const char* o : {"--upit-pair", "--upit-w-min", "--upit-w-max", "--upit-shared", "--upit-router"})
+            if (a.method != "upit" && cli.was_set(o)) FAIL("%s applies to --method upit only", o);
         if (a.method == "expand") {
             Expander x(a);
             x.run(cli);

@@ -260,3 +260,117 @@ inline std::vector<int> select_utility(const std::vector<double>& score, int m, 
         for (int c = 0; c < max_dup && (int)src.size() < m * E; c++) src.push_back(e);
     return src;
 }
+
+// ---- UpIT: experts from a dense run's checkpoints, more by merging (docs/METHODS.md 2.12) ----
+
+// Every UpIT expert is a convex combination of the S checkpoints' FFNs, held as its
+// coefficient vector c (S entries >= 0, summing to 1): expert j = sum_s c[j][s] FFN_s.
+// Experts 0..S-1 are the checkpoints themselves (c = unit vectors); expert S + k is merge k:
+// c_new = w c_a + (1 - w) c_b of two earlier experts a < b (the pool grows as it merges).
+enum UpitPair { UPIT_PAIR_FARTHEST = 0, UPIT_PAIR_RANDOM = 1 };
+inline UpitPair parse_upit_pair(const std::string& s) {
+    if (s == "farthest") return UPIT_PAIR_FARTHEST;
+    if (s == "random") return UPIT_PAIR_RANDOM;
+    FAIL("--upit-pair must be farthest or random, found \"%s\"", s.c_str());
+}
+
+struct UpitPlan {
+    std::vector<std::vector<double>> coef;  // [E][S]
+    std::vector<int> parent_a, parent_b;    // [E]; -1 for the checkpoints' own experts
+    std::vector<double> weight;             // [E]: w of parent_a (1 for the checkpoints)
+    std::vector<double> dist2;              // [E]: squared distance of the two parents (0 for the checkpoints)
+};
+
+// Squared distance between two combinations a and b of the sources from the sources' pairwise
+// squared distances D2 (S x S): with delta = a - b, which sums to 0,
+//   ||sum_s delta_s x_s||^2 = -1/2 sum_{s,t} delta_s delta_t D2[s][t]
+// (expand ||x_s - x_t||^2 and use sum delta = 0). Exact algebra on the accurate D2, where a
+// Gram matrix <x_s, x_t> would subtract large, nearly equal numbers.
+inline double upit_dist2(const std::vector<double>& a, const std::vector<double>& b,
+                         const std::vector<std::vector<double>>& D2) {
+    const size_t S = a.size();
+    double s = 0;
+    for (size_t i = 0; i < S; i++)
+        for (size_t j = 0; j < S; j++) s += (a[i] - b[i]) * (a[j] - b[j]) * D2[i][j];
+    return std::max(0.0, -0.5 * s);
+}
+
+// The merge plan for E experts from S checkpoints (E >= S >= 2). Merge k (expert S + k):
+//   pair:   farthest = the pair (a, b), a < b, of experts 0..S+k-1 not merged before whose
+//           FFNs (all layers, gate, up and down together) are farthest apart in L2, ties to the
+//           lowest (a, b); random = a pair drawn uniformly from the pairs not merged before;
+//   weight: w ~ Uniform[w_lo, w_hi] (float number k of stream (MISC, 0, 0, 0x0b17)).
+// The plan is one for every layer: expert j mixes the same checkpoints in every layer.
+inline UpitPlan upit_plan(int S, int E, const std::vector<std::vector<double>>& D2, UpitPair rule, double w_lo,
+                          double w_hi, uint64_t seed) {
+    if (S < 2) FAIL("--method upit needs at least 2 checkpoints, found %d", S);
+    if (E < S) FAIL("--experts %d: upit makes one expert per checkpoint and more by merging, so it needs at least the "
+                    "%d checkpoints given (or give fewer --from checkpoints)", E, S);
+    if (!(w_lo >= 0 && w_hi <= 1 && w_lo <= w_hi))
+        FAIL("the merge weight range [%g, %g] must lie in [0, 1] with low <= high", w_lo, w_hi);
+    UpitPlan p;
+    for (int s = 0; s < S; s++) {
+        std::vector<double> c(S, 0.0);
+        c[s] = 1.0;
+        p.coef.push_back(c);
+        p.parent_a.push_back(-1);
+        p.parent_b.push_back(-1);
+        p.weight.push_back(1.0);
+        p.dist2.push_back(0.0);
+    }
+    std::vector<std::vector<char>> used((size_t)E, std::vector<char>((size_t)E, 0));
+    const uint64_t wstream = stream_id(PURPOSE_MISC, 0, 0, 0x0b17), pstream = stream_id(PURPOSE_MISC, 0, 0, 0x0b18);
+    for (int k = 0; S + k < E; k++) {
+        const int n = S + k;  // experts so far
+        int ba = -1, bb = -1;
+        double best = -1;
+        if (rule == UPIT_PAIR_FARTHEST) {
+            for (int a = 0; a < n; a++)
+                for (int b = a + 1; b < n; b++) {
+                    if (used[a][b]) continue;
+                    double d = upit_dist2(p.coef[a], p.coef[b], D2);
+                    if (d > best) { best = d; ba = a; bb = b; }
+                }
+        } else {
+            std::vector<std::pair<int, int>> free_pairs;
+            for (int a = 0; a < n; a++)
+                for (int b = a + 1; b < n; b++)
+                    if (!used[a][b]) free_pairs.push_back({a, b});
+            auto pr = free_pairs[rng_u64(seed, pstream, (uint64_t)k) % free_pairs.size()];
+            ba = pr.first; bb = pr.second;
+            best = upit_dist2(p.coef[ba], p.coef[bb], D2);
+        }
+        used[ba][bb] = 1;
+        const double w = w_lo + (w_hi - w_lo) * (double)rng_uniform(seed, wstream, (uint64_t)k);
+        std::vector<double> c(S);
+        for (int s = 0; s < S; s++) c[s] = w * p.coef[ba][s] + (1.0 - w) * p.coef[bb][s];
+        p.coef.push_back(c);
+        p.parent_a.push_back(ba);
+        p.parent_b.push_back(bb);
+        p.weight.push_back(w);
+        p.dist2.push_back(best);
+    }
+    return p;
+}
+
+// out = sum_s c[s] src[s] (n floats each), summed in double in source order; zero
+// coefficients are skipped, so a unit vector copies its source bit for bit.
+inline void combine_sources(float* out, const std::vector<const float*>& src, const std::vector<double>& c, size_t n) {
+#pragma omp parallel for
+    for (long i = 0; i < (long)n; i++) {
+        double s = 0;
+        for (size_t k = 0; k < src.size(); k++)
+            if (c[k] != 0.0) s += c[k] * (double)src[k][i];
+        out[i] = (float)s;
+    }
+}
+
+// Squared L2 distance of two arrays, summed in double (sequential: the same on any thread count).
+inline double sq_distance(const float* a, const float* b, size_t n) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - (double)b[i];
+        s += d * d;
+    }
+    return s;
+}

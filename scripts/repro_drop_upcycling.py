@@ -19,6 +19,10 @@ AdamW, linear warmup + cosine, the same --seed and so the same data order):
   NU                  ./upcycle --method naive
   RNU (r=0.5)         ./upcycle --method noise --ratio 0.5
   DU (r=0.5), (r=1.0) ./upcycle --method drop --ratio 0.5 / 1.0
+  UpIT                ./upcycle --method upit from 4 checkpoints of the dense base's own run
+                      (steps 1/4..4/4, or 5/8..8/8 for "late") into 8 experts: 4 checkpoint FFNs +
+                      4 merged (arXiv 2410.01610); NU (from the final checkpoint) is its baseline.
+                      Tiny and tiny_long presets only (not gpu_short or small: budget)
 
 Run (from the repository root):
   python3 scripts/repro_drop_upcycling.py                 # tiny preset: CPU, ~5 min on 2 cores
@@ -39,6 +43,7 @@ parameters, 8x: 332M total, 105M active; 32 x 1024 = 32768 tokens per step):
   yet: look at the first row's tok/s and the printed ETA, and lower dense_steps / moe_steps in
   scripts/repro_lib.py (PRESETS["small"]) if the hour does not hold.
 """
+import math
 import os
 import sys
 
@@ -100,6 +105,14 @@ def build(cfg: dict, root: str) -> R.Table:
         stages += [init, run]
         rows.append(R.Row(key, label, [init.name, key], key, before=["dense_base"]))
 
+    # UpIT: experts from checkpoints of the dense base's own run, 4 more by merging (docs/METHODS.md 2.12).
+    # CPU presets only: on the GPU presets its rows (a rerun of the dense base + 4 MoE rows) would
+    # push the table past its budget (gpu_short: the GPU session's 4 minutes; small: the hour)
+    if cfg["preset"] in ("tiny", "tiny_long", "smoke"):
+        st, rw = upit_rows(root, cfg, base_stage, E, K, moe_phase)
+        stages += st
+        rows += rw
+
     return R.Table(
         "drop_upcycling", "Drop-Upcycling Table 1 (small-scale reproduction)", stages, rows,
         notes=[f"MoE phase: {cfg['moe_steps']} steps for every row after the dense base ({cfg['dense_steps']} steps); "
@@ -112,8 +125,61 @@ def build(cfg: dict, root: str) -> R.Table:
                "phase's budget with the dense rows' recipe; ensemble = the uniform mixture of the branches' "
                "next-token distributions, -log((1/3) sum_k p_k(token)), evaluated on the same validation batches "
                "without training (the paper weights by an estimated domain posterior; uniform here).",
+               "UpIT (arXiv 2410.01610, docs/METHODS.md 2.12): ./upcycle --method upit from 4 checkpoints of the dense "
+               "base's own run (steps 1/4..4/4 of it, or 5/8..8/8 for the late row) into 8 experts top-2: the 4 "
+               "checkpoints' FFNs + 4 merges of the farthest pairs with w ~ U[0.25, 0.75]; attention, embeddings and "
+               "norms = the checkpoints' mean (the final checkpoint's in the rows marked so: --upit-shared last); the usual router init, "
+               "or in the row marked seed router --upit-router seed (a closed-form stand-in for the paper's router "
+               "pre-optimization on seed data: rows from the mean hidden state of the 64 sequences each checkpoint "
+               "predicts best, docs/METHODS.md 2.12). Same MoE phase as NU, whose init is naive upcycling of the final checkpoint. Where "
+               "dense_base kept too few checkpoints, dense_base_ckpts reruns it with a smaller --save-every (the same "
+               "training: its final checkpoint is the base, bit for bit); its wall time is counted in every UpIT row.",
                "Paper (docs/METHODS.md 3-4): step-0 order NU = dense < RNU <~ DU0.5 < DU1.0 < FS; DU r=0.5 lowest at the end "
                "when the MoE phase is long enough."])
+
+
+def upit_rows(root: str, cfg: dict, base_stage: R.Stage, E: str, K: str, moe_phase: dict):
+    """UpIT (arXiv 2410.01610): 4 checkpoints of the dense base's run as 4 experts, 4 more merged
+    from them (./upcycle --method upit), then the MoE phase; two choices of checkpoints:
+      upit       steps 1/4, 2/4, 3/4, 4/4 of the dense run (evenly over the whole run)
+      upit_late  the last four at spacing 1/8: 5/8, 6/8, 7/8, 8/8 (all well trained)
+      upit_late_last  the same, with the non-FFN tensors from the final checkpoint (--upit-shared
+                 last) instead of the checkpoints' mean
+      upit_late_last_seed  and with the seed-data router (--upit-router seed: 8 batches of the
+                 preset's batch x seq from its data)
+    Both end with the base itself, so naive upcycling of the final checkpoint is the NU row. The
+    checkpoints come from dense_base if its --save-every wrote them (tiny), else from a rerun of it
+    that saves more often (dense_base_ckpts: the same command but --save-every and --out, so the
+    same training; its tokens are the base's, not extra)."""
+    n = cfg["dense_steps"]
+    late = [n - k * (n // 8) for k in (3, 2, 1, 0)]
+    variants = [("upit", "UpIT (ckpts 1/4..4/4 + 4 merged)", [n * i // 4 for i in (1, 2, 3, 4)], []),
+                ("upit_late", "UpIT (ckpts 5/8..8/8 + 4 merged)", late, []),
+                ("upit_late_last", "UpIT (ckpts 5/8..8/8 + 4 merged, non-FFN from the final)", late,
+                 ["--upit-shared", "last"]),
+                ("upit_late_last_seed", "UpIT (ckpts 5/8..8/8 + 4 merged, non-FFN from the final, seed router)", late,
+                 ["--upit-shared", "last", "--upit-router", "seed", "--data", cfg["data"], "--utility-batches", "8",
+                  "--batch", str(cfg["batch"]), "--seq", str(cfg["seq"])])]
+    steps = sorted({s for _, _, v, _ in variants for s in v})
+    stages, rows = [], []
+    if all(s % cfg["save_every"] == 0 for s in steps):
+        parent, own = base_stage, []
+    else:
+        every = 0
+        for s in steps:
+            every = math.gcd(every, s)
+        parent = R.train_stage(root, "dense_base_ckpts", dict(cfg, save_every=every), ["--model", cfg["model"]], n,
+                               cfg["warmup_dense"], False)
+        stages.append(parent)
+        own = [parent.name]
+    for key, label, ck, more in variants:
+        srcs = [os.path.join(R.run_dir(root, parent.name), f"step_{s:06d}") for s in ck]
+        init = R.upcycle_stage(root, f"{key}_init", cfg, ["--method", "upit", "--from", ",".join(srcs), "--experts", E,
+                                                          "--topk", K] + more, [parent.name])
+        run = R.train_stage(root, key, cfg, ["--init", R.run_dir(root, init.name)], needs=[init.name], **moe_phase)
+        stages += [init, run]
+        rows.append(R.Row(key, label, own + [init.name, key], key, before=["dense_base"]))
+    return stages, rows
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 #include "../common/sha256.h"
 #include "../common/upcycle_ops.h"
 #include "testing.h"
+#include <set>
 
 static std::string g_bin = "./upcycle", g_train = "./train_moe", g_tmp;
 
@@ -409,6 +410,245 @@ static void test_btx() {
     }
     CHECK_MSG(experts_ok, "btx: expert e is not the FFN of source e div (E/S)");
     CHECK_MSG(mean_ok && n_mean > 5, "btx: a non-FFN tensor is not the mean of the sources (%d checked)", n_mean);
+}
+
+// UpIT (docs/METHODS.md 2.12). The ops: the distance of two combinations from the sources'
+// pairwise distances equals the direct one; the plan's bookkeeping. Then the tool on three
+// distinct sources: checkpoint experts copied bit for bit, merged experts the recorded convex
+// combination bit for bit, the recorded weights in range and each merge's pair the farthest
+// one left (distances recomputed directly, not through the D2 identity), non-FFN tensors the
+// mean (or the last source), the router naive's; identical checkpoints give naive's output,
+// E = S gives btx's; deterministic on 1 and 2 threads.
+static void test_upit() {
+    {  // upit_dist2 against the direct distance of the combined vectors
+        const int S = 4, n = 500;
+        std::vector<std::vector<float>> x(S, std::vector<float>(n));
+        for (int s = 0; s < S; s++)
+            for (int i = 0; i < n; i++) x[s][i] = (float)(0.3 * s + rng_normal(5, 50 + s, i));
+        std::vector<std::vector<double>> D2(S, std::vector<double>(S));
+        for (int s = 0; s < S; s++)
+            for (int t = 0; t < S; t++) D2[s][t] = sq_distance(x[s].data(), x[t].data(), n);
+        std::vector<double> a = {0.5, 0.25, 0.25, 0}, b = {0, 0.1, 0.3, 0.6};
+        double direct = 0;
+        for (int i = 0; i < n; i++) {
+            double d = 0;
+            for (int s = 0; s < S; s++) d += (a[s] - b[s]) * x[s][i];
+            direct += d * d;
+        }
+        CHECK_MSG(std::fabs(upit_dist2(a, b, D2) - direct) <= 1e-9 * direct, "upit_dist2 %.12g vs direct %.12g",
+                  upit_dist2(a, b, D2), direct);
+        CHECK(upit_dist2(a, a, D2) == 0);
+        UpitPlan p = upit_plan(S, 9, D2, UPIT_PAIR_RANDOM, 0.2, 0.4, 7);
+        bool ok = p.coef.size() == 9;
+        std::set<std::pair<int, int>> pairs;
+        for (int e = S; e < 9 && ok; e++) {
+            double sum = 0;
+            for (double c : p.coef[e]) sum += c;
+            ok &= p.parent_a[e] < p.parent_b[e] && p.parent_b[e] < e && p.weight[e] >= 0.2 && p.weight[e] <= 0.4 &&
+                  std::fabs(sum - 1) < 1e-12 && pairs.insert({p.parent_a[e], p.parent_b[e]}).second;
+        }
+        CHECK_MSG(ok, "upit_plan (random pairs): parents, weights or coefficients wrong, or a pair merged twice");
+    }
+    const int L = 2, S = 3, E = 7;
+    std::string a = make_dense("upit_a", 32, 64, L, 61), b = make_dense("upit_b", 32, 64, L, 62),
+                c = make_dense("upit_c", 32, 64, L, 63);
+    std::string out = tmp("upit_out"), srcs = a + "," + b + "," + c;
+    if (!upcycle("--method upit --from " + srcs + " --experts 7 --topk 2 --seed 5 --out " + out)) return;
+    Tensors A(a), B(b), C(c), M(out);
+    const Tensors* src[S] = {&A, &B, &C};
+    Json j = Json::parse_file(out + "/config.json");
+    const Json* u = j.find("upcycling");
+    const Json* plan = u ? u->find("experts_plan") : nullptr;
+    const bool have_plan = plan && plan->arr.size() == E;
+    CHECK_MSG(have_plan, "upit: no experts_plan of %d experts in the record", E);
+    if (!have_plan) return;
+    std::vector<std::vector<double>> coef(E, std::vector<double>(S));
+    for (int e = 0; e < E; e++)
+        for (int s = 0; s < S; s++) coef[e][s] = plan->arr[e].find("coefficients")->arr[s].num;
+    // the FFNs of all layers as one vector per source, in double: distances computed directly
+    auto dist2 = [&](const std::vector<double>& p, const std::vector<double>& q) {
+        double d2 = 0;
+        for (int l = 0; l < L; l++)
+            for (int mat = 0; mat < 3; mat++) {
+                const std::string n = ffn_name(l, mat);
+                for (size_t i = 0; i < A[n].size(); i++) {
+                    double d = 0;
+                    for (int s = 0; s < S; s++) d += (p[s] - q[s]) * (*src[s])[n][i];
+                    d2 += d * d;
+                }
+            }
+        return d2;
+    };
+    bool copy_ok = true, combo_ok = true, coef_ok = true, weight_ok = true, pair_ok = true;
+    std::set<std::pair<int, int>> used;
+    for (int e = 0; e < E; e++) {
+        for (int l = 0; l < L; l++)
+            for (int mat = 0; mat < 3; mat++) {
+                const std::vector<float>& w = M[expert_name(l, e, mat)];
+                if (e < S) { copy_ok &= w == (*src[e])[ffn_name(l, mat)]; continue; }
+                for (size_t i = 0; i < w.size(); i++) {
+                    double x = 0;
+                    for (int s = 0; s < S; s++)
+                        if (coef[e][s] != 0) x += coef[e][s] * (double)(*src[s])[ffn_name(l, mat)][i];
+                    combo_ok &= w[i] == (float)x;
+                }
+            }
+        if (e < S) continue;
+        const Json& r = plan->arr[e];
+        int pa = (int)r.find("merged_from")->arr[0].num, pb = (int)r.find("merged_from")->arr[1].num;
+        double w = r.get_num("weight", "");
+        weight_ok &= w >= 0.25 && w <= 0.75;
+        for (int s = 0; s < S; s++) coef_ok &= coef[e][s] == w * coef[pa][s] + (1 - w) * coef[pb][s];
+        // the farthest pair of experts 0..e-1 not merged before (no ties among distinct sources)
+        double best = -1;
+        int ba = -1, bb = -1;
+        for (int x = 0; x < e; x++)
+            for (int y = x + 1; y < e; y++) {
+                if (used.count({x, y})) continue;
+                double d = dist2(coef[x], coef[y]);
+                if (d > best) { best = d; ba = x; bb = y; }
+            }
+        pair_ok &= pa == ba && pb == bb;
+        used.insert({pa, pb});
+    }
+    CHECK_MSG(copy_ok, "upit: expert s < S is not the FFN of checkpoint s bit for bit");
+    CHECK_MSG(combo_ok, "upit: a merged expert is not sum_s coefficients[s] FFN_s of its record");
+    CHECK_MSG(coef_ok, "upit: a merged expert's coefficients are not w (parent a) + (1 - w) (parent b)");
+    CHECK_MSG(weight_ok, "upit: a merge weight is outside the default [0.25, 0.75]");
+    CHECK_MSG(pair_ok, "upit: a merge did not take the farthest pair not merged before");
+    bool mean_ok = true;
+    for (auto& kv : A.t) {
+        if (kv.first.find(".mlp.") != std::string::npos) continue;
+        const auto &x = kv.second, &y = B[kv.first], &z = C[kv.first], &o = M[kv.first];
+        for (size_t i = 0; i < x.size(); i++) mean_ok &= o[i] == (float)(((double)x[i] + y[i] + z[i]) * (1.0 / 3.0));
+    }
+    CHECK_MSG(mean_ok, "upit: a non-FFN tensor is not the mean of the checkpoints");
+    std::string nu = tmp("upit_nu");
+    if (!upcycle("--method naive --from " + c + " --experts 7 --topk 2 --seed 5 --out " + nu)) return;
+    Tensors N(nu);
+    CHECK_MSG(M[router_name(0)] == N[router_name(0)] && M[router_name(1)] == N[router_name(1)],
+              "upit: the router is not naive's (the same init and seed)");
+    // --upit-shared last: non-FFN tensors from the last source (the final checkpoint)
+    std::string last = tmp("upit_last");
+    if (!upcycle("--method upit --from " + srcs + " --experts 7 --topk 2 --seed 5 --upit-shared last --out " + last))
+        return;
+    Tensors Z(last);
+    bool last_ok = true;
+    for (auto& kv : C.t)
+        if (kv.first.find(".mlp.") == std::string::npos) last_ok &= Z[kv.first] == kv.second;
+    for (int l = 0; l < L; l++)
+        for (int e = 0; e < E; e++)
+            for (int mat = 0; mat < 3; mat++) last_ok &= Z[expert_name(l, e, mat)] == M[expert_name(l, e, mat)];
+    CHECK_MSG(last_ok, "upit --upit-shared last: non-FFN tensors not the last source's, or experts changed");
+    // identical checkpoints: the whole output is naive upcycling's (the record aside)
+    std::string c2 = tmp("upit_c2"), c3 = tmp("upit_c3"), same = tmp("upit_same"), nu8 = tmp("upit_nu8"), txt;
+    run_cmd("rm -rf " + c2 + " " + c3 + " && cp -r " + c + " " + c2 + " && cp -r " + c + " " + c3, &txt);
+    if (!upcycle("--method upit --from " + c + "," + c2 + "," + c3 + " --experts 8 --topk 2 --out " + same)) return;
+    if (!upcycle("--method naive --from " + c + " --experts 8 --topk 2 --out " + nu8)) return;
+    CHECK_MSG(read_file(same + "/model.safetensors") == read_file(nu8 + "/model.safetensors"),
+              "upit of identical checkpoints is not naive upcycling bit for bit");
+    // E = S: no merges, and then upit is BTX with S sources (one expert each) bit for bit
+    std::string es = tmp("upit_es"), bx = tmp("upit_btx");
+    if (!upcycle("--method upit --from " + srcs + " --experts 3 --topk 2 --out " + es)) return;
+    if (!upcycle("--method btx --from " + srcs + " --experts 3 --topk 2 --out " + bx)) return;
+    CHECK_MSG(read_file(es + "/model.safetensors") == read_file(bx + "/model.safetensors"),
+              "upit with E = S is not btx with E = S bit for bit");
+    // determinism: 1 and 2 threads, and the record is the same
+    std::string t1 = tmp("upit_t1"), t2 = tmp("upit_t2");
+    std::string args = "--method upit --from " + srcs + " --experts 6 --topk 2 --upit-pair random --seed 9 --out ";
+    CHECK(run_cmd("OMP_NUM_THREADS=1 " + g_bin + " " + args + t1 + " --overwrite", &txt) == 0);
+    CHECK(run_cmd("OMP_NUM_THREADS=2 " + g_bin + " " + args + t2 + " --overwrite", &txt) == 0);
+    CHECK_MSG(read_file(t1 + "/model.safetensors") == read_file(t2 + "/model.safetensors") &&
+              read_file(t1 + "/config.json") == read_file(t2 + "/config.json"),
+              "upit: 1 and 2 threads give different output");
+}
+
+static void write_shards(const std::string& dir, int V);  // token shards with a learnable pattern (below)
+
+// --upit-router seed (docs/METHODS.md 2.12). The recorded seed counts against per-sequence
+// losses computed another way (one sequence per forward pass, the trainer's cross-entropy);
+// the rows added to the router init: rms 0.02 per layer, count-weighted sum 0 over the
+// checkpoint experts (their u_s are deviations from the mean over all tokens), merged rows the
+// coefficient-weighted sum of the checkpoint rows;
+// identical checkpoints give naive upcycling bit for bit (every u_s is exactly 0).
+static void test_upit_seed_router() {
+    const int L = 2, S = 3, E = 6, d = 32, V = 64, NB = 3, B = 4, T = 16;
+    std::string a = make_dense("upit_a", d, 64, L, 61), b = make_dense("upit_b", d, 64, L, 62),
+                c = make_dense("upit_c", d, 64, L, 63), data = tmp("upit_shards");
+    write_shards(data, V);
+    const std::string srcs = a + "," + b + "," + c, seedo = tmp("upit_seedr"), inito = tmp("upit_initr");
+    const std::string common = "--method upit --from " + srcs + " --experts 6 --topk 2 --seed 5 --data " + data +
+                               " --utility-batches 3 --batch 4 --seq 16 --out ";
+    if (!upcycle(common + seedo + " --upit-router seed") || !upcycle(common + inito)) return;
+    Json j = Json::parse_file(seedo + "/config.json");
+    const Json* u = j.find("upcycling");
+    const Json* cnt = u ? u->find("router_seed_counts") : nullptr;
+    const bool have = cnt && cnt->arr.size() == S;
+    CHECK_MSG(have, "upit seed router: no router_seed_counts of %d checkpoints in the record", S);
+    if (!have) return;
+    std::vector<int> counts(S);
+    for (int s = 0; s < S; s++) counts[s] = (int)cnt->arr[s].num;
+    // the seed counts from per-sequence losses, one sequence per forward pass
+    DataLoader dl(data, "", B, T, V, 5);
+    std::vector<std::vector<int>> in(NB, std::vector<int>(B * T)), tg = in;
+    for (int k = 0; k < NB; k++) dl.next_batch(in[k].data(), tg[k].data());
+    std::vector<std::vector<double>> loss(S, std::vector<double>(NB * B));
+    const std::string dirs[S] = {a, b, c};
+    for (int s = 0; s < S; s++) {
+        Model M;
+        M.load(dirs[s]);
+        for (int k = 0; k < NB; k++)
+            for (int r = 0; r < B; r++) loss[s][k * B + r] = M.forward(&in[k][r * T], &tg[k][r * T], 1, T).ce;
+    }
+    std::vector<int> expect(S, 0);
+    for (int q = 0; q < NB * B; q++) {
+        int best = 0;
+        for (int s = 1; s < S; s++) if (loss[s][q] < loss[best][q]) best = s;
+        expect[best]++;
+    }
+    CHECK_MSG(counts == expect, "upit seed router: seed counts %d %d %d, recomputed %d %d %d", counts[0], counts[1],
+              counts[2], expect[0], expect[1], expect[2]);
+    // the rows added to the init
+    Tensors Ws(seedo), Wi(inito);
+    const Json* plan = u->find("experts_plan");
+    bool rms_ok = true, sum_ok = true, merge_ok = true;
+    double worst_rms = 0;
+    for (int l = 0; l < L; l++) {
+        const std::vector<float>&x = Ws[router_name(l)], &y = Wi[router_name(l)];
+        std::vector<std::vector<double>> D(E, std::vector<double>(d));
+        double sq = 0;
+        for (int e = 0; e < E; e++)
+            for (int i = 0; i < d; i++) {
+                D[e][i] = (double)x[e * d + i] - y[e * d + i];
+                sq += D[e][i] * D[e][i];
+            }
+        double rms = std::sqrt(sq / (E * d));
+        worst_rms = std::max(worst_rms, std::fabs(rms - 0.02));
+        rms_ok &= std::fabs(rms - 0.02) < 1e-5;
+        for (int i = 0; i < d; i++) {
+            double z = 0;
+            for (int s = 0; s < S; s++) z += counts[s] * D[s][i];
+            sum_ok &= std::fabs(z) < 1e-5 * NB * B;
+            for (int e = S; e < E; e++) {
+                double m = 0;
+                for (int s = 0; s < S; s++) m += plan->arr[e].find("coefficients")->arr[s].num * D[s][i];
+                merge_ok &= std::fabs(m - D[e][i]) < 1e-6;
+            }
+        }
+    }
+    printf("    seed router: counts %d %d %d of %d sequences; rms of the added rows 0.02 to %.1e\n", counts[0],
+           counts[1], counts[2], NB * B, worst_rms);
+    CHECK_MSG(rms_ok, "upit seed router: the added rows' rms is not 0.02 (off by %.3g)", worst_rms);
+    CHECK_MSG(sum_ok, "upit seed router: the count-weighted sum of the checkpoint rows is not 0");
+    CHECK_MSG(merge_ok, "upit seed router: a merged expert's row is not the coefficient-weighted sum of the checkpoints'");
+    // identical checkpoints: every sequence ties, u = 0, the router is the init: naive's output
+    std::string c2 = tmp("upit_c2"), c3 = tmp("upit_c3"), same = tmp("upit_same_seed"), nu = tmp("upit_nu6"), txt;
+    run_cmd("rm -rf " + c2 + " " + c3 + " && cp -r " + c + " " + c2 + " && cp -r " + c + " " + c3, &txt);
+    if (!upcycle("--method upit --upit-router seed --data " + data + " --utility-batches 2 --batch 4 --seq 16 --from " +
+                 c + "," + c2 + "," + c3 + " --experts 6 --topk 2 --out " + same)) return;
+    if (!upcycle("--method naive --from " + c + " --experts 6 --topk 2 --out " + nu)) return;
+    CHECK_MSG(read_file(same + "/model.safetensors") == read_file(nu + "/model.safetensors"),
+              "upit --upit-router seed of identical checkpoints is not naive upcycling bit for bit");
 }
 
 // Granular (docs/METHODS.md 2.7): shards, scale, tied router; SwiGLU error vs dense measured.
@@ -1062,6 +1302,17 @@ static void test_errors() {
         {"--method qwen2 --granularity 3 --from " + dense, "--granularity 3 must divide the dense FFN width F = 64"},
         {"--method shared --shared-gate relu --from " + dense, "--shared-gate must be sigmoid or none, found \"relu\""},
         {"--method naive --shared-gate none --from " + dense, "--shared-gate applies to --method shared or qwen2"},
+        {"--method upit --from " + dense + " --experts 4", "needs at least 2 --from checkpoints"},
+        {"--method upit --from " + dense + "," + other + " --experts 4", "upit: sources must have identical shapes"},
+        {"--method upit --from " + dense + "," + dense + "," + dense + " --experts 2 --topk 1",
+         "needs at least the 3 checkpoints given"},
+        {"--method upit --from " + dense + "," + dense + " --upit-pair best", "--upit-pair must be farthest or random"},
+        {"--method upit --from " + dense + "," + dense + " --upit-shared first", "--upit-shared must be mean or last"},
+        {"--method upit --from " + dense + "," + dense + " --upit-w-min 0.8 --upit-w-max 0.6", "is above --upit-w-max"},
+        {"--method upit --from " + dense + "," + dense + " --upit-w-max 1.5", "--upit-w-max 1.5 is out of range"},
+        {"--method upit --from test/fixtures/moe_topk_softmax," + dense, "needs a dense"},
+        {"--method naive --from " + dense + " --upit-pair random", "--upit-pair applies to --method upit only"},
+        {"--method upit --from " + dense + "," + dense + " --upit-router trained", "--upit-router must be init or seed"},
     };
     for (auto& c : cases) {
         std::string outdir = tmp("err_out_should_not_exist"), out;
@@ -1088,7 +1339,8 @@ static void test_errors() {
                           "--ratio", "--du-index-mode", "--granularity", "--select", "--score", "--max-dup",
                           "--utility-batches", "--data", "--dtype", "--method scratch", "--method naive",
                           "--method noise", "--method drop", "--method btx", "--method btm-average", "--method granular",
-                          "--method partition", "--method expand", "WHOLE source model", "--method shared",
+                          "--method partition", "--method expand", "--method upit", "--upit-pair", "--upit-w-min",
+                          "--upit-w-max", "--upit-shared", "--upit-router", "WHOLE source model", "--method shared",
                           "--method qwen2", "--shared-gate"})
         all &= out.find(o) != std::string::npos;
     CHECK_MSG(all, "--help lacks an option or an example: %s", out.c_str());
@@ -1107,6 +1359,8 @@ int main(int argc, char** argv) {
     run_test("noise statistics", test_noise);
     run_test("router init", test_router_init);
     run_test("btx", test_btx);
+    run_test("upit (UpIT: checkpoints + merges)", test_upit);
+    run_test("upit seed router", test_upit_seed_router);
     run_test("btm-average (Branch-Train-Merge)", test_btm_average);
     run_test("ensemble evaluation (Branch-Train-Merge)", test_btm_ensemble);
     run_test("granular", test_granular);
