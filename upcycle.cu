@@ -616,31 +616,17 @@ struct DenseUpcycler {
         upit = upit_plan(S, a.experts, upit_D2, rule, a.upit_w_min, a.upit_w_max, (uint64_t)a.seed);
         rec["checkpoints"] = S;
         rec["pair_rule"] = a.upit_pair;
-        Json wr = Json::array();
-        wr.push(Json(a.upit_w_min));
-        wr.push(Json(a.upit_w_max));
-        rec["merge_weight_range"] = wr;
+        rec["merge_weight_range"] = json_array(std::vector<double>{a.upit_w_min, a.upit_w_max});
         rec["shared_tensors"] = a.upit_shared == "mean" ? "element-wise mean of the checkpoints"
                                                         : "copied from the last --from (the final checkpoint)";
-        Json dj = Json::array();
-        for (auto& row : upit_D2) {
-            Json r = Json::array();
-            for (double x : row) r.push(Json(x));
-            dj.push(r);
-        }
-        rec["source_sq_distances"] = dj;
+        rec["source_sq_distances"] = json_array(upit_D2);
         Json pj = Json::array();
         for (int e = 0; e < a.experts; e++) {
             Json x = Json::object();
             x["expert"] = e;
-            Json c = Json::array();
-            for (double v : upit.coef[e]) c.push(Json(v));
-            x["coefficients"] = c;
+            x["coefficients"] = json_array(upit.coef[e]);
             if (upit.parent_a[e] >= 0) {
-                Json par = Json::array();
-                par.push(Json(upit.parent_a[e]));
-                par.push(Json(upit.parent_b[e]));
-                x["merged_from"] = par;
+                x["merged_from"] = json_array(std::vector<int>{upit.parent_a[e], upit.parent_b[e]});
                 x["weight"] = upit.weight[e];
                 x["parents_sq_distance"] = upit.dist2[e];
             }
@@ -1012,21 +998,9 @@ struct Expander {
                 rec["step0_loss_source"] = loss_src;
                 rec["step0_loss_expanded"] = loss_new;
             }
-            Json sc = Json::array();
-            for (auto& row : scores) {
-                Json r = Json::array();
-                for (double x : row) r.push(Json(x));
-                sc.push(r);
-            }
-            rec["scores"] = sc;
+            rec["scores"] = json_array(scores);
         }
-        Json sj = Json::array();
-        for (auto& row : sel) {
-            Json r = Json::array();
-            for (int x : row) r.push(Json(x));
-            sj.push(r);
-        }
-        rec["selection"] = sj;
+        rec["selection"] = json_array(sel);
         rec["selection_note"] = "selection[layer][slot] = the source expert copied into that slot (weights, router row, "
                                 "AdamW moments); slots < experts_from keep the originals";
         rec["optimizer"] = opt ? strfmt("AdamW moments copied with their experts, adam_t %ld", adam_t)

@@ -327,3 +327,15 @@ struct Json {
         }
     };
 };
+
+// A JSON array from a vector of numbers (or strings), or nested: a vector<vector<double>>
+// becomes an array of arrays. For the records that tools write (matrices of distances,
+// per-layer selections), so that no caller spells out the nested loop.
+template <class T> inline Json json_value(const T& x) { return Json(x); }
+template <class T> inline Json json_value(const std::vector<T>& v);
+template <class T> inline Json json_array(const std::vector<T>& v) {
+    Json j = Json::array();
+    for (const T& x : v) j.push(json_value(x));
+    return j;
+}
+template <class T> inline Json json_value(const std::vector<T>& v) { return json_array(v); }
