@@ -903,7 +903,7 @@ struct GPUModel {
             }
         }
         g_dpsl.clear();  // (one GPU only: data parallelism refuses dpsl)
-        if (cfg.is_moe() && router_loss.dpsl.on)
+        if (L > 0 && acts[0].dpsl_sum)  // stat_f has the dpsl part (alloc() saw --aux-loss ...dpsl)
             for (int l = 0; l < L; l++) {
                 const double* f = sl.f + 1 + Lm * layer + Lm * B_max + (size_t)l * E;
                 g_dpsl.push_back(std::vector<double>(f, f + E));
