@@ -57,6 +57,7 @@ test/test_gpu.sh; data parallelism with 1-4 emulated GPUs and an NCCL stand-in: 
 #include "kernels/adamw.cuh"
 #include "kernels/attention.cuh"
 #include "kernels/classifier.cuh"
+#include "kernels/dpsl.cuh"
 #include "kernels/encoder.cuh"
 #include "kernels/global_norm.cuh"
 #include "kernels/matmul.cuh"
@@ -308,10 +309,12 @@ struct LayerActs {
     int *row_token, *row_of;                     // [N*K], [N*K]
     T *xe, *egu, *eh, *ey;                       // [N*K, d], [N*K, 2F], [N*K, F], [N*K, d]
     double *psum, *zsum;                         // [B, E], [B]: sums for the router losses
+    double* dpsl_sum = nullptr;                  // [E] dpsl's per-expert sums (--aux-loss ...dpsl)
+    float* dpsl_g = nullptr;                     // [N, E] dpsl's dL/dp, for the backward
     // shared expert (cfg.shared_dim = Fs > 0): a dense SwiGLU FFN over every token
     T *sgu, *sh, *sy;                            // [N, 2Fs] gate|up, [N, Fs] h, [N, d] its output
     float* sgate;                                // [N] sigmoid(ln2 . w_g) (shared_gate only)
-    // (seq_counts, psum and zsum point into GPUModel's stat_counts and stat_f)
+    // (seq_counts, psum, zsum and dpsl_sum point into GPUModel's stat_counts and stat_f)
     // fp32 only: the counts on the host (pinned), for the per-expert cuBLAS loop's launches
     gpu::ExpertBlocks eb;
     int* h_seq_counts = nullptr;     // [B, E]
@@ -382,6 +385,7 @@ struct GPUModel {
     float *params = nullptr, *grads = nullptr, *m = nullptr, *v = nullptr;
     T* wcopy = nullptr;
     float* d_bias = nullptr;  // [L*E]
+    double* d_dpsl_ab = nullptr;  // [E, 2] dpsl's Beta(alpha_i, A - alpha_i) per expert (kernels/dpsl.cuh)
 
     // activations, sized by alloc()
     int B_max = 0, T_max = 0, B = 0, T_ = 0;
@@ -401,8 +405,9 @@ struct GPUModel {
     // coefficients are computed there), in two flat arrays, so that data parallelism
     // all-gathers each with one call and the host copies each with one:
     //   stat_counts [Lm, B_max, E]                      (Lm = MoE layers: n_layer or 0)
-    //   stat_f      [CE sum | psum [Lm, B_max, E] | zsum [Lm, B_max]]   (doubles)
-    // LayerActs::seq_counts, psum, zsum point into them. Zeroed once: rows past B stay finite.
+    //   stat_f      [CE sum | psum [Lm, B_max, E] | zsum [Lm, B_max] | dpsl [Lm, E]]   (doubles;
+    //               the dpsl part only with --aux-loss ...dpsl: its per-expert sums)
+    // LayerActs::seq_counts, psum, zsum, dpsl_sum point into them. Zeroed once: rows past B stay finite.
     int* stat_counts = nullptr;
     double* stat_f = nullptr;
     size_t n_stat_counts = 0, n_stat_f = 0;
@@ -448,6 +453,7 @@ struct GPUModel {
     std::vector<std::vector<int>> g_counts;       // [L][stats_world B, E]
     std::vector<std::vector<double>> g_psum;      // [L][stats_world B, E]
     std::vector<std::vector<double>> g_zsum;      // [L][stats_world B]
+    std::vector<std::vector<double>> g_dpsl;      // [L][E] dpsl's per-expert sums (--aux-loss ...dpsl), or empty
     std::vector<std::vector<int>> g_expert;       // [L][E] assignments of that batch
 
     // set by forward_cached for the forward pass it runs: attention reads and writes this cache
@@ -581,7 +587,8 @@ struct GPUModel {
         max_rows_ffn = NK;
         const size_t Lm = cfg.is_moe() ? cfg.n_layer : 0, BE = (size_t)B_max * std::max<size_t>(E, 1);
         n_stat_counts = Lm * BE;
-        n_stat_f = 1 + Lm * BE + Lm * B_max;
+        const bool dpsl = cfg.is_moe() && router_loss.dpsl.on;
+        n_stat_f = 1 + Lm * BE + Lm * B_max + (dpsl ? Lm * E : 0);
         stat_counts = A.take<int>(std::max<size_t>(n_stat_counts, 1));
         stat_f = A.take<double>(n_stat_f);
         for (auto& a : acts) {
@@ -599,6 +606,10 @@ struct GPUModel {
                 a.seq_counts = stat_counts ? stat_counts + l * BE : nullptr;
                 a.psum = stat_f ? stat_f + 1 + l * BE : nullptr;
                 a.zsum = stat_f ? stat_f + 1 + Lm * BE + l * B_max : nullptr;
+                if (dpsl) {
+                    a.dpsl_sum = stat_f ? stat_f + 1 + Lm * BE + Lm * B_max + l * E : nullptr;
+                    a.dpsl_g = A.take<float>(N * E);
+                }
                 a.counts = A.take<int>(E); a.offsets = A.take<int>(E + 1);
                 a.row_token = A.take<int>(NK); a.row_of = A.take<int>(NK);
                 a.xe = A.take<T>(NK * d); a.egu = A.take<T>(NK * 2 * F); a.eh = A.take<T>(NK * F); a.ey = A.take<T>(NK * d);
@@ -624,6 +635,7 @@ struct GPUModel {
         dtopw = A.take<float>(N * std::max<size_t>(K, 1)); drl = A.take<float>(N * std::max<size_t>(E, 1));
         att_D = A.take<float>((size_t)B_max * cfg.n_head * T_max);
         aux_g = A.take<float>((size_t)B_max * std::max<size_t>(E, 1));
+        if (dpsl) d_dpsl_ab = A.take<double>(2 * E);
         size_t red = gpu::rmsnorm_scratch_floats((int)N, (int)d);
         if (cfg.is_moe()) red = std::max(red, gpu::router_scratch_floats((int)N, (int)E, (int)d));
         red_scratch = A.take<float>(red);
@@ -654,6 +666,18 @@ struct GPUModel {
         cudaCheck(cudaMemset(stat_counts, 0, std::max<size_t>(n_stat_counts, 1) * sizeof(int)));
         cudaCheck(cudaMemset(stat_f, 0, n_stat_f * sizeof(double)));
         cudaCheck(cudaMemset(d_bad, 0, sizeof(int)));
+        if (d_dpsl_ab) {  // dpsl: each expert's Beta marginal of the prior, and room to sort B_max T_max rows
+            if (dp) FAIL("internal: --aux-loss dpsl under data parallelism");
+            const DpslSettings& st = router_loss.dpsl;
+            st.check(cfg.n_experts);
+            std::vector<double> ab;
+            for (int i = 0; i < cfg.n_experts; i++) {
+                ab.push_back(st.alpha_of(i));
+                ab.push_back(st.alpha_sum(cfg.n_experts) - st.alpha_of(i));
+            }
+            upload(d_dpsl_ab, ab.data(), ab.size(), stream);
+            gpu::dpsl_prepare(B_max * T_max);
+        }
         // pinned host buffers (see the members): fp32's per-layer counts, the inputs' staging,
         // the step's scalars and the bias; the statistics' slots grow with the micro-batches
         const size_t N = (size_t)B_max * T_max, BE = (size_t)B_max * std::max(cfg.n_experts, 1);
@@ -700,6 +724,10 @@ struct GPUModel {
                             N, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
         gpu::moe_permute(a.seq_counts, a.counts, a.offsets, a.row_token, a.row_of, a.topk, B, T_, E, K, stream);
         gpu::router_stats(a.psum, a.zsum, a.probs, a.rlse, B, T_, E, stream);
+        // dpsl: each expert's rows sorted on the device, its value's sums and its gradient
+        if (a.dpsl_sum && have_targets)
+            gpu::dpsl_forward(a.dpsl_sum, a.dpsl_g, a.probs, d_dpsl_ab, N, E, router_loss.dpsl.distance,
+                              router_loss.dpsl.ecdf, stream);
         // The routing statistics stay on the device (the backward's balancing-loss
         // coefficients are computed there); forward() copies them to the host asynchronously,
         // for the log. Only the fp32 path waits here: its per-expert cuBLAS loop needs the
@@ -804,8 +832,11 @@ struct GPUModel {
                                  router_loss.aux_loss, stream);
             g_dev = aux_g;
         }
+        // dpsl's dL/dp per row [N, E] came with its forward (kernels/dpsl.cuh)
+        const bool dpsl = a.dpsl_g && router_loss.dpsl.coef != 0;
         gpu::router_backward(drl, dtopw, a.probs, a.rlse, a.topk, a.topw, g_dev, (float)router_loss.aux_coef, (float)router_loss.z_coef,
-                             grad_scale, N, gathered ? N * world() : N, T_, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
+                             grad_scale, N, gathered ? N * world() : N, T_, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream,
+                             dpsl ? a.dpsl_g : nullptr, (float)router_loss.dpsl.coef);
         gpu::router_backward_matmul(dln2, grad(l, P_ROUTER), red_scratch, drl, a.ln2, master(l, P_ROUTER), N, d, E, stream);
         // the shared expert last, though it ran last in the forward: it adds into dln2,
         // which the routed path above writes
@@ -819,7 +850,8 @@ struct GPUModel {
         RoutingStats st;
         st.B = B * stats_world; st.T = T_; st.E = cfg.n_experts; st.K = cfg.top_k; st.seg = T_;
         for (int l = 0; l < cfg.n_layer && cfg.is_moe(); l++)
-            st.layers.push_back({g_counts[l].data(), g_psum[l].data(), g_zsum[l].data()});
+            st.layers.push_back({g_counts[l].data(), g_psum[l].data(), g_zsum[l].data(), nullptr,
+                                 g_dpsl.empty() ? nullptr : g_dpsl[l].data()});
         return st;
     }
     // Data parallel: every rank's statistics, on the device, in rank order (rank r's at
@@ -870,6 +902,12 @@ struct GPUModel {
                 for (int b = 0; b < B; b++) g_zsum[l][(size_t)B * r + b] = f[1 + Lm * layer + (size_t)l * B_max + b];
             }
         }
+        g_dpsl.clear();  // (one GPU only: data parallelism refuses dpsl)
+        if (L > 0 && acts[0].dpsl_sum)  // stat_f has the dpsl part (alloc() saw --aux-loss ...dpsl)
+            for (int l = 0; l < L; l++) {
+                const double* f = sl.f + 1 + Lm * layer + Lm * B_max + (size_t)l * E;
+                g_dpsl.push_back(std::vector<double>(f, f + E));
+            }
         for (int l = 0; l < L; l++) {
             for (size_t i = 0; i < BE * W; i++) g_expert[l][i % E] += g_counts[l][i];
             for (int e = 0; e < cfg.n_experts; e++) step_load[l][e] += g_expert[l][e];
@@ -1462,12 +1500,9 @@ int main(int argc, char** argv) {
     try {
         cli.parse(argc, argv);
         args.validate();
-        {  // the Dirichlet-prior shaping loss sorts each row's probabilities on the host: CPU only for now
-            AuxLoss kind;
-            bool dpsl;
-            parse_aux_loss(args.aux_loss, &kind, &dpsl);
-            if (dpsl) FAIL("--aux-loss %s: dpsl is not implemented in the GPU trainer yet; use train_moe (CPU)", args.aux_loss.c_str());
-        }
+        AuxLoss aux_kind;
+        bool dpsl;
+        parse_aux_loss(args.aux_loss, &aux_kind, &dpsl);
         if (go.dtype != "bf16" && go.dtype != "fp32") FAIL("--dtype must be bf16 or fp32, found \"%s\"", go.dtype.c_str());
         if (go.cuda_graphs != "on" && go.cuda_graphs != "off")
             FAIL("--cuda-graphs must be on or off, found \"%s\"", go.cuda_graphs.c_str());
@@ -1487,6 +1522,11 @@ int main(int argc, char** argv) {
         if (go.device < 0 || go.device >= ndev) FAIL("--device %d: this machine has %d CUDA device(s)", go.device, ndev);
         cudaCheck(cudaSetDevice(go.device));
         args.world = world.size;
+        // the Dirichlet-prior shaping loss ranks each expert's probabilities over the whole
+        // batch: under data parallelism that would need every rank's [B T, E] (not done)
+        if (dpsl && launched)
+            FAIL("--aux-loss %s: dpsl is not implemented with several GPUs (a launcher's ranks): it ranks each expert's "
+                 "probabilities over the global batch; run it on one GPU, or with train_moe (CPU)", args.aux_loss.c_str());
         if (launched) {
             dp.reset(new DataParallel());
             dp->init(world, init, go.nccl_init_file, go.nccl_timeout);

@@ -9,6 +9,7 @@
 //          RoutingStats (the per-sequence statistics every loss reads),
 //          Losses, router_loss_values, total_loss, add_router_losses (values)
 //          aux_dp_coef, aux_dp_per_seq, z_loss_dlogit, dpsl_dp_rows (gradients)
+//          dpsl_row (one sample's term and gradient, host and device),
 //          beta_pdf, beta_cdf                                       (dpsl's target)
 //          aux_free_bias_update                                     (bias balancing)
 //
@@ -18,7 +19,10 @@
 //   zsum   [S]     sum of lse_t^2 over the rows of segment s, lse_t = logsumexp_i z_{t,i}
 //   probs  [B T, E] each row's p_{t,i}, for a loss that is not a function of sums (dpsl
 //                  sorts each expert's probabilities); null where a trainer does not
-//                  provide it (the GPU trainer), and then dpsl refuses to run
+//                  provide it (the GPU trainer)
+//   dpsl_sum [E]   instead of probs, for dpsl's value: the trainer's sum over each expert's
+//                  sorted rows, sum_r D(F_i(p_(r),i) - u_r) (the GPU trainer sorts on the
+//                  device, kernels/dpsl.cuh, with this file's dpsl_row)
 // A segment is `seg` consecutive rows of one sequence (S = B T / seg segments, in row
 // order). The GPU trainer sums each sequence on the device (seg = T) and downloads [B, E]
 // and [B]; the CPU model passes one row per segment (seg = 1), so that its sums are taken
@@ -161,6 +165,7 @@ struct RoutingStats {
         const double* psum;  // [B T / seg, E]
         const double* zsum;  // [B T / seg]
         const double* probs = nullptr;  // [B T, E] each row's p, or null (see the top of this file)
+        const double* dpsl_sum = nullptr;  // [E] dpsl's per-expert sums, made by the trainer, or null
     };
     std::vector<Layer> layers;  // one per MoE layer, in model order
 
@@ -237,42 +242,53 @@ inline double z_loss(const RoutingStats& s) {
 // The Dirichlet-prior shaping loss (1.6). Its target for expert i is the marginal of the
 // Dirichlet(alpha) prior, Beta(alpha_i, A - alpha_i) with A = sum_j alpha_j.
 
-// Beta(a, b) density at x in (0, 1)
-inline double beta_pdf(double x, double a, double b) {
+// Beta(a, b) density at x in (0, 1). Device-callable (kernels/dpsl.cuh), like beta_cdf and
+// dpsl_row below: the GPU trainer evaluates dpsl with these same lines.
+ROUTER_LOSS_HD inline double beta_pdf(double x, double a, double b) {
     if (!(x > 0 && x < 1)) return 0;
-    return std::exp((a - 1) * std::log(x) + (b - 1) * std::log1p(-x) + std::lgamma(a + b) - std::lgamma(a) -
-                    std::lgamma(b));
+    return exp((a - 1) * log(x) + (b - 1) * log1p(-x) + lgamma(a + b) - lgamma(a) - lgamma(b));
 }
+// the continued fraction's guard against a zero denominator (modified Lentz method)
+ROUTER_LOSS_HD inline double beta_cf_guard(double v) { return fabs(v) < 1e-300 ? 1e-300 : v; }
 // Beta(a, b) CDF at x: the regularized incomplete beta function I_x(a, b), by its continued
 // fraction (evaluated with the modified Lentz method), which converges quickly for
 // x < (a + 1) / (a + b + 2); above that point I_x(a, b) = 1 - I_{1-x}(b, a).
-inline double beta_cdf(double x, double a, double b) {
+ROUTER_LOSS_HD inline double beta_cdf(double x, double a, double b) {
     if (!(x > 0)) return 0;
     if (!(x < 1)) return 1;
-    if (x > (a + 1) / (a + b + 2)) return 1 - beta_cdf(1 - x, b, a);
-    const double tiny = 1e-300;
-    auto guard = [&](double v) { return std::fabs(v) < tiny ? tiny : v; };
+    const bool flip = x > (a + 1) / (a + b + 2);
+    if (flip) {  // I_x(a, b) = 1 - I_{1-x}(b, a)
+        const double t = a;
+        a = b;
+        b = t;
+        x = 1 - x;
+        if (!(x < 1)) return 0;  // 1 - x rounded to 1: I = 1 - 1
+    }
     // I_x(a, b) = x^a (1 - x)^b / (a B(a, b)) * 1 / (1 + d_1 / (1 + d_2 / (1 + ...))), with
     // d_{2m+1} = -(a + m)(a + b + m) x / ((a + 2m)(a + 2m + 1)),
     // d_{2m}   = m (b - m) x / ((a + 2m - 1)(a + 2m))
-    double c = 1, d = 1 / guard(1 - (a + b) * x / (a + 1)), f = d;
+    double c = 1, d = 1 / beta_cf_guard(1 - (a + b) * x / (a + 1)), f = d;
     for (int m = 1; m <= 1000; m++) {
         double e = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m));  // d_{2m}
-        d = 1 / guard(1 + e * d);
-        c = guard(1 + e / c);
+        d = 1 / beta_cf_guard(1 + e * d);
+        c = beta_cf_guard(1 + e / c);
         f *= c * d;
         e = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1));  // d_{2m+1}
-        d = 1 / guard(1 + e * d);
-        c = guard(1 + e / c);
+        d = 1 / beta_cf_guard(1 + e * d);
+        c = beta_cf_guard(1 + e / c);
         const double step = c * d;
         f *= step;
-        if (std::fabs(step - 1) < 1e-16) {
-            const double front = std::exp(a * std::log(x) + b * std::log1p(-x) + std::lgamma(a + b) - std::lgamma(a) -
-                                          std::lgamma(b));
-            return front * f / a;
+        if (fabs(step - 1) < 1e-16) {
+            const double front = exp(a * log(x) + b * log1p(-x) + lgamma(a + b) - lgamma(a) - lgamma(b));
+            const double I = front * f / a;
+            return flip ? 1 - I : I;
         }
     }
-    FAIL("beta_cdf(%g, %g, %g): the continued fraction did not converge", x, a, b);
+#ifdef __CUDA_ARCH__
+    return NAN;  // a kernel cannot stop the run: the loss turns non-finite, the step is skipped
+#else
+    FAIL("beta_cdf(%g, %g, %g): the continued fraction did not converge", flip ? 1 - x : x, flip ? b : a, flip ? a : b);
+#endif
 }
 
 // Each expert's rows of layer l in ascending order of p (ties: the lower row first): the
@@ -289,28 +305,47 @@ inline void dpsl_order(std::vector<std::vector<int>>& order, const RoutingStats&
     }
 }
 // u_r, the empirical CDF's value at the r-th smallest of N samples (r = 1 .. N)
-inline double dpsl_ecdf(const DpslSettings& st, int r, int N) {
-    return st.ecdf == DPSL_MID ? (r - 0.5) / N : (double)r / N;
+ROUTER_LOSS_HD inline double dpsl_ecdf(DpslEcdf ecdf, int r, int N) { return ecdf == DPSL_MID ? (r - 0.5) / N : (double)r / N; }
+inline double dpsl_ecdf(const DpslSettings& st, int r, int N) { return dpsl_ecdf(st.ecdf, r, N); }
+// One sample of expert i: x = p_t,i, the r-th smallest of the N, target Beta(a, b)
+// (a = alpha_i, b = A - alpha_i). *term = D(F(x) - u_r), its part of the sum below;
+// *dp = dL/dp_t,i = (1/(N E)) D'(F(x) - u_r) f(x), D' = 2x (sq) or sign(x) (abs), f the
+// Beta density (dp null: not wanted). Both trainers call this: the CPU per expert in
+// dpsl_loss and dpsl_dp_rows, the GPU in kernels/dpsl.cuh.
+ROUTER_LOSS_HD inline void dpsl_row(double* term, double* dp, double x, int r, int N, int E, double a, double b,
+                                    DpslDistance distance, DpslEcdf ecdf) {
+    const double diff = beta_cdf(x, a, b) - dpsl_ecdf(ecdf, r, N);
+    *term = distance == DPSL_SQ ? diff * diff : fabs(diff);
+    if (dp) {
+        const double dD = distance == DPSL_SQ ? 2 * diff : (double)((diff > 0) - (diff < 0));
+        *dp = dD * beta_pdf(x, a, b) / N / E;
+    }
+}
+// sum_r D(F_i(p_(r),i) - u_r) of expert i of layer l: the trainer's sum (dpsl_sum, the GPU
+// trainer's, made on the device) or, from the probabilities, in rank order here
+inline double dpsl_expert_sum(const RoutingStats& s, const DpslSettings& st, int l, int i,
+                              const std::vector<std::vector<int>>& order) {
+    const RoutingStats::Layer& ly = s.layers[l];
+    if (ly.dpsl_sum) return ly.dpsl_sum[i];
+    const int N = s.rows(), E = s.E;
+    const double a = st.alpha_of(i), b = st.alpha_sum(E) - a;
+    double sum = 0;
+    for (int r = 1; r <= N; r++) {
+        double term;
+        dpsl_row(&term, nullptr, ly.probs[(size_t)order[i][r - 1] * E + i], r, N, E, a, b, st.distance, st.ecdf);
+        sum += term;
+    }
+    return sum;
 }
 // dpsl (1.6): per layer (1/E) sum_i (1/N) sum_r D(F_i(p_(r),i) - u_r), summed over layers;
 // D(x) = x^2 (sq) or |x| (abs), F_i the CDF of Beta(alpha_i, A - alpha_i)
 inline double dpsl_loss(const RoutingStats& s, const DpslSettings& st) {
     const int N = s.rows(), E = s.E;
-    const double A = st.alpha_sum(E);
     double total = 0;
     std::vector<std::vector<int>> order;
     for (int l = 0; l < s.n_layers(); l++) {
-        dpsl_order(order, s, l);
-        const double* p = s.layers[l].probs;
-        for (int i = 0; i < E; i++) {
-            const double a = st.alpha_of(i);
-            double sum = 0;
-            for (int r = 1; r <= N; r++) {
-                double diff = beta_cdf(p[(size_t)order[i][r - 1] * E + i], a, A - a) - dpsl_ecdf(st, r, N);
-                sum += st.distance == DPSL_SQ ? diff * diff : std::fabs(diff);
-            }
-            total += sum / N / E;
-        }
+        if (!s.layers[l].dpsl_sum) dpsl_order(order, s, l);
+        for (int i = 0; i < E; i++) total += dpsl_expert_sum(s, st, l, i, order) / N / E;
     }
     return total;
 }
@@ -418,10 +453,9 @@ void dpsl_dp_rows(std::vector<R>& G, const RoutingStats& s, const DpslSettings& 
         const double a = st.alpha_of(i);
         for (int r = 1; r <= N; r++) {
             const int n = order[i][r - 1];
-            const double x = p[(size_t)n * E + i];
-            const double diff = beta_cdf(x, a, A - a) - dpsl_ecdf(st, r, N);
-            const double dD = st.distance == DPSL_SQ ? 2 * diff : (double)((diff > 0) - (diff < 0));
-            G[(size_t)n * E + i] = (R)(dD * beta_pdf(x, a, A - a) / N / E);
+            double term, dp;
+            dpsl_row(&term, &dp, p[(size_t)n * E + i], r, N, E, a, A - a, st.distance, st.ecdf);
+            G[(size_t)n * E + i] = (R)dp;
         }
     }
 }

@@ -83,8 +83,8 @@ struct TrainArgs {
         cli.add("--grad-clip", &grad_clip, "clip the global gradient norm to this (0 = off)", Range::at_least(0));
         cli.section("MoE losses");
         cli.add("--aux-loss", &aux_loss, "load balancing: switch (per layer, 1 at balance), pooled (HF Mixtral, K at "
-                                         "balance), seq (per sequence) or none; and/or dpsl (Dirichlet-prior shaping, "
-                                         "CPU trainer only), e.g. switch+dpsl");
+                                         "balance), seq (per sequence) or none; and/or dpsl (Dirichlet-prior shaping; "
+                                         "GPU trainer: one GPU), e.g. switch+dpsl");
         cli.add("--aux-coef", &aux_coef, "load-balancing loss coefficient", Range::at_least(0));
         cli.add("--z-coef", &z_coef, "router z-loss coefficient", Range::at_least(0));
         cli.add("--dpsl-coef", &dpsl_coef, "with --aux-loss ...dpsl: its coefficient", Range::at_least(0));

@@ -10,7 +10,9 @@
 // needs no host: router_aux_coef computes the per-(sequence, expert) coefficient g of the
 // balancing loss gradient dL/dp_{t,i} = g[b, i] on the device from the counts, with the
 // host's own formula (common/router_losses.h aux_dp_coef); router_backward applies it
-// through the softmax together with the z-loss and gate-weight gradients.
+// through the softmax together with the z-loss and gate-weight gradients, and with the
+// per-row dL/dp of the Dirichlet-prior shaping loss (1.6), which kernels/dpsl.cuh computes
+// in the forward.
 // The aux-loss-free bias update (common/router_losses.h aux_free_bias_update) runs on the host after
 // each optimizer step, on the counts the host already has; the device reads the bias.
 #pragma once
@@ -142,8 +144,11 @@ inline void router_aux_coef(float* G, const int* counts, size_t rank_stride, siz
     KERNEL_CHECK();
 }
 
-// dlogits [N, E] (written) = scale * (aux_coef * dAux/dz + z_coef * dZ/dz) + d(gate weights)/dz . dtopw
+// dlogits [N, E] (written) = scale * (aux_coef * dAux/dz + row_coef * dRow/dz + z_coef * dZ/dz)
+//                            + d(gate weights)/dz . dtopw
 //   aux: dz_j = p_j (g_j - sum_i p_i g_i), g = aux_g[b, :] (null: no aux term)
+//   a loss with one dL/dp per row (dpsl, kernels/dpsl.cuh), weight row_coef: the same with
+//        g = row_g[n, :] (null: none)
 //   z:   dz_j = 2 lse p_j / N_loss (N_loss: the rows the z-loss averages over; N on one GPU,
 //        the global batch's rows under data parallelism)
 //   gate weights (dtopw [N, K] = dL/dw_k, already scaled):
@@ -152,7 +157,7 @@ inline void router_aux_coef(float* G, const int* counts, size_t rank_stride, siz
 __global__ void router_backward_kernel(float* dlogits, const float* dtopw, const float* probs, const float* lse,
                                               const int* topk, const float* topw, const float* aux_g, float aux_coef,
                                               float z_coef, float scale, int N, int N_loss, int T_, int E, int K,
-                                              int routing_softmax_topk) {
+                                              int routing_softmax_topk, const float* row_g, float row_coef) {
     int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     float* dz = dlogits + (size_t)n * E;
@@ -163,6 +168,12 @@ __global__ void router_backward_kernel(float* dlogits, const float* dtopw, const
         float s = 0.0f;
         for (int i = 0; i < E; i++) s += p[i] * g[i];
         for (int j = 0; j < E; j++) dz[j] += scale * aux_coef * p[j] * (g[j] - s);
+    }
+    if (row_g) {
+        const float* g = row_g + (size_t)n * E;
+        float s = 0.0f;
+        for (int i = 0; i < E; i++) s += p[i] * g[i];
+        for (int j = 0; j < E; j++) dz[j] += scale * row_coef * p[j] * (g[j] - s);
     }
     if (z_coef != 0.0f) {
         float l = lse[n];
@@ -184,9 +195,11 @@ __global__ void router_backward_kernel(float* dlogits, const float* dtopw, const
 }
 inline void router_backward(float* dlogits, const float* dtopw, const float* probs, const float* lse, const int* topk,
                             const float* topw, const float* aux_g, float aux_coef, float z_coef, float scale, int N,
-                            int N_loss, int T_, int E, int K, bool softmax_topk, cudaStream_t s) {
+                            int N_loss, int T_, int E, int K, bool softmax_topk, cudaStream_t s,
+                            const float* row_g = nullptr, float row_coef = 0.0f) {
     router_backward_kernel<<<cdiv(N, 128), 128, 0, s>>>(dlogits, dtopw, probs, lse, topk, topw, aux_g, aux_coef, z_coef,
-                                                         scale, N, N_loss, T_, E, K, softmax_topk ? 1 : 0);
+                                                         scale, N, N_loss, T_, E, K, softmax_topk ? 1 : 0, row_g,
+                                                         row_coef);
     KERNEL_CHECK();
 }
 

@@ -12,7 +12,7 @@ s = G for topk_softmax, s = E G / K for softmax_topk; every matrix times s^(1/3)
   (Megatron: softmax over all E, top-K, no renormalization).
   Dense (continued) is the reference (the same stage as Table 1's).
   G = 1 topk_softmax (naive upcycling) again with the Dirichlet-prior shaping loss added to the
-  balancing loss (arXiv 2510.01185, docs/METHODS.md 1.6; CPU trainer only): --aux-loss
+  balancing loss (arXiv 2510.01185, docs/METHODS.md 1.6; run by the CPU trainer): --aux-loss
   pooled+dpsl with the defaults --dpsl-coef 0.01 --dpsl-alpha 1 (sq, mid).
 
 Run (from the repository root):
@@ -56,7 +56,8 @@ def build(cfg: dict, root: str) -> R.Table:
         rows.append(R.Row(key, label, [init.name, run.name], run.name, before=["dense_base"]))
         shape[key] = [f"E {E}, top-{K}, F/{G}" if G > 1 else f"E {E}, top-{K}, F"]
     # naive upcycling (the G = 1 topk_softmax init) trained with the shaping loss on top of pooled 0.02;
-    # the CPU trainer only has it, so the row runs on the CPU (and not at all in the small preset)
+    # the row runs on the CPU trainer, and not at all in the small preset (the GPU trainer has dpsl
+    # too, but it has run only in the emulation: no GPU row until it has run on a GPU)
     if cfg["trainer"] != "gpu":
         dpsl_losses = ["--aux-loss", "pooled+dpsl", "--aux-coef", "0.02", "--z-coef", "0", "--dpsl-coef", "0.01",
                        "--dpsl-alpha", "1"]
@@ -79,8 +80,8 @@ def build(cfg: dict, root: str) -> R.Table:
                "fine-grained scaling law finds G = 1 rarely optimal at equal active parameters.",
                "The + dpsl row starts from the same NU init (its wall time excludes the shared init) and adds the "
                "Dirichlet-prior shaping loss (docs/METHODS.md 1.6) with its defaults; the paper (arXiv 2510.01185) "
-               "reports better downstream accuracy of upcycled vision-language MoEs, not a lower LM loss. CPU "
-               "trainer only: the GPU trainer refuses dpsl."],
+               "reports better downstream accuracy of upcycled vision-language MoEs, not a lower LM loss. Run by "
+               "the CPU trainer (the GPU trainer's dpsl has run only in the CUDA emulation)."],
         extra_columns=shape_col)
 
 

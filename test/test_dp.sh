@@ -14,7 +14,8 @@
 #   (d) launchers and the id hand-out: torchrun, Slurm and Open MPI variables, --nccl-init
 #       file; only rank 0 prints and writes
 #   (e) failures: a rank killed mid-run makes the others stop with an error naming it; a
-#       missing rank makes rank 0 stop after --nccl-timeout; a rank without rank 0 too
+#       missing rank makes rank 0 stop after --nccl-timeout; a rank without rank 0 too;
+#       --aux-loss dpsl refused (one GPU only)
 #   (f) with Open MPI's mpirun and the trainer built with USE_MPI (GPU_MPI, default
 #       ${GPU}_mpi; make emu builds it where mpicxx exists): --nccl-init mpi (else skipped)
 # Prints "N passed, M failed"; exits non-zero on any failure. PARTS selects parts (default all);
@@ -209,6 +210,14 @@ if want e; then
   if grep -q "local rank 1 (torchrun) but this node has 1 CUDA device" "$tmp/nodev.log"; then
     ok "more ranks than GPUs on a node refused"
   else bad "more ranks than GPUs: $(tail -n 1 "$tmp/nodev.log")"; fi
+  # the Dirichlet-prior shaping loss ranks over the global batch: one GPU only (docs/METHODS.md 1.6)
+  env EMU_DEVICE_COUNT=2 RANK=0 WORLD_SIZE=2 LOCAL_RANK=0 "$GPU" $K --aux-loss switch+dpsl --out "$tmp/dpsl" \
+    >"$tmp/dpsl.log" 2>&1
+  rc=$?
+  if [ $rc -ne 0 ] && grep -q "error (rank 0 of 2): --aux-loss switch+dpsl: dpsl is not implemented with several GPUs" \
+       "$tmp/dpsl.log" && [ ! -e "$tmp/dpsl" ]; then
+    ok "--aux-loss dpsl under data parallelism refused: $(grep -m1 error "$tmp/dpsl.log" | cut -c1-150)"
+  else bad "--aux-loss dpsl under data parallelism: exit $rc: $(tail -n 1 "$tmp/dpsl.log")"; fi
 fi
 
 # ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ What is checked, and why the bf16 checks look the way they do (docs/perf.md has 
 
 --plant BUG runs with a deliberate bug, to show that the checks can fail (test/test_gpu.sh
 expects each to be caught): router_swap (two router rows of layer 0 exchanged), no_router_loss_grad
-(the aux- and z-loss gradients dropped), lr (the optimizer uses 1.1 x the learning rate),
+(the aux-, z- and dpsl gradients dropped), lr (the optimizer uses 1.1 x the learning rate),
 stale_copy (the bf16 working copy not refreshed after a step).
 */
 #define TRAIN_MOE_NO_MAIN
@@ -188,7 +188,9 @@ static void check_step0(const Fixture& fx, Plant plant) {
                     : rel_l2(logits.data(), ref_logits.data(), logits.size()) / tol.logits;
     report_check(tag, "logits", w, fp32 ? strfmt("max-normalized error (tol %g)", tol.logits)
                                         : strfmt("relative L2 %.3g (tol %.3g)", w * tol.logits, tol.logits));
-    for (auto kv : std::vector<std::pair<const char*, double>>{{"loss", l.loss}, {"ce", l.ce}, {"aux", l.aux}, {"z", l.z}}) {
+    std::vector<std::pair<const char*, double>> terms = {{"loss", l.loss}, {"ce", l.ce}, {"aux", l.aux}, {"z", l.z}};
+    if (fx.router_settings.dpsl.on) terms.push_back({"dpsl", l.dpsl});  // kernels/dpsl.cuh
+    for (auto kv : terms) {
         double ref = fx.scalar(kv.first), err = std::fabs(kv.second - ref);
         double bound = tol.loss_rel * std::fabs(ref) + 1e-7;
         report_check(tag, kv.first, err / bound, strfmt("got %.9g, reference %.9g", kv.second, ref));
@@ -211,7 +213,8 @@ static void check_step0(const Fixture& fx, Plant plant) {
         }
     }
     M.forward(fx.inputs.data(), fx.targets.data(), B, T_, 1.0f);
-    if (plant == Plant::NO_ROUTER_LOSS_GRAD) M.router_loss.aux_coef = M.router_loss.z_coef = 0;  // the forward counted them; backward forgets
+    if (plant == Plant::NO_ROUTER_LOSS_GRAD)  // the forward counted them; backward forgets
+        M.router_loss.aux_coef = M.router_loss.z_coef = M.router_loss.dpsl.coef = 0;
     M.zero_grad();
     M.backward();
     std::vector<float> g(M.layout.total);
@@ -534,11 +537,6 @@ int main(int argc, char** argv) {
         if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) FAIL("no CUDA device");
         for (auto& d : dirs) {
             Fixture fx(d);
-            if (fx.router_settings.dpsl.on) {  // docs/METHODS.md 1.6: the GPU trainer refuses --aux-loss dpsl
-                printf("%s: skipped: the Dirichlet-prior shaping loss is not implemented in the GPU trainer\n",
-                       fx.name.c_str());
-                continue;
-            }
             if (dtype != "bf16") {
                 run_test(fx.name + " fp32 step 0", [&] { check_step0<float>(fx, plant); });
                 run_test(fx.name + " fp32 AdamW", [&] { check_adamw<float>(fx, plant); });
