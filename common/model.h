@@ -479,8 +479,8 @@ inline size_t count_params(const ModelConfig& c) { return build_layout(c).total;
 // Parameters touched per token: what MFU counts (routed experts: only K of E; the shared
 // expert and its gate run on every token and count in full). Grove adjugate experts: a
 // token runs one per group its K experts fall in, between ceil(K / (E/G)) and min(K, G) of
-// them; counted here at the maximum, min(K, G) per layer (an upper bound: MFU is not
-// understated by the adjugates' varying cost; docs/METHODS.md 1.10).
+// them; counted here at the maximum, min(K, G) per layer (docs/METHODS.md 1.10): the count,
+// and an MFU computed from it, are upper bounds for a Grove model.
 inline size_t count_active_params(const ModelConfig& c) {
     ParamLayout lay = build_layout(c);
     size_t n = 0;
