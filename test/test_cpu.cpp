@@ -1084,15 +1084,17 @@ static void test_world() {
 
 // Decoding with a KV cache gives the logits of a full forward pass over the whole context:
 // three sequences of different lengths, each prefilled alone into its cache row, then
-// decoded together token by token (dense, MoE, MoE with a gated shared expert; GQA)
+// decoded together token by token (dense, MoE, MoE with a gated shared expert, MoE with Grove
+// adjugate experts; GQA)
 static void test_kv_cache() {
-    for (int moe = 0; moe < 3; moe++) {
+    for (int moe = 0; moe < 4; moe++) {
         ModelConfig c;
         model_preset("tiny", &c);
         c.vocab_size = 97;
         c.n_kv_head = 2;
         if (moe) { c.n_experts = 4; c.top_k = 2; }
         if (moe == 2) c.shared_dim = 2 * c.ffn_dim;
+        if (moe == 3) { c.grove_groups = 2; c.grove_dim = 32; c.grove_scale = 0.5f; }  // Grove adjugates
         Model M;
         M.init_scratch(c, 11);
         const int nb = 3, prompt[nb] = {5, 9, 1}, gen = 4;
@@ -1125,7 +1127,7 @@ static void test_kv_cache() {
             for (int b = 0; b < nb; b++) cmp(got.data() + (size_t)b * c.vocab_size, full_row(b, pos[b] + 1));
         }
         CHECK_MSG(worst == 0, "%s: cached decoding vs full forward: largest logit difference %g (want bit-identical)",
-                  moe == 2 ? "MoE + shared expert" : moe ? "MoE" : "dense", worst);
+                  moe == 3 ? "MoE + Grove adjugates" : moe == 2 ? "MoE + shared expert" : moe ? "MoE" : "dense", worst);
         int bad_pos = 14;
         expect_error([&] { M.forward_cached(kv, seq[0].data(), &bad_pos, 0, 1, 3); }, "beyond the KV cache's 16",
                      "decoding past the cache");
