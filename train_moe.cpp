@@ -14,6 +14,8 @@ The model (N = B*T tokens, d = hidden size):
     x = x + o_proj(attention(rope(q(rmsnorm(x))), rope(k(..)), v(..)))
     x = x + ffn(rmsnorm(x))          ffn = SwiGLU, or a top-K mixture of SwiGLU experts
                                      [+ a shared SwiGLU expert, optionally sigmoid-gated]
+                                     [or + Grove adjugate experts: one small SwiGLU per
+                                      group of experts, run once per token per active group]
   logits = lm_head(rmsnorm(x))                       [N, V]
   loss = CE + aux_coef * load_balancing [+ dpsl_coef * dpsl] + z_coef * router_z
                                                               (common/router_losses.h)
@@ -25,7 +27,9 @@ Names other files use (the tests, upcycle.cu and the dev/cuda programs include t
   MoE layer                       router_forward/_backward, moe_permute, moe_gather_forward/
                                   _backward, moe_combine_forward/_backward, router_stats,
                                   router_losses_backward; shared expert: shared_gate_forward/
-                                  _backward (its FFN is ffn_)
+                                  _backward (its FFN is ffn_); Grove: grove_permute,
+                                  grove_gather_forward/_backward, grove_combine_forward/
+                                  _backward, grove_weights_backward
   optimizer                       global_norm, adamw_update
   Model                           load, init_scratch, forward, backward, forward_backward,
                                   zero_grad, step; cfg, layout, params, grads, m, v, acts
@@ -667,6 +671,90 @@ void moe_combine_backward(real* dey, real* dtopw, const real* dout, const real* 
         }
 }
 
+// ---- Grove MoE adjugate experts (arXiv 2508.07785; docs/METHODS.md 1.10) ----
+// The E experts form G groups of S = E/G consecutive experts; group j has one small SwiGLU
+// adjugate expert A_j of width F_a. A token n runs A_j ONCE when any of its K experts is in
+// group j, and adds  lambda * gw[n,j] * A_j(x[n]),  gw[n,j] = sum of the gate weights of its
+// slots whose expert is in group j. The (token, active group) pairs are the "grove rows",
+// laid out like the routed experts' rows: group by group, tokens in increasing order.
+
+// Outputs: gcounts [G] rows per group; goffsets [G+1], group j owns rows goffsets[j]..
+// goffsets[j+1]; grow_token [R] the token of each row; grow_w [R] its summed gate weight
+// gw (slots summed in order); grow_of [N*K] the row of each (token, slot) pair (slots in the
+// same group share one row). R = goffsets[G] <= N min(K, G). No backward for the integers;
+// grow_w's gradient goes back to the slots through grove_weights_backward.
+void grove_permute(int* gcounts, int* goffsets, int* grow_token, real* grow_w, int* grow_of, const int* topk,
+                   const real* topw, int N, int K, int G, int S) {
+    std::fill(gcounts, gcounts + G, 0);
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            const int j = topk[n * K + k] / S;
+            bool first = true;  // the token's first slot in group j makes its row
+            for (int k2 = 0; k2 < k; k2++) first &= topk[n * K + k2] / S != j;
+            if (first) gcounts[j]++;
+        }
+    goffsets[0] = 0;
+    for (int j = 0; j < G; j++) goffsets[j + 1] = goffsets[j] + gcounts[j];
+    std::vector<int> fill(goffsets, goffsets + G);
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            const int j = topk[n * K + k] / S;
+            int r = -1;
+            for (int k2 = 0; k2 < k && r < 0; k2++)
+                if (topk[n * K + k2] / S == j) r = grow_of[n * K + k2];
+            if (r < 0) {  // a new row
+                r = fill[j]++;
+                grow_token[r] = n;
+                grow_w[r] = 0;
+            }
+            grow_of[n * K + k] = r;
+            grow_w[r] += topw[n * K + k];
+        }
+}
+// is slot k the first of token n's slots in its group (the one that owns the row)?
+static inline bool grove_first_slot(const int* grow_of, int n, int K, int k) {
+    for (int k2 = 0; k2 < k; k2++)
+        if (grow_of[n * K + k2] == grow_of[n * K + k]) return false;
+    return true;
+}
+// xa[r] = x[grow_token[r]]
+void grove_gather_forward(real* xa, const real* x, const int* grow_token, int R, int d) {
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < d; i++) xa[(size_t)r * d + i] = x[(size_t)grow_token[r] * d + i];
+}
+// dx[n] += sum over token n's rows of dxa[r] (rows in the order of their first slots)
+void grove_gather_backward(real* dx, const real* dxa, const int* grow_of, int N, int K, int d) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++)
+            if (grove_first_slot(grow_of, n, K, k)) axpy(dx + (size_t)n * d, 1, dxa + (size_t)grow_of[n * K + k] * d, d);
+}
+// out[n] += lambda * gw[r] * ya[r] over token n's rows (in the order of their first slots)
+void grove_combine_forward(real* out, const real* ya, const real* grow_w, const int* grow_of, real lambda, int N, int K,
+                           int d) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++)
+            if (grove_first_slot(grow_of, n, K, k)) {
+                const int r = grow_of[n * K + k];
+                axpy(out + (size_t)n * d, lambda * grow_w[r], ya + (size_t)r * d, d);
+            }
+}
+// n = grow_token[r]:  dgw[r] = lambda dout[n] . ya[r];  dya[r] = lambda gw[r] dout[n]  (both written)
+void grove_combine_backward(real* dya, real* dgw, const real* dout, const real* ya, const real* grow_w,
+                            const int* grow_token, real lambda, int R, int d) {
+#pragma omp parallel for
+    for (int r = 0; r < R; r++) {
+        const real* dor = dout + (size_t)grow_token[r] * d;
+        dgw[r] = lambda * dot(dor, ya + (size_t)r * d, d);
+        for (int i = 0; i < d; i++) dya[(size_t)r * d + i] = lambda * grow_w[r] * dor[i];
+    }
+}
+// gw[r] is a sum of its slots' gate weights: each of them gets dgw[r]. dtopw [N, K] +=
+void grove_weights_backward(real* dtopw, const real* dgw, const int* grow_of, int NK) {
+    for (int p = 0; p < NK; p++) dtopw[p] += dgw[grow_of[p]];
+}
+
 // ---- Shared expert (DeepSeekMoE, Qwen2-MoE; docs/METHODS.md 1.7) ----
 // S always-on experts of width F_e are ONE SwiGLU FFN of width Fs = S F_e (ffn_forward above)
 // that every token goes through beside the routed ones. Qwen2-MoE scales its output per token
@@ -851,6 +939,13 @@ struct LayerActs {
     std::vector<real> sg, su, sh, ss;  // [N, Fs] its gate, up, h, sigmoid(gate)
     std::vector<real> sy;              // [N, d] its output before the sigmoid gate
     std::vector<real> sgate;           // [N] sigmoid(ln2 . w_gate) (shared_gate only)
+    // Grove adjugate experts (cfg.grove_groups = G > 0); R <= N*Kg rows, Kg = min(K, G)
+    std::vector<int> gcounts, goffsets;  // [G], [G+1] rows per group and where they start
+    std::vector<int> grow_token, grow_of;  // [N*Kg] token of each row, [N*K] row of each slot
+    std::vector<real> grow_w;            // [N*Kg] each row's summed gate weight
+    std::vector<real> xa;                // [N*Kg, d] tokens gathered in group order
+    std::vector<real> ag, au, ah, as;    // [N*Kg, F_a] adjugate gate, up, h, sigmoid(gate)
+    std::vector<real> ya;                // [N*Kg, d] adjugate outputs
 };
 
 // The keys and values of every layer for `rows` sequences of up to T_max positions, and the
@@ -900,6 +995,7 @@ struct Model {
         std::vector<real> dg, du, dh;                 // FFN: [N, F] dense, [N*K, F] experts
         std::vector<real> dtopw, dey, dxe, drouter;   // MoE: [N, K], [N*K, d] x2, [N, E]
         std::vector<real> dsg, dsu, dsh, dsy;         // shared expert: [N, Fs] x3, [N, d]
+        std::vector<real> dag, dau, dah, dya, dxa, dgw; // Grove: [N*Kg, F_a] x3, [N*Kg, d] x2, [N*Kg]
     } scratch;
 
     // ---- making, loading and saving (common/run.h calls these) ----
@@ -964,6 +1060,13 @@ struct Model {
                     a.sg.resize(N * Fs); a.su.resize(N * Fs); a.sh.resize(N * Fs); a.ss.resize(N * Fs);
                     a.sy.resize(N * d); a.sgate.resize(N);
                 }
+                if (cfg.has_grove()) {
+                    const size_t G = cfg.grove_groups, R = N * std::min(K, G), Fa = cfg.grove_dim;
+                    a.gcounts.resize(G); a.goffsets.resize(G + 1); a.grow_token.resize(R); a.grow_of.resize(N * K);
+                    a.grow_w.resize(R); a.xa.resize(R * d);
+                    a.ag.resize(R * Fa); a.au.resize(R * Fa); a.ah.resize(R * Fa); a.as.resize(R * Fa);
+                    a.ya.resize(R * d);
+                }
                 a.psum.resize(N * E); a.zsum.resize(N);
             }
         }
@@ -980,11 +1083,16 @@ struct Model {
             const size_t Fs = cfg.shared_dim;
             s.dsg.resize(N * Fs); s.dsu.resize(N * Fs); s.dsh.resize(N * Fs); s.dsy.resize(N * d);
         }
+        if (cfg.has_grove()) {
+            const size_t R = N * std::min(K, (size_t)cfg.grove_groups), Fa = cfg.grove_dim;
+            s.dag.resize(R * Fa); s.dau.resize(R * Fa); s.dah.resize(R * Fa);
+            s.dya.resize(R * d); s.dxa.resize(R * d); s.dgw.resize(R);
+        }
         cfg.rope_tables(T_max, &rope_cos, &rope_sin);  // [T_max, hd/2], computed in double once
     }
 
     // ---- MoE layer: route, permute tokens by expert, run each expert, combine; then the
-    // shared expert, if any, over every token ----
+    // Grove adjugate experts or the shared expert, if any ----
     // ln2 [N, d] -> out [N, d]
     void moe_forward(real* out, LayerActs& a, int l) {
         const int N = B * T, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k;
@@ -1003,7 +1111,41 @@ struct Model {
         }
         moe_combine_forward(out, a.ey.data(), a.topw.data(), a.row_of.data(), N, K, d);
         for (int e = 0; e < E; e++) step_load[l][e] += a.counts[e];
+        if (cfg.has_grove()) grove_forward(out, a, l);
         if (cfg.has_shared()) shared_forward(out, a, l);
+    }
+    // out [N, d] += lambda * sum over the token's active groups j of gw[n,j] * A_j(ln2[n])
+    void grove_forward(real* out, LayerActs& a, int l) {
+        const int N = B * T, d = cfg.d_model, K = cfg.top_k, G = cfg.grove_groups, Fa = cfg.grove_dim;
+        grove_permute(a.gcounts.data(), a.goffsets.data(), a.grow_token.data(), a.grow_w.data(), a.grow_of.data(),
+                      a.topk.data(), a.topw.data(), N, K, G, cfg.grove_group_size());
+        grove_gather_forward(a.xa.data(), a.ln2.data(), a.grow_token.data(), a.goffsets[G], d);
+        for (int j = 0; j < G; j++) {  // adjugate j: a SwiGLU FFN over its group's rows
+            size_t r0 = a.goffsets[j];
+            const auto& w = layout.adjugates[l][j];
+            ffn_forward(a.ya.data() + r0 * d, a.ag.data() + r0 * Fa, a.au.data() + r0 * Fa, a.ah.data() + r0 * Fa,
+                        a.as.data() + r0 * Fa, a.xa.data() + r0 * d, param(w[0]), param(w[1]), param(w[2]),
+                        a.gcounts[j], d, Fa);
+        }
+        grove_combine_forward(out, a.ya.data(), a.grow_w.data(), a.grow_of.data(), cfg.grove_scale, N, K, d);
+    }
+    // dout [N, d] -> dln2 [N, d] (+=), dtopw [N, K] (+=), the adjugates' weight gradients (+=)
+    void grove_backward(real* dln2, real* dtopw, const real* dout, LayerActs& a, int l) {
+        const int N = B * T, d = cfg.d_model, K = cfg.top_k, G = cfg.grove_groups, Fa = cfg.grove_dim;
+        const int R = a.goffsets[G];
+        real *dya = scratch.dya.data(), *dxa = scratch.dxa.data(), *dgw = scratch.dgw.data();
+        grove_combine_backward(dya, dgw, dout, a.ya.data(), a.grow_w.data(), a.grow_token.data(), cfg.grove_scale, R, d);
+        grove_weights_backward(dtopw, dgw, a.grow_of.data(), N * K);
+        std::fill(dxa, dxa + (size_t)R * d, 0);
+        for (int j = 0; j < G; j++) {
+            size_t r0 = a.goffsets[j];
+            const auto& w = layout.adjugates[l][j];
+            ffn_backward(dxa + r0 * d, grad(w[0]), grad(w[1]), grad(w[2]), dya + r0 * d, a.xa.data() + r0 * d,
+                         a.ag.data() + r0 * Fa, a.au.data() + r0 * Fa, a.ah.data() + r0 * Fa, a.as.data() + r0 * Fa,
+                         param(w[0]), param(w[1]), param(w[2]), scratch.dah.data() + r0 * Fa,
+                         scratch.dag.data() + r0 * Fa, scratch.dau.data() + r0 * Fa, a.gcounts[j], d, Fa);
+        }
+        grove_gather_backward(dln2, dxa, a.grow_of.data(), N, K, d);
     }
     // out [N, d] += [sigmoid(ln2 . w_g) *] SwiGLU_shared(ln2)
     void shared_forward(real* out, LayerActs& a, int l) {
@@ -1037,6 +1179,7 @@ struct Model {
         if (cfg.has_shared()) shared_backward(dln2, dout, a, l);  // the last part of the forward first
         std::fill(dxe, dxe + (size_t)N * K * d, 0);  // dtopw and dey are written whole
         moe_combine_backward(dey, dtopw, dout, a.ey.data(), a.topw.data(), a.row_of.data(), N, K, d);
+        if (cfg.has_grove()) grove_backward(dln2, dtopw, dout, a, l);  // after dtopw is written
         for (int e = 0; e < E; e++) {
             size_t r0 = a.offsets[e];
             const auto& w = layout.experts[l][e];

@@ -67,6 +67,7 @@ test/test_gpu.sh; data parallelism with 1-4 emulated GPUs and an NCCL stand-in: 
 #include "kernels/rope.cuh"
 #include "kernels/router.cuh"
 #include "kernels/shared_expert.cuh"
+#include "kernels/grove.cuh"
 #include "kernels/swiglu.cuh"
 
 using gpu::bf16;
@@ -314,6 +315,9 @@ struct LayerActs {
     // shared expert (cfg.shared_dim = Fs > 0): a dense SwiGLU FFN over every token
     T *sgu, *sh, *sy;                            // [N, 2Fs] gate|up, [N, Fs] h, [N, d] its output
     float* sgate;                                // [N] sigmoid(ln2 . w_g) (shared_gate only)
+    // Grove adjugate experts (cfg.grove_groups = G > 0): each over every token (kernels/grove.cuh)
+    float* gw;                                   // [N, G] summed gate weights of each group (0: inactive)
+    T *agu, *ah, *ya;                            // [G, N, 2Fa] gate|up, [G, N, Fa] h, [G, N, d] outputs
     // (seq_counts, psum, zsum and dpsl_sum point into GPUModel's stat_counts and stat_f)
     // fp32 only: the counts on the host (pinned), for the per-expert cuBLAS loop's launches
     gpu::ExpertBlocks eb;
@@ -399,6 +403,8 @@ struct GPUModel {
     T *dres, *dln, *dq, *dk, *dv, *datty, *dgu, *dh, *dey, *dxe;
     T *dsgu = nullptr, *dsh = nullptr, *dsy = nullptr;  // shared expert: [N, 2Fs], [N, Fs], [N, d]
     float* dsz = nullptr;                               // shared gate: [N] d(loss)/d(x . w_g)
+    T *dagu = nullptr, *dah = nullptr, *dya = nullptr;  // Grove: [N, 2Fa], [N, Fa], [G, N, d]
+    float* dgw = nullptr;                               // Grove: [N, G] d(loss)/d(gw)
     float *dtopw, *drl, *att_D, *aux_g, *red_scratch;
     size_t max_rows_ffn = 0;  // N (dense) or N*K (MoE)
     // The forward's statistics stay on the device (the backward's balancing-loss
@@ -549,6 +555,7 @@ struct GPUModel {
             if (!cfg.is_moe()) adjacent(layout.by_layer[l][P_GATE], layout.by_layer[l][P_UP]);
             else for (auto& id : layout.experts[l]) adjacent(id[0], id[1]);
             if (cfg.has_shared()) adjacent(layout.by_layer[l][P_SGATE], layout.by_layer[l][P_SUP]);
+            for (auto& id : layout.adjugates[l]) adjacent(id[0], id[1]);
         }
     }
     void upload_params(const std::vector<float>& host_params) {
@@ -618,6 +625,11 @@ struct GPUModel {
                     a.sgu = A.take<T>(N * 2 * Fs); a.sh = A.take<T>(N * Fs); a.sy = A.take<T>(N * d);
                     a.sgate = A.take<float>(N);
                 }
+                if (cfg.has_grove()) {
+                    const size_t G = cfg.grove_groups, Fa = cfg.grove_dim;
+                    a.gw = A.take<float>(N * G);
+                    a.agu = A.take<T>(G * N * 2 * Fa); a.ah = A.take<T>(G * N * Fa); a.ya = A.take<T>(G * N * d);
+                }
             }
         }
         x_final = A.take<T>(N * d); lnf = A.take<T>(N * d); logits = A.take<T>(N * V); tmp = A.take<T>(N * d);
@@ -631,6 +643,10 @@ struct GPUModel {
         if (cfg.has_shared()) {
             const size_t Fs = cfg.shared_dim;
             dsgu = A.take<T>(N * 2 * Fs); dsh = A.take<T>(N * Fs); dsy = A.take<T>(N * d); dsz = A.take<float>(N);
+        }
+        if (cfg.has_grove()) {
+            const size_t G = cfg.grove_groups, Fa = cfg.grove_dim;
+            dagu = A.take<T>(N * 2 * Fa); dah = A.take<T>(N * Fa); dya = A.take<T>(G * N * d); dgw = A.take<float>(N * G);
         }
         dtopw = A.take<float>(N * std::max<size_t>(K, 1)); drl = A.take<float>(N * std::max<size_t>(E, 1));
         att_D = A.take<float>((size_t)B_max * cfg.n_head * T_max);
@@ -715,8 +731,8 @@ struct GPUModel {
         return layout.tensors[layout.experts[l][1][0]].offset - layout.tensors[layout.experts[l][0][0]].offset;
     }
 
-    // ---- MoE layer: route, permute by expert, run each expert, combine; then the shared
-    // expert, if any, over every token ----
+    // ---- MoE layer: route, permute by expert, run each expert, combine; then the Grove
+    // adjugate experts or the shared expert, if any, over every token ----
     void moe_forward(T* out, LayerActs<T>& a, int l) {
         const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k, NK = N * K;
         gpu::router_logits_forward(a.rlogits, a.ln2, master(l, P_ROUTER), N, d, E, stream);
@@ -756,7 +772,39 @@ struct GPUModel {
             gpu::expert_matmul_forward(blas, a.ey, a.eh, w2, a.eb, F, d);
         }
         gpu::moe_combine_forward(out, a.ey, a.topw, a.row_of, N, K, d, stream);
+        if (cfg.has_grove()) grove_forward(out, a, l);
         if (cfg.has_shared()) shared_forward(out, a, l);
+    }
+    // out [N, d] += lambda sum_j gw[n, j] A_j(ln2[n]): every adjugate over every token (the
+    // dense FFN's kernels, one GEMM pair per group), weighted by gw (kernels/grove.cuh)
+    void grove_forward(T* out, LayerActs<T>& a, int l) {
+        const int N = B * T_, d = cfg.d_model, G = cfg.grove_groups, Fa = cfg.grove_dim;
+        gpu::grove_weights_forward(a.gw, a.topk, a.topw, N, cfg.top_k, G, cfg.grove_group_size(), stream);
+        for (int j = 0; j < G; j++) {
+            const auto& w = layout.adjugates[l][j];  // w1 then w3 (adjacent: one [2Fa, d] block), w2
+            T *agu = a.agu + (size_t)j * N * 2 * Fa, *ah = a.ah + (size_t)j * N * Fa, *ya = a.ya + (size_t)j * N * d;
+            gpu::matmul_forward(blas, agu, a.ln2, weight(w[0]), N, d, 2 * Fa);
+            gpu::swiglu_forward(ah, agu, (size_t)N, Fa, stream);
+            gpu::matmul_forward(blas, ya, ah, weight(w[2]), N, Fa, d);
+        }
+        gpu::grove_combine_forward(out, a.ya, a.gw, cfg.grove_scale, N, d, G, stream);
+    }
+    // dout [N, d] -> dln2 [N, d] (+=: after the routed path writes it), dtopw [N, K] (+=:
+    // before router_backward reads it), the adjugates' weight gradients (+=)
+    void grove_backward(T* dln2, const T* dout, LayerActs<T>& a, int l) {
+        const int N = B * T_, d = cfg.d_model, G = cfg.grove_groups, Fa = cfg.grove_dim;
+        gpu::grove_combine_backward(dya, dtopw, dgw, dout, a.ya, a.gw, a.topk, cfg.grove_scale, N, d, G, cfg.top_k,
+                                    cfg.grove_group_size(), stream);
+        for (int j = 0; j < G; j++) {
+            const auto& w = layout.adjugates[l][j];
+            const T *agu = a.agu + (size_t)j * N * 2 * Fa, *ah = a.ah + (size_t)j * N * Fa;
+            const T* dy = dya + (size_t)j * N * d;
+            gpu::matmul_backward_input(blas, dah, dy, weight(w[2]), N, Fa, d);
+            gpu::matmul_backward_weight(blas, grad(w[2]), dy, ah, N, Fa, d);
+            gpu::swiglu_backward(dagu, dah, agu, (size_t)N, Fa, stream);
+            gpu::matmul_backward_input(blas, dln2, dagu, weight(w[0]), N, d, 2 * Fa, 1.0f);  // += into dln2
+            gpu::matmul_backward_weight(blas, grad(w[0]), dagu, a.ln2, N, d, 2 * Fa);     // w1 and w3 grads
+        }
     }
     // out [N, d] += [sigmoid(ln2 . w_g) *] SwiGLU_shared(ln2): the dense FFN's three kernels
     void shared_forward(T* out, LayerActs<T>& a, int l) {
@@ -821,6 +869,7 @@ struct GPUModel {
             gpu::expert_matmul_backward(blas, dxe, g13, dgu, a.xe, w13, a.eb, d, 2 * F);
         }
         gpu::moe_unpermute_backward(dln2, dxe, a.row_of, N, K, d, stream);
+        if (cfg.has_grove()) grove_backward(dln2, dout, a, l);  // adds to dln2 and dtopw
         // router: the balancing loss's dL/dp per sequence [B, E], on the device from the
         // counts (every rank's when gathered: the global batch's loss, this rank's rows), with
         // the host's formula (kernels/router.cuh router_aux_coef); then the kernel adds the

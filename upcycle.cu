@@ -72,11 +72,13 @@ struct UpcycleArgs {
     long seed = 1337;
     bool overwrite = false;
     double ratio = 0.5;
+    int grove_groups = 0, grove_width = 0;
+    double grove_scale = 0.05, grove_std = 0.02;
 
     void add_to(Cli& cli) {
         cli.section("Input and output");
         cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, expand, "
-                                     "btm-average or upit (required)");
+                                     "btm-average, upit or grove (required)");
         cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx, "
                                  "btm-average and upit: a,b,c,...");
         cli.add("--model", &model, std::string("scratch without --from: preset shape (") + model_preset_names() + ")");
@@ -125,6 +127,13 @@ struct UpcycleArgs {
         cli.add("--data", &data, "gradient scores, upit seed router: token shard folder (as train_moe --data)");
         cli.add("--batch", &batch, "gradient scores, upit seed router: sequences per batch", Range::between(1, 1 << 20));
         cli.add("--seq", &seq, "gradient scores, upit seed router: tokens per sequence", Range::between(1, 1 << 20));
+        cli.section("Grove MoE (--method grove; --from = an MoE checkpoint)");
+        cli.add("--grove-groups", &grove_groups, "G: groups of E/G consecutive experts, one adjugate expert each "
+                                                 "(required; divides the source's E)", Range::between(0, 65536));
+        cli.add("--grove-width", &grove_width, "adjugate FFN width F_a (0 = F_e / 4)", Range::between(0, 1 << 20));
+        cli.add("--grove-scale", &grove_scale, "lambda, the adjugate output's scale (GroveMoE's released code: 0.05)");
+        cli.add("--grove-std", &grove_std, "std of the adjugates' w1 and w3 (N(0, std^2)); w2 is zero, so the output "
+                                           "model computes the source's function exactly", Range::at_least(0));
         cli.section("Run");
         cli.add("--threads", &threads, "OpenMP threads (0 = default); the output does not depend on it",
                 Range::between(0, 4096));
@@ -144,6 +153,7 @@ static const char* method_paper(const std::string& m) {
     if (m == "shared") return "shared experts (DeepSeekMoE, arXiv 2401.06066; Qwen2-MoE, arXiv 2407.10671)";
     if (m == "qwen2") return "Qwen2 upcycling (fine-grained shuffled shards, re-init, shared expert), arXiv 2407.10671";
     if (m == "upit") return "UpIT, Upcycling Instruction Tuning via parameter merging, arXiv 2410.01610";
+    if (m == "grove") return "Grove MoE (adjugate experts), arXiv 2508.07785";
     return "?";
 }
 
@@ -1062,6 +1072,101 @@ struct Expander {
 };
 
 // ----------------------------------------------------------------------------
+// MoE -> Grove MoE (docs/METHODS.md 2.15): the source's tensors as they are, plus G adjugate
+// experts per layer with w1, w3 ~ N(0, std^2) and w2 = 0. An adjugate's output is then
+// exactly zero, so the output model computes the source's function (bit for bit in the
+// trainers: out += lambda gw * 0), while w2's gradient (h^T dy, h != 0) is not zero: the
+// adjugates start learning at the first step.
+
+struct GroveUpcycler {
+    const UpcycleArgs& a;
+    explicit GroveUpcycler(const UpcycleArgs& args) : a(args) {}
+
+    void run(const Cli& cli) {
+        if (a.from.empty()) FAIL("--method grove needs --from (an MoE checkpoint directory)");
+        if (a.from.find(',') != std::string::npos) FAIL("--method grove takes one --from directory");
+        for (const char* o : {"--experts", "--topk", "--routing", "--router", "--ratio", "--granularity"})
+            if (cli.was_set(o)) FAIL("%s: --method grove keeps the source MoE's experts and routing", o);
+        Source src;
+        src.open(a.from);
+        if (!src.cfg.is_moe())
+            FAIL("%s: is a dense model (no num_local_experts in config.json); --method grove needs an MoE checkpoint "
+                 "(make one with --method naive/drop/...)", a.from.c_str());
+        if (src.cfg.has_shared()) FAIL("%s: has a shared expert; Grove adjugates with one are not supported", a.from.c_str());
+        if (src.cfg.has_grove()) FAIL("%s: already has Grove adjugate experts (grove_groups %d)", a.from.c_str(),
+                                      src.cfg.grove_groups);
+        const int E = src.cfg.n_experts, G = a.grove_groups;
+        if (G < 1 || E % G)
+            FAIL("--grove-groups %d must be given and divide the source's %d experts", G, E);
+        if (!std::isfinite(a.grove_scale)) FAIL("--grove-scale must be a finite number, found %g", a.grove_scale);
+        ModelConfig out_cfg = src.cfg;
+        out_cfg.grove_groups = G;
+        out_cfg.grove_dim = a.grove_width > 0 ? a.grove_width : std::max(1, src.cfg.ffn_dim / 4);
+        out_cfg.grove_scale = (float)a.grove_scale;
+        out_cfg.validate("output model");
+        ParamLayout out_lay = build_layout(out_cfg);
+        DType dt = output_dtype(a.dtype, src.ck->dtype());
+        check_output_size(out_lay, dt, a.out);
+        bool has_bias = false;
+        for (int l = 0; l < src.cfg.n_layer; l++) has_bias |= src.ck->has(bias_tensor_name(l));
+
+        Json rec = Json::object();
+        rec["method"] = "grove";
+        rec["paper"] = method_paper("grove");
+        rec["tool"] = "upcycle " UPCYCLE_VERSION;
+        rec["seed"] = a.seed;
+        rec["grove_groups"] = G;
+        rec["group_size"] = E / G;
+        rec["grove_intermediate_size"] = out_cfg.grove_dim;
+        rec["grove_scale"] = a.grove_scale;
+        rec["adjugate_init"] = strfmt("w1, w3 ~ N(0, %g^2) (stream of the output tensor's index, as a from-scratch "
+                                      "init); w2 = 0: the output computes the source's function", a.grove_std);
+        rec["optimizer"] = "none written: start AdamW fresh (./train_moe --init without --init-optimizer)";
+        rec["dtype"] = dtype_name(dt);
+        Json sources = Json::array();
+        sources.push(src.record());
+        rec["sources"] = sources;
+        if (const Json* prev = src.cfg.extra.find("upcycling")) rec["source_upcycling"] = *prev;
+        out_cfg.extra.erase("upcycling");
+        out_cfg.extra["upcycling"] = rec;
+
+        printf("upcycle grove (%s): %s, %d experts in %d groups of %d, adjugate F_a %d, scale %g\n",
+               method_paper("grove"), a.from.c_str(), E, G, E / G, out_cfg.grove_dim, a.grove_scale);
+        AtomicDir out(a.out);
+        Progress prog;
+        prog.n_layer = out_cfg.n_layer;
+        prog.what = "model.safetensors";
+        std::vector<OutTensor> list = layout_tensors(out_lay);
+        if (has_bias)
+            for (int l = 0; l < out_cfg.n_layer; l++) list.push_back({bias_tensor_name(l), {E}, -1});
+        const uint64_t seed = (uint64_t)a.seed;
+        stream_write(out.file("model.safetensors"), list, dt, {{"format", "pt"}},
+                     [&](size_t i, std::vector<float>& buf) {
+                         if (i >= out_lay.tensors.size()) {  // aux-loss-free biases: as they were (zeros if absent)
+                             std::string n = list[i].name;
+                             if (src.ck->has(n)) buf = src.read(n);
+                             return;
+                         }
+                         const ParamTensor& t = out_lay.tensors[i];
+                         if (t.kind == P_ADOWN) return;  // zeros: the adjugate adds nothing
+                         if (t.kind == P_AGATE || t.kind == P_AUP) {
+                             const uint64_t stream = stream_id(PURPOSE_INIT, (uint32_t)i);
+                             for (size_t k = 0; k < t.numel; k++)
+                                 buf[k] = (float)(a.grove_std * rng_normal(seed, stream, (uint64_t)k));
+                             return;
+                         }
+                         buf = src.read(t.name);
+                     },
+                     prog);
+        write_config(out.file("config.json"), out_cfg, dt);
+        copy_tokenizer_files(src.dir, out);
+        out.commit();
+        printf("wrote %s (%.1f MB, %.1fs); continue training with: ./train_moe --init %s ...\n", a.out.c_str(),
+               prog.bytes / 1e6, now_seconds() - prog.t0, a.out.c_str());
+    }
+};
+
+// ----------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
     UpcycleArgs a;
@@ -1088,6 +1193,7 @@ int main(int argc, char** argv) {
         "  ./upcycle --method qwen2     --from dense/ --experts 16 --topk 4 --granularity 4 --ratio 0.5 --out moe_q2\n"
         "  ./upcycle --method expand    --from runs/moe/step_001000 --experts 16 --select utility --score grad_norm\n"
         "            --data data/tiny --utility-batches 8 --out moe_x2\n"
+        "  ./upcycle --method grove     --from moe_nu --grove-groups 4 --grove-width 64 --out moe_grove\n"
         "  then: ./train_moe --init moe_x2 --init-optimizer --data data/tiny ...\n"
         "See docs/UPCYCLING.md for what each method preserves.");
     try {
@@ -1097,7 +1203,7 @@ int main(int argc, char** argv) {
 #endif
         if (a.method.empty())
             FAIL("--method is required (scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, expand, "
-                 "btm-average, upit)");
+                 "btm-average, upit, grove)");
         if (a.out.empty()) FAIL("--out is required (the output directory)");
         {  // nothing the user did not ask to lose: inputs, an existing file, a non-empty directory
             std::vector<std::string> inputs = a.from.empty() ? std::vector<std::string>() : split_commas(a.from);
@@ -1105,17 +1211,22 @@ int main(int argc, char** argv) {
             check_output_location(a.out, inputs, a.overwrite);
         }
         static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "shared",
-                                        "qwen2", "expand", "btm-average", "upit"};
+                                        "qwen2", "expand", "btm-average", "upit", "grove"};
         bool known = false;
         for (const char* k : methods) known |= a.method == k;
         if (!known)
             FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, "
-                 "expand, btm-average, upit", a.method.c_str());
+                 "expand, btm-average, upit, grove", a.method.c_str());
         for (const char* o : {"--upit-pair", "--upit-w-min", "--upit-w-max", "--upit-shared", "--upit-router"})
             if (a.method != "upit" && cli.was_set(o)) FAIL("%s applies to --method upit only", o);
+        for (const char* o : {"--grove-groups", "--grove-width", "--grove-scale", "--grove-std"})
+            if (a.method != "grove" && cli.was_set(o)) FAIL("%s applies to --method grove only", o);
         if (a.method == "expand") {
             Expander x(a);
             x.run(cli);
+        } else if (a.method == "grove") {
+            GroveUpcycler g(a);
+            g.run(cli);
         } else {
             if (a.experts < 1) FAIL("--experts must be >= 1, found %d", a.experts);
             if (a.topk < 1 || a.topk > a.experts) FAIL("--topk %d must be in [1, --experts %d]", a.topk, a.experts);

@@ -69,6 +69,9 @@ inline void print_model_summary(const ModelConfig& c, const RouterLossSettings& 
     if (c.is_moe()) printf(", %d experts top-%d %s, aux %s %g, z %g", c.n_experts, c.top_k, routing_name(c.routing),
                            aux_name(rl.aux_loss), rl.aux_coef, rl.z_coef);
     if (c.has_shared()) printf(", shared expert F_s %d (%s)", c.shared_dim, c.shared_gate ? "sigmoid gate" : "no gate");
+    if (c.has_grove())
+        printf(", Grove: %d groups of %d, adjugate F_a %d, scale %g", c.grove_groups, c.grove_group_size(), c.grove_dim,
+               c.grove_scale);
     if (c.is_moe() && rl.dpsl.on) {
         std::string alpha;
         for (double a : rl.dpsl.alpha) alpha += strfmt("%s%g", alpha.empty() ? "" : ",", a);

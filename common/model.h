@@ -10,6 +10,7 @@
 //          count_params, count_active_params, init_from_scratch, load_model_dir, save_model_files,
 //          ExtraTensor
 #pragma once
+#include <algorithm>
 #include <array>
 #include <climits>
 #include <cmath>
@@ -46,6 +47,14 @@ struct ModelConfig {
     // A model with a shared expert is written as HF's Qwen2MoeForCausalLM.
     int shared_dim = 0;
     bool shared_gate = true;
+    // Grove MoE (arXiv 2508.07785; docs/METHODS.md 1.10): the E experts in G groups of E/G
+    // consecutive experts (expert e is in group e / (E/G)), each group with one small SwiGLU
+    // "adjugate" expert of width F_a. A token runs group j's adjugate once when any of its K
+    // experts is in group j, its output times grove_scale * (the sum of those experts' gate
+    // weights). 0 groups = none. Written as Mixtral with our own keys and tensor names.
+    int grove_groups = 0;      // G; divides E
+    int grove_dim = 0;         // F_a
+    float grove_scale = 0.05f; // lambda
     bool tie_embeddings = false;
     float rms_eps = 1e-5f;
     float rope_theta = 10000.0f;
@@ -59,6 +68,8 @@ struct ModelConfig {
 
     bool is_moe() const { return n_experts > 0; }
     bool has_shared() const { return shared_dim > 0; }
+    bool has_grove() const { return grove_groups > 0; }
+    int grove_group_size() const { return n_experts / grove_groups; }  // E/G experts per group
     int q_dim() const { return n_head * head_dim; }
     int kv_dim() const { return n_kv_head * head_dim; }
 
@@ -81,6 +92,20 @@ struct ModelConfig {
         if (shared_dim > 0 && n_experts == 0)
             FAIL("%s: shared_expert_intermediate_size %d needs routed experts (num_experts > 0): a dense model's FFN "
                  "is already always on", what.c_str(), shared_dim);
+        if (grove_groups < 0) FAIL("%s: grove_groups must be >= 0, found %d", what.c_str(), grove_groups);
+        if (grove_groups > 0) {
+            if (n_experts == 0 || n_experts % grove_groups)
+                FAIL("%s: grove_groups %d must divide the number of experts (found %d experts)", what.c_str(),
+                     grove_groups, n_experts);
+            if (grove_dim <= 0)
+                FAIL("%s: grove_intermediate_size must be positive with grove_groups %d, found %d", what.c_str(),
+                     grove_groups, grove_dim);
+            if (!std::isfinite(grove_scale))
+                FAIL("%s: grove_scale must be a finite number, found %g", what.c_str(), grove_scale);
+            if (shared_dim > 0)
+                FAIL("%s: Grove adjugate experts (grove_groups %d) with a shared expert are not supported",
+                     what.c_str(), grove_groups);
+        }
         if (vocab_size > 65536)
             FAIL("%s: vocab_size %d does not fit the uint16 token shards", what.c_str(), vocab_size);
         if ((long long)n_head * head_dim > INT32_MAX || (long long)n_kv_head * head_dim > INT32_MAX)
@@ -90,7 +115,7 @@ struct ModelConfig {
         double per_ffn = 3.0 * ffn_dim * d_model, attn = 2.0 * d_model * ((double)q_dim() + kv_dim());
         double params = 2.0 * vocab_size * d_model +
                         (double)n_layer * (attn + 2.0 * d_model + (is_moe() ? n_experts * (per_ffn + d_model) : per_ffn) +
-                                      (3.0 * shared_dim + 1) * d_model);
+                                      (3.0 * shared_dim + 1) * d_model + 3.0 * grove_groups * grove_dim * d_model);
         if (params > 1099511627776.0)
             FAIL("%s: these sizes make a model of %.3g parameters: implausibly large (corrupt config?)", what.c_str(),
                  params);
@@ -194,6 +219,15 @@ struct ModelConfig {
             if (routing == ROUTING_SOFTMAX_TOPK)
                 j["moe_note"] = "softmax_topk routing: Hugging Face MixtralForCausalLM renormalizes top-K weights "
                                 "and so does NOT compute this model's function; use this project's trainers";
+            if (has_grove()) {  // our keys: HF transformers has no Grove MoE class (4.40.2 checked)
+                j["grove_groups"] = grove_groups;
+                j["grove_intermediate_size"] = grove_dim;
+                j["grove_scale"] = (double)grove_scale;
+                j["moe_note"] = "Grove MoE adjugate experts (grove_groups; tensors block_sparse_moe.adjugate_experts.*): "
+                                "Hugging Face transformers has no Grove MoE class and MixtralForCausalLM ignores "
+                                "these tensors, so it does NOT compute this model's function; use this project's "
+                                "trainers";
+            }
         }
         for (auto& kv : extra.obj) if (!j.has(kv.first)) j[kv.first] = kv.second;
         return j;
@@ -225,7 +259,17 @@ struct ModelConfig {
             if (j.has("shared_expert_intermediate_size"))
                 FAIL("%s: shared_expert_intermediate_size needs model_type qwen2_moe, found \"%s\"", what.c_str(),
                      mt.c_str());
+            c.grove_groups = (int)j.get_int("grove_groups", 0, 0, 65536, what);
+            if (c.grove_groups > 0) {  // Grove MoE (our keys)
+                c.grove_dim = (int)j.get_int("grove_intermediate_size", 1, 1 << 20, what);
+                c.grove_scale = (float)j.get_num("grove_scale", what);
+            } else if (j.has("grove_intermediate_size") || j.has("grove_scale")) {
+                FAIL("%s: grove_intermediate_size / grove_scale given without grove_groups > 0", what.c_str());
+            }
         } else {
+            if (j.has("grove_groups"))
+                FAIL("%s: grove_groups (Grove adjugate experts) with qwen2_moe (a shared expert) is not supported",
+                     what.c_str());
             c.n_experts = (int)j.get_int("num_experts", 1, 65536, what);
             c.top_k = (int)j.get_int("num_experts_per_tok", 1, 65536, what);
             c.shared_dim = (int)j.get_int("shared_expert_intermediate_size", 1, 1 << 20, what);
@@ -281,7 +325,7 @@ struct ModelConfig {
             "rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias",
             "rope_scaling", "torch_dtype", "sliding_window", "num_experts", "moe_intermediate_size",
             "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
-            "use_sliding_window", "shared_expert_gating"};
+            "use_sliding_window", "shared_expert_gating", "grove_groups", "grove_intermediate_size", "grove_scale"};
         c.extra = Json::object();
         for (auto& kv : j.obj) {
             bool k = false;
@@ -321,12 +365,14 @@ enum ParamKind {
     P_GATE, P_UP, P_DOWN,            // dense FFN
     P_ROUTER, P_EGATE, P_EUP, P_EDOWN,  // MoE: router [E,d], expert w1 / w3 / w2
     P_SGATE, P_SUP, P_SDOWN, P_SGATE_W, // shared expert: gate [Fs,d], up [Fs,d], down [d,Fs]; its sigmoid gate [1,d]
+    P_AGATE, P_AUP, P_ADOWN,            // Grove adjugate experts: w1 [Fa,d], w3 [Fa,d], w2 [d,Fa]
     P_FINAL_NORM, P_LM_HEAD, P_NUM_KINDS
 };
 inline const char* param_kind_name(ParamKind k) {
     static const char* n[] = {"embed", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "gate", "up", "down",
                               "router", "expert_gate", "expert_up", "expert_down", "shared_gate_proj",
-                              "shared_up_proj", "shared_down_proj", "shared_expert_gate", "final_norm", "lm_head"};
+                              "shared_up_proj", "shared_down_proj", "shared_expert_gate", "adjugate_gate",
+                              "adjugate_up", "adjugate_down", "final_norm", "lm_head"};
     return n[k];
 }
 
@@ -345,6 +391,7 @@ struct ParamLayout {
     // index of each layer's tensors: [layer][kind], and experts [layer][expert][0..2]
     std::vector<std::vector<int>> by_layer;
     std::vector<std::vector<std::array<int, 3>>> experts;
+    std::vector<std::vector<std::array<int, 3>>> adjugates;  // [layer][group][0..2] (Grove MoE)
     int embed = -1, final_norm = -1, lm_head = -1;  // lm_head == embed when tied
 
     const ParamTensor& get(int layer, ParamKind kind) const { return tensors[by_layer[layer][kind]]; }
@@ -369,6 +416,7 @@ inline ParamLayout build_layout(const ModelConfig& c) {
     lay.embed = add("model.embed_tokens.weight", {V, d}, P_EMBED, -1, -1);
     lay.by_layer.assign(c.n_layer, std::vector<int>(P_NUM_KINDS, -1));
     lay.experts.assign(c.n_layer, {});
+    lay.adjugates.assign(c.n_layer, {});
     for (int l = 0; l < c.n_layer; l++) {
         std::string p = "model.layers." + std::to_string(l) + ".";
         auto& L = lay.by_layer[l];
@@ -392,6 +440,17 @@ inline ParamLayout build_layout(const ModelConfig& c) {
                 ids[1] = add(x + "w3.weight", {F, d}, P_EUP, l, e);
                 ids[2] = add(x + "w2.weight", {d, F}, P_EDOWN, l, e);
                 lay.experts[l].push_back(ids);
+            }
+            // Grove MoE's adjugate experts (our names; HF has no such model), after the
+            // routed ones, one SwiGLU per group, stored like the experts (w1 w3 w2 adjacent)
+            for (int g = 0; g < c.grove_groups; g++) {
+                std::string x = m + "adjugate_experts." + std::to_string(g) + ".";
+                const int64_t Fa = c.grove_dim;
+                std::array<int, 3> ids;
+                ids[0] = add(x + "w1.weight", {Fa, d}, P_AGATE, l, -1);
+                ids[1] = add(x + "w3.weight", {Fa, d}, P_AUP, l, -1);
+                ids[2] = add(x + "w2.weight", {d, Fa}, P_ADOWN, l, -1);
+                lay.adjugates[l].push_back(ids);
             }
         } else {  // Qwen2-MoE's names: routed experts, then the shared expert and its gate
             std::string m = p + "mlp.";
@@ -418,12 +477,18 @@ inline ParamLayout build_layout(const ModelConfig& c) {
 
 inline size_t count_params(const ModelConfig& c) { return build_layout(c).total; }
 // Parameters touched per token: what MFU counts (routed experts: only K of E; the shared
-// expert and its gate run on every token and count in full).
+// expert and its gate run on every token and count in full). Grove adjugate experts: a
+// token runs one per group its K experts fall in, between ceil(K / (E/G)) and min(K, G) of
+// them; counted here at the maximum, min(K, G) per layer (docs/METHODS.md 1.10): the count,
+// and an MFU computed from it, are upper bounds for a Grove model.
 inline size_t count_active_params(const ModelConfig& c) {
     ParamLayout lay = build_layout(c);
     size_t n = 0;
+    if (c.has_grove())
+        n += (size_t)c.n_layer * std::min(c.top_k, c.grove_groups) * 3 * (size_t)c.grove_dim * c.d_model;
     for (auto& t : lay.tensors) {
         if (t.kind == P_EMBED && !c.tie_embeddings) continue;  // a lookup, not a matmul
+        if (t.kind == P_AGATE || t.kind == P_AUP || t.kind == P_ADOWN) continue;  // counted above
         if (t.expert >= 0) { if (t.expert < c.top_k) n += t.numel; continue; }
         n += t.numel;
     }

@@ -85,6 +85,8 @@ inline MemoryPlan train_memory_plan(const ModelConfig& c, int B, int T, double s
     double attn = stores_attention_matrix ? (double)B * c.n_head * T * T : 0;
     double ffn = c.is_moe() ? N * (4 * E + 4 * K + K * (2 * d + ffn_kept * F)) : N * ffn_kept * F;
     ffn += c.has_shared() ? N * (ffn_kept * c.shared_dim + d + 1) : 0;  // the shared expert: its FFN, output, gate
+    if (c.has_grove())  // Grove: G adjugate rows per token (the GPU runs each over every token; the CPU at
+        ffn += N * (c.grove_groups * (2 * d + ffn_kept * c.grove_dim + 2) + K);  // most min(K, G)), slot map
     double per_layer = N * (6 * d + 2 * c.q_dim() + 2 * c.kv_dim() + 3) + attn + ffn;
     double scratch = per_layer + N * V;  // one layer's gradients of activations, dlogits
     p.activations = (c.n_layer * per_layer + N * (2 * d + V + 4) + scratch) * act_bytes;

@@ -103,6 +103,18 @@ inline ModelConfig config_from_args(const TrainArgs& a, int tokenizer_vocab) {
         FAIL("--shared-gate %s applies only with --shared-experts S > 0 (a config.json sets it with the key "
              "shared_expert_gating)", a.shared_gate.c_str());
     }
+    if (a.grove_groups > 0) {
+        if (c.n_experts == 0 || c.n_experts % a.grove_groups)
+            FAIL("--grove-groups %d must divide the number of experts (--experts, found %d)", a.grove_groups,
+                 c.n_experts);
+        if (c.has_shared()) FAIL("--grove-groups with --shared-experts is not supported");
+        if (!std::isfinite(a.grove_scale)) FAIL("--grove-scale must be a finite number, found %g", a.grove_scale);
+        c.grove_groups = a.grove_groups;
+        c.grove_dim = a.grove_width > 0 ? a.grove_width : std::max(1, c.ffn_dim / 4);
+        c.grove_scale = (float)a.grove_scale;
+    } else if (a.grove_width > 0 || a.grove_scale != 0.05) {
+        FAIL("--grove-width / --grove-scale apply only with --grove-groups G > 0");
+    }
     c.routing = parse_routing(a.routing, "--routing");
     if (a.tie) c.tie_embeddings = true;
     c.max_seq_len = std::max(c.max_seq_len, a.seq);

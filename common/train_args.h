@@ -16,6 +16,8 @@ struct TrainArgs {
     // model
     std::string model = "tiny", init, resume, routing = "topk_softmax";
     int experts = 0, topk = 2, expert_width = 0, vocab = 0, shared_experts = 0;
+    int grove_groups = 0, grove_width = 0;
+    double grove_scale = 0.05;
     std::string shared_gate = "sigmoid";
     bool tie = false, init_optimizer = false;
     double init_std = 0.02;
@@ -59,6 +61,14 @@ struct TrainArgs {
                 Range::between(0, 1 << 16));
         cli.add("--shared-gate", &shared_gate, "with --shared-experts: sigmoid (Qwen2-MoE: the shared output times "
                                                "sigmoid(x . g), a learned d-vector g) or none (DeepSeekMoE: added as is)");
+        cli.add("--grove-groups", &grove_groups, "with --model and --experts: G groups of E/G consecutive experts, each "
+                                                  "with one small adjugate expert run once per token when any expert "
+                                                  "of its group is chosen (Grove MoE, arXiv 2508.07785)",
+                Range::between(0, 65536));
+        cli.add("--grove-width", &grove_width, "with --grove-groups: the adjugate experts' FFN width F_a (default "
+                                               "F_e / 4)", Range::between(0, 1 << 20));
+        cli.add("--grove-scale", &grove_scale, "with --grove-groups: lambda, the adjugate output's scale (default 0.05, "
+                                               "GroveMoE's released code)");
         cli.add("--routing", &routing, "with --model: topk_softmax (Mixtral) or softmax_topk (no renormalization)");
         cli.flag("--tie", &tie, "with --model: tie the LM head to the token embedding");
         cli.add("--vocab", &vocab, "with --model: vocabulary size (default: the tokenizer's)",

@@ -242,6 +242,48 @@ static void test_hf_directory(const std::string& name) {
     CHECK(M.cfg.rms_eps == 1e-6f && M.cfg.rope_theta == 500000.0f);
 }
 
+// 2d. Grove MoE directories (adjugate experts; our keys and tensor names on a Mixtral
+//     config): a save + load keeps the model, the note says HF does not compute it, the
+//     active-parameter count takes min(K, G) adjugates, bad keys are refused by name.
+static void test_grove_round_trip() {
+    Model A;
+    A.load(fixture_dir("moe_grove"));
+    CHECK(A.cfg.has_grove() && A.cfg.grove_groups == 2 && A.cfg.grove_dim == 8 && A.cfg.grove_scale == 0.5f);
+    std::string d = g_tmp + "/grove_rt";
+    mkdir_p(d);
+    save_model_files(d, A.cfg, A.layout, A.params.data());
+    Model Bm;
+    Bm.load(d);
+    CHECK_MSG(Bm.cfg.grove_groups == A.cfg.grove_groups && Bm.cfg.grove_dim == A.cfg.grove_dim &&
+                  Bm.cfg.grove_scale == A.cfg.grove_scale && Bm.cfg.routing == A.cfg.routing && Bm.params == A.params,
+              "save + load changed the Grove model");
+    CHECK(CheckpointTensors(d).has("model.layers.1.block_sparse_moe.adjugate_experts.1.w2.weight"));
+    Json j = Json::parse_file(d + "/config.json");
+    CHECK(j.get_str("model_type", "", "c") == "mixtral" && j.get_int("grove_groups", 0, 99, "c") == 2);
+    CHECK(j.get_str("moe_note", "", "c").find("no Grove MoE class") != std::string::npos);
+    {  // active: the K of E routed experts and min(K, G) adjugates per layer (the maximum)
+        const ModelConfig& c = A.cfg;
+        ModelConfig m = c;
+        m.grove_groups = 0;
+        size_t adj = (size_t)c.n_layer * std::min(c.top_k, c.grove_groups) * 3 * c.grove_dim * c.d_model;
+        CHECK_MSG(count_active_params(c) == count_active_params(m) + adj, "active %zu vs %zu + %zu",
+                  count_active_params(c), count_active_params(m), adj);
+        CHECK(count_params(c) - count_params(m) == (size_t)c.n_layer * c.grove_groups * 3 * c.grove_dim * c.d_model);
+    }
+    Json b = Json::parse_file(fixture_dir("moe_grove") + "/config.json");
+    b["grove_groups"] = 3;
+    expect_error([&] { ModelConfig::from_json(b, "cfg"); }, "grove_groups 3 must divide the number of experts",
+                 "groups not dividing E");
+    b["grove_groups"] = 2;
+    b.obj.erase(std::remove_if(b.obj.begin(), b.obj.end(), [](const std::pair<std::string, Json>& kv) {
+                    return kv.first == "grove_scale"; }), b.obj.end());
+    expect_error([&] { ModelConfig::from_json(b, "cfg"); }, "grove_scale", "missing grove_scale");
+    Json q = Json::parse_file(fixture_dir("moe_shared") + "/config.json");
+    q["grove_groups"] = 2;
+    expect_error([&] { ModelConfig::from_json(q, "cfg"); }, "with qwen2_moe (a shared expert) is not supported",
+                 "grove + shared");
+}
+
 // 2c. Qwen2-MoE directories (a shared expert): a save + load keeps the model (config keys,
 //     the zero attention biases HF needs), and nonzero attention biases or dense-MLP layers
 //     are refused with the tensor's / key's name.
@@ -1042,15 +1084,17 @@ static void test_world() {
 
 // Decoding with a KV cache gives the logits of a full forward pass over the whole context:
 // three sequences of different lengths, each prefilled alone into its cache row, then
-// decoded together token by token (dense, MoE, MoE with a gated shared expert; GQA)
+// decoded together token by token (dense, MoE, MoE with a gated shared expert, MoE with Grove
+// adjugate experts; GQA)
 static void test_kv_cache() {
-    for (int moe = 0; moe < 3; moe++) {
+    for (int moe = 0; moe < 4; moe++) {
         ModelConfig c;
         model_preset("tiny", &c);
         c.vocab_size = 97;
         c.n_kv_head = 2;
         if (moe) { c.n_experts = 4; c.top_k = 2; }
         if (moe == 2) c.shared_dim = 2 * c.ffn_dim;
+        if (moe == 3) { c.grove_groups = 2; c.grove_dim = 32; c.grove_scale = 0.5f; }  // Grove adjugates
         Model M;
         M.init_scratch(c, 11);
         const int nb = 3, prompt[nb] = {5, 9, 1}, gen = 4;
@@ -1083,7 +1127,7 @@ static void test_kv_cache() {
             for (int b = 0; b < nb; b++) cmp(got.data() + (size_t)b * c.vocab_size, full_row(b, pos[b] + 1));
         }
         CHECK_MSG(worst == 0, "%s: cached decoding vs full forward: largest logit difference %g (want bit-identical)",
-                  moe == 2 ? "MoE + shared expert" : moe ? "MoE" : "dense", worst);
+                  moe == 3 ? "MoE + Grove adjugates" : moe == 2 ? "MoE + shared expert" : moe ? "MoE" : "dense", worst);
         int bad_pos = 14;
         expect_error([&] { M.forward_cached(kv, seq[0].data(), &bad_pos, 0, 1, 3); }, "beyond the KV cache's 16",
                      "decoding past the cache");
@@ -1097,7 +1141,7 @@ int main(int argc, char** argv) {
     run_test("exp_real = the correctly rounded e^x", test_exp_real);
     for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
                           "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1", "moe_dpsl", "moe_shared",
-                          "moe_shared_ungated"})
+                          "moe_shared_ungated", "moe_grove"})
         run_test(std::string("fixture ") + f, [&] { test_fixture(f); });
     run_test("thread count: bit-identical", test_thread_count_bit_identical);
     run_test("MoE of copies = dense", test_moe_copies_equal_dense);
@@ -1105,6 +1149,7 @@ int main(int argc, char** argv) {
     run_test("HF transformers Mixtral directory", [] { test_hf_directory("hf_mixtral"); });
     run_test("HF transformers Qwen2-MoE directory", [] { test_hf_directory("hf_qwen2_moe"); });
     run_test("Qwen2-MoE directories: round trip, biases, keys", test_qwen2_moe_round_trip);
+    run_test("Grove MoE directories: round trip, keys, active parameters", test_grove_round_trip);
     run_test("aux-free bias", test_aux_free_bias);
     run_test("dpsl: Beta CDF and density", test_beta_cdf);
     run_test("dpsl: zero at the prior's quantiles", test_dpsl_invariant);

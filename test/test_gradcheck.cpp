@@ -92,6 +92,7 @@ static void test_all_params(const std::string& name) {
     int want = M.cfg.is_moe() ? 12 : 11;  // kinds in this model, plus lm_head when untied
     if (!M.cfg.tie_embeddings) want++;
     if (M.cfg.has_shared()) want += M.cfg.shared_gate ? 4 : 3;  // shared gate, up, down [, its sigmoid gate]
+    if (M.cfg.has_grove()) want += 3;  // adjugate gate, up, down
     int seen = 0;
     for (int k : kinds_seen) seen += k;
     CHECK_MSG(seen == want, "%s: %d parameter kinds checked, expected %d", name.c_str(), seen, want);
@@ -165,7 +166,7 @@ static void test_dpsl_path(DpslDistance distance, DpslEcdf ecdf, std::vector<dou
 int main() {
     for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
                           "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1", "moe_dpsl", "moe_shared",
-                          "moe_shared_ungated"})
+                          "moe_shared_ungated", "moe_grove"})
         run_test(std::string("finite differences, every parameter: ") + f, [&] { test_all_params(f); });
     for (AuxLoss aux : {AUX_SWITCH, AUX_POOLED, AUX_SEQ}) {
         run_test(strfmt("router via aux %s only (topk_softmax)", aux_name(aux)),

@@ -817,6 +817,77 @@ static void test_shared() {
     printf("    shared (gated and ungated, untied and tied): max relative logit error vs dense %.2g\n", worst);
 }
 
+// grove (docs/METHODS.md 2.15): from an MoE, G adjugate experts with w2 = 0. The output's
+// logits equal the source's bit for bit, and so do the gradients of every source tensor; the
+// adjugates' w2 gets a nonzero gradient (they learn); w1/w3 have the asked std; the source's
+// tensors are copied unchanged; bad requests are refused.
+static void test_grove() {
+    for (std::string src : {"test/fixtures/moe_topk_softmax", "test/fixtures/moe_softmax_topk"}) {
+        std::string out = tmp("grove_out");
+        if (!upcycle("--method grove --grove-groups 2 --grove-width 8 --grove-scale 0.5 --grove-std 0.1 --from " + src +
+                     " --out " + out))
+            return;
+        ModelConfig c = ModelConfig::load(out + "/config.json");
+        CHECK(c.has_grove() && c.grove_groups == 2 && c.grove_dim == 8 && c.grove_scale == 0.5f);
+        std::vector<float> ls = logits_of(src), lm = logits_of(out);
+        CHECK_MSG(ls == lm, "grove from %s: logits differ from the source's (max rel err %.3g)", src.c_str(),
+                  rel_err(lm, ls));
+        // gradients on a batch with targets
+        Model S, M;
+        S.load(src);
+        M.load(out);
+        std::vector<int> in(16), tg(16);
+        for (int i = 0; i < 16; i++) { in[i] = (i * 7 + 3) % S.cfg.vocab_size; tg[i] = (i * 5 + 1) % S.cfg.vocab_size; }
+        for (Model* X : {&S, &M}) {
+            X->zero_grad();
+            X->forward(in.data(), tg.data(), 2, 8);
+            X->backward();
+        }
+        CHECK(S.last.loss == M.last.loss);
+        bool same = true;
+        double adj_down = 0;
+        for (auto& t : M.layout.tensors) {
+            int si = S.layout.find(t.name);
+            if (si < 0) {  // an adjugate tensor
+                CHECK(t.kind == P_AGATE || t.kind == P_AUP || t.kind == P_ADOWN);
+                if (t.kind == P_ADOWN)
+                    for (size_t i = 0; i < t.numel; i++) adj_down += std::fabs(M.grads[t.offset + i]);
+                continue;
+            }
+            const ParamTensor& st = S.layout.tensors[si];
+            same &= std::equal(M.grads.begin() + t.offset, M.grads.begin() + t.offset + t.numel, S.grads.begin() + st.offset);
+            same &= std::equal(M.params.begin() + t.offset, M.params.begin() + t.offset + t.numel,
+                               S.params.begin() + st.offset);
+        }
+        CHECK_MSG(same, "grove from %s: a source tensor or its gradient changed", src.c_str());
+        CHECK_MSG(adj_down > 0, "grove from %s: the adjugates' w2 gets no gradient", src.c_str());
+        Tensors T(out);
+        std::vector<double> w13;
+        for (int l = 0; l < c.n_layer; l++)
+            for (int g = 0; g < 2; g++) {
+                for (const char* w : {"w1", "w3"})
+                    for (float x : T[strfmt("model.layers.%d.block_sparse_moe.adjugate_experts.%d.%s.weight", l, g, w)])
+                        w13.push_back(x);
+                CHECK(T[strfmt("model.layers.%d.block_sparse_moe.adjugate_experts.%d.w2.weight", l, g)] ==
+                      std::vector<float>((size_t)c.d_model * 8, 0.0f));
+            }
+        double mu, sd;
+        mean_std(w13, &mu, &sd);
+        CHECK_MSG(std::fabs(mu) < 0.01 && std::fabs(sd - 0.1) < 0.01, "adjugate w1/w3: mean %g std %g (want 0, 0.1)", mu, sd);
+        printf("    grove from %s: logits and source gradients bit-identical; adjugate w1/w3 std %.4f\n", src.c_str(), sd);
+    }
+    std::string o;
+    auto refused = [&](const std::string& args, const std::string& want) {
+        int rc = run_cmd(g_bin + " " + args + " --out " + tmp("grove_bad") + " --overwrite 2>&1", &o);
+        CHECK_MSG(rc != 0 && o.find(want) != std::string::npos, "%s: rc %d, output %s", args.c_str(), rc, o.c_str());
+    };
+    refused("--method grove --grove-groups 3 --from test/fixtures/moe_topk_softmax", "must be given and divide");
+    refused("--method grove --grove-groups 2 --from test/fixtures/dense", "needs an MoE checkpoint");
+    refused("--method grove --grove-groups 2 --experts 8 --from test/fixtures/moe_topk_softmax", "--experts");
+    refused("--method grove --grove-groups 1 --from test/fixtures/moe_grove", "already has Grove adjugate experts");
+    refused("--method naive --grove-groups 2 --experts 4 --from test/fixtures/dense", "applies to --method grove only");
+}
+
 // qwen2: with r = 0, every replica's G experts are disjoint neuron sets of the dense FFN that
 // cover it (gate and up rows exact, down columns x the routed multiplier); with r = 0.5,
 // exactly floor(F_e r) whole neurons per expert matrix differ from the r = 0 expert, and the
@@ -1367,6 +1438,7 @@ int main(int argc, char** argv) {
     run_test("partition", test_partition);
     run_test("shared (dense FFN as the shared expert) = dense", test_shared);
     run_test("qwen2 (shuffled shards, re-init, shared expert)", test_qwen2);
+    run_test("grove (adjugate experts with w2 = 0) = the source MoE", test_grove);
     run_test("output safety (--out refused, --overwrite)", test_output_safety);
     run_test("scratch", test_scratch);
     run_test("determinism and record", test_determinism);

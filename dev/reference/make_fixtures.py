@@ -96,6 +96,10 @@ FIXTURES = [
          routing="softmax_topk", aux="seq", aux_coef=0.01, z_coef=0.001, seed=11000, tied=True,
          desc="E4 K2 F_e16 softmax_topk + an ungated (DeepSeekMoE) shared expert of width 16 "
               "(S=1), tied embeddings, per-sequence aux 0.01, z 0.001"),
+    dict(name="moe_grove", kv=2, F=16, E=4, K=2, G=2, Fa=8, grove_scale=0.5, routing="softmax_topk",
+         aux="switch", aux_coef=0.01, z_coef=0.001, seed=12000,
+         desc="Grove MoE E4 K2 F_e16 softmax_topk, 2 groups of 2 experts with adjugate experts of width 8, "
+              "scale 0.5, GQA Hkv=2, switch aux 0.01, z 0.001"),
     dict(name="moe_dpsl", kv=4, F=32, E=4, K=2, routing="topk_softmax",
          aux="switch", aux_coef=0.01, z_coef=0.001, seed=9000,
          dpsl=dict(coef=0.1, alpha=[0.5, 1.0, 1.5, 2.0], distance="sq", ecdf="mid"),
@@ -127,6 +131,9 @@ def hf_config(spec):
         c.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
                  num_local_experts=spec["E"], num_experts_per_tok=spec["K"],
                  moe_routing=spec["routing"])
+        if spec.get("G"):  # Grove MoE: our keys (common/model.h writes the same)
+            c.update(grove_groups=spec["G"], grove_intermediate_size=spec["Fa"],
+                     grove_scale=spec["grove_scale"])
     else:
         c.update(architectures=["LlamaForCausalLM"], model_type="llama")
     return c
@@ -355,6 +362,46 @@ def check_shared_expert():
     return da, db
 
 
+def check_grove():
+    """Grove MoE (docs/METHODS.md 1.10): (a) the layer written token by token (each active
+    group's adjugate once, weighted by lambda times the sum of its selected experts' weights)
+    equals moe_ffn's group-by-group form; (b) adjugate experts with zero down projections
+    leave the model equal to the same MoE without them (what upcycle --method grove keeps)."""
+    from model import moe_ffn, swiglu
+    spec = next(s for s in FIXTURES if s["name"] == "moe_grove")
+    cfg = Config(hf_config(spec))
+    P = to64(init_params(cfg, 94))
+    g = torch.Generator().manual_seed(93)
+    h2 = torch.randn(13, cfg.d, generator=g, dtype=torch.float64)
+    y, r = moe_ffn(h2, P, 0, cfg)
+    S, y2 = cfg.E // cfg.G, torch.zeros_like(h2)
+    for n in range(h2.shape[0]):
+        for k in range(cfg.K):
+            e = int(r["topk_idx"][n, k])
+            y2[n] += r["topk_weight"][n, k] * swiglu(h2[n:n + 1], *(P[x] for x in cfg.expert_names(0, e)))[0]
+        for j in sorted({int(e) // S for e in r["topk_idx"][n]}):
+            gw = sum(r["topk_weight"][n, k] for k in range(cfg.K) if int(r["topk_idx"][n, k]) // S == j)
+            y2[n] += cfg.grove_scale * gw * swiglu(h2[n:n + 1], *(P[x] for x in cfg.adjugate_names(0, j)))[0]
+    da = float((y - y2).abs().max())
+    if da > 1e-12:
+        fail(f"Grove layer, token by token != group by group: {da:.3e}")
+    base = {k: v for k, v in spec.items() if k not in ("G", "Fa", "grove_scale")}
+    mcfg = Config(hf_config(base))
+    Pm = {n: v for n, v in P.items() if ".adjugate_experts." not in n}
+    Pz = dict(P)
+    for i in range(cfg.L):
+        for j in range(cfg.G):
+            Pz[cfg.adjugate_names(i, j)[2]] = torch.zeros_like(Pz[cfg.adjugate_names(i, j)[2]])
+    inputs, _ = make_batch(cfg, 94)
+    with torch.no_grad():
+        lm, _ = forward(Pm, mcfg, inputs)
+        lz, _ = forward(Pz, cfg, inputs)
+    db = float((lm - lz).abs().max())
+    if db > 0:
+        fail(f"zero adjugate down projections change the model: {db:.3e}")
+    return da, db
+
+
 def hf_load_balancing_loss(gate_logits, num_experts, top_k):
     """Literal transcription of transformers' Mixtral load_balancing_loss_func
     (attention_mask=None)."""
@@ -504,6 +551,9 @@ def main():
         da, db = check_shared_expert()
         print(f"check: S shared SwiGLUs == one of width S F_e: {da:.1e}; zero shared down_proj == "
               f"no shared expert: {db:.1e}")
+        da, db = check_grove()
+        print(f"check: Grove token by token == group by group: {da:.1e}; zero adjugate w2 == no adjugates: "
+              f"{db:.1e}")
 
     built = []
     for spec in specs:

@@ -123,6 +123,13 @@ class Config:
         # its output times sigmoid(x . g) when gated (HF Qwen2-MoE always gates)
         self.Fs = int(d.get("shared_expert_intermediate_size", 0) or 0) if self.qwen else 0
         self.shared_gate = d.get("shared_expert_gating", "sigmoid") == "sigmoid"
+        # Grove MoE (docs/METHODS.md 1.10): G groups of E/G consecutive experts, one adjugate
+        # SwiGLU of width Fa per group, scaled by lam * (sum of the group's selected weights)
+        self.G = int(d.get("grove_groups", 0) or 0)
+        self.Fa = int(d.get("grove_intermediate_size", 0) or 0)
+        self.grove_scale = float(d.get("grove_scale", 0.05))
+        if self.G:
+            assert not self.qwen and self.E % self.G == 0 and self.Fa > 0, "grove config"
         if self.qwen:
             self.routing = "topk_softmax" if d.get("norm_topk_prob", False) else "softmax_topk"
             assert d.get("decoder_sparse_step", 1) == 1 and not d.get("mlp_only_layers"), "dense-MLP layers"
@@ -139,6 +146,11 @@ class Config:
             q = f"model.layers.{i}.mlp.experts.{j}."
             return q + "gate_proj.weight", q + "up_proj.weight", q + "down_proj.weight"
         q = f"model.layers.{i}.block_sparse_moe.experts.{j}."
+        return q + "w1.weight", q + "w3.weight", q + "w2.weight"
+
+    def adjugate_names(self, i, j):
+        """(gate, up, down) tensor names of Grove adjugate expert j (group j) of layer i."""
+        q = f"model.layers.{i}.block_sparse_moe.adjugate_experts.{j}."
         return q + "w1.weight", q + "w3.weight", q + "w2.weight"
 
     def param_shapes(self):
@@ -160,6 +172,11 @@ class Config:
                     s[g] = (self.F, d)
                     s[u] = (self.F, d)
                     s[dn] = (d, self.F)
+                for j in range(self.G):
+                    g, u, dn = self.adjugate_names(i, j)
+                    s[g] = (self.Fa, d)
+                    s[u] = (self.Fa, d)
+                    s[dn] = (d, self.Fa)
                 if self.Fs:
                     q = p + "mlp.shared_expert."
                     s[q + "gate_proj.weight"] = (self.Fs, d)
@@ -288,6 +305,16 @@ def moe_ffn(h2, P, i, cfg):
         g, u, dn = cfg.expert_names(i, e)
         out = swiglu(h2[rows], P[g], P[u], P[dn])
         y = y.index_add(0, rows, w[rows, slots].unsqueeze(-1) * out)
+    if cfg.G:  # Grove: adjugate j once per token with any of its K experts in group j
+        S = cfg.E // cfg.G
+        for j in range(cfg.G):
+            in_group = (idx // S) == j                                    # [N, K]
+            rows = in_group.any(-1).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            gw = (w * in_group).sum(-1)[rows]                             # [n_j] summed gate weights
+            out = swiglu(h2[rows], *(P[n] for n in cfg.adjugate_names(i, j)))
+            y = y.index_add(0, rows, cfg.grove_scale * gw.unsqueeze(-1) * out)
     if cfg.Fs:
         q = f"model.layers.{i}.mlp.shared_expert."
         ys = swiglu(h2, P[q + "gate_proj.weight"], P[q + "up_proj.weight"], P[q + "down_proj.weight"])
