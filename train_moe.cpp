@@ -548,6 +548,9 @@ void ffn_backward(real* dx, real* dw_gate, real* dw_up, real* dw_down, const rea
 // lower expert index), and the gate weights of the selected experts:
 //   topk_softmax: w_k = p_{e_k} / sum_k' p_{e_k'}   (sum to 1; Mixtral)
 //   softmax_topk: w_k = p_{e_k}                      (no renormalization; Megatron pre-softmax)
+//   xft:          w_k = p_{e_1} softmax_k(p_{e_1}, .., p_{e_K})   (XFT, METHODS 1.8: a softmax over
+//                 the chosen PROBABILITIES, scaled to sum to p_{e_1}; the shared expert gets
+//                 the rest, 1 - p_{e_1}: xft_shared_forward)
 void router_forward(real* probs, int* topk, real* topw, const real* logits, const float* bias, int N, int E, int K,
                     Routing routing) {
 #pragma omp parallel for
@@ -573,18 +576,28 @@ void router_forward(real* probs, int* topk, real* topw, const real* logits, cons
             }
             sel[k] = best;
         }
+        real* w = topw + (size_t)n * K;
+        if (routing == ROUTING_XFT) {  // softmax over the K probabilities (each in [0, 1]: no max shift needed)
+            real esum = 0;
+            for (int k = 0; k < K; k++) { w[k] = exp_real(p[sel[k]]); esum += w[k]; }
+            for (int k = 0; k < K; k++) w[k] = p[sel[0]] * (w[k] / esum);
+            continue;
+        }
         real wsum = 0;
         for (int k = 0; k < K; k++) wsum += p[sel[k]];
-        for (int k = 0; k < K; k++)
-            topw[(size_t)n * K + k] = routing == ROUTING_TOPK_SOFTMAX ? p[sel[k]] / wsum : p[sel[k]];
+        for (int k = 0; k < K; k++) w[k] = routing == ROUTING_TOPK_SOFTMAX ? p[sel[k]] / wsum : p[sel[k]];
     }
 }
 // dlogits += d(gate weights)/dz given dtopw [N, K].
 //   softmax_topk: w_k = p_{e_k}            => dz_j = sum_k dw_k p_{e_k} (delta_{j,e_k} - p_j)
 //   topk_softmax: w = softmax over the selected logits only
 //                                          => dz_{e_k} = w_k (dw_k - sum_k' w_k' dw_k'), others 0
+//   xft: with q_k = p_{e_k}, s = softmax(q), w_k = q_1 s_k and the shared weight c = 1 - q_1
+//        (dshared [N] = dLoss/dc; nullptr for the other routings), gbar = sum_k s_k dw_k:
+//        dq_k = w_k (dw_k - gbar) + delta_{k,1} (gbar - dshared),
+//        then through p = softmax(z) as softmax_topk: dz_j = sum_k dq_k p_{e_k} (delta_{j,e_k} - p_j)
 void router_backward(real* dlogits, const real* dtopw, const real* probs, const int* topk, const real* topw, int N,
-                     int E, int K, Routing routing) {
+                     int E, int K, Routing routing, const real* dshared = nullptr) {
 #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         real* dz = dlogits + (size_t)n * E;
@@ -596,6 +609,18 @@ void router_backward(real* dlogits, const real* dtopw, const real* probs, const 
             real s = 0;
             for (int k = 0; k < K; k++) s += w[k] * dw[k];
             for (int k = 0; k < K; k++) dz[sel[k]] += w[k] * (dw[k] - s);
+        } else if (routing == ROUTING_XFT) {
+            const real q1 = p[sel[0]];
+            real gbar = 0;  // sum_k s_k dw_k, s_k = w_k / q_1
+            for (int k = 0; k < K; k++) gbar += w[k] * dw[k];
+            gbar /= q1;
+            real s = 0;  // sum_k dq_k p_{e_k}
+            for (int k = 0; k < K; k++) {
+                real dq = w[k] * (dw[k] - gbar) + (k == 0 ? gbar - dshared[n] : 0);
+                dz[sel[k]] += dq * p[sel[k]];
+                s += dq * p[sel[k]];
+            }
+            for (int j = 0; j < E; j++) dz[j] -= s * p[j];
         } else {
             real s = 0;  // sum_k dw_k p_{e_k}
             for (int k = 0; k < K; k++) s += dw[k] * p[sel[k]];
@@ -821,6 +846,27 @@ void adamw_update(real* p, const real* g, real* m, real* v, long n, const AdamWS
     }
 }
 
+// XFT's shared-expert weight (METHODS 1.8): c[n] = 1 - p_{e_1}, what the routed weights
+// (router_forward, xft: they add up to p_{e_1}) leave of 1; out[n] += c[n] y[n].
+// probs [N, E], topk [N, K]; c [N] is kept for the backward pass.
+void xft_shared_forward(real* out, real* c, const real* y, const real* probs, const int* topk, int N, int E, int K,
+                        int d) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        c[n] = 1 - probs[(size_t)n * E + topk[(size_t)n * K]];
+        axpy(out + (size_t)n * d, c[n], y + (size_t)n * d, d);
+    }
+}
+// dy[n] = c[n] dout[n] (written); dc[n] = dout[n] . y[n] (written; router_backward takes it)
+void xft_shared_backward(real* dy, real* dc, const real* dout, const real* y, const real* c, int N, int d) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const real* dor = dout + (size_t)n * d;
+        dc[n] = dot(dor, y + (size_t)n * d, d);
+        for (int i = 0; i < d; i++) dy[(size_t)n * d + i] = c[n] * dor[i];
+    }
+}
+
 // ----------------------------------------------------------------------------
 // The model: parameters (one flat buffer, HF tensor names via ParamLayout), gradients,
 // AdamW moments, and the activations kept for the backward pass.
@@ -850,7 +896,7 @@ struct LayerActs {
     // shared expert (cfg.shared_dim = Fs > 0)
     std::vector<real> sg, su, sh, ss;  // [N, Fs] its gate, up, h, sigmoid(gate)
     std::vector<real> sy;              // [N, d] its output before the sigmoid gate
-    std::vector<real> sgate;           // [N] sigmoid(ln2 . w_gate) (shared_gate only)
+    std::vector<real> sgate;           // [N] sigmoid(ln2 . w_gate) (shared_gate), or 1 - p_{e_1} (xft routing)
 };
 
 // The keys and values of every layer for `rows` sequences of up to T_max positions, and the
@@ -900,6 +946,7 @@ struct Model {
         std::vector<real> dg, du, dh;                 // FFN: [N, F] dense, [N*K, F] experts
         std::vector<real> dtopw, dey, dxe, drouter;   // MoE: [N, K], [N*K, d] x2, [N, E]
         std::vector<real> dsg, dsu, dsh, dsy;         // shared expert: [N, Fs] x3, [N, d]
+        std::vector<real> dsc;                        // xft routing: [N] dLoss/d(shared weight)
     } scratch;
 
     // ---- making, loading and saving (common/run.h calls these) ----
@@ -978,7 +1025,7 @@ struct Model {
         if (cfg.is_moe()) { s.dtopw.resize(N * K); s.dey.resize(N * K * d); s.dxe.resize(N * K * d); s.drouter.resize(N * E); }
         if (cfg.has_shared()) {
             const size_t Fs = cfg.shared_dim;
-            s.dsg.resize(N * Fs); s.dsu.resize(N * Fs); s.dsh.resize(N * Fs); s.dsy.resize(N * d);
+            s.dsg.resize(N * Fs); s.dsu.resize(N * Fs); s.dsh.resize(N * Fs); s.dsy.resize(N * d); s.dsc.resize(N);
         }
         cfg.rope_tables(T_max, &rope_cos, &rope_sin);  // [T_max, hd/2], computed in double once
     }
@@ -1005,12 +1052,15 @@ struct Model {
         for (int e = 0; e < E; e++) step_load[l][e] += a.counts[e];
         if (cfg.has_shared()) shared_forward(out, a, l);
     }
-    // out [N, d] += [sigmoid(ln2 . w_g) *] SwiGLU_shared(ln2)
+    // out [N, d] += [sigmoid(ln2 . w_g) * | (1 - p_{e_1}) *] SwiGLU_shared(ln2)
     void shared_forward(real* out, LayerActs& a, int l) {
         const int N = B * T, d = cfg.d_model, Fs = cfg.shared_dim;
         ffn_forward(a.sy.data(), a.sg.data(), a.su.data(), a.sh.data(), a.ss.data(), a.ln2.data(), param(l, P_SGATE),
                     param(l, P_SUP), param(l, P_SDOWN), N, d, Fs);
-        if (cfg.shared_gate)
+        if (cfg.routing == ROUTING_XFT)
+            xft_shared_forward(out, a.sgate.data(), a.sy.data(), a.rprobs.data(), a.topk.data(), N, cfg.n_experts,
+                               cfg.top_k, d);
+        else if (cfg.shared_gate)
             shared_gate_forward(out, a.sgate.data(), a.ln2.data(), param(l, P_SGATE_W), a.sy.data(), N, d);
         else
             residual_forward(out, out, a.sy.data(), (size_t)N * d);
@@ -1019,7 +1069,10 @@ struct Model {
     void shared_backward(real* dln2, const real* dout, LayerActs& a, int l) {
         const int N = B * T, d = cfg.d_model, Fs = cfg.shared_dim;
         const real* dy = dout;  // ungated: the FFN's output gradient is dout itself
-        if (cfg.shared_gate) {
+        if (cfg.routing == ROUTING_XFT) {  // the weight's gradient goes to the router (moe_backward)
+            xft_shared_backward(scratch.dsy.data(), scratch.dsc.data(), dout, a.sy.data(), a.sgate.data(), N, d);
+            dy = scratch.dsy.data();
+        } else if (cfg.shared_gate) {
             shared_gate_backward(dln2, grad(l, P_SGATE_W), scratch.dsy.data(), dout, a.ln2.data(), param(l, P_SGATE_W),
                                  a.sy.data(), a.sgate.data(), N, d);
             dy = scratch.dsy.data();
@@ -1056,7 +1109,8 @@ struct Model {
         router_losses_backward(dlogits, a.rprobs.data(), a.rlogits.data(), G.empty() ? nullptr : G.data(),
                                router_loss.aux_coef, router_loss.z_coef, scale, B, T, E,
                                Grow.empty() ? nullptr : Grow.data(), router_loss.dpsl.coef);
-        router_backward(dlogits, dtopw, a.rprobs.data(), a.topk.data(), a.topw.data(), N, E, K, cfg.routing);
+        router_backward(dlogits, dtopw, a.rprobs.data(), a.topk.data(), a.topw.data(), N, E, K, cfg.routing,
+                        cfg.routing == ROUTING_XFT ? scratch.dsc.data() : nullptr);
         matmul_backward(dln2, grad(l, P_ROUTER), dlogits, a.ln2.data(), param(l, P_ROUTER), N, d, E);
     }
     // the last forward pass's routing statistics, as the router losses read them (with

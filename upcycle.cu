@@ -19,6 +19,8 @@ from a trained MoE: every initialization of docs/METHODS.md section 2.
   qwen2      Qwen2: shared expert as above; routed experts F/G wide, each a set of a
              shuffled partition of a copy of the FFN, a fraction r re-initialized
              (Drop-Upcycling's re-init)                                                (2.11)
+  xft        XFT: dense FFN = the shared expert (unscaled), routed experts = copies,
+             xft routing (shared weight 1 - p(1)): the dense function is kept         (2.13)
 
 Host code only: it builds with g++ (-x c++) on any machine and with nvcc. The math lives in
 common/upcycle_ops.h; this file reads the sources, streams the output and records what it did.
@@ -75,8 +77,8 @@ struct UpcycleArgs {
 
     void add_to(Cli& cli) {
         cli.section("Input and output");
-        cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, expand, "
-                                     "btm-average or upit (required)");
+        cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, xft, "
+                                     "expand, btm-average or upit (required)");
         cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx, "
                                  "btm-average and upit: a,b,c,...");
         cli.add("--model", &model, std::string("scratch without --from: preset shape (") + model_preset_names() + ")");
@@ -143,6 +145,7 @@ static const char* method_paper(const std::string& m) {
     if (m == "expand") return "expert upcycling E -> mE, arXiv 2604.19835";
     if (m == "shared") return "shared experts (DeepSeekMoE, arXiv 2401.06066; Qwen2-MoE, arXiv 2407.10671)";
     if (m == "qwen2") return "Qwen2 upcycling (fine-grained shuffled shards, re-init, shared expert), arXiv 2407.10671";
+    if (m == "xft") return "XFT (shared expert + routing-weight normalization), arXiv 2404.15247";
     if (m == "upit") return "UpIT, Upcycling Instruction Tuning via parameter merging, arXiv 2410.01610";
     return "?";
 }
@@ -425,7 +428,9 @@ struct DenseUpcycler {
         load_layer(t.layer);
         const int mat = t.kind - P_SGATE;
         out = ffn[0][mat];
-        if (mat == MAT_DOWN) for (float& x : out) x *= shared_down_mult(out_cfg.shared_gate);
+        // xft: unscaled, its routing weighs it by 1 - p(1) (METHODS 2.13)
+        if (mat == MAT_DOWN && a.method != "xft")
+            for (float& x : out) x *= shared_down_mult(out_cfg.shared_gate);
     }
     // qwen2: expert e = set (e mod G) of replica (e div G)'s shuffled partition; then floor(F_e r)
     // of its neurons re-initialized from their own statistics (drop_neurons, Drop-Upcycling's
@@ -498,6 +503,13 @@ struct DenseUpcycler {
         out_cfg.n_experts = E;
         out_cfg.top_k = K;
         out_cfg.routing = parse_routing(a.routing, "--routing");
+        if (m == "xft") {  // XFT's model: its own routing, an ungated shared expert (METHODS 1.8, 2.13)
+            if (cli.was_set("--routing") && out_cfg.routing != ROUTING_XFT)
+                FAIL("--method xft makes an XFT model: --routing must be xft (or left out), found %s", a.routing.c_str());
+            out_cfg.routing = ROUTING_XFT;
+        } else if (out_cfg.routing == ROUTING_XFT) {
+            FAIL("--routing xft needs the shared expert --method xft makes (found --method %s)", m.c_str());
+        }
         if (a.router == "uniform") router_kind = ROUTER_UNIFORM;
         else if (a.router == "normal") router_kind = ROUTER_NORMAL;
         else FAIL("--router must be uniform or normal, found \"%s\"", a.router.c_str());
@@ -505,10 +517,13 @@ struct DenseUpcycler {
             if (!(a.ratio >= 0 && a.ratio <= 1)) FAIL("--ratio %g is outside [0, 1]", a.ratio);
             n_reinit = neurons_of_ratio(F, a.ratio);
         }
-        const bool with_shared = m == "shared" || m == "qwen2";
-        if (!with_shared && cli.was_set("--shared-gate"))
+        const bool with_shared = m == "shared" || m == "qwen2" || m == "xft";
+        if (!(m == "shared" || m == "qwen2") && cli.was_set("--shared-gate"))
             FAIL("--shared-gate applies to --method shared or qwen2, not %s", m.c_str());
-        if (with_shared) {
+        if (m == "xft") {
+            out_cfg.shared_dim = F;  // the dense FFN itself, ungated: xft routing weighs it
+            out_cfg.shared_gate = false;
+        } else if (with_shared) {
             if (a.shared_gate != "sigmoid" && a.shared_gate != "none")
                 FAIL("--shared-gate must be sigmoid or none, found \"%s\"", a.shared_gate.c_str());
             out_cfg.shared_dim = F;  // the whole dense FFN: S = 1 shared expert of width F
@@ -566,7 +581,11 @@ struct DenseUpcycler {
                                  "projection (w2); the model itself has no output multiplier", (double)E / K);
         }
         if (m == "scratch") rec["init"] = "every matrix N(0, 0.02^2) (router included), norms 1";
-        if (with_shared) {
+        if (m == "xft") {
+            rec["shared_expert"] = "the dense FFN unchanged (no gate; xft routing weighs it by 1 - p(1))";
+            rec["shared_expert_width"] = F;
+            rec["routed_experts"] = "copies of the dense FFN (routed weights p(1) softmax(top-K probabilities))";
+        } else if (with_shared) {
             rec["shared_expert"] = out_cfg.shared_gate
                 ? "the dense FFN; sigmoid gate vector 0 (gate 1/2 on every token)"
                 : "the dense FFN with down_proj x 1/2 (no gate)";
@@ -1131,12 +1150,12 @@ int main(int argc, char** argv) {
             check_output_location(a.out, inputs, a.overwrite);
         }
         static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "shared",
-                                        "qwen2", "expand", "btm-average", "upit"};
+                                        "qwen2", "xft", "expand", "btm-average", "upit"};
         bool known = false;
         for (const char* k : methods) known |= a.method == k;
         if (!known)
             FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, "
-                 "expand, btm-average, upit", a.method.c_str());
+                 "xft, expand, btm-average, upit", a.method.c_str());
         for (const char* o : {"--upit-pair", "--upit-w-min", "--upit-w-max", "--upit-shared", "--upit-router"})
             if (a.method != "upit" && cli.was_set(o)) FAIL("%s applies to --method upit only", o);
         if (a.method == "expand") {

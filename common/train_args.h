@@ -16,7 +16,7 @@ struct TrainArgs {
     // model
     std::string model = "tiny", init, resume, routing = "topk_softmax";
     int experts = 0, topk = 2, expert_width = 0, vocab = 0, shared_experts = 0;
-    std::string shared_gate = "sigmoid";
+    std::string shared_gate;  // "" = sigmoid (none with --routing xft)
     bool tie = false, init_optimizer = false;
     double init_std = 0.02;
     // optimization
@@ -58,8 +58,11 @@ struct TrainArgs {
                                                       "(DeepSeekMoE / Qwen2-MoE; saved as Qwen2MoeForCausalLM)",
                 Range::between(0, 1 << 16));
         cli.add("--shared-gate", &shared_gate, "with --shared-experts: sigmoid (Qwen2-MoE: the shared output times "
-                                               "sigmoid(x . g), a learned d-vector g) or none (DeepSeekMoE: added as is)");
-        cli.add("--routing", &routing, "with --model: topk_softmax (Mixtral) or softmax_topk (no renormalization)");
+                                               "sigmoid(x . g), a learned d-vector g) or none (DeepSeekMoE: added as is); "
+                                               "default sigmoid, none with --routing xft");
+        cli.add("--routing", &routing, "with --model: topk_softmax (Mixtral), softmax_topk (no renormalization) or "
+                                         "xft (XFT: needs --shared-experts; shared weight 1 - p(1), routed weights "
+                                         "p(1) softmax(top-K probabilities))");
         cli.flag("--tie", &tie, "with --model: tie the LM head to the token embedding");
         cli.add("--vocab", &vocab, "with --model: vocabulary size (default: the tokenizer's)",
                 Range::between(0, 65536));

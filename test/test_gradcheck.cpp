@@ -165,7 +165,7 @@ static void test_dpsl_path(DpslDistance distance, DpslEcdf ecdf, std::vector<dou
 int main() {
     for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
                           "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1", "moe_dpsl", "moe_shared",
-                          "moe_shared_ungated"})
+                          "moe_shared_ungated", "moe_xft"})
         run_test(std::string("finite differences, every parameter: ") + f, [&] { test_all_params(f); });
     for (AuxLoss aux : {AUX_SWITCH, AUX_POOLED, AUX_SEQ}) {
         run_test(strfmt("router via aux %s only (topk_softmax)", aux_name(aux)),

@@ -817,6 +817,53 @@ static void test_shared() {
     printf("    shared (gated and ungated, untied and tied): max relative logit error vs dense %.2g\n", worst);
 }
 
+// xft (docs/METHODS.md 1.8, 2.13): the shared expert and every routed expert are the dense FFN
+// bit for bit, the routing is xft and the shared expert ungated; the MoE computes the dense
+// model (shared weight 1 - p(1) + routed weights summing to p(1)) for any E, K and router:
+// also with the router scaled x 300 (peaked, uneven probabilities) and with random routers.
+static void test_xft() {
+    double worst = 0;
+    struct Case { std::string dense, args; };
+    std::vector<Case> cases = {
+        {"test/fixtures/dense", "--experts 4 --topk 2"},
+        {"test/fixtures/dense", "--experts 8 --topk 3 --router normal --seed 7"},
+        {"test/fixtures/dense", "--experts 4 --topk 1"},
+        {"test/fixtures/dense_tied_gqa", "--experts 6 --topk 6"},
+    };
+    for (auto& c : cases) {
+        std::string out = tmp("xft"), args = "--method xft " + c.args;
+        if (!upcycle(args + " --from " + c.dense + " --out " + out)) return;
+        const std::vector<float> dense = logits_of(c.dense);
+        ModelConfig cfg = ModelConfig::load(out + "/config.json");
+        CHECK(cfg.routing == ROUTING_XFT && cfg.has_shared() && !cfg.shared_gate && cfg.shared_dim == cfg.ffn_dim);
+        Tensors D(c.dense), M(out);
+        bool exact = true;
+        for (int l = 0; l < 2; l++)
+            for (int mat = 0; mat < 3; mat++) {
+                exact &= M[q_shared_name(l, mat)] == D[ffn_name(l, mat)];
+                for (int e = 0; e < cfg.n_experts; e++) exact &= M[q_expert_name(l, e, mat)] == D[ffn_name(l, mat)];
+            }
+        CHECK_MSG(exact, "%s: an expert is not the dense FFN bit for bit", args.c_str());
+        for (float router_scale : {1.0f, 300.0f, -1.0f}) {  // -1: a random N(0, 1) router
+            Model X;
+            X.load(out);
+            for (int l = 0; l < X.cfg.n_layer; l++) {
+                float* r = X.param(l, P_ROUTER);
+                for (int i = 0; i < X.cfg.n_experts * X.cfg.d_model; i++)
+                    r[i] = router_scale > 0 ? r[i] * router_scale : (float)rng_normal(5, 100 + l, i);
+            }
+            std::vector<int> in(16);
+            for (int i = 0; i < 16; i++) in[i] = (i * 7 + 3) % X.cfg.vocab_size;
+            X.forward(in.data(), nullptr, 2, 8);
+            double e = rel_err(std::vector<float>(X.logits.begin(), X.logits.begin() + dense.size()), dense);
+            worst = std::max(worst, e);
+            CHECK_MSG(e <= 2e-6, "%s (router x %g): logits differ from dense: max rel err %.3g", args.c_str(),
+                      router_scale, e);
+        }
+    }
+    printf("    xft (E, K, routers incl. x300 and random): max relative logit error vs dense %.2g\n", worst);
+}
+
 // qwen2: with r = 0, every replica's G experts are disjoint neuron sets of the dense FFN that
 // cover it (gate and up rows exact, down columns x the routed multiplier); with r = 0.5,
 // exactly floor(F_e r) whole neurons per expert matrix differ from the r = 0 expert, and the
@@ -1302,6 +1349,8 @@ static void test_errors() {
         {"--method qwen2 --granularity 3 --from " + dense, "--granularity 3 must divide the dense FFN width F = 64"},
         {"--method shared --shared-gate relu --from " + dense, "--shared-gate must be sigmoid or none, found \"relu\""},
         {"--method naive --shared-gate none --from " + dense, "--shared-gate applies to --method shared or qwen2"},
+        {"--method xft --routing softmax_topk --from " + dense, "--method xft makes an XFT model: --routing must be xft"},
+        {"--method naive --routing xft --from " + dense, "--routing xft needs the shared expert --method xft makes"},
         {"--method upit --from " + dense + " --experts 4", "needs at least 2 --from checkpoints"},
         {"--method upit --from " + dense + "," + other + " --experts 4", "upit: sources must have identical shapes"},
         {"--method upit --from " + dense + "," + dense + "," + dense + " --experts 2 --topk 1",
@@ -1367,6 +1416,7 @@ int main(int argc, char** argv) {
     run_test("partition", test_partition);
     run_test("shared (dense FFN as the shared expert) = dense", test_shared);
     run_test("qwen2 (shuffled shards, re-init, shared expert)", test_qwen2);
+    run_test("xft (shared + routed copies, xft routing) = dense", test_xft);
     run_test("output safety (--out refused, --overwrite)", test_output_safety);
     run_test("scratch", test_scratch);
     run_test("determinism and record", test_determinism);
