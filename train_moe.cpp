@@ -13,7 +13,8 @@ The model (N = B*T tokens, d = hidden size):
   per layer:
     x = x + o_proj(attention(rope(q(rmsnorm(x))), rope(k(..)), v(..)))
     x = x + ffn(rmsnorm(x))          ffn = SwiGLU, or a top-K mixture of SwiGLU experts
-                                     [+ a shared SwiGLU expert, optionally sigmoid-gated]
+                                     [+ a shared SwiGLU expert, optionally sigmoid-gated,
+                                        or weighted 1 - p(1) by XFT's routing]
   logits = lm_head(rmsnorm(x))                       [N, V]
   loss = CE + aux_coef * load_balancing [+ dpsl_coef * dpsl] + z_coef * router_z
                                                               (common/router_losses.h)
@@ -25,7 +26,7 @@ Names other files use (the tests, upcycle.cu and the dev/cuda programs include t
   MoE layer                       router_forward/_backward, moe_permute, moe_gather_forward/
                                   _backward, moe_combine_forward/_backward, router_stats,
                                   router_losses_backward; shared expert: shared_gate_forward/
-                                  _backward (its FFN is ffn_)
+                                  _backward, xft_shared_forward/_backward (its FFN is ffn_)
   optimizer                       global_norm, adamw_update
   Model                           load, init_scratch, forward, backward, forward_backward,
                                   zero_grad, step; cfg, layout, params, grads, m, v, acts

@@ -167,6 +167,8 @@ if want c; then
   curve_case dense
   curve_case moe --experts 4 --topk 2
   curve_case moe_softmax_topk_pooled --experts 4 --topk 2 --routing softmax_topk --aux-loss pooled
+  # XFT routing (docs/METHODS.md 1.8): a shared expert weighted 1 - p(1); its gate defaults to none
+  curve_case moe_xft --experts 4 --topk 2 --shared-experts 1 --routing xft
   # the Dirichlet-prior shaping loss is CPU-only (docs/METHODS.md 1.6): a clear refusal, no output
   out=$("$GPU" --data "$DATA" $VOCAB_FLAG --model tiny --experts 4 --aux-loss switch+dpsl --steps 1 --out "$tmp/gpu_dpsl" 2>&1)
   if [ $? -ne 0 ] && echo "$out" | grep -q "not implemented in the GPU trainer yet; use train_moe (CPU)" && [ ! -e "$tmp/gpu_dpsl" ]
