@@ -13,7 +13,8 @@ The model (N = B*T tokens, d = hidden size):
   per layer:
     x = x + o_proj(attention(rope(q(rmsnorm(x))), rope(k(..)), v(..)))
     x = x + ffn(rmsnorm(x))          ffn = SwiGLU, or a top-K mixture of SwiGLU experts
-                                     [+ a shared SwiGLU expert, optionally sigmoid-gated]
+                                     [+ a shared SwiGLU expert, optionally sigmoid-gated,
+                                        or weighted 1 - p(1) by XFT's routing]
                                      [or + Grove adjugate experts: one small SwiGLU per
                                       group of experts, run once per token per active group]
   logits = lm_head(rmsnorm(x))                       [N, V]
@@ -27,7 +28,7 @@ Names other files use (the tests, upcycle.cu and the dev/cuda programs include t
   MoE layer                       router_forward/_backward, moe_permute, moe_gather_forward/
                                   _backward, moe_combine_forward/_backward, router_stats,
                                   router_losses_backward; shared expert: shared_gate_forward/
-                                  _backward (its FFN is ffn_); Grove: grove_permute,
+                                  _backward, xft_shared_forward/_backward (its FFN is ffn_); Grove: grove_permute,
                                   grove_gather_forward/_backward, grove_combine_forward/
                                   _backward, grove_weights_backward
   optimizer                       global_norm, adamw_update
@@ -552,6 +553,9 @@ void ffn_backward(real* dx, real* dw_gate, real* dw_up, real* dw_down, const rea
 // lower expert index), and the gate weights of the selected experts:
 //   topk_softmax: w_k = p_{e_k} / sum_k' p_{e_k'}   (sum to 1; Mixtral)
 //   softmax_topk: w_k = p_{e_k}                      (no renormalization; Megatron pre-softmax)
+//   xft:          w_k = p_{e_1} softmax_k(p_{e_1}, .., p_{e_K})   (XFT, METHODS 1.8: a softmax over
+//                 the chosen PROBABILITIES, scaled to sum to p_{e_1}; the shared expert gets
+//                 the rest, 1 - p_{e_1}: xft_shared_forward)
 void router_forward(real* probs, int* topk, real* topw, const real* logits, const float* bias, int N, int E, int K,
                     Routing routing) {
 #pragma omp parallel for
@@ -577,18 +581,28 @@ void router_forward(real* probs, int* topk, real* topw, const real* logits, cons
             }
             sel[k] = best;
         }
+        real* w = topw + (size_t)n * K;
+        if (routing == ROUTING_XFT) {  // softmax over the K probabilities (each in [0, 1]: no max shift needed)
+            real esum = 0;
+            for (int k = 0; k < K; k++) { w[k] = exp_real(p[sel[k]]); esum += w[k]; }
+            for (int k = 0; k < K; k++) w[k] = p[sel[0]] * (w[k] / esum);
+            continue;
+        }
         real wsum = 0;
         for (int k = 0; k < K; k++) wsum += p[sel[k]];
-        for (int k = 0; k < K; k++)
-            topw[(size_t)n * K + k] = routing == ROUTING_TOPK_SOFTMAX ? p[sel[k]] / wsum : p[sel[k]];
+        for (int k = 0; k < K; k++) w[k] = routing == ROUTING_TOPK_SOFTMAX ? p[sel[k]] / wsum : p[sel[k]];
     }
 }
 // dlogits += d(gate weights)/dz given dtopw [N, K].
 //   softmax_topk: w_k = p_{e_k}            => dz_j = sum_k dw_k p_{e_k} (delta_{j,e_k} - p_j)
 //   topk_softmax: w = softmax over the selected logits only
 //                                          => dz_{e_k} = w_k (dw_k - sum_k' w_k' dw_k'), others 0
+//   xft: with q_k = p_{e_k}, s = softmax(q), w_k = q_1 s_k and the shared weight c = 1 - q_1
+//        (dshared [N] = dLoss/dc; nullptr for the other routings), gbar = sum_k s_k dw_k:
+//        dq_k = w_k (dw_k - gbar) + delta_{k,1} (gbar - dshared),
+//        then through p = softmax(z) as softmax_topk: dz_j = sum_k dq_k p_{e_k} (delta_{j,e_k} - p_j)
 void router_backward(real* dlogits, const real* dtopw, const real* probs, const int* topk, const real* topw, int N,
-                     int E, int K, Routing routing) {
+                     int E, int K, Routing routing, const real* dshared = nullptr) {
 #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         real* dz = dlogits + (size_t)n * E;
@@ -600,6 +614,18 @@ void router_backward(real* dlogits, const real* dtopw, const real* probs, const 
             real s = 0;
             for (int k = 0; k < K; k++) s += w[k] * dw[k];
             for (int k = 0; k < K; k++) dz[sel[k]] += w[k] * (dw[k] - s);
+        } else if (routing == ROUTING_XFT) {
+            const real q1 = p[sel[0]];
+            real gbar = 0;  // sum_k s_k dw_k, s_k = w_k / q_1
+            for (int k = 0; k < K; k++) gbar += w[k] * dw[k];
+            gbar /= q1;
+            real s = 0;  // sum_k dq_k p_{e_k}
+            for (int k = 0; k < K; k++) {
+                real dq = w[k] * (dw[k] - gbar) + (k == 0 ? gbar - dshared[n] : 0);
+                dz[sel[k]] += dq * p[sel[k]];
+                s += dq * p[sel[k]];
+            }
+            for (int j = 0; j < E; j++) dz[j] -= s * p[j];
         } else {
             real s = 0;  // sum_k dw_k p_{e_k}
             for (int k = 0; k < K; k++) s += dw[k] * p[sel[k]];
@@ -909,6 +935,27 @@ void adamw_update(real* p, const real* g, real* m, real* v, long n, const AdamWS
     }
 }
 
+// XFT's shared-expert weight (METHODS 1.8): c[n] = 1 - p_{e_1}, what the routed weights
+// (router_forward, xft: they add up to p_{e_1}) leave of 1; out[n] += c[n] y[n].
+// probs [N, E], topk [N, K]; c [N] is kept for the backward pass.
+void xft_shared_forward(real* out, real* c, const real* y, const real* probs, const int* topk, int N, int E, int K,
+                        int d) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        c[n] = 1 - probs[(size_t)n * E + topk[(size_t)n * K]];
+        axpy(out + (size_t)n * d, c[n], y + (size_t)n * d, d);
+    }
+}
+// dy[n] = c[n] dout[n] (written); dc[n] = dout[n] . y[n] (written; router_backward takes it)
+void xft_shared_backward(real* dy, real* dc, const real* dout, const real* y, const real* c, int N, int d) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const real* dor = dout + (size_t)n * d;
+        dc[n] = dot(dor, y + (size_t)n * d, d);
+        for (int i = 0; i < d; i++) dy[(size_t)n * d + i] = c[n] * dor[i];
+    }
+}
+
 // ----------------------------------------------------------------------------
 // The model: parameters (one flat buffer, HF tensor names via ParamLayout), gradients,
 // AdamW moments, and the activations kept for the backward pass.
@@ -938,7 +985,7 @@ struct LayerActs {
     // shared expert (cfg.shared_dim = Fs > 0)
     std::vector<real> sg, su, sh, ss;  // [N, Fs] its gate, up, h, sigmoid(gate)
     std::vector<real> sy;              // [N, d] its output before the sigmoid gate
-    std::vector<real> sgate;           // [N] sigmoid(ln2 . w_gate) (shared_gate only)
+    std::vector<real> sgate;           // [N] sigmoid(ln2 . w_gate) (shared_gate), or 1 - p_{e_1} (xft routing)
     // Grove adjugate experts (cfg.grove_groups = G > 0); R <= N*Kg rows, Kg = min(K, G)
     std::vector<int> gcounts, goffsets;  // [G], [G+1] rows per group and where they start
     std::vector<int> grow_token, grow_of;  // [N*Kg] token of each row, [N*K] row of each slot
@@ -996,6 +1043,7 @@ struct Model {
         std::vector<real> dtopw, dey, dxe, drouter;   // MoE: [N, K], [N*K, d] x2, [N, E]
         std::vector<real> dsg, dsu, dsh, dsy;         // shared expert: [N, Fs] x3, [N, d]
         std::vector<real> dag, dau, dah, dya, dxa, dgw; // Grove: [N*Kg, F_a] x3, [N*Kg, d] x2, [N*Kg]
+        std::vector<real> dsc;                        // xft routing: [N] dLoss/d(shared weight)
     } scratch;
 
     // ---- making, loading and saving (common/run.h calls these) ----
@@ -1081,7 +1129,7 @@ struct Model {
         if (cfg.is_moe()) { s.dtopw.resize(N * K); s.dey.resize(N * K * d); s.dxe.resize(N * K * d); s.drouter.resize(N * E); }
         if (cfg.has_shared()) {
             const size_t Fs = cfg.shared_dim;
-            s.dsg.resize(N * Fs); s.dsu.resize(N * Fs); s.dsh.resize(N * Fs); s.dsy.resize(N * d);
+            s.dsg.resize(N * Fs); s.dsu.resize(N * Fs); s.dsh.resize(N * Fs); s.dsy.resize(N * d); s.dsc.resize(N);
         }
         if (cfg.has_grove()) {
             const size_t R = N * std::min(K, (size_t)cfg.grove_groups), Fa = cfg.grove_dim;
@@ -1147,12 +1195,15 @@ struct Model {
         }
         grove_gather_backward(dln2, dxa, a.grow_of.data(), N, K, d);
     }
-    // out [N, d] += [sigmoid(ln2 . w_g) *] SwiGLU_shared(ln2)
+    // out [N, d] += [sigmoid(ln2 . w_g) * | (1 - p_{e_1}) *] SwiGLU_shared(ln2)
     void shared_forward(real* out, LayerActs& a, int l) {
         const int N = B * T, d = cfg.d_model, Fs = cfg.shared_dim;
         ffn_forward(a.sy.data(), a.sg.data(), a.su.data(), a.sh.data(), a.ss.data(), a.ln2.data(), param(l, P_SGATE),
                     param(l, P_SUP), param(l, P_SDOWN), N, d, Fs);
-        if (cfg.shared_gate)
+        if (cfg.routing == ROUTING_XFT)
+            xft_shared_forward(out, a.sgate.data(), a.sy.data(), a.rprobs.data(), a.topk.data(), N, cfg.n_experts,
+                               cfg.top_k, d);
+        else if (cfg.shared_gate)
             shared_gate_forward(out, a.sgate.data(), a.ln2.data(), param(l, P_SGATE_W), a.sy.data(), N, d);
         else
             residual_forward(out, out, a.sy.data(), (size_t)N * d);
@@ -1161,7 +1212,10 @@ struct Model {
     void shared_backward(real* dln2, const real* dout, LayerActs& a, int l) {
         const int N = B * T, d = cfg.d_model, Fs = cfg.shared_dim;
         const real* dy = dout;  // ungated: the FFN's output gradient is dout itself
-        if (cfg.shared_gate) {
+        if (cfg.routing == ROUTING_XFT) {  // the weight's gradient goes to the router (moe_backward)
+            xft_shared_backward(scratch.dsy.data(), scratch.dsc.data(), dout, a.sy.data(), a.sgate.data(), N, d);
+            dy = scratch.dsy.data();
+        } else if (cfg.shared_gate) {
             shared_gate_backward(dln2, grad(l, P_SGATE_W), scratch.dsy.data(), dout, a.ln2.data(), param(l, P_SGATE_W),
                                  a.sy.data(), a.sgate.data(), N, d);
             dy = scratch.dsy.data();
@@ -1199,7 +1253,8 @@ struct Model {
         router_losses_backward(dlogits, a.rprobs.data(), a.rlogits.data(), G.empty() ? nullptr : G.data(),
                                router_loss.aux_coef, router_loss.z_coef, scale, B, T, E,
                                Grow.empty() ? nullptr : Grow.data(), router_loss.dpsl.coef);
-        router_backward(dlogits, dtopw, a.rprobs.data(), a.topk.data(), a.topw.data(), N, E, K, cfg.routing);
+        router_backward(dlogits, dtopw, a.rprobs.data(), a.topk.data(), a.topw.data(), N, E, K, cfg.routing,
+                        cfg.routing == ROUTING_XFT ? scratch.dsc.data() : nullptr);
         matmul_backward(dln2, grad(l, P_ROUTER), dlogits, a.ln2.data(), param(l, P_ROUTER), N, d, E);
     }
     // the last forward pass's routing statistics, as the router losses read them (with

@@ -69,6 +69,7 @@ test/test_gpu.sh; data parallelism with 1-4 emulated GPUs and an NCCL stand-in: 
 #include "kernels/shared_expert.cuh"
 #include "kernels/grove.cuh"
 #include "kernels/swiglu.cuh"
+#include "kernels/xft_routing.cuh"
 
 using gpu::bf16;
 
@@ -314,7 +315,7 @@ struct LayerActs {
     float* dpsl_g = nullptr;                     // [N, E] dpsl's dL/dp, for the backward
     // shared expert (cfg.shared_dim = Fs > 0): a dense SwiGLU FFN over every token
     T *sgu, *sh, *sy;                            // [N, 2Fs] gate|up, [N, Fs] h, [N, d] its output
-    float* sgate;                                // [N] sigmoid(ln2 . w_g) (shared_gate only)
+    float* sgate;                                // [N] sigmoid(ln2 . w_g) (shared_gate), or 1 - p_{e_1} (xft)
     // Grove adjugate experts (cfg.grove_groups = G > 0): each over every token (kernels/grove.cuh)
     float* gw;                                   // [N, G] summed gate weights of each group (0: inactive)
     T *agu, *ah, *ya;                            // [G, N, 2Fa] gate|up, [G, N, Fa] h, [G, N, d] outputs
@@ -402,7 +403,7 @@ struct GPUModel {
     // backward scratch, shared by all layers
     T *dres, *dln, *dq, *dk, *dv, *datty, *dgu, *dh, *dey, *dxe;
     T *dsgu = nullptr, *dsh = nullptr, *dsy = nullptr;  // shared expert: [N, 2Fs], [N, Fs], [N, d]
-    float* dsz = nullptr;                               // shared gate: [N] d(loss)/d(x . w_g)
+    float* dsz = nullptr;                               // shared gate: [N] d(loss)/d(x . w_g); xft: d(loss)/d(1 - p_{e_1})
     T *dagu = nullptr, *dah = nullptr, *dya = nullptr;  // Grove: [N, 2Fa], [N, Fa], [G, N, d]
     float* dgw = nullptr;                               // Grove: [N, G] d(loss)/d(gw)
     float *dtopw, *drl, *att_D, *aux_g, *red_scratch;
@@ -738,6 +739,8 @@ struct GPUModel {
         gpu::router_logits_forward(a.rlogits, a.ln2, master(l, P_ROUTER), N, d, E, stream);
         gpu::router_forward(a.probs, a.rlse, a.topk, a.topw, a.rlogits, router_loss.aux_free_rate > 0 ? d_bias + (size_t)l * E : nullptr,
                             N, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
+        // XFT (METHODS 1.8): the weights q_1 softmax(q), and the shared expert's 1 - q_1
+        if (cfg.routing == ROUTING_XFT) gpu::xft_weights(a.topw, a.sgate, a.probs, a.topk, N, E, K, stream);
         gpu::moe_permute(a.seq_counts, a.counts, a.offsets, a.row_token, a.row_of, a.topk, B, T_, E, K, stream);
         gpu::router_stats(a.psum, a.zsum, a.probs, a.rlse, B, T_, E, stream);
         // dpsl: each expert's rows sorted on the device, its value's sums and its gradient
@@ -806,12 +809,14 @@ struct GPUModel {
             gpu::matmul_backward_weight(blas, grad(w[0]), dagu, a.ln2, N, d, 2 * Fa);     // w1 and w3 grads
         }
     }
-    // out [N, d] += [sigmoid(ln2 . w_g) *] SwiGLU_shared(ln2): the dense FFN's three kernels
+    // out [N, d] += [sigmoid(ln2 . w_g) * | (1 - p_{e_1}) *] SwiGLU_shared(ln2): the dense FFN's
+    // three kernels
     void shared_forward(T* out, LayerActs<T>& a, int l) {
         const int N = B * T_, d = cfg.d_model, Fs = cfg.shared_dim;
         gpu::matmul_forward(blas, a.sgu, a.ln2, weight(l, P_SGATE), N, d, 2 * Fs);  // gate|up in one GEMM
         gpu::swiglu_forward(a.sh, a.sgu, (size_t)N, Fs, stream);
         gpu::matmul_forward(blas, a.sy, a.sh, weight(l, P_SDOWN), N, Fs, d);
+        if (cfg.routing == ROUTING_XFT) return gpu::xft_shared_forward(out, a.sgate, a.sy, N, d, stream);
         gpu::shared_gate_forward(out, a.sgate, a.ln2, cfg.shared_gate ? master(l, P_SGATE_W) : nullptr, a.sy, N, d,
                                  stream);
     }
@@ -820,7 +825,9 @@ struct GPUModel {
     void shared_backward(T* dln2, const T* dout, LayerActs<T>& a, int l) {
         const int N = B * T_, d = cfg.d_model, Fs = cfg.shared_dim;
         const T* dy = dout;  // ungated: the FFN's output gradient is dout itself
-        if (cfg.shared_gate) {
+        if (cfg.routing == ROUTING_XFT) {
+            dy = dsy;  // xft: written by moe_backward (xft_shared_backward), before the router's backward
+        } else if (cfg.shared_gate) {
             gpu::shared_gate_backward(dsy, dln2, grad(l, P_SGATE_W), dsz, dout, a.ln2, master(l, P_SGATE_W), a.sy,
                                       a.sgate, N, d, stream);
             dy = dsy;
@@ -883,8 +890,17 @@ struct GPUModel {
         }
         // dpsl's dL/dp per row [N, E] came with its forward (kernels/dpsl.cuh)
         const bool dpsl = a.dpsl_g && router_loss.dpsl.coef != 0;
+        // xft: the shared expert's weight 1 - q_1 has its gradient dc = dout . y; with it, the
+        // gate weights' gradient becomes one over the chosen probabilities (dtopw in place),
+        // which the router's softmax_topk path takes through the softmax
+        const bool xft = cfg.routing == ROUTING_XFT;
+        if (xft) {
+            gpu::xft_shared_backward(dsy, dsz, dout, a.sy, a.sgate, N, d, stream);
+            gpu::xft_gate_backward(dtopw, a.topw, a.probs, a.topk, dsz, N, E, K, stream);
+        }
         gpu::router_backward(drl, dtopw, a.probs, a.rlse, a.topk, a.topw, g_dev, (float)router_loss.aux_coef, (float)router_loss.z_coef,
-                             grad_scale, N, gathered ? N * world() : N, T_, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream,
+                             grad_scale, N, gathered ? N * world() : N, T_, E, K,
+                             cfg.routing == ROUTING_SOFTMAX_TOPK || xft, stream,
                              dpsl ? a.dpsl_g : nullptr, (float)router_loss.dpsl.coef);
         gpu::router_backward_matmul(dln2, grad(l, P_ROUTER), red_scratch, drl, a.ln2, master(l, P_ROUTER), N, d, E, stream);
         // the shared expert last, though it ran last in the forward: it adds into dln2,

@@ -19,6 +19,10 @@ from a trained MoE: every initialization of docs/METHODS.md section 2.
   qwen2      Qwen2: shared expert as above; routed experts F/G wide, each a set of a
              shuffled partition of a copy of the FFN, a fraction r re-initialized
              (Drop-Upcycling's re-init)                                                (2.11)
+  xft        XFT: dense FFN = the shared expert (unscaled), routed experts = copies,
+             xft routing (shared weight 1 - p(1)): the dense function is kept         (2.13)
+  merge      XFT's merge back: a trained shared-expert MoE -> a dense Llama, FFN =
+             lambda shared + (1 - lambda) sum softmax(alpha)_i expert_i, alpha trained (2.13)
 
 Host code only: it builds with g++ (-x c++) on any machine and with nvcc. The math lives in
 common/upcycle_ops.h; this file reads the sources, streams the output and records what it did.
@@ -40,6 +44,7 @@ whole, one at a time, for its forward passes.
 #include "train_moe.cpp"  // the CPU trainer's Model: gradients for utility scores
 #include "common/sha256.h"
 #include "common/upcycle_ops.h"
+#include "common/xft_merge.h"  // defines: XftMerger (merge: MoE -> dense, XFT)
 
 #define UPCYCLE_VERSION "1"
 
@@ -67,6 +72,8 @@ struct UpcycleArgs {
     std::string select = "uniform", score = "weight_norm", shared_gate = "sigmoid";
     std::string upit_pair = "farthest", upit_shared = "mean", upit_router = "init";
     double upit_w_min = 0.25, upit_w_max = 0.75;
+    double merge_lambda = 0.75, merge_lr = 0.05;
+    int merge_steps = 100;
     int experts = 8, topk = 2, vocab = 0, granularity = 1, max_dup = 3, utility_batches = 4, batch = 4, seq = 64;
     int threads = 0;
     long seed = 1337;
@@ -77,8 +84,8 @@ struct UpcycleArgs {
 
     void add_to(Cli& cli) {
         cli.section("Input and output");
-        cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, expand, "
-                                     "btm-average, upit or grove (required)");
+        cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, xft, "
+                                     "merge, expand, btm-average, upit or grove (required)");
         cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx, "
                                  "btm-average and upit: a,b,c,...");
         cli.add("--model", &model, std::string("scratch without --from: preset shape (") + model_preset_names() + ")");
@@ -117,6 +124,13 @@ struct UpcycleArgs {
         cli.add("--upit-router", &upit_router, "init (the usual router init) or seed: + rows from the mean hidden state of "
                                                "the sequences each checkpoint predicts best (--utility-batches batches "
                                                "of --batch x --seq from --data; loads each checkpoint whole)");
+        cli.section("XFT merge (--method merge: a trained shared-expert MoE -> a dense Llama)");
+        cli.add("--merge-lambda", &merge_lambda, "W = lambda shared + (1 - lambda) sum_i softmax(alpha)_i expert_i "
+                                                 "(XFT's released code: 0.75)", Range::between(0, 1));
+        cli.add("--merge-steps", &merge_steps, "Adam steps on alpha (per layer E mixing logits; all else frozen), "
+                                               "batches of --batch x --seq from --data (0: uniform alpha)",
+                Range::between(0, 1 << 24));
+        cli.add("--merge-lr", &merge_lr, "Adam learning rate of alpha", Range::between(0, 1e6));
         cli.section("Expert upcycling (--method expand)");
         cli.add("--select", &select, "uniform (each expert duplicated m-1 times) or utility (greedy by --score)");
         cli.add("--score", &score, "weight_norm, grad_norm, saliency or fisher; the gradient-based ones load the "
@@ -124,9 +138,9 @@ struct UpcycleArgs {
         cli.add("--max-dup", &max_dup, "utility: at most this many new copies of one expert", Range::at_least(1));
         cli.add("--utility-batches", &utility_batches, "gradient scores (and upit --upit-router seed): training batches",
                 Range::between(1, 1 << 20));
-        cli.add("--data", &data, "gradient scores, upit seed router: token shard folder (as train_moe --data)");
-        cli.add("--batch", &batch, "gradient scores, upit seed router: sequences per batch", Range::between(1, 1 << 20));
-        cli.add("--seq", &seq, "gradient scores, upit seed router: tokens per sequence", Range::between(1, 1 << 20));
+        cli.add("--data", &data, "gradient scores, upit seed router, merge: token shard folder (as train_moe --data)");
+        cli.add("--batch", &batch, "gradient scores, upit seed router, merge: sequences per batch", Range::between(1, 1 << 20));
+        cli.add("--seq", &seq, "gradient scores, upit seed router, merge: tokens per sequence", Range::between(1, 1 << 20));
         cli.section("Grove MoE (--method grove; --from = an MoE checkpoint)");
         cli.add("--grove-groups", &grove_groups, "G: groups of E/G consecutive experts, one adjugate expert each "
                                                  "(required; divides the source's E)", Range::between(0, 65536));
@@ -152,6 +166,8 @@ static const char* method_paper(const std::string& m) {
     if (m == "expand") return "expert upcycling E -> mE, arXiv 2604.19835";
     if (m == "shared") return "shared experts (DeepSeekMoE, arXiv 2401.06066; Qwen2-MoE, arXiv 2407.10671)";
     if (m == "qwen2") return "Qwen2 upcycling (fine-grained shuffled shards, re-init, shared expert), arXiv 2407.10671";
+    if (m == "merge") return "XFT's learnable merge of a shared-expert MoE into a dense model, arXiv 2404.15247";
+    if (m == "xft") return "XFT (shared expert + routing-weight normalization), arXiv 2404.15247";
     if (m == "upit") return "UpIT, Upcycling Instruction Tuning via parameter merging, arXiv 2410.01610";
     if (m == "grove") return "Grove MoE (adjugate experts), arXiv 2508.07785";
     return "?";
@@ -435,7 +451,9 @@ struct DenseUpcycler {
         load_layer(t.layer);
         const int mat = t.kind - P_SGATE;
         out = ffn[0][mat];
-        if (mat == MAT_DOWN) for (float& x : out) x *= shared_down_mult(out_cfg.shared_gate);
+        // xft: unscaled, its routing weighs it by 1 - p(1) (METHODS 2.13)
+        if (mat == MAT_DOWN && a.method != "xft")
+            for (float& x : out) x *= shared_down_mult(out_cfg.shared_gate);
     }
     // qwen2: expert e = set (e mod G) of replica (e div G)'s shuffled partition; then floor(F_e r)
     // of its neurons re-initialized from their own statistics (drop_neurons, Drop-Upcycling's
@@ -508,6 +526,13 @@ struct DenseUpcycler {
         out_cfg.n_experts = E;
         out_cfg.top_k = K;
         out_cfg.routing = parse_routing(a.routing, "--routing");
+        if (m == "xft") {  // XFT's model: its own routing, an ungated shared expert (METHODS 1.8, 2.13)
+            if (cli.was_set("--routing") && out_cfg.routing != ROUTING_XFT)
+                FAIL("--method xft makes an XFT model: --routing must be xft (or left out), found %s", a.routing.c_str());
+            out_cfg.routing = ROUTING_XFT;
+        } else if (out_cfg.routing == ROUTING_XFT) {
+            FAIL("--routing xft needs the shared expert --method xft makes (found --method %s)", m.c_str());
+        }
         if (a.router == "uniform") router_kind = ROUTER_UNIFORM;
         else if (a.router == "normal") router_kind = ROUTER_NORMAL;
         else FAIL("--router must be uniform or normal, found \"%s\"", a.router.c_str());
@@ -515,10 +540,13 @@ struct DenseUpcycler {
             if (!(a.ratio >= 0 && a.ratio <= 1)) FAIL("--ratio %g is outside [0, 1]", a.ratio);
             n_reinit = neurons_of_ratio(F, a.ratio);
         }
-        const bool with_shared = m == "shared" || m == "qwen2";
-        if (!with_shared && cli.was_set("--shared-gate"))
+        const bool with_shared = m == "shared" || m == "qwen2" || m == "xft";
+        if (!(m == "shared" || m == "qwen2") && cli.was_set("--shared-gate"))
             FAIL("--shared-gate applies to --method shared or qwen2, not %s", m.c_str());
-        if (with_shared) {
+        if (m == "xft") {
+            out_cfg.shared_dim = F;  // the dense FFN itself, ungated: xft routing weighs it
+            out_cfg.shared_gate = false;
+        } else if (with_shared) {
             if (a.shared_gate != "sigmoid" && a.shared_gate != "none")
                 FAIL("--shared-gate must be sigmoid or none, found \"%s\"", a.shared_gate.c_str());
             out_cfg.shared_dim = F;  // the whole dense FFN: S = 1 shared expert of width F
@@ -576,7 +604,11 @@ struct DenseUpcycler {
                                  "projection (w2); the model itself has no output multiplier", (double)E / K);
         }
         if (m == "scratch") rec["init"] = "every matrix N(0, 0.02^2) (router included), norms 1";
-        if (with_shared) {
+        if (m == "xft") {
+            rec["shared_expert"] = "the dense FFN unchanged (no gate; xft routing weighs it by 1 - p(1))";
+            rec["shared_expert_width"] = F;
+            rec["routed_experts"] = "copies of the dense FFN (routed weights p(1) softmax(top-K probabilities))";
+        } else if (with_shared) {
             rec["shared_expert"] = out_cfg.shared_gate
                 ? "the dense FFN; sigmoid gate vector 0 (gate 1/2 on every token)"
                 : "the dense FFN with down_proj x 1/2 (no gate)";
@@ -1167,6 +1199,93 @@ struct GroveUpcycler {
 };
 
 // ----------------------------------------------------------------------------
+// MoE -> dense: XFT's learnable merge (docs/METHODS.md 2.13; common/xft_merge.h)
+
+struct Merger {
+    const UpcycleArgs& a;
+    explicit Merger(const UpcycleArgs& args) : a(args) {}
+
+    void run(const Cli& cli) {
+        for (const char* o : {"--experts", "--topk", "--routing", "--router", "--ratio", "--granularity"})
+            if (cli.was_set(o)) FAIL("--method merge makes a dense model from the --from MoE: %s does not apply", o);
+        if (a.from.empty()) FAIL("--method merge needs --from (a trained MoE with a shared expert)");
+        if (split_commas(a.from).size() != 1) FAIL("--method merge takes one --from directory");
+        if (same_path_key(a.from) == same_path_key(a.out)) FAIL("--out %s is the source directory itself", a.out.c_str());
+        Source src;
+        src.open(a.from);
+        XftMerger X;
+        X.init(a.from, a.merge_lambda);
+        const int L = X.dense.cfg.n_layer, E = X.moe.cfg.n_experts, B = a.batch, T = a.seq;
+        printf("upcycle merge (%s): %s, shared + %d experts per layer -> a dense model, lambda %g; alpha: %d Adam "
+               "steps, lr %g, batches of %d x %d from %s\n", method_paper("merge"), a.from.c_str(), E, a.merge_lambda,
+               a.merge_steps, a.merge_lr, B, T, a.data.c_str());
+        Json losses = Json::array();
+        if (a.merge_steps > 0) {
+            DataLoader data(a.data, "", B, T, X.dense.cfg.vocab_size, (uint64_t)a.seed);
+            std::vector<int> in((size_t)B * T), tg((size_t)B * T);
+            for (int s = 0; s < a.merge_steps; s++) {
+                data.next_batch(in.data(), tg.data());
+                double loss = X.step(in.data(), tg.data(), B, T, a.merge_lr);
+                losses.push(Json(loss));
+                if (s == 0 || (s + 1) % 10 == 0 || s + 1 == a.merge_steps)
+                    printf("  step %d/%d: loss %.4f (before the step)\n", s + 1, a.merge_steps, loss);
+            }
+        }
+        X.set_ffns();  // the final alpha's FFNs
+        Json rec = Json::object(), al = Json::array(), ml = Json::array();
+        rec["method"] = "merge";
+        rec["paper"] = method_paper("merge");
+        rec["tool"] = "upcycle " UPCYCLE_VERSION;
+        rec["formula"] = "per layer and FFN matrix: W = lambda shared + (1 - lambda) sum_i softmax(alpha)_i expert_i "
+                         "(in double, rounded once); alpha trained by Adam with every other tensor frozen; router dropped";
+        rec["lambda"] = a.merge_lambda;
+        rec["steps"] = a.merge_steps;
+        rec["lr"] = a.merge_lr;
+        rec["optimizer"] = "Adam on alpha (betas 0.9, 0.999, eps 1e-8, no weight decay), alpha init 0 (uniform)";
+        rec["data"] = a.data;
+        rec["batch"] = B;
+        rec["seq"] = T;
+        rec["seed"] = a.seed;
+        rec["losses"] = losses;
+        for (int l = 0; l < L; l++) {
+            Json aj = Json::array(), mj = Json::array();
+            std::vector<double> m = softmax_of(X.alpha[l]);
+            for (int e = 0; e < E; e++) { aj.push(Json(X.alpha[l][e])); mj.push(Json(m[e])); }
+            al.push(aj);
+            ml.push(mj);
+        }
+        rec["alpha"] = al;
+        rec["weights"] = ml;
+        rec["source_routing"] = routing_name(X.moe.cfg.routing);
+        if (const Json* up = X.moe.cfg.extra.find("upcycling")) rec["source_upcycling"] = *up;
+        ModelConfig out_cfg = X.dense.cfg;
+        const ParamLayout& lay = X.dense.layout;
+        DType dt = output_dtype(a.dtype, src.ck->dtype());
+        check_output_size(lay, dt, a.out);
+        rec["dtype"] = dtype_name(dt);
+        Json sources = Json::array();
+        sources.push(src.record());
+        rec["sources"] = sources;
+        out_cfg.extra.erase("upcycling");
+        out_cfg.extra["upcycling"] = rec;
+        AtomicDir out(a.out);
+        Progress prog;
+        prog.n_layer = L;
+        prog.what = "model.safetensors";
+        stream_write(out.file("model.safetensors"), layout_tensors(lay), dt, {{"format", "pt"}},
+                     [&](size_t i, std::vector<float>& buf) {
+                         const ParamTensor& t = lay.tensors[i];
+                         for (size_t j = 0; j < t.numel; j++) buf[j] = (float)X.dense.params[t.offset + j];
+                     },
+                     prog);
+        write_config(out.file("config.json"), out_cfg, dt);
+        copy_tokenizer_files(src.dir, out);
+        out.commit();
+        printf("wrote %s (a dense Llama, %.1f MB, %.1fs)\n", a.out.c_str(), prog.bytes / 1e6, now_seconds() - prog.t0);
+    }
+};
+
+// ----------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
     UpcycleArgs a;
@@ -1191,6 +1310,8 @@ int main(int argc, char** argv) {
         "  ./upcycle --method partition --from dense/ --experts 8 --topk 2 --out moe_part\n"
         "  ./upcycle --method shared    --from dense/ --experts 8 --topk 2 --out moe_sh   (+ a shared expert)\n"
         "  ./upcycle --method qwen2     --from dense/ --experts 16 --topk 4 --granularity 4 --ratio 0.5 --out moe_q2\n"
+        "  ./upcycle --method xft       --from dense/ --experts 8 --topk 2 --out moe_xft   (XFT; train with train_moe)\n"
+        "  ./upcycle --method merge     --from runs/xft/step_001000 --data data/tiny --merge-steps 100 --out dense_xft\n"
         "  ./upcycle --method expand    --from runs/moe/step_001000 --experts 16 --select utility --score grad_norm\n"
         "            --data data/tiny --utility-batches 8 --out moe_x2\n"
         "  ./upcycle --method grove     --from moe_nu --grove-groups 4 --grove-width 64 --out moe_grove\n"
@@ -1202,27 +1323,32 @@ int main(int argc, char** argv) {
         if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif
         if (a.method.empty())
-            FAIL("--method is required (scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, expand, "
-                 "btm-average, upit, grove)");
+            FAIL("--method is required (scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, xft, "
+                 "merge, expand, btm-average, upit, grove)");
         if (a.out.empty()) FAIL("--out is required (the output directory)");
         {  // nothing the user did not ask to lose: inputs, an existing file, a non-empty directory
             std::vector<std::string> inputs = a.from.empty() ? std::vector<std::string>() : split_commas(a.from);
-            if (a.method == "expand" || a.method == "upit") inputs.push_back(a.data);  // read for scores / seed router
+            if (a.method == "expand" || a.method == "upit" || a.method == "merge") inputs.push_back(a.data);  // read for scores / seed router
             check_output_location(a.out, inputs, a.overwrite);
         }
         static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "shared",
-                                        "qwen2", "expand", "btm-average", "upit", "grove"};
+                                        "qwen2", "xft", "merge", "expand", "btm-average", "upit", "grove"};
         bool known = false;
         for (const char* k : methods) known |= a.method == k;
         if (!known)
             FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, "
-                 "expand, btm-average, upit, grove", a.method.c_str());
+                 "xft, merge, expand, btm-average, upit, grove", a.method.c_str());
         for (const char* o : {"--upit-pair", "--upit-w-min", "--upit-w-max", "--upit-shared", "--upit-router"})
             if (a.method != "upit" && cli.was_set(o)) FAIL("%s applies to --method upit only", o);
         for (const char* o : {"--grove-groups", "--grove-width", "--grove-scale", "--grove-std"})
             if (a.method != "grove" && cli.was_set(o)) FAIL("%s applies to --method grove only", o);
+        for (const char* o : {"--merge-lambda", "--merge-steps", "--merge-lr"})
+            if (a.method != "merge" && cli.was_set(o)) FAIL("%s applies to --method merge only", o);
         if (a.method == "expand") {
             Expander x(a);
+            x.run(cli);
+        } else if (a.method == "merge") {
+            Merger x(a);
             x.run(cli);
         } else if (a.method == "grove") {
             GroveUpcycler g(a);

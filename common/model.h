@@ -21,12 +21,17 @@
 #include "safetensors.h"   // defines: SafeTensorsReader, SafeTensorsWriter, CheckpointTensors
 #include "util.h"          // defines: Error, FAIL, strfmt, file helpers
 
-enum Routing { ROUTING_TOPK_SOFTMAX = 0, ROUTING_SOFTMAX_TOPK = 1 };
-inline const char* routing_name(Routing r) { return r == ROUTING_SOFTMAX_TOPK ? "softmax_topk" : "topk_softmax"; }
+// xft: XFT's routing-weight normalization (docs/METHODS.md 1.8); needs an ungated shared
+// expert, whose weight it sets to 1 - (the routed weights' sum)
+enum Routing { ROUTING_TOPK_SOFTMAX = 0, ROUTING_SOFTMAX_TOPK = 1, ROUTING_XFT = 2 };
+inline const char* routing_name(Routing r) {
+    return r == ROUTING_SOFTMAX_TOPK ? "softmax_topk" : r == ROUTING_XFT ? "xft" : "topk_softmax";
+}
 inline Routing parse_routing(const std::string& s, const std::string& what) {
     if (s == "topk_softmax") return ROUTING_TOPK_SOFTMAX;
     if (s == "softmax_topk") return ROUTING_SOFTMAX_TOPK;
-    FAIL("%s: routing must be topk_softmax or softmax_topk, found \"%s\"", what.c_str(), s.c_str());
+    if (s == "xft") return ROUTING_XFT;
+    FAIL("%s: routing must be topk_softmax, softmax_topk or xft, found \"%s\"", what.c_str(), s.c_str());
 }
 
 struct ModelConfig {
@@ -106,6 +111,10 @@ struct ModelConfig {
                 FAIL("%s: Grove adjugate experts (grove_groups %d) with a shared expert are not supported",
                      what.c_str(), grove_groups);
         }
+        if (routing == ROUTING_XFT && (shared_dim == 0 || shared_gate))
+            FAIL("%s: routing xft needs an ungated shared expert (shared_expert_intermediate_size > 0, "
+                 "shared_expert_gating none): it gives the shared expert the weight 1 - p(1); found %s", what.c_str(),
+                 shared_dim == 0 ? "no shared expert" : "shared_expert_gating sigmoid");
         if (vocab_size > 65536)
             FAIL("%s: vocab_size %d does not fit the uint16 token shards", what.c_str(), vocab_size);
         if ((long long)n_head * head_dim > INT32_MAX || (long long)n_kv_head * head_dim > INT32_MAX)
@@ -199,14 +208,18 @@ struct ModelConfig {
             j["shared_expert_intermediate_size"] = shared_dim;
             // HF's Qwen2-MoE: softmax over all E, top-K, renormalized iff norm_topk_prob;
             // that is our topk_softmax (renormalized) or softmax_topk (not): both load in HF
-            j["norm_topk_prob"] = routing == ROUTING_TOPK_SOFTMAX;
+            j["norm_topk_prob"] = routing == ROUTING_TOPK_SOFTMAX;  // false for xft (moe_routing says so)
             j["decoder_sparse_step"] = 1;
             j["mlp_only_layers"] = Json::array();
             j["use_sliding_window"] = sliding_window > 0;
             j["moe_routing"] = routing_name(routing);
             // our key: HF's Qwen2MoeSparseMoeBlock always applies the sigmoid gate
             j["shared_expert_gating"] = shared_gate ? "sigmoid" : "none";
-            if (!shared_gate)
+            if (routing == ROUTING_XFT)
+                j["moe_note"] = "xft routing (shared expert weight 1 - p(1), routed weights p(1) softmax over the "
+                                "top-K probabilities): Hugging Face Qwen2MoeForCausalLM does NOT compute this "
+                                "model's function; use this project's trainers";
+            else if (!shared_gate)
                 j["moe_note"] = "ungated shared expert (shared_expert_gating none): Hugging Face Qwen2MoeForCausalLM "
                                 "always applies a sigmoid gate and so does NOT compute this model's function; use "
                                 "this project's trainers";
@@ -275,6 +288,9 @@ struct ModelConfig {
             c.shared_dim = (int)j.get_int("shared_expert_intermediate_size", 1, 1 << 20, what);
             // HF's default for norm_topk_prob is false (no renormalization: softmax_topk)
             c.routing = j.get_bool("norm_topk_prob", false, what) ? ROUTING_TOPK_SOFTMAX : ROUTING_SOFTMAX_TOPK;
+            // xft is our own key's value (HF has no such routing); norm_topk_prob false beside it
+            if (j.has("moe_routing") && j.get_str("moe_routing", "", what) == "xft" && c.routing == ROUTING_SOFTMAX_TOPK)
+                c.routing = ROUTING_XFT;
             if (j.has("moe_routing") && parse_routing(j.get_str("moe_routing", "", what), what) != c.routing)
                 FAIL("%s: moe_routing \"%s\" contradicts norm_topk_prob %s (topk_softmax renormalizes: "
                      "norm_topk_prob true)", what.c_str(), j.get_str("moe_routing", "", what).c_str(),

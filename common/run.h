@@ -89,8 +89,10 @@ inline ModelConfig config_from_args(const TrainArgs& a, int tokenizer_vocab) {
         c.top_k = a.topk;
         if (a.expert_width > 0) c.ffn_dim = a.expert_width;
     }
-    if (a.shared_gate != "sigmoid" && a.shared_gate != "none")
-        FAIL("--shared-gate must be sigmoid or none, found \"%s\"", a.shared_gate.c_str());
+    // unset: sigmoid, or none with --routing xft (which sets the shared expert's weight itself)
+    const std::string gate = !a.shared_gate.empty() ? a.shared_gate : a.routing == "xft" ? "none" : "sigmoid";
+    if (gate != "sigmoid" && gate != "none")
+        FAIL("--shared-gate must be sigmoid or none, found \"%s\"", gate.c_str());
     if (a.shared_experts > 0) {
         if (c.n_experts == 0)
             FAIL("--shared-experts %d needs routed experts: give --experts E > 0 too (found a dense model)",
@@ -98,8 +100,8 @@ inline ModelConfig config_from_args(const TrainArgs& a, int tokenizer_vocab) {
         if ((long long)a.shared_experts * c.ffn_dim > (1 << 24))
             FAIL("--shared-experts %d x F_e %d: a shared FFN wider than %d", a.shared_experts, c.ffn_dim, 1 << 24);
         c.shared_dim = a.shared_experts * c.ffn_dim;  // S experts of width F_e = one FFN of width S F_e
-        c.shared_gate = a.shared_gate == "sigmoid";
-    } else if (a.shared_gate != "sigmoid") {
+        c.shared_gate = gate == "sigmoid";
+    } else if (!a.shared_gate.empty()) {
         FAIL("--shared-gate %s applies only with --shared-experts S > 0 (a config.json sets it with the key "
              "shared_expert_gating)", a.shared_gate.c_str());
     }

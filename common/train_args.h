@@ -18,7 +18,7 @@ struct TrainArgs {
     int experts = 0, topk = 2, expert_width = 0, vocab = 0, shared_experts = 0;
     int grove_groups = 0, grove_width = 0;
     double grove_scale = 0.05;
-    std::string shared_gate = "sigmoid";
+    std::string shared_gate;  // "" = sigmoid (none with --routing xft)
     bool tie = false, init_optimizer = false;
     double init_std = 0.02;
     // optimization
@@ -60,7 +60,8 @@ struct TrainArgs {
                                                       "(DeepSeekMoE / Qwen2-MoE; saved as Qwen2MoeForCausalLM)",
                 Range::between(0, 1 << 16));
         cli.add("--shared-gate", &shared_gate, "with --shared-experts: sigmoid (Qwen2-MoE: the shared output times "
-                                               "sigmoid(x . g), a learned d-vector g) or none (DeepSeekMoE: added as is)");
+                                               "sigmoid(x . g), a learned d-vector g) or none (DeepSeekMoE: added as is); "
+                                               "default sigmoid, none with --routing xft");
         cli.add("--grove-groups", &grove_groups, "with --model and --experts: G groups of E/G consecutive experts, each "
                                                   "with one small adjugate expert run once per token when any expert "
                                                   "of its group is chosen (Grove MoE, arXiv 2508.07785)",
@@ -69,7 +70,9 @@ struct TrainArgs {
                                                "F_e / 4)", Range::between(0, 1 << 20));
         cli.add("--grove-scale", &grove_scale, "with --grove-groups: lambda, the adjugate output's scale (default 0.05, "
                                                "GroveMoE's released code)");
-        cli.add("--routing", &routing, "with --model: topk_softmax (Mixtral) or softmax_topk (no renormalization)");
+        cli.add("--routing", &routing, "with --model: topk_softmax (Mixtral), softmax_topk (no renormalization) or "
+                                         "xft (XFT: needs --shared-experts; shared weight 1 - p(1), routed weights "
+                                         "p(1) softmax(top-K probabilities))");
         cli.flag("--tie", &tie, "with --model: tie the LM head to the token embedding");
         cli.add("--vocab", &vocab, "with --model: vocabulary size (default: the tokenizer's)",
                 Range::between(0, 65536));

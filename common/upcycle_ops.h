@@ -374,3 +374,44 @@ inline double sq_distance(const float* a, const float* b, size_t n) {
     }
     return s;
 }
+
+// ---- XFT's learnable merge back to a dense model (docs/METHODS.md 2.13) ----
+// Per layer, E mixing logits alpha; m = softmax(alpha) (in double, max-shifted), and each
+// FFN matrix (gate, up, down alike) of the dense model is
+//   W = lambda S + (1 - lambda) sum_i m_i X_i        S the shared expert's, X_i routed expert i's
+// summed in double in expert order and rounded once. So with every X_i = S the result is S
+// bit for bit, whatever alpha (the sum is within a few double ulps of the float S).
+inline std::vector<double> softmax_of(const std::vector<double>& a) {
+    double mx = a.empty() ? 0.0 : *std::max_element(a.begin(), a.end()), s = 0;
+    std::vector<double> m(a.size());
+    for (size_t i = 0; i < a.size(); i++) s += (m[i] = std::exp(a[i] - mx));
+    for (double& x : m) x /= s;
+    return m;
+}
+template <typename T>
+inline void xft_merge_matrix(T* out, const T* shared, const std::vector<const T*>& experts,
+                             const std::vector<double>& m, double lambda, size_t n) {
+#pragma omp parallel for
+    for (long i = 0; i < (long)n; i++) {
+        double s = 0;
+        for (size_t k = 0; k < experts.size(); k++) s += m[k] * (double)experts[k][i];
+        out[i] = (T)(lambda * (double)shared[i] + (1 - lambda) * s);
+    }
+}
+// The gradient of the loss over alpha, given G = dLoss/dW for the layer's three matrices
+// (gate, up, down, concatenated; the same for X_i): with g_i = (1 - lambda) <G, X_i>,
+//   dLoss/dalpha_j = m_j (g_j - sum_i m_i g_i)            (softmax's Jacobian)
+// g_i summed in double, sequentially (the same on any thread count).
+template <typename T>
+inline std::vector<double> xft_merge_alpha_grad(const std::vector<const T*>& G, const std::vector<std::vector<const T*>>& X,
+                                                const std::vector<size_t>& n, const std::vector<double>& m, double lambda) {
+    const size_t E = m.size();
+    std::vector<double> g(E, 0.0), out(E);
+    for (size_t k = 0; k < E; k++)
+        for (size_t mat = 0; mat < G.size(); mat++)
+            for (size_t i = 0; i < n[mat]; i++) g[k] += (double)G[mat][i] * (double)X[mat][k][i];
+    double gbar = 0;
+    for (size_t k = 0; k < E; k++) gbar += m[k] * (1 - lambda) * g[k];
+    for (size_t k = 0; k < E; k++) out[k] = m[k] * ((1 - lambda) * g[k] - gbar);
+    return out;
+}

@@ -15,6 +15,15 @@ and data order):
                         width F/4 top-8 (the same routed total and active width as NU), each a shard
                         of a shuffled copy of the FFN with half its neurons re-initialized, + the
                         shared expert with its sigmoid gate
+  XFT                   ./upcycle --method xft: the dense FFN as an ungated shared expert + 8 routed
+                        copies top-2 with XFT's routing-weight normalization (shared weight 1 - p(1),
+                        routed weights p(1) softmax of the top-2 probabilities; arXiv 2404.15247,
+                        docs/METHODS.md 1.8, 2.13): the dense function at step 0
+  XFT merged            XFT's learnable merge of the trained XFT MoE back into a dense model
+                        (./upcycle --method merge, lambda 0.75, alpha trained for merge_steps Adam
+                        steps on training batches, all else frozen), evaluated as is (no training):
+                        dense compute, to compare with Dense (continued); "uniform alpha" is the same
+                        merge with 0 steps (every expert weighted 1/8)
   FS + shared           the same shape as "shared, sigmoid gate" from scratch (./train_moe
                         --experts 8 --topk 2 --shared-experts 1)
   Dense (continued) is the dense reference (the same stage as Table 1's).
@@ -64,6 +73,25 @@ def build(cfg: dict, root: str) -> R.Table:
         stages += [init, run]
         rows.append(R.Row(key, label, [init.name, key], key, before=["dense_base"]))
         shape[key] = [sh]
+    # XFT (arXiv 2404.15247): upcycle, train the MoE, merge back into a dense model, evaluate it
+    xi = R.upcycle_stage(root, "xft_init", cfg, ["--method", "xft", "--from", base] + ek, ["dense_base"])
+    xr = R.train_stage(root, "xft", cfg, ["--init", R.run_dir(root, xi.name)], needs=[xi.name], **moe_phase)
+    stages += [xi, xr]
+    rows.append(R.Row("xft", "XFT (dense FFN shared, xft routing) + 8 copies", [xi.name, "xft"], "xft",
+                      before=["dense_base"]))
+    shape["xft"] = ["E 8, top-2, F; shared F, xft weights"]
+    merge_steps = cfg.get("merge_steps", 200 if cfg["moe_steps"] >= 100 else 2)
+    for key, label, steps in [("xft_merged", f"XFT merged into a dense model (lambda 0.75, alpha {merge_steps} steps)",
+                               merge_steps),
+                              ("xft_merged_uniform", "XFT merged, uniform alpha (no merge training)", 0)]:
+        mg = R.upcycle_stage(root, f"{key}_model", cfg,
+                             ["--method", "merge", "--from", R.final_ckpt(root, xr), "--merge-lambda", "0.75",
+                              "--merge-steps", str(steps), "--merge-lr", "0.05", "--data", cfg["data"],
+                              "--batch", str(cfg["batch"]), "--seq", str(cfg["seq"])], [xr.name])
+        ev = R.ensemble_stage(root, f"{key}_eval", cfg, [R.run_dir(root, mg.name)], [mg.name])
+        stages += [mg, ev]
+        rows.append(R.Row(key, label, [mg.name, ev.name], ev.name, moe=False, before=["dense_base"], extra=[xr.name]))
+        shape[key] = ["dense, F (from the XFT MoE)"]
     fs = R.train_stage(root, "fs_shared", cfg, ["--model", cfg["model"], "--experts", E, "--topk", K,
                                                 "--shared-experts", "1", "--routing", "topk_softmax"], **moe_phase)
     stages.append(fs)
@@ -81,6 +109,10 @@ def build(cfg: dict, root: str) -> R.Table:
                "shared rows: 3 F neurons active per token (shared F + 2 routed F, or 8 of F/4), NU/DU: 2 F: equal "
                "tokens, not equal compute. shared/qwen2 split the FFN output evenly between the shared expert and the "
                "routed ones (docs/METHODS.md 2.11), so `shared` starts at the dense model's loss (like NU).",
+               "XFT rows (arXiv 2404.15247): the MoE row trains like the others; the merged rows are evaluated "
+               "without further training (the merge's alpha steps use training batches); their tokens are the XFT "
+               "MoE's. XFT's paper fine-tunes a 1.3B code model on instruction data; this is a small-scale check of "
+               "the mechanics, not of its claims.",
                "Qwen2 (arXiv 2407.10671) reports its upcycled 57B-A14B MoE, not an ablation of these inits; "
                "DeepSeekMoE (arXiv 2401.06066) reports shared-expert isolation helping models trained from scratch."],
         extra_columns=shape_col)

@@ -288,7 +288,7 @@ static void test_grove_round_trip() {
 //     the zero attention biases HF needs), and nonzero attention biases or dense-MLP layers
 //     are refused with the tensor's / key's name.
 static void test_qwen2_moe_round_trip() {
-    for (const char* name : {"moe_shared", "moe_shared_ungated"}) {
+    for (const char* name : {"moe_shared", "moe_shared_ungated", "moe_xft"}) {
         Model A;
         A.load(fixture_dir(name));
         std::string d = g_tmp + "/qwen_rt_" + name;
@@ -340,6 +340,13 @@ static void test_qwen2_moe_round_trip() {
     j["decoder_sparse_step"] = 1;
     j["moe_routing"] = "softmax_topk";
     expect_error([&] { ModelConfig::from_json(j, "cfg"); }, "contradicts norm_topk_prob true", "routing mismatch");
+    {  // XFT routing sets the shared expert's weight: a sigmoid gate beside it is refused
+        Json x = Json::parse_file(fixture_dir("moe_xft") + "/config.json");
+        CHECK(ModelConfig::from_json(x, "cfg").routing == ROUTING_XFT);
+        x["shared_expert_gating"] = "sigmoid";
+        expect_error([&] { ModelConfig::from_json(x, "cfg"); }, "routing xft needs an ungated shared expert",
+                     "xft with a sigmoid gate");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1141,7 +1148,7 @@ int main(int argc, char** argv) {
     run_test("exp_real = the correctly rounded e^x", test_exp_real);
     for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
                           "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1", "moe_dpsl", "moe_shared",
-                          "moe_shared_ungated", "moe_grove"})
+                          "moe_shared_ungated", "moe_grove", "moe_xft"})
         run_test(std::string("fixture ") + f, [&] { test_fixture(f); });
     run_test("thread count: bit-identical", test_thread_count_bit_identical);
     run_test("MoE of copies = dense", test_moe_copies_equal_dense);

@@ -174,6 +174,8 @@ if want c; then
   curve_case moe_softmax_topk_pooled --experts 4 --topk 2 --routing softmax_topk --aux-loss pooled
   # the Dirichlet-prior shaping loss (docs/METHODS.md 1.6; kernels/dpsl.cuh), its logged value too
   KEYS="loss dpsl" curve_case moe_dpsl --experts 4 --topk 2 --aux-loss switch+dpsl --dpsl-coef 0.1 --dpsl-alpha 0.5,1,1.5,2
+  # XFT routing (docs/METHODS.md 1.8): a shared expert weighted 1 - p(1); its gate defaults to none
+  curve_case moe_xft --experts 4 --topk 2 --shared-experts 1 --routing xft
 fi
 
 # ---------------------------------------------------------------------------

@@ -96,10 +96,14 @@ static void report_check(const std::string& tag, const std::string& what, double
 // Routing of one layer against a reference (logits z_ref [N, E], choices idx_ref [N, K],
 // weights w_ref [N, K]); returns the number of tokens whose choice differs where the
 // reference margin is below 2 eps (near-ties), after checking every other token.
+// xft routing (METHODS 1.8) also depends on which expert is chosen FIRST (its probability q_1
+// sets the shared weight 1 - q_1 and scales the routed ones): the function is continuous
+// where ranks 1 and 2 swap, its gradient is not. So there the first choice is compared too,
+// and the margin includes the gap between the two largest logits.
 static int check_routing(const std::string& tag, int layer, int N, int E, int K, const std::vector<float>& z,
                          const std::vector<double>& z_ref, const std::vector<int>& idx, const std::vector<int>& idx_ref,
                          const std::vector<float>& w, const std::vector<double>& w_ref, const Tolerances& tol,
-                         bool require_margin) {
+                         bool require_margin, bool first_matters) {
     const double eps = tol.router_logits * max_abs(z_ref);
     double err = 0;
     for (size_t i = 0; i < z.size(); i++) err = std::max(err, std::fabs((double)z[i] - z_ref[i]) + (std::isnan(z[i]) ? INFINITY : 0));
@@ -109,11 +113,12 @@ static int check_routing(const std::string& tag, int layer, int N, int E, int K,
     double werr = 0;
     for (int n = 0; n < N; n++) {
         double m = topk_margin(&z_ref[(size_t)n * E], E, K);
+        if (first_matters && K > 1) m = std::min(m, topk_margin(&z_ref[(size_t)n * E], E, 1));
         min_margin = std::min(min_margin, m);
         std::vector<int> a(&idx[(size_t)n * K], &idx[(size_t)n * K] + K), b(&idx_ref[(size_t)n * K], &idx_ref[(size_t)n * K] + K);
         std::sort(a.begin(), a.end());
         std::sort(b.begin(), b.end());
-        if (a != b) {
+        if (a != b || (first_matters && idx[(size_t)n * K] != idx_ref[(size_t)n * K])) {
             if (m > 2 * eps) differ++;
             else near_tie++;
             continue;
@@ -204,7 +209,8 @@ static void check_step0(const Fixture& fx, Plant plant) {
             check_routing(tag, layer, N, E, K, download_floats(a.rlogits, (size_t)N * E, M.stream),
                           fx.tensor(strfmt("router_logits.%d", layer), {N, E}), idx,
                           fx.ints(strfmt("topk_idx.%d", layer), {N, K}), download_floats(a.topw, (size_t)N * K, M.stream),
-                          fx.tensor(strfmt("topk_weight.%d", layer), {N, K}), tol, /*require_margin=*/true);
+                          fx.tensor(strfmt("topk_weight.%d", layer), {N, K}), tol, /*require_margin=*/true,
+                          fx.cfg.routing == ROUTING_XFT);
             auto cnt = fx.ints(strfmt("expert_counts.%d", layer), {E});
             int cdiff = 0;
             for (int e = 0; e < E; e++) cdiff += cnt[e] != M.expert_counts(layer)[e];
@@ -420,7 +426,8 @@ static void check_adamw(const Fixture& fx, Plant plant) {
                     // a flipped near-tie changes every later layer's input: stop at the first
                     near_ties += check_routing(tag + strfmt(" step %d", s), layer, N, E, K,
                                                download_floats(M.acts[layer].rlogits, (size_t)N * E, M.stream), zs64, im, is,
-                                               download_floats(M.acts[layer].topw, (size_t)N * K, M.stream), ws64, tol, false);
+                                               download_floats(M.acts[layer].topw, (size_t)N * K, M.stream), ws64, tol, false,
+                                               fx.cfg.routing == ROUTING_XFT);
                 }
             }
             S->zero_grad();

@@ -9,6 +9,7 @@
 // and through the Dirichlet-prior shaping loss alone, in each of its variants.
 #define TRAIN_MOE_NO_MAIN
 #include "../train_moe.cpp"
+#include "../common/xft_merge.h"
 #include "fixture.h"
 #include "testing.h"
 
@@ -163,10 +164,50 @@ static void test_dpsl_path(DpslDistance distance, DpslEcdf ecdf, std::vector<dou
     fd_check(M, b, label + " -> attention", 2, [](const ParamTensor& t) { return t.kind == P_WQ; }, 3, &d);
 }
 
+// XFT's merge (docs/METHODS.md 2.13): dLoss/dalpha of the merged dense model, where alpha are
+// the mixing logits of W = lambda S + (1 - lambda) sum_i softmax(alpha)_i X_i, against
+// central differences; at an uneven alpha and at alpha = 0, lambda 0.75 and 0.
+static void test_xft_merge_alpha() {
+    const std::string dir = "test/fixtures/moe_xft";
+    Batch b = fixture_batch(dir);
+    for (double lambda : {0.75, 0.0}) {
+        XftMerger X;
+        X.init(dir, lambda);
+        for (int uneven : {1, 0}) {
+            for (size_t l = 0; l < X.alpha.size(); l++)
+                for (size_t e = 0; e < X.alpha[l].size(); e++) X.alpha[l][e] = uneven ? 0.7 * std::sin(1.0 + 3 * l + e) : 0;
+            std::vector<std::vector<double>> g;
+            X.loss_and_grad(b.in.data(), b.tg.data(), b.B, b.T, &g);
+            double worst = 0, gsum = 0, gmax = 0;
+            for (size_t l = 0; l < X.alpha.size(); l++)
+                for (size_t e = 0; e < X.alpha[l].size(); e++) {
+                    const double keep = X.alpha[l][e], h = 1e-5;
+                    X.alpha[l][e] = keep + h;
+                    const double lp = X.loss_and_grad(b.in.data(), b.tg.data(), b.B, b.T, nullptr);
+                    X.alpha[l][e] = keep - h;
+                    const double lm = X.loss_and_grad(b.in.data(), b.tg.data(), b.B, b.T, nullptr);
+                    X.alpha[l][e] = keep;
+                    const double fd = (lp - lm) / (2 * h), an = g[l][e];
+                    const double err = std::fabs(fd - an) / (1e-8 + 1e-5 * std::fabs(an) + 1e-5 * std::fabs(fd));
+                    worst = std::max(worst, err);
+                    gsum += an;
+                    gmax = std::max(gmax, std::fabs(an));
+                    CHECK_MSG(err <= 1, "lambda %g layer %zu alpha[%zu]: finite difference %.10g vs analytic %.10g",
+                              lambda, l, e, fd, an);
+                }
+            // a softmax's logits get gradients summing to 0, and these are not all 0
+            CHECK_MSG(std::fabs(gsum) <= 1e-12 * X.alpha.size() && gmax > 1e-4, "lambda %g: sum %.3g, max |g| %.3g",
+                      lambda, gsum, gmax);
+            printf("    lambda %g, alpha %s: worst ratio %.3g, max |dLoss/dalpha| %.3g\n", lambda,
+                   uneven ? "uneven" : "0", worst, gmax);
+        }
+    }
+}
+
 int main() {
     for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
                           "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1", "moe_dpsl", "moe_shared",
-                          "moe_shared_ungated", "moe_grove"})
+                          "moe_shared_ungated", "moe_grove", "moe_xft"})
         run_test(std::string("finite differences, every parameter: ") + f, [&] { test_all_params(f); });
     for (AuxLoss aux : {AUX_SWITCH, AUX_POOLED, AUX_SEQ}) {
         run_test(strfmt("router via aux %s only (topk_softmax)", aux_name(aux)),
@@ -178,5 +219,6 @@ int main() {
              [] { test_dpsl_path(DPSL_SQ, DPSL_MID, {0.5, 1.0, 1.5, 2.0}); });
     run_test("router via dpsl only (sq, right, alpha 1)", [] { test_dpsl_path(DPSL_SQ, DPSL_RIGHT, {1.0}); });
     run_test("router via dpsl only (abs, mid, alpha 0.75)", [] { test_dpsl_path(DPSL_ABS, DPSL_MID, {0.75}); });
+    run_test("XFT merge: dLoss/dalpha", test_xft_merge_alpha);
     return report();
 }

@@ -886,6 +886,152 @@ static void test_grove() {
     refused("--method grove --grove-groups 2 --experts 8 --from test/fixtures/moe_topk_softmax", "--experts");
     refused("--method grove --grove-groups 1 --from test/fixtures/moe_grove", "already has Grove adjugate experts");
     refused("--method naive --grove-groups 2 --experts 4 --from test/fixtures/dense", "applies to --method grove only");
+
+// xft (docs/METHODS.md 1.8, 2.13): the shared expert and every routed expert are the dense FFN
+// bit for bit, the routing is xft and the shared expert ungated; the MoE computes the dense
+// model (shared weight 1 - p(1) + routed weights summing to p(1)) for any E, K and router:
+// also with the router scaled x 300 (peaked, uneven probabilities) and with random routers.
+static void test_xft() {
+    double worst = 0;
+    struct Case { std::string dense, args; };
+    std::vector<Case> cases = {
+        {"test/fixtures/dense", "--experts 4 --topk 2"},
+        {"test/fixtures/dense", "--experts 8 --topk 3 --router normal --seed 7"},
+        {"test/fixtures/dense", "--experts 4 --topk 1"},
+        {"test/fixtures/dense_tied_gqa", "--experts 6 --topk 6"},
+    };
+    for (auto& c : cases) {
+        std::string out = tmp("xft"), args = "--method xft " + c.args;
+        if (!upcycle(args + " --from " + c.dense + " --out " + out)) return;
+        const std::vector<float> dense = logits_of(c.dense);
+        ModelConfig cfg = ModelConfig::load(out + "/config.json");
+        CHECK(cfg.routing == ROUTING_XFT && cfg.has_shared() && !cfg.shared_gate && cfg.shared_dim == cfg.ffn_dim);
+        Tensors D(c.dense), M(out);
+        bool exact = true;
+        for (int l = 0; l < 2; l++)
+            for (int mat = 0; mat < 3; mat++) {
+                exact &= M[q_shared_name(l, mat)] == D[ffn_name(l, mat)];
+                for (int e = 0; e < cfg.n_experts; e++) exact &= M[q_expert_name(l, e, mat)] == D[ffn_name(l, mat)];
+            }
+        CHECK_MSG(exact, "%s: an expert is not the dense FFN bit for bit", args.c_str());
+        for (float router_scale : {1.0f, 300.0f, -1.0f}) {  // -1: a random N(0, 1) router
+            Model X;
+            X.load(out);
+            for (int l = 0; l < X.cfg.n_layer; l++) {
+                float* r = X.param(l, P_ROUTER);
+                for (int i = 0; i < X.cfg.n_experts * X.cfg.d_model; i++)
+                    r[i] = router_scale > 0 ? r[i] * router_scale : (float)rng_normal(5, 100 + l, i);
+            }
+            std::vector<int> in(16);
+            for (int i = 0; i < 16; i++) in[i] = (i * 7 + 3) % X.cfg.vocab_size;
+            X.forward(in.data(), nullptr, 2, 8);
+            double e = rel_err(std::vector<float>(X.logits.begin(), X.logits.begin() + dense.size()), dense);
+            worst = std::max(worst, e);
+            CHECK_MSG(e <= 2e-6, "%s (router x %g): logits differ from dense: max rel err %.3g", args.c_str(),
+                      router_scale, e);
+        }
+    }
+    printf("    xft (E, K, routers incl. x300 and random): max relative logit error vs dense %.2g\n", worst);
+}
+
+// merge (XFT's merge back to dense, docs/METHODS.md 2.13):
+// (a) an xft-upcycled MoE (shared and routed experts all the dense FFN) merges back into the
+//     dense model bit for bit, every tensor, after alpha training too (any alpha mixes equal
+//     matrices); the output is a dense Llama directory;
+// (b) a random MoE (the moe_xft fixture): every FFN matrix equals lambda S + (1 - lambda)
+//     sum_i softmax(alpha)_i X_i computed here from the recorded alpha (in double), the other
+//     tensors are the MoE's, the router is gone; and the merged model's loss equals that of a
+//     model assembled here from those matrices; alpha moved and the first recorded loss is the
+//     loss at alpha = 0 computed here.
+static void test_merge() {
+    std::string data = tmp("merge_shards");
+    write_shards(data, 64);
+    const std::string common = " --data " + data + " --batch 2 --seq 8 --seed 3";
+    {  // (a)
+        std::string x = tmp("merge_xft"), out = tmp("merge_dense");
+        if (!upcycle("--method xft --experts 4 --topk 2 --from test/fixtures/dense --out " + x)) return;
+        if (!upcycle("--method merge --merge-steps 4 --merge-lr 0.5 --from " + x + common + " --out " + out)) return;
+        ModelConfig c = ModelConfig::load(out + "/config.json");
+        CHECK(!c.is_moe() && !c.has_shared() && c.ffn_dim == 64);
+        Tensors D("test/fixtures/dense"), M(out);
+        CHECK_MSG(D.t == M.t, "merge of an xft upcycle is not the dense model bit for bit");
+        Json j = Json::parse_file(out + "/config.json");
+        CHECK(j.get_str("model_type", "", "c") == "llama");
+        Json rec = *j.find("upcycling");
+        const Json& al = rec["alpha"];
+        // equal experts give every alpha the same gradient term: dLoss/dalpha = 0 exactly
+        CHECK_MSG(al.arr.size() == 2 && al.arr[0].arr.size() == 4 && al.arr[0].arr[0].num == 0,
+                  "alpha not recorded, or moved over equal experts");
+        // and any alpha mixes equal matrices into the same matrix, bit for bit (the formula itself)
+        const std::vector<float>& w = D[ffn_name(1, MAT_DOWN)];
+        std::vector<float> got(w.size());
+        for (double lambda : {0.75, 0.3, 0.0}) {
+            std::vector<double> m = softmax_of({0.3, -2.0, 1.7, 0.01});
+            xft_merge_matrix(got.data(), w.data(), std::vector<const float*>(4, w.data()), m, lambda, w.size());
+            CHECK_MSG(got == w, "lambda %g: a merge of equal matrices is not that matrix bit for bit", lambda);
+        }
+    }
+    {  // (b)
+        const std::string moe = "test/fixtures/moe_xft", out = tmp("merge_rand");
+        const double lambda = 0.6;
+        if (!upcycle("--method merge --merge-steps 3 --merge-lambda 0.6 --from " + moe + common + " --out " + out)) return;
+        Json j = Json::parse_file(out + "/config.json");
+        Json rec = *j.find("upcycling");
+        Tensors S(moe), M(out);
+        Model A;  // the merged model, assembled here
+        A.load(out);
+        bool other_same = true, moved = false;
+        double worst = 0;
+        for (auto& t : A.layout.tensors) {
+            if (t.kind == P_GATE || t.kind == P_UP || t.kind == P_DOWN) continue;
+            other_same &= M[t.name] == S[t.name];
+        }
+        for (int l = 0; l < 2; l++) {
+            std::vector<double> al, m;
+            double mx = -1e300, sum = 0;
+            for (auto& v : rec["alpha"].arr[l].arr) { al.push_back(v.num); mx = std::max(mx, v.num); moved |= v.num != 0; }
+            for (double v : al) { m.push_back(std::exp(v - mx)); sum += m.back(); }
+            for (double& v : m) v /= sum;
+            for (int mat = 0; mat < 3; mat++) {
+                const std::vector<float>& sh = S[q_shared_name(l, mat)];
+                std::vector<float> w(sh.size());
+                for (size_t i = 0; i < sh.size(); i++) {
+                    double r = 0;
+                    for (int e = 0; e < 4; e++) r += m[e] * S[q_expert_name(l, e, mat)][i];
+                    w[i] = (float)(lambda * sh[i] + (1 - lambda) * r);
+                }
+                const std::vector<float>& got = M[ffn_name(l, mat)];
+                for (size_t i = 0; i < w.size(); i++) worst = std::max(worst, (double)std::fabs(got[i] - w[i]) / (1e-30 + std::fabs(w[i])));
+                std::copy(w.begin(), w.end(), A.param(l, (ParamKind)(P_GATE + mat)));
+            }
+        }
+        CHECK_MSG(other_same, "merge: a non-FFN tensor is not the MoE's");
+        CHECK_MSG(worst <= 1e-6, "merge: an FFN entry differs from the formula by %.3g relative", worst);
+        CHECK_MSG(moved, "merge: alpha did not move");
+        std::vector<int> in(16), tg(16);
+        for (int i = 0; i < 16; i++) { in[i] = (i * 5 + 1) % 64; tg[i] = (i * 11 + 2) % 64; }
+        Model Y;
+        Y.load(out);
+        const double ly = Y.forward(in.data(), tg.data(), 2, 8).loss, la = A.forward(in.data(), tg.data(), 2, 8).loss;
+        CHECK_MSG(std::fabs(ly - la) <= 1e-6 * std::fabs(la), "merged loss %.9g vs direct %.9g", ly, la);
+        // the first recorded loss: the first training batch at alpha = 0 (uniform 1/E)
+        DataLoader dl(data, "", 2, 8, 64, 3);
+        dl.next_batch(in.data(), tg.data());
+        for (int l = 0; l < 2; l++)
+            for (int mat = 0; mat < 3; mat++) {
+                const std::vector<float>& sh = S[q_shared_name(l, mat)];
+                float* w = A.param(l, (ParamKind)(P_GATE + mat));
+                for (size_t i = 0; i < sh.size(); i++) {
+                    double r = 0;
+                    for (int e = 0; e < 4; e++) r += 0.25 * S[q_expert_name(l, e, mat)][i];
+                    w[i] = (float)(lambda * sh[i] + (1 - lambda) * r);
+                }
+            }
+        const double l0 = A.forward(in.data(), tg.data(), 2, 8).loss, r0 = rec["losses"].arr[0].num;
+        CHECK_MSG(std::fabs(l0 - r0) <= 1e-6 * std::fabs(l0), "first recorded loss %.9g vs alpha = 0 here %.9g", r0, l0);
+        printf("    merge: FFN vs formula max rel err %.2g; merged loss %.6f = direct %.6f; loss at alpha 0 %.6f\n",
+               worst, ly, la, l0);
+    }
 }
 
 // qwen2: with r = 0, every replica's G experts are disjoint neuron sets of the dense FFN that
@@ -1373,6 +1519,13 @@ static void test_errors() {
         {"--method qwen2 --granularity 3 --from " + dense, "--granularity 3 must divide the dense FFN width F = 64"},
         {"--method shared --shared-gate relu --from " + dense, "--shared-gate must be sigmoid or none, found \"relu\""},
         {"--method naive --shared-gate none --from " + dense, "--shared-gate applies to --method shared or qwen2"},
+        {"--method xft --routing softmax_topk --from " + dense, "--method xft makes an XFT model: --routing must be xft"},
+        {"--method naive --routing xft --from " + dense, "--routing xft needs the shared expert --method xft makes"},
+        {"--method merge --from " + dense, "needs an MoE with a shared expert"},
+        {"--method merge --from test/fixtures/moe_topk_softmax", "needs an MoE with a shared expert"},
+        {"--method merge --from test/fixtures/moe_shared", "the shared expert as wide as each routed expert"},
+        {"--method merge --experts 4 --from test/fixtures/moe_xft", "--method merge makes a dense model from the --from MoE"},
+        {"--method naive --merge-steps 3 --from " + dense, "--merge-steps applies to --method merge only"},
         {"--method upit --from " + dense + " --experts 4", "needs at least 2 --from checkpoints"},
         {"--method upit --from " + dense + "," + other + " --experts 4", "upit: sources must have identical shapes"},
         {"--method upit --from " + dense + "," + dense + "," + dense + " --experts 2 --topk 1",
@@ -1439,6 +1592,8 @@ int main(int argc, char** argv) {
     run_test("shared (dense FFN as the shared expert) = dense", test_shared);
     run_test("qwen2 (shuffled shards, re-init, shared expert)", test_qwen2);
     run_test("grove (adjugate experts with w2 = 0) = the source MoE", test_grove);
+    run_test("xft (shared + routed copies, xft routing) = dense", test_xft);
+    run_test("merge (XFT: MoE -> dense, alpha trained)", test_merge);
     run_test("output safety (--out refused, --overwrite)", test_output_safety);
     run_test("scratch", test_scratch);
     run_test("determinism and record", test_determinism);

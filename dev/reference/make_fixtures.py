@@ -100,6 +100,10 @@ FIXTURES = [
          aux="switch", aux_coef=0.01, z_coef=0.001, seed=12000,
          desc="Grove MoE E4 K2 F_e16 softmax_topk, 2 groups of 2 experts with adjugate experts of width 8, "
               "scale 0.5, GQA Hkv=2, switch aux 0.01, z 0.001"),
+    dict(name="moe_xft", kv=2, F=16, E=4, K=3, Fs=16, shared_gate=False,
+         routing="xft", aux="switch", aux_coef=0.01, z_coef=0.001, seed=12000,
+         desc="XFT E4 K3 F_e16 xft routing (shared weight 1 - p(1), routed weights p(1) softmax of "
+              "the top-3 probabilities) + a shared expert of width 16, GQA Hkv=2, switch aux 0.01, z 0.001"),
     dict(name="moe_dpsl", kv=4, F=32, E=4, K=2, routing="topk_softmax",
          aux="switch", aux_coef=0.01, z_coef=0.001, seed=9000,
          dpsl=dict(coef=0.1, alpha=[0.5, 1.0, 1.5, 2.0], distance="sq", ecdf="mid"),
@@ -205,16 +209,18 @@ def check_beta_cdf():
     return worst
 
 
-def min_topk_margin_rel(routing, K):
+def min_topk_margin_rel(routing, K, first_matters=False):
     """Smallest top-K margin (K-th minus (K+1)-th largest logit) of any token, relative to
-    its layer's largest |logit| (infinity when K = E)."""
+    its layer's largest |logit| (infinity when K = E). first_matters (xft routing, whose
+    gradient jumps where the first choice changes): the 1st-2nd margin too."""
     m = float("inf")
     for r in routing:
         z = r["router_logits"].detach()
-        if K >= z.shape[1]:
-            continue
         s = torch.sort(z, dim=-1, descending=True).values
-        m = min(m, float((s[:, K - 1] - s[:, K]).min() / z.abs().max()))
+        if K < z.shape[1]:
+            m = min(m, float((s[:, K - 1] - s[:, K]).min() / z.abs().max()))
+        if first_matters and z.shape[1] > 1:
+            m = min(m, float((s[:, 0] - s[:, 1]).min() / z.abs().max()))
     return m
 
 
@@ -402,6 +408,36 @@ def check_grove():
     return da, db
 
 
+def check_xft_dense():
+    """XFT routing (docs/METHODS.md 1.8): an MoE whose shared and routed experts are all the
+    same FFN computes that FFN (shared weight 1 - p(1) plus routed weights summing to p(1)),
+    whatever the router: its logits equal the dense model's."""
+    dspec = dict(FIXTURES[0], F=16)
+    dcfg = Config(hf_config(dspec))
+    Pd = to64(init_params(dcfg, 94))
+    xcfg = Config(hf_config(dict(FIXTURES[0], F=16, E=4, K=3, Fs=16, shared_gate=False, routing="xft")))
+    assert xcfg.routing == "xft"
+    Px = to64(init_params(xcfg, 93))  # keeps its random router
+    for n in Pd:
+        if ".mlp." not in n:
+            Px[n] = Pd[n]
+    for i in range(dcfg.L):
+        ffn = [Pd[f"model.layers.{i}.mlp.{w}_proj.weight"] for w in ("gate", "up", "down")]
+        for e in range(xcfg.E):
+            for a, w in zip(xcfg.expert_names(i, e), ffn):
+                Px[a] = w
+        for w, t in zip(("gate", "up", "down"), ffn):
+            Px[f"model.layers.{i}.mlp.shared_expert.{w}_proj.weight"] = t
+    inputs, _ = make_batch(dcfg, 94)
+    with torch.no_grad():
+        ld, _ = forward(Pd, dcfg, inputs)
+        lx, rx = forward(Px, xcfg, inputs)
+    diff = float((ld - lx).abs().max())
+    if diff > 1e-12:
+        fail(f"XFT MoE of dense copies != dense: {diff:.3e}")
+    return diff
+
+
 def hf_load_balancing_loss(gate_logits, num_experts, top_k):
     """Literal transcription of transformers' Mixtral load_balancing_loss_func
     (attention_mask=None)."""
@@ -479,7 +515,7 @@ def build(spec):
                 _, routing = forward(P, cfg, inputs)
             if spec.get("empty_expert") and int((routing[0]["counts"] == 0).sum()) == 0:
                 continue
-            if min_topk_margin_rel(routing, cfg.K) <= BF16_MARGIN:
+            if min_topk_margin_rel(routing, cfg.K, cfg.routing == "xft") <= BF16_MARGIN:
                 continue
         r, grads, losses, norms, gap, pgap = run_adamw(P, cfg, inputs, targets, spec)
         if cfg.moe and gap <= GAP_MIN:
@@ -554,6 +590,7 @@ def main():
         da, db = check_grove()
         print(f"check: Grove token by token == group by group: {da:.1e}; zero adjugate w2 == no adjugates: "
               f"{db:.1e}")
+        print(f"check: XFT MoE of dense copies == dense: max |dlogit| {check_xft_dense():.1e}")
 
     built = []
     for spec in specs:

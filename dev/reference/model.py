@@ -132,9 +132,13 @@ class Config:
             assert not self.qwen and self.E % self.G == 0 and self.Fa > 0, "grove config"
         if self.qwen:
             self.routing = "topk_softmax" if d.get("norm_topk_prob", False) else "softmax_topk"
+            # XFT (docs/METHODS.md 1.8): our own moe_routing value, with norm_topk_prob false
+            if d.get("moe_routing") == "xft" and self.routing == "softmax_topk":
+                self.routing = "xft"
+                assert not self.shared_gate, "xft routing needs shared_expert_gating none"
             assert d.get("decoder_sparse_step", 1) == 1 and not d.get("mlp_only_layers"), "dense-MLP layers"
         assert self.H % self.Hkv == 0, "num_key_value_heads must divide num_attention_heads"
-        assert self.routing in ("topk_softmax", "softmax_topk"), self.routing
+        assert self.routing in ("topk_softmax", "softmax_topk", "xft"), self.routing
         self.moe = self.E > 0
 
     def router_name(self, i):
@@ -285,7 +289,9 @@ def topk_stable(z, K):
 def moe_ffn(h2, P, i, cfg):
     """h2: [N, d] (layer i). Returns y [N, d] and routing info (router logits, probs, topk
     idx/weights, counts). Dropless: every (token, slot) pair is computed. The shared expert,
-    if any, is added to y: y += [sigmoid(h2 . g)] * swiglu_shared(h2)."""
+    if any, is added to y: y += [sigmoid(h2 . g)] * swiglu_shared(h2), or with XFT's routing
+    (docs/METHODS.md 1.8) y += (1 - p_(1)) * swiglu_shared(h2), where p_(1) is the first chosen
+    expert's probability and the routed weights are p_(1) * softmax(the chosen probabilities)."""
     N = h2.shape[0]
     z = h2 @ P[cfg.router_name(i)].T                             # [N, E]
     prob = torch.softmax(z, dim=-1)
@@ -293,6 +299,8 @@ def moe_ffn(h2, P, i, cfg):
     psel = prob.gather(1, idx)                                   # [N, K]
     if cfg.routing == "topk_softmax":
         w = psel / psel.sum(-1, keepdim=True)
+    elif cfg.routing == "xft":
+        w = psel[:, :1] * torch.softmax(psel, dim=-1)
     else:
         w = psel
     y = torch.zeros_like(h2)
@@ -318,7 +326,9 @@ def moe_ffn(h2, P, i, cfg):
     if cfg.Fs:
         q = f"model.layers.{i}.mlp.shared_expert."
         ys = swiglu(h2, P[q + "gate_proj.weight"], P[q + "up_proj.weight"], P[q + "down_proj.weight"])
-        if cfg.shared_gate:
+        if cfg.routing == "xft":
+            ys = (1 - psel[:, :1]) * ys                          # [N, 1] * [N, d]
+        elif cfg.shared_gate:
             ys = torch.sigmoid(h2 @ P[f"model.layers.{i}.mlp.shared_expert_gate.weight"].T) * ys  # [N, 1] * [N, d]
         y = y + ys
     return y, dict(router_logits=z, probs=prob, topk_idx=idx, topk_weight=w, counts=counts)
