@@ -886,6 +886,7 @@ static void test_grove() {
     refused("--method grove --grove-groups 2 --experts 8 --from test/fixtures/moe_topk_softmax", "--experts");
     refused("--method grove --grove-groups 1 --from test/fixtures/moe_grove", "already has Grove adjugate experts");
     refused("--method naive --grove-groups 2 --experts 4 --from test/fixtures/dense", "applies to --method grove only");
+}
 
 // xft (docs/METHODS.md 1.8, 2.13): the shared expert and every routed expert are the dense FFN
 // bit for bit, the routing is xft and the shared expert ungated; the MoE computes the dense
