@@ -502,6 +502,9 @@ struct GPUModel {
     // device buffers. Called once per model.
     void setup(const ModelConfig& c, const std::vector<float>& host_params, const std::vector<std::vector<float>>& bias) {
         cfg = c;
+        if (cfg.nexus_router)
+            FAIL("this model has the Nexus router (moe_router nexus, docs/METHODS.md 1.9), which the GPU trainer does "
+                 "not implement yet: train it with ./train_moe");
         layout = build_layout(cfg);
         check_fused_layouts();
         cudaCheck(cudaStreamCreate(&stream));
