@@ -19,6 +19,11 @@ from a trained MoE: every initialization of docs/METHODS.md section 2.
   qwen2      Qwen2: shared expert as above; routed experts F/G wide, each a set of a
              shuffled partition of a copy of the FFN, a fraction r re-initialized
              (Drop-Upcycling's re-init)                                                (2.11)
+  nexus      Nexus: --from seed,branch_1..branch_S; shared expert = the seed's FFN, expert
+             e = branch e's FFN; router R = Emb P, Emb = each domain's mean hidden state
+             under the seed (a CPU forward over --data), P = s I                       (2.14)
+  nexus-add  a trained Nexus MoE + a new branch + its domain data -> E+1 experts: the new
+             Emb row from the seed; P, the experts and the rest unchanged              (2.14)
 
 Host code only: it builds with g++ (-x c++) on any machine and with nvcc. The math lives in
 common/upcycle_ops.h; this file reads the sources, streams the output and records what it did.
@@ -66,6 +71,8 @@ struct UpcycleArgs {
     std::string routing = "topk_softmax", router = "uniform", du_index_mode = "independent", dtype = "same";
     std::string select = "uniform", score = "weight_norm", shared_gate = "sigmoid";
     std::string upit_pair = "farthest", upit_shared = "mean", upit_router = "init";
+    std::string nexus_domains, nexus_seed, nexus_hidden = "ffn_input";
+    double nexus_proj_scale = 1.0, nexus_down_scale = 1.0;
     double upit_w_min = 0.25, upit_w_max = 0.75;
     int experts = 8, topk = 2, vocab = 0, granularity = 1, max_dup = 3, utility_batches = 4, batch = 4, seq = 64;
     int threads = 0;
@@ -115,6 +122,21 @@ struct UpcycleArgs {
         cli.add("--upit-router", &upit_router, "init (the usual router init) or seed: + rows from the mean hidden state of "
                                                "the sequences each checkpoint predicts best (--utility-batches batches "
                                                "of --batch x --seq from --data; loads each checkpoint whole)");
+        cli.section("Nexus (--method nexus: --from seed,branch_1,...,branch_S; --method nexus-add: --from moe,branch)");
+        cli.add("--nexus-domains", &nexus_domains, "the domain of each branch, in --from's order (names of --data's "
+                                                   "<domain>_train_NNN.bin shards): its embedding is the seed's mean "
+                                                   "hidden state over --utility-batches x --batch x --seq of its tokens");
+        cli.add("--nexus-seed", &nexus_seed, "nexus-add: the seed dense model whose hidden states made the MoE's "
+                                             "domain embeddings (default: the seed recorded in the MoE's config.json)");
+        cli.add("--nexus-hidden", &nexus_hidden, "which hidden state: ffn_input (each layer's FFN input, after its "
+                                                 "RMSNorm: the router's own input) or final (the final norm's output, "
+                                                 "one embedding for every layer)");
+        cli.add("--nexus-proj-scale", &nexus_proj_scale, "nexus: P's init s I (R = s Emb at init; 0 = uniform routing)",
+                Range::between(0, 1e6));
+        cli.add("--nexus-down-scale", &nexus_down_scale, "nexus: down_proj multiplier of the shared and the routed "
+                                                         "experts (1 = the FFNs as trained: output seed FFN + routed mix; "
+                                                         "nexus-add: default the MoE's recorded value)",
+                Range::between(0, 1e6));
         cli.section("Expert upcycling (--method expand)");
         cli.add("--select", &select, "uniform (each expert duplicated m-1 times) or utility (greedy by --score)");
         cli.add("--score", &score, "weight_norm, grad_norm, saliency or fisher; the gradient-based ones load the "
@@ -144,6 +166,7 @@ static const char* method_paper(const std::string& m) {
     if (m == "shared") return "shared experts (DeepSeekMoE, arXiv 2401.06066; Qwen2-MoE, arXiv 2407.10671)";
     if (m == "qwen2") return "Qwen2 upcycling (fine-grained shuffled shards, re-init, shared expert), arXiv 2407.10671";
     if (m == "upit") return "UpIT, Upcycling Instruction Tuning via parameter merging, arXiv 2410.01610";
+    if (m == "nexus" || m == "nexus-add") return "Nexus: Specialization meets Adaptability, arXiv 2408.15901";
     return "?";
 }
 
@@ -304,6 +327,83 @@ static std::string same_path_key(const std::string& p) {
 }
 
 // ----------------------------------------------------------------------------
+// Nexus (docs/METHODS.md 2.14): domain embeddings from the seed model. For each domain, the
+// first --utility-batches batches of --batch x --seq tokens that a DataLoader of that domain
+// alone gives (the trainer's order with --seed) run through the seed; the embedding at layer
+// l is the mean over those tokens of the hidden state named by --nexus-hidden: ffn_input =
+// layer l's FFN input after its RMSNorm (what the router multiplies), final = the final norm's
+// output (the same row at every layer). Computed in double. Returns [domain][layer][d].
+
+static std::vector<std::vector<std::vector<float>>> nexus_domain_embeddings(const UpcycleArgs& a,
+                                                                            const std::string& seed_dir,
+                                                                            const std::vector<std::string>& domains,
+                                                                            Json* rec) {
+    if (a.nexus_hidden != "ffn_input" && a.nexus_hidden != "final")
+        FAIL("--nexus-hidden must be ffn_input or final, found \"%s\"", a.nexus_hidden.c_str());
+    std::vector<DomainFiles> files = discover_domains(a.data);
+    for (auto& dom : domains) {
+        bool ok = false;
+        std::string have;
+        for (auto& f : files) {
+            ok |= f.name == dom && !f.train.empty();
+            if (!f.train.empty()) have += (have.empty() ? "" : ", ") + f.name;
+        }
+        if (!ok) FAIL("--nexus-domains: no %s_train_NNN.bin shard in --data %s (domains with train data: %s)", dom.c_str(),
+                      a.data.c_str(), have.c_str());
+    }
+    Model M;
+    M.training = false;  // forward only: no gradients or moments
+    M.load(seed_dir);
+    if (M.cfg.is_moe()) FAIL("%s: the Nexus seed must be a dense model, found %d experts", seed_dir.c_str(), M.cfg.n_experts);
+    const int L = M.cfg.n_layer, d = M.cfg.d_model, B = a.batch, T = a.seq, NB = a.utility_batches;
+    const bool final_h = a.nexus_hidden == "final";
+    std::vector<std::vector<std::vector<float>>> emb;
+    Json norms = Json::array();
+    for (auto& dom : domains) {
+        DataLoader dl(a.data, dom + "=1", B, T, M.cfg.vocab_size, (uint64_t)a.seed);
+        std::vector<int> in((size_t)B * T), tg = in;
+        std::vector<std::vector<double>> sum(L, std::vector<double>(d, 0.0));
+        for (int b = 0; b < NB; b++) {
+            dl.next_batch(in.data(), tg.data());
+            M.forward(in.data(), nullptr, B, T);
+            for (int l = 0; l < L; l++) {
+                const std::vector<real>& h = final_h ? M.lnf : M.acts[l].ln2;
+                for (size_t n = 0; n < (size_t)B * T; n++)
+                    for (int i = 0; i < d; i++) sum[l][i] += h[n * d + i];
+            }
+        }
+        std::vector<std::vector<float>> e(L, std::vector<float>(d));
+        Json nj = Json::array();
+        for (int l = 0; l < L; l++) {
+            double sq = 0;
+            for (int i = 0; i < d; i++) {
+                e[l][i] = (float)(sum[l][i] / ((double)NB * B * T));
+                sq += (double)e[l][i] * e[l][i];
+            }
+            nj.push(Json(std::sqrt(sq)));
+        }
+        norms.push(nj);
+        emb.push_back(e);
+        printf("nexus: domain %s: embedding from %d tokens of %s under %s (%s), |Emb| per layer", dom.c_str(),
+               NB * B * T, a.data.c_str(), seed_dir.c_str(), a.nexus_hidden.c_str());
+        for (auto& x : nj.arr) printf(" %.3f", x.num);
+        printf("\n");
+    }
+    Json dj = Json::array();
+    for (auto& dom : domains) dj.push(Json(dom));
+    (*rec)["domains"] = dj;
+    (*rec)["domain_data"] = a.data;
+    (*rec)["domain_tokens"] = NB * B * T;
+    (*rec)["domain_batches"] = NB;
+    (*rec)["domain_batch"] = B;
+    (*rec)["domain_seq"] = T;
+    (*rec)["domain_hidden"] = a.nexus_hidden;
+    (*rec)["domain_embedding_norms"] = norms;
+    (*rec)["nexus_seed"] = seed_dir;
+    return emb;
+}
+
+// ----------------------------------------------------------------------------
 // Dense -> MoE: scratch, naive, noise, drop, btx, granular, partition; and dense -> dense:
 // btm-average (the one method whose output is not an MoE)
 
@@ -326,6 +426,8 @@ struct DenseUpcycler {
     UpitPlan upit;                            // upit: every expert's coefficients over the sources
     std::vector<std::vector<float>> upit_router_add;  // upit --upit-router seed: [L][E*d] added to the router init
     std::vector<std::vector<double>> upit_D2; // upit: the sources' pairwise squared FFN distances
+    std::vector<std::vector<float>> nexus_emb, nexus_R;  // nexus: [L][E*d] Emb and R = Emb P
+    std::vector<float> nexus_P;                          // nexus: [d*d] P = s I (every layer)
 
     explicit DenseUpcycler(const UpcycleArgs& args) : a(args) {}
 
@@ -362,6 +464,10 @@ struct DenseUpcycler {
             std::vector<std::vector<float>> all;
             for (auto& s : src) all.push_back(s->read(t.name));
             mean_of_sources(out.data(), all, out.size());
+            return;
+        }
+        if (a.method == "nexus" && (t.kind == P_ROUTER || t.kind == P_NEXUS_EMB || t.kind == P_NEXUS_PROJ)) {
+            out = t.kind == P_ROUTER ? nexus_R[t.layer] : t.kind == P_NEXUS_EMB ? nexus_emb[t.layer] : nexus_P;
             return;
         }
         if (t.kind == P_ROUTER) {
@@ -401,6 +507,11 @@ struct DenseUpcycler {
             return;
         }
         if (a.method == "qwen2") return qwen2_routed_expert(l, e, mat, out);
+        if (a.method == "nexus") {  // expert e = branch e's FFN (source e + 1; source 0 is the seed)
+            out = ffn[e + 1][mat];
+            if (mat == MAT_DOWN) for (float& x : out) x *= routed_mult;
+            return;
+        }
         if (a.method == "shared") {  // a copy of the FFN, down_proj x 1/2 (2.11)
             out = ffn[0][mat];
             if (mat == MAT_DOWN) for (float& x : out) x *= routed_mult;
@@ -425,7 +536,8 @@ struct DenseUpcycler {
         load_layer(t.layer);
         const int mat = t.kind - P_SGATE;
         out = ffn[0][mat];
-        if (mat == MAT_DOWN) for (float& x : out) x *= shared_down_mult(out_cfg.shared_gate);
+        const float mult = a.method == "nexus" ? (float)a.nexus_down_scale : shared_down_mult(out_cfg.shared_gate);
+        if (mat == MAT_DOWN) for (float& x : out) x *= mult;
     }
     // qwen2: expert e = set (e mod G) of replica (e div G)'s shuffled partition; then floor(F_e r)
     // of its neurons re-initialized from their own statistics (drop_neurons, Drop-Upcycling's
@@ -444,7 +556,10 @@ struct DenseUpcycler {
         const std::string& m = a.method;
         std::vector<std::string> dirs;
         if (!a.from.empty()) dirs = split_commas(a.from);
-        const bool multi = m == "btx" || m == "btm-average" || m == "upit";  // methods of S >= 1 sources
+        const bool multi = m == "btx" || m == "btm-average" || m == "upit" || m == "nexus";  // S >= 1 sources
+        if (m == "nexus" && dirs.size() < 2)
+            FAIL("--method nexus needs --from seed,branch_1,...: the seed dense model and at least one branch, found %zu "
+                 "director%s", dirs.size(), dirs.size() == 1 ? "y" : "ies");
         if (m == "upit" && dirs.size() < 2)
             FAIL("--method upit needs at least 2 --from checkpoints (a,b,...: checkpoints of one dense run), found %zu",
                  dirs.size());
@@ -505,7 +620,7 @@ struct DenseUpcycler {
             if (!(a.ratio >= 0 && a.ratio <= 1)) FAIL("--ratio %g is outside [0, 1]", a.ratio);
             n_reinit = neurons_of_ratio(F, a.ratio);
         }
-        const bool with_shared = m == "shared" || m == "qwen2";
+        const bool with_shared = m == "shared" || m == "qwen2" || m == "nexus";
         if (!with_shared && cli.was_set("--shared-gate"))
             FAIL("--shared-gate applies to --method shared or qwen2, not %s", m.c_str());
         if (with_shared) {
@@ -513,8 +628,11 @@ struct DenseUpcycler {
                 FAIL("--shared-gate must be sigmoid or none, found \"%s\"", a.shared_gate.c_str());
             out_cfg.shared_dim = F;  // the whole dense FFN: S = 1 shared expert of width F
             out_cfg.shared_gate = a.shared_gate == "sigmoid";
-            routed_mult = routed_down_mult();
+            routed_mult = m == "nexus" ? (float)a.nexus_down_scale : routed_down_mult();
         }
+        for (const char* o : {"--nexus-domains", "--nexus-hidden", "--nexus-proj-scale", "--nexus-down-scale"})
+            if (m != "nexus" && cli.was_set(o)) FAIL("%s applies to --method nexus or nexus-add, not %s", o, m.c_str());
+        if (cli.was_set("--nexus-seed")) FAIL("--nexus-seed applies to --method nexus-add (nexus: the first --from)");
         if (m == "qwen2") {
             if (G < 1 || F % G) FAIL("--granularity %d must divide the dense FFN width F = %d (experts are F/G wide)", G, F);
             if (!(a.ratio >= 0 && a.ratio <= 1)) FAIL("--ratio %g is outside [0, 1]", a.ratio);
@@ -587,6 +705,7 @@ struct DenseUpcycler {
             rec["index_mode"] = a.du_index_mode;
         }
         if (m == "upit") plan_upit(rec);
+        if (m == "nexus") plan_nexus(rec);
         write_output(rec);
     }
 
@@ -755,6 +874,37 @@ struct DenseUpcycler {
         printf("upit seed router: sequences won per checkpoint:");
         for (int s = 0; s < S; s++) printf(" %d", count[s]);
         printf(" (of %d)\n", Q);
+    }
+
+    // Nexus (docs/METHODS.md 2.14): E = S - 1 branches; the domain embeddings (one domain per
+    // branch, from the seed = --from's first), P = s I and R = Emb P, and the record.
+    void plan_nexus(Json& rec) {
+        const int E = out_cfg.n_experts, L = out_cfg.n_layer, d = out_cfg.d_model;
+        if (E != (int)src.size() - 1)
+            FAIL("--method nexus: --experts %d must equal the number of branches (%zu: --from minus the seed)", E,
+                 src.size() - 1);
+        std::vector<std::string> domains = a.nexus_domains.empty() ? std::vector<std::string>() : split_commas(a.nexus_domains);
+        if ((int)domains.size() != E)
+            FAIL("--nexus-domains must name one domain per branch (%d), found %zu: \"%s\"", E, domains.size(),
+                 a.nexus_domains.c_str());
+        out_cfg.nexus_router = true;
+        auto emb = nexus_domain_embeddings(a, src[0]->dir, domains, &rec);
+        nexus_P.assign((size_t)d * d, 0.0f);
+        for (int i = 0; i < d; i++) nexus_P[(size_t)i * d + i] = (float)a.nexus_proj_scale;
+        nexus_emb.assign(L, std::vector<float>((size_t)E * d));
+        nexus_R.assign(L, std::vector<float>((size_t)E * d));
+        for (int l = 0; l < L; l++) {
+            for (int e = 0; e < E; e++) std::copy(emb[e][l].begin(), emb[e][l].end(), nexus_emb[l].begin() + (size_t)e * d);
+            nexus_router_forward(nexus_R[l].data(), nexus_emb[l].data(), nexus_P.data(), E, d, d);
+        }
+        rec["router"] = "Nexus: R = Emb P; Emb row e = domain e's mean hidden state under the seed (fixed); P learned";
+        rec["proj_init"] = strfmt("P = %g I", a.nexus_proj_scale);
+        rec["nexus_down_scale"] = a.nexus_down_scale;
+        rec["shared_expert"] = strfmt("the seed's FFN (source 0), down_proj x %g, %s", a.nexus_down_scale,
+                                      out_cfg.shared_gate ? "sigmoid gate vector 0 (gate 1/2)" : "no gate");
+        rec["routed_experts"] = strfmt("expert e = the FFN of branch e (source e + 1), down_proj x %g", a.nexus_down_scale);
+        rec["other_tensors"] = "element-wise mean of all sources (seed and branches), as btx";
+        rec.erase("router_init");
     }
 
     // btm-average's record (it has no experts, routing or router)
@@ -937,6 +1087,9 @@ struct Expander {
         if (a.from.find(',') != std::string::npos) FAIL("--method expand takes one --from directory");
         if (same_path_key(a.from) == same_path_key(a.out)) FAIL("--out %s is the source directory itself", a.out.c_str());
         src.open(a.from);
+        if (src.cfg.nexus_router)
+            FAIL("%s: has the Nexus router (R = Emb P); --method expand does not handle it (add an expert with "
+                 "--method nexus-add)", a.from.c_str());
         if (!src.cfg.is_moe())
             FAIL("%s: is a dense model (no num_local_experts in config.json); --method expand needs an MoE checkpoint "
                  "(make one with --method naive/drop/...)", a.from.c_str());
@@ -1088,6 +1241,113 @@ struct Expander {
 };
 
 // ----------------------------------------------------------------------------
+// Nexus: adding an expert to a trained Nexus MoE (docs/METHODS.md 2.14). The new expert is the
+// new branch's FFN; its router row is Emb_new P with the MoE's own P: no new free router
+// parameter. Every other tensor (experts 0..E-1, P, the old Emb rows, shared expert,
+// attention, embeddings, norms) is copied bit for bit; R = Emb' P is recomputed. Loads the
+// MoE whole (the output is built in memory, then written like a trainer checkpoint).
+
+struct NexusAdder {
+    const UpcycleArgs& a;
+    explicit NexusAdder(const UpcycleArgs& args) : a(args) {}
+
+    void run(const Cli& cli) {
+        std::vector<std::string> dirs = a.from.empty() ? std::vector<std::string>() : split_commas(a.from);
+        if (dirs.size() != 2)
+            FAIL("--method nexus-add needs --from moe,branch (a trained Nexus MoE and the new domain's dense branch), "
+                 "found %zu director%s", dirs.size(), dirs.size() == 1 ? "y" : "ies");
+        for (auto& d : dirs)
+            if (same_path_key(d) == same_path_key(a.out)) FAIL("--out %s is a source directory itself", a.out.c_str());
+        for (const char* o : {"--experts", "--topk", "--routing", "--router", "--shared-gate", "--nexus-proj-scale"})
+            if (cli.was_set(o)) FAIL("--method nexus-add keeps the MoE's settings: %s does not apply", o);
+        ModelConfig cfg;
+        ParamLayout lay;
+        std::vector<float> p;
+        load_model_dir(dirs[0], &cfg, &lay, &p);
+        if (!cfg.nexus_router)
+            FAIL("%s: not a Nexus MoE (config.json has no moe_router nexus); make one with --method nexus", dirs[0].c_str());
+        Source br;
+        br.open(dirs[1]);
+        if (br.cfg.is_moe()) FAIL("%s: the new branch must be a dense model, found %d experts", dirs[1].c_str(), br.cfg.n_experts);
+        if (br.cfg.d_model != cfg.d_model || br.cfg.n_layer != cfg.n_layer || br.cfg.ffn_dim != cfg.ffn_dim ||
+            br.cfg.vocab_size != cfg.vocab_size)
+            FAIL("%s: the branch's shape (hidden %d, layers %d, FFN %d, vocab %d) differs from the MoE's (hidden %d, "
+                 "layers %d, expert FFN %d, vocab %d)", dirs[1].c_str(), br.cfg.d_model, br.cfg.n_layer, br.cfg.ffn_dim,
+                 br.cfg.vocab_size, cfg.d_model, cfg.n_layer, cfg.ffn_dim, cfg.vocab_size);
+        const Json* prev = cfg.extra.find("upcycling");
+        std::string seed = a.nexus_seed;
+        if (seed.empty() && prev && prev->find("nexus_seed")) seed = prev->find("nexus_seed")->str;
+        if (seed.empty())
+            FAIL("--method nexus-add: give --nexus-seed (the dense seed model of the MoE's domain embeddings): %s records "
+                 "none", dirs[0].c_str());
+        double down = a.nexus_down_scale;
+        if (!cli.was_set("--nexus-down-scale") && prev && prev->find("nexus_down_scale"))
+            down = prev->find("nexus_down_scale")->num;
+        std::vector<std::string> domains = a.nexus_domains.empty() ? std::vector<std::string>() : split_commas(a.nexus_domains);
+        if (domains.size() != 1)
+            FAIL("--nexus-domains must name the new branch's one domain, found \"%s\"", a.nexus_domains.c_str());
+        Json rec = Json::object();
+        rec["method"] = "nexus-add";
+        rec["paper"] = method_paper("nexus-add");
+        rec["tool"] = "upcycle " UPCYCLE_VERSION;
+        auto emb = nexus_domain_embeddings(a, seed, domains, &rec);
+        const int E = cfg.n_experts, E1 = E + 1, L = cfg.n_layer, d = cfg.d_model;
+        ModelConfig oc = cfg;
+        oc.n_experts = E1;
+        oc.extra.erase("upcycling");
+        oc.validate("output model");
+        ParamLayout ol = build_layout(oc);
+        std::vector<float> q(ol.total, 0.0f);
+        for (auto& t : ol.tensors) {
+            float* o = q.data() + t.offset;
+            if (t.kind == P_ROUTER) continue;  // R = Emb' P below
+            if (t.kind == P_NEXUS_EMB) {       // the old rows, then the new domain's
+                const float* old = p.data() + lay.get(t.layer, P_NEXUS_EMB).offset;
+                std::copy(old, old + (size_t)E * d, o);
+                std::copy(emb[0][t.layer].begin(), emb[0][t.layer].end(), o + (size_t)E * d);
+                continue;
+            }
+            if (t.expert == E) {  // the new expert: the branch's FFN
+                std::vector<float> w = br.read(br.layout.by_layer[t.layer][P_GATE + (t.kind - P_EGATE)]);
+                if (t.kind == P_EDOWN) for (float& x : w) x *= (float)down;
+                std::copy(w.begin(), w.end(), o);
+                continue;
+            }
+            const int si = t.expert >= 0 ? lay.experts[t.layer][t.expert][t.kind - P_EGATE] : lay.find(t.name);
+            if (si < 0) FAIL("internal: nexus-add found no source tensor for %s", t.name.c_str());
+            const ParamTensor& st = lay.tensors[si];
+            std::copy(p.begin() + st.offset, p.begin() + st.offset + st.numel, o);
+        }
+        nexus_refresh_routers(oc, ol, q.data());
+        Json sources = Json::array();
+        Source moe;
+        moe.open(dirs[0]);
+        sources.push(moe.record());
+        sources.push(br.record());
+        rec["sources"] = sources;
+        rec["experts"] = E1;
+        rec["new_expert"] = strfmt("expert %d = the FFN of %s, down_proj x %g; its router row = Emb_new P (the MoE's P)",
+                                   E, dirs[1].c_str(), down);
+        rec["nexus_down_scale"] = down;
+        rec["kept"] = "experts 0..E-1, P, the old Emb rows, the shared expert, attention, embeddings and norms: "
+                      "copied bit for bit; R = Emb' P recomputed; AdamW moments and aux-free biases not carried";
+        if (prev) rec["base_upcycling"] = *prev;
+        oc.extra["upcycling"] = rec;
+        DType dt = output_dtype(a.dtype, moe.ck->dtype());
+        check_output_size(ol, dt, a.out);
+        AtomicDir out(a.out);
+        std::string tmpdir = out.file("");
+        while (tmpdir.size() > 1 && tmpdir.back() == '/') tmpdir.pop_back();
+        save_model_files(tmpdir, oc, ol, q.data(), dt);
+        copy_tokenizer_files(dirs[0], out);
+        out.commit();
+        printf("upcycle nexus-add (%s): %s + %s -> %d experts top-%d; wrote %s\n", method_paper("nexus-add"),
+               dirs[0].c_str(), dirs[1].c_str(), E1, oc.top_k, a.out.c_str());
+        (void)L;
+    }
+};
+
+// ----------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
     UpcycleArgs a;
@@ -1112,6 +1372,9 @@ int main(int argc, char** argv) {
         "  ./upcycle --method partition --from dense/ --experts 8 --topk 2 --out moe_part\n"
         "  ./upcycle --method shared    --from dense/ --experts 8 --topk 2 --out moe_sh   (+ a shared expert)\n"
         "  ./upcycle --method qwen2     --from dense/ --experts 16 --topk 4 --granularity 4 --ratio 0.5 --out moe_q2\n"
+        "  ./upcycle --method nexus     --from seed/,en/,code/,de/ --nexus-domains en,code,de --data data/tiny\n"
+        "            --topk 1 --out moe_nexus   (shared expert = seed FFN, 3 routed experts, R = Emb P)\n"
+        "  ./upcycle --method nexus-add --from moe_nexus/,go/ --nexus-domains go --data data/tiny4 --out moe_nexus4\n"
         "  ./upcycle --method expand    --from runs/moe/step_001000 --experts 16 --select utility --score grad_norm\n"
         "            --data data/tiny --utility-batches 8 --out moe_x2\n"
         "  then: ./train_moe --init moe_x2 --init-optimizer --data data/tiny ...\n"
@@ -1127,20 +1390,30 @@ int main(int argc, char** argv) {
         if (a.out.empty()) FAIL("--out is required (the output directory)");
         {  // nothing the user did not ask to lose: inputs, an existing file, a non-empty directory
             std::vector<std::string> inputs = a.from.empty() ? std::vector<std::string>() : split_commas(a.from);
-            if (a.method == "expand" || a.method == "upit") inputs.push_back(a.data);  // read for scores / seed router
+            if (a.method == "expand" || a.method == "upit" || a.method == "nexus" || a.method == "nexus-add")
+                inputs.push_back(a.data);  // read for scores / seed router / domain embeddings
+            if (!a.nexus_seed.empty()) inputs.push_back(a.nexus_seed);
             check_output_location(a.out, inputs, a.overwrite);
         }
         static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "shared",
-                                        "qwen2", "expand", "btm-average", "upit"};
+                                        "qwen2", "expand", "btm-average", "upit", "nexus", "nexus-add"};
         bool known = false;
         for (const char* k : methods) known |= a.method == k;
         if (!known)
             FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, "
-                 "expand, btm-average, upit", a.method.c_str());
+                 "expand, btm-average, upit, nexus, nexus-add", a.method.c_str());
         for (const char* o : {"--upit-pair", "--upit-w-min", "--upit-w-max", "--upit-shared", "--upit-router"})
             if (a.method != "upit" && cli.was_set(o)) FAIL("%s applies to --method upit only", o);
+        if (a.method == "nexus") {  // E = the number of branches; the shared expert ungated unless asked
+            if (!cli.was_set("--experts")) a.experts = std::max(1, (int)split_commas(a.from).size() - 1);
+            if (!cli.was_set("--topk")) a.topk = std::min(a.topk, a.experts);
+            if (!cli.was_set("--shared-gate")) a.shared_gate = "none";
+        }
         if (a.method == "expand") {
             Expander x(a);
+            x.run(cli);
+        } else if (a.method == "nexus-add") {
+            NexusAdder x(a);
             x.run(cli);
         } else {
             if (a.experts < 1) FAIL("--experts must be >= 1, found %d", a.experts);
