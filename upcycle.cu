@@ -24,6 +24,8 @@ from a trained MoE: every initialization of docs/METHODS.md section 2.
              under the seed (a CPU forward over --data), P = s I                       (2.14)
   nexus-add  a trained Nexus MoE + a new branch + its domain data -> E+1 experts: the new
              Emb row from the seed; P, the experts and the rest unchanged              (2.14)
+  add-expert the same for an MoE with the usual linear router (the Nexus table's baseline):
+             the new expert's router row is a fresh free row (--router init)           (2.14)
 
 Host code only: it builds with g++ (-x c++) on any machine and with nvcc. The math lives in
 common/upcycle_ops.h; this file reads the sources, streams the output and records what it did.
@@ -167,6 +169,7 @@ static const char* method_paper(const std::string& m) {
     if (m == "qwen2") return "Qwen2 upcycling (fine-grained shuffled shards, re-init, shared expert), arXiv 2407.10671";
     if (m == "upit") return "UpIT, Upcycling Instruction Tuning via parameter merging, arXiv 2410.01610";
     if (m == "nexus" || m == "nexus-add") return "Nexus: Specialization meets Adaptability, arXiv 2408.15901";
+    if (m == "add-expert") return "one expert appended to a trained MoE (the linear-router baseline of Nexus, arXiv 2408.15901)";
     return "?";
 }
 
@@ -1246,6 +1249,8 @@ struct Expander {
 // parameter. Every other tensor (experts 0..E-1, P, the old Emb rows, shared expert,
 // attention, embeddings, norms) is copied bit for bit; R = Emb' P is recomputed. Loads the
 // MoE whole (the output is built in memory, then written like a trainer checkpoint).
+// add-expert: the same for an MoE with the usual linear router; the new router row is the
+// last row of the upcycling router init for E+1 experts (--router, --seed), a free row.
 
 struct NexusAdder {
     const UpcycleArgs& a;
@@ -1253,19 +1258,30 @@ struct NexusAdder {
 
     void run(const Cli& cli) {
         std::vector<std::string> dirs = a.from.empty() ? std::vector<std::string>() : split_commas(a.from);
+        const bool nexus = a.method == "nexus-add";
         if (dirs.size() != 2)
-            FAIL("--method nexus-add needs --from moe,branch (a trained Nexus MoE and the new domain's dense branch), "
-                 "found %zu director%s", dirs.size(), dirs.size() == 1 ? "y" : "ies");
+            FAIL("--method %s needs --from moe,branch (a trained MoE and the new domain's dense branch), "
+                 "found %zu director%s", a.method.c_str(), dirs.size(), dirs.size() == 1 ? "y" : "ies");
         for (auto& d : dirs)
             if (same_path_key(d) == same_path_key(a.out)) FAIL("--out %s is a source directory itself", a.out.c_str());
-        for (const char* o : {"--experts", "--topk", "--routing", "--router", "--shared-gate", "--nexus-proj-scale"})
-            if (cli.was_set(o)) FAIL("--method nexus-add keeps the MoE's settings: %s does not apply", o);
+        for (const char* o : {"--experts", "--topk", "--routing", "--shared-gate", "--nexus-proj-scale"})
+            if (cli.was_set(o)) FAIL("--method %s keeps the MoE's settings: %s does not apply", a.method.c_str(), o);
+        if (!nexus)
+            for (const char* o : {"--nexus-domains", "--nexus-seed", "--nexus-hidden", "--nexus-down-scale"})
+                if (cli.was_set(o)) FAIL("%s applies to --method nexus or nexus-add, not add-expert", o);
+        if (nexus && cli.was_set("--router")) FAIL("--method nexus-add: --router does not apply (the new row is Emb_new P)");
         ModelConfig cfg;
         ParamLayout lay;
         std::vector<float> p;
         load_model_dir(dirs[0], &cfg, &lay, &p);
-        if (!cfg.nexus_router)
+        if (!cfg.is_moe()) FAIL("%s: is a dense model; --method %s needs a trained MoE", dirs[0].c_str(), a.method.c_str());
+        if (nexus && !cfg.nexus_router)
             FAIL("%s: not a Nexus MoE (config.json has no moe_router nexus); make one with --method nexus", dirs[0].c_str());
+        if (!nexus && cfg.nexus_router)
+            FAIL("%s: has the Nexus router; add an expert with --method nexus-add", dirs[0].c_str());
+        RouterInit rkind = ROUTER_UNIFORM;
+        if (a.router == "normal") rkind = ROUTER_NORMAL;
+        else if (a.router != "uniform") FAIL("--router must be uniform or normal, found \"%s\"", a.router.c_str());
         Source br;
         br.open(dirs[1]);
         if (br.cfg.is_moe()) FAIL("%s: the new branch must be a dense model, found %d experts", dirs[1].c_str(), br.cfg.n_experts);
@@ -1277,20 +1293,22 @@ struct NexusAdder {
         const Json* prev = cfg.extra.find("upcycling");
         std::string seed = a.nexus_seed;
         if (seed.empty() && prev && prev->find("nexus_seed")) seed = prev->find("nexus_seed")->str;
-        if (seed.empty())
+        if (nexus && seed.empty())
             FAIL("--method nexus-add: give --nexus-seed (the dense seed model of the MoE's domain embeddings): %s records "
                  "none", dirs[0].c_str());
-        double down = a.nexus_down_scale;
-        if (!cli.was_set("--nexus-down-scale") && prev && prev->find("nexus_down_scale"))
+        double down = nexus ? a.nexus_down_scale : 1.0;
+        if (nexus && !cli.was_set("--nexus-down-scale") && prev && prev->find("nexus_down_scale"))
             down = prev->find("nexus_down_scale")->num;
         std::vector<std::string> domains = a.nexus_domains.empty() ? std::vector<std::string>() : split_commas(a.nexus_domains);
-        if (domains.size() != 1)
+        if (nexus && domains.size() != 1)
             FAIL("--nexus-domains must name the new branch's one domain, found \"%s\"", a.nexus_domains.c_str());
         Json rec = Json::object();
-        rec["method"] = "nexus-add";
-        rec["paper"] = method_paper("nexus-add");
+        rec["method"] = a.method;
+        rec["paper"] = method_paper(a.method);
         rec["tool"] = "upcycle " UPCYCLE_VERSION;
-        auto emb = nexus_domain_embeddings(a, seed, domains, &rec);
+        rec["seed"] = a.seed;
+        std::vector<std::vector<std::vector<float>>> emb;
+        if (nexus) emb = nexus_domain_embeddings(a, seed, domains, &rec);
         const int E = cfg.n_experts, E1 = E + 1, L = cfg.n_layer, d = cfg.d_model;
         ModelConfig oc = cfg;
         oc.n_experts = E1;
@@ -1300,7 +1318,15 @@ struct NexusAdder {
         std::vector<float> q(ol.total, 0.0f);
         for (auto& t : ol.tensors) {
             float* o = q.data() + t.offset;
-            if (t.kind == P_ROUTER) continue;  // R = Emb' P below
+            if (t.kind == P_ROUTER && nexus) continue;  // R = Emb' P below
+            if (t.kind == P_ROUTER) {  // the old rows, then a fresh one (the init's row E of E + 1)
+                const float* old = p.data() + lay.get(t.layer, P_ROUTER).offset;
+                std::copy(old, old + (size_t)E * d, o);
+                std::vector<float> init((size_t)E1 * d);
+                router_init(init.data(), E1, d, rkind, (uint64_t)a.seed, t.layer);
+                std::copy(init.begin() + (size_t)E * d, init.end(), o + (size_t)E * d);
+                continue;
+            }
             if (t.kind == P_NEXUS_EMB) {       // the old rows, then the new domain's
                 const float* old = p.data() + lay.get(t.layer, P_NEXUS_EMB).offset;
                 std::copy(old, old + (size_t)E * d, o);
@@ -1326,11 +1352,19 @@ struct NexusAdder {
         sources.push(br.record());
         rec["sources"] = sources;
         rec["experts"] = E1;
-        rec["new_expert"] = strfmt("expert %d = the FFN of %s, down_proj x %g; its router row = Emb_new P (the MoE's P)",
-                                   E, dirs[1].c_str(), down);
-        rec["nexus_down_scale"] = down;
-        rec["kept"] = "experts 0..E-1, P, the old Emb rows, the shared expert, attention, embeddings and norms: "
-                      "copied bit for bit; R = Emb' P recomputed; AdamW moments and aux-free biases not carried";
+        if (nexus) {
+            rec["new_expert"] = strfmt("expert %d = the FFN of %s, down_proj x %g; its router row = Emb_new P (the "
+                                       "MoE's P)", E, dirs[1].c_str(), down);
+            rec["nexus_down_scale"] = down;
+            rec["kept"] = "experts 0..E-1, P, the old Emb rows, the shared expert, attention, embeddings and norms: "
+                          "copied bit for bit; R = Emb' P recomputed; AdamW moments and aux-free biases not carried";
+        } else {
+            rec["new_expert"] = strfmt("expert %d = the FFN of %s; its router row = row %d of the %s router init for "
+                                       "%d experts (seed %ld): a free row", E, dirs[1].c_str(), E, a.router.c_str(), E1,
+                                       a.seed);
+            rec["kept"] = "experts 0..E-1, the old router rows and every other tensor: copied bit for bit; AdamW "
+                          "moments and aux-free biases not carried";
+        }
         if (prev) rec["base_upcycling"] = *prev;
         oc.extra["upcycling"] = rec;
         DType dt = output_dtype(a.dtype, moe.ck->dtype());
@@ -1341,7 +1375,7 @@ struct NexusAdder {
         save_model_files(tmpdir, oc, ol, q.data(), dt);
         copy_tokenizer_files(dirs[0], out);
         out.commit();
-        printf("upcycle nexus-add (%s): %s + %s -> %d experts top-%d; wrote %s\n", method_paper("nexus-add"),
+        printf("upcycle %s (%s): %s + %s -> %d experts top-%d; wrote %s\n", a.method.c_str(), method_paper(a.method),
                dirs[0].c_str(), dirs[1].c_str(), E1, oc.top_k, a.out.c_str());
         (void)L;
     }
@@ -1375,6 +1409,7 @@ int main(int argc, char** argv) {
         "  ./upcycle --method nexus     --from seed/,en/,code/,de/ --nexus-domains en,code,de --data data/tiny\n"
         "            --topk 1 --out moe_nexus   (shared expert = seed FFN, 3 routed experts, R = Emb P)\n"
         "  ./upcycle --method nexus-add --from moe_nexus/,go/ --nexus-domains go --data data/tiny4 --out moe_nexus4\n"
+        "  ./upcycle --method add-expert --from moe_btx/,go/ --out moe_btx_go   (linear router: a fresh row)\n"
         "  ./upcycle --method expand    --from runs/moe/step_001000 --experts 16 --select utility --score grad_norm\n"
         "            --data data/tiny --utility-batches 8 --out moe_x2\n"
         "  then: ./train_moe --init moe_x2 --init-optimizer --data data/tiny ...\n"
@@ -1396,12 +1431,12 @@ int main(int argc, char** argv) {
             check_output_location(a.out, inputs, a.overwrite);
         }
         static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "shared",
-                                        "qwen2", "expand", "btm-average", "upit", "nexus", "nexus-add"};
+                                        "qwen2", "expand", "btm-average", "upit", "nexus", "nexus-add", "add-expert"};
         bool known = false;
         for (const char* k : methods) known |= a.method == k;
         if (!known)
             FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, "
-                 "expand, btm-average, upit, nexus, nexus-add", a.method.c_str());
+                 "expand, btm-average, upit, nexus, nexus-add, add-expert", a.method.c_str());
         for (const char* o : {"--upit-pair", "--upit-w-min", "--upit-w-max", "--upit-shared", "--upit-router"})
             if (a.method != "upit" && cli.was_set(o)) FAIL("%s applies to --method upit only", o);
         if (a.method == "nexus") {  // E = the number of branches; the shared expert ungated unless asked
@@ -1412,7 +1447,7 @@ int main(int argc, char** argv) {
         if (a.method == "expand") {
             Expander x(a);
             x.run(cli);
-        } else if (a.method == "nexus-add") {
+        } else if (a.method == "nexus-add" || a.method == "add-expert") {
             NexusAdder x(a);
             x.run(cli);
         } else {

@@ -1122,6 +1122,27 @@ static void test_nexus() {
     CHECK_MSG(p_same, "nexus-add: P changed");
     CHECK_MSG(emb_ok, "nexus-add: Emb' is not the old rows + the new domain's embedding");
     CHECK_MSG(router && new_row, "nexus-add: R != Emb' P, or its new row != Emb_new P");
+    // add-expert (the linear-router baseline): old rows and experts kept, the new row = row 2 of
+    // the uniform router init for 3 experts, the new expert = the branch's FFN
+    const std::string bx = tmp("nx_btx"), bx3 = tmp("nx_btx3");
+    if (upcycle("--method btx --from " + b1 + "," + b2 + " --experts 2 --topk 1 --out " + bx) &&
+        upcycle("--method add-expert --from " + bx + "," + b3 + " --seed 9 --out " + bx3)) {
+        Tensors X(bx), X3(bx3);
+        bool kept = true, row = true, nexp = true;
+        for (int l = 0; l < L; l++) {
+            const std::vector<float>&r = X[router_name(l)], &r3 = X3[router_name(l)];
+            kept &= std::equal(r.begin(), r.end(), r3.begin());
+            std::vector<float> init((size_t)3 * d);
+            router_init(init.data(), 3, d, ROUTER_UNIFORM, 9, l);
+            row &= std::equal(init.begin() + 2 * d, init.end(), r3.begin() + 2 * d);
+            for (int mat = 0; mat < 3; mat++) {
+                for (int e = 0; e < 2; e++) kept &= X3[expert_name(l, e, mat)] == X[expert_name(l, e, mat)];
+                nexp &= X3[expert_name(l, 2, mat)] == B3[ffn_name(l, mat)];
+            }
+        }
+        CHECK_MSG(kept && row && nexp, "add-expert: kept %d, new router row %d, new expert %d", kept, row, nexp);
+        CHECK(ModelConfig::load(bx3 + "/config.json").n_experts == 3);
+    }
     // the result trains (the CPU trainer, 2 steps)
     std::string out;
     int rc = run_cmd(g_train + " --init " + nx3 + " --data " + data + " --batch 2 --seq 16 --steps 2 --eval-every 0 "
@@ -1449,6 +1470,8 @@ static void test_errors() {
          "the branch's shape (hidden 32, layers 2, FFN 64, vocab 64) differs from the MoE's"},
         {"--method nexus-add --from test/fixtures/moe_nexus," + dense + " --experts 5", "keeps the MoE's settings: --experts"},
         {"--method expand --from test/fixtures/moe_nexus", "--method expand does not handle it"},
+        {"--method add-expert --from test/fixtures/moe_nexus," + dense, "add an expert with --method nexus-add"},
+        {"--method add-expert --from " + dense + "," + dense, "is a dense model; --method add-expert needs a trained MoE"},
         {"--method upit --from " + dense + "," + other + " --experts 4", "upit: sources must have identical shapes"},
         {"--method upit --from " + dense + "," + dense + "," + dense + " --experts 2 --topk 1",
          "needs at least the 3 checkpoints given"},
