@@ -73,8 +73,8 @@ struct UpcycleArgs {
     std::string routing = "topk_softmax", router = "uniform", du_index_mode = "independent", dtype = "same";
     std::string select = "uniform", score = "weight_norm", shared_gate = "sigmoid";
     std::string upit_pair = "farthest", upit_shared = "mean", upit_router = "init";
-    std::string nexus_domains, nexus_seed, nexus_hidden = "ffn_input";
-    double nexus_proj_scale = 1.0, nexus_down_scale = 1.0;
+    std::string nexus_domains, nexus_seed, nexus_hidden = "ffn_input", nexus_proj_init = "unit";
+    double nexus_down_scale = 1.0;
     double upit_w_min = 0.25, upit_w_max = 0.75;
     int experts = 8, topk = 2, vocab = 0, granularity = 1, max_dup = 3, utility_batches = 4, batch = 4, seq = 64;
     int threads = 0;
@@ -133,8 +133,9 @@ struct UpcycleArgs {
         cli.add("--nexus-hidden", &nexus_hidden, "which hidden state: ffn_input (each layer's FFN input, after its "
                                                  "RMSNorm: the router's own input) or final (the final norm's output, "
                                                  "one embedding for every layer)");
-        cli.add("--nexus-proj-scale", &nexus_proj_scale, "nexus: P's init s I (R = s Emb at init; 0 = uniform routing)",
-                Range::between(0, 1e6));
+        cli.add("--nexus-proj-init", &nexus_proj_init, "nexus: P's init: unit (P = I / the layer's mean |Emb row|: R's "
+                                                       "rows have mean norm 1) or identity (P = I: R = Emb, logits of "
+                                                       "the size of |x| |Emb|)");
         cli.add("--nexus-down-scale", &nexus_down_scale, "nexus: down_proj multiplier of the shared and the routed "
                                                          "experts (1 = the FFNs as trained: output seed FFN + routed mix; "
                                                          "nexus-add: default the MoE's recorded value)",
@@ -430,7 +431,7 @@ struct DenseUpcycler {
     std::vector<std::vector<float>> upit_router_add;  // upit --upit-router seed: [L][E*d] added to the router init
     std::vector<std::vector<double>> upit_D2; // upit: the sources' pairwise squared FFN distances
     std::vector<std::vector<float>> nexus_emb, nexus_R;  // nexus: [L][E*d] Emb and R = Emb P
-    std::vector<float> nexus_P;                          // nexus: [d*d] P = s I (every layer)
+    std::vector<std::vector<float>> nexus_P;             // nexus: [L][d*d] P = s_l I
 
     explicit DenseUpcycler(const UpcycleArgs& args) : a(args) {}
 
@@ -470,7 +471,7 @@ struct DenseUpcycler {
             return;
         }
         if (a.method == "nexus" && (t.kind == P_ROUTER || t.kind == P_NEXUS_EMB || t.kind == P_NEXUS_PROJ)) {
-            out = t.kind == P_ROUTER ? nexus_R[t.layer] : t.kind == P_NEXUS_EMB ? nexus_emb[t.layer] : nexus_P;
+            out = t.kind == P_ROUTER ? nexus_R[t.layer] : t.kind == P_NEXUS_EMB ? nexus_emb[t.layer] : nexus_P[t.layer];
             return;
         }
         if (t.kind == P_ROUTER) {
@@ -633,7 +634,7 @@ struct DenseUpcycler {
             out_cfg.shared_gate = a.shared_gate == "sigmoid";
             routed_mult = m == "nexus" ? (float)a.nexus_down_scale : routed_down_mult();
         }
-        for (const char* o : {"--nexus-domains", "--nexus-hidden", "--nexus-proj-scale", "--nexus-down-scale"})
+        for (const char* o : {"--nexus-domains", "--nexus-hidden", "--nexus-proj-init", "--nexus-down-scale"})
             if (m != "nexus" && cli.was_set(o)) FAIL("%s applies to --method nexus or nexus-add, not %s", o, m.c_str());
         if (cli.was_set("--nexus-seed")) FAIL("--nexus-seed applies to --method nexus-add (nexus: the first --from)");
         if (m == "qwen2") {
@@ -890,18 +891,31 @@ struct DenseUpcycler {
         if ((int)domains.size() != E)
             FAIL("--nexus-domains must name one domain per branch (%d), found %zu: \"%s\"", E, domains.size(),
                  a.nexus_domains.c_str());
+        if (a.nexus_proj_init != "unit" && a.nexus_proj_init != "identity")
+            FAIL("--nexus-proj-init must be unit or identity, found \"%s\"", a.nexus_proj_init.c_str());
         out_cfg.nexus_router = true;
         auto emb = nexus_domain_embeddings(a, src[0]->dir, domains, &rec);
-        nexus_P.assign((size_t)d * d, 0.0f);
-        for (int i = 0; i < d; i++) nexus_P[(size_t)i * d + i] = (float)a.nexus_proj_scale;
+        nexus_P.assign(L, std::vector<float>((size_t)d * d, 0.0f));
         nexus_emb.assign(L, std::vector<float>((size_t)E * d));
         nexus_R.assign(L, std::vector<float>((size_t)E * d));
+        Json scales = Json::array();
         for (int l = 0; l < L; l++) {
-            for (int e = 0; e < E; e++) std::copy(emb[e][l].begin(), emb[e][l].end(), nexus_emb[l].begin() + (size_t)e * d);
-            nexus_router_forward(nexus_R[l].data(), nexus_emb[l].data(), nexus_P.data(), E, d, d);
+            double mean_norm = 0;
+            for (int e = 0; e < E; e++) {
+                std::copy(emb[e][l].begin(), emb[e][l].end(), nexus_emb[l].begin() + (size_t)e * d);
+                double sq = 0;
+                for (float x : emb[e][l]) sq += (double)x * x;
+                mean_norm += std::sqrt(sq) / E;
+            }
+            const float sc = a.nexus_proj_init == "identity" || mean_norm == 0 ? 1.0f : (float)(1.0 / mean_norm);
+            for (int i = 0; i < d; i++) nexus_P[l][(size_t)i * d + i] = sc;
+            scales.push(Json((double)sc));
+            nexus_router_forward(nexus_R[l].data(), nexus_emb[l].data(), nexus_P[l].data(), E, d, d);
         }
+        rec["proj_scale_per_layer"] = scales;
         rec["router"] = "Nexus: R = Emb P; Emb row e = domain e's mean hidden state under the seed (fixed); P learned";
-        rec["proj_init"] = strfmt("P = %g I", a.nexus_proj_scale);
+        rec["proj_init"] = a.nexus_proj_init == "unit" ? "P = s_l I, s_l = 1 / mean_e |Emb_e| at layer l (R's rows of mean "
+                                                         "norm 1)" : "P = I (R = Emb)";
         rec["nexus_down_scale"] = a.nexus_down_scale;
         rec["shared_expert"] = strfmt("the seed's FFN (source 0), down_proj x %g, %s", a.nexus_down_scale,
                                       out_cfg.shared_gate ? "sigmoid gate vector 0 (gate 1/2)" : "no gate");
@@ -1264,7 +1278,7 @@ struct NexusAdder {
                  "found %zu director%s", a.method.c_str(), dirs.size(), dirs.size() == 1 ? "y" : "ies");
         for (auto& d : dirs)
             if (same_path_key(d) == same_path_key(a.out)) FAIL("--out %s is a source directory itself", a.out.c_str());
-        for (const char* o : {"--experts", "--topk", "--routing", "--shared-gate", "--nexus-proj-scale"})
+        for (const char* o : {"--experts", "--topk", "--routing", "--shared-gate", "--nexus-proj-init"})
             if (cli.was_set(o)) FAIL("--method %s keeps the MoE's settings: %s does not apply", a.method.c_str(), o);
         if (!nexus)
             for (const char* o : {"--nexus-domains", "--nexus-seed", "--nexus-hidden", "--nexus-down-scale"})
@@ -1442,6 +1456,9 @@ int main(int argc, char** argv) {
         if (a.method == "nexus") {  // E = the number of branches; the shared expert ungated unless asked
             if (!cli.was_set("--experts")) a.experts = std::max(1, (int)split_commas(a.from).size() - 1);
             if (!cli.was_set("--topk")) a.topk = std::min(a.topk, a.experts);
+            // top-1 renormalized would give the one routed expert the weight 1 and the router no
+            // gradient from the language-model loss: top-1 defaults to the unrenormalized softmax
+            if (!cli.was_set("--routing") && a.topk == 1) a.routing = "softmax_topk";
             if (!cli.was_set("--shared-gate")) a.shared_gate = "none";
         }
         if (a.method == "expand") {

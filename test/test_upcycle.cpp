@@ -1029,8 +1029,28 @@ static void test_nexus() {
     const std::string nx = tmp("nx_moe"), nx3 = tmp("nx_moe3"),
                       tok = " --data " + data + " --utility-batches 2 --batch 2 --seq 16 --seed 9";
     if (!upcycle("--method nexus --from " + seed + "," + b1 + "," + b2 + " --nexus-domains aa,bb --topk 1" + tok +
-                 " --out " + nx))
+                 " --nexus-proj-init identity --out " + nx))
         return;
+    {  // the default P init: s I with R's rows of mean norm 1 at every layer; top-1: softmax_topk
+        const std::string nu = tmp("nx_unit");
+        if (upcycle("--method nexus --from " + seed + "," + b1 + "," + b2 + " --nexus-domains aa,bb --topk 1" + tok +
+                    " --out " + nu)) {
+            Tensors U(nu);
+            double worst = 0;
+            for (int l = 0; l < L; l++) {
+                const std::vector<float>& R = U[strfmt("model.layers.%d.mlp.gate.weight", l)];
+                double mean = 0;
+                for (int e = 0; e < 2; e++) {
+                    double sq = 0;
+                    for (int i = 0; i < d; i++) sq += (double)R[e * d + i] * R[e * d + i];
+                    mean += std::sqrt(sq) / 2;
+                }
+                worst = std::max(worst, std::fabs(mean - 1));
+            }
+            CHECK_MSG(worst < 1e-5, "nexus --nexus-proj-init unit: R's mean row norm off 1 by %g", worst);
+            CHECK(ModelConfig::load(nu + "/config.json").routing == ROUTING_SOFTMAX_TOPK);
+        }
+    }
     // the embeddings as the tool must compute them: the same batches through the seed
     auto embedding = [&](const std::string& dom) {
         Model M;
@@ -1057,7 +1077,8 @@ static void test_nexus() {
     std::vector<std::vector<float>> ea = embedding("aa"), eb = embedding("bb"), ec = embedding("cc");
     {
         ModelConfig c = ModelConfig::load(nx + "/config.json");
-        CHECK(c.nexus_router && c.n_experts == 2 && c.top_k == 1 && c.shared_dim == F && !c.shared_gate);
+        CHECK(c.nexus_router && c.n_experts == 2 && c.top_k == 1 && c.shared_dim == F && !c.shared_gate &&
+              c.routing == ROUTING_SOFTMAX_TOPK);
         Tensors S(seed), B1(b1), B2(b2), M(nx);
         bool experts = true, shared = true, emb = true, proj = true, router = true;
         for (int l = 0; l < L; l++) {
