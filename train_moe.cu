@@ -65,6 +65,7 @@ test/test_gpu.sh; data parallelism with 1-4 emulated GPUs and an NCCL stand-in: 
 #include "kernels/rmsnorm.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/router.cuh"
+#include "kernels/nexus_router.cuh"
 #include "kernels/shared_expert.cuh"
 #include "kernels/swiglu.cuh"
 
@@ -502,9 +503,6 @@ struct GPUModel {
     // device buffers. Called once per model.
     void setup(const ModelConfig& c, const std::vector<float>& host_params, const std::vector<std::vector<float>>& bias) {
         cfg = c;
-        if (cfg.nexus_router)
-            FAIL("this model has the Nexus router (moe_router nexus, docs/METHODS.md 1.9), which the GPU trainer does "
-                 "not implement yet: train it with ./train_moe");
         layout = build_layout(cfg);
         check_fused_layouts();
         cudaCheck(cudaStreamCreate(&stream));
@@ -698,6 +696,8 @@ struct GPUModel {
     // expert, if any, over every token ----
     void moe_forward(T* out, LayerActs<T>& a, int l) {
         const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k, NK = N * K;
+        if (cfg.nexus_router)  // the router weight is derived: R [E, d] = Emb [E, d] P [d, d], fp32 masters
+            gpu::nexus_router_forward(master(l, P_ROUTER), master(l, P_NEXUS_EMB), master(l, P_NEXUS_PROJ), E, d, stream);
         gpu::router_logits_forward(a.rlogits, a.ln2, master(l, P_ROUTER), N, d, E, stream);
         gpu::router_forward(a.probs, a.rlse, a.topk, a.topw, a.rlogits, router_loss.aux_free_rate > 0 ? d_bias + (size_t)l * E : nullptr,
                             N, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
@@ -810,6 +810,8 @@ struct GPUModel {
         gpu::router_backward(drl, dtopw, a.probs, a.rlse, a.topk, a.topw, g_dev, (float)router_loss.aux_coef, (float)router_loss.z_coef,
                              grad_scale, N, gathered ? N * world() : N, T_, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
         gpu::router_backward_matmul(dln2, grad(l, P_ROUTER), red_scratch, drl, a.ln2, master(l, P_ROUTER), N, d, E, stream);
+        if (cfg.nexus_router)  // dR (this backward's; the slot was 0) -> dP += Emb^T dR, then dR = 0
+            gpu::nexus_router_backward(grad(l, P_NEXUS_PROJ), grad(l, P_ROUTER), master(l, P_NEXUS_EMB), E, d, stream);
         // the shared expert last, though it ran last in the forward: it adds into dln2,
         // which the routed path above writes
         if (cfg.has_shared()) shared_backward(dln2, dout, a, l);
@@ -1122,6 +1124,13 @@ struct GPUModel {
             dp->all_gather_slices(params, stream, "the weights' all-gather");
             refresh_copy();
         }
+        if (cfg.nexus_router)  // R = Emb P of the new P (what a checkpoint saves), and its working copy
+            for (int l = 0; l < cfg.n_layer; l++) {
+                const ParamTensor& r = layout.get(l, P_ROUTER);
+                gpu::nexus_router_forward(master(l, P_ROUTER), master(l, P_NEXUS_EMB), master(l, P_NEXUS_PROJ),
+                                          cfg.n_experts, cfg.d_model, stream);
+                if (!is_fp32()) gpu::convert(wcopy + r.offset, params + r.offset, r.numel, stream);
+            }
         cudaCheck(cudaMemsetAsync(d_bad, 0, sizeof(int), stream));  // the next step's flag
         cudaCheck(cudaMemcpyAsync(h_norm, d_norm, sizeof(double), cudaMemcpyDeviceToHost, stream));
         cudaCheck(cudaMemcpyAsync(h_skip, d_skip, sizeof(int), cudaMemcpyDeviceToHost, stream));
@@ -1138,15 +1147,18 @@ struct GPUModel {
                       "the gradient norm all-reduce");
     }
     // What AdamW updates, as runs of neighbouring tensors with the same decay setting; data
-    // parallel: cut to this rank's slices, whose moments are packed
+    // parallel: cut to this rank's slices, whose moments are packed. Tensors that are not
+    // trained (the Nexus router's Emb and R) are left out: no update, no decay.
     std::vector<gpu::AdamWSegment> update_segments() const {
         std::vector<gpu::AdamWSegment> runs;
         size_t i = 0;
         while (i < layout.tensors.size()) {
+            if (!layout.tensors[i].trainable) { i++; continue; }
             bool dec = layout.tensors[i].decay();
             size_t base = layout.tensors[i].offset, end = base + layout.tensors[i].numel;
             size_t j = i + 1;
-            while (j < layout.tensors.size() && layout.tensors[j].decay() == dec && layout.tensors[j].offset == end) {
+            while (j < layout.tensors.size() && layout.tensors[j].trainable && layout.tensors[j].decay() == dec &&
+                   layout.tensors[j].offset == end) {
                 end += layout.tensors[j].numel;
                 j++;
             }

@@ -74,8 +74,7 @@ if [ "$SUITES" != all ] && [ "$SUITES" != emu ]; then
   :  # a selection without the emulated suites
 elif [ -x "$EMU_DIR/train_moe_gpu" ]; then
   fixture_dirs=()
-  # moe_nexus: the Nexus router is in the CPU trainer only (train_moe.cu refuses it)
-  for d in test/fixtures/*/; do [ "$(basename "$d")" != moe_nexus ] && [ -f "$d/fixture.safetensors" ] && fixture_dirs+=("${d%/}"); done
+  for d in test/fixtures/*/; do [ -f "$d/fixture.safetensors" ] && fixture_dirs+=("${d%/}"); done
   suite "CUDA emulator (emulated)" "$EMU_DIR/test_emu"
   suite "dev/cuda kernels (emulated)" env NOBUILD=1 BINDIR="$EMU_DIR/dev_cuda" LOGDIR="$EMU_DIR/dev_cuda_logs" bash dev/cuda/run_all.sh
   suite "generate_gpu (emulated)" env GEN="$EMU_DIR/generate_gpu" bash test/test_generate.sh

@@ -62,8 +62,6 @@ for dir in test/fixtures/*/; do
   dir=${dir%/}
   # hf_llama / hf_mixtral hold transformers' logits (hf_logits.safetensors), not a training
   # fixture (test_cpu checks those directories)
-  # moe_nexus: the Nexus router is in the CPU trainer only (train_moe.cu refuses it)
-  [ "$(basename "$dir")" = moe_nexus ] && continue
   [ -f "$dir/fixture.safetensors" ] && fixture_dirs+=("$dir")
 done
 if want a; then

@@ -153,8 +153,8 @@ def init_params(cfg, seed):
             w = 0.3 * r
         elif name.endswith("router_domain_emb"):  # Nexus: R = Emb P spreads like the plain router
             w = 0.5 * r
-        elif name.endswith("router_proj.weight"):
-            w = 0.3 * r
+        elif name.endswith("router_proj.weight"):  # R = Emb P entries ~ 0.5 * 0.18 * sqrt(d) = 0.5
+            w = 0.18 * r
         else:
             w = 0.1 * r
         out[name] = w.to(torch.float32).numpy()
