@@ -131,6 +131,21 @@ def build(cfg: dict, root: str) -> R.Table:
                       before=[base_stage.name, btx.name]))
     rows.append(R.Row("nexus_ft", "Nexus fine-tuned (no new expert)", [nx_ft.name], nx_ft.name,
                       before=[base_stage.name, nx.name]))
+    def extra_columns(res):
+        """step-0 val go, and where go's tokens go: the share routed to the new expert (layers
+        0 and 1, at the end of the row's run), or to each old domain's expert (Nexus, layer 0)."""
+        cells = {}
+        for r in res:
+            s0 = r.get("step0_val") or {}
+            load = (r.get("expert_load") or {}).get(NEW)
+            share = "-"
+            if load and r["key"] in ("btx_go", "nexus_go"):
+                share = " / ".join(f"{100 * row[-1]:.1f}%" for row in load)
+            cells[r["key"]] = [f"{s0[NEW]:.4f}" if NEW in s0 else "-", share]
+        return (["step-0 val go", "go tokens to the new expert (per layer, end)"], cells,
+                ["go tokens to the new expert: the share of (go token, slot) assignments the new expert gets at "
+                 "the row's last evaluation, layer 0 / layer 1 (a uniform router would give 1/E per slot)."])
+
     return R.Table(
         "nexus", "Nexus vs BTX (small-scale), and adding a fourth domain's expert", stages, rows,
         notes=[f"Data `{DATA4}`: the tiny corpus's en, code, de (files linked, unchanged) + `go`, built by "
@@ -151,7 +166,7 @@ def build(cfg: dict, root: str) -> R.Table:
                "(equal weights; warmup + cosine, fresh AdamW). The controls fine-tune the same way without a new "
                "expert. Step-0 of these rows = right after adding the expert (before the fine-tune).",
                "One seed (1337); differences of a few 0.01 nats are within the run-to-run spread measured for the "
-               "tiny_long tables (docs/REPRODUCTIONS.md)."])
+               "tiny_long tables (docs/REPRODUCTIONS.md)."], extra_columns=extra_columns)
 
 
 if __name__ == "__main__":
