@@ -1071,6 +1071,31 @@ static void test_nexus() {
             for (int i = 0; i < d; i++) e[l][i] = (float)(sum[l][i] / ((double)NB * Bt * T));
         return e;
     };
+    {  // --nexus-hidden final: one row per domain for every layer, the final norm's mean output
+        const std::string nf = tmp("nx_final");
+        if (upcycle("--method nexus --from " + seed + "," + b1 + "," + b2 + " --nexus-domains aa,bb --topk 1" + tok +
+                    " --nexus-hidden final --out " + nf)) {
+            Model M;
+            M.training = false;
+            M.load(seed);
+            DataLoader dl(data, "bb=1", Bt, T, V, 9);
+            std::vector<int> in(Bt * T), tg = in;
+            std::vector<double> sum(d, 0.0);
+            for (int b = 0; b < NB; b++) {
+                dl.next_batch(in.data(), tg.data());
+                M.forward(in.data(), nullptr, Bt, T);
+                for (size_t n = 0; n < (size_t)Bt * T; n++)
+                    for (int i = 0; i < d; i++) sum[i] += M.lnf[n * d + i];
+            }
+            Tensors U(nf);
+            bool same = true;
+            for (int l = 0; l < L; l++) {
+                const std::vector<float>& e = U[strfmt("model.layers.%d.mlp.router_domain_emb", l)];
+                for (int i = 0; i < d; i++) same &= e[d + i] == (float)(sum[i] / ((double)NB * Bt * T));
+            }
+            CHECK_MSG(same, "nexus --nexus-hidden final: Emb row 1 is not the seed's mean final-norm output at every layer");
+        }
+    }
     auto emb_name = [](int l) { return strfmt("model.layers.%d.mlp.router_domain_emb", l); };
     auto proj_name = [](int l) { return strfmt("model.layers.%d.mlp.router_proj.weight", l); };
     auto gate_name = [](int l) { return strfmt("model.layers.%d.mlp.gate.weight", l); };
