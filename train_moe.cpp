@@ -1144,6 +1144,8 @@ struct Model {
     // ln2 [N, d] -> out [N, d]
     void moe_forward(real* out, LayerActs& a, int l) {
         const int N = B * T, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k;
+        if (cfg.nexus_router)  // the router weight is derived: R [E, d] = Emb [E, d] P [d, d]
+            nexus_router_forward(param(l, P_ROUTER), param(l, P_NEXUS_EMB), param(l, P_NEXUS_PROJ), E, d, d);
         matmul_forward(a.rlogits.data(), a.ln2.data(), param(l, P_ROUTER), N, d, E);
         router_forward(a.rprobs.data(), a.topk.data(), a.topw.data(), a.rlogits.data(),
                        router_loss.aux_free_rate > 0 ? expert_bias[l].data() : nullptr, N, E, K, cfg.routing);
@@ -1256,6 +1258,11 @@ struct Model {
         router_backward(dlogits, dtopw, a.rprobs.data(), a.topk.data(), a.topw.data(), N, E, K, cfg.routing,
                         cfg.routing == ROUTING_XFT ? scratch.dsc.data() : nullptr);
         matmul_backward(dln2, grad(l, P_ROUTER), dlogits, a.ln2.data(), param(l, P_ROUTER), N, d, E);
+        if (cfg.nexus_router) {  // dR (this backward's, the slot was 0) -> dP += Emb^T dR; R is not trained
+            real* dR = grad(l, P_ROUTER);
+            nexus_router_backward(grad(l, P_NEXUS_PROJ), dR, param(l, P_NEXUS_EMB), E, d, d);
+            std::fill(dR, dR + (size_t)E * d, (real)0);
+        }
     }
     // the last forward pass's routing statistics, as the router losses read them (with
     // seg = 1, psum holds each row's probabilities: they are the rows dpsl reads too)
@@ -1426,8 +1433,10 @@ struct Model {
         if (!std::isfinite(norm)) return norm;  // no update: the run stops at the last good weights
         AdamWStep st = adamw_step(hp, norm, ++adam_t);
         for (auto& t : layout.tensors)
-            adamw_update(params.data() + t.offset, grads.data() + t.offset, m.data() + t.offset, v.data() + t.offset,
-                         (long)t.numel, hp, st, lr, t.decay() ? hp.weight_decay : 0);
+            if (t.trainable)  // the Nexus router's Emb and R: no update, no weight decay (their moments stay 0)
+                adamw_update(params.data() + t.offset, grads.data() + t.offset, m.data() + t.offset,
+                             v.data() + t.offset, (long)t.numel, hp, st, lr, t.decay() ? hp.weight_decay : 0);
+        nexus_refresh_routers(cfg, layout, params.data());  // R = Emb P of the new P (what a checkpoint saves)
         aux_free_bias_update(expert_bias, step_load, cfg.is_moe() ? router_loss.aux_free_rate : 0);
         return norm;
     }

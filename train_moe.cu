@@ -66,6 +66,7 @@ test/test_gpu.sh; data parallelism with 1-4 emulated GPUs and an NCCL stand-in: 
 #include "kernels/rmsnorm.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/router.cuh"
+#include "kernels/nexus_router.cuh"
 #include "kernels/shared_expert.cuh"
 #include "kernels/grove.cuh"
 #include "kernels/swiglu.cuh"
@@ -736,6 +737,8 @@ struct GPUModel {
     // adjugate experts or the shared expert, if any, over every token ----
     void moe_forward(T* out, LayerActs<T>& a, int l) {
         const int N = B * T_, d = cfg.d_model, F = cfg.ffn_dim, E = cfg.n_experts, K = cfg.top_k, NK = N * K;
+        if (cfg.nexus_router)  // the router weight is derived: R [E, d] = Emb [E, d] P [d, d], fp32 masters
+            gpu::nexus_router_forward(master(l, P_ROUTER), master(l, P_NEXUS_EMB), master(l, P_NEXUS_PROJ), E, d, stream);
         gpu::router_logits_forward(a.rlogits, a.ln2, master(l, P_ROUTER), N, d, E, stream);
         gpu::router_forward(a.probs, a.rlse, a.topk, a.topw, a.rlogits, router_loss.aux_free_rate > 0 ? d_bias + (size_t)l * E : nullptr,
                             N, E, K, cfg.routing == ROUTING_SOFTMAX_TOPK, stream);
@@ -903,6 +906,8 @@ struct GPUModel {
                              cfg.routing == ROUTING_SOFTMAX_TOPK || xft, stream,
                              dpsl ? a.dpsl_g : nullptr, (float)router_loss.dpsl.coef);
         gpu::router_backward_matmul(dln2, grad(l, P_ROUTER), red_scratch, drl, a.ln2, master(l, P_ROUTER), N, d, E, stream);
+        if (cfg.nexus_router)  // dR (this backward's; the slot was 0) -> dP += Emb^T dR, then dR = 0
+            gpu::nexus_router_backward(grad(l, P_NEXUS_PROJ), grad(l, P_ROUTER), master(l, P_NEXUS_EMB), E, d, stream);
         // the shared expert last, though it ran last in the forward: it adds into dln2,
         // which the routed path above writes
         if (cfg.has_shared()) shared_backward(dln2, dout, a, l);
@@ -1222,6 +1227,13 @@ struct GPUModel {
             dp->all_gather_slices(params, stream, "the weights' all-gather");
             refresh_copy();
         }
+        if (cfg.nexus_router)  // R = Emb P of the new P (what a checkpoint saves), and its working copy
+            for (int l = 0; l < cfg.n_layer; l++) {
+                const ParamTensor& r = layout.get(l, P_ROUTER);
+                gpu::nexus_router_forward(master(l, P_ROUTER), master(l, P_NEXUS_EMB), master(l, P_NEXUS_PROJ),
+                                          cfg.n_experts, cfg.d_model, stream);
+                if (!is_fp32()) gpu::convert(wcopy + r.offset, params + r.offset, r.numel, stream);
+            }
         cudaCheck(cudaMemsetAsync(d_bad, 0, sizeof(int), stream));  // the next step's flag
         cudaCheck(cudaMemcpyAsync(h_norm, d_norm, sizeof(double), cudaMemcpyDeviceToHost, stream));
         cudaCheck(cudaMemcpyAsync(h_skip, d_skip, sizeof(int), cudaMemcpyDeviceToHost, stream));
@@ -1238,15 +1250,18 @@ struct GPUModel {
                       "the gradient norm all-reduce");
     }
     // What AdamW updates, as runs of neighbouring tensors with the same decay setting; data
-    // parallel: cut to this rank's slices, whose moments are packed
+    // parallel: cut to this rank's slices, whose moments are packed. Tensors that are not
+    // trained (the Nexus router's Emb and R) are left out: no update, no decay.
     std::vector<gpu::AdamWSegment> update_segments() const {
         std::vector<gpu::AdamWSegment> runs;
         size_t i = 0;
         while (i < layout.tensors.size()) {
+            if (!layout.tensors[i].trainable) { i++; continue; }
             bool dec = layout.tensors[i].decay();
             size_t base = layout.tensors[i].offset, end = base + layout.tensors[i].numel;
             size_t j = i + 1;
-            while (j < layout.tensors.size() && layout.tensors[j].decay() == dec && layout.tensors[j].offset == end) {
+            while (j < layout.tensors.size() && layout.tensors[j].trainable && layout.tensors[j].decay() == dec &&
+                   layout.tensors[j].offset == end) {
                 end += layout.tensors[j].numel;
                 j++;
             }

@@ -23,6 +23,13 @@ from a trained MoE: every initialization of docs/METHODS.md section 2.
              xft routing (shared weight 1 - p(1)): the dense function is kept         (2.13)
   merge      XFT's merge back: a trained shared-expert MoE -> a dense Llama, FFN =
              lambda shared + (1 - lambda) sum softmax(alpha)_i expert_i, alpha trained (2.13)
+  nexus      Nexus: --from seed,branch_1..branch_S; shared expert = the seed's FFN, expert
+             e = branch e's FFN; router R = Emb P, Emb = each domain's mean hidden state
+             under the seed (a CPU forward over --data), P = s I                       (2.14)
+  nexus-add  a trained Nexus MoE + a new branch + its domain data -> E+1 experts: the new
+             Emb row from the seed; P, the experts and the rest unchanged              (2.14)
+  add-expert the same for an MoE with the usual linear router (the Nexus table's baseline):
+             the new expert's router row is a fresh free row (--router init)           (2.14)
 
 Host code only: it builds with g++ (-x c++) on any machine and with nvcc. The math lives in
 common/upcycle_ops.h; this file reads the sources, streams the output and records what it did.
@@ -71,6 +78,8 @@ struct UpcycleArgs {
     std::string routing = "topk_softmax", router = "uniform", du_index_mode = "independent", dtype = "same";
     std::string select = "uniform", score = "weight_norm", shared_gate = "sigmoid";
     std::string upit_pair = "farthest", upit_shared = "mean", upit_router = "init";
+    std::string nexus_domains, nexus_seed, nexus_hidden = "ffn_input", nexus_proj_init = "unit";
+    double nexus_down_scale = 1.0;
     double upit_w_min = 0.25, upit_w_max = 0.75;
     double merge_lambda = 0.75, merge_lr = 0.05;
     int merge_steps = 100;
@@ -85,7 +94,7 @@ struct UpcycleArgs {
     void add_to(Cli& cli) {
         cli.section("Input and output");
         cli.add("--method", &method, "scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, xft, "
-                                     "merge, expand, btm-average, upit or grove (required)");
+                                     "merge, expand, btm-average, upit, grove, nexus, nexus-add or add-expert (required)");
         cli.add("--from", &from, "source model directory (HF Llama dense; HF Mixtral MoE for expand); btx, "
                                  "btm-average and upit: a,b,c,...");
         cli.add("--model", &model, std::string("scratch without --from: preset shape (") + model_preset_names() + ")");
@@ -124,6 +133,22 @@ struct UpcycleArgs {
         cli.add("--upit-router", &upit_router, "init (the usual router init) or seed: + rows from the mean hidden state of "
                                                "the sequences each checkpoint predicts best (--utility-batches batches "
                                                "of --batch x --seq from --data; loads each checkpoint whole)");
+        cli.section("Nexus (--method nexus: --from seed,branch_1,...,branch_S; --method nexus-add: --from moe,branch)");
+        cli.add("--nexus-domains", &nexus_domains, "the domain of each branch, in --from's order (names of --data's "
+                                                   "<domain>_train_NNN.bin shards): its embedding is the seed's mean "
+                                                   "hidden state over --utility-batches x --batch x --seq of its tokens");
+        cli.add("--nexus-seed", &nexus_seed, "nexus-add: the seed dense model whose hidden states made the MoE's "
+                                             "domain embeddings (default: the seed recorded in the MoE's config.json)");
+        cli.add("--nexus-hidden", &nexus_hidden, "which hidden state: ffn_input (each layer's FFN input, after its "
+                                                 "RMSNorm: the router's own input) or final (the final norm's output, "
+                                                 "one embedding for every layer)");
+        cli.add("--nexus-proj-init", &nexus_proj_init, "nexus: P's init: unit (P = I / the layer's mean |Emb row|: R's "
+                                                       "rows have mean norm 1) or identity (P = I: R = Emb, logits of "
+                                                       "the size of |x| |Emb|)");
+        cli.add("--nexus-down-scale", &nexus_down_scale, "nexus: down_proj multiplier of the shared and the routed "
+                                                         "experts (1 = the FFNs as trained: output seed FFN + routed mix; "
+                                                         "nexus-add: default the MoE's recorded value)",
+                Range::between(0, 1e6));
         cli.section("XFT merge (--method merge: a trained shared-expert MoE -> a dense Llama)");
         cli.add("--merge-lambda", &merge_lambda, "W = lambda shared + (1 - lambda) sum_i softmax(alpha)_i expert_i "
                                                  "(XFT's released code: 0.75)", Range::between(0, 1));
@@ -169,6 +194,8 @@ static const char* method_paper(const std::string& m) {
     if (m == "merge") return "XFT's learnable merge of a shared-expert MoE into a dense model, arXiv 2404.15247";
     if (m == "xft") return "XFT (shared expert + routing-weight normalization), arXiv 2404.15247";
     if (m == "upit") return "UpIT, Upcycling Instruction Tuning via parameter merging, arXiv 2410.01610";
+    if (m == "nexus" || m == "nexus-add") return "Nexus: Specialization meets Adaptability, arXiv 2408.15901";
+    if (m == "add-expert") return "one expert appended to a trained MoE (the linear-router baseline of Nexus, arXiv 2408.15901)";
     if (m == "grove") return "Grove MoE (adjugate experts), arXiv 2508.07785";
     return "?";
 }
@@ -330,6 +357,83 @@ static std::string same_path_key(const std::string& p) {
 }
 
 // ----------------------------------------------------------------------------
+// Nexus (docs/METHODS.md 2.14): domain embeddings from the seed model. For each domain, the
+// first --utility-batches batches of --batch x --seq tokens that a DataLoader of that domain
+// alone gives (the trainer's order with --seed) run through the seed; the embedding at layer
+// l is the mean over those tokens of the hidden state named by --nexus-hidden: ffn_input =
+// layer l's FFN input after its RMSNorm (what the router multiplies), final = the final norm's
+// output (the same row at every layer). Computed in double. Returns [domain][layer][d].
+
+static std::vector<std::vector<std::vector<float>>> nexus_domain_embeddings(const UpcycleArgs& a,
+                                                                            const std::string& seed_dir,
+                                                                            const std::vector<std::string>& domains,
+                                                                            Json* rec) {
+    if (a.nexus_hidden != "ffn_input" && a.nexus_hidden != "final")
+        FAIL("--nexus-hidden must be ffn_input or final, found \"%s\"", a.nexus_hidden.c_str());
+    std::vector<DomainFiles> files = discover_domains(a.data);
+    for (auto& dom : domains) {
+        bool ok = false;
+        std::string have;
+        for (auto& f : files) {
+            ok |= f.name == dom && !f.train.empty();
+            if (!f.train.empty()) have += (have.empty() ? "" : ", ") + f.name;
+        }
+        if (!ok) FAIL("--nexus-domains: no %s_train_NNN.bin shard in --data %s (domains with train data: %s)", dom.c_str(),
+                      a.data.c_str(), have.c_str());
+    }
+    Model M;
+    M.training = false;  // forward only: no gradients or moments
+    M.load(seed_dir);
+    if (M.cfg.is_moe()) FAIL("%s: the Nexus seed must be a dense model, found %d experts", seed_dir.c_str(), M.cfg.n_experts);
+    const int L = M.cfg.n_layer, d = M.cfg.d_model, B = a.batch, T = a.seq, NB = a.utility_batches;
+    const bool final_h = a.nexus_hidden == "final";
+    std::vector<std::vector<std::vector<float>>> emb;
+    Json norms = Json::array();
+    for (auto& dom : domains) {
+        DataLoader dl(a.data, dom + "=1", B, T, M.cfg.vocab_size, (uint64_t)a.seed);
+        std::vector<int> in((size_t)B * T), tg = in;
+        std::vector<std::vector<double>> sum(L, std::vector<double>(d, 0.0));
+        for (int b = 0; b < NB; b++) {
+            dl.next_batch(in.data(), tg.data());
+            M.forward(in.data(), nullptr, B, T);
+            for (int l = 0; l < L; l++) {
+                const std::vector<real>& h = final_h ? M.lnf : M.acts[l].ln2;
+                for (size_t n = 0; n < (size_t)B * T; n++)
+                    for (int i = 0; i < d; i++) sum[l][i] += h[n * d + i];
+            }
+        }
+        std::vector<std::vector<float>> e(L, std::vector<float>(d));
+        Json nj = Json::array();
+        for (int l = 0; l < L; l++) {
+            double sq = 0;
+            for (int i = 0; i < d; i++) {
+                e[l][i] = (float)(sum[l][i] / ((double)NB * B * T));
+                sq += (double)e[l][i] * e[l][i];
+            }
+            nj.push(Json(std::sqrt(sq)));
+        }
+        norms.push(nj);
+        emb.push_back(e);
+        printf("nexus: domain %s: embedding from %d tokens of %s under %s (%s), |Emb| per layer", dom.c_str(),
+               NB * B * T, a.data.c_str(), seed_dir.c_str(), a.nexus_hidden.c_str());
+        for (auto& x : nj.arr) printf(" %.3f", x.num);
+        printf("\n");
+    }
+    Json dj = Json::array();
+    for (auto& dom : domains) dj.push(Json(dom));
+    (*rec)["domains"] = dj;
+    (*rec)["domain_data"] = a.data;
+    (*rec)["domain_tokens"] = NB * B * T;
+    (*rec)["domain_batches"] = NB;
+    (*rec)["domain_batch"] = B;
+    (*rec)["domain_seq"] = T;
+    (*rec)["domain_hidden"] = a.nexus_hidden;
+    (*rec)["domain_embedding_norms"] = norms;
+    (*rec)["nexus_seed"] = seed_dir;
+    return emb;
+}
+
+// ----------------------------------------------------------------------------
 // Dense -> MoE: scratch, naive, noise, drop, btx, granular, partition; and dense -> dense:
 // btm-average (the one method whose output is not an MoE)
 
@@ -352,6 +456,8 @@ struct DenseUpcycler {
     UpitPlan upit;                            // upit: every expert's coefficients over the sources
     std::vector<std::vector<float>> upit_router_add;  // upit --upit-router seed: [L][E*d] added to the router init
     std::vector<std::vector<double>> upit_D2; // upit: the sources' pairwise squared FFN distances
+    std::vector<std::vector<float>> nexus_emb, nexus_R;  // nexus: [L][E*d] Emb and R = Emb P
+    std::vector<std::vector<float>> nexus_P;             // nexus: [L][d*d] P = s_l I
 
     explicit DenseUpcycler(const UpcycleArgs& args) : a(args) {}
 
@@ -388,6 +494,10 @@ struct DenseUpcycler {
             std::vector<std::vector<float>> all;
             for (auto& s : src) all.push_back(s->read(t.name));
             mean_of_sources(out.data(), all, out.size());
+            return;
+        }
+        if (a.method == "nexus" && (t.kind == P_ROUTER || t.kind == P_NEXUS_EMB || t.kind == P_NEXUS_PROJ)) {
+            out = t.kind == P_ROUTER ? nexus_R[t.layer] : t.kind == P_NEXUS_EMB ? nexus_emb[t.layer] : nexus_P[t.layer];
             return;
         }
         if (t.kind == P_ROUTER) {
@@ -427,6 +537,11 @@ struct DenseUpcycler {
             return;
         }
         if (a.method == "qwen2") return qwen2_routed_expert(l, e, mat, out);
+        if (a.method == "nexus") {  // expert e = branch e's FFN (source e + 1; source 0 is the seed)
+            out = ffn[e + 1][mat];
+            if (mat == MAT_DOWN) for (float& x : out) x *= routed_mult;
+            return;
+        }
         if (a.method == "shared") {  // a copy of the FFN, down_proj x 1/2 (2.11)
             out = ffn[0][mat];
             if (mat == MAT_DOWN) for (float& x : out) x *= routed_mult;
@@ -452,8 +567,9 @@ struct DenseUpcycler {
         const int mat = t.kind - P_SGATE;
         out = ffn[0][mat];
         // xft: unscaled, its routing weighs it by 1 - p(1) (METHODS 2.13)
+        const float mult = a.method == "nexus" ? (float)a.nexus_down_scale : shared_down_mult(out_cfg.shared_gate);
         if (mat == MAT_DOWN && a.method != "xft")
-            for (float& x : out) x *= shared_down_mult(out_cfg.shared_gate);
+            for (float& x : out) x *= mult;
     }
     // qwen2: expert e = set (e mod G) of replica (e div G)'s shuffled partition; then floor(F_e r)
     // of its neurons re-initialized from their own statistics (drop_neurons, Drop-Upcycling's
@@ -472,7 +588,10 @@ struct DenseUpcycler {
         const std::string& m = a.method;
         std::vector<std::string> dirs;
         if (!a.from.empty()) dirs = split_commas(a.from);
-        const bool multi = m == "btx" || m == "btm-average" || m == "upit";  // methods of S >= 1 sources
+        const bool multi = m == "btx" || m == "btm-average" || m == "upit" || m == "nexus";  // S >= 1 sources
+        if (m == "nexus" && dirs.size() < 2)
+            FAIL("--method nexus needs --from seed,branch_1,...: the seed dense model and at least one branch, found %zu "
+                 "director%s", dirs.size(), dirs.size() == 1 ? "y" : "ies");
         if (m == "upit" && dirs.size() < 2)
             FAIL("--method upit needs at least 2 --from checkpoints (a,b,...: checkpoints of one dense run), found %zu",
                  dirs.size());
@@ -540,9 +659,9 @@ struct DenseUpcycler {
             if (!(a.ratio >= 0 && a.ratio <= 1)) FAIL("--ratio %g is outside [0, 1]", a.ratio);
             n_reinit = neurons_of_ratio(F, a.ratio);
         }
-        const bool with_shared = m == "shared" || m == "qwen2" || m == "xft";
-        if (!(m == "shared" || m == "qwen2") && cli.was_set("--shared-gate"))
-            FAIL("--shared-gate applies to --method shared or qwen2, not %s", m.c_str());
+        const bool with_shared = m == "shared" || m == "qwen2" || m == "xft" || m == "nexus";
+        if (!(m == "shared" || m == "qwen2" || m == "nexus") && cli.was_set("--shared-gate"))
+            FAIL("--shared-gate applies to --method shared, qwen2 or nexus, not %s", m.c_str());
         if (m == "xft") {
             out_cfg.shared_dim = F;  // the dense FFN itself, ungated: xft routing weighs it
             out_cfg.shared_gate = false;
@@ -551,8 +670,11 @@ struct DenseUpcycler {
                 FAIL("--shared-gate must be sigmoid or none, found \"%s\"", a.shared_gate.c_str());
             out_cfg.shared_dim = F;  // the whole dense FFN: S = 1 shared expert of width F
             out_cfg.shared_gate = a.shared_gate == "sigmoid";
-            routed_mult = routed_down_mult();
+            routed_mult = m == "nexus" ? (float)a.nexus_down_scale : routed_down_mult();
         }
+        for (const char* o : {"--nexus-domains", "--nexus-hidden", "--nexus-proj-init", "--nexus-down-scale"})
+            if (m != "nexus" && cli.was_set(o)) FAIL("%s applies to --method nexus or nexus-add, not %s", o, m.c_str());
+        if (cli.was_set("--nexus-seed")) FAIL("--nexus-seed applies to --method nexus-add (nexus: the first --from)");
         if (m == "qwen2") {
             if (G < 1 || F % G) FAIL("--granularity %d must divide the dense FFN width F = %d (experts are F/G wide)", G, F);
             if (!(a.ratio >= 0 && a.ratio <= 1)) FAIL("--ratio %g is outside [0, 1]", a.ratio);
@@ -629,6 +751,7 @@ struct DenseUpcycler {
             rec["index_mode"] = a.du_index_mode;
         }
         if (m == "upit") plan_upit(rec);
+        if (m == "nexus") plan_nexus(rec);
         write_output(rec);
     }
 
@@ -783,6 +906,50 @@ struct DenseUpcycler {
         printf("upit seed router: sequences won per checkpoint:");
         for (int s = 0; s < S; s++) printf(" %d", count[s]);
         printf(" (of %d)\n", Q);
+    }
+
+    // Nexus (docs/METHODS.md 2.14): E = S - 1 branches; the domain embeddings (one domain per
+    // branch, from the seed = --from's first), P = s I and R = Emb P, and the record.
+    void plan_nexus(Json& rec) {
+        const int E = out_cfg.n_experts, L = out_cfg.n_layer, d = out_cfg.d_model;
+        if (E != (int)src.size() - 1)
+            FAIL("--method nexus: --experts %d must equal the number of branches (%zu: --from minus the seed)", E,
+                 src.size() - 1);
+        std::vector<std::string> domains = a.nexus_domains.empty() ? std::vector<std::string>() : split_commas(a.nexus_domains);
+        if ((int)domains.size() != E)
+            FAIL("--nexus-domains must name one domain per branch (%d), found %zu: \"%s\"", E, domains.size(),
+                 a.nexus_domains.c_str());
+        if (a.nexus_proj_init != "unit" && a.nexus_proj_init != "identity")
+            FAIL("--nexus-proj-init must be unit or identity, found \"%s\"", a.nexus_proj_init.c_str());
+        out_cfg.nexus_router = true;
+        auto emb = nexus_domain_embeddings(a, src[0]->dir, domains, &rec);
+        nexus_P.assign(L, std::vector<float>((size_t)d * d, 0.0f));
+        nexus_emb.assign(L, std::vector<float>((size_t)E * d));
+        nexus_R.assign(L, std::vector<float>((size_t)E * d));
+        Json scales = Json::array();
+        for (int l = 0; l < L; l++) {
+            double mean_norm = 0;
+            for (int e = 0; e < E; e++) {
+                std::copy(emb[e][l].begin(), emb[e][l].end(), nexus_emb[l].begin() + (size_t)e * d);
+                double sq = 0;
+                for (float x : emb[e][l]) sq += (double)x * x;
+                mean_norm += std::sqrt(sq) / E;
+            }
+            const float sc = a.nexus_proj_init == "identity" || mean_norm == 0 ? 1.0f : (float)(1.0 / mean_norm);
+            for (int i = 0; i < d; i++) nexus_P[l][(size_t)i * d + i] = sc;
+            scales.push(Json((double)sc));
+            nexus_router_forward(nexus_R[l].data(), nexus_emb[l].data(), nexus_P[l].data(), E, d, d);
+        }
+        rec["proj_scale_per_layer"] = scales;
+        rec["router"] = "Nexus: R = Emb P; Emb row e = domain e's mean hidden state under the seed (fixed); P learned";
+        rec["proj_init"] = a.nexus_proj_init == "unit" ? "P = s_l I, s_l = 1 / mean_e |Emb_e| at layer l (R's rows of mean "
+                                                         "norm 1)" : "P = I (R = Emb)";
+        rec["nexus_down_scale"] = a.nexus_down_scale;
+        rec["shared_expert"] = strfmt("the seed's FFN (source 0), down_proj x %g, %s", a.nexus_down_scale,
+                                      out_cfg.shared_gate ? "sigmoid gate vector 0 (gate 1/2)" : "no gate");
+        rec["routed_experts"] = strfmt("expert e = the FFN of branch e (source e + 1), down_proj x %g", a.nexus_down_scale);
+        rec["other_tensors"] = "element-wise mean of all sources (seed and branches), as btx";
+        rec.erase("router_init");
     }
 
     // btm-average's record (it has no experts, routing or router)
@@ -965,6 +1132,9 @@ struct Expander {
         if (a.from.find(',') != std::string::npos) FAIL("--method expand takes one --from directory");
         if (same_path_key(a.from) == same_path_key(a.out)) FAIL("--out %s is the source directory itself", a.out.c_str());
         src.open(a.from);
+        if (src.cfg.nexus_router)
+            FAIL("%s: has the Nexus router (R = Emb P); --method expand does not handle it (add an expert with "
+                 "--method nexus-add)", a.from.c_str());
         if (!src.cfg.is_moe())
             FAIL("%s: is a dense model (no num_local_experts in config.json); --method expand needs an MoE checkpoint "
                  "(make one with --method naive/drop/...)", a.from.c_str());
@@ -1286,6 +1456,144 @@ struct Merger {
 };
 
 // ----------------------------------------------------------------------------
+// Nexus: adding an expert to a trained Nexus MoE (docs/METHODS.md 2.14). The new expert is the
+// new branch's FFN; its router row is Emb_new P with the MoE's own P: no new free router
+// parameter. Every other tensor (experts 0..E-1, P, the old Emb rows, shared expert,
+// attention, embeddings, norms) is copied bit for bit; R = Emb' P is recomputed. Loads the
+// MoE whole (the output is built in memory, then written like a trainer checkpoint).
+// add-expert: the same for an MoE with the usual linear router; the new router row is the
+// last row of the upcycling router init for E+1 experts (--router, --seed), a free row.
+
+struct NexusAdder {
+    const UpcycleArgs& a;
+    explicit NexusAdder(const UpcycleArgs& args) : a(args) {}
+
+    void run(const Cli& cli) {
+        std::vector<std::string> dirs = a.from.empty() ? std::vector<std::string>() : split_commas(a.from);
+        const bool nexus = a.method == "nexus-add";
+        if (dirs.size() != 2)
+            FAIL("--method %s needs --from moe,branch (a trained MoE and the new domain's dense branch), "
+                 "found %zu director%s", a.method.c_str(), dirs.size(), dirs.size() == 1 ? "y" : "ies");
+        for (auto& d : dirs)
+            if (same_path_key(d) == same_path_key(a.out)) FAIL("--out %s is a source directory itself", a.out.c_str());
+        for (const char* o : {"--experts", "--topk", "--routing", "--shared-gate", "--nexus-proj-init"})
+            if (cli.was_set(o)) FAIL("--method %s keeps the MoE's settings: %s does not apply", a.method.c_str(), o);
+        if (!nexus)
+            for (const char* o : {"--nexus-domains", "--nexus-seed", "--nexus-hidden", "--nexus-down-scale"})
+                if (cli.was_set(o)) FAIL("%s applies to --method nexus or nexus-add, not add-expert", o);
+        if (nexus && cli.was_set("--router")) FAIL("--method nexus-add: --router does not apply (the new row is Emb_new P)");
+        ModelConfig cfg;
+        ParamLayout lay;
+        std::vector<float> p;
+        load_model_dir(dirs[0], &cfg, &lay, &p);
+        if (!cfg.is_moe()) FAIL("%s: is a dense model; --method %s needs a trained MoE", dirs[0].c_str(), a.method.c_str());
+        if (nexus && !cfg.nexus_router)
+            FAIL("%s: not a Nexus MoE (config.json has no moe_router nexus); make one with --method nexus", dirs[0].c_str());
+        if (!nexus && cfg.nexus_router)
+            FAIL("%s: has the Nexus router; add an expert with --method nexus-add", dirs[0].c_str());
+        RouterInit rkind = ROUTER_UNIFORM;
+        if (a.router == "normal") rkind = ROUTER_NORMAL;
+        else if (a.router != "uniform") FAIL("--router must be uniform or normal, found \"%s\"", a.router.c_str());
+        Source br;
+        br.open(dirs[1]);
+        if (br.cfg.is_moe()) FAIL("%s: the new branch must be a dense model, found %d experts", dirs[1].c_str(), br.cfg.n_experts);
+        if (br.cfg.d_model != cfg.d_model || br.cfg.n_layer != cfg.n_layer || br.cfg.ffn_dim != cfg.ffn_dim ||
+            br.cfg.vocab_size != cfg.vocab_size)
+            FAIL("%s: the branch's shape (hidden %d, layers %d, FFN %d, vocab %d) differs from the MoE's (hidden %d, "
+                 "layers %d, expert FFN %d, vocab %d)", dirs[1].c_str(), br.cfg.d_model, br.cfg.n_layer, br.cfg.ffn_dim,
+                 br.cfg.vocab_size, cfg.d_model, cfg.n_layer, cfg.ffn_dim, cfg.vocab_size);
+        const Json* prev = cfg.extra.find("upcycling");
+        std::string seed = a.nexus_seed;
+        if (seed.empty() && prev && prev->find("nexus_seed")) seed = prev->find("nexus_seed")->str;
+        if (nexus && seed.empty())
+            FAIL("--method nexus-add: give --nexus-seed (the dense seed model of the MoE's domain embeddings): %s records "
+                 "none", dirs[0].c_str());
+        double down = nexus ? a.nexus_down_scale : 1.0;
+        if (nexus && !cli.was_set("--nexus-down-scale") && prev && prev->find("nexus_down_scale"))
+            down = prev->find("nexus_down_scale")->num;
+        std::vector<std::string> domains = a.nexus_domains.empty() ? std::vector<std::string>() : split_commas(a.nexus_domains);
+        if (nexus && domains.size() != 1)
+            FAIL("--nexus-domains must name the new branch's one domain, found \"%s\"", a.nexus_domains.c_str());
+        Json rec = Json::object();
+        rec["method"] = a.method;
+        rec["paper"] = method_paper(a.method);
+        rec["tool"] = "upcycle " UPCYCLE_VERSION;
+        rec["seed"] = a.seed;
+        std::vector<std::vector<std::vector<float>>> emb;
+        if (nexus) emb = nexus_domain_embeddings(a, seed, domains, &rec);
+        const int E = cfg.n_experts, E1 = E + 1, L = cfg.n_layer, d = cfg.d_model;
+        ModelConfig oc = cfg;
+        oc.n_experts = E1;
+        oc.extra.erase("upcycling");
+        oc.validate("output model");
+        ParamLayout ol = build_layout(oc);
+        std::vector<float> q(ol.total, 0.0f);
+        for (auto& t : ol.tensors) {
+            float* o = q.data() + t.offset;
+            if (t.kind == P_ROUTER && nexus) continue;  // R = Emb' P below
+            if (t.kind == P_ROUTER) {  // the old rows, then a fresh one (the init's row E of E + 1)
+                const float* old = p.data() + lay.get(t.layer, P_ROUTER).offset;
+                std::copy(old, old + (size_t)E * d, o);
+                std::vector<float> init((size_t)E1 * d);
+                router_init(init.data(), E1, d, rkind, (uint64_t)a.seed, t.layer);
+                std::copy(init.begin() + (size_t)E * d, init.end(), o + (size_t)E * d);
+                continue;
+            }
+            if (t.kind == P_NEXUS_EMB) {       // the old rows, then the new domain's
+                const float* old = p.data() + lay.get(t.layer, P_NEXUS_EMB).offset;
+                std::copy(old, old + (size_t)E * d, o);
+                std::copy(emb[0][t.layer].begin(), emb[0][t.layer].end(), o + (size_t)E * d);
+                continue;
+            }
+            if (t.expert == E) {  // the new expert: the branch's FFN
+                std::vector<float> w = br.read(br.layout.by_layer[t.layer][P_GATE + (t.kind - P_EGATE)]);
+                if (t.kind == P_EDOWN) for (float& x : w) x *= (float)down;
+                std::copy(w.begin(), w.end(), o);
+                continue;
+            }
+            const int si = t.expert >= 0 ? lay.experts[t.layer][t.expert][t.kind - P_EGATE] : lay.find(t.name);
+            if (si < 0) FAIL("internal: nexus-add found no source tensor for %s", t.name.c_str());
+            const ParamTensor& st = lay.tensors[si];
+            std::copy(p.begin() + st.offset, p.begin() + st.offset + st.numel, o);
+        }
+        nexus_refresh_routers(oc, ol, q.data());
+        Json sources = Json::array();
+        Source moe;
+        moe.open(dirs[0]);
+        sources.push(moe.record());
+        sources.push(br.record());
+        rec["sources"] = sources;
+        rec["experts"] = E1;
+        if (nexus) {
+            rec["new_expert"] = strfmt("expert %d = the FFN of %s, down_proj x %g; its router row = Emb_new P (the "
+                                       "MoE's P)", E, dirs[1].c_str(), down);
+            rec["nexus_down_scale"] = down;
+            rec["kept"] = "experts 0..E-1, P, the old Emb rows, the shared expert, attention, embeddings and norms: "
+                          "copied bit for bit; R = Emb' P recomputed; AdamW moments and aux-free biases not carried";
+        } else {
+            rec["new_expert"] = strfmt("expert %d = the FFN of %s; its router row = row %d of the %s router init for "
+                                       "%d experts (seed %ld): a free row", E, dirs[1].c_str(), E, a.router.c_str(), E1,
+                                       a.seed);
+            rec["kept"] = "experts 0..E-1, the old router rows and every other tensor: copied bit for bit; AdamW "
+                          "moments and aux-free biases not carried";
+        }
+        if (prev) rec["base_upcycling"] = *prev;
+        oc.extra["upcycling"] = rec;
+        DType dt = output_dtype(a.dtype, moe.ck->dtype());
+        check_output_size(ol, dt, a.out);
+        AtomicDir out(a.out);
+        std::string tmpdir = out.file("");
+        while (tmpdir.size() > 1 && tmpdir.back() == '/') tmpdir.pop_back();
+        save_model_files(tmpdir, oc, ol, q.data(), dt);
+        copy_tokenizer_files(dirs[0], out);
+        out.commit();
+        printf("upcycle %s (%s): %s + %s -> %d experts top-%d; wrote %s\n", a.method.c_str(), method_paper(a.method),
+               dirs[0].c_str(), dirs[1].c_str(), E1, oc.top_k, a.out.c_str());
+        (void)L;
+    }
+};
+
+// ----------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
     UpcycleArgs a;
@@ -1310,6 +1618,10 @@ int main(int argc, char** argv) {
         "  ./upcycle --method partition --from dense/ --experts 8 --topk 2 --out moe_part\n"
         "  ./upcycle --method shared    --from dense/ --experts 8 --topk 2 --out moe_sh   (+ a shared expert)\n"
         "  ./upcycle --method qwen2     --from dense/ --experts 16 --topk 4 --granularity 4 --ratio 0.5 --out moe_q2\n"
+        "  ./upcycle --method nexus     --from seed/,en/,code/,de/ --nexus-domains en,code,de --data data/tiny\n"
+        "            --topk 1 --out moe_nexus   (shared expert = seed FFN, 3 routed experts, R = Emb P)\n"
+        "  ./upcycle --method nexus-add --from moe_nexus/,go/ --nexus-domains go --data data/tiny4 --out moe_nexus4\n"
+        "  ./upcycle --method add-expert --from moe_btx/,go/ --out moe_btx_go   (linear router: a fresh row)\n"
         "  ./upcycle --method xft       --from dense/ --experts 8 --topk 2 --out moe_xft   (XFT; train with train_moe)\n"
         "  ./upcycle --method merge     --from runs/xft/step_001000 --data data/tiny --merge-steps 100 --out dense_xft\n"
         "  ./upcycle --method expand    --from runs/moe/step_001000 --experts 16 --select utility --score grad_norm\n"
@@ -1324,26 +1636,38 @@ int main(int argc, char** argv) {
 #endif
         if (a.method.empty())
             FAIL("--method is required (scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, xft, "
-                 "merge, expand, btm-average, upit, grove)");
+                 "merge, expand, btm-average, upit, grove, nexus, nexus-add, add-expert)");
         if (a.out.empty()) FAIL("--out is required (the output directory)");
         {  // nothing the user did not ask to lose: inputs, an existing file, a non-empty directory
             std::vector<std::string> inputs = a.from.empty() ? std::vector<std::string>() : split_commas(a.from);
-            if (a.method == "expand" || a.method == "upit" || a.method == "merge") inputs.push_back(a.data);  // read for scores / seed router
+            if (a.method == "expand" || a.method == "upit" || a.method == "merge" || a.method == "nexus" ||
+                a.method == "nexus-add")
+                inputs.push_back(a.data);  // read for scores / seed router / merge batches / domain embeddings
+            if (!a.nexus_seed.empty()) inputs.push_back(a.nexus_seed);
             check_output_location(a.out, inputs, a.overwrite);
         }
         static const char* methods[] = {"scratch", "naive", "noise", "drop", "btx", "granular", "partition", "shared",
-                                        "qwen2", "xft", "merge", "expand", "btm-average", "upit", "grove"};
+                                        "qwen2", "xft", "merge", "expand", "btm-average", "upit", "grove", "nexus",
+                                        "nexus-add", "add-expert"};
         bool known = false;
         for (const char* k : methods) known |= a.method == k;
         if (!known)
             FAIL("--method \"%s\" is not one of scratch, naive, noise, drop, btx, granular, partition, shared, qwen2, "
-                 "xft, merge, expand, btm-average, upit, grove", a.method.c_str());
+                 "xft, merge, expand, btm-average, upit, grove, nexus, nexus-add, add-expert", a.method.c_str());
         for (const char* o : {"--upit-pair", "--upit-w-min", "--upit-w-max", "--upit-shared", "--upit-router"})
             if (a.method != "upit" && cli.was_set(o)) FAIL("%s applies to --method upit only", o);
         for (const char* o : {"--grove-groups", "--grove-width", "--grove-scale", "--grove-std"})
             if (a.method != "grove" && cli.was_set(o)) FAIL("%s applies to --method grove only", o);
         for (const char* o : {"--merge-lambda", "--merge-steps", "--merge-lr"})
             if (a.method != "merge" && cli.was_set(o)) FAIL("%s applies to --method merge only", o);
+        if (a.method == "nexus") {  // E = the number of branches; the shared expert ungated unless asked
+            if (!cli.was_set("--experts")) a.experts = std::max(1, (int)split_commas(a.from).size() - 1);
+            if (!cli.was_set("--topk")) a.topk = std::min(a.topk, a.experts);
+            // top-1 renormalized would give the one routed expert the weight 1 and the router no
+            // gradient from the language-model loss: top-1 defaults to the unrenormalized softmax
+            if (!cli.was_set("--routing") && a.topk == 1) a.routing = "softmax_topk";
+            if (!cli.was_set("--shared-gate")) a.shared_gate = "none";
+        }
         if (a.method == "expand") {
             Expander x(a);
             x.run(cli);
@@ -1353,6 +1677,9 @@ int main(int argc, char** argv) {
         } else if (a.method == "grove") {
             GroveUpcycler g(a);
             g.run(cli);
+        } else if (a.method == "nexus-add" || a.method == "add-expert") {
+            NexusAdder x(a);
+            x.run(cli);
         } else {
             if (a.experts < 1) FAIL("--experts must be >= 1, found %d", a.experts);
             if (a.topk < 1 || a.topk > a.experts) FAIL("--topk %d must be in [1, --experts %d]", a.topk, a.experts);

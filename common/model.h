@@ -60,6 +60,12 @@ struct ModelConfig {
     int grove_groups = 0;      // G; divides E
     int grove_dim = 0;         // F_a
     float grove_scale = 0.05f; // lambda
+    // Nexus router (docs/METHODS.md 1.9, arXiv 2408.15901): each layer's router weight is
+    // R = Emb P, Emb [E, d] fixed domain embeddings (one row per expert: the mean hidden state
+    // of its domain's data under the seed model), P [d, d] learned. Emb and R are stored but
+    // never trained (ParamTensor::trainable); R is recomputed from Emb and P before every
+    // use, and kept in the file so that Hugging Face loads the router it computes.
+    bool nexus_router = false;
     bool tie_embeddings = false;
     float rms_eps = 1e-5f;
     float rope_theta = 10000.0f;
@@ -93,6 +99,11 @@ struct ModelConfig {
         if (n_experts < 0) FAIL("%s: num_local_experts must be >= 0", what.c_str());
         if (n_experts > 0 && (top_k < 1 || top_k > n_experts))
             FAIL("%s: num_experts_per_tok (%d) must be in [1, num_local_experts = %d]", what.c_str(), top_k, n_experts);
+        if (nexus_router && n_experts == 0)
+            FAIL("%s: moe_router nexus needs routed experts (num_local_experts / num_experts > 0)", what.c_str());
+        if (nexus_router && grove_groups > 0)
+            FAIL("%s: moe_router nexus with Grove adjugate experts (grove_groups %d) is not supported", what.c_str(),
+                 grove_groups);
         if (shared_dim < 0) FAIL("%s: shared_expert_intermediate_size must be >= 0, found %d", what.c_str(), shared_dim);
         if (shared_dim > 0 && n_experts == 0)
             FAIL("%s: shared_expert_intermediate_size %d needs routed experts (num_experts > 0): a dense model's FFN "
@@ -124,7 +135,8 @@ struct ModelConfig {
         double per_ffn = 3.0 * ffn_dim * d_model, attn = 2.0 * d_model * ((double)q_dim() + kv_dim());
         double params = 2.0 * vocab_size * d_model +
                         (double)n_layer * (attn + 2.0 * d_model + (is_moe() ? n_experts * (per_ffn + d_model) : per_ffn) +
-                                      (3.0 * shared_dim + 1) * d_model + 3.0 * grove_groups * grove_dim * d_model);
+                                      (3.0 * shared_dim + 1) * d_model + 3.0 * grove_groups * grove_dim * d_model +
+                                      (nexus_router ? (double)d_model * d_model : 0));
         if (params > 1099511627776.0)
             FAIL("%s: these sizes make a model of %.3g parameters: implausibly large (corrupt config?)", what.c_str(),
                  params);
@@ -242,6 +254,7 @@ struct ModelConfig {
                                 "trainers";
             }
         }
+        if (nexus_router) j["moe_router"] = "nexus";  // our key; HF reads gate.weight (= Emb P) instead
         for (auto& kv : extra.obj) if (!j.has(kv.first)) j[kv.first] = kv.second;
         return j;
     }
@@ -312,6 +325,12 @@ struct ModelConfig {
         if (c.n_experts == 0 && (c.top_k != 0 || c.routing != ROUTING_TOPK_SOFTMAX))
             FAIL("%s: num_experts_per_tok or moe_routing given, but num_local_experts is missing or 0 (a dense model)",
                  what.c_str());
+        {
+            std::string r = j.get_str("moe_router", "linear", what);
+            if (r != "linear" && r != "nexus")
+                FAIL("%s: moe_router must be linear or nexus, found \"%s\"", what.c_str(), r.c_str());
+            c.nexus_router = r == "nexus";
+        }
         c.tie_embeddings = j.get_bool("tie_word_embeddings", false, what);
         c.rms_eps = (float)j.get_num("rms_norm_eps", 1e-5, what);
         c.rope_theta = (float)j.get_num("rope_theta", 10000.0, what);
@@ -341,7 +360,8 @@ struct ModelConfig {
             "rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias",
             "rope_scaling", "torch_dtype", "sliding_window", "num_experts", "moe_intermediate_size",
             "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
-            "use_sliding_window", "shared_expert_gating", "grove_groups", "grove_intermediate_size", "grove_scale"};
+            "use_sliding_window", "shared_expert_gating", "grove_groups", "grove_intermediate_size", "grove_scale",
+            "moe_router"};
         c.extra = Json::object();
         for (auto& kv : j.obj) {
             bool k = false;
@@ -382,13 +402,15 @@ enum ParamKind {
     P_ROUTER, P_EGATE, P_EUP, P_EDOWN,  // MoE: router [E,d], expert w1 / w3 / w2
     P_SGATE, P_SUP, P_SDOWN, P_SGATE_W, // shared expert: gate [Fs,d], up [Fs,d], down [d,Fs]; its sigmoid gate [1,d]
     P_AGATE, P_AUP, P_ADOWN,            // Grove adjugate experts: w1 [Fa,d], w3 [Fa,d], w2 [d,Fa]
+    P_NEXUS_EMB, P_NEXUS_PROJ,       // Nexus router: domain embeddings Emb [E,d] (fixed), projection P [d,d]
     P_FINAL_NORM, P_LM_HEAD, P_NUM_KINDS
 };
 inline const char* param_kind_name(ParamKind k) {
     static const char* n[] = {"embed", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "gate", "up", "down",
                               "router", "expert_gate", "expert_up", "expert_down", "shared_gate_proj",
                               "shared_up_proj", "shared_down_proj", "shared_expert_gate", "adjugate_gate",
-                              "adjugate_up", "adjugate_down", "final_norm", "lm_head"};
+                              "adjugate_up", "adjugate_down", "router_domain_emb",
+                              "router_proj", "final_norm", "lm_head"};
     return n[k];
 }
 
@@ -398,6 +420,10 @@ struct ParamTensor {
     size_t offset = 0, numel = 0; // position in the flat buffer
     ParamKind kind = P_EMBED;
     int layer = -1, expert = -1;
+    // false: kept in the flat buffer and the checkpoint but never trained (the Nexus router's
+    // Emb and its derived R = Emb P): the optimizers skip the tensor (no AdamW update, no
+    // weight decay); its gradient slot stays 0 (R's is a scratch the backward clears)
+    bool trainable = true;
     bool decay() const { return shape.size() == 2; }  // AdamW weight decay on matrices only
 };
 
@@ -429,6 +455,15 @@ inline ParamLayout build_layout(const ModelConfig& c) {
         return (int)lay.tensors.size() - 1;
     };
     const int64_t d = c.d_model, V = c.vocab_size, F = c.ffn_dim;
+    // the router [E, d]; with the Nexus router also Emb [E, d] and P [d, d] (R = Emb P derived)
+    auto add_router = [&](const std::string& m, std::vector<int>& L, int l) {
+        L[P_ROUTER] = add(m + "gate.weight", {(int64_t)c.n_experts, d}, P_ROUTER, l, -1);
+        if (!c.nexus_router) return;
+        L[P_NEXUS_EMB] = add(m + "router_domain_emb", {(int64_t)c.n_experts, d}, P_NEXUS_EMB, l, -1);
+        L[P_NEXUS_PROJ] = add(m + "router_proj.weight", {d, d}, P_NEXUS_PROJ, l, -1);
+        lay.tensors[L[P_ROUTER]].trainable = false;
+        lay.tensors[L[P_NEXUS_EMB]].trainable = false;
+    };
     lay.embed = add("model.embed_tokens.weight", {V, d}, P_EMBED, -1, -1);
     lay.by_layer.assign(c.n_layer, std::vector<int>(P_NUM_KINDS, -1));
     lay.experts.assign(c.n_layer, {});
@@ -448,7 +483,7 @@ inline ParamLayout build_layout(const ModelConfig& c) {
             L[P_DOWN] = add(p + "mlp.down_proj.weight", {d, F}, P_DOWN, l, -1);
         } else if (!c.has_shared()) {  // Mixtral's names
             std::string m = p + "block_sparse_moe.";
-            L[P_ROUTER] = add(m + "gate.weight", {(int64_t)c.n_experts, d}, P_ROUTER, l, -1);
+            add_router(m, L, l);
             for (int e = 0; e < c.n_experts; e++) {
                 std::string x = m + "experts." + std::to_string(e) + ".";
                 std::array<int, 3> ids;
@@ -470,7 +505,7 @@ inline ParamLayout build_layout(const ModelConfig& c) {
             }
         } else {  // Qwen2-MoE's names: routed experts, then the shared expert and its gate
             std::string m = p + "mlp.";
-            L[P_ROUTER] = add(m + "gate.weight", {(int64_t)c.n_experts, d}, P_ROUTER, l, -1);
+            add_router(m, L, l);
             for (int e = 0; e < c.n_experts; e++) {
                 std::string x = m + "experts." + std::to_string(e) + ".";
                 std::array<int, 3> ids;
@@ -514,8 +549,9 @@ inline size_t count_active_params(const ModelConfig& c) {
 // From-scratch init (docs/METHODS.md 2.1): every matrix ~ N(0, std), norms = 1. Each tensor has
 // its own RNG stream, so the result does not depend on the order or thread count.
 template <typename T>
+void nexus_refresh_routers(const ModelConfig& c, const ParamLayout& lay, T* params);
+template <typename T>
 void init_from_scratch(const ModelConfig& c, const ParamLayout& lay, T* params, uint64_t seed, float std = 0.02f) {
-    (void)c;
     for (size_t ti = 0; ti < lay.tensors.size(); ti++) {
         const ParamTensor& t = lay.tensors[ti];
         T* p = params + t.offset;
@@ -527,6 +563,38 @@ void init_from_scratch(const ModelConfig& c, const ParamLayout& lay, T* params, 
             for (long i = 0; i < (long)t.numel; i++) p[i] = (T)(std * rng_normal(seed, stream, (uint64_t)i));
         }
     }
+    nexus_refresh_routers(c, lay, params);  // a Nexus router's R is Emb P, not a draw of its own
+}
+
+// The Nexus router (docs/METHODS.md 1.9): R = Emb P, Emb [E, d_e] fixed, P [d_e, d] learned
+// (d_e = d here); accumulated in double. Both trainers' forward and upcycle call this.
+template <typename T>
+void nexus_router_forward(T* R, const T* emb, const T* P, int E, int de, int d) {
+    for (int e = 0; e < E; e++)
+        for (int j = 0; j < d; j++) {
+            double acc = 0;
+            for (int i = 0; i < de; i++) acc += (double)emb[(size_t)e * de + i] * P[(size_t)i * d + j];
+            R[(size_t)e * d + j] = (T)acc;
+        }
+}
+// dP [d_e, d] += Emb^T dR: the only path from the loss to P (Emb gets no gradient)
+template <typename T>
+void nexus_router_backward(T* dP, const T* dR, const T* emb, int E, int de, int d) {
+    for (int i = 0; i < de; i++)
+        for (int j = 0; j < d; j++) {
+            double acc = 0;
+            for (int e = 0; e < E; e++) acc += (double)emb[(size_t)e * de + i] * dR[(size_t)e * d + j];
+            dP[(size_t)i * d + j] += (T)acc;
+        }
+}
+// Every layer's R = Emb P in a whole flat buffer (after an init or an optimizer step, so that
+// a saved checkpoint's gate.weight is the router the model computes)
+template <typename T>
+void nexus_refresh_routers(const ModelConfig& c, const ParamLayout& lay, T* params) {
+    if (!c.nexus_router) return;
+    for (int l = 0; l < c.n_layer; l++)
+        nexus_router_forward(params + lay.get(l, P_ROUTER).offset, params + lay.get(l, P_NEXUS_EMB).offset,
+                             params + lay.get(l, P_NEXUS_PROJ).offset, c.n_experts, c.d_model, c.d_model);
 }
 
 // ----------------------------------------------------------------------------

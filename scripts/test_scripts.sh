@@ -62,7 +62,7 @@ check "scaling_fit.py --selftest ($(tail -n 1 "$TMP/fit.log"))" test $? -eq 0
 # 1. every table, every row (the tables share one runs root: the dense base is trained once)
 for spec in drop_upcycling:repro_drop_upcycling.py expert_upcycling:repro_expert_upcycling.py routing:repro_routing.py \
             shared_experts:repro_shared_experts.py upcycling_scaling:repro_upcycling_scaling.py \
-            granularity:repro_granularity.py grove:repro_grove.py; do
+            granularity:repro_granularity.py grove:repro_grove.py nexus:repro_nexus.py; do
   table=${spec%%:*}; script=${spec#*:}
   t0=$(date +%s)
   if smoke "$table" "$script" > "$TMP/$table.log" 2>&1; then

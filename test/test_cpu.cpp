@@ -103,6 +103,54 @@ static void test_fixture(const std::string& name) {
     }
 }
 
+// 1b. The Nexus router (docs/METHODS.md 1.9): an optimizer step with weight decay leaves Emb
+//     bit-identical, moves P, and leaves R = Emb P of the new P (what a checkpoint stores);
+//     Emb's and R's gradient slots stay 0; a save + load keeps the model and its moe_router key.
+static void test_nexus_router() {
+    Model M;
+    M.load(fixture_dir("moe_nexus"));
+    const Fixture fixture(fixture_dir("moe_nexus"));
+    M.router_loss = fixture.router_settings;
+    CHECK(M.cfg.nexus_router);
+    std::vector<int> in = fixture.file.read_vec<int>("inputs"), tg = fixture.file.read_vec<int>("targets");
+    const int B = (int)fixture.file.info("inputs").shape[0], T = (int)fixture.file.info("inputs").shape[1];
+    const std::vector<real> before = M.params;
+    M.zero_grad();
+    M.forward(in.data(), tg.data(), B, T);
+    M.backward();
+    AdamWSettings hp = fixture.adamw;
+    hp.weight_decay = 0.5;
+    M.step(hp, 0.01);
+    const int E = M.cfg.n_experts, d = M.cfg.d_model;
+    for (int l = 0; l < M.cfg.n_layer; l++) {
+        const ParamTensor &te = M.layout.get(l, P_NEXUS_EMB), &tp = M.layout.get(l, P_NEXUS_PROJ),
+                          &tr = M.layout.get(l, P_ROUTER);
+        CHECK(!te.trainable && !tr.trainable && tp.trainable);
+        bool emb_same = true, p_moved = false, zero_grads = true;
+        for (size_t i = te.offset; i < te.offset + te.numel; i++) emb_same &= M.params[i] == before[i];
+        for (size_t i = tp.offset; i < tp.offset + tp.numel; i++) p_moved |= M.params[i] != before[i];
+        for (size_t i = te.offset; i < te.offset + te.numel; i++) zero_grads &= M.grads[i] == 0;
+        for (size_t i = tr.offset; i < tr.offset + tr.numel; i++) zero_grads &= M.grads[i] == 0;
+        CHECK_MSG(emb_same, "layer %d: a step changed the fixed domain embeddings", l);
+        CHECK_MSG(p_moved, "layer %d: a step did not move the projection P", l);
+        CHECK_MSG(zero_grads, "layer %d: Emb or R has a nonzero gradient", l);
+        std::vector<real> R((size_t)E * d);
+        nexus_router_forward(R.data(), M.params.data() + te.offset, M.params.data() + tp.offset, E, d, d);
+        CHECK_MSG(std::equal(R.begin(), R.end(), M.params.begin() + tr.offset), "layer %d: R != Emb P after a step", l);
+    }
+    std::string dir = g_tmp + "/nexus_rt";
+    mkdir_p(dir);
+    save_model_files(dir, M.cfg, M.layout, M.params.data());
+    Model M2;
+    M2.load(dir);
+    CHECK(M2.cfg.nexus_router && M2.params == M.params);
+    CHECK(Json::parse_file(dir + "/config.json").get_str("moe_router", "", "c") == "nexus");
+    Json j = Json::parse_file(fixture_dir("moe_nexus") + "/config.json");
+    j["moe_router"] = "mlp";
+    expect_error([&] { ModelConfig::from_json(j, "cfg"); }, "moe_router must be linear or nexus, found \"mlp\"",
+                 "unknown router kind");
+}
+
 // ---------------------------------------------------------------------------
 // 0. exp_real, the trainer's float exp (train_moe.cpp): against expl (long double, rounded to
 //    float) at every 97th float between -104 and 89 (23M values, both signs, the subnormal
@@ -1148,8 +1196,9 @@ int main(int argc, char** argv) {
     run_test("exp_real = the correctly rounded e^x", test_exp_real);
     for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
                           "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1", "moe_dpsl", "moe_shared",
-                          "moe_shared_ungated", "moe_grove", "moe_xft"})
+                          "moe_shared_ungated", "moe_grove", "moe_xft", "moe_nexus"})
         run_test(std::string("fixture ") + f, [&] { test_fixture(f); });
+    run_test("Nexus router: Emb and R not trained, R = Emb P, round trip", test_nexus_router);
     run_test("thread count: bit-identical", test_thread_count_bit_identical);
     run_test("MoE of copies = dense", test_moe_copies_equal_dense);
     run_test("HF transformers Llama directory", [] { test_hf_directory("hf_llama"); });

@@ -118,6 +118,21 @@ if want a; then
   if launch torchrun $n "$tmp/sh2" $SH --batch $((4 / n)); then
     compare "MoE fp32 --shared-experts 1: $n ranks x $((4 / n)) vs 1 x 4" "$tmp/sh1" "$tmp/sh2" $FP32_TOL
   else bad "shared expert, $n ranks: run failed"; fi
+  # the Nexus router (docs/METHODS.md 1.9): P's gradient (Emb^T dR) is reduced with its layer's
+  # bucket, Emb and R are outside AdamW's slices, R = Emb P is rebuilt on every rank. The model:
+  # ./upcycle --method nexus from a 1-step dense model (seed and both "branches" the same one)
+  if [ ! -x ./train_moe ] || [ ! -x ./upcycle ]; then
+    echo "skip: Nexus router (./train_moe and ./upcycle make its model; not built here)"
+  elif ./train_moe --data data/tiny --model tiny --seq 32 --batch 2 --steps 1 --sample-tokens 0 --out "$tmp/nx_dense" \
+       >"$tmp/nx_dense.log" 2>&1 &&
+     ./upcycle --method nexus --from "$tmp/nx_dense/step_000001,$tmp/nx_dense/step_000001,$tmp/nx_dense/step_000001" \
+       --nexus-domains en,code --data data/tiny --topk 1 --out "$tmp/nx_init" >"$tmp/nx_init.log" 2>&1; then
+    NX="${BASE/--model tiny/--init $tmp/nx_init} --steps 4 --dtype fp32"
+    single "$tmp/nx1" $NX --batch 4 || bad "one rank, Nexus router: run failed"
+    if launch torchrun $n "$tmp/nx2" $NX --batch $((4 / n)); then
+      compare "MoE fp32 with the Nexus router: $n ranks x $((4 / n)) vs 1 x 4" "$tmp/nx1" "$tmp/nx2" $FP32_TOL
+    else bad "Nexus router, $n ranks: run failed"; fi
+  else bad "Nexus router: making the model failed ($(tail -n 1 "$tmp/nx_init.log"))"; fi
 fi
 
 # ---------------------------------------------------------------------------

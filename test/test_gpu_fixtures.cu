@@ -469,6 +469,23 @@ static void check_adamw(const Fixture& fx, Plant plant) {
         download(m1.data(), M.m, P, M.stream);
         download(v1.data(), M.v, P, M.stream);
         for (auto& ten : M.layout.tensors) {
+            if (!ten.trainable) {  // the Nexus router's Emb (kept bit for bit) and R (= Emb P of the new P)
+                std::vector<float> R;
+                if (ten.kind == P_ROUTER) {
+                    R.resize(ten.numel);
+                    nexus_router_forward(R.data(), p1.data() + M.layout.get(ten.layer, P_NEXUS_EMB).offset,
+                                         p1.data() + M.layout.get(ten.layer, P_NEXUS_PROJ).offset, fx.cfg.n_experts,
+                                         fx.cfg.d_model, fx.cfg.d_model);
+                }
+                for (size_t i = 0; i < ten.numel; i++) {
+                    const double want = R.empty() ? p0[ten.offset + i] : R[i], got = p1[ten.offset + i];
+                    w_update = std::max(w_update, std::fabs(got - want) / (1e-6 * std::fabs(want) + 1e-30) +
+                                                      (std::isnan(got) ? INFINITY : 0));
+                    w_moment = std::max(w_moment, std::fabs(m1[ten.offset + i]) + std::fabs(v1[ten.offset + i]) > 0
+                                                      ? INFINITY : 0.0);
+                }
+                continue;
+            }
             const double wd = ten.decay() ? hp.weight_decay : 0.0;
             for (size_t i = ten.offset; i < ten.offset + ten.numel; i++) {
                 const double g = gm[i] * clip;

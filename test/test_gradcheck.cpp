@@ -88,9 +88,20 @@ static void test_all_params(const std::string& name) {
     if (M.cfg.is_moe()) { M.router_loss.aux_coef = 0.5; M.router_loss.z_coef = 0.05; M.router_loss.dpsl.coef = 0.5; }
     Batch b = fixture_batch(dir);
     std::vector<int> kinds_seen(P_NUM_KINDS, 0);
-    int n = fd_check(M, b, name, 5, [&](const ParamTensor& t) { kinds_seen[t.kind] = 1; return true; });
+    // the Nexus router's Emb and R are not parameters (R = Emb P is recomputed in every forward,
+    // Emb is fixed): not perturbed here, and their gradient slots must stay exactly 0
+    int n = fd_check(M, b, name, 5, [&](const ParamTensor& t) {
+        if (!t.trainable) return false;
+        kinds_seen[t.kind] = 1;
+        return true;
+    });
     CHECK(n > 0);
-    int want = M.cfg.is_moe() ? 12 : 11;  // kinds in this model, plus lm_head when untied
+    for (auto& t : M.layout.tensors)
+        if (!t.trainable)
+            for (size_t i = t.offset; i < t.offset + t.numel; i++)
+                CHECK_MSG(M.grads[i] == 0, "%s: %s is not trained but has the gradient %g", name.c_str(),
+                          t.name.c_str(), (double)M.grads[i]);
+    int want = M.cfg.is_moe() ? 12 : 11;  // kinds in this model, plus lm_head when untied (Nexus: P for R)
     if (!M.cfg.tie_embeddings) want++;
     if (M.cfg.has_shared()) want += M.cfg.shared_gate ? 4 : 3;  // shared gate, up, down [, its sigmoid gate]
     if (M.cfg.has_grove()) want += 3;  // adjugate gate, up, down
@@ -118,10 +129,12 @@ static void test_router_loss_paths(const std::string& name, AuxLoss aux_type) {
     std::vector<real> g0 = grads_with(0, 0), ga = grads_with(1, 0), gz = grads_with(0, 1);
     std::vector<real> d_aux(g0.size()), d_z(g0.size());
     for (size_t i = 0; i < g0.size(); i++) { d_aux[i] = ga[i] - g0[i]; d_z[i] = gz[i] - g0[i]; }
-    auto router = [](const ParamTensor& t) { return t.kind == P_ROUTER; };
+    // the router's trained weight: R, or with the Nexus router its projection P (R = Emb P)
+    const ParamKind rk = M.cfg.nexus_router ? P_NEXUS_PROJ : P_ROUTER;
+    auto router = [rk](const ParamTensor& t) { return t.kind == rk; };
     double norm_aux = 0, norm_z = 0;
     for (auto& t : M.layout.tensors)
-        if (t.kind == P_ROUTER)
+        if (t.kind == rk)
             for (size_t i = t.offset; i < t.offset + t.numel; i++) { norm_aux += d_aux[i] * d_aux[i]; norm_z += d_z[i] * d_z[i]; }
     CHECK_MSG(norm_aux > 1e-12, "%s: load-balancing loss (%s) gives the router no gradient", name.c_str(), aux_name(aux_type));
     CHECK_MSG(norm_z > 1e-12, "%s: z-loss gives the router no gradient", name.c_str());
@@ -207,8 +220,9 @@ static void test_xft_merge_alpha() {
 int main() {
     for (const char* f : {"dense", "dense_tied_gqa", "moe_topk_softmax", "moe_softmax_topk", "moe_pooled",
                           "moe_seq_gqa", "moe_empty_expert", "moe_e8_k1", "moe_dpsl", "moe_shared",
-                          "moe_shared_ungated", "moe_grove", "moe_xft"})
+                          "moe_shared_ungated", "moe_grove", "moe_xft", "moe_nexus"})
         run_test(std::string("finite differences, every parameter: ") + f, [&] { test_all_params(f); });
+    run_test("Nexus router's P via aux switch only", [] { test_router_loss_paths("moe_nexus", AUX_SWITCH); });
     for (AuxLoss aux : {AUX_SWITCH, AUX_POOLED, AUX_SEQ}) {
         run_test(strfmt("router via aux %s only (topk_softmax)", aux_name(aux)),
                  [&] { test_router_loss_paths("moe_topk_softmax", aux); });

@@ -1215,6 +1215,205 @@ static void test_dtypes() {
 // ---------------------------------------------------------------------------
 // expand: E -> mE of a trained MoE checkpoint
 
+// one domain's train and val shards: a learnable pattern, shifted by `shift` (so that domains differ)
+static void write_domain_shards(const std::string& dir, const std::string& domain, int V, int shift) {
+    mkdir_p(dir);
+    for (std::string split : {"train", "val"}) {
+        int n = split == "train" ? 3000 : 600;
+        std::vector<int32_t> h(256, 0);
+        h[0] = 20240520; h[1] = 1; h[2] = n;
+        std::vector<uint16_t> tok(n);
+        for (int i = 0; i < n; i++) tok[i] = (uint16_t)((i * (3 + shift) + shift * 11 + (i / 7) % 3) % V);
+        AtomicFile f(dir + "/" + domain + "_" + split + "_000.bin");
+        f.write(h.data(), h.size() * 4);
+        f.write(tok.data(), tok.size() * 2);
+        f.commit();
+    }
+}
+
+// Nexus (docs/METHODS.md 2.14). nexus: seed + 2 branches -> the shared expert is the seed's FFN,
+// expert e branch e's (bit for bit), P = I, Emb row e = the seed's mean FFN input over domain
+// e's tokens (recomputed here from the same batches), R = Emb P; the other tensors the mean
+// (as btx). nexus-add: + a third branch: experts 0-1, P, the old Emb rows and every other
+// tensor unchanged bit for bit, expert 2 = the new branch's FFN, the new Emb row the new
+// domain's mean, R = Emb' P and so its new row = Emb_new P; the result trains in ./train_moe.
+static void test_nexus() {
+    const int L = 2, d = 32, F = 64, V = 64, NB = 2, Bt = 2, T = 16;
+    std::string seed = make_dense("nx_seed", d, F, L, 71), b1 = make_dense("nx_b1", d, F, L, 72),
+                b2 = make_dense("nx_b2", d, F, L, 73), b3 = make_dense("nx_b3", d, F, L, 74), data = tmp("nx_data");
+    write_domain_shards(data, "aa", V, 0);
+    write_domain_shards(data, "bb", V, 1);
+    write_domain_shards(data, "cc", V, 2);
+    const std::string nx = tmp("nx_moe"), nx3 = tmp("nx_moe3"),
+                      tok = " --data " + data + " --utility-batches 2 --batch 2 --seq 16 --seed 9";
+    if (!upcycle("--method nexus --from " + seed + "," + b1 + "," + b2 + " --nexus-domains aa,bb --topk 1" + tok +
+                 " --nexus-proj-init identity --out " + nx))
+        return;
+    {  // the default P init: s I with R's rows of mean norm 1 at every layer; top-1: softmax_topk
+        const std::string nu = tmp("nx_unit");
+        if (upcycle("--method nexus --from " + seed + "," + b1 + "," + b2 + " --nexus-domains aa,bb --topk 1" + tok +
+                    " --out " + nu)) {
+            Tensors U(nu);
+            double worst = 0;
+            for (int l = 0; l < L; l++) {
+                const std::vector<float>& R = U[strfmt("model.layers.%d.mlp.gate.weight", l)];
+                double mean = 0;
+                for (int e = 0; e < 2; e++) {
+                    double sq = 0;
+                    for (int i = 0; i < d; i++) sq += (double)R[e * d + i] * R[e * d + i];
+                    mean += std::sqrt(sq) / 2;
+                }
+                worst = std::max(worst, std::fabs(mean - 1));
+            }
+            CHECK_MSG(worst < 1e-5, "nexus --nexus-proj-init unit: R's mean row norm off 1 by %g", worst);
+            CHECK(ModelConfig::load(nu + "/config.json").routing == ROUTING_SOFTMAX_TOPK);
+        }
+    }
+    // the embeddings as the tool must compute them: the same batches through the seed
+    auto embedding = [&](const std::string& dom) {
+        Model M;
+        M.training = false;
+        M.load(seed);
+        DataLoader dl(data, dom + "=1", Bt, T, V, 9);
+        std::vector<int> in(Bt * T), tg = in;
+        std::vector<std::vector<double>> sum(L, std::vector<double>(d, 0.0));
+        for (int b = 0; b < NB; b++) {
+            dl.next_batch(in.data(), tg.data());
+            M.forward(in.data(), nullptr, Bt, T);
+            for (int l = 0; l < L; l++)
+                for (size_t n = 0; n < (size_t)Bt * T; n++)
+                    for (int i = 0; i < d; i++) sum[l][i] += M.acts[l].ln2[n * d + i];
+        }
+        std::vector<std::vector<float>> e(L, std::vector<float>(d));
+        for (int l = 0; l < L; l++)
+            for (int i = 0; i < d; i++) e[l][i] = (float)(sum[l][i] / ((double)NB * Bt * T));
+        return e;
+    };
+    {  // --nexus-hidden final: one row per domain for every layer, the final norm's mean output
+        const std::string nf = tmp("nx_final");
+        if (upcycle("--method nexus --from " + seed + "," + b1 + "," + b2 + " --nexus-domains aa,bb --topk 1" + tok +
+                    " --nexus-hidden final --out " + nf)) {
+            Model M;
+            M.training = false;
+            M.load(seed);
+            DataLoader dl(data, "bb=1", Bt, T, V, 9);
+            std::vector<int> in(Bt * T), tg = in;
+            std::vector<double> sum(d, 0.0);
+            for (int b = 0; b < NB; b++) {
+                dl.next_batch(in.data(), tg.data());
+                M.forward(in.data(), nullptr, Bt, T);
+                for (size_t n = 0; n < (size_t)Bt * T; n++)
+                    for (int i = 0; i < d; i++) sum[i] += M.lnf[n * d + i];
+            }
+            Tensors U(nf);
+            bool same = true;
+            for (int l = 0; l < L; l++) {
+                const std::vector<float>& e = U[strfmt("model.layers.%d.mlp.router_domain_emb", l)];
+                for (int i = 0; i < d; i++) same &= e[d + i] == (float)(sum[i] / ((double)NB * Bt * T));
+            }
+            CHECK_MSG(same, "nexus --nexus-hidden final: Emb row 1 is not the seed's mean final-norm output at every layer");
+        }
+    }
+    auto emb_name = [](int l) { return strfmt("model.layers.%d.mlp.router_domain_emb", l); };
+    auto proj_name = [](int l) { return strfmt("model.layers.%d.mlp.router_proj.weight", l); };
+    auto gate_name = [](int l) { return strfmt("model.layers.%d.mlp.gate.weight", l); };
+    std::vector<std::vector<float>> ea = embedding("aa"), eb = embedding("bb"), ec = embedding("cc");
+    {
+        ModelConfig c = ModelConfig::load(nx + "/config.json");
+        CHECK(c.nexus_router && c.n_experts == 2 && c.top_k == 1 && c.shared_dim == F && !c.shared_gate &&
+              c.routing == ROUTING_SOFTMAX_TOPK);
+        Tensors S(seed), B1(b1), B2(b2), M(nx);
+        bool experts = true, shared = true, emb = true, proj = true, router = true;
+        for (int l = 0; l < L; l++) {
+            for (int mat = 0; mat < 3; mat++) {
+                experts &= M[q_expert_name(l, 0, mat)] == B1[ffn_name(l, mat)];
+                experts &= M[q_expert_name(l, 1, mat)] == B2[ffn_name(l, mat)];
+                shared &= M[q_shared_name(l, mat)] == S[ffn_name(l, mat)];
+            }
+            std::vector<float> want(ea[l]);
+            want.insert(want.end(), eb[l].begin(), eb[l].end());
+            emb &= M[emb_name(l)] == want;
+            const std::vector<float>& P = M[proj_name(l)];
+            for (int i = 0; i < d; i++)
+                for (int j = 0; j < d; j++) proj &= P[(size_t)i * d + j] == (i == j ? 1.0f : 0.0f);
+            std::vector<float> R((size_t)2 * d);
+            nexus_router_forward(R.data(), want.data(), P.data(), 2, d, d);
+            router &= M[gate_name(l)] == R;
+        }
+        CHECK_MSG(experts, "nexus: routed expert e is not branch e's FFN");
+        CHECK_MSG(shared, "nexus: the shared expert is not the seed's FFN");
+        CHECK_MSG(emb, "nexus: Emb rows are not the seed's mean FFN inputs over each domain's tokens");
+        CHECK_MSG(proj, "nexus: P is not the identity");
+        CHECK_MSG(router, "nexus: gate.weight != Emb P");
+        bool mean_ok = true;
+        for (auto& kv : S.t) {
+            if (kv.first.find(".mlp.") != std::string::npos) continue;
+            const auto &x = kv.second, &y = B1[kv.first], &z = B2[kv.first], &o = M[kv.first];
+            for (size_t i = 0; i < x.size(); i++) mean_ok &= o[i] == (float)(((double)x[i] + y[i] + z[i]) * (1.0 / 3.0));
+        }
+        CHECK_MSG(mean_ok, "nexus: a non-FFN tensor is not the mean of the sources");
+    }
+    if (!upcycle("--method nexus-add --from " + nx + "," + b3 + " --nexus-domains cc" + tok + " --out " + nx3)) return;
+    ModelConfig c3 = ModelConfig::load(nx3 + "/config.json");
+    CHECK(c3.nexus_router && c3.n_experts == 3 && c3.top_k == 1 && c3.shared_dim == F);
+    Tensors M(nx), M3(nx3), B3(b3);
+    bool old_same = true, new_expert = true, p_same = true, emb_ok = true, router = true, new_row = true;
+    int others = 0;
+    for (int l = 0; l < L; l++) {
+        for (int mat = 0; mat < 3; mat++) {
+            for (int e = 0; e < 2; e++) old_same &= M3[q_expert_name(l, e, mat)] == M[q_expert_name(l, e, mat)];
+            new_expert &= M3[q_expert_name(l, 2, mat)] == B3[ffn_name(l, mat)];
+        }
+        p_same &= M3[proj_name(l)] == M[proj_name(l)];
+        std::vector<float> want(M[emb_name(l)]);
+        want.insert(want.end(), ec[l].begin(), ec[l].end());
+        emb_ok &= M3[emb_name(l)] == want;
+        std::vector<float> R((size_t)3 * d), r_new(d);
+        nexus_router_forward(R.data(), want.data(), M3[proj_name(l)].data(), 3, d, d);
+        router &= M3[gate_name(l)] == R;
+        nexus_router_forward(r_new.data(), ec[l].data(), M[proj_name(l)].data(), 1, d, d);  // Emb_new P, the old P
+        new_row &= std::equal(r_new.begin(), r_new.end(), M3[gate_name(l)].begin() + 2 * d);
+    }
+    for (auto& kv : M.t) {  // every tensor outside the router and the experts: bit for bit
+        if (kv.first.find(".experts.") != std::string::npos || kv.first.find("router_") != std::string::npos ||
+            kv.first.find(".mlp.gate.weight") != std::string::npos)
+            continue;
+        old_same &= M3[kv.first] == kv.second;
+        others++;
+    }
+    CHECK_MSG(old_same && others > 10, "nexus-add: an existing expert or other tensor changed (%d compared)", others);
+    CHECK_MSG(new_expert, "nexus-add: the new expert is not the new branch's FFN");
+    CHECK_MSG(p_same, "nexus-add: P changed");
+    CHECK_MSG(emb_ok, "nexus-add: Emb' is not the old rows + the new domain's embedding");
+    CHECK_MSG(router && new_row, "nexus-add: R != Emb' P, or its new row != Emb_new P");
+    // add-expert (the linear-router baseline): old rows and experts kept, the new row = row 2 of
+    // the uniform router init for 3 experts, the new expert = the branch's FFN
+    const std::string bx = tmp("nx_btx"), bx3 = tmp("nx_btx3");
+    if (upcycle("--method btx --from " + b1 + "," + b2 + " --experts 2 --topk 1 --out " + bx) &&
+        upcycle("--method add-expert --from " + bx + "," + b3 + " --seed 9 --out " + bx3)) {
+        Tensors X(bx), X3(bx3);
+        bool kept = true, row = true, nexp = true;
+        for (int l = 0; l < L; l++) {
+            const std::vector<float>&r = X[router_name(l)], &r3 = X3[router_name(l)];
+            kept &= std::equal(r.begin(), r.end(), r3.begin());
+            std::vector<float> init((size_t)3 * d);
+            router_init(init.data(), 3, d, ROUTER_UNIFORM, 9, l);
+            row &= std::equal(init.begin() + 2 * d, init.end(), r3.begin() + 2 * d);
+            for (int mat = 0; mat < 3; mat++) {
+                for (int e = 0; e < 2; e++) kept &= X3[expert_name(l, e, mat)] == X[expert_name(l, e, mat)];
+                nexp &= X3[expert_name(l, 2, mat)] == B3[ffn_name(l, mat)];
+            }
+        }
+        CHECK_MSG(kept && row && nexp, "add-expert: kept %d, new router row %d, new expert %d", kept, row, nexp);
+        CHECK(ModelConfig::load(bx3 + "/config.json").n_experts == 3);
+    }
+    // the result trains (the CPU trainer, 2 steps)
+    std::string out;
+    int rc = run_cmd(g_train + " --init " + nx3 + " --data " + data + " --batch 2 --seq 16 --steps 2 --eval-every 0 "
+                     "--out " + tmp("nx_train") + " --overwrite 2>&1", &out);
+    CHECK_MSG(rc == 0, "train_moe on the nexus-add output: rc %d: %s", rc, out.c_str());
+}
+
 static void write_shards(const std::string& dir, int V) {
     mkdir_p(dir);
     for (std::string split : {"train", "val"}) {
@@ -1519,7 +1718,7 @@ static void test_errors() {
         {"--method scratch --model tiny", "needs --vocab"},
         {"--method qwen2 --granularity 3 --from " + dense, "--granularity 3 must divide the dense FFN width F = 64"},
         {"--method shared --shared-gate relu --from " + dense, "--shared-gate must be sigmoid or none, found \"relu\""},
-        {"--method naive --shared-gate none --from " + dense, "--shared-gate applies to --method shared or qwen2"},
+        {"--method naive --shared-gate none --from " + dense, "--shared-gate applies to --method shared"},
         {"--method xft --routing softmax_topk --from " + dense, "--method xft makes an XFT model: --routing must be xft"},
         {"--method naive --routing xft --from " + dense, "--routing xft needs the shared expert --method xft makes"},
         {"--method merge --from " + dense, "needs an MoE with a shared expert"},
@@ -1528,6 +1727,22 @@ static void test_errors() {
         {"--method merge --experts 4 --from test/fixtures/moe_xft", "--method merge makes a dense model from the --from MoE"},
         {"--method naive --merge-steps 3 --from " + dense, "--merge-steps applies to --method merge only"},
         {"--method upit --from " + dense + " --experts 4", "needs at least 2 --from checkpoints"},
+        {"--method nexus --from " + dense, "needs --from seed,branch_1,...: the seed dense model and at least one branch"},
+        {"--method nexus --from " + dense + "," + dense + " --nexus-domains aa,bb", "must name one domain per branch (1)"},
+        {"--method nexus --from " + dense + "," + dense + " --experts 2", "--experts 2 must equal the number of branches"},
+        {"--method nexus --from " + dense + "," + dense + " --nexus-domains zz --data test/fixtures",
+         "no token shards named"},
+        {"--method naive --from " + dense + " --nexus-domains aa", "--nexus-domains applies to --method nexus"},
+        {"--method nexus-add --from test/fixtures/moe_topk_softmax," + dense + " --nexus-domains aa",
+         "not a Nexus MoE (config.json has no moe_router nexus)"},
+        {"--method nexus-add --from test/fixtures/moe_nexus," + make_dense("err_f16", 32, 16, 2, 42) +
+         " --nexus-domains aa", "give --nexus-seed"},
+        {"--method nexus-add --from test/fixtures/moe_nexus," + dense + " --nexus-domains aa --nexus-seed " + dense,
+         "the branch's shape (hidden 32, layers 2, FFN 64, vocab 64) differs from the MoE's"},
+        {"--method nexus-add --from test/fixtures/moe_nexus," + dense + " --experts 5", "keeps the MoE's settings: --experts"},
+        {"--method expand --from test/fixtures/moe_nexus", "--method expand does not handle it"},
+        {"--method add-expert --from test/fixtures/moe_nexus," + dense, "add an expert with --method nexus-add"},
+        {"--method add-expert --from " + dense + "," + dense, "is a dense model; --method add-expert needs a trained MoE"},
         {"--method upit --from " + dense + "," + other + " --experts 4", "upit: sources must have identical shapes"},
         {"--method upit --from " + dense + "," + dense + "," + dense + " --experts 2 --topk 1",
          "needs at least the 3 checkpoints given"},
@@ -1600,6 +1815,7 @@ int main(int argc, char** argv) {
     run_test("determinism and record", test_determinism);
     run_test("dtypes", test_dtypes);
     run_test("expand", test_expand);
+    run_test("nexus and nexus-add (Nexus router)", test_nexus);
     run_test("bad inputs", test_errors);
     remove_tree(g_tmp);
     return report();

@@ -104,6 +104,10 @@ FIXTURES = [
          routing="xft", aux="switch", aux_coef=0.01, z_coef=0.001, seed=12000,
          desc="XFT E4 K3 F_e16 xft routing (shared weight 1 - p(1), routed weights p(1) softmax of "
               "the top-3 probabilities) + a shared expert of width 16, GQA Hkv=2, switch aux 0.01, z 0.001"),
+    dict(name="moe_nexus", kv=4, F=16, E=4, K=2, Fs=32, shared_gate=False, nexus=True,
+         routing="topk_softmax", aux="switch", aux_coef=0.01, z_coef=0.001, seed=12000,
+         desc="Nexus router (R = Emb P, Emb fixed, P learned) E4 K2 F_e16 topk_softmax + an ungated "
+              "shared expert of width 32, switch aux 0.01, z 0.001"),
     dict(name="moe_dpsl", kv=4, F=32, E=4, K=2, routing="topk_softmax",
          aux="switch", aux_coef=0.01, z_coef=0.001, seed=9000,
          dpsl=dict(coef=0.1, alpha=[0.5, 1.0, 1.5, 2.0], distance="sq", ecdf="mid"),
@@ -140,6 +144,8 @@ def hf_config(spec):
                      grove_scale=spec["grove_scale"])
     else:
         c.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    if spec.get("nexus"):
+        c.update(moe_router="nexus")
     return c
 
 
@@ -156,9 +162,17 @@ def init_params(cfg, seed):
             w = 0.5 * r
         elif name.endswith("shared_expert_gate.weight"):  # a gate that varies over the tokens
             w = 0.3 * r
+        elif name.endswith("router_domain_emb"):  # Nexus: R = Emb P spreads like the plain router
+            w = 0.5 * r
+        elif name.endswith("router_proj.weight"):  # R = Emb P entries ~ 0.5 * 0.18 * sqrt(d) = 0.5
+            w = 0.18 * r
         else:
             w = 0.1 * r
         out[name] = w.to(torch.float32).numpy()
+    for i in range(cfg.L if cfg.nexus else 0):  # the stored router = Emb P (of the fp32 values)
+        emb, proj = cfg.nexus_names(i)
+        R = torch.from_numpy(out[emb]).double() @ torch.from_numpy(out[proj]).double()
+        out[cfg.router_name(i)] = R.to(torch.float32).numpy()
     return out
 
 
@@ -230,6 +244,8 @@ def loss_and_grads(P, cfg, inputs, targets, spec):
     names = sorted(Pg)
     gs = torch.autograd.grad(r["loss"], [Pg[n] for n in names], allow_unused=True)
     grads = {n: (g if g is not None else torch.zeros_like(Pg[n])) for n, g in zip(names, gs)}
+    for n in cfg.frozen_names():  # not parameters (the Nexus router's Emb and R): gradient 0
+        grads[n] = torch.zeros_like(Pg[n])
     return r, grads
 
 
@@ -238,7 +254,7 @@ def run_adamw(P0, cfg, inputs, targets, spec):
     steps, min gap between an expert's sorted probabilities over steps (dpsl only))."""
     P = {n: p.clone() for n, p in P0.items()}
     opt = AdamW(P, OPT["lr"], OPT["beta1"], OPT["beta2"], OPT["eps"], OPT["weight_decay"],
-                OPT["grad_clip"])
+                OPT["grad_clip"], cfg.frozen_names())
     losses, norms, gap, pgap = [], [], float("inf"), float("inf")
     first = None
     for _ in range(ADAMW_STEPS):
@@ -266,7 +282,7 @@ def check_finite_differences(P, cfg, inputs, targets, spec, grads, n_entries=3, 
     g = torch.Generator().manual_seed(12345)
     ref_idx = [r["topk_idx"] for r in spec_losses(P, cfg, inputs, targets, spec)["routing"]]
     worst_abs, worst_rel, n = 0.0, 0.0, 0
-    for name in sorted(P):
+    for name in sorted(set(P) - cfg.frozen_names()):
         flat = P[name].view(-1)
         picks = torch.randperm(flat.numel(), generator=g)[:n_entries].tolist()
         for j in picks:
@@ -476,7 +492,7 @@ def check_router_grads(P, cfg, inputs, targets, spec, grads):
     """aux alone and z alone reach every router; fixture grad = ce + a*aux + b*z grads."""
     Pg = {n: p.clone().requires_grad_(True) for n, p in P.items()}
     r = spec_losses(Pg, cfg, inputs, targets, spec)
-    rn = [cfg.router_name(i) for i in range(cfg.L)]
+    rn = [cfg.nexus_names(i)[1] if cfg.nexus else cfg.router_name(i) for i in range(cfg.L)]  # Nexus: P
     parts = {}
     terms = ("aux", "z", "dpsl") if spec.get("dpsl") else ("aux", "z")
     for term in ("ce",) + terms:

@@ -130,6 +130,10 @@ class Config:
         self.grove_scale = float(d.get("grove_scale", 0.05))
         if self.G:
             assert not self.qwen and self.E % self.G == 0 and self.Fa > 0, "grove config"
+        # Nexus router (docs/METHODS.md 1.9): router weight R = Emb P, Emb [E, d] fixed domain
+        # embeddings, P [d, d] learned; the stored gate.weight (R) and Emb are never trained
+        self.nexus = d.get("moe_router", "linear") == "nexus"
+        assert d.get("moe_router", "linear") in ("linear", "nexus"), d.get("moe_router")
         if self.qwen:
             self.routing = "topk_softmax" if d.get("norm_topk_prob", False) else "softmax_topk"
             # XFT (docs/METHODS.md 1.8): our own moe_routing value, with norm_topk_prob false
@@ -143,6 +147,17 @@ class Config:
 
     def router_name(self, i):
         return f"model.layers.{i}." + ("mlp.gate.weight" if self.qwen else "block_sparse_moe.gate.weight")
+
+    def nexus_names(self, i):
+        """(Emb, P) tensor names of layer i's Nexus router."""
+        m = f"model.layers.{i}." + ("mlp." if self.qwen else "block_sparse_moe.")
+        return m + "router_domain_emb", m + "router_proj.weight"
+
+    def frozen_names(self):
+        """Tensors stored but never trained (no AdamW update, no weight decay)."""
+        if not self.nexus:
+            return set()
+        return {n for i in range(self.L) for n in (self.router_name(i), self.nexus_names(i)[0])}
 
     def expert_names(self, i, j):
         """(gate, up, down) tensor names of expert j of layer i (Mixtral w1/w3/w2 or Qwen2-MoE)."""
@@ -171,6 +186,10 @@ class Config:
             s[p + "post_attention_layernorm.weight"] = (d,)
             if self.moe:
                 s[self.router_name(i)] = (self.E, d)
+                if self.nexus:
+                    emb, proj = self.nexus_names(i)
+                    s[emb] = (self.E, d)
+                    s[proj] = (d, d)
                 for j in range(self.E):
                     g, u, dn = self.expert_names(i, j)
                     s[g] = (self.F, d)
@@ -293,7 +312,12 @@ def moe_ffn(h2, P, i, cfg):
     (docs/METHODS.md 1.8) y += (1 - p_(1)) * swiglu_shared(h2), where p_(1) is the first chosen
     expert's probability and the routed weights are p_(1) * softmax(the chosen probabilities)."""
     N = h2.shape[0]
-    z = h2 @ P[cfg.router_name(i)].T                             # [N, E]
+    if cfg.nexus:  # R = Emb P [E, d]; the stored gate.weight is not read
+        emb, proj = cfg.nexus_names(i)
+        R = P[emb] @ P[proj]
+    else:
+        R = P[cfg.router_name(i)]
+    z = h2 @ R.T                                                 # [N, E]
     prob = torch.softmax(z, dim=-1)
     idx = topk_stable(z, cfg.K)                                  # [N, K]
     psel = prob.gather(1, idx)                                   # [N, K]
@@ -473,7 +497,8 @@ class AdamW:
     p -= lr * (mhat / (sqrt(vhat) + eps) + wd_p * p), wd_p = weight_decay for 2-D tensors,
     0 for 1-D. t starts at 1. Both terms use p before the update."""
 
-    def __init__(self, params, lr, beta1, beta2, eps, weight_decay, grad_clip):
+    def __init__(self, params, lr, beta1, beta2, eps, weight_decay, grad_clip, frozen=()):
+        self.frozen = set(frozen)  # stored, never updated (the Nexus router's Emb and R)
         self.lr, self.b1, self.b2, self.eps = lr, beta1, beta2, eps
         self.wd, self.clip = weight_decay, grad_clip
         self.m = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -490,6 +515,8 @@ class AdamW:
         bc1 = 1.0 - self.b1 ** self.t
         bc2 = 1.0 - self.b2 ** self.t
         for n in names:
+            if n in self.frozen:
+                continue
             p, g = params[n], grads[n] * scale
             self.m[n].mul_(self.b1).add_((1 - self.b1) * g)
             self.v[n].mul_(self.b2).add_((1 - self.b2) * g * g)
